@@ -1,0 +1,274 @@
+// CPU kernels of causal_conv1d: one (batch, channel) row at a time, converted once into an
+// accumulation-dtype buffer with its W-1 history in front, so the inner loops run over contiguous
+// memory and vectorise. Rows are independent (at::parallel_for); the weight and bias gradients are
+// reduced per channel over batch and time in a fixed order (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "causal_conv1d/causal_conv1d.h"
+
+namespace ssmk {
+namespace {
+
+using causal_conv1d::activation;
+using causal_conv1d::activation_backward;
+using causal_conv1d::same_sequence;
+
+// buf[0 .. W-2] = history before position 0 (initial states or zeros), buf[W-1 + t] = x[t].
+template <typename input_t, typename acc_t>
+void load_row(const CausalConv1dParams& p, int64_t b, int64_t d, acc_t* buf) {
+  const int64_t W = p.width, L = p.seqlen;
+  const auto* init = static_cast<const input_t*>(p.initial_states);
+  for (int64_t j = 0; j < W - 1; ++j) {
+    buf[j] = init ? static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride +
+                                            j * p.init_l_stride])
+                  : acc_t(0);
+  }
+  const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
+  acc_t* row = buf + (W - 1);
+  if (p.x_l_stride == 1) {
+    for (int64_t t = 0; t < L; ++t) row[t] = static_cast<acc_t>(x[t]);
+  } else {
+    for (int64_t t = 0; t < L; ++t) row[t] = static_cast<acc_t>(x[t * p.x_l_stride]);
+  }
+}
+
+// pre[t] = bias + sum_k w[k] * buf[t + k]  (the pre-activation output), for t in [0, L).
+template <typename acc_t>
+void conv_row(const CausalConv1dParams& p, int64_t b, const acc_t* w, acc_t bias, const acc_t* buf,
+              acc_t* pre) {
+  const int64_t W = p.width, L = p.seqlen;
+  if (!p.seq_idx) {
+    for (int64_t t = 0; t < L; ++t) pre[t] = bias;
+    for (int64_t k = 0; k < W; ++k) {
+      const acc_t wk = w[k];
+      const acc_t* src = buf + k;
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) pre[t] += wk * src[t];
+    }
+    return;
+  }
+  const int32_t* seq = p.seq_idx + b * p.seq_batch_stride;
+  for (int64_t t = 0; t < L; ++t) {
+    acc_t acc = bias;
+    for (int64_t k = 0; k < W; ++k) {
+      const int64_t pos = causal_conv1d::tap_position(t, static_cast<int>(k), static_cast<int>(W));
+      if (same_sequence(seq, p.seq_l_stride, t, pos)) acc += w[k] * buf[t + k];
+    }
+    pre[t] = acc;
+  }
+}
+
+// final_states[j] = input at position L - (W-1) + j (from the history when negative); with
+// seq_idx, entries from another sequence than the last position's are zero.
+template <typename input_t, typename acc_t>
+void write_final_states(const CausalConv1dParams& p, int64_t b, int64_t d, const acc_t* buf) {
+  const int64_t W = p.width, L = p.seqlen;
+  auto* fin = static_cast<input_t*>(p.final_states) + (b * p.dim + d) * (W - 1);
+  const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
+  for (int64_t j = 0; j < W - 1; ++j) {
+    const int64_t pos = L - (W - 1) + j;
+    const bool keep = !seq || same_sequence(seq, p.seq_l_stride, L - 1, pos);
+    fin[j] = static_cast<input_t>(keep ? buf[L + j] : acc_t(0));
+  }
+}
+
+template <typename input_t>
+void fwd_kernel(const CausalConv1dParams& p) {
+  using acc_t = acc_type<input_t>;
+  const int64_t W = p.width, L = p.seqlen;
+  const auto* weight = static_cast<const acc_t*>(p.weight);
+  const auto* bias = static_cast<const acc_t*>(p.bias);
+  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(W - 1 + L), pre(L);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.dim, d = r % p.dim;
+      load_row<input_t>(p, b, d, buf.data());
+      conv_row(p, b, weight + d * W, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
+      auto* out = static_cast<input_t*>(p.out) + r * L;
+      if (p.silu) {
+        for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(activation(pre[t], true));
+      } else {
+        for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(pre[t]);
+      }
+      write_final_states<input_t>(p, b, d, buf.data());
+    }
+  });
+}
+
+// Backward per channel d, looping over the batch inside so that dweight/dbias are summed in a
+// fixed order. With g[t] = dout[t] * act'(pre[t]) (zero-padded to the right by W-1):
+//   dbuf[i] = sum_k w[k] * g[i - k]        (gradient of buffer slot i = position i - (W-1))
+//   dw[k]  += sum_t g[t] * buf[t + k],  dbias += sum_t g[t]
+template <typename input_t>
+void bwd_kernel(const CausalConv1dParams& p) {
+  using acc_t = acc_type<input_t>;
+  const int64_t W = p.width, L = p.seqlen;
+  const auto* weight = static_cast<const acc_t*>(p.weight);
+  const auto* bias = static_cast<const acc_t*>(p.bias);
+  const auto* dout_base = static_cast<const input_t*>(p.dout);
+  const auto* dfinal = static_cast<const input_t*>(p.dfinal_states);
+  at::parallel_for(0, p.dim, 1, [&](int64_t begin, int64_t end) {
+    // g is stored with W-1 leading zeros so dbuf[i] = sum_k w[k] * gpad[i - k + W - 1].
+    std::vector<acc_t> buf(W - 1 + L), pre(L), gpad(L + 2 * (W - 1)), dbuf(W - 1 + L);
+    acc_t* g = gpad.data() + (W - 1);
+    for (int64_t d = begin; d < end; ++d) {
+      const acc_t* w = weight + d * W;
+      acc_t dw[causal_conv1d::kMaxWidth] = {};
+      acc_t db = 0;
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
+        load_row<input_t>(p, b, d, buf.data());
+        conv_row(p, b, w, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
+        const input_t* dout = dout_base + b * p.dout_batch_stride + d * p.dout_dim_stride;
+        for (int64_t t = 0; t < L; ++t) {
+          const acc_t go = static_cast<acc_t>(dout[t * p.dout_l_stride]);
+          g[t] = activation_backward(pre[t], go, p.silu);
+        }
+        std::fill(gpad.begin(), gpad.begin() + (W - 1), acc_t(0));
+        std::fill(gpad.begin() + (W - 1) + L, gpad.end(), acc_t(0));
+
+        if (!seq) {
+          std::fill(dbuf.begin(), dbuf.end(), acc_t(0));
+          for (int64_t k = 0; k < W; ++k) {
+            const acc_t wk = w[k];
+            const acc_t* src = gpad.data() + (W - 1) - k;
+#pragma omp simd
+            for (int64_t i = 0; i < W - 1 + L; ++i) dbuf[i] += wk * src[i];
+            acc_t s = 0;
+            const acc_t* xb = buf.data() + k;
+#pragma omp simd reduction(+ : s)
+            for (int64_t t = 0; t < L; ++t) s += g[t] * xb[t];
+            dw[k] += s;
+          }
+        } else {
+          for (int64_t i = 0; i < W - 1 + L; ++i) {
+            const int64_t pos = i - (W - 1);
+            acc_t acc = 0;
+            for (int64_t k = 0; k < W; ++k) {
+              const int64_t t = i - k;  // output fed by this slot through tap k
+              if (t >= 0 && t < L && same_sequence(seq, p.seq_l_stride, t, pos)) acc += w[k] * g[t];
+            }
+            dbuf[i] = acc;
+          }
+          for (int64_t k = 0; k < W; ++k) {
+            acc_t s = 0;
+            for (int64_t t = 0; t < L; ++t) {
+              const int64_t pos = causal_conv1d::tap_position(t, static_cast<int>(k), static_cast<int>(W));
+              if (same_sequence(seq, p.seq_l_stride, t, pos)) s += g[t] * buf[t + k];
+            }
+            dw[k] += s;
+          }
+        }
+        acc_t sb = 0;
+#pragma omp simd reduction(+ : sb)
+        for (int64_t t = 0; t < L; ++t) sb += g[t];
+        db += sb;
+
+        if (dfinal) {
+          for (int64_t j = 0; j < W - 1; ++j) {
+            const int64_t pos = L - (W - 1) + j;
+            if (seq && !same_sequence(seq, p.seq_l_stride, L - 1, pos)) continue;
+            dbuf[L + j] += static_cast<acc_t>(dfinal[b * p.dfinal_batch_stride +
+                                                     d * p.dfinal_dim_stride + j * p.dfinal_l_stride]);
+          }
+        }
+        auto* dinit = static_cast<input_t*>(p.dinitial_states) + (b * p.dim + d) * (W - 1);
+        for (int64_t j = 0; j < W - 1; ++j) dinit[j] = static_cast<input_t>(dbuf[j]);
+        auto* dx = static_cast<input_t*>(p.dx) + (b * p.dim + d) * L;
+        for (int64_t t = 0; t < L; ++t) dx[t] = static_cast<input_t>(dbuf[W - 1 + t]);
+      }
+      auto* dweight = static_cast<acc_t*>(p.dweight) + d * W;
+      for (int64_t k = 0; k < W; ++k) dweight[k] = dw[k];
+      static_cast<acc_t*>(p.dbias)[d] = db;
+    }
+  });
+}
+
+template <typename input_t, typename state_t>
+void update_kernel(const CausalConv1dUpdateParams& p) {
+  using acc_t = acc_type<input_t>;
+  const int64_t W = p.width, L = p.seqlen, S = p.state_len;
+  const auto* weight = static_cast<const acc_t*>(p.weight);
+  const auto* bias = static_cast<const acc_t*>(p.bias);
+  at::parallel_for(0, p.batch * p.dim, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(W - 1 + L);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.dim, d = r % p.dim;
+      auto* out = static_cast<input_t*>(p.out) + r * L;
+      const int64_t sb = p.state_indices ? p.state_indices[b * p.indices_stride] : b;
+      if (sb < 0 || sb >= p.state_batch) {
+        for (int64_t t = 0; t < L; ++t) out[t] = input_t(0);
+        continue;
+      }
+      auto* state = static_cast<state_t*>(p.conv_state) + sb * p.state_batch_stride + d * p.state_dim_stride;
+      const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
+      for (int64_t j = 0; j < W - 1; ++j) buf[j] = static_cast<acc_t>(state[(S - (W - 1) + j) * p.state_l_stride]);
+      for (int64_t t = 0; t < L; ++t) buf[W - 1 + t] = static_cast<acc_t>(x[t * p.x_l_stride]);
+      const acc_t* w = weight + d * W;
+      for (int64_t t = 0; t < L; ++t) {
+        acc_t acc = bias ? bias[d] : acc_t(0);
+        for (int64_t k = 0; k < W; ++k) acc += w[k] * buf[t + k];
+        out[t] = static_cast<input_t>(activation(acc, p.silu));
+      }
+      // Shift the state left by L and append the new inputs (ascending j reads ahead of writes).
+      for (int64_t j = 0; j < S; ++j) {
+        const int64_t src = j + L;
+        state[j * p.state_l_stride] = src < S ? state[src * p.state_l_stride]
+                                              : static_cast<state_t>(x[(src - S) * p.x_l_stride]);
+      }
+    }
+  });
+}
+
+#define SSMK_DISPATCH_CONV_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const std::optional<at::Tensor>& initial_states,
+                                                         const std::optional<at::Tensor>& seq_idx, bool silu) {
+  return causal_conv1d::fwd(x, weight, bias, initial_states, seq_idx, silu,
+                            [](const CausalConv1dParams& p, at::ScalarType dtype) {
+                              SSMK_DISPATCH_CONV_TYPES(dtype, "causal_conv1d_fwd_cpu",
+                                                       [&] { fwd_kernel<scalar_t>(p); });
+                            });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& initial_states, const std::optional<at::Tensor>& seq_idx,
+    const at::Tensor& dout, const std::optional<at::Tensor>& dfinal_states, bool silu) {
+  return causal_conv1d::bwd(x, weight, bias, initial_states, seq_idx, dout, dfinal_states, silu,
+                            [](const CausalConv1dParams& p, at::ScalarType dtype) {
+                              SSMK_DISPATCH_CONV_TYPES(dtype, "causal_conv1d_bwd_cpu",
+                                                       [&] { bwd_kernel<scalar_t>(p); });
+                            });
+}
+
+at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, const at::Tensor& conv_state,
+                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& conv_state_indices, bool silu) {
+  return causal_conv1d::update(
+      x, conv_state, weight, bias, conv_state_indices, silu,
+      [](const CausalConv1dUpdateParams& p, at::ScalarType x_dtype, at::ScalarType state_dtype) {
+        SSMK_DISPATCH_CONV_TYPES(x_dtype, "causal_conv1d_update_cpu", [&] {
+          using input_t = scalar_t;
+          SSMK_DISPATCH_CONV_TYPES(state_dtype, "causal_conv1d_update_cpu",
+                                   [&] { update_kernel<input_t, scalar_t>(p); });
+        });
+      });
+}
+
+}  // namespace
+}  // namespace ssmk
+
+TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
+  m.impl("causal_conv1d_fwd", &ssmk::causal_conv1d_fwd_cpu);
+  m.impl("causal_conv1d_bwd", &ssmk::causal_conv1d_bwd_cpu);
+  m.impl("causal_conv1d_update", &ssmk::causal_conv1d_update_cpu);
+}

@@ -1,0 +1,37 @@
+// Per-element math of the causal depthwise conv, shared by the CPU and CUDA kernels.
+//
+//   out[b, d, t] = act(bias[d] + sum_{k < W} weight[d, k] * x[b, d, t - (W - 1) + k])
+//
+// Positions p < 0 read initial_states[b, d, W - 1 + p] (or zero). With seq_idx, tap p feeds
+// output t only when both lie in the same sequence; positions p < 0 belong to the sequence of
+// position 0 (initial states continue the first sequence of the row).
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/math.h"
+
+namespace ssmk::causal_conv1d {
+
+constexpr int kMinWidth = 2;
+constexpr int kMaxWidth = 8;
+
+SSMK_HOST_DEVICE int64_t tap_position(int64_t t, int k, int width) { return t - (width - 1) + k; }
+
+template <typename T>
+SSMK_HOST_DEVICE T activation(T pre, bool use_silu) {
+  return use_silu ? ssmk::silu(pre) : pre;
+}
+
+// Gradient with respect to the pre-activation value.
+template <typename T>
+SSMK_HOST_DEVICE T activation_backward(T pre, T grad, bool use_silu) {
+  return use_silu ? grad * ssmk::silu_grad(pre) : grad;
+}
+
+SSMK_HOST_DEVICE bool same_sequence(const int32_t* seq_idx, int64_t stride, int64_t t, int64_t p) {
+  return seq_idx[(p < 0 ? 0 : p) * stride] == seq_idx[t * stride];
+}
+
+}  // namespace ssmk::causal_conv1d

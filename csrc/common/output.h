@@ -1,0 +1,24 @@
+// Output allocation. With poisoning on (a test switch, see ssm_kernels.testing.poisoned_outputs),
+// every output buffer is filled with NaN before the kernel runs, so an element a kernel forgets
+// to write fails the comparison instead of passing by luck.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+
+namespace ssmk {
+
+std::atomic<bool>& poison_outputs_flag();
+
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  if (poison_outputs_flag().load(std::memory_order_relaxed) && out.is_floating_point()) {
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+  } else if (poison_outputs_flag().load(std::memory_order_relaxed) && out.is_complex()) {
+    out.fill_(c10::complex<double>(std::numeric_limits<double>::quiet_NaN(), 0.0));
+  }
+  return out;
+}
+
+}  // namespace ssmk

@@ -1,0 +1,94 @@
+// The one TORCH_LIBRARY of the project: every op schema lives here. Device implementations are
+// registered next to their kernels (TORCH_LIBRARY_IMPL in <op>_cpu.cpp / <op>_cuda.cu); fake
+// implementations and autograd are registered from Python (python/ssm_kernels/ops/).
+#include <torch/library.h>
+
+#include <atomic>
+#include <string>
+
+#include "common/output.h"
+
+#ifdef SSMK_PYTHON_MODULE
+#include <Python.h>
+#endif
+
+#ifndef SSMK_CUDA_ARCHS
+#define SSMK_CUDA_ARCHS ""
+#endif
+
+namespace ssmk {
+
+std::atomic<bool>& poison_outputs_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+namespace {
+
+bool set_poison_outputs(bool enable) { return poison_outputs_flag().exchange(enable); }
+
+std::string build_info() {
+  std::string info = "cuda=";
+#ifdef SSMK_WITH_CUDA
+  info += "1;cuda_archs=" SSMK_CUDA_ARCHS;
+#else
+  info += "0;cuda_archs=";
+#endif
+#if defined(__AVX512F__)
+  info += ";cpu_isa=avx512";
+#elif defined(__AVX2__)
+  info += ";cpu_isa=avx2";
+#elif defined(__SSE2__)
+  info += ";cpu_isa=sse2";
+#else
+  info += ";cpu_isa=generic";
+#endif
+#ifdef _OPENMP
+  info += ";openmp=1";
+#else
+  info += ";openmp=0";
+#endif
+  return info;
+}
+
+}  // namespace
+}  // namespace ssmk
+
+TORCH_LIBRARY(ssm_kernels, m) {
+  // Test and introspection helpers (no tensors, no kernels).
+  m.def("_set_poison_outputs(bool enable) -> bool", &ssmk::set_poison_outputs);
+  m.def("build_info() -> str", &ssmk::build_info);
+
+  // causal_conv1d: final_states is always returned (it is tiny); the wrapper drops it if unwanted.
+  m.def(
+      "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
+      "Tensor? seq_idx, bool silu) -> (Tensor out, Tensor final_states)");
+  m.def(
+      "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
+      "Tensor? seq_idx, Tensor dout, Tensor? dfinal_states, bool silu) "
+      "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+      "Tensor? conv_state_indices, bool silu) -> Tensor");
+
+  // selective_scan
+
+  // ssd
+
+  // cauchy / vandermonde
+
+  // fftconv
+
+  // linear_scan
+}
+
+#ifdef SSMK_PYTHON_MODULE
+// An empty Python module, so `import ssm_kernels._C` loads the library and runs the static
+// registrations above (the extension-cpp pattern; no pybind11, stable ABI).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
