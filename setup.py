@@ -93,7 +93,7 @@ def sources(pattern):
 
 
 def make_extension():
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030A0000", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030A0000", "-fno-math-errno", "-fno-trapping-math"]
     define_macros = [("SSMK_PYTHON_MODULE", "1")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     srcs = sources("*.cpp")

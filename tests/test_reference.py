@@ -658,7 +658,8 @@ def test_log_vandermonde_gradcheck():
     assert torch.autograd.gradcheck(lambda v, x: reference.log_vandermonde(v, x, 5),
                                     [leaf(v), leaf(x)])
     assert torch.autograd.gradcheck(
-        lambda u, v, x: reference.log_vandermonde_transpose(u, v, x, 5), [leaf(u), leaf(v), leaf(x)])
+        lambda u, v, x: reference.log_vandermonde_transpose(u, v, x, 5),
+        [leaf(u), leaf(v), leaf(x)])
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "causal_conv1d/causal_conv1d.h"
+#include "common/cpu.h"
 
 namespace ssmk {
 namespace {
@@ -20,7 +21,7 @@ using causal_conv1d::same_sequence;
 
 // buf[0 .. W-2] = history before position 0 (initial states or zeros), buf[W-1 + t] = x[t].
 template <typename input_t, typename acc_t>
-void load_row(const CausalConv1dParams& p, int64_t b, int64_t d, acc_t* buf) {
+SSMK_CPU_INLINE void load_row(const CausalConv1dParams& p, int64_t b, int64_t d, acc_t* buf) {
   const int64_t W = p.width, L = p.seqlen;
   const auto* init = static_cast<const input_t*>(p.initial_states);
   for (int64_t j = 0; j < W - 1; ++j) {
@@ -39,7 +40,7 @@ void load_row(const CausalConv1dParams& p, int64_t b, int64_t d, acc_t* buf) {
 
 // pre[t] = bias + sum_k w[k] * buf[t + k]  (the pre-activation output), for t in [0, L).
 template <typename acc_t>
-void conv_row(const CausalConv1dParams& p, int64_t b, const acc_t* w, acc_t bias, const acc_t* buf,
+SSMK_CPU_INLINE void conv_row(const CausalConv1dParams& p, int64_t b, const acc_t* w, acc_t bias, const acc_t* buf,
               acc_t* pre) {
   const int64_t W = p.width, L = p.seqlen;
   if (!p.seq_idx) {
@@ -63,41 +64,94 @@ void conv_row(const CausalConv1dParams& p, int64_t b, const acc_t* w, acc_t bias
   }
 }
 
-// final_states[j] = input at position L - (W-1) + j (from the history when negative); with
-// seq_idx, entries from another sequence than the last position's are zero.
-template <typename input_t, typename acc_t>
-void write_final_states(const CausalConv1dParams& p, int64_t b, int64_t d, const acc_t* buf) {
-  const int64_t W = p.width, L = p.seqlen;
-  auto* fin = static_cast<input_t*>(p.final_states) + (b * p.dim + d) * (W - 1);
-  const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
-  for (int64_t j = 0; j < W - 1; ++j) {
-    const int64_t pos = L - (W - 1) + j;
-    const bool keep = !seq || same_sequence(seq, p.seq_l_stride, L - 1, pos);
-    fin[j] = static_cast<input_t>(keep ? buf[L + j] : acc_t(0));
-  }
-}
-
+// The forward walks each row in chunks of kChunkSize outputs (the CUDA kernel's block), so the
+// chunk, its W-1 history and the accumulators stay in L1.
 template <typename input_t>
-void fwd_kernel(const CausalConv1dParams& p) {
+SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_t end) {
   using acc_t = acc_type<input_t>;
+  constexpr int64_t kChunk = causal_conv1d::kChunkSize;
   const int64_t W = p.width, L = p.seqlen;
   const auto* weight = static_cast<const acc_t*>(p.weight);
   const auto* bias = static_cast<const acc_t*>(p.bias);
-  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(W - 1 + L), pre(L);
+  const auto* init = static_cast<const input_t*>(p.initial_states);
+  {
+    acc_t buf[kChunk + causal_conv1d::kMaxWidth - 1];
+    acc_t pre[kChunk];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.dim, d = r % p.dim;
-      load_row<input_t>(p, b, d, buf.data());
-      conv_row(p, b, weight + d * W, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
+      const acc_t* w = weight + d * W;
+      const acc_t bias_d = bias ? bias[d] : acc_t(0);
+      const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
+      const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
       auto* out = static_cast<input_t*>(p.out) + r * L;
-      if (p.silu) {
-        for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(activation(pre[t], true));
-      } else {
-        for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(pre[t]);
+      for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+        const int64_t n = std::min(kChunk, L - t0);
+        // buf[i] = input at position t0 - (W-1) + i
+        const int64_t first = t0 >= W - 1 ? 0 : W - 1 - t0;  // slots before position 0
+        if (p.x_l_stride == 1) {
+          const input_t* src = x + (t0 - (W - 1) + first);
+#pragma omp simd
+          for (int64_t i = first; i < n + W - 1; ++i) buf[i] = static_cast<acc_t>(src[i - first]);
+        } else {
+          for (int64_t i = first; i < n + W - 1; ++i)
+            buf[i] = static_cast<acc_t>(x[(t0 - (W - 1) + i) * p.x_l_stride]);
+        }
+        for (int64_t i = 0; i < first; ++i) {  // history: position i - (W-1) < 0
+          buf[i] = init ? static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride +
+                                                  i * p.init_l_stride])
+                        : acc_t(0);
+        }
+        if (!seq) {
+          for (int64_t j = 0; j < n; ++j) pre[j] = bias_d;
+          for (int64_t k = 0; k < W; ++k) {
+            const acc_t wk = w[k];
+            const acc_t* src = buf + k;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) pre[j] += wk * src[j];
+          }
+        } else {
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t acc = bias_d;
+            for (int64_t k = 0; k < W; ++k) {
+              const int64_t pos = causal_conv1d::tap_position(t0 + j, static_cast<int>(k), static_cast<int>(W));
+              if (same_sequence(seq, p.seq_l_stride, t0 + j, pos)) acc += w[k] * buf[j + k];
+            }
+            pre[j] = acc;
+          }
+        }
+        input_t* o = out + t0;
+        if (p.silu) {
+#pragma omp simd
+          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<input_t>(ssmk::silu(pre[j]));
+        } else {
+          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<input_t>(pre[j]);
+        }
       }
-      write_final_states<input_t>(p, b, d, buf.data());
+      // final_states[j] = input at position L - (W-1) + j; with seq_idx, entries from another
+      // sequence than the last position's are zero.
+      auto* fin = static_cast<input_t*>(p.final_states) + r * (W - 1);
+      for (int64_t j = 0; j < W - 1; ++j) {
+        const int64_t pos = L - (W - 1) + j;
+        const bool keep = !seq || same_sequence(seq, p.seq_l_stride, L - 1, pos);
+        acc_t v = 0;
+        if (keep) {
+          v = pos >= 0 ? static_cast<acc_t>(x[pos * p.x_l_stride])
+              : init   ? static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride +
+                                                 (W - 1 + pos) * p.init_l_stride])
+                       : acc_t(0);
+        }
+        fin[j] = static_cast<input_t>(v);
+      }
     }
-  });
+  }
+}
+SSMK_CPU_MULTIVERSION(fwd_rows, (typename input_t), (input_t),
+                      (const CausalConv1dParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+template <typename input_t>
+void fwd_kernel(const CausalConv1dParams& p) {
+  at::parallel_for(0, p.batch * p.dim, 1,
+                   [&](int64_t begin, int64_t end) { fwd_rows_dispatch<input_t>(p, begin, end); });
 }
 
 // Backward per channel d, looping over the batch inside so that dweight/dbias are summed in a
@@ -105,14 +159,14 @@ void fwd_kernel(const CausalConv1dParams& p) {
 //   dbuf[i] = sum_k w[k] * g[i - k]        (gradient of buffer slot i = position i - (W-1))
 //   dw[k]  += sum_t g[t] * buf[t + k],  dbias += sum_t g[t]
 template <typename input_t>
-void bwd_kernel(const CausalConv1dParams& p) {
+SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, int64_t end) {
   using acc_t = acc_type<input_t>;
   const int64_t W = p.width, L = p.seqlen;
   const auto* weight = static_cast<const acc_t*>(p.weight);
   const auto* bias = static_cast<const acc_t*>(p.bias);
   const auto* dout_base = static_cast<const input_t*>(p.dout);
   const auto* dfinal = static_cast<const input_t*>(p.dfinal_states);
-  at::parallel_for(0, p.dim, 1, [&](int64_t begin, int64_t end) {
+  {
     // g is stored with W-1 leading zeros so dbuf[i] = sum_k w[k] * gpad[i - k + W - 1].
     std::vector<acc_t> buf(W - 1 + L), pre(L), gpad(L + 2 * (W - 1)), dbuf(W - 1 + L);
     acc_t* g = gpad.data() + (W - 1);
@@ -186,7 +240,15 @@ void bwd_kernel(const CausalConv1dParams& p) {
       for (int64_t k = 0; k < W; ++k) dweight[k] = dw[k];
       static_cast<acc_t*>(p.dbias)[d] = db;
     }
-  });
+  }
+}
+SSMK_CPU_MULTIVERSION(bwd_channels, (typename input_t), (input_t),
+                      (const CausalConv1dParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+template <typename input_t>
+void bwd_kernel(const CausalConv1dParams& p) {
+  at::parallel_for(0, p.dim, 1,
+                   [&](int64_t begin, int64_t end) { bwd_channels_dispatch<input_t>(p, begin, end); });
 }
 
 template <typename input_t, typename state_t>

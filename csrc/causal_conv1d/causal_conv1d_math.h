@@ -16,6 +16,8 @@ namespace ssmk::causal_conv1d {
 
 constexpr int kMinWidth = 2;
 constexpr int kMaxWidth = 8;
+// Outputs per CUDA block and per CPU inner chunk of the forward.
+constexpr int kChunkSize = 512;
 
 SSMK_HOST_DEVICE int64_t tap_position(int64_t t, int k, int width) { return t - (width - 1) + k; }
 

@@ -113,7 +113,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         out = selective_state_update(
             state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0), B.unsqueeze(1),
             C.unsqueeze(1), None if D is None else D.unsqueeze(0),
-            None if z is None else z.unsqueeze(1), None if dt_bias is None else dt_bias.unsqueeze(0),
+            None if z is None else z.unsqueeze(1),
+            None if dt_bias is None else dt_bias.unsqueeze(0),
             dt_softplus, state_batch_indices)
         return out.squeeze(1)
 

@@ -62,7 +62,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_so
             h = torch.where(reset[:, None, None, None], torch.zeros_like(h), h)
         dt_t = dt[:, t]  # [B, H]
         decay = torch.exp(dt_t * A)[:, :, None, None]  # [B, H, 1, 1]
-        h = decay * h + (dt_t[:, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]  # [B, H, P, N]
+        drive = (dt_t[:, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]  # [B, H, P, N]
+        h = decay * h + drive
         ys.append((h * C[:, t, :, None, :]).sum(-1))  # [B, H, P]
     y = torch.stack(ys, dim=1)  # [B, L, H, P]
 

@@ -1,0 +1,102 @@
+"""Command line: `ssm-kernels bench [OPS...]` and `ssm-kernels info`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _parse_shape(text: str) -> dict:
+    shape = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--shape: expected key=value[,key=value...], got {text!r}")
+        try:
+            shape[key.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--shape: {key}: expected an integer, got {value!r}") from None
+    return shape
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
+          "complex64": torch.complex64, "complex128": torch.complex128}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssm-kernels", description="ssm-kernels: benchmarks and build info")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time the ops against their baselines (after checking them)")
+    bench.add_argument("ops", nargs="*", help="ops to run (default: all); see `ssm-kernels bench --list`")
+    bench.add_argument("--list", action="store_true", help="list the registered ops and their shapes")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    bench.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="input dtype (default per op and device)")
+    bench.add_argument("--shape", action="append", type=_parse_shape, default=None,
+                       help="override sizes, e.g. --shape batch=1,dim=768,seqlen=512 (repeatable)")
+    bench.add_argument("--no-backward", action="store_true", help="time the forward only")
+    bench.add_argument("--budget", type=float, default=1.0, help="seconds of timing per row (default 1)")
+    bench.add_argument("--json", default=None, help="write the rows as JSON to this path")
+    bench.add_argument("--csv", default=None, help="write the rows as CSV to this path")
+    bench.add_argument("--plot", default=None, help="write a speed-up chart (PNG) to this path")
+    bench.add_argument("--quiet", action="store_true", help="no progress display")
+    sub.add_parser("info", help="print the build (CUDA archs, CPU features, torch) and available backends")
+    return parser
+
+
+def cmd_info() -> int:
+    import ssm_kernels
+
+    info = ssm_kernels.build_info()
+    print(f"ssm_kernels {ssm_kernels.__version__}")
+    print(f"torch {info['torch']} (threads: {torch.get_num_threads()})")
+    print(f"CUDA kernels built: {'yes' if info['cuda'] else 'no'}" + (f" (archs {info['cuda_archs']})" if info["cuda"] else ""))
+    print(f"CPU kernels: ISA {info.get('cpu_isa')}, OpenMP {'yes' if info.get('openmp') == '1' else 'no'}")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"GPU visible: {gpu}")
+    backends = ["cpu"] + (["cuda"] if info["cuda"] and torch.cuda.is_available() else [])
+    print(f"backends available: {', '.join(backends)}")
+    from .bench import REGISTRY
+
+    print(f"benchmarks: {', '.join(sorted(REGISTRY))}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import REGISTRY
+    from .bench.runner import format_table, run_benchmarks, write_csv, write_json, write_plot
+
+    if args.list:
+        for name, op in sorted(REGISTRY.items()):
+            print(f"{name}: cpu {op.shapes['cpu']}; cuda {op.shapes['cuda']}")
+        return 0
+    names = args.ops or sorted(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        print(f"ssm-kernels bench: unknown op(s) {unknown}; known: {sorted(REGISTRY)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    rows, roof = run_benchmarks(names, device, dtype=dtype, shapes=args.shape, backward=not args.no_backward,
+                                budget_s=args.budget, progress=not args.quiet)
+    print(format_table(rows, roof, device))
+    if args.json:
+        write_json(rows, roof, device, args.json)
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        write_plot(rows, args.plot)
+    failed = [r for r in rows if r.get("impl") == "ssm_kernels" and r.get("status", "").startswith("FAILED")]
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "info":
+        return cmd_info()
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Shared by the tests and the benchmarks: one tolerance table, input factories, NaN-poisoning
+of outputs, and helpers for opcheck, torch.compile, gradcheck and bad-input checks.
+
+Tolerances are max relative errors, max|actual - expected| / max|expected|, against the float64
+reference computed from the same (already rounded) inputs. They follow from the precision of the
+output and of float32 accumulation: float32 at most 1e-4 (sums of up to ~1e5 terms at 6e-8 unit
+roundoff, plus exp/log), float16/bfloat16 at most 1e-2 (one final rounding of 2^-8 for bfloat16,
+with intermediate values stored in the input dtype). Set once; never loosened to pass a test.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.complex128: 1e-10,
+    torch.float32: 1e-4,
+    torch.complex64: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 1e-2,
+}
+
+DTYPE_IDS = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.complex64: "c64",
+    torch.complex128: "c128",
+}
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCES[dtype]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return DTYPE_IDS[dtype]
+
+
+def devices() -> list[str]:
+    """cpu always; cuda when a GPU is present and the build has CUDA kernels."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        import ssm_kernels
+
+        if ssm_kernels.build_info()["cuda"]:
+            out.append("cuda")
+    return out
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| in float64 (NaN anywhere gives inf)."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape mismatch: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    wide = torch.complex128 if (actual.is_complex() or expected.is_complex()) else torch.float64
+    a = actual.detach().to("cpu", wide)
+    e = expected.detach().to("cpu", wide)
+    if a.numel() == 0:
+        return 0.0
+    if not torch.isfinite(a).all() or not torch.isfinite(e).all():
+        return float("inf")
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    if scale == 0.0:
+        return err
+    return err / scale
+
+
+def assert_close(actual, expected, dtype: torch.dtype, name: str = "output", tol: Optional[float] = None):
+    """Assert rel_error(actual, expected) <= the tolerance of `dtype` (the computation's dtype)."""
+    tol = tolerance(dtype) if tol is None else tol
+    err = rel_error(actual, expected)
+    assert err <= tol, f"{name}: max relative error {err:.3e} > {tol:.1e} ({dtype_id(dtype)})"
+
+
+def make_tensor(shape: Sequence[int], dtype: torch.dtype, device="cpu", *, strided: bool = False,
+                scale: float = 1.0, low: Optional[float] = None, high: Optional[float] = None,
+                requires_grad: bool = False) -> torch.Tensor:
+    """Random tensor; uniform in [low, high) when given, else normal * scale.
+
+    With strided=True the result is a non-contiguous view (every other element of the last axis
+    of a larger buffer) holding the same kind of values.
+    """
+    shape = tuple(shape)
+    alloc = shape[:-1] + (2 * shape[-1],) if strided and len(shape) > 0 else shape
+    real = dtype if not dtype.is_complex else (torch.float32 if dtype == torch.complex64 else torch.float64)
+    gen_dtype = torch.float64 if real in (torch.float16, torch.bfloat16) else real
+    if low is not None:
+        base = torch.empty(alloc, dtype=gen_dtype, device=device).uniform_(low, high)
+    else:
+        base = torch.randn(alloc, dtype=gen_dtype, device=device) * scale
+    if dtype.is_complex:
+        imag = torch.randn(alloc, dtype=gen_dtype, device=device) * scale
+        base = torch.complex(base, imag)
+    base = base.to(dtype)
+    t = base[..., ::2] if strided and len(shape) > 0 else base
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def make_channel_last(t: torch.Tensor) -> torch.Tensor:
+    """Same values, (B, D, L) view of a (B, L, D) contiguous buffer."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def clone_leaf(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """A detached copy that requires grad (keeps strides); None stays None."""
+    if t is None:
+        return None
+    out = t.detach().clone() if dtype is None else t.detach().to(dtype)
+    if out.is_floating_point() or out.is_complex():
+        out.requires_grad_(True)
+    return out
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enable: bool = True):
+    """Within the block, every output the compiled ops allocate is filled with NaN first."""
+    previous = torch.ops.ssm_kernels._set_poison_outputs(enable)
+    try:
+        yield
+    finally:
+        torch.ops.ssm_kernels._set_poison_outputs(previous)
+
+
+def grads(outputs: Iterable[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
+          grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """d(sum <output, grad_output>)/d input for each input that requires grad (None otherwise)."""
+    outputs = list(outputs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    total = sum((o.to(g.dtype) * g).sum().real if o.is_complex() else (o.to(g.dtype) * g).sum()
+                for o, g in zip(outputs, grad_outputs))
+    got = torch.autograd.grad(total, wanted, allow_unused=True)
+    it = iter(got)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def run_opcheck(op, args: tuple, kwargs: Optional[dict] = None) -> None:
+    """torch.library.opcheck with every test (schema, fake, autograd registration, AOT dispatch)."""
+    torch.library.opcheck(op, args, kwargs or {})
+
+
+def check_compile(fn: Callable, *args, dtype: torch.dtype = torch.float32, **kwargs) -> None:
+    """torch.compile(fullgraph=True) of fn runs and agrees with eager mode."""
+    torch._dynamo.reset()
+    eager = fn(*args, **kwargs)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args, **kwargs)
+    eager = eager if isinstance(eager, (tuple, list)) else (eager,)
+    compiled = compiled if isinstance(compiled, (tuple, list)) else (compiled,)
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert_close(a, b, dtype, name=f"compiled output {i}")
+
+
+def check_gradcheck(fn: Callable, inputs: Sequence, **kwargs) -> None:
+    assert torch.autograd.gradcheck(fn, tuple(inputs), **kwargs)
+
+
+def assert_raises_naming(exc_types, argname: str, fn: Callable, *args, **kwargs) -> str:
+    """fn(*args, **kwargs) raises one of exc_types with a message naming `argname`."""
+    try:
+        fn(*args, **kwargs)
+    except exc_types as exc:
+        msg = str(exc)
+        assert argname in msg, f"error message does not name {argname!r}: {msg}"
+        return msg
+    raise AssertionError(f"expected {exc_types} naming {argname!r}, nothing was raised")
