@@ -179,9 +179,15 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, in
         load_row<input_t>(p, b, d, buf.data());
         conv_row(p, b, w, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
         const input_t* dout = dout_base + b * p.dout_batch_stride + d * p.dout_dim_stride;
-        for (int64_t t = 0; t < L; ++t) {
-          const acc_t go = static_cast<acc_t>(dout[t * p.dout_l_stride]);
-          g[t] = activation_backward(pre[t], go, p.silu);
+        if (p.dout_l_stride == 1) {
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(dout[t]);
+        } else {
+          for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(dout[t * p.dout_l_stride]);
+        }
+        if (p.silu) {
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) g[t] = activation_backward(pre[t], g[t], true);
         }
         std::fill(gpad.begin(), gpad.begin() + (W - 1), acc_t(0));
         std::fill(gpad.begin() + (W - 1) + L, gpad.end(), acc_t(0));

@@ -1,0 +1,80 @@
+// Unit tests of the host side of the shared math headers (no torch needed): the vectorisable
+// exp, the activations and their derivatives, and the causal conv's tap/sequence rules.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+
+#include "causal_conv1d/causal_conv1d_math.h"
+#include "common/math.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what, double got, double want) {
+  if (!ok) {
+    std::printf("FAIL %s: got %.9g, want %.9g\n", what, got, want);
+    ++failures;
+  }
+}
+
+void test_fast_exp() {
+  double worst = 0.0;
+  for (double x = -87.0; x <= 88.0; x += 1e-3) {
+    const float xf = static_cast<float>(x);
+    const double want = std::exp(static_cast<double>(xf));
+    const double got = ssmk::fast_exp(xf);
+    worst = std::fmax(worst, std::fabs(got - want) / want);
+  }
+  expect(worst < 3e-7, "fast_exp max relative error on [-87, 88]", worst, 3e-7);
+  expect(ssmk::fast_exp(0.0f) == 1.0f, "fast_exp(0)", ssmk::fast_exp(0.0f), 1.0);
+  expect(ssmk::fast_exp(-1000.0f) == 0.0f, "fast_exp(-1000)", ssmk::fast_exp(-1000.0f), 0.0);
+  const float inf = std::numeric_limits<float>::infinity();
+  expect(ssmk::fast_exp(-inf) == 0.0f, "fast_exp(-inf)", ssmk::fast_exp(-inf), 0.0);
+  expect(std::isinf(ssmk::fast_exp(inf)), "fast_exp(inf)", ssmk::fast_exp(inf), inf);
+  expect(std::isinf(ssmk::fast_exp(100.0f)), "fast_exp(100)", ssmk::fast_exp(100.0f), inf);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  expect(std::isnan(ssmk::fast_exp(nan)), "fast_exp(nan)", ssmk::fast_exp(nan), nan);
+}
+
+void test_activations() {
+  for (double x = -30.0; x <= 30.0; x += 0.01) {
+    const double s = 1.0 / (1.0 + std::exp(-x));
+    expect(std::fabs(ssmk::sigmoid(x) - s) < 1e-15, "sigmoid(double)", ssmk::sigmoid(x), s);
+    expect(std::fabs(ssmk::silu(x) - x * s) < 1e-13, "silu(double)", ssmk::silu(x), x * s);
+    const float xf = static_cast<float>(x);
+    expect(std::fabs(ssmk::silu(xf) - static_cast<float>(x * s)) <= 1e-6 * std::fmax(1.0, std::fabs(x)),
+           "silu(float)", ssmk::silu(xf), x * s);
+    const double h = 1e-6;
+    const double fd_silu = (ssmk::silu(x + h) - ssmk::silu(x - h)) / (2 * h);
+    expect(std::fabs(ssmk::silu_grad(x) - fd_silu) < 1e-7, "silu_grad", ssmk::silu_grad(x), fd_silu);
+    const double sp = std::log1p(std::exp(x));
+    expect(std::fabs(ssmk::softplus(x) - sp) < 1e-8 * std::fmax(1.0, sp), "softplus", ssmk::softplus(x), sp);
+    const double fd_sp = (std::log1p(std::exp(x + h)) - std::log1p(std::exp(x - h))) / (2 * h);
+    expect(std::fabs(ssmk::softplus_grad(x) - fd_sp) < 1e-7, "softplus_grad", ssmk::softplus_grad(x), fd_sp);
+  }
+}
+
+void test_causal_conv1d_rules() {
+  using namespace ssmk::causal_conv1d;
+  expect(tap_position(0, 3, 4) == 0, "tap_position(0, 3, 4)", tap_position(0, 3, 4), 0);
+  expect(tap_position(0, 0, 4) == -3, "tap_position(0, 0, 4)", tap_position(0, 0, 4), -3);
+  const int32_t seq[] = {0, 0, 1, 1, 1};
+  expect(same_sequence(seq, 1, 1, -2), "history belongs to the first sequence", 0, 1);
+  expect(!same_sequence(seq, 1, 2, 1), "taps do not cross a sequence change", 1, 0);
+  expect(same_sequence(seq, 1, 4, 2), "taps within a sequence", 0, 1);
+  const double g = activation_backward(0.5, 2.0, true);
+  expect(std::fabs(g - 2.0 * ssmk::silu_grad(0.5)) < 1e-15, "activation_backward", g, 2.0 * ssmk::silu_grad(0.5));
+  expect(activation(-3.0, false) == -3.0, "identity activation", activation(-3.0, false), -3.0);
+}
+
+}  // namespace
+
+int main() {
+  test_fast_exp();
+  test_activations();
+  test_causal_conv1d_rules();
+  if (failures == 0) std::printf("all math tests passed\n");
+  return failures == 0 ? 0 : 1;
+}
