@@ -49,9 +49,14 @@ bench: build
 info: build
 	$(VENV)/bin/ssm-kernels info
 
-# The libtorch (C++) build of the same sources, for C++ consumers.
+# The libtorch (C++) build of the same sources, for C++ consumers. A CUDA build of torch asks CMake
+# for the CUDA toolkit (and nvrtc, which pip's torch keeps under nvidia/cu*/lib) even for a CPU
+# library; the variables below point it there.
+CMAKE_TORCH_ARGS = -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+	-DCUDA_TOOLKIT_ROOT_DIR="$${CUDA_HOME:-/usr/local/cuda}" \
+	-DCUDA_nvrtc_LIBRARY="$$($(PY) -c 'import glob, os, torch; g = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "lib", "libnvrtc.so*")); print(os.path.realpath(g[0]) if g else "")')"
 cmake: venv
-	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0a}" cmake -S . -B build/cmake $(CMAKE_TORCH_ARGS)
 	cmake --build build/cmake -j $(MAX_JOBS)
 
 clean:
