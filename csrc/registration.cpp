@@ -77,7 +77,15 @@ TORCH_LIBRARY(ssm_kernels, m) {
 
   // cauchy / vandermonde
 
-  // fftconv
+  // fftconv: activation is 0 (none), 1 (gelu, erf form) or 2 (silu). The backward returns
+  // (du, dk, dD, dk_rev, dpregate, dpostgate); gradients of absent arguments are empty (0,).
+  m.def(
+      "fftconv_fwd(Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, Tensor? postgate, "
+      "int activation) -> Tensor");
+  m.def(
+      "fftconv_bwd(Tensor dout, Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, "
+      "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
+      "Tensor dpregate, Tensor dpostgate)");
 
   // linear_scan
 }

@@ -1,0 +1,421 @@
+// CPU kernels of fftconv. Rows (one (batch, channel) sequence each) are processed in blocks of up
+// to kBlockElems / n rows: the pointwise stages (gating, zero padding, the spectrum product, the
+// epilogue) are hand-written loops over a block, and the FFTs of a block are one batched call to
+// ATen's FFT (MKL or pocketfft, real-to-complex and complex-to-real) on per-thread workspaces, so
+// each block's buffers stay in cache between the passes and every input and output crosses
+// memory once. Blocks are independent (at::parallel_for); the backward groups rows by channel so
+// that dH and dD are summed over the batch in a fixed order (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu.h"
+#include "fftconv/fftconv.h"
+
+namespace ssmk {
+namespace {
+
+using fftconv::kActNone;
+
+// Elements of one real workspace per block: 2^17 floats = 512 KiB (16 rows at n = 8192). Large
+// enough that the per-call cost of the batched FFT is amortised, small enough to stay in L2/L3.
+constexpr int64_t kBlockElems = int64_t(1) << 17;
+
+int64_t rows_per_block(int64_t n) { return std::max<int64_t>(1, kBlockElems / n); }
+
+// A block of rows: row i is (bs[i], ds[i]).
+struct Rows {
+  int64_t count = 0;
+  const int64_t* b = nullptr;
+  const int64_t* d = nullptr;
+};
+
+template <typename input_t>
+SSMK_CPU_INLINE const input_t* row_ptr(const void* base, int64_t b, int64_t d, int64_t sb, int64_t sd) {
+  return static_cast<const input_t*>(base) + b * sb + d * sd;
+}
+
+// buf[i, t] = u * pregate for t < L, 0 for L <= t < n.   buf: [count, n]
+template <typename input_t>
+SSMK_CPU_INLINE void load_v_rows(const FftconvParams& p, Rows rows, acc_type<input_t>* buf) {
+  using acc_t = acc_type<input_t>;
+  const int64_t L = p.seqlen, n = p.fft_size;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const int64_t b = rows.b[i], d = rows.d[i];
+    acc_t* v = buf + i * n;
+    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
+    const int64_t su = p.u_l_stride;
+    if (p.pregate) {
+      const input_t* g = row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride);
+      const int64_t sg = p.pre_l_stride;
+      if (su == 1 && sg == 1) {
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t]) * static_cast<acc_t>(g[t]);
+      } else {
+        for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t * su]) * static_cast<acc_t>(g[t * sg]);
+      }
+    } else if (su == 1) {
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t]);
+    } else {
+      for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t * su]);
+    }
+    std::fill(v + L, v + n, acc_t(0));
+  }
+}
+SSMK_CPU_MULTIVERSION(load_v_rows, (typename input_t), (input_t),
+                      (const FftconvParams& p, Rows rows, acc_type<input_t>* buf), (p, rows, buf))
+
+// dst[i, f] = src[i, f] * H[d_i - d0, f] (or * conj(H)), complex as interleaved (re, im);
+// kf: [channels of the block, F], the block's kernel spectra.
+template <typename acc_t, bool kConj>
+SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvParams& p, Rows rows, const acc_t* kf, int64_t d0,
+                                       const acc_t* src, acc_t* dst) {
+  const int64_t F = p.nfreq;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const acc_t* h = kf + 2 * (rows.d[i] - d0) * F;
+    const acc_t* a = src + 2 * i * F;
+    acc_t* o = dst + 2 * i * F;
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) {
+      acc_t re, im;
+      if (kConj) {
+        fftconv::cmul_conj(a[2 * f], a[2 * f + 1], h[2 * f], h[2 * f + 1], re, im);
+      } else {
+        fftconv::cmul(a[2 * f], a[2 * f + 1], h[2 * f], h[2 * f + 1], re, im);
+      }
+      o[2 * f] = re;
+      o[2 * f + 1] = im;
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(mul_spectrum_rows, (typename acc_t, bool kConj), (acc_t, kConj),
+                      (const FftconvParams& p, Rows rows, const acc_t* kf, int64_t d0, const acc_t* src, acc_t* dst),
+                      (p, rows, kf, d0, src, dst))
+
+// h rows of channels [d0, d0 + count): h[s] = k[s] (s < Kc), h[(n - s) % n] += k_rev[s] (s < Kr).
+template <typename acc_t>
+void load_kernel_rows(const FftconvParams& p, int64_t d0, int64_t count, acc_t* buf) {
+  const int64_t n = p.fft_size;
+  const auto* k = static_cast<const acc_t*>(p.k);
+  const auto* kr = static_cast<const acc_t*>(p.k_rev);
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t* h = buf + i * n;
+    const acc_t* kd = k + (d0 + i) * p.klen;
+    std::copy(kd, kd + p.kc, h);
+    std::fill(h + p.kc, h + n, acc_t(0));
+    if (kr) {
+      const acc_t* rd = kr + (d0 + i) * p.klen_rev;
+      h[0] += rd[0];
+      for (int64_t s = 1; s < p.kr; ++s) h[n - s] += rd[s];
+    }
+  }
+}
+
+// dk / dk_rev rows of channels [d0, d0 + count) from dh = irfft(dH): the inverse index map of
+// load_kernel_rows; taps past L get zero.
+template <typename acc_t>
+void store_kernel_grad_rows(const FftconvParams& p, int64_t d0, int64_t count, const acc_t* dh_buf) {
+  const int64_t n = p.fft_size;
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t* dh = dh_buf + i * n;
+    acc_t* dk = static_cast<acc_t*>(p.dk) + (d0 + i) * p.klen;
+    std::copy(dh, dh + p.kc, dk);
+    std::fill(dk + p.kc, dk + p.klen, acc_t(0));
+    if (p.dk_rev) {
+      acc_t* dr = static_cast<acc_t*>(p.dk_rev) + (d0 + i) * p.klen_rev;
+      dr[0] = dh[0];
+      for (int64_t s = 1; s < p.kr; ++s) dr[s] = dh[n - s];
+      std::fill(dr + p.kr, dr + p.klen_rev, acc_t(0));
+    }
+  }
+}
+
+// out = act(c + D v) * postgate, with v re-read from u and pregate.   c: [count, n]
+template <typename input_t>
+SSMK_CPU_INLINE void epilogue_rows(const FftconvParams& p, Rows rows, const acc_type<input_t>* c) {
+  using acc_t = acc_type<input_t>;
+  const int64_t L = p.seqlen, n = p.fft_size;
+  const auto* Dp = static_cast<const acc_t*>(p.D);
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const int64_t b = rows.b[i], d = rows.d[i];
+    const acc_t* ci = c + i * n;
+    input_t* out = static_cast<input_t*>(p.out) + (b * p.dim + d) * L;
+    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
+    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
+    const input_t* g = p.pregate ? row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride) : nullptr;
+    const input_t* q = p.postgate ? row_ptr<input_t>(p.postgate, b, d, p.post_batch_stride, p.post_dim_stride) : nullptr;
+    const int64_t su = p.u_l_stride, sg = p.pre_l_stride, sq = p.post_l_stride;
+    if (!g && !q && p.activation == kActNone && su == 1) {
+      // The common S4/H3 case: out = c + D u.
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(ci[t] + Dd * static_cast<acc_t>(u[t]));
+      continue;
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      acc_t v = static_cast<acc_t>(u[t * su]);
+      if (g) v *= static_cast<acc_t>(g[t * sg]);
+      const acc_t pg = q ? static_cast<acc_t>(q[t * sq]) : acc_t(1);
+      out[t] = static_cast<input_t>(fftconv::epilogue(ci[t], v, Dd, pg, p.activation));
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(epilogue_rows, (typename input_t), (input_t),
+                      (const FftconvParams& p, Rows rows, const acc_type<input_t>* c), (p, rows, c))
+
+// Backward pointwise stage: gpre (zero-padded to n) into gbuf, dpostgate, and per-row sums of
+// gpre * v (for dD) into row_dD. c: [count, n] (read only when an activation or postgate needs it).
+template <typename input_t>
+SSMK_CPU_INLINE void grad_pre_rows(const FftconvParams& p, Rows rows, const acc_type<input_t>* c,
+                                   acc_type<input_t>* gbuf, acc_type<input_t>* row_dD) {
+  using acc_t = acc_type<input_t>;
+  const int64_t L = p.seqlen, n = p.fft_size;
+  const auto* Dp = static_cast<const acc_t*>(p.D);
+  const bool need_c = p.activation != kActNone || p.postgate;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const int64_t b = rows.b[i], d = rows.d[i];
+    acc_t* gp = gbuf + i * n;
+    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
+    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
+    const input_t* g = p.pregate ? row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride) : nullptr;
+    const input_t* q = p.postgate ? row_ptr<input_t>(p.postgate, b, d, p.post_batch_stride, p.post_dim_stride) : nullptr;
+    const input_t* go = row_ptr<input_t>(p.dout, b, d, p.dout_batch_stride, p.dout_dim_stride);
+    input_t* dq = p.dpostgate ? static_cast<input_t*>(p.dpostgate) + (b * p.dim + d) * L : nullptr;
+    const int64_t su = p.u_l_stride, sg = p.pre_l_stride, sq = p.post_l_stride, so = p.dout_l_stride;
+    acc_t sum = 0;
+    if (!need_c) {
+      for (int64_t t = 0; t < L; ++t) {
+        acc_t v = static_cast<acc_t>(u[t * su]);
+        if (g) v *= static_cast<acc_t>(g[t * sg]);
+        const acc_t gpre = static_cast<acc_t>(go[t * so]);
+        gp[t] = gpre;
+        sum += gpre * v;
+      }
+    } else {
+      const acc_t* ci = c + i * n;
+      for (int64_t t = 0; t < L; ++t) {
+        acc_t v = static_cast<acc_t>(u[t * su]);
+        if (g) v *= static_cast<acc_t>(g[t * sg]);
+        const acc_t pg = q ? static_cast<acc_t>(q[t * sq]) : acc_t(1);
+        acc_t gpre, dpg;
+        fftconv::pointwise_grad(ci[t], v, Dd, pg, static_cast<acc_t>(go[t * so]), p.activation, gpre, dpg);
+        if (dq) dq[t] = static_cast<input_t>(dpg);
+        gp[t] = gpre;
+        sum += gpre * v;
+      }
+    }
+    std::fill(gp + L, gp + n, acc_t(0));
+    row_dD[i] = sum;
+  }
+}
+SSMK_CPU_MULTIVERSION(grad_pre_rows, (typename input_t), (input_t),
+                      (const FftconvParams& p, Rows rows, const acc_type<input_t>* c, acc_type<input_t>* gbuf,
+                       acc_type<input_t>* row_dD),
+                      (p, rows, c, gbuf, row_dD))
+
+// dv = conv + D * gpre;  du = dv * pregate;  dpregate = dv * u.   conv, gbuf: [count, n]
+template <typename input_t>
+SSMK_CPU_INLINE void grad_input_rows(const FftconvParams& p, Rows rows, const acc_type<input_t>* conv,
+                                     const acc_type<input_t>* gbuf) {
+  using acc_t = acc_type<input_t>;
+  const int64_t L = p.seqlen, n = p.fft_size;
+  const auto* Dp = static_cast<const acc_t*>(p.D);
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const int64_t b = rows.b[i], d = rows.d[i];
+    const acc_t* ci = conv + i * n;
+    const acc_t* gp = gbuf + i * n;
+    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
+    input_t* du = static_cast<input_t*>(p.du) + (b * p.dim + d) * L;
+    if (!p.pregate) {
+#pragma omp simd
+      for (int64_t t = 0; t < L; ++t) du[t] = static_cast<input_t>(ci[t] + Dd * gp[t]);
+      continue;
+    }
+    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
+    const input_t* g = row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride);
+    input_t* dg = static_cast<input_t*>(p.dpregate) + (b * p.dim + d) * L;
+    const int64_t su = p.u_l_stride, sg = p.pre_l_stride;
+    for (int64_t t = 0; t < L; ++t) {
+      const acc_t dv = ci[t] + Dd * gp[t];
+      du[t] = static_cast<input_t>(dv * static_cast<acc_t>(g[t * sg]));
+      dg[t] = static_cast<input_t>(dv * static_cast<acc_t>(u[t * su]));
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(grad_input_rows, (typename input_t), (input_t),
+                      (const FftconvParams& p, Rows rows, const acc_type<input_t>* conv, const acc_type<input_t>* gbuf),
+                      (p, rows, conv, gbuf))
+
+// dH[d - d0] (+)= G * conj(V), rows in order; the first row of each channel (b == 0) initialises.
+template <typename acc_t>
+SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvParams& p, Rows rows, acc_t* dkf, int64_t d0, const acc_t* G,
+                                         const acc_t* V) {
+  const int64_t F = p.nfreq;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    acc_t* o = dkf + 2 * (rows.d[i] - d0) * F;
+    const acc_t* g = G + 2 * i * F;
+    const acc_t* v = V + 2 * i * F;
+    const bool first = rows.b[i] == 0;
+#pragma omp simd
+    for (int64_t f = 0; f < F; ++f) {
+      acc_t re, im;
+      fftconv::cmul_conj(g[2 * f], g[2 * f + 1], v[2 * f], v[2 * f + 1], re, im);
+      o[2 * f] = first ? re : o[2 * f] + re;
+      o[2 * f + 1] = first ? im : o[2 * f + 1] + im;
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(accumulate_dkf_rows, (typename acc_t), (acc_t),
+                      (const FftconvParams& p, Rows rows, acc_t* dkf, int64_t d0, const acc_t* G, const acc_t* V),
+                      (p, rows, dkf, d0, G, V))
+
+// Per-thread FFT workspaces: real [R, n] and complex [R, F] buffers, and their batched FFTs.
+template <typename acc_t>
+struct Workspace {
+  int64_t n;
+  std::vector<at::Tensor> real, cplx;
+
+  // real_rows[i] / cplx_rows[i]: the row capacity of each buffer.
+  Workspace(int64_t n_, std::initializer_list<int64_t> real_rows, std::initializer_list<int64_t> cplx_rows)
+      : n(n_) {
+    const auto r = c10::CppTypeToScalarType<acc_t>::value;
+    const auto c = r == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
+    for (int64_t rows : real_rows) real.push_back(at::empty({rows, n}, at::TensorOptions().dtype(r)));
+    for (int64_t rows : cplx_rows) cplx.push_back(at::empty({rows, n / 2 + 1}, at::TensorOptions().dtype(c)));
+  }
+  acc_t* r(int i) { return real[i].template data_ptr<acc_t>(); }
+  acc_t* c(int i) { return reinterpret_cast<acc_t*>(cplx[i].data_ptr()); }
+  // cplx[ci][:count] = rfft(real[ri][:count])  (unnormalised)
+  void rfft(int ri, int ci, int64_t count) {
+    at::Tensor out = cplx[ci].narrow(0, 0, count);
+    at::_fft_r2c_out(out, real[ri].narrow(0, 0, count), {1}, /*normalization=none*/ 0, /*onesided=*/true);
+  }
+  // real[ri][:count] = irfft(cplx[ci][:count], n)  (scaled by 1 / n)
+  void irfft(int ci, int ri, int64_t count) {
+    at::Tensor out = real[ri].narrow(0, 0, count);
+    at::_fft_c2r_out(out, cplx[ci].narrow(0, 0, count), {1}, /*normalization=by_n*/ 2, n);
+  }
+};
+
+// Rows are walked channel-major: a block holds `chans` channels and all their batch rows, so the
+// block computes its channels' kernel spectra itself (no [D, F] spectrum tensor crosses memory)
+// and, in the backward, reduces dH and dD over the batch in a fixed order. A block's rows are
+// processed in chunks of at most R.
+struct Blocking {
+  int64_t R, chans, cap, nblocks;
+  Blocking(const FftconvParams& p) {
+    R = rows_per_block(p.fft_size);
+    chans = std::max<int64_t>(1, R / p.batch);
+    cap = std::min(R, chans * p.batch);
+    nblocks = (p.dim + chans - 1) / chans;
+  }
+};
+
+// Fills bs / ds for rows [q0, q0 + count) of the block starting at channel d0 (channel-major).
+inline Rows block_rows(const FftconvParams& p, int64_t d0, int64_t q0, int64_t count, int64_t* bs, int64_t* ds) {
+  for (int64_t i = 0; i < count; ++i) {
+    ds[i] = d0 + (q0 + i) / p.batch;
+    bs[i] = (q0 + i) % p.batch;
+  }
+  return Rows{count, bs, ds};
+}
+
+// Workspaces: real 0 = v, then c; real 1 = h; complex 0 = V, then V H; complex 1 = H.
+template <typename input_t>
+void fwd_kernel(const FftconvParams& p) {
+  using acc_t = acc_type<input_t>;
+  const Blocking blk(p);
+  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(p.fft_size, {blk.cap, blk.chans}, {blk.cap, blk.chans});
+    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
+      load_kernel_rows(p, d0, nch, ws.r(1));
+      ws.rfft(1, 1, nch);
+      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
+        load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
+        ws.rfft(0, 0, rows.count);
+        mul_spectrum_rows_dispatch<acc_t, false>(p, rows, ws.c(1), d0, ws.c(0), ws.c(0));
+        ws.irfft(0, 0, rows.count);
+        epilogue_rows_dispatch<input_t>(p, rows, ws.r(0));
+      }
+    }
+  });
+}
+
+// Workspaces: real 0 = v, then c, then the du convolution; real 1 = gpre; real 2 = h, then dh;
+// complex 0 = V; complex 1 = V H, then G, then G conj(H); complex 2 = H; complex 3 = dH.
+template <typename input_t>
+void bwd_kernel(const FftconvParams& p) {
+  using acc_t = acc_type<input_t>;
+  const Blocking blk(p);
+  const bool need_c = p.activation != kActNone || p.postgate;
+  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
+    Workspace<acc_t> ws(p.fft_size, {blk.cap, blk.cap, blk.chans}, {blk.cap, blk.cap, blk.chans, blk.chans});
+    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
+    std::vector<acc_t> row_dD(blk.cap);
+    auto* dD = static_cast<acc_t*>(p.dD);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
+      load_kernel_rows(p, d0, nch, ws.r(2));
+      ws.rfft(2, 2, nch);
+      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
+        load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
+        ws.rfft(0, 0, rows.count);
+        if (need_c) {
+          mul_spectrum_rows_dispatch<acc_t, false>(p, rows, ws.c(2), d0, ws.c(0), ws.c(1));
+          ws.irfft(1, 0, rows.count);
+        }
+        grad_pre_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1), row_dD.data());
+        if (dD) {
+          for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 ? acc_t(0) : dD[ds[i]]) + row_dD[i];
+        }
+        ws.rfft(1, 1, rows.count);
+        accumulate_dkf_rows_dispatch<acc_t>(p, rows, ws.c(3), d0, ws.c(1), ws.c(0));
+        mul_spectrum_rows_dispatch<acc_t, true>(p, rows, ws.c(2), d0, ws.c(1), ws.c(1));
+        ws.irfft(1, 0, rows.count);
+        grad_input_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1));
+      }
+      // dh = irfft(dH): the circular correlation sum_b sum_t g_b[t] v_b[(t - j) mod n].
+      ws.irfft(3, 2, nch);
+      store_kernel_grad_rows(p, d0, nch, ws.r(2));
+    }
+  });
+}
+
+#define SSMK_DISPATCH_FFTCONV_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+int64_t cpu_fft_size(int64_t m) { return fftconv::fft_size(m); }
+
+at::Tensor fftconv_fwd_cpu(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D,
+                           const std::optional<at::Tensor>& k_rev, const std::optional<at::Tensor>& pregate,
+                           const std::optional<at::Tensor>& postgate, int64_t activation) {
+  return fftconv::fwd(u, k, D, k_rev, pregate, postgate, activation, /*spectrum_here=*/false, cpu_fft_size,
+                      [](const FftconvParams& p, at::ScalarType dtype) {
+                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_fwd_cpu", [&] { fwd_kernel<scalar_t>(p); });
+                      });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fftconv_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D,
+    const std::optional<at::Tensor>& k_rev, const std::optional<at::Tensor>& pregate,
+    const std::optional<at::Tensor>& postgate, int64_t activation) {
+  return fftconv::bwd(dout, u, k, D, k_rev, pregate, postgate, activation, /*spectrum_here=*/false, cpu_fft_size,
+                      [](const FftconvParams& p, at::ScalarType dtype) {
+                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_bwd_cpu", [&] { bwd_kernel<scalar_t>(p); });
+                      });
+}
+
+}  // namespace
+}  // namespace ssmk
+
+TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
+  m.impl("fftconv_fwd", &ssmk::fftconv_fwd_cpu);
+  m.impl("fftconv_bwd", &ssmk::fftconv_bwd_cpu);
+}

@@ -1,0 +1,98 @@
+// CUDA pointwise kernels of the fftconv forward (the multi-pass path: these kernels around cuFFT
+// real-to-complex / complex-to-real transforms called through ATen).
+//
+// A launch covers the rows of a block of channels [d0, d0 + nch), channel-major like the CPU
+// blocks: row q is (b = q % B, d = d0 + q / B). Per row of length L padded to n:
+//   load_v:        reads u (+ pregate) once, writes v zero-padded: (1 or 2) * L * s_in + 4n bytes
+//   mul_spectrum:  V *= H: reads 8F + 8F, writes 8F bytes, 6F FLOPs
+//   epilogue:      reads c (4L), u, pregate, postgate, writes out: ~4L + 4 * L * s_in bytes
+// All memory-bound; together with the two FFTs (each ~2 passes over 4n-8F bytes in cuFFT) the
+// forward moves ~40n bytes per row, the roofline floor is that at the copy bandwidth.
+#pragma once
+
+#include "common/cuda/launch.h"
+#include "common/math.h"
+#include "fftconv/fftconv.h"
+
+namespace ssmk::fftconv {
+
+constexpr int kThreads = 256;
+
+struct RowMap {
+  int64_t batch, d0;
+  SSMK_DEVICE int64_t b(int64_t q) const { return q % batch; }
+  SSMK_DEVICE int64_t d(int64_t q) const { return d0 + q / batch; }
+};
+
+// vbuf[q, t] = u * pregate (t < L), 0 (L <= t < n).   vbuf: [rows, n]
+template <typename input_t>
+__global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvParams p, RowMap m, int64_t rows,
+                                                                   acc_type<input_t>* vbuf) {
+  using acc_t = acc_type<input_t>;
+  const int64_t n = p.fft_size, total = rows * n;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = i / n, t = i % n;
+    acc_t v = 0;
+    if (t < p.seqlen) {
+      const int64_t b = m.b(q), d = m.d(q);
+      v = static_cast<acc_t>(static_cast<const input_t*>(p.u)[b * p.u_batch_stride + d * p.u_dim_stride + t * p.u_l_stride]);
+      if (p.pregate) {
+        v *= static_cast<acc_t>(static_cast<const input_t*>(p.pregate)[b * p.pre_batch_stride + d * p.pre_dim_stride +
+                                                                      t * p.pre_l_stride]);
+      }
+    }
+    vbuf[i] = v;
+  }
+}
+
+// dst[q, f] = src[q, f] * H[d, f] (or * conj(H[d, f])); complex as interleaved (re, im).
+template <typename acc_t, bool kConj>
+__global__ void __launch_bounds__(kThreads) fftconv_mul_spectrum_kernel(FftconvParams p, RowMap m, int64_t rows,
+                                                                         const acc_t* src, acc_t* dst) {
+  const int64_t F = p.nfreq, total = rows * F;
+  const auto* kf = static_cast<const acc_t*>(p.kf);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = i / F, f = i % F;
+    const acc_t* h = kf + 2 * (m.d(q) * F + f);
+    acc_t re, im;
+    if (kConj) {
+      cmul_conj(src[2 * i], src[2 * i + 1], h[0], h[1], re, im);
+    } else {
+      cmul(src[2 * i], src[2 * i + 1], h[0], h[1], re, im);
+    }
+    dst[2 * i] = re;
+    dst[2 * i + 1] = im;
+  }
+}
+
+// out = act(c + D v) * postgate.   c: [rows, n]
+template <typename input_t>
+__global__ void __launch_bounds__(kThreads) fftconv_epilogue_kernel(FftconvParams p, RowMap m, int64_t rows,
+                                                                     const acc_type<input_t>* c) {
+  using acc_t = acc_type<input_t>;
+  const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
+  const auto* Dp = static_cast<const acc_t*>(p.D);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = i / L, t = i % L;
+    const int64_t b = m.b(q), d = m.d(q);
+    acc_t v = static_cast<acc_t>(static_cast<const input_t*>(p.u)[b * p.u_batch_stride + d * p.u_dim_stride + t * p.u_l_stride]);
+    if (p.pregate) {
+      v *= static_cast<acc_t>(static_cast<const input_t*>(p.pregate)[b * p.pre_batch_stride + d * p.pre_dim_stride +
+                                                                    t * p.pre_l_stride]);
+    }
+    const acc_t pg = p.postgate ? static_cast<acc_t>(static_cast<const input_t*>(p.postgate)[b * p.post_batch_stride +
+                                                                                          d * p.post_dim_stride +
+                                                                                          t * p.post_l_stride])
+                                : acc_t(1);
+    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
+    static_cast<input_t*>(p.out)[(b * p.dim + d) * L + t] =
+        static_cast<input_t>(epilogue(c[q * n + t], v, Dd, pg, p.activation));
+  }
+}
+
+inline unsigned grid_for(int64_t total) {
+  const int64_t blocks = cuda::ceil_div(total, kThreads);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(1) << 20)));
+}
+
+}  // namespace ssmk::fftconv
