@@ -77,10 +77,12 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_bwd_kernel(Se
   constexpr int kThreads = Traits::kThreads;
   constexpr acc_t kScale = acc_t(OutputScale<w_t>::value);
 
-  __shared__ pair_t warp_totals[Traits::kWarps];
+  SSMK_SHARED_ARRAY(pair_t, warp_totals, Traits::kWarps);
   __shared__ acc_t scratch[Traits::kWarps * 6];
-  __shared__ w_t carry[kMaxDstate];  // K at the end of the current chunk, per n
-  __shared__ w_t dA_acc[kMaxDstate], dB_acc[kMaxDstate], dC_acc[kMaxDstate];
+  SSMK_SHARED_ARRAY(w_t, carry, kMaxDstate);  // K at the end of the current chunk, per n
+  SSMK_SHARED_ARRAY(w_t, dA_acc, kMaxDstate);
+  SSMK_SHARED_ARRAY(w_t, dB_acc, kMaxDstate);
+  SSMK_SHARED_ARRAY(w_t, dC_acc, kMaxDstate);
 
   const int64_t s = blockIdx.x, b = blockIdx.y;
   const int64_t N = p.dstate, L = p.seqlen, nc = p.n_chunks;

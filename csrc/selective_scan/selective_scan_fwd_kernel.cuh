@@ -70,6 +70,12 @@ SSMK_DEVICE typename Traits::w_t load_C(const SelectiveScanParams& p, int64_t b,
                          p.C_l_stride, p, b, d, n, t);
 }
 
+// Shared-memory array of T without running T's constructor (c10::complex has a non-trivial one,
+// which a __shared__ declaration does not allow).
+#define SSMK_SHARED_ARRAY(T, NAME, COUNT)                                   \
+  __shared__ alignas(alignof(T)) unsigned char NAME##_raw[(COUNT) * sizeof(T)]; \
+  T* NAME = reinterpret_cast<T*>(NAME##_raw)
+
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads) selective_scan_fwd_kernel(SelectiveScanParams p) {
   using input_t = typename Traits::input_t;
@@ -79,8 +85,8 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_fwd_kernel(Se
   constexpr int kItems = Traits::kItems;
   constexpr acc_t kScale = acc_t(OutputScale<w_t>::value);
 
-  __shared__ pair_t warp_totals[Traits::kWarps];
-  __shared__ w_t state[kMaxDstate];
+  SSMK_SHARED_ARRAY(pair_t, warp_totals, Traits::kWarps);
+  SSMK_SHARED_ARRAY(w_t, state, kMaxDstate);
 
   const int64_t d = blockIdx.x, b = blockIdx.y;
   const int64_t N = p.dstate, L = p.seqlen, nc = p.n_chunks;

@@ -215,7 +215,8 @@ def selective_state_update(
     else:
         check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
                      dtypes=(torch.int32, torch.int64), device=x.device)
-        if state_batch_indices.device.type == "cpu" and batch > 0:
+        # Checked eagerly on the CPU (no sync cost); under torch.compile the C++ kernel checks.
+        if state_batch_indices.device.type == "cpu" and batch > 0 and not torch.compiler.is_compiling():
             hi = int(state_batch_indices.max())
             if hi >= state.shape[0]:
                 raise ValueError(f"state_batch_indices: expected values < state batch {state.shape[0]}, got {hi}")
