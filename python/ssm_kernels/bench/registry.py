@@ -34,9 +34,12 @@ class BenchOp:
     dtypes: dict[str, torch.dtype] = field(default_factory=lambda: {"cpu": torch.float32, "cuda": torch.bfloat16})
     grad_inputs: tuple[str, ...] = ()
     bwd_factor: float = 2.0
-    # Baselines too slow to run at a shape: name -> predicate(shape) that says skip.
-    skip_baseline: dict[str, Callable[[dict], bool]] = field(default_factory=dict)
-    # Shapes at which the float64 reference is too slow: check on a cut-down shape instead.
+    # Baselines too slow to run: name -> predicate(shape, pass_name) that says skip, where
+    # pass_name is "fwd" or "fwd+bwd".
+    skip_baseline: dict[str, Callable[[dict, str], bool]] = field(default_factory=dict)
+    # The forward is always checked against the reference at the benchmarked shape; where
+    # autograd through the float64 reference is too slow there, gradients are checked at
+    # reference_shape(shape) instead.
     reference_shape: Optional[Callable[[dict], dict]] = None
 
 

@@ -1,5 +1,6 @@
 """Public ops: argument validation, the torch.ops call, fake implementations and autograd."""
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .fftconv import fftconv
+from .selective_scan import selective_scan, selective_state_update
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "fftconv"]
+__all__ = ["causal_conv1d", "causal_conv1d_update", "fftconv", "selective_scan", "selective_state_update"]
