@@ -180,7 +180,9 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanParams& p, const CpuLayout& lay
   const auto* Aall = lay.A.data_ptr<acc_t>();
   const auto* Dv = static_cast<const acc_t*>(p.D);
   const auto* bias = static_cast<const acc_t*>(p.delta_bias);
-  std::vector<acc_t> h(nw);
+  // Per chunk: dt and the epilogue are computed in passes vectorised over time; only the
+  // recurrence itself walks step by step (vectorised over the state).
+  std::vector<acc_t> h(nw), ubuf(kChunkSize), dtbuf(kChunkSize), ybuf(kChunkSize), zbuf(kChunkSize);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / p.dim, d = r % p.dim;
     const acc_t* A = Aall + d * nw;
@@ -195,14 +197,35 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanParams& p, const CpuLayout& lay
     load_initial(p, b, d, h.data());
     for (int64_t c = 0; c < nc; ++c) {
       store_state<acc_t, kComplex>(h.data(), N, ckpt + c * (kComplex ? 2 * N : N));
-      const int64_t t_end = std::min(L, (c + 1) * kChunkSize);
-      for (int64_t t = c * kChunkSize; t < t_end; ++t) {
-        const acc_t u = load<input_t, acc_t>(p.u, u_off + t * p.u_l_stride);
-        const acc_t dt = delta_transform(load<input_t, acc_t>(p.delta, dl_off + t * p.delta_l_stride), bias_d, p.softplus);
-        const acc_t y = kScale * scan_step<acc_t, kComplex, false>(N, dt, dt * u, A, Bbase + t * lay.B.step,
-                                                            Cbase + t * lay.C.step, h.data(), nullptr, nullptr);
-        const acc_t zv = p.z ? load<input_t, acc_t>(p.z, z_off + t * p.z_l_stride) : acc_t(0);
-        out[t] = static_cast<input_t>(selective_scan::epilogue(y, u, Dd, zv, p.z != nullptr));
+      const int64_t t0 = c * kChunkSize;
+      const int64_t n = std::min(L, t0 + kChunkSize) - t0;
+      acc_t* SSMK_RESTRICT ub = ubuf.data();
+      acc_t* SSMK_RESTRICT dtb = dtbuf.data();
+      acc_t* SSMK_RESTRICT yb = ybuf.data();
+      acc_t* SSMK_RESTRICT zb = zbuf.data();
+      for (int64_t i = 0; i < n; ++i) {
+        ub[i] = load<input_t, acc_t>(p.u, u_off + (t0 + i) * p.u_l_stride);
+        dtb[i] = load<input_t, acc_t>(p.delta, dl_off + (t0 + i) * p.delta_l_stride);
+      }
+      if (p.softplus) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dtb[i] = selective_scan::delta_transform(dtb[i], bias_d, true);
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) dtb[i] = selective_scan::delta_transform(dtb[i], bias_d, false);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = t0 + i;
+        yb[i] = kScale * scan_step<acc_t, kComplex, false>(N, dtb[i], dtb[i] * ub[i], A, Bbase + t * lay.B.step,
+                                                           Cbase + t * lay.C.step, h.data(), nullptr, nullptr);
+      }
+      if (p.z) {
+        for (int64_t i = 0; i < n; ++i) zb[i] = load<input_t, acc_t>(p.z, z_off + (t0 + i) * p.z_l_stride);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) out[t0 + i] = static_cast<input_t>(selective_scan::epilogue(yb[i], ub[i], Dd, zb[i], true));
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) out[t0 + i] = static_cast<input_t>(selective_scan::epilogue(yb[i], ub[i], Dd, acc_t(0), false));
       }
     }
     store_state<acc_t, kComplex>(h.data(), N, static_cast<acc_t*>(p.last_state) + r * (kComplex ? 2 * N : N));

@@ -38,6 +38,27 @@ void test_fast_exp() {
   expect(std::isnan(ssmk::fast_exp(nan)), "fast_exp(nan)", ssmk::fast_exp(nan), nan);
 }
 
+void test_fast_log1p() {
+  double worst = 0.0;
+  for (double x = -30.0; x <= 30.0; x += 1e-3) {
+    const float u = static_cast<float>(std::exp(x));
+    const double want = std::log1p(static_cast<double>(u));
+    worst = std::fmax(worst, std::fabs(ssmk::fast_log1p(u) - want) / want);
+  }
+  expect(worst < 3e-7, "fast_log1p max relative error on [e^-30, e^30]", worst, 3e-7);
+  expect(ssmk::fast_log1p(0.0f) == 0.0f, "fast_log1p(0)", ssmk::fast_log1p(0.0f), 0.0);
+  expect(ssmk::fast_log1p(1e-30f) == 1e-30f, "fast_log1p(1e-30)", ssmk::fast_log1p(1e-30f), 1e-30);
+  const float inf = std::numeric_limits<float>::infinity();
+  expect(std::isinf(ssmk::fast_log1p(inf)), "fast_log1p(inf)", ssmk::fast_log1p(inf), inf);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  expect(std::isnan(ssmk::fast_log1p(nan)), "fast_log1p(nan)", ssmk::fast_log1p(nan), nan);
+  for (double x = -30.0; x <= 30.0; x += 1e-2) {
+    const float xf = static_cast<float>(x);
+    const double want = std::log1p(std::exp(static_cast<double>(xf)));
+    expect(std::fabs(ssmk::softplus(xf) - want) <= 4e-7 * want, "softplus(float)", ssmk::softplus(xf), want);
+  }
+}
+
 void test_activations() {
   for (double x = -30.0; x <= 30.0; x += 0.01) {
     const double s = 1.0 / (1.0 + std::exp(-x));
@@ -73,6 +94,7 @@ void test_causal_conv1d_rules() {
 
 int main() {
   test_fast_exp();
+  test_fast_log1p();
   test_activations();
   test_causal_conv1d_rules();
   if (failures == 0) std::printf("all math tests passed\n");
