@@ -76,6 +76,18 @@ TORCH_LIBRARY(ssm_kernels, m) {
   // ssd
 
   // cauchy / vandermonde
+  m.def("cauchy_fwd(Tensor v, Tensor z, Tensor w, bool symmetric) -> Tensor");
+  m.def(
+      "cauchy_bwd(Tensor v, Tensor z, Tensor w, Tensor dout, bool symmetric) "
+      "-> (Tensor dv, Tensor dw)");
+  m.def("log_vandermonde_fwd(Tensor v, Tensor x, int L, bool symmetric) -> Tensor");
+  m.def(
+      "log_vandermonde_bwd(Tensor v, Tensor x, int L, Tensor dout, bool symmetric) "
+      "-> (Tensor dv, Tensor dx)");
+  m.def("log_vandermonde_transpose_fwd(Tensor u, Tensor v, Tensor x, int L) -> Tensor");
+  m.def(
+      "log_vandermonde_transpose_bwd(Tensor u, Tensor v, Tensor x, int L, Tensor dout) "
+      "-> (Tensor du, Tensor dv, Tensor dx)");
 
   // fftconv
 
