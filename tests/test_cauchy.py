@@ -203,3 +203,23 @@ def test_cauchy_bad_inputs(device):
     raises((RuntimeError, TypeError), "z", op, v, z.to(c128), w, True)
     raises((RuntimeError, ValueError), "dout", torch.ops.ssm_kernels.cauchy_bwd, v, z, w,
            testing.make_tensor((4, 15), c64, device), True)
+
+
+def test_compat_cauchy_mult_is_the_full_conjugate_state(device):
+    """S4's cauchy_mult: half-state v, w; the result equals the plain Cauchy sum over the full
+    state [v, conj v], [w, conj w], and the gradients are those of the half state."""
+    from ssm_kernels.compat.s4 import cauchy_mult
+
+    v = testing.make_tensor((3, 16), c64, device)
+    w = poles((3, 16), c64, device)
+    z = nodes(64, c64, device)
+    vl, wl = testing.clone_leaf(v), testing.clone_leaf(w)
+    y = cauchy_mult(vl, z, wl)
+    vr, wr = testing.clone_leaf(v, c128), testing.clone_leaf(w, c128)
+    y_full = reference.cauchy(torch.cat([vr, vr.conj()], -1), z.to(c128), torch.cat([wr, wr.conj()], -1),
+                              symmetric=False)
+    testing.assert_close(y, y_full, c64, "y")
+    g = torch.randn_like(y_full)
+    for a, b, name in zip(testing.grads([y], [vl, wl], [g.to(c64)]), testing.grads([y_full], [vr, wr], [g]),
+                          ("dv", "dw")):
+        testing.assert_close(a, b, c64, name)

@@ -247,3 +247,21 @@ def test_vandermonde_bad_inputs(device):
     raises((RuntimeError, ValueError), "u", ops.log_vandermonde_transpose_fwd, u, v, x, 15)
     raises((RuntimeError, ValueError), "dout", ops.log_vandermonde_bwd, v, x, 16,
            testing.make_tensor((4, 15), torch.float32, device), True)
+
+
+def test_compat_s4_vandermonde_is_the_full_conjugate_state(device):
+    """The S4 repository's conventions: half-state v, x; conj=True gives 2 Re over the half,
+    i.e. the plain sum over the full state [v, conj v], [x, conj x]."""
+    from ssm_kernels.compat import s4
+
+    v = testing.make_tensor((3, 16), c64, device)
+    x = s4d_nodes((3, 16), c64, device)
+    u = testing.make_tensor((3, 200), torch.float32, device)
+    v64, x64 = v.to(c128), x.to(c128)
+    full = reference.log_vandermonde(torch.cat([v64, v64.conj()], -1), torch.cat([x64, x64.conj()], -1), 200,
+                                     symmetric=False)
+    testing.assert_close(s4.log_vandermonde(v, x, 200), full.real, c64, "conj=True")
+    testing.assert_close(s4.log_vandermonde(v, x, 200, conj=False),
+                         reference.log_vandermonde(v64, x64, 200, symmetric=False), c64, "conj=False")
+    testing.assert_close(s4.log_vandermonde_transpose(u, v, x, 200),
+                         reference.log_vandermonde_transpose(u.double(), v64, x64, 200), c64, "transpose")
