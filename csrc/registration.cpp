@@ -91,6 +91,18 @@ TORCH_LIBRARY(ssm_kernels, m) {
   // ssd
 
   // cauchy / vandermonde
+  m.def("cauchy_fwd(Tensor v, Tensor z, Tensor w, bool symmetric) -> Tensor");
+  m.def(
+      "cauchy_bwd(Tensor v, Tensor z, Tensor w, Tensor dout, bool symmetric) "
+      "-> (Tensor dv, Tensor dw)");
+  m.def("log_vandermonde_fwd(Tensor v, Tensor x, int L, bool symmetric) -> Tensor");
+  m.def(
+      "log_vandermonde_bwd(Tensor v, Tensor x, int L, Tensor dout, bool symmetric) "
+      "-> (Tensor dv, Tensor dx)");
+  m.def("log_vandermonde_transpose_fwd(Tensor u, Tensor v, Tensor x, int L) -> Tensor");
+  m.def(
+      "log_vandermonde_transpose_bwd(Tensor u, Tensor v, Tensor x, int L, Tensor dout) "
+      "-> (Tensor du, Tensor dv, Tensor dx)");
 
   // fftconv: activation is 0 (none), 1 (gelu, erf form) or 2 (silu). The backward returns
   // (du, dk, dD, dk_rev, dpregate, dpostgate); gradients of absent arguments are empty (0,).

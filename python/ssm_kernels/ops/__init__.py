@@ -1,6 +1,17 @@
 """Public ops: argument validation, the torch.ops call, fake implementations and autograd."""
+from .cauchy import cauchy
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .fftconv import fftconv
 from .selective_scan import selective_scan, selective_state_update
+from .vandermonde import log_vandermonde, log_vandermonde_transpose
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "fftconv", "selective_scan", "selective_state_update"]
+__all__ = [
+    "cauchy",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "fftconv",
+    "selective_scan",
+    "selective_state_update",
+    "log_vandermonde",
+    "log_vandermonde_transpose",
+]
