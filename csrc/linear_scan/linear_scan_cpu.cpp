@@ -18,7 +18,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common/cpu.h"
 #include "linear_scan/linear_scan.h"
@@ -282,10 +287,33 @@ SSMK_CPU_MULTIVERSION(chunk_scans, (typename in_t, bool kBwd), (in_t, kBwd),
                        const scan_acc_t<in_t>* carries),
                       (p, begin, end, carries))
 
+// Outputs of many megabytes are written once, front to back; with 4 KB pages their first-touch
+// page faults cost as much as the scan itself (measured: 250 ms against 50 ms with huge pages for
+// 128 MB). Ask for transparent huge pages on the 2 MB-aligned interior before the first write;
+// a no-op where the kernel does not offer them.
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
 template <typename in_t, bool kBwd>
 void run(const LinearScanParams& p) {
   using acc_t = scan_acc_t<in_t>;
   const int64_t R = p.rows, L = p.seqlen;
+  const int64_t out_bytes = R * L * static_cast<int64_t>(sizeof(in_t));
+  if (kBwd) {
+    advise_huge_pages(p.da, out_bytes);
+    advise_huge_pages(p.db, out_bytes);
+  } else {
+    advise_huge_pages(p.h, out_bytes);
+  }
   const int64_t C = (L + kChunk - 1) / kChunk;
   if (R >= kFewRows || C < 2) {
     at::parallel_for(0, (R + kGroup - 1) / kGroup, 1,

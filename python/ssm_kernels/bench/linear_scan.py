@@ -18,12 +18,13 @@ def _make_inputs(shape, device, dtype):
 
 
 def torch_loop(inp):
-    """h_t = a_t * h_{t-1} + b_t, one time step per iteration on the [..., L] layout."""
+    """h_t = a_t * h_{t-1} + b_t, one time step per iteration on the [..., L] layout (unbind, not
+    indexing, so that autograd does not materialise a full-size gradient per step)."""
     a, b = inp["a"], inp["b"]
     h = torch.zeros(a.shape[:-1], dtype=a.dtype, device=a.device)
     hs = []
-    for t in range(a.shape[-1]):
-        h = a[..., t] * h + b[..., t]
+    for a_t, b_t in zip(a.unbind(-1), b.unbind(-1)):
+        h = a_t * h + b_t
         hs.append(h)
     return torch.stack(hs, dim=-1)
 
@@ -34,8 +35,8 @@ def torch_time_major(inp):
     b = inp["b"].movedim(-1, 0).contiguous()
     h = torch.zeros(a.shape[1:], dtype=a.dtype, device=a.device)
     hs = []
-    for t in range(a.shape[0]):
-        h = torch.addcmul(b[t], a[t], h)
+    for a_t, b_t in zip(a.unbind(0), b.unbind(0)):
+        h = torch.addcmul(b_t, a_t, h)
         hs.append(h)
     return torch.stack(hs, dim=-1)
 
@@ -57,9 +58,9 @@ def torch_chunked(inp, chunk: int = 32):
     ends_a, ends_b = p[..., -1], local[..., -1]  # [..., C]
     carry = torch.zeros(a.shape[:-2], dtype=a.dtype, device=a.device)
     carries = []
-    for c in range(a.shape[-2]):
+    for end_a, end_b in zip(ends_a.unbind(-1), ends_b.unbind(-1)):
         carries.append(carry)
-        carry = ends_a[..., c] * carry + ends_b[..., c]
+        carry = end_a * carry + end_b
     h = local + p * torch.stack(carries, dim=-1)[..., None]
     return h.reshape(*h.shape[:-2], -1)[..., :L]
 
