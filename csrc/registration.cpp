@@ -114,7 +114,11 @@ TORCH_LIBRARY(ssm_kernels, m) {
       "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
       "Tensor dpregate, Tensor dpostgate)");
 
-  // linear_scan
+  // linear_scan: last_state is always returned (it is tiny); the wrapper drops it if unwanted.
+  m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? initial_state, bool reverse) -> (Tensor h, Tensor last_state)");
+  m.def(
+      "linear_scan_bwd(Tensor a, Tensor h, Tensor? initial_state, Tensor dh, Tensor? dlast_state, "
+      "bool reverse) -> (Tensor da, Tensor db, Tensor dinitial_state)");
 }
 
 #ifdef SSMK_PYTHON_MODULE

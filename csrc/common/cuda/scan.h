@@ -45,6 +45,11 @@ SSMK_DEVICE AffinePair<W> affine_compose(const AffinePair<W>& x, const AffinePai
   return AffinePair<W>{y.a * x.a, y.a * x.b + y.b};
 }
 
+template <typename W>
+SSMK_DEVICE W affine_apply(const AffinePair<W>& p, W h) {
+  return p.a * h + p.b;
+}
+
 // Exclusive scan over the threads of the block (thread order, or reverse thread order with
 // kReverse). Returns the composition of the pairs of all threads before this one in scan order;
 // `total` receives the composition over the whole block. `warp_totals` is shared memory for

@@ -1,6 +1,7 @@
 """Benchmarks behind `ssm-kernels bench`: a registry entry per op and the runner."""
 from . import causal_conv1d  # noqa: F401  (registers)
 from . import fftconv  # noqa: F401  (registers)
+from . import linear_scan  # noqa: F401  (registers)
 from . import s4_kernels  # noqa: F401  (registers)
 from . import selective_scan  # noqa: F401  (registers)
 from .registry import REGISTRY, BenchOp, register

@@ -2,6 +2,7 @@
 from .cauchy import cauchy
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .fftconv import fftconv
+from .linear_scan import linear_scan
 from .selective_scan import selective_scan, selective_state_update
 from .vandermonde import log_vandermonde, log_vandermonde_transpose
 
@@ -10,6 +11,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
     "fftconv",
+    "linear_scan",
     "selective_scan",
     "selective_state_update",
     "log_vandermonde",

@@ -1,0 +1,368 @@
+// CPU kernels of linear_scan.
+//
+// Many rows (the common case: batch * dim rows): rows are independent, so at::parallel_for splits
+// them over threads and each thread walks kGroup rows side by side. The recurrence is one
+// dependent multiply-add per step; interleaving kGroup rows keeps kGroup independent chains in
+// flight (hiding the FMA latency, which alone would make one row at a time 2.5x slower) while
+// every row is still read and written contiguously.
+//
+// Few long rows (fewer than kFewRows rows of at least two chunks): the CUDA kernel's chunks of
+// kChunk steps. Pass 1 reduces every chunk but the last to its affine pair (product of a, scan
+// from zero); pass 2 carries the state across the chunks of each row (the CUDA kernel's chained
+// carry, same formula); pass 3 rescans every chunk from its carry and writes the outputs. The
+// choice of mode depends only on the shape, so results are bitwise reproducible.
+//
+// The backward is the same walk in the opposite direction (linear_scan_math.h).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "common/cpu.h"
+#include "linear_scan/linear_scan.h"
+
+namespace ssmk {
+namespace {
+
+using linear_scan::Affine;
+using linear_scan::conj_if_complex;
+using linear_scan::kChunk;
+using linear_scan::kFewRows;
+using linear_scan::scan_acc_t;
+
+constexpr int kGroup = 4;
+
+// A row is walked in scan order: element i of the walk sits at start + i * step (in elements).
+// The forward walks time ascending (descending with reverse); the backward the other way.
+SSMK_CPU_INLINE int64_t walk_start(bool descending, int64_t L, int64_t t_stride) {
+  return descending ? (L - 1) * t_stride : 0;
+}
+SSMK_CPU_INLINE int64_t walk_step(bool descending, int64_t t_stride) {
+  return descending ? -t_stride : t_stride;
+}
+
+template <typename acc_t>
+SSMK_CPU_INLINE acc_t load_state(const void* base, int64_t stride, int64_t r) {
+  return base ? static_cast<const acc_t*>(base)[r * stride] : acc_t(0);
+}
+
+// Row g of a group runs kSkew * g steps behind row 0. Rows of power-of-two length are a
+// power-of-two apart in memory, and G rows read in lockstep would all map to the same L1 set
+// and evict each other (measured 4x slower than the skewed walk at L = 4096); a skew of one
+// cache line per row spreads them over G sets.
+template <typename in_t>
+constexpr int64_t skew() {
+  return sizeof(in_t) >= 16 ? 4 : 64 / static_cast<int64_t>(sizeof(in_t));
+}
+
+// Calls rows.at(g, j) for every row g < G and step j < n, each row in ascending j.
+template <int G, int64_t kSkew, typename Rows>
+SSMK_CPU_INLINE void skewed_walk(Rows& rows, int64_t n) {
+  constexpr int64_t lag = kSkew * (G - 1);
+  int64_t i = 0;
+  for (; i < std::min(lag, n + lag); ++i) {
+    for (int g = 0; g < G; ++g) {
+      const int64_t j = i - kSkew * g;
+      if (j >= 0 && j < n) rows.at(g, j);
+    }
+  }
+  for (; i < n; ++i) {  // all rows inside the segment
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) rows.at(g, i - kSkew * g);
+  }
+  for (; i < n + lag; ++i) {
+    for (int g = 0; g < G; ++g) {
+      const int64_t j = i - kSkew * g;
+      if (j >= 0 && j < n) rows.at(g, j);
+    }
+  }
+}
+
+template <typename in_t, int G>
+struct FwdRows {
+  using acc_t = scan_acc_t<in_t>;
+  const in_t* a[G];
+  const in_t* b[G];
+  in_t* h[G];
+  acc_t s[G];
+  int64_t as, bs, hs;
+  SSMK_CPU_INLINE void at(int g, int64_t j) {
+    s[g] = linear_scan::step(static_cast<acc_t>(a[g][j * as]), s[g], static_cast<acc_t>(b[g][j * bs]));
+    h[g][j * hs] = static_cast<in_t>(s[g]);
+  }
+};
+
+// Forward over walk positions [u0, u1) of rows r0 .. r0+G-1, from and into state[G]; writes h,
+// and last_state when the walk ends.
+template <typename in_t, int G>
+SSMK_CPU_INLINE void fwd_segment(const LinearScanParams& p, int64_t r0, int64_t u0, int64_t u1,
+                                 scan_acc_t<in_t>* state) {
+  using acc_t = scan_acc_t<in_t>;
+  const int64_t L = p.seqlen;
+  const bool desc = p.reverse;
+  FwdRows<in_t, G> rows;
+  rows.as = walk_step(desc, p.a_t_stride);
+  rows.bs = walk_step(desc, p.b_t_stride);
+  rows.hs = desc ? -1 : 1;
+  for (int g = 0; g < G; ++g) {
+    const int64_t r = r0 + g;
+    rows.a[g] = static_cast<const in_t*>(p.a) + r * p.a_row_stride + walk_start(desc, L, p.a_t_stride) + u0 * rows.as;
+    rows.b[g] = static_cast<const in_t*>(p.b) + r * p.b_row_stride + walk_start(desc, L, p.b_t_stride) + u0 * rows.bs;
+    rows.h[g] = static_cast<in_t*>(p.h) + r * L + walk_start(desc, L, 1) + u0 * rows.hs;
+    rows.s[g] = state[g];
+  }
+  skewed_walk<G, skew<in_t>()>(rows, u1 - u0);
+  for (int g = 0; g < G; ++g) {
+    state[g] = rows.s[g];
+    if (u1 == L) static_cast<acc_t*>(p.last_state)[r0 + g] = rows.s[g];
+  }
+}
+
+template <typename in_t, int G>
+struct BwdRows {
+  using acc_t = scan_acc_t<in_t>;
+  const in_t* a[G];
+  const in_t* g_in[G];
+  const in_t* h[G];
+  in_t* da[G];
+  in_t* db[G];
+  acc_t s[G], coef[G];
+  int64_t as, gs, hs, os;
+  // One step whose forward predecessor state is h at walk position j + 1.
+  SSMK_CPU_INLINE void at(int g, int64_t j) {
+    s[g] = linear_scan::step(coef[g], s[g], static_cast<acc_t>(g_in[g][j * gs]));
+    db[g][j * os] = static_cast<in_t>(s[g]);
+    da[g][j * os] = static_cast<in_t>(s[g] * conj_if_complex(static_cast<acc_t>(h[g][(j + 1) * hs])));
+    coef[g] = conj_if_complex(static_cast<acc_t>(a[g][j * as]));
+  }
+};
+
+// Backward over walk positions [u0, u1) (walk position u is forward position L-1-u) of rows
+// r0 .. r0+G-1: dh_u = coef_u * dh_{u-1} + g_u with coef_u = conj(a at walk position u-1) (1 at
+// u = 0); db = dh, da = dh * conj(h at walk position u+1, the forward's previous state; the
+// initial state at the end). Writes dinitial_state = conj(a at the last position) * dh there.
+template <typename in_t, int G>
+SSMK_CPU_INLINE void bwd_segment(const LinearScanParams& p, int64_t r0, int64_t u0, int64_t u1,
+                                 scan_acc_t<in_t>* state) {
+  using acc_t = scan_acc_t<in_t>;
+  const int64_t L = p.seqlen;
+  const bool desc = !p.reverse;
+  BwdRows<in_t, G> rows;
+  rows.as = walk_step(desc, p.a_t_stride);
+  rows.gs = walk_step(desc, p.dh_t_stride);
+  rows.hs = walk_step(desc, p.hs_t_stride);
+  rows.os = desc ? -1 : 1;
+  for (int g = 0; g < G; ++g) {
+    const int64_t r = r0 + g;
+    rows.a[g] = static_cast<const in_t*>(p.a) + r * p.a_row_stride + walk_start(desc, L, p.a_t_stride) + u0 * rows.as;
+    rows.g_in[g] = static_cast<const in_t*>(p.dh) + r * p.dh_row_stride + walk_start(desc, L, p.dh_t_stride) + u0 * rows.gs;
+    rows.h[g] = static_cast<const in_t*>(p.h_saved) + r * p.hs_row_stride + walk_start(desc, L, p.hs_t_stride) + u0 * rows.hs;
+    rows.da[g] = static_cast<in_t*>(p.da) + r * L + walk_start(desc, L, 1) + u0 * rows.os;
+    rows.db[g] = static_cast<in_t*>(p.db) + r * L + walk_start(desc, L, 1) + u0 * rows.os;
+    rows.s[g] = state[g];
+    rows.coef[g] = u0 == 0 ? acc_t(1) : conj_if_complex(static_cast<acc_t>(rows.a[g][-rows.as]));
+  }
+  // The walk's last position reads the initial state instead of h: peel it off the walk.
+  const int64_t n = u1 - u0;
+  skewed_walk<G, skew<in_t>()>(rows, u1 == L ? n - 1 : n);
+  if (u1 == L) {
+    const int64_t j = n - 1;
+    for (int g = 0; g < G; ++g) {
+      const acc_t h0 = load_state<acc_t>(p.initial_state, p.init_stride, r0 + g);
+      acc_t& s = rows.s[g];
+      s = linear_scan::step(rows.coef[g], s, static_cast<acc_t>(rows.g_in[g][j * rows.gs]));
+      rows.db[g][j * rows.os] = static_cast<in_t>(s);
+      rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_if_complex(h0));
+      static_cast<acc_t*>(p.dinitial_state)[r0 + g] =
+          conj_if_complex(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
+    }
+  }
+  for (int g = 0; g < G; ++g) state[g] = rows.s[g];
+}
+
+// The affine pair of walk positions [u0, u1) of row r (chunk mode, pass 1).
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const LinearScanParams& p, int64_t r, int64_t u0,
+                                                   int64_t u1) {
+  using acc_t = scan_acc_t<in_t>;
+  const int64_t L = p.seqlen;
+  const bool desc = kBwd ? !p.reverse : p.reverse;
+  const int64_t as = walk_step(desc, p.a_t_stride);
+  const in_t* a = static_cast<const in_t*>(p.a) + r * p.a_row_stride + walk_start(desc, L, p.a_t_stride) + u0 * as;
+  acc_t A(1), B(0);
+  if (!kBwd) {
+    const int64_t bs = walk_step(desc, p.b_t_stride);
+    const in_t* b = static_cast<const in_t*>(p.b) + r * p.b_row_stride + walk_start(desc, L, p.b_t_stride) + u0 * bs;
+    for (int64_t i = 0; i < u1 - u0; ++i) {
+      const acc_t ai = static_cast<acc_t>(a[i * as]);
+      B = linear_scan::step(ai, B, static_cast<acc_t>(b[i * bs]));
+      A = ai * A;
+    }
+  } else {
+    const int64_t gs = walk_step(desc, p.dh_t_stride);
+    const in_t* g = static_cast<const in_t*>(p.dh) + r * p.dh_row_stride + walk_start(desc, L, p.dh_t_stride) + u0 * gs;
+    acc_t coef = u0 == 0 ? acc_t(1) : conj_if_complex(static_cast<acc_t>(a[-as]));
+    for (int64_t i = 0; i < u1 - u0; ++i) {
+      B = linear_scan::step(coef, B, static_cast<acc_t>(g[i * gs]));
+      A = coef * A;
+      coef = conj_if_complex(static_cast<acc_t>(a[i * as]));
+    }
+  }
+  return Affine<acc_t>{A, B};
+}
+
+template <typename in_t, bool kBwd, int G>
+SSMK_CPU_INLINE void segment(const LinearScanParams& p, int64_t r0, int64_t u0, int64_t u1,
+                             scan_acc_t<in_t>* state) {
+  if (kBwd) {
+    bwd_segment<in_t, G>(p, r0, u0, u1, state);
+  } else {
+    fwd_segment<in_t, G>(p, r0, u0, u1, state);
+  }
+}
+
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE scan_acc_t<in_t> start_state(const LinearScanParams& p, int64_t r) {
+  using acc_t = scan_acc_t<in_t>;
+  return kBwd ? load_state<acc_t>(p.dlast_state, p.dlast_stride, r)
+              : load_state<acc_t>(p.initial_state, p.init_stride, r);
+}
+
+// Row mode: units of kGroup rows, each walked over its whole length.
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE void row_units(const LinearScanParams& p, int64_t begin, int64_t end) {
+  using acc_t = scan_acc_t<in_t>;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t r0 = unit * kGroup;
+    if (r0 + kGroup <= p.rows) {
+      acc_t state[kGroup];
+      for (int g = 0; g < kGroup; ++g) state[g] = start_state<in_t, kBwd>(p, r0 + g);
+      segment<in_t, kBwd, kGroup>(p, r0, 0, p.seqlen, state);
+    } else {
+      for (int64_t r = r0; r < p.rows; ++r) {
+        acc_t state = start_state<in_t, kBwd>(p, r);
+        segment<in_t, kBwd, 1>(p, r, 0, p.seqlen, &state);
+      }
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(row_units, (typename in_t, bool kBwd), (in_t, kBwd),
+                      (const LinearScanParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+// Chunk mode, pass 1: pairs[r * C + c] for chunks c < C - 1 (items r * (C - 1) + c).
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE void chunk_pairs(const LinearScanParams& p, int64_t begin, int64_t end,
+                                 Affine<scan_acc_t<in_t>>* pairs) {
+  const int64_t C = (p.seqlen + kChunk - 1) / kChunk;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t r = item / (C - 1), c = item % (C - 1);
+    pairs[r * C + c] = chunk_pair<in_t, kBwd>(p, r, c * kChunk, (c + 1) * kChunk);
+  }
+}
+SSMK_CPU_MULTIVERSION(chunk_pairs, (typename in_t, bool kBwd), (in_t, kBwd),
+                      (const LinearScanParams& p, int64_t begin, int64_t end,
+                       Affine<scan_acc_t<in_t>>* pairs),
+                      (p, begin, end, pairs))
+
+// Chunk mode, pass 3: chunk c of row r (item r * C + c) rescanned from its carry-in.
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE void chunk_scans(const LinearScanParams& p, int64_t begin, int64_t end,
+                                 const scan_acc_t<in_t>* carries) {
+  const int64_t C = (p.seqlen + kChunk - 1) / kChunk;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t r = item / C, c = item % C;
+    scan_acc_t<in_t> state = carries[item];
+    segment<in_t, kBwd, 1>(p, r, c * kChunk, std::min(p.seqlen, (c + 1) * kChunk), &state);
+  }
+}
+SSMK_CPU_MULTIVERSION(chunk_scans, (typename in_t, bool kBwd), (in_t, kBwd),
+                      (const LinearScanParams& p, int64_t begin, int64_t end,
+                       const scan_acc_t<in_t>* carries),
+                      (p, begin, end, carries))
+
+// Outputs of many megabytes are written once, front to back; with 4 KB pages their first-touch
+// page faults cost as much as the scan itself (measured: 250 ms against 50 ms with huge pages for
+// 128 MB). Ask for transparent huge pages on the 2 MB-aligned interior before the first write;
+// a no-op where the kernel does not offer them.
+void advise_huge_pages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+template <typename in_t, bool kBwd>
+void run(const LinearScanParams& p) {
+  using acc_t = scan_acc_t<in_t>;
+  const int64_t R = p.rows, L = p.seqlen;
+  const int64_t out_bytes = R * L * static_cast<int64_t>(sizeof(in_t));
+  if (kBwd) {
+    advise_huge_pages(p.da, out_bytes);
+    advise_huge_pages(p.db, out_bytes);
+  } else {
+    advise_huge_pages(p.h, out_bytes);
+  }
+  const int64_t C = (L + kChunk - 1) / kChunk;
+  if (R >= kFewRows || C < 2) {
+    at::parallel_for(0, (R + kGroup - 1) / kGroup, 1,
+                     [&](int64_t begin, int64_t end) { row_units_dispatch<in_t, kBwd>(p, begin, end); });
+    return;
+  }
+  std::vector<Affine<acc_t>> pairs(R * C);
+  at::parallel_for(0, R * (C - 1), 1, [&](int64_t begin, int64_t end) {
+    chunk_pairs_dispatch<in_t, kBwd>(p, begin, end, pairs.data());
+  });
+  // Pass 2: carries[r * C + c] is the state entering chunk c.
+  std::vector<acc_t> carries(R * C);
+  for (int64_t r = 0; r < R; ++r) {
+    acc_t carry = start_state<in_t, kBwd>(p, r);
+    carries[r * C] = carry;
+    for (int64_t c = 1; c < C; ++c) {
+      carry = pairs[r * C + c - 1].apply(carry);
+      carries[r * C + c] = carry;
+    }
+  }
+  at::parallel_for(0, R * C, 1, [&](int64_t begin, int64_t end) {
+    chunk_scans_dispatch<in_t, kBwd>(p, begin, end, carries.data());
+  });
+}
+
+#define SSMK_DISPATCH_SCAN_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> linear_scan_fwd_cpu(const at::Tensor& a, const at::Tensor& b,
+                                                       const std::optional<at::Tensor>& initial_state,
+                                                       bool reverse) {
+  return linear_scan::fwd(a, b, initial_state, reverse, [](const LinearScanParams& p, at::ScalarType dtype) {
+    SSMK_DISPATCH_SCAN_TYPES(dtype, "linear_scan_fwd_cpu", [&] { run<scalar_t, false>(p); });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
+    const at::Tensor& a, const at::Tensor& h, const std::optional<at::Tensor>& initial_state,
+    const at::Tensor& dh, const std::optional<at::Tensor>& dlast_state, bool reverse) {
+  return linear_scan::bwd(a, h, initial_state, dh, dlast_state, reverse,
+                          [](const LinearScanParams& p, at::ScalarType dtype) {
+                            SSMK_DISPATCH_SCAN_TYPES(dtype, "linear_scan_bwd_cpu", [&] { run<scalar_t, true>(p); });
+                          });
+}
+
+}  // namespace
+}  // namespace ssmk
+
+TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
+  m.impl("linear_scan_fwd", &ssmk::linear_scan_fwd_cpu);
+  m.impl("linear_scan_bwd", &ssmk::linear_scan_bwd_cpu);
+}
