@@ -68,9 +68,10 @@ CASES = [
     Case(257, 16, F16, "2", D="h", init=True),
     Case(1000, 64, F32, "2", seq=True, z=True, limit=True, softplus=True, batch=1, nheads=4, headdim=4, dstate=8),
     Case(1000, 256, F16, "H", D="hp", init=True, dt_bias=True, batch=1, nheads=2, headdim=4, dstate=8),
+    # one long case: the float64 loop reference costs ~10 ms per step for the backward
     Case(4096, 256, F32, "1", init=True, D="h", seq=True, dt_bias=True, softplus=True, batch=1, nheads=2,
          headdim=4, dstate=8),
-    Case(4096, 64, BF16, "2", z=True, limit=True, batch=1, nheads=2, headdim=4, dstate=8),
+    Case(1000, 16, BF16, "2", z=True, limit=True, batch=1, nheads=2, headdim=4, dstate=8),
 ]
 
 
@@ -130,8 +131,10 @@ def test_ssd_forward_backward(case, device):
     assert_close(out, ref_out, case.dtype, "out")
     assert_close(final, ref_final, case.dtype, "final_states")
 
-    g_out = torch.randn_like(ref_out)
-    g_final = torch.randn_like(ref_final)
+    # the same (rounded) output gradients for both: rounding them differently would perturb sums
+    # with heavy cancellation such as dA
+    g_out = torch.randn_like(ref_out).to(out.dtype).to(torch.float64)
+    g_final = torch.randn_like(ref_final).to(final.dtype).to(torch.float64)
     names = [k for k in NAMES if k in inp]
     got = grads([out, final], [ours_in[k] for k in names], [g_out.to(out.dtype), g_final.to(final.dtype)])
     want = grads([ref_out, ref_final], [ref_in[k] for k in names], [g_out, g_final])
@@ -189,6 +192,7 @@ def test_ssd_seq_idx_no_leakage(device):
         else:
             assert torch.count_nonzero(t[:, :cut]) == 0, name
     # the loss on the first sequence does not reach the inputs of the second
+    leaves, out, final = run_with_grads(ssm_kernels.ssd_scan, inp)
     g = grads([out, final], [leaves[k] for k in names],
               [torch.cat([torch.ones_like(out[:, :cut]), torch.zeros_like(out[:, cut:])], 1), torch.zeros_like(final)])
     for name, t in zip(names, g):
@@ -196,8 +200,9 @@ def test_ssd_seq_idx_no_leakage(device):
             assert torch.count_nonzero(t[:, cut:]) == 0, name
     # changing the first sequence's inputs leaves the second's outputs unchanged
     inp2 = dict(inp)
-    inp2["x"] = inp["x"].clone()
-    inp2["x"][:, :cut] += 1.0
+    for name in ("x", "dt", "B", "C", "z"):
+        inp2[name] = inp[name].clone()
+        inp2[name][:, :cut] *= 1.5
     out2 = ssm_kernels.ssd_scan(**inp2)
     assert torch.equal(out2[:, cut:], out[:, cut:].detach())
 
@@ -256,7 +261,7 @@ def test_ssd_gradcheck(device):
         return ssm_kernels.ssd_scan(**kw, chunk_size=16, dt_softplus=True, seq_idx=inp["seq_idx"],
                                     return_final_states=True)
 
-    check_gradcheck(fn, tensors)
+    check_gradcheck(fn, tensors, fast_mode=True)
 
 
 def test_ssd_dt_limit_gradcheck(device):
@@ -268,7 +273,7 @@ def test_ssd_dt_limit_gradcheck(device):
     def fn(*ts):
         return ssm_kernels.ssd_scan(*ts, chunk_size=16, dt_limit=(0.03, 0.12))
 
-    check_gradcheck(fn, tensors)
+    check_gradcheck(fn, tensors, fast_mode=True)
 
 
 def test_ssd_bad_inputs(device):
