@@ -88,7 +88,18 @@ TORCH_LIBRARY(ssm_kernels, m) {
       "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
       "Tensor? state_batch_indices) -> Tensor");
 
-  // ssd
+  // ssd: final_states is always returned (the wrapper drops it if unwanted); dt_min/dt_max clamp
+  // dt only when they differ from (0, inf). Gradients of absent optional inputs are empty tensors.
+  m.def(
+      "ssd_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor? initial_states, Tensor? seq_idx) -> (Tensor out, Tensor final_states)");
+  m.def(
+      "ssd_scan_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor? initial_states, Tensor? seq_idx, Tensor dout, Tensor? dfinal_states) "
+      "-> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+      "Tensor ddt_bias, Tensor dinitial_states)");
 
   // cauchy / vandermonde
   m.def("cauchy_fwd(Tensor v, Tensor z, Tensor w, bool symmetric) -> Tensor");

@@ -2,6 +2,7 @@
 conventions:
 
     from ssm_kernels.compat.mamba_ssm import selective_scan_fn, selective_state_update
+    from ssm_kernels.compat.mamba_ssm import mamba_chunk_scan_combined
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch
 
 from ..ops.selective_scan import selective_scan as _selective_scan
 from ..ops.selective_scan import selective_state_update as _selective_state_update
+from ._ssd import mamba_chunk_scan_combined
+
+__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined"]
 
 
 def _deinterleave(t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .fftconv import fftconv
 from .linear_scan import linear_scan
 from .selective_scan import selective_scan, selective_state_update
+from .ssd import ssd_scan
 from .vandermonde import log_vandermonde, log_vandermonde_transpose
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "linear_scan",
     "selective_scan",
     "selective_state_update",
+    "ssd_scan",
     "log_vandermonde",
     "log_vandermonde_transpose",
 ]

@@ -1,0 +1,360 @@
+// CPU stage kernels of ssd_scan. The driver in ssd.h runs the matrix products as batched BLAS
+// GEMMs; these loops do the rest, one (batch, chunk, head) task at a time (at::parallel_for over
+// tasks; the scans across chunks over (batch, head)), with contiguous inner loops that the compiler
+// vectorises (AVX2+FMA variants chosen at run time). Every reduction runs in a fixed order, so
+// results are bitwise reproducible for a given thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/cpu.h"
+#include "ssd/ssd.h"
+
+namespace ssmk {
+namespace {
+
+using ssd::ssd_exp;
+
+struct Task {
+  int64_t b, c, h, index;  // index = (b * nc + c) * H + h
+};
+
+inline Task task_of(const SsdParams& p, int64_t i) {
+  return {i / (p.nchunks * p.nheads), (i / p.nheads) % p.nchunks, i % p.nheads, i};
+}
+
+inline const int32_t* chunk_seg(const SsdParams& p, int64_t b, int64_t c) {
+  return p.seg ? p.seg + (b * p.nchunks + c) * p.chunk : nullptr;
+}
+
+template <typename input_t>
+SSMK_CPU_INLINE void prep_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) ssd::prep_task<input_t, acc_type<input_t>>(p, i);
+}
+SSMK_CPU_MULTIVERSION(prep_tasks, (typename input_t), (input_t),
+                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+// gl[t, s] = cb[t, s] * e^{Acs_t - Acs_s} for s <= t in the same sequence, else 0.
+template <typename acc_t>
+SSMK_CPU_INLINE void build_gl_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+  const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
+  for (int64_t i = begin; i < end; ++i) {
+    const Task k = task_of(p, i);
+    const int64_t g = k.h / Hg;
+    const acc_t* cb = static_cast<const acc_t*>(p.cb) + ((k.b * p.nchunks + k.c) * p.ngroups + g) * Q * Q;
+    acc_t* gl = static_cast<acc_t*>(p.gl) + i * Q * Q;
+    const acc_t* acs = static_cast<const acc_t*>(p.acs) + i * Q;
+    const int32_t* sg = chunk_seg(p, k.b, k.c);
+    for (int64_t t = 0; t < Q; ++t) {
+      const acc_t at = acs[t];
+      const acc_t* cb_row = cb + t * Q;
+      acc_t* row = gl + t * Q;
+#pragma omp simd
+      for (int64_t s = 0; s <= t; ++s) row[s] = cb_row[s] * ssd_exp(at - acs[s]);
+      if (sg) {
+        for (int64_t s = 0; s <= t; ++s) row[s] = sg[s] == sg[t] ? row[s] : acc_t(0);
+      }
+      for (int64_t s = t + 1; s < Q; ++s) row[s] = 0;
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(build_gl_tasks, (typename acc_t), (acc_t),
+                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+// The scan across chunks, per (batch, head): states[c] <- H_{c-1}; H_c = kdecay_c H_{c-1} + S_c.
+// With `backward`, then the reverse scan of the state gradients and d loss / d Acs_last.
+template <typename acc_t>
+SSMK_CPU_INLINE void scan_rows(const SsdParams& p, bool backward, int64_t begin, int64_t end) {
+  const int64_t PN = p.headdim * p.dstate, nc = p.nchunks, H = p.nheads;
+  std::vector<acc_t> run(PN);
+  const auto* init = static_cast<const acc_t*>(p.init);
+  const auto* kdecay = static_cast<const acc_t*>(p.kdecay);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    if (init) {
+      std::copy(init + bh * PN, init + (bh + 1) * PN, run.begin());
+    } else {
+      std::fill(run.begin(), run.end(), acc_t(0));
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      acc_t* st = static_cast<acc_t*>(p.states) + ((b * nc + c) * H + h) * PN;
+      const acc_t kd = kdecay[(b * nc + c) * H + h];
+#pragma omp simd
+      for (int64_t j = 0; j < PN; ++j) {
+        const acc_t s = st[j];
+        st[j] = run[j];
+        run[j] = kd * run[j] + s;
+      }
+    }
+    std::copy(run.begin(), run.end(), static_cast<acc_t*>(p.final_states) + bh * PN);
+    if (!backward) continue;
+    const auto* dfinal = static_cast<const acc_t*>(p.dfinal);
+    if (dfinal) {
+      std::copy(dfinal + bh * PN, dfinal + (bh + 1) * PN, run.begin());
+    } else {
+      std::fill(run.begin(), run.end(), acc_t(0));
+    }
+    for (int64_t c = nc - 1; c >= 0; --c) {
+      const int64_t idx = (b * nc + c) * H + h;
+      acc_t* ds = static_cast<acc_t*>(p.dstates) + idx * PN;
+      const acc_t* hp = static_cast<const acc_t*>(p.states) + idx * PN;
+      const acc_t kd = kdecay[idx];
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < PN; ++j) {
+        const acc_t in = ds[j];
+        ds[j] = run[j];
+        dot += run[j] * hp[j];
+        run[j] = in + kd * run[j];
+      }
+      static_cast<acc_t*>(p.ddecay)[idx] = kd * dot;
+    }
+    std::copy(run.begin(), run.end(), static_cast<acc_t*>(p.dinit) + bh * PN);
+  }
+}
+SSMK_CPU_MULTIVERSION(scan_rows, (typename acc_t), (acc_t),
+                      (const SsdParams& p, bool backward, int64_t begin, int64_t end),
+                      (p, backward, begin, end))
+
+// out = (y_intra + r_t y_inter + D x) * silu(z), for the valid positions of each chunk.
+template <typename input_t>
+SSMK_CPU_INLINE void epilogue_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+  using acc_t = acc_type<input_t>;
+  const int64_t Q = p.chunk, P = p.headdim, H = p.nheads, L = p.seqlen;
+  const auto* x = static_cast<const input_t*>(p.x);
+  const auto* z = static_cast<const input_t*>(p.z);
+  const auto* D = static_cast<const acc_t*>(p.D);
+  std::vector<acc_t> y(P);
+  for (int64_t i = begin; i < end; ++i) {
+    const Task k = task_of(p, i);
+    const acc_t* yi = static_cast<const acc_t*>(p.y_intra) + i * Q * P;
+    const acc_t* yT = static_cast<const acc_t*>(p.y_interT) + i * P * Q;
+    const acc_t* r = static_cast<const acc_t*>(p.r) + i * Q;
+    const int64_t nvalid = std::min(Q, L - k.c * Q);
+    for (int64_t t = 0; t < nvalid; ++t) {
+      const int64_t l = k.c * Q + t;
+      const acc_t rt = r[t];
+      for (int64_t q = 0; q < P; ++q) y[q] = yi[t * P + q] + rt * yT[q * Q + t];
+      const input_t* xr = x + k.b * p.x_batch_stride + l * p.x_l_stride + k.h * p.x_h_stride;
+      if (D) {
+        for (int64_t q = 0; q < P; ++q) y[q] += D[k.h * P + q] * static_cast<acc_t>(xr[q * p.x_p_stride]);
+      }
+      if (z) {
+        const input_t* zr = z + k.b * p.z_batch_stride + l * p.z_l_stride + k.h * p.z_h_stride;
+        for (int64_t q = 0; q < P; ++q) y[q] *= ssmk::silu(static_cast<acc_t>(zr[q * p.z_p_stride]));
+      }
+      input_t* o = static_cast<input_t*>(p.out) + ((k.b * L + l) * H + k.h) * P;
+      for (int64_t q = 0; q < P; ++q) o[q] = static_cast<input_t>(y[q]);
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(epilogue_tasks, (typename input_t), (input_t),
+                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+// Backward of the masked decay: with W = dGL * GL (dGL = dY (dt x)^T), d Acs_t gets the row sum
+// minus the column sum of W (GL_ts depends on Acs_t - Acs_s), and dGL becomes dGL * decay, the
+// gradient of C_t . B_s.
+template <typename acc_t>
+SSMK_CPU_INLINE void wsum_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+  const int64_t Q = p.chunk;
+  std::vector<acc_t> col(Q);
+  for (int64_t i = begin; i < end; ++i) {
+    const Task k = task_of(p, i);
+    acc_t* dgl = static_cast<acc_t*>(p.dgl) + i * Q * Q;
+    const acc_t* gl = static_cast<const acc_t*>(p.gl) + i * Q * Q;
+    const acc_t* acs = static_cast<const acc_t*>(p.acs) + i * Q;
+    acc_t* dacs = static_cast<acc_t*>(p.dacs) + i * Q;
+    const int32_t* sg = chunk_seg(p, k.b, k.c);
+    std::fill(col.begin(), col.end(), acc_t(0));
+    for (int64_t t = 0; t < Q; ++t) {
+      const acc_t at = acs[t];
+      acc_t* drow = dgl + t * Q;
+      const acc_t* grow = gl + t * Q;
+      acc_t rs = 0;
+#pragma omp simd reduction(+ : rs)
+      for (int64_t s = 0; s <= t; ++s) {
+        const acc_t d = drow[s];
+        const acc_t w = d * grow[s];  // GL is already zero outside the mask
+        rs += w;
+        col[s] += w;
+        drow[s] = d * ssd_exp(at - acs[s]);
+      }
+      if (sg) {
+        for (int64_t s = 0; s <= t; ++s) drow[s] = sg[s] == sg[t] ? drow[s] : acc_t(0);
+      }
+      for (int64_t s = t + 1; s < Q; ++s) drow[s] = 0;
+      dacs[t] = rs;
+    }
+    for (int64_t t = 0; t < Q; ++t) dacs[t] -= col[t];
+  }
+}
+SSMK_CPU_MULTIVERSION(wsum_tasks, (typename acc_t), (acc_t),
+                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+// Assembles d loss / d Acs (intra + inter + state terms), its reverse cumulative sum d a_t, and
+// from it the gradients of dt, A, x, D and z (see docs/ssd.md for the derivation).
+template <typename input_t>
+SSMK_CPU_INLINE void final_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+  using acc_t = acc_type<input_t>;
+  const int64_t Q = p.chunk, P = p.headdim, H = p.nheads, L = p.seqlen;
+  const auto* x = static_cast<const input_t*>(p.x);
+  const auto* z = static_cast<const input_t*>(p.z);
+  const auto* dout = static_cast<const input_t*>(p.dout);
+  const auto* dt = static_cast<const input_t*>(p.dt);
+  const auto* D = static_cast<const acc_t*>(p.D);
+  const auto* A = static_cast<const acc_t*>(p.A);
+  const auto* bias = static_cast<const acc_t*>(p.dt_bias);
+  const acc_t lo = static_cast<acc_t>(p.dt_lo), hi = static_cast<acc_t>(p.dt_hi);
+  std::vector<acc_t> da(Q), dD(P), zrow(P);
+  for (int64_t i = begin; i < end; ++i) {
+    const Task k = task_of(p, i);
+    const acc_t* xdt = static_cast<const acc_t*>(p.xdt) + i * Q * P;
+    const acc_t* zT = static_cast<const acc_t*>(p.zT) + i * P * Q;
+    const acc_t* dyrT = static_cast<const acc_t*>(p.dyrT) + i * P * Q;
+    const acc_t* yT = static_cast<const acc_t*>(p.y_interT) + i * P * Q;
+    const acc_t* e = static_cast<const acc_t*>(p.e) + i * Q;
+    const acc_t* r = static_cast<const acc_t*>(p.r) + i * Q;
+    const acc_t* dtv = static_cast<const acc_t*>(p.dtv) + i * Q;
+    const acc_t* dacs = static_cast<const acc_t*>(p.dacs) + i * Q;
+    // d Acs_t: intra (dacs), inter (dy_t . y_inter_t), state (-de_t e_t, and +sum at the end).
+    acc_t sum_de = 0;
+    for (int64_t t = 0; t < Q; ++t) {
+      acc_t de = 0, inter = 0;
+      for (int64_t q = 0; q < P; ++q) {
+        de += xdt[t * P + q] * zT[q * Q + t];
+        inter += dyrT[q * Q + t] * yT[q * Q + t];
+      }
+      da[t] = dacs[t] + inter - de * e[t];
+      sum_de += de * e[t];
+    }
+    acc_t ddecay = 0;
+    for (int64_t s = 0; s < p.nsplit; ++s) ddecay += static_cast<const acc_t*>(p.ddecay)[i * p.nsplit + s];
+    da[Q - 1] += sum_de + ddecay;
+    ssd::reverse_segment_cumsum(da.data(), chunk_seg(p, k.b, k.c), Q);
+
+    const acc_t a = A[k.h], bias_h = bias ? bias[k.h] : acc_t(0);
+    const acc_t* dxdt = static_cast<const acc_t*>(p.dxdt) + i * Q * P;
+    const acc_t* dy = static_cast<const acc_t*>(p.dy) + i * Q * P;
+    const acc_t* yi = static_cast<const acc_t*>(p.y_intra) + (z ? i * Q * P : 0);
+    std::fill(dD.begin(), dD.end(), acc_t(0));
+    acc_t dA = 0;
+    const int64_t nvalid = std::min(Q, L - k.c * Q);
+    for (int64_t t = 0; t < nvalid; ++t) {
+      const int64_t l = k.c * Q + t;
+      const input_t* xr = x + k.b * p.x_batch_stride + l * p.x_l_stride + k.h * p.x_h_stride;
+      input_t* dxr = static_cast<input_t*>(p.dx) + ((k.b * L + l) * H + k.h) * P;
+      const acc_t et = e[t], dtt = dtv[t];
+      acc_t xdx = 0;
+      for (int64_t q = 0; q < P; ++q) {
+        const acc_t dxd = dxdt[t * P + q] + et * zT[q * Q + t];
+        const acc_t xv = static_cast<acc_t>(xr[q * p.x_p_stride]);
+        xdx += xv * dxd;
+        acc_t dxv = dtt * dxd;
+        if (D) {
+          dxv += D[k.h * P + q] * dy[t * P + q];
+          dD[q] += xv * dy[t * P + q];
+        }
+        dxr[q] = static_cast<input_t>(dxv);
+        zrow[q] = xv;
+      }
+      if (z) {
+        const input_t* zr = z + k.b * p.z_batch_stride + l * p.z_l_stride + k.h * p.z_h_stride;
+        const input_t* gr = dout + k.b * p.dout_batch_stride + l * p.dout_l_stride + k.h * p.dout_h_stride;
+        input_t* dzr = static_cast<input_t*>(p.dz) + ((k.b * L + l) * H + k.h) * P;
+        for (int64_t q = 0; q < P; ++q) {
+          acc_t y = yi[t * P + q] + r[t] * yT[q * Q + t];
+          if (D) y += D[k.h * P + q] * zrow[q];
+          const acc_t zv = static_cast<acc_t>(zr[q * p.z_p_stride]);
+          dzr[q] = static_cast<input_t>(static_cast<acc_t>(gr[q * p.dout_p_stride]) * y * ssmk::silu_grad(zv));
+        }
+      }
+      dA += dtt * da[t];
+      const acc_t raw = static_cast<acc_t>(dt[k.b * p.dt_batch_stride + l * p.dt_l_stride + k.h * p.dt_h_stride]);
+      static_cast<acc_t*>(p.ddt)[(k.b * L + l) * H + k.h] =
+          (xdx + a * da[t]) * ssd::dt_process_grad(raw, bias_h, p.softplus, p.clamp, lo, hi);
+    }
+    static_cast<acc_t*>(p.dA_part)[i] = dA;
+    if (D) std::copy(dD.begin(), dD.end(), static_cast<acc_t*>(p.dD_part) + i * P);
+  }
+}
+SSMK_CPU_MULTIVERSION(final_tasks, (typename input_t), (input_t),
+                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+
+#define SSMK_DISPATCH_SSD_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+struct CpuStages {
+  int64_t tasks(const SsdParams& p) const { return p.batch * p.nchunks * p.nheads; }
+  int64_t scan_splits(const SsdParams&) const { return 1; }
+
+  void prep(const SsdParams& p, at::ScalarType dtype) const {
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_prep_cpu", [&] {
+      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { prep_tasks_dispatch<scalar_t>(p, b, e); });
+    });
+  }
+  void build_gl(const SsdParams& p, at::ScalarType dtype) const {
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_build_gl_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { build_gl_tasks_dispatch<acc_t>(p, b, e); });
+    });
+  }
+  void scan(const SsdParams& p, at::ScalarType dtype, bool backward) const {
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_scan_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      at::parallel_for(0, p.batch * p.nheads, 1,
+                       [&](int64_t b, int64_t e) { scan_rows_dispatch<acc_t>(p, backward, b, e); });
+    });
+  }
+  void scan_fwd(const SsdParams& p, at::ScalarType dtype) const { scan(p, dtype, false); }
+  void scan_bwd(const SsdParams& p, at::ScalarType dtype) const { scan(p, dtype, true); }
+  void epilogue_fwd(const SsdParams& p, at::ScalarType dtype) const {
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_epilogue_cpu", [&] {
+      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { epilogue_tasks_dispatch<scalar_t>(p, b, e); });
+    });
+  }
+  void wsum(const SsdParams& p, at::ScalarType dtype) const {
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_wsum_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { wsum_tasks_dispatch<acc_t>(p, b, e); });
+    });
+  }
+  void final_bwd(const SsdParams& p, at::ScalarType dtype) const {
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_final_bwd_cpu", [&] {
+      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { final_tasks_dispatch<scalar_t>(p, b, e); });
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, int64_t chunk_size, const std::optional<at::Tensor>& D,
+    const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias, bool dt_softplus,
+    double dt_min, double dt_max, const std::optional<at::Tensor>& initial_states,
+    const std::optional<at::Tensor>& seq_idx) {
+  return ssd::fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
+                  initial_states, seq_idx, CpuStages{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+ssd_scan_bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, int64_t chunk_size, const std::optional<at::Tensor>& D,
+                 const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& dt_bias,
+                 bool dt_softplus, double dt_min, double dt_max,
+                 const std::optional<at::Tensor>& initial_states,
+                 const std::optional<at::Tensor>& seq_idx, const at::Tensor& dout,
+                 const std::optional<at::Tensor>& dfinal_states) {
+  return ssd::bwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
+                  initial_states, seq_idx, dout, dfinal_states, CpuStages{});
+}
+
+}  // namespace
+}  // namespace ssmk
+
+TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
+  m.impl("ssd_scan_fwd", &ssmk::ssd_scan_fwd_cpu);
+  m.impl("ssd_scan_bwd", &ssmk::ssd_scan_bwd_cpu);
+}
