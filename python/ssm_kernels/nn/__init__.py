@@ -1,1 +1,2 @@
 """Layers built on the ssm_kernels ops."""
+from .mamba import Mamba
