@@ -37,6 +37,11 @@ def hippo_legs_nplr(N: int):
     return Lambda, Vh @ P.to(torch.complex128), Vh @ q.to(torch.complex128)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """[..., N/2] stored half -> [..., N] full state vector (the conjugate half appended)."""
+    return torch.cat([t, t.conj()], dim=-1)
+
+
 class S4(_ConvSSM):
     """S4 layer (DPLR state matrix, HiPPO-LegS initialisation) in convolution mode, with a
     recurrent ``step``.
@@ -89,12 +94,11 @@ class S4(_ConvSSM):
         dt = torch.exp(self.log_dt)  # [H]
         Lam = self._A()
         P = complex_of(self.P)
-        full = lambda t: torch.cat([t, t.conj()], dim=-1)  # noqa: E731  [H, N]
-        A = torch.diag_embed(full(Lam)) - full(P)[:, :, None] * full(P).conj()[:, None, :]  # [H, N, N]
+        A = torch.diag_embed(_full(Lam)) - _full(P)[:, :, None] * _full(P).conj()[:, None, :]  # [H, N, N]
         eye = torch.eye(self.d_state, dtype=A.dtype, device=A.device)
         half_dtA = (dt / 2)[:, None, None] * A
         dA = torch.linalg.solve(eye - half_dtA, eye + half_dtA)
-        return dA, dt, full(complex_of(self.C))
+        return dA, dt, _full(complex_of(self.C))
 
     def kernel(self, L: int) -> torch.Tensor:
         """The convolution kernel: [1, H, L] float32 (float64 for a float64 layer)."""
