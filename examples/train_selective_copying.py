@@ -1,7 +1,7 @@
 """Train a small Mamba or Mamba-2 model on selective copying, on CPU (or CUDA when present).
 
     python examples/train_selective_copying.py --mixer mamba
-    python examples/train_selective_copying.py --mixer mamba2 --steps 600
+    python examples/train_selective_copying.py --mixer mamba2 --batch-size 16 --lr 1e-2 --steps 300
 
 The loss starts at about log(n_tokens) and falls as the model learns to pick the data tokens out
 of the noise and replay them in order.
