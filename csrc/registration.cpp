@@ -86,6 +86,10 @@ TORCH_LIBRARY(ssm_kernels, m) {
       "fftconv_bwd(Tensor dout, Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, "
       "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
       "Tensor dpregate, Tensor dpostgate)");
+  // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
+  // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n).
+  m.def("fftconv_cpu_plan(Tensor u, Tensor k, Tensor? k_rev) -> int[]");
+  m.def("fftconv_test_fft(Tensor x, bool inverse, int n) -> Tensor");
 
   // linear_scan
 }
