@@ -35,6 +35,13 @@
 #include "common/cpu.h"
 #endif
 
+// The per-butterfly / per-pair bodies must inline into the CPU loops (and their AVX2 variants).
+#if defined(__CUDACC__)
+#define SSMK_FFT_FN SSMK_HOST_DEVICE
+#else
+#define SSMK_FFT_FN SSMK_CPU_INLINE
+#endif
+
 namespace ssmk::fftconv::fft {
 
 // The twiddle table of an m-point transform, split re / im, each `table_size(m)` long:
@@ -75,8 +82,11 @@ struct Twiddles {
   const T* re;  // [table_size(m)]
   const T* im;  // [table_size(m)]
   int64_t m;
-  SSMK_HOST_DEVICE const T* real_re() const { return re + stage_table_size(m); }
-  SSMK_HOST_DEVICE const T* real_im() const { return im + stage_table_size(m); }
+  const T* rre;  // re + stage_table_size(m): the real-FFT twiddles
+  const T* rim;
+  SSMK_HOST_DEVICE Twiddles() = default;
+  SSMK_HOST_DEVICE Twiddles(const T* re_, const T* im_, int64_t m_)
+      : re(re_), im(im_), m(m_), rre(re_ + stage_table_size(m_)), rim(im_ + stage_table_size(m_)) {}
 };
 
 // Buffer layout. A row buffer of m complex values (m >= 8) is stored as four quarters of m/4
@@ -94,7 +104,7 @@ SSMK_HOST_DEVICE int64_t pos(int64_t m, int64_t i) { return (i / (m / 4)) * quar
 // tr / ti of this stage at p (runs of l4 = len/4). kZeroHigh: inputs r = 2, 3 are zero (first
 // stage of a half-zero sequence). kLowOut: write only outputs r = 0, 1 (last stage, lower half).
 template <typename T, bool kInv, bool kZeroHigh, bool kLowOut>
-SSMK_HOST_DEVICE void radix4_at(const T* tr, const T* ti, int64_t l4, int64_t p, const T* xr, const T* xi,
+SSMK_FFT_FN void radix4_at(const T* tr, const T* ti, int64_t l4, int64_t p, const T* xr, const T* xi,
                                 int64_t qs, int64_t in, T* yr, T* yi, int64_t out, int64_t ostep) {
   const T ar = xr[in], ai = xi[in], br = xr[in + qs], bi = xi[in + qs];
   const T cr = kZeroHigh ? T(0) : xr[in + 2 * qs], ci = kZeroHigh ? T(0) : xi[in + 2 * qs];
@@ -123,7 +133,7 @@ SSMK_HOST_DEVICE void radix4_at(const T* tr, const T* ti, int64_t l4, int64_t p,
 // Butterfly i (< m/4) of the radix-4 stage with stride s (len = m / s): the index arithmetic of
 // the stage in the quartered layout, for the GPU's thread loop. tr / ti: the stage's twiddles.
 template <typename T, bool kInv, bool kZeroHigh, bool kLowOut>
-SSMK_HOST_DEVICE void radix4_stage_at(const T* tr, const T* ti, int64_t m, int64_t s, int64_t i, const T* xr,
+SSMK_FFT_FN void radix4_stage_at(const T* tr, const T* ti, int64_t m, int64_t s, int64_t i, const T* xr,
                                       const T* xi, T* yr, T* yi) {
   const int64_t Q = m / 4, qs = quarter_stride(m), l4 = Q / s, p = i / s, q = i % s;
   if (s == Q) {  // last radix-4 stage: output r goes to quarter r
@@ -137,7 +147,7 @@ SSMK_HOST_DEVICE void radix4_stage_at(const T* tr, const T* ti, int64_t m, int64
 // The radix-2 first stage (odd log2 m) at p < m/2: inputs x[in], x[in + 2 qs] (p and p + m/2),
 // outputs y[out], y[out + 1] (2p and 2p + 1, in one quarter). tr / ti: w^p.
 template <typename T, bool kInv, bool kZeroHigh>
-SSMK_HOST_DEVICE void radix2_at(const T* tr, const T* ti, int64_t p, const T* xr, const T* xi, int64_t qs, int64_t in,
+SSMK_FFT_FN void radix2_at(const T* tr, const T* ti, int64_t p, const T* xr, const T* xi, int64_t qs, int64_t in,
                                 T* yr, T* yi, int64_t out) {
   const T ar = xr[in], ai = xi[in];
   const T br = kZeroHigh ? T(0) : xr[in + 2 * qs], bi = kZeroHigh ? T(0) : xi[in + 2 * qs];
@@ -150,7 +160,7 @@ SSMK_HOST_DEVICE void radix2_at(const T* tr, const T* ti, int64_t p, const T* xr
 
 // Butterfly p (< m/2) of the radix-2 stage in the quartered layout, for the GPU's thread loop.
 template <typename T, bool kInv, bool kZeroHigh>
-SSMK_HOST_DEVICE void radix2_stage_at(const T* tr, const T* ti, int64_t m, int64_t p, const T* xr, const T* xi,
+SSMK_FFT_FN void radix2_stage_at(const T* tr, const T* ti, int64_t m, int64_t p, const T* xr, const T* xi,
                                       T* yr, T* yi) {
   const int64_t Q = m / 4, qs = quarter_stride(m), o = 2 * p;
   radix2_at<T, kInv, kZeroHigh>(tr, ti, p, xr, xi, qs, (p / Q) * qs + p % Q, yr, yi, (o / Q) * qs + o % Q);
@@ -159,7 +169,7 @@ SSMK_HOST_DEVICE void radix2_stage_at(const T* tr, const T* ti, int64_t m, int64
 // Real-FFT split of the pair (k, j = m - k) in place on (r, i) values: Z[k], Z[j] -> 2X[k], 2X[j].
 // For k = 0 pass Z[0] as both (Z[m] = Z[0]); the results are 2X[0] and 2X[m]. (wr, wi) = W^k.
 template <typename T>
-SSMK_HOST_DEVICE void split_pair(T& kr, T& ki, T& jr, T& ji, T wr, T wi) {
+SSMK_FFT_FN void split_pair(T& kr, T& ki, T& jr, T& ji, T wr, T wi) {
   const T ar = kr + jr, ai = ki - ji;  // A = Z[k] + conj(Z[j])
   const T br = ki + ji, bi = jr - kr;  // B = -i (Z[k] - conj(Z[j]))
   const T pr = wr * br - wi * bi, pi = wr * bi + wi * br;  // P = W B
@@ -172,7 +182,7 @@ SSMK_HOST_DEVICE void split_pair(T& kr, T& ki, T& jr, T& ji, T wr, T wi) {
 // Real-FFT merge of the pair (k, j = m - k) in place: Y[k], Y[j] -> Z'[k], Z'[j]. For k = 0 pass
 // Y[0] and Y[m]; the result Z'[0] is in (kr, ki).
 template <typename T>
-SSMK_HOST_DEVICE void merge_pair(T& kr, T& ki, T& jr, T& ji, T wr, T wi) {
+SSMK_FFT_FN void merge_pair(T& kr, T& ki, T& jr, T& ji, T wr, T wi) {
   const T ar = kr + jr, ai = ki - ji;                      // A = Y[k] + conj(Y[j])
   const T dr = kr - jr, di = ki + ji;                      // Y[k] - conj(Y[j])
   const T qr = wr * dr + wi * di, qi = wr * di - wi * dr;  // Q = conj(W) (Y[k] - conj(Y[j]))
@@ -183,7 +193,7 @@ SSMK_HOST_DEVICE void merge_pair(T& kr, T& ki, T& jr, T& ji, T wr, T wi) {
 }
 
 template <typename T, bool kConj>
-SSMK_HOST_DEVICE void cmul_h(T& r, T& i, T hr, T hi) {
+SSMK_FFT_FN void cmul_h(T& r, T& i, T hr, T hi) {
   const T h_i = kConj ? -hi : hi;
   const T nr = r * hr - i * h_i;
   i = r * h_i + i * hr;
@@ -197,11 +207,11 @@ SSMK_HOST_DEVICE void cmul_h(T& r, T& i, T hr, T hi) {
 // Forward spectral step of the convolution in place on the complex FFT z of a row: split,
 // Y = 2X * h (or * conj(h)) at k and j, merge. h already carries the round trip's scale.
 template <typename T, bool kConj, bool kStoreJ>
-SSMK_HOST_DEVICE void conv_pair_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int64_t zj, T* zr, T* zi,
+SSMK_FFT_FN void conv_pair_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int64_t zj, T* zr, T* zi,
                                    const T* hr, const T* hi) {
   const int64_t j = tw.m - k;
   T kr = zr[zk], ki = zi[zk], jr = zr[zj], ji = zi[zj];
-  const T wr = tw.real_re()[k], wi = tw.real_im()[k];
+  const T wr = tw.rre[k], wi = tw.rim[k];
   split_pair(kr, ki, jr, ji, wr, wi);
   cmul_h<T, kConj>(kr, ki, hr[k], hi[k]);
   cmul_h<T, kConj>(jr, ji, hr[j], hi[j]);
@@ -216,11 +226,11 @@ SSMK_HOST_DEVICE void conv_pair_at(const Twiddles<T>& tw, int64_t k, int64_t zk,
 
 // Split: x[k], x[j] = 2X from the complex FFT z (k = 0 gives 2X[0] and 2X[m]).
 template <typename T>
-SSMK_HOST_DEVICE void split_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int64_t zj, const T* zr, const T* zi,
+SSMK_FFT_FN void split_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int64_t zj, const T* zr, const T* zi,
                                T* xr, T* xi) {
   const int64_t j = tw.m - k;
   T kr = zr[zk], ki = zi[zk], jr = zr[zj], ji = zi[zj];
-  split_pair(kr, ki, jr, ji, tw.real_re()[k], tw.real_im()[k]);
+  split_pair(kr, ki, jr, ji, tw.rre[k], tw.rim[k]);
   xr[k] = kr;
   xi[k] = ki;
   xr[j] = jr;
@@ -230,7 +240,7 @@ SSMK_HOST_DEVICE void split_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int
 // Merge of Y = scale * x * h (or conj(h); no factor h when hr is null) into z, the input of the
 // inverse complex FFT.
 template <typename T, bool kConj, bool kStoreJ>
-SSMK_HOST_DEVICE void product_merge_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int64_t zj, const T* xr,
+SSMK_FFT_FN void product_merge_at(const Twiddles<T>& tw, int64_t k, int64_t zk, int64_t zj, const T* xr,
                                        const T* xi, const T* hr, const T* hi, T scale, T* zr, T* zi) {
   const int64_t j = tw.m - k;
   T kr = xr[k] * scale, ki = xi[k] * scale, jr = xr[j] * scale, ji = xi[j] * scale;
@@ -238,7 +248,7 @@ SSMK_HOST_DEVICE void product_merge_at(const Twiddles<T>& tw, int64_t k, int64_t
     cmul_h<T, kConj>(kr, ki, hr[k], hi[k]);
     cmul_h<T, kConj>(jr, ji, hr[j], hi[j]);
   }
-  merge_pair(kr, ki, jr, ji, tw.real_re()[k], tw.real_im()[k]);
+  merge_pair(kr, ki, jr, ji, tw.rre[k], tw.rim[k]);
   zr[zk] = kr;
   zi[zk] = ki;
   if (kStoreJ) {
@@ -420,3 +430,5 @@ SSMK_CPU_INLINE void interleave(const T* zr, const T* zi, int64_t len, int64_t m
 #endif  // !defined(__CUDACC__)
 
 }  // namespace ssmk::fftconv::fft
+
+#undef SSMK_FFT_FN
