@@ -84,7 +84,7 @@ struct Twiddles {
   int64_t m;
   const T* rre;  // re + stage_table_size(m): the real-FFT twiddles
   const T* rim;
-  SSMK_HOST_DEVICE Twiddles() = default;
+  Twiddles() = default;
   SSMK_HOST_DEVICE Twiddles(const T* re_, const T* im_, int64_t m_)
       : re(re_), im(im_), m(m_), rre(re_ + stage_table_size(m_)), rim(im_ + stage_table_size(m_)) {}
 };
@@ -282,8 +282,11 @@ SSMK_CPU_INLINE void radix4_stage(const T* tr, const T* ti, int64_t m, int64_t s
       const int64_t o = 4 * s * p;
       T *oyr = yr + (o / Q) * qs + o % Q, *oyi = yi + (o / Q) * qs + o % Q;
       const T *ixr = xr + s * p, *ixi = xi + s * p;
-      if (s <= 4) {
-        for (int64_t q = 0; q < s; ++q) radix4_at<T, kInv, kZH, kLO>(tr, ti, l4, p, ixr, ixi, qs, q, oyr, oyi, q, s);
+      if (s == 4) {  // a constant trip count: one 4-wide vector
+#pragma omp simd
+        for (int64_t q = 0; q < 4; ++q) radix4_at<T, kInv, kZH, kLO>(tr, ti, l4, p, ixr, ixi, qs, q, oyr, oyi, q, 4);
+      } else if (s == 2) {
+        for (int64_t q = 0; q < 2; ++q) radix4_at<T, kInv, kZH, kLO>(tr, ti, l4, p, ixr, ixi, qs, q, oyr, oyi, q, 2);
       } else {
 #pragma omp simd
         for (int64_t q = 0; q < s; ++q) radix4_at<T, kInv, kZH, kLO>(tr, ti, l4, p, ixr, ixi, qs, q, oyr, oyi, q, s);
@@ -403,10 +406,16 @@ SSMK_CPU_INLINE void deinterleave(const T* x, int64_t len, int64_t m, T* zr, T* 
       r[j] = xs[2 * j];
       i[j] = xs[2 * j + 1];
     }
-    for (int64_t j = full; j < Q; ++j) {
-      const int64_t t = 2 * (j0 + j);
-      r[j] = t < len ? xs[2 * j] : T(0);
+    int64_t j = full;
+    if (j < Q && 2 * (j0 + j) < len) {  // the odd length's last element
+      r[j] = xs[2 * j];
       i[j] = T(0);
+      ++j;
+    }
+#pragma omp simd
+    for (int64_t z = j; z < Q; ++z) {
+      r[z] = T(0);
+      i[z] = T(0);
     }
   }
 }
