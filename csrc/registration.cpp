@@ -87,9 +87,10 @@ TORCH_LIBRARY(ssm_kernels, m) {
       "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
       "Tensor dpregate, Tensor dpostgate)");
   // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
-  // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n).
+  // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
+  // strided: through the CUDA fused kernels' per-index drivers).
   m.def("fftconv_cpu_plan(Tensor u, Tensor k, Tensor? k_rev) -> int[]");
-  m.def("fftconv_test_fft(Tensor x, bool inverse, int n) -> Tensor");
+  m.def("fftconv_test_fft(Tensor x, bool inverse, int n, bool strided) -> Tensor");
 
   // linear_scan
 }

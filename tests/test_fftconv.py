@@ -307,30 +307,35 @@ def test_fftconv_hand_fft_path(dtype, case):
     check_against(fft_reference if big else reference.fftconv, args, "gelu" if L % 3 else "silu", dtype)
 
 
+@pytest.mark.parametrize("driver", ["cpu-loops", "gpu-index"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("n", [1 << j for j in range(4, 17)], ids=lambda n: f"n{n}")
-def test_fftconv_hand_fft_matches_torch_fft(dtype, n):
+def test_fftconv_hand_fft_matches_torch_fft(dtype, n, driver):
+    # gpu-index: the butterfly / pair index arithmetic of the CUDA fused kernels, run serially.
+    strided = driver == "gpu-index"
     x = torch.randn(3, n, dtype=torch.float64).to(dtype)
-    X = torch.ops.ssm_kernels.fftconv_test_fft(x, False, n)
+    X = torch.ops.ssm_kernels.fftconv_test_fft(x, False, n, strided)
     assert X.shape == (3, n // 2 + 1) and X.dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
     assert_close(X, torch.fft.rfft(x.double()), dtype, "rfft")
     spectrum = torch.fft.rfft(torch.randn(3, n, dtype=torch.float64)).to(X.dtype)
-    y = torch.ops.ssm_kernels.fftconv_test_fft(spectrum, True, n)
+    y = torch.ops.ssm_kernels.fftconv_test_fft(spectrum, True, n, strided)
     assert y.shape == (3, n) and y.dtype == dtype
     assert_close(y, torch.fft.irfft(spectrum.to(torch.complex128), n=n), dtype, "irfft")
 
 
 @pytest.mark.parametrize(
     "L,K,Kr,plan",
-    [(1, 1, None, [1, 0]), (3, 1, None, [3, 0]), (100, 100, None, [200, 0]), (1023, 1023, None, [2048, 1]),
-     (1024, 1024, 7, [2048, 1]), (1025, 1025, None, [2160, 0]), (4096, 4096, None, [8192, 1]),
+    [(1, 1, None, [16, 1]), (3, 1, None, [16, 1]), (100, 100, None, [256, 1]), (1023, 1023, None, [2048, 1]),
+     (1024, 1024, 7, [2048, 1]), (1025, 1025, None, [2160, 0]), (1025, 1, None, [1080, 0]),
+     (4096, 4096, None, [8192, 1]), (4097, 4097, None, [8640, 0]),
      (8192, 1, None, [8192, 1]), (8193, 1, None, [8640, 0]), (8192, 8192, None, [16384, 1]),
      (32768, 32768, None, [65536, 1]), (65536, 65536, None, [131072, 0]), (1 << 20, 1 << 20, None, [1 << 21, 0])],
     ids=lambda x: str(x) if not isinstance(x, list) else "-".join(map(str, x)),
 )
 def test_fftconv_cpu_plan(L, K, Kr, plan):
-    # The hand-written FFT runs for power-of-two lengths in [16, 2^16] within 1.25x of the best
-    # 2^a 3^b 5^c length; ATen's FFT (also covered by the tests above) for the rest.
+    # The hand-written FFT runs for power-of-two lengths in [16, 2^16], up to 1024 or within 1.5x
+    # of the best 2^a 3^b 5^c length; ATen's FFT (covered above at L = 1025, 8193, 65536, 2^20)
+    # for the rest.
     u, k = torch.empty(1, 1, L), torch.empty(1, K)
     k_rev = torch.empty(1, Kr) if Kr else None
     assert torch.ops.ssm_kernels.fftconv_cpu_plan(u, k, k_rev) == plan

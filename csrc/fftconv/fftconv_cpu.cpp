@@ -583,10 +583,11 @@ void bwd_kernel_hand(const FftconvParams& p) {
   });
 }
 
-// The CPU's FFT length and path, chosen here only: the hand-written power-of-two FFT when the
-// next power of two (>= 2 * kMinSize) is at most 1.25x the smallest 2^a 3^b 5^c length and at
-// most kHandMaxSize (longer rows leave the caches, where ATen's FFT is the better choice); ATen's
-// FFT (MKL / pocketfft) at the 2^a 3^b 5^c length otherwise.
+// The CPU's FFT length and path, chosen here only: the hand-written power-of-two FFT at the next
+// power of two (>= 2 * kMinSize) up to kHandMaxSize when it is at most 1024 (ATen's per-call
+// overhead dominates there) or at most 1.5x the smallest 2^a 3^b 5^c length (measured: the hand
+// path costs about half of ATen's per point at n = 2048-65536 on AVX2); ATen's FFT (MKL /
+// pocketfft) at the 2^a 3^b 5^c length otherwise (e.g. L = K = 1025 or 4097, and beyond 2^16).
 constexpr int64_t kHandMaxSize = int64_t(1) << 16;
 
 struct CpuPlan {
@@ -597,7 +598,7 @@ struct CpuPlan {
 CpuPlan cpu_plan(int64_t min_size) {
   const int64_t p2 = std::max<int64_t>(2 * fft::kMinSize, fftconv::next_pow2(min_size));
   const int64_t f = fftconv::fft_size(min_size);
-  if (p2 <= kHandMaxSize && 4 * p2 <= 5 * f) return {p2, true};
+  if (p2 <= kHandMaxSize && (p2 <= 1024 || 2 * p2 <= 3 * f)) return {p2, true};
   return {f, false};
 }
 
@@ -644,13 +645,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // [n, path] of the CPU plan for these arguments (path 1: hand-written FFT, 0: ATen's), and with
 // `spectrum` the hand-written rfft of a real float64 / float32 row batch x: [R, n] -> [R, n/2 + 1]
-// complex (inverse: [R, n/2 + 1] -> [R, n] like irfft), for the tests.
+// complex (inverse: [R, n/2 + 1] -> [R, n] like irfft), for the tests; `strided` runs the CUDA
+// fused kernels' per-index drivers instead of the CPU's loops.
 std::vector<int64_t> fftconv_cpu_plan(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& k_rev) {
   const CpuPlan plan = cpu_plan(fftconv::min_fft_size(k, k_rev, u.size(-1)));
   return {plan.n, plan.hand ? 1 : 0};
 }
 
-at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n) {
+// The hand-written rfft / irfft through the CUDA fused kernels' per-index drivers, run serially:
+// fft_strided with one thread, pairs by index with the buffer positions computed as on the GPU.
+template <typename T>
+void strided_rfft_row(const fft::Twiddles<T>& tw, const T* x, T* zbuf, T* out_r, T* out_i) {
+  const int64_t m = tw.m, b = fft::buffer_size(m);
+  T *xr = zbuf, *xi = zbuf + b, *yr = zbuf + 2 * b, *yi = zbuf + 3 * b;
+  for (int64_t t = 0; t < 2 * m; ++t) (t % 2 ? xi : xr)[fft::pos(m, t / 2)] = x[t];
+  const bool in_y = fft::fft_strided<T, false>(tw, xr, xi, yr, yi, false, false, 0, 1);
+  for (int64_t k = 0; k <= m / 2; ++k) {
+    fft::split_at<T>(tw, k, fft::pos(m, k), k == 0 ? 0 : fft::pos(m, m - k), in_y ? yr : xr, in_y ? yi : xi, out_r,
+                     out_i);
+  }
+}
+
+template <typename T>
+void strided_irfft_row(const fft::Twiddles<T>& tw, const T* sr, const T* si, T scale, T* zbuf, T* x) {
+  const int64_t m = tw.m, b = fft::buffer_size(m);
+  T *xr = zbuf, *xi = zbuf + b, *yr = zbuf + 2 * b, *yi = zbuf + 3 * b;
+  for (int64_t k = 0; k <= m / 2; ++k) {
+    if (k == 0) {
+      fft::product_merge_at<T, false, false>(tw, 0, 0, 0, sr, si, nullptr, nullptr, scale, xr, xi);
+    } else {
+      fft::product_merge_at<T, false, true>(tw, k, fft::pos(m, k), fft::pos(m, m - k), sr, si, nullptr, nullptr,
+                                            scale, xr, xi);
+    }
+  }
+  const bool in_y = fft::fft_strided<T, true>(tw, xr, xi, yr, yi, false, false, 0, 1);
+  for (int64_t t = 0; t < 2 * m; ++t) x[t] = (t % 2 ? (in_y ? yi : xi) : (in_y ? yr : xr))[fft::pos(m, t / 2)];
+}
+
+at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n, bool strided) {
   SSMK_CHECK_VALUE(x.dim() == 2, "x: expected 2 dims, got ", x.sizes());
   SSMK_CHECK_VALUE(hand_path(n), "n: expected a power of two in [", 2 * fft::kMinSize, ", ", kHandMaxSize, "], got ", n);
   const int64_t m = n / 2, F = m + 1, R = x.size(0);
@@ -663,8 +695,14 @@ at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n) {
       const at::Tensor xc = x.contiguous();
       out = at::empty({R, F}, x.options().dtype(c10::toComplexType(x.scalar_type())));
       for (int64_t r = 0; r < R; ++r) {
-        row_spectrum_dispatch<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, n, scalar_t(0.5), zbuf.data(),
-                                        spec.data(), spec.data() + F);
+        if (strided) {
+          strided_rfft_row<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, zbuf.data(), spec.data(),
+                                     spec.data() + F);
+          for (int64_t f = 0; f < 2 * F; ++f) spec[f] *= scalar_t(0.5);
+        } else {
+          row_spectrum_dispatch<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, n, scalar_t(0.5), zbuf.data(),
+                                          spec.data(), spec.data() + F);
+        }
         auto* o = reinterpret_cast<scalar_t*>(out.data_ptr()) + 2 * r * F;
         for (int64_t f = 0; f < F; ++f) o[2 * f] = spec[f], o[2 * f + 1] = spec[F + f];
       }
@@ -674,9 +712,14 @@ at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n) {
       for (int64_t r = 0; r < R; ++r) {
         const auto* s = reinterpret_cast<const scalar_t*>(xc.data_ptr()) + 2 * r * F;
         for (int64_t f = 0; f < F; ++f) spec[f] = s[2 * f], spec[F + f] = s[2 * f + 1];
-        row_inverse_dispatch<scalar_t, false>(tt.tw, spec.data(), spec.data() + F, nullptr, nullptr,
-                                              scalar_t(1) / scalar_t(n), zbuf.data(), n,
-                                              out.data_ptr<scalar_t>() + r * n);
+        if (strided) {
+          strided_irfft_row<scalar_t>(tt.tw, spec.data(), spec.data() + F, scalar_t(1) / scalar_t(n), zbuf.data(),
+                                      out.data_ptr<scalar_t>() + r * n);
+        } else {
+          row_inverse_dispatch<scalar_t, false>(tt.tw, spec.data(), spec.data() + F, nullptr, nullptr,
+                                                scalar_t(1) / scalar_t(n), zbuf.data(), n,
+                                                out.data_ptr<scalar_t>() + r * n);
+        }
       }
     }
   });

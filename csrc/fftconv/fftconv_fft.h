@@ -257,6 +257,61 @@ SSMK_FFT_FN void product_merge_at(const Twiddles<T>& tw, int64_t k, int64_t zk, 
   }
 }
 
+// Barrier between the stages of a block's FFT (nothing on the host, where one thread runs them).
+SSMK_FFT_FN void stage_barrier() {
+#if defined(__CUDA_ARCH__)
+  __syncthreads();
+#endif
+}
+
+// The m-point complex FFT (m >= kMinSize) of the row buffer x with y as the second buffer, by
+// butterfly index: thread tid of nt runs butterflies tid, tid + nt, ... of each stage, a barrier
+// between stages (a CUDA block: tid = threadIdx.x, nt = blockDim.x; the CPU tests run it with
+// tid = 0, nt = 1 to check the GPU's index arithmetic). Returns true when the result is in y.
+// Same stage order and flags as fft_row.
+template <typename T, bool kInv>
+SSMK_FFT_FN bool fft_strided(const Twiddles<T>& tw, T* xr, T* xi, T* yr, T* yi, bool zero_high, bool low_out,
+                             int64_t tid, int64_t nt) {
+  const int64_t m = tw.m;
+  int64_t len = m, s = 1, off = 0;
+  bool in_y = false;
+  if (odd_log2(m)) {
+    for (int64_t p = tid; p < m / 2; p += nt) {
+      if (zero_high) {
+        radix2_stage_at<T, kInv, true>(tw.re, tw.im, m, p, xr, xi, yr, yi);
+      } else {
+        radix2_stage_at<T, kInv, false>(tw.re, tw.im, m, p, xr, xi, yr, yi);
+      }
+    }
+    stage_barrier();
+    in_y = true;
+    off = m / 2;
+    s = 2;
+    len = m / 2;
+  }
+  while (len >= 4) {
+    const T *tr = tw.re + off, *ti = tw.im + off;
+    const T *ar = in_y ? yr : xr, *ai = in_y ? yi : xi;
+    T *br = in_y ? xr : yr, *bi = in_y ? xi : yi;
+    const bool zh = zero_high && s == 1, lo = low_out && len == 4;
+    for (int64_t i = tid; i < m / 4; i += nt) {
+      if (zh) {
+        radix4_stage_at<T, kInv, true, false>(tr, ti, m, s, i, ar, ai, br, bi);
+      } else if (lo) {
+        radix4_stage_at<T, kInv, false, true>(tr, ti, m, s, i, ar, ai, br, bi);
+      } else {
+        radix4_stage_at<T, kInv, false, false>(tr, ti, m, s, i, ar, ai, br, bi);
+      }
+    }
+    stage_barrier();
+    in_y = !in_y;
+    off += 3 * (len / 4);
+    s *= 4;
+    len /= 4;
+  }
+  return in_y;
+}
+
 #if !defined(__CUDACC__)
 // CPU drivers: one row at a time; the inner loops over independent butterflies / pairs are
 // affine in the loop index (contiguous or reversed) and vectorise; they are inlined into the

@@ -22,48 +22,9 @@ namespace ssmk::fftconv {
 
 constexpr int kFusedThreads = 512;
 
-// The m-point complex FFT of the block's row buffer (x) with y as the second buffer; returns true
-// when the result is in y. Same stage order and flags as fft::fft_row.
 template <typename T, bool kInv>
 __device__ bool block_fft(const fft::Twiddles<T>& tw, T* xr, T* xi, T* yr, T* yi, bool zero_high, bool low_out) {
-  const int64_t m = tw.m;
-  int64_t len = m, s = 1, off = 0;
-  bool in_y = false;
-  if (fft::odd_log2(m)) {
-    for (int64_t p = threadIdx.x; p < m / 2; p += blockDim.x) {
-      if (zero_high) {
-        fft::radix2_stage_at<T, kInv, true>(tw.re, tw.im, m, p, xr, xi, yr, yi);
-      } else {
-        fft::radix2_stage_at<T, kInv, false>(tw.re, tw.im, m, p, xr, xi, yr, yi);
-      }
-    }
-    __syncthreads();
-    in_y = true;
-    off = m / 2;
-    s = 2;
-    len = m / 2;
-  }
-  while (len >= 4) {
-    const T *tr = tw.re + off, *ti = tw.im + off;
-    const T *ar = in_y ? yr : xr, *ai = in_y ? yi : xi;
-    T *br = in_y ? xr : yr, *bi = in_y ? xi : yi;
-    const bool zh = zero_high && s == 1, lo = low_out && len == 4;
-    for (int64_t i = threadIdx.x; i < m / 4; i += blockDim.x) {
-      if (zh) {
-        fft::radix4_stage_at<T, kInv, true, false>(tr, ti, m, s, i, ar, ai, br, bi);
-      } else if (lo) {
-        fft::radix4_stage_at<T, kInv, false, true>(tr, ti, m, s, i, ar, ai, br, bi);
-      } else {
-        fft::radix4_stage_at<T, kInv, false, false>(tr, ti, m, s, i, ar, ai, br, bi);
-      }
-    }
-    __syncthreads();
-    in_y = !in_y;
-    off += 3 * (len / 4);
-    s *= 4;
-    len /= 4;
-  }
-  return in_y;
+  return fft::fft_strided<T, kInv>(tw, xr, xi, yr, yi, zero_high, low_out, threadIdx.x, blockDim.x);
 }
 
 // Element t < len of a real sequence into the row buffer: z[t / 2].re (t even) or .im (t odd).
