@@ -141,7 +141,9 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(Fftcon
 // onto dk / dk_rev. Shared memory: two row buffers and V (2(m + 1) floats): 98.5 KiB at n = 8192.
 constexpr int kFusedBwdPer = 16;                                       // gpre values per thread
 constexpr int kFusedBwdPairs = 5;                                      // (m/2 + 1) / threads, rounded up
-constexpr int64_t kFusedBwdMaxN = 2 * int64_t(kFusedThreads) * kFusedBwdPer / 2;  // n <= 8192
+constexpr int64_t kFusedBwdMaxN = int64_t(kFusedThreads) * kFusedBwdPer;  // n <= 8192
+static_assert(int64_t(kFusedBwdPairs) * kFusedThreads > kFusedBwdMaxN / 4, "every pair (k <= m/2) needs an owner");
+static_assert(fft::kMinSize * 2 <= kFusedBwdMaxN, "the fused backward must cover the smallest length");
 
 template <typename input_t>
 __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(FftconvParams p, const float* tw_base,
