@@ -275,3 +275,67 @@ def test_fftconv_op_rechecks(device, argname, override):
     good = bad(device)
     testing.assert_raises_naming((ValueError, RuntimeError), "activation", torch.ops.ssm_kernels.fftconv_fwd,
                                  *[good[n] for n in GRAD_NAMES], 3)
+
+
+# (seqlen, klen, klen_rev) whose CPU plan is the hand-written power-of-two FFT, with n from 16
+# (m = 8, odd log2: the radix-2 stage) up: no zero-padded half (L = n, K = 1), both kernels, k_rev
+# longer than k, and the benchmark's L = K = 4096 (n = 8192).
+HAND_CASES = [(9, 8, 3), (20, 13, 8), (33, 32, None), (64, 1, 1), (128, 128, 60), (1000, 1000, 1000),
+              (4096, 4096, None)]
+HAND_N = {9: 16, 20: 32, 33: 64, 64: 64, 128: 256, 1000: 2048, 4096: 8192}
+
+
+def hand_id(case):
+    L, K, Kr = case
+    return f"L{L}-K{K}" + (f"-rev{Kr}" if Kr else "")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", HAND_CASES, ids=hand_id)
+def test_fftconv_hand_fft_path(dtype, case):
+    # The CPU's own FFT, forward and every gradient, float64 included (float64 tolerance checks
+    # the FFT's arithmetic, which the CUDA fused kernel shares).
+    L, K, Kr = case
+    big = L > DIRECT_REF_MAX
+    if big and dtype != torch.float32:
+        return
+    batch, dim = (1, 2) if big else (2, 3)
+    args = make_case("cpu", dtype, batch, dim, L, K, D=True, k_rev=Kr, pregate=L % 2 == 0, postgate=True)
+    if dtype == torch.float64:
+        args = {n: t.double() if n in ("k", "D", "k_rev") and t is not None else t for n, t in args.items()}
+    assert torch.ops.ssm_kernels.fftconv_cpu_plan(args["u"], args["k"], args["k_rev"]) == [HAND_N[L], 1]
+    check_against(fft_reference if big else reference.fftconv, args, "gelu" if L % 3 else "silu", dtype)
+
+
+@pytest.mark.parametrize("driver", ["cpu-loops", "gpu-index"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("n", [1 << j for j in range(4, 17)], ids=lambda n: f"n{n}")
+def test_fftconv_hand_fft_matches_torch_fft(dtype, n, driver):
+    # gpu-index: the butterfly / pair index arithmetic of the CUDA fused kernels, run serially.
+    strided = driver == "gpu-index"
+    x = torch.randn(3, n, dtype=torch.float64).to(dtype)
+    X = torch.ops.ssm_kernels.fftconv_test_fft(x, False, n, strided)
+    assert X.shape == (3, n // 2 + 1) and X.dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
+    assert_close(X, torch.fft.rfft(x.double()), dtype, "rfft")
+    spectrum = torch.fft.rfft(torch.randn(3, n, dtype=torch.float64)).to(X.dtype)
+    y = torch.ops.ssm_kernels.fftconv_test_fft(spectrum, True, n, strided)
+    assert y.shape == (3, n) and y.dtype == dtype
+    assert_close(y, torch.fft.irfft(spectrum.to(torch.complex128), n=n), dtype, "irfft")
+
+
+@pytest.mark.parametrize(
+    "L,K,Kr,plan",
+    [(1, 1, None, [16, 1]), (3, 1, None, [16, 1]), (100, 100, None, [256, 1]), (1023, 1023, None, [2048, 1]),
+     (1024, 1024, 7, [2048, 1]), (1025, 1025, None, [2160, 0]), (1025, 1, None, [1080, 0]),
+     (4096, 4096, None, [8192, 1]), (4097, 4097, None, [8640, 0]),
+     (8192, 1, None, [8192, 1]), (8193, 1, None, [8640, 0]), (8192, 8192, None, [16384, 1]),
+     (32768, 32768, None, [65536, 1]), (65536, 65536, None, [131072, 0]), (1 << 20, 1 << 20, None, [1 << 21, 0])],
+    ids=lambda x: str(x) if not isinstance(x, list) else "-".join(map(str, x)),
+)
+def test_fftconv_cpu_plan(L, K, Kr, plan):
+    # The hand-written FFT runs for power-of-two lengths in [16, 2^16], up to 1024 or within 1.5x
+    # of the best 2^a 3^b 5^c length; ATen's FFT (covered above at L = 1025, 8193, 65536, 2^20)
+    # for the rest.
+    u, k = torch.empty(1, 1, L), torch.empty(1, K)
+    k_rev = torch.empty(1, Kr) if Kr else None
+    assert torch.ops.ssm_kernels.fftconv_cpu_plan(u, k, k_rev) == plan

@@ -121,6 +121,22 @@ inline at::Tensor kernel_spectrum(const at::Tensor& k, const std::optional<at::T
   return at::fft_rfft(h, n, 1).contiguous();
 }
 
+// dk / dk_rev (accumulation dtype, [D, klen] / [D, klen_rev] or undefined) from dH = sum_b G_b
+// conj(V_b), [D, n/2 + 1]: dh[j] = sum_b sum_t g_b[t] v_b[(t - j) mod n], the circular
+// correlation, is irfft(dH); taps past L get zero.
+inline void map_kernel_grad(const at::Tensor& dkf, int64_t n, int64_t kc, int64_t kr, at::Tensor& dk_acc,
+                            const at::Tensor& dk_rev_acc) {
+  const at::Tensor dh = at::fft_irfft(dkf, n, 1);  // [D, n]
+  dk_acc.narrow(1, 0, kc).copy_(dh.narrow(1, 0, kc));
+  if (dk_acc.size(1) > kc) dk_acc.narrow(1, kc, dk_acc.size(1) - kc).zero_();
+  if (dk_rev_acc.defined()) {
+    at::Tensor r = dk_rev_acc;
+    r.select(1, 0).copy_(dh.select(1, 0));
+    if (kr > 1) r.narrow(1, 1, kr - 1).copy_(dh.narrow(1, n - kr + 1, kr - 1).flip({1}));
+    if (r.size(1) > kr) r.narrow(1, kr, r.size(1) - kr).zero_();
+  }
+}
+
 inline void set_common_params(FftconvParams& p, const at::Tensor& u, const std::optional<at::Tensor>& D_acc,
                               const std::optional<at::Tensor>& pregate,
                               const std::optional<at::Tensor>& postgate, const at::Tensor& k_acc,
@@ -236,18 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.dk_rev = k_rev ? dk_rev_acc.data_ptr() : nullptr;
   launch(p, u.scalar_type());
 
-  if (spectrum_here) {
-    // dh[j] = sum_b sum_t g_b[t] v_b[(t - j) mod n]: the circular correlation, from its spectrum.
-    const at::Tensor dh = at::fft_irfft(dkf, n, 1);  // [D, n]
-    const int64_t kc = causal_taps(k, L), kr = rev_taps(k_rev, L);
-    dk_acc.narrow(1, 0, kc).copy_(dh.narrow(1, 0, kc));
-    if (k.size(1) > kc) dk_acc.narrow(1, kc, k.size(1) - kc).zero_();
-    if (k_rev) {
-      dk_rev_acc.select(1, 0).copy_(dh.select(1, 0));
-      if (kr > 1) dk_rev_acc.narrow(1, 1, kr - 1).copy_(dh.narrow(1, n - kr + 1, kr - 1).flip({1}));
-      if (k_rev->size(1) > kr) dk_rev_acc.narrow(1, kr, k_rev->size(1) - kr).zero_();
-    }
-  }
+  if (spectrum_here) map_kernel_grad(dkf, n, causal_taps(k, L), rev_taps(k_rev, L), dk_acc, dk_rev_acc);
   const auto param_out = [](const at::Tensor& g, const at::Tensor& like) {
     at::Tensor out = new_output(like.sizes(), like.options());
     out.copy_(g);

@@ -9,16 +9,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <algorithm>
 #include <vector>
 
 #include "common/cpu.h"
 #include "fftconv/fftconv.h"
+#include "fftconv/fftconv_fft.h"
 
 namespace ssmk {
 namespace {
 
 using fftconv::kActNone;
+namespace fft = fftconv::fft;
 
 // Elements of one real workspace per block: 2^17 floats = 512 KiB (16 rows at n = 8192). Large
 // enough that the per-call cost of the batched FFT is amortised, small enough to stay in L2/L3.
@@ -388,17 +391,239 @@ void bwd_kernel(const FftconvParams& p) {
   });
 }
 
+// ---- The hand-written power-of-two path (fftconv_fft.h), one row at a time. ----
+
+template <typename acc_t>
+struct TwiddleTable {
+  std::vector<acc_t> re, im;
+  fft::Twiddles<acc_t> tw;
+  explicit TwiddleTable(int64_t m) : re(fft::table_size(m)), im(fft::table_size(m)) {
+    for (int64_t i = 0; i < fft::table_size(m); ++i) {
+      const double a = 2.0 * M_PI * fft::table_turns(m, i);
+      re[i] = static_cast<acc_t>(std::cos(a));
+      im[i] = static_cast<acc_t>(-std::sin(a));
+    }
+    tw = fft::Twiddles<acc_t>{re.data(), im.data(), m};
+  }
+};
+
+// Per-row scratch of the hand path: two row buffers (x, y) in the quartered layout.
+template <typename acc_t>
+struct RowBuffers {
+  acc_t *xr, *xi, *yr, *yi;
+  RowBuffers(acc_t* base, int64_t m) {
+    const int64_t b = fft::buffer_size(m);
+    xr = base, xi = base + b, yr = base + 2 * b, yi = base + 3 * b;
+  }
+};
+
+// out[0..m] = 2X, the spectrum of the real row x[0, len) (zero up to n = 2m) times two, scaled.
+template <typename acc_t>
+SSMK_CPU_INLINE void row_spectrum(const fft::Twiddles<acc_t>& tw, const acc_t* x, int64_t len, acc_t scale,
+                                  acc_t* zbuf, acc_t* out_r, acc_t* out_i) {
+  const int64_t m = tw.m;
+  RowBuffers<acc_t> z(zbuf, m);
+  fft::deinterleave(x, len, m, z.xr, z.xi);
+  const bool in_y = fft::fft_row<acc_t, false>(tw, z.xr, z.xi, z.yr, z.yi, len <= m, false);
+  fft::split_pass(tw, in_y ? z.yr : z.xr, in_y ? z.yi : z.xi, out_r, out_i);
+  if (scale != acc_t(1)) {
+#pragma omp simd
+    for (int64_t k = 0; k <= m; ++k) {
+      out_r[k] *= scale;
+      out_i[k] *= scale;
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(row_spectrum, (typename acc_t), (acc_t),
+                      (const fft::Twiddles<acc_t>& tw, const acc_t* x, int64_t len, acc_t scale, acc_t* zbuf,
+                       acc_t* out_r, acc_t* out_i),
+                      (tw, x, len, scale, zbuf, out_r, out_i))
+
+// x[0, len) = irfft(scale * X * h) (or conj(h); no h when hr is null) for a spectrum X = 2 * the
+// true one and h = H / (2n) (so that the round trip needs no further scaling).
+template <typename acc_t, bool kConj>
+SSMK_CPU_INLINE void row_inverse(const fft::Twiddles<acc_t>& tw, const acc_t* Xr, const acc_t* Xi, const acc_t* hr,
+                                 const acc_t* hi, acc_t scale, acc_t* zbuf, int64_t len, acc_t* x) {
+  const int64_t m = tw.m;
+  RowBuffers<acc_t> z(zbuf, m);
+  fft::product_merge_pass<acc_t, kConj>(tw, Xr, Xi, hr, hi, scale, z.xr, z.xi);
+  const bool in_y = fft::fft_row<acc_t, true>(tw, z.xr, z.xi, z.yr, z.yi, false, len <= m);
+  fft::interleave(in_y ? z.yr : z.xr, in_y ? z.yi : z.xi, len, m, x);
+}
+SSMK_CPU_MULTIVERSION(row_inverse, (typename acc_t, bool kConj), (acc_t, kConj),
+                      (const fft::Twiddles<acc_t>& tw, const acc_t* Xr, const acc_t* Xi, const acc_t* hr,
+                       const acc_t* hi, acc_t scale, acc_t* zbuf, int64_t len, acc_t* x),
+                      (tw, Xr, Xi, hr, hi, scale, zbuf, len, x))
+
+// x[0, len) = irfft(rfft(x) * H) in place: forward FFT (upper half skipped when zero), the fused
+// split / product / merge pass, inverse FFT (only the first len outputs).
+template <typename acc_t>
+SSMK_CPU_INLINE void row_conv(const fft::Twiddles<acc_t>& tw, acc_t* x, int64_t len, const acc_t* hr,
+                              const acc_t* hi, acc_t* zbuf) {
+  const int64_t m = tw.m;
+  RowBuffers<acc_t> z(zbuf, m);
+  fft::deinterleave(x, len, m, z.xr, z.xi);
+  bool in_y = fft::fft_row<acc_t, false>(tw, z.xr, z.xi, z.yr, z.yi, len <= m, false);
+  acc_t *ar = in_y ? z.yr : z.xr, *ai = in_y ? z.yi : z.xi, *br = in_y ? z.xr : z.yr, *bi = in_y ? z.xi : z.yi;
+  fft::conv_pass<acc_t, false>(tw, ar, ai, hr, hi);
+  in_y = fft::fft_row<acc_t, true>(tw, ar, ai, br, bi, false, len <= m);
+  fft::interleave(in_y ? br : ar, in_y ? bi : ai, len, m, x);
+}
+SSMK_CPU_MULTIVERSION(row_conv, (typename acc_t), (acc_t),
+                      (const fft::Twiddles<acc_t>& tw, acc_t* x, int64_t len, const acc_t* hr, const acc_t* hi,
+                       acc_t* zbuf),
+                      (tw, x, len, hr, hi, zbuf))
+
+// dH[d] (+)= G * conj(V) on spectra of F values (split re / im).
+template <typename acc_t>
+SSMK_CPU_INLINE void accumulate_dh(int64_t F, bool first, const acc_t* Gr, const acc_t* Gi, const acc_t* Vr,
+                                   const acc_t* Vi, acc_t* Sr, acc_t* Si) {
+#pragma omp simd
+  for (int64_t f = 0; f < F; ++f) {
+    acc_t re, im;
+    fftconv::cmul_conj(Gr[f], Gi[f], Vr[f], Vi[f], re, im);
+    Sr[f] = first ? re : Sr[f] + re;
+    Si[f] = first ? im : Si[f] + im;
+  }
+}
+SSMK_CPU_MULTIVERSION(accumulate_dh, (typename acc_t), (acc_t),
+                      (int64_t F, bool first, const acc_t* Gr, const acc_t* Gi, const acc_t* Vr, const acc_t* Vi,
+                       acc_t* Sr, acc_t* Si),
+                      (F, first, Gr, Gi, Vr, Vi, Sr, Si))
+
+// The block's kernel spectra hs[i] = H / (2n) (re then im, F each), from the combined kernels.
+template <typename acc_t>
+void block_spectra(const FftconvParams& p, const fft::Twiddles<acc_t>& tw, int64_t d0, int64_t nch, acc_t* hrow,
+                   acc_t* zbuf, acc_t* hs) {
+  const int64_t n = p.fft_size, F = tw.m + 1;
+  for (int64_t i = 0; i < nch; ++i) {
+    load_kernel_rows(p, d0 + i, 1, hrow);
+    row_spectrum_dispatch<acc_t>(tw, hrow, n, acc_t(1) / acc_t(4 * n), zbuf, hs + 2 * i * F, hs + (2 * i + 1) * F);
+  }
+}
+
+// Forward, hand path: blocks of channels as in fwd_kernel; per row one forward and one inverse
+// m-point complex FFT.
+template <typename input_t>
+void fwd_kernel_hand(const FftconvParams& p) {
+  using acc_t = acc_type<input_t>;
+  const int64_t n = p.fft_size, m = n / 2, F = m + 1, L = p.seqlen;
+  const TwiddleTable<acc_t> tt(m);
+  const Blocking blk(p);
+  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> real(blk.cap * n), hs(2 * blk.chans * F), zbuf(4 * fft::buffer_size(m));
+    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
+      block_spectra(p, tt.tw, d0, nch, real.data(), zbuf.data(), hs.data());
+      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
+        load_v_rows_dispatch<input_t>(p, rows, real.data());
+        for (int64_t i = 0; i < rows.count; ++i) {
+          const acc_t* h = hs.data() + 2 * (ds[i] - d0) * F;
+          row_conv_dispatch<acc_t>(tt.tw, real.data() + i * n, L, h, h + F, zbuf.data());
+        }
+        epilogue_rows_dispatch<input_t>(p, rows, real.data());
+      }
+    }
+  });
+}
+
+// Backward, hand path: per row V = rfft(v) (kept), c = irfft(V H) when needed, G = rfft(gpre),
+// dH += G conj(V) (batch order), dv = irfft(G conj(H)); per channel dh = irfft(dH).
+template <typename input_t>
+void bwd_kernel_hand(const FftconvParams& p) {
+  using acc_t = acc_type<input_t>;
+  const int64_t n = p.fft_size, m = n / 2, F = m + 1, L = p.seqlen;
+  const TwiddleTable<acc_t> tt(m);
+  const Blocking blk(p);
+  const bool need_c = p.activation != kActNone || p.postgate;
+  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> real0(blk.cap * n), real1(blk.cap * n), hs(2 * blk.chans * F), dh(2 * blk.chans * F),
+        V(2 * blk.cap * F), G(2 * F), zbuf(4 * fft::buffer_size(m)), row_dD(blk.cap);
+    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
+    auto* dD = static_cast<acc_t*>(p.dD);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
+      block_spectra(p, tt.tw, d0, nch, real0.data(), zbuf.data(), hs.data());
+      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
+        load_v_rows_dispatch<input_t>(p, rows, real0.data());
+        for (int64_t i = 0; i < rows.count; ++i) {
+          acc_t* x = real0.data() + i * n;
+          acc_t *Vr = V.data() + 2 * i * F, *Vi = Vr + F;
+          row_spectrum_dispatch<acc_t>(tt.tw, x, L, acc_t(1), zbuf.data(), Vr, Vi);
+          if (need_c) {
+            const acc_t* h = hs.data() + 2 * (ds[i] - d0) * F;
+            row_inverse_dispatch<acc_t, false>(tt.tw, Vr, Vi, h, h + F, acc_t(1), zbuf.data(), L, x);
+          }
+        }
+        grad_pre_rows_dispatch<input_t>(p, rows, real0.data(), real1.data(), row_dD.data());
+        if (dD) {
+          for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 ? acc_t(0) : dD[ds[i]]) + row_dD[i];
+        }
+        for (int64_t i = 0; i < rows.count; ++i) {
+          const acc_t *Vr = V.data() + 2 * i * F, *Vi = Vr + F, *h = hs.data() + 2 * (ds[i] - d0) * F;
+          acc_t* S = dh.data() + 2 * (ds[i] - d0) * F;
+          row_spectrum_dispatch<acc_t>(tt.tw, real1.data() + i * n, L, acc_t(1), zbuf.data(), G.data(), G.data() + F);
+          accumulate_dh_dispatch<acc_t>(F, bs[i] == 0, G.data(), G.data() + F, Vr, Vi, S, S + F);
+          row_inverse_dispatch<acc_t, true>(tt.tw, G.data(), G.data() + F, h, h + F, acc_t(1), zbuf.data(), L,
+                                            real0.data() + i * n);
+        }
+        grad_input_rows_dispatch<input_t>(p, rows, real0.data(), real1.data());
+      }
+      // dh = irfft(sum_b G_b conj(V_b)); the spectra carry a factor 4.
+      for (int64_t i = 0; i < nch; ++i) {
+        const acc_t* S = dh.data() + 2 * i * F;
+        row_inverse_dispatch<acc_t, false>(tt.tw, S, S + F, nullptr, nullptr, acc_t(1) / acc_t(4 * n), zbuf.data(),
+                                           n, real0.data());
+        store_kernel_grad_rows(p, d0 + i, 1, real0.data());
+      }
+    }
+  });
+}
+
+// The CPU's FFT length and path, chosen here only: the hand-written power-of-two FFT at the next
+// power of two (>= 2 * kMinSize) up to kHandMaxSize when it is at most 1024 (ATen's per-call
+// overhead dominates there) or at most 1.5x the smallest 2^a 3^b 5^c length (measured: the hand
+// path costs about half of ATen's per point at n = 2048-65536 on AVX2); ATen's FFT (MKL /
+// pocketfft) at the 2^a 3^b 5^c length otherwise (e.g. L = K = 1025 or 4097, and beyond 2^16).
+constexpr int64_t kHandMaxSize = int64_t(1) << 16;
+
+struct CpuPlan {
+  int64_t n;
+  bool hand;
+};
+
+CpuPlan cpu_plan(int64_t min_size) {
+  const int64_t p2 = std::max<int64_t>(2 * fft::kMinSize, fftconv::next_pow2(min_size));
+  const int64_t f = fftconv::fft_size(min_size);
+  if (p2 <= kHandMaxSize && (p2 <= 1024 || 2 * p2 <= 3 * f)) return {p2, true};
+  return {f, false};
+}
+
+// Whether the launcher's length came from the hand branch of cpu_plan.
+bool hand_path(int64_t n) {
+  return n >= 2 * fft::kMinSize && n <= kHandMaxSize && (n & (n - 1)) == 0;
+}
+
 #define SSMK_DISPATCH_FFTCONV_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-int64_t cpu_fft_size(int64_t m) { return fftconv::fft_size(m); }
+int64_t cpu_fft_size(int64_t m) { return cpu_plan(m).n; }
 
 at::Tensor fftconv_fwd_cpu(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D,
                            const std::optional<at::Tensor>& k_rev, const std::optional<at::Tensor>& pregate,
                            const std::optional<at::Tensor>& postgate, int64_t activation) {
   return fftconv::fwd(u, k, D, k_rev, pregate, postgate, activation, /*spectrum_here=*/false, cpu_fft_size,
                       [](const FftconvParams& p, at::ScalarType dtype) {
-                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_fwd_cpu", [&] { fwd_kernel<scalar_t>(p); });
+                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_fwd_cpu", [&] {
+                          if (hand_path(p.fft_size)) {
+                            fwd_kernel_hand<scalar_t>(p);
+                          } else {
+                            fwd_kernel<scalar_t>(p);
+                          }
+                        });
                       });
 }
 
@@ -408,14 +633,105 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& postgate, int64_t activation) {
   return fftconv::bwd(dout, u, k, D, k_rev, pregate, postgate, activation, /*spectrum_here=*/false, cpu_fft_size,
                       [](const FftconvParams& p, at::ScalarType dtype) {
-                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_bwd_cpu", [&] { bwd_kernel<scalar_t>(p); });
+                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_bwd_cpu", [&] {
+                          if (hand_path(p.fft_size)) {
+                            bwd_kernel_hand<scalar_t>(p);
+                          } else {
+                            bwd_kernel<scalar_t>(p);
+                          }
+                        });
                       });
+}
+
+// [n, path] of the CPU plan for these arguments (path 1: hand-written FFT, 0: ATen's), and with
+// `spectrum` the hand-written rfft of a real float64 / float32 row batch x: [R, n] -> [R, n/2 + 1]
+// complex (inverse: [R, n/2 + 1] -> [R, n] like irfft), for the tests; `strided` runs the CUDA
+// fused kernels' per-index drivers instead of the CPU's loops.
+std::vector<int64_t> fftconv_cpu_plan(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& k_rev) {
+  const CpuPlan plan = cpu_plan(fftconv::min_fft_size(k, k_rev, u.size(-1)));
+  return {plan.n, plan.hand ? 1 : 0};
+}
+
+// The hand-written rfft / irfft through the CUDA fused kernels' per-index drivers, run serially:
+// fft_strided with one thread, pairs by index with the buffer positions computed as on the GPU.
+template <typename T>
+void strided_rfft_row(const fft::Twiddles<T>& tw, const T* x, T* zbuf, T* out_r, T* out_i) {
+  const int64_t m = tw.m, b = fft::buffer_size(m);
+  T *xr = zbuf, *xi = zbuf + b, *yr = zbuf + 2 * b, *yi = zbuf + 3 * b;
+  for (int64_t t = 0; t < 2 * m; ++t) (t % 2 ? xi : xr)[fft::pos(m, t / 2)] = x[t];
+  const bool in_y = fft::fft_strided<T, false>(tw, xr, xi, yr, yi, false, false, 0, 1);
+  for (int64_t k = 0; k <= m / 2; ++k) {
+    fft::split_at<T>(tw, k, fft::pos(m, k), k == 0 ? 0 : fft::pos(m, m - k), in_y ? yr : xr, in_y ? yi : xi, out_r,
+                     out_i);
+  }
+}
+
+template <typename T>
+void strided_irfft_row(const fft::Twiddles<T>& tw, const T* sr, const T* si, T scale, T* zbuf, T* x) {
+  const int64_t m = tw.m, b = fft::buffer_size(m);
+  T *xr = zbuf, *xi = zbuf + b, *yr = zbuf + 2 * b, *yi = zbuf + 3 * b;
+  for (int64_t k = 0; k <= m / 2; ++k) {
+    if (k == 0) {
+      fft::product_merge_at<T, false, false>(tw, 0, 0, 0, sr, si, nullptr, nullptr, scale, xr, xi);
+    } else {
+      fft::product_merge_at<T, false, true>(tw, k, fft::pos(m, k), fft::pos(m, m - k), sr, si, nullptr, nullptr,
+                                            scale, xr, xi);
+    }
+  }
+  const bool in_y = fft::fft_strided<T, true>(tw, xr, xi, yr, yi, false, false, 0, 1);
+  for (int64_t t = 0; t < 2 * m; ++t) x[t] = (t % 2 ? (in_y ? yi : xi) : (in_y ? yr : xr))[fft::pos(m, t / 2)];
+}
+
+at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n, bool strided) {
+  SSMK_CHECK_VALUE(x.dim() == 2, "x: expected 2 dims, got ", x.sizes());
+  SSMK_CHECK_VALUE(hand_path(n), "n: expected a power of two in [", 2 * fft::kMinSize, ", ", kHandMaxSize, "], got ", n);
+  const int64_t m = n / 2, F = m + 1, R = x.size(0);
+  SSMK_CHECK_VALUE(x.size(1) == (inverse ? F : n), "x: expected ", inverse ? F : n, " columns, got ", x.size(1));
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(inverse ? c10::toRealValueType(x.scalar_type()) : x.scalar_type(), "fftconv_test_fft", [&] {
+    const TwiddleTable<scalar_t> tt(m);
+    std::vector<scalar_t> zbuf(4 * fft::buffer_size(m)), spec(2 * F);
+    if (!inverse) {
+      const at::Tensor xc = x.contiguous();
+      out = at::empty({R, F}, x.options().dtype(c10::toComplexType(x.scalar_type())));
+      for (int64_t r = 0; r < R; ++r) {
+        if (strided) {
+          strided_rfft_row<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, zbuf.data(), spec.data(),
+                                     spec.data() + F);
+          for (int64_t f = 0; f < 2 * F; ++f) spec[f] *= scalar_t(0.5);
+        } else {
+          row_spectrum_dispatch<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, n, scalar_t(0.5), zbuf.data(),
+                                          spec.data(), spec.data() + F);
+        }
+        auto* o = reinterpret_cast<scalar_t*>(out.data_ptr()) + 2 * r * F;
+        for (int64_t f = 0; f < F; ++f) o[2 * f] = spec[f], o[2 * f + 1] = spec[F + f];
+      }
+    } else {
+      const at::Tensor xc = x.contiguous();
+      out = at::empty({R, n}, x.options().dtype(c10::toRealValueType(x.scalar_type())));
+      for (int64_t r = 0; r < R; ++r) {
+        const auto* s = reinterpret_cast<const scalar_t*>(xc.data_ptr()) + 2 * r * F;
+        for (int64_t f = 0; f < F; ++f) spec[f] = s[2 * f], spec[F + f] = s[2 * f + 1];
+        if (strided) {
+          strided_irfft_row<scalar_t>(tt.tw, spec.data(), spec.data() + F, scalar_t(1) / scalar_t(n), zbuf.data(),
+                                      out.data_ptr<scalar_t>() + r * n);
+        } else {
+          row_inverse_dispatch<scalar_t, false>(tt.tw, spec.data(), spec.data() + F, nullptr, nullptr,
+                                                scalar_t(1) / scalar_t(n), zbuf.data(), n,
+                                                out.data_ptr<scalar_t>() + r * n);
+        }
+      }
+    }
+  });
+  return out;
 }
 
 }  // namespace
 }  // namespace ssmk
 
 TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
+  m.impl("fftconv_cpu_plan", &ssmk::fftconv_cpu_plan);
+  m.impl("fftconv_test_fft", &ssmk::fftconv_test_fft);
   m.impl("fftconv_fwd", &ssmk::fftconv_fwd_cpu);
   m.impl("fftconv_bwd", &ssmk::fftconv_bwd_cpu);
 }
