@@ -127,8 +127,8 @@ TORCH_LIBRARY(ssm_kernels, m) {
   // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
   // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
   // strided: through the CUDA fused kernels' per-index drivers).
-  m.def("fftconv_cpu_plan(Tensor u, Tensor k, Tensor? k_rev) -> int[]");
-  m.def("fftconv_test_fft(Tensor x, bool inverse, int n, bool strided) -> Tensor");
+  m.def("_fftconv_cpu_plan(Tensor u, Tensor k, Tensor? k_rev) -> int[]");
+  m.def("_fftconv_test_fft(Tensor x, bool inverse, int n, bool strided) -> Tensor");
 
   // linear_scan: last_state is always returned (it is tiny); the wrapper drops it if unwanted.
   m.def("linear_scan_fwd(Tensor a, Tensor b, Tensor? initial_state, bool reverse) -> (Tensor h, Tensor last_state)");
