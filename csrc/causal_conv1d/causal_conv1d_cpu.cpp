@@ -64,6 +64,29 @@ SSMK_CPU_INLINE void conv_row(const CausalConv1dParams& p, int64_t b, const acc_
   }
 }
 
+// out[j] = act(bias + sum_k w[k] * buf[j + k]) for j < n, with the width known at compile time.
+template <int kW, typename acc_t, typename input_t>
+SSMK_CPU_INLINE void conv_chunk(const acc_t* SSMK_RESTRICT buf, const acc_t* w, acc_t bias, bool use_silu,
+                                input_t* SSMK_RESTRICT out, int64_t n) {
+  acc_t wr[kW];
+  for (int k = 0; k < kW; ++k) wr[k] = w[k];
+  if (use_silu) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t acc = bias;
+      for (int k = 0; k < kW; ++k) acc += wr[k] * buf[j + k];
+      out[j] = static_cast<input_t>(ssmk::silu(acc));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t acc = bias;
+      for (int k = 0; k < kW; ++k) acc += wr[k] * buf[j + k];
+      out[j] = static_cast<input_t>(acc);
+    }
+  }
+}
+
 // The forward walks each row in chunks of kChunkSize outputs (the CUDA kernel's block), so the
 // chunk, its W-1 history and the accumulators stay in L1.
 template <typename input_t>
@@ -76,7 +99,6 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
   const auto* init = static_cast<const input_t*>(p.initial_states);
   {
     acc_t buf[kChunk + causal_conv1d::kMaxWidth - 1];
-    acc_t pre[kChunk];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.dim, d = r % p.dim;
       const acc_t* w = weight + d * W;
@@ -101,13 +123,18 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
                                                   i * p.init_l_stride])
                         : acc_t(0);
         }
+        input_t* o = out + t0;
         if (!seq) {
-          for (int64_t j = 0; j < n; ++j) pre[j] = bias_d;
-          for (int64_t k = 0; k < W; ++k) {
-            const acc_t wk = w[k];
-            const acc_t* src = buf + k;
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) pre[j] += wk * src[j];
+          // Width as a compile-time constant: the taps unroll and one vectorised pass does the
+          // conv, the activation and the store.
+          switch (W) {
+            case 2: conv_chunk<2>(buf, w, bias_d, p.silu, o, n); break;
+            case 3: conv_chunk<3>(buf, w, bias_d, p.silu, o, n); break;
+            case 4: conv_chunk<4>(buf, w, bias_d, p.silu, o, n); break;
+            case 5: conv_chunk<5>(buf, w, bias_d, p.silu, o, n); break;
+            case 6: conv_chunk<6>(buf, w, bias_d, p.silu, o, n); break;
+            case 7: conv_chunk<7>(buf, w, bias_d, p.silu, o, n); break;
+            default: conv_chunk<8>(buf, w, bias_d, p.silu, o, n); break;
           }
         } else {
           for (int64_t j = 0; j < n; ++j) {
@@ -116,15 +143,8 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
               const int64_t pos = causal_conv1d::tap_position(t0 + j, static_cast<int>(k), static_cast<int>(W));
               if (same_sequence(seq, p.seq_l_stride, t0 + j, pos)) acc += w[k] * buf[j + k];
             }
-            pre[j] = acc;
+            o[j] = static_cast<input_t>(activation(acc, p.silu));
           }
-        }
-        input_t* o = out + t0;
-        if (p.silu) {
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<input_t>(ssmk::silu(pre[j]));
-        } else {
-          for (int64_t j = 0; j < n; ++j) o[j] = static_cast<input_t>(pre[j]);
         }
       }
       // final_states[j] = input at position L - (W-1) + j; with seq_idx, entries from another

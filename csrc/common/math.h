@@ -25,7 +25,7 @@ using acc_type = typename AccType<T>::type;
 // exp for float that compilers vectorise on the CPU (no libm call): Cody-Waite reduction by
 // ln 2 and the degree-6 polynomial of Cephes' expf; relative error below 3e-7 on [-87, 88].
 // Exact 0 below -87 (true value < 2e-38), +inf above 88.72, NaN propagates. On the GPU, expf.
-SSMK_HOST_DEVICE float fast_exp(float x) {
+SSMK_MATH_INLINE float fast_exp(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);
 #else
@@ -50,24 +50,24 @@ SSMK_HOST_DEVICE float fast_exp(float x) {
 #endif
 }
 
-SSMK_HOST_DEVICE double fast_exp(double x) {
+SSMK_MATH_INLINE double fast_exp(double x) {
   using std::exp;
   return exp(x);
 }
 
 template <typename T>
-SSMK_HOST_DEVICE T sigmoid(T x) {
+SSMK_MATH_INLINE T sigmoid(T x) {
   return T(1) / (T(1) + fast_exp(-x));
 }
 
 template <typename T>
-SSMK_HOST_DEVICE T silu(T x) {
+SSMK_MATH_INLINE T silu(T x) {
   return x * sigmoid(x);
 }
 
 // d silu(x) / dx = s * (1 + x * (1 - s)), s = sigmoid(x)
 template <typename T>
-SSMK_HOST_DEVICE T silu_grad(T x) {
+SSMK_MATH_INLINE T silu_grad(T x) {
   const T s = sigmoid(x);
   return s * (T(1) + x * (T(1) - s));
 }
@@ -75,7 +75,7 @@ SSMK_HOST_DEVICE T silu_grad(T x) {
 // log(1 + u) for u >= 0, vectorisable on the CPU: Cephes' logf polynomial on the mantissa of
 // w = 1 + u, corrected by u / (w - 1) for the rounding of 1 + u (Goldberg's log1p), so small u
 // keep full relative precision. Relative error below 3e-7; inf for u = inf, NaN for NaN.
-SSMK_HOST_DEVICE float fast_log1p(float u) {
+SSMK_MATH_INLINE float fast_log1p(float u) {
 #ifdef __CUDA_ARCH__
   return log1pf(u);
 #else
@@ -110,19 +110,19 @@ SSMK_HOST_DEVICE float fast_log1p(float u) {
 #endif
 }
 
-SSMK_HOST_DEVICE double fast_log1p(double u) {
+SSMK_MATH_INLINE double fast_log1p(double u) {
   using std::log1p;
   return log1p(u);
 }
 
 // softplus(x) = log(1 + e^x), returned as x above 20 like torch.nn.functional.softplus
 template <typename T>
-SSMK_HOST_DEVICE T softplus(T x) {
+SSMK_MATH_INLINE T softplus(T x) {
   return x > T(20) ? x : fast_log1p(fast_exp(x));
 }
 
 template <typename T>
-SSMK_HOST_DEVICE T softplus_grad(T x) {
+SSMK_MATH_INLINE T softplus_grad(T x) {
   return x > T(20) ? T(1) : sigmoid(x);
 }
 
