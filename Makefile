@@ -29,7 +29,7 @@ build: venv
 	@echo "building ssm_kernels._C (log: build/pip-build.log)"
 	@$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build/pip-build.log 2>&1 || \
 		(tail -n 60 build/pip-build.log; exit 1)
-	@grep -E "^\[[0-9]+/[0-9]+\]" build/pip-build.log | sed -E 's/ -I[^ ]+//g; s/ -isystem [^ ]+//g' || true
+	@grep -E "^ *\[[0-9]+/[0-9]+\]" build/pip-build.log | sed -E 's/ -I[^ ]+//g; s/ -isystem [^ ]+//g' || true
 	@grep -E "Successfully installed" build/pip-build.log
 
 test: build test-cpp test-python
