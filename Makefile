@@ -22,15 +22,22 @@ $(VENV)/.deps-stamp: pyproject.toml
 
 venv: $(VENV)/.deps-stamp
 
-# Editable install; ninja keeps the objects under build/, so a rebuild compiles only what changed.
 # The compile lines (include paths elided) are echoed so a log shows what was built for which arch.
-build: venv
+# pip builds an editable install from scratch each time, so the build is redone only when a source
+# changed (`make clean` forces it, e.g. after changing SSM_KERNELS_CUDA or TORCH_CUDA_ARCH_LIST).
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+BUILD_STAMP := build/.build-stamp
+
+$(BUILD_STAMP): $(SOURCES) setup.py pyproject.toml $(VENV)/.deps-stamp
 	@mkdir -p build
 	@echo "building ssm_kernels._C (log: build/pip-build.log)"
 	@$(PY) -m pip install -v --no-build-isolation --no-deps -e . > build/pip-build.log 2>&1 || \
 		(tail -n 60 build/pip-build.log; exit 1)
 	@grep -E "^ *\[[0-9]+/[0-9]+\]" build/pip-build.log | sed -E 's/ -I[^ ]+//g; s/ -isystem [^ ]+//g' || true
 	@grep -E "Successfully installed" build/pip-build.log
+	@touch $@
+
+build: venv $(BUILD_STAMP)
 
 test: build test-cpp test-python
 
