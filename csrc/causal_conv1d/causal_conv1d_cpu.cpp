@@ -65,8 +65,10 @@ SSMK_CPU_INLINE void conv_row(const CausalConv1dParams& p, int64_t b, const acc_
 }
 
 // out[j] = act(bias + sum_k w[k] * buf[j + k]) for j < n, with the width known at compile time.
-template <int kW, typename acc_t, typename input_t>
-SSMK_CPU_INLINE void conv_chunk(const acc_t* SSMK_RESTRICT buf, const acc_t* w, acc_t bias, bool use_silu,
+// `buf` is the staged chunk, or the input row itself when it is contiguous and has no history in
+// the chunk (then src_t is the input dtype and the conversion happens in the loop).
+template <int kW, typename acc_t, typename src_t, typename input_t>
+SSMK_CPU_INLINE void conv_chunk(const src_t* SSMK_RESTRICT buf, const acc_t* w, acc_t bias, bool use_silu,
                                 input_t* SSMK_RESTRICT out, int64_t n) {
   acc_t wr[kW];
   for (int k = 0; k < kW; ++k) wr[k] = w[k];
@@ -74,16 +76,32 @@ SSMK_CPU_INLINE void conv_chunk(const acc_t* SSMK_RESTRICT buf, const acc_t* w, 
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       acc_t acc = bias;
-      for (int k = 0; k < kW; ++k) acc += wr[k] * buf[j + k];
+      for (int k = 0; k < kW; ++k) acc += wr[k] * static_cast<acc_t>(buf[j + k]);
       out[j] = static_cast<input_t>(ssmk::silu(acc));
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       acc_t acc = bias;
-      for (int k = 0; k < kW; ++k) acc += wr[k] * buf[j + k];
+      for (int k = 0; k < kW; ++k) acc += wr[k] * static_cast<acc_t>(buf[j + k]);
       out[j] = static_cast<input_t>(acc);
     }
+  }
+}
+
+// The width as a compile-time constant: the taps unroll and one vectorised pass does the conv,
+// the activation and the store.
+template <typename acc_t, typename src_t, typename input_t>
+SSMK_CPU_INLINE void conv_chunk_any_width(int64_t W, const src_t* buf, const acc_t* w, acc_t bias, bool use_silu,
+                                          input_t* out, int64_t n) {
+  switch (W) {
+    case 2: conv_chunk<2>(buf, w, bias, use_silu, out, n); break;
+    case 3: conv_chunk<3>(buf, w, bias, use_silu, out, n); break;
+    case 4: conv_chunk<4>(buf, w, bias, use_silu, out, n); break;
+    case 5: conv_chunk<5>(buf, w, bias, use_silu, out, n); break;
+    case 6: conv_chunk<6>(buf, w, bias, use_silu, out, n); break;
+    case 7: conv_chunk<7>(buf, w, bias, use_silu, out, n); break;
+    default: conv_chunk<8>(buf, w, bias, use_silu, out, n); break;
   }
 }
 
@@ -108,6 +126,13 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
       auto* out = static_cast<input_t*>(p.out) + r * L;
       for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
         const int64_t n = std::min(kChunk, L - t0);
+        input_t* o = out + t0;
+        if (!seq && p.x_l_stride == 1 && t0 >= W - 1) {
+          // contiguous row, no history in this chunk: read the input in place
+          const input_t* src = x + (t0 - (W - 1));
+          conv_chunk_any_width(W, src, w, bias_d, p.silu, o, n);
+          continue;
+        }
         // buf[i] = input at position t0 - (W-1) + i
         const int64_t first = t0 >= W - 1 ? 0 : W - 1 - t0;  // slots before position 0
         if (p.x_l_stride == 1) {
@@ -123,19 +148,8 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
                                                   i * p.init_l_stride])
                         : acc_t(0);
         }
-        input_t* o = out + t0;
         if (!seq) {
-          // Width as a compile-time constant: the taps unroll and one vectorised pass does the
-          // conv, the activation and the store.
-          switch (W) {
-            case 2: conv_chunk<2>(buf, w, bias_d, p.silu, o, n); break;
-            case 3: conv_chunk<3>(buf, w, bias_d, p.silu, o, n); break;
-            case 4: conv_chunk<4>(buf, w, bias_d, p.silu, o, n); break;
-            case 5: conv_chunk<5>(buf, w, bias_d, p.silu, o, n); break;
-            case 6: conv_chunk<6>(buf, w, bias_d, p.silu, o, n); break;
-            case 7: conv_chunk<7>(buf, w, bias_d, p.silu, o, n); break;
-            default: conv_chunk<8>(buf, w, bias_d, p.silu, o, n); break;
-          }
+          conv_chunk_any_width(W, buf, w, bias_d, p.silu, o, n);
         } else {
           for (int64_t j = 0; j < n; ++j) {
             acc_t acc = bias_d;
