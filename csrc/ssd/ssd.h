@@ -3,17 +3,16 @@
 //
 // The driver runs the SSD decomposition (see ssd_math.h) as a fixed sequence of stages on
 // chunk-major accumulation-dtype buffers ([B, nchunks, H, Q, ...], the sequence zero-padded to a
-// multiple of the chunk size Q): the matrix products are batched ATen GEMMs (BLAS on the CPU,
-// cuBLAS on the GPU), everything else (cumulative sums, masked decays, the scans across chunks,
-// the epilogues and the backward's reductions) is a device stage kernel that each device supplies
-// through a `Stages` object. Both devices therefore run the same algorithm on the same buffers.
+// multiple of the chunk size Q). Each device supplies a `Stages` object with the batched GEMMs
+// (BLAS on the CPU, hand-written tensor-core kernels on the GPU) and the stage kernels for the
+// rest (cumulative sums, masked decays, the scans across chunks, the epilogues and the
+// backward's reductions). Both devices therefore run the same algorithm on the same buffers.
 //
 // Heads of one group are adjacent (head h uses group h / (H / G)), so the per-head products with
 // a group's B or C are one GEMM per (batch, chunk, group) on the heads stacked along P.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <optional>
@@ -181,29 +180,12 @@ inline at::Tensor unpack_chunks(const at::Tensor& t, int64_t L, at::ScalarType d
   return t.permute({0, 1, 3, 2, 4}).reshape({Bn, nc * Q, K1, K2}).narrow(1, 0, L).to(dtype).contiguous();
 }
 
-// Batched GEMM in accumulation dtype. On the GPU with 16-bit inputs the operands are rounded to
-// the input dtype so cuBLAS runs them on tensor cores (fp32 accumulation); the CPU always
-// multiplies in the accumulation dtype.
-// On the CPU the batch is split over threads with one single-threaded BLAS call per matrix:
-// these are many small GEMMs (Q x Q x P), where a threaded BLAS per matrix mostly waits at barriers.
-inline at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype) {
-  const bool half = in_dtype == at::kHalf || in_dtype == at::kBFloat16;
-  if (a.is_cuda()) {
-    if (half) return at::bmm(a.to(in_dtype), b.to(in_dtype)).to(at::kFloat);
-    return at::bmm(a, b);
-  }
-  // Detached: the op's inputs may require grad (autograd is handled outside), and out= calls
-  // refuse such arguments.
-  const at::Tensor ad = a.detach(), bd = b.detach();
-  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  at::parallel_for(0, a.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      at::Tensor o = out.select(0, i);
-      at::mm_out(o, ad.select(0, i), bd.select(0, i));
-    }
-  });
-  return out;
-}
+// Zero structure of a product's operand or result that a device's GEMM may exploit (results are
+// the same either way, up to rounding): kLowerA: A[m, k] = 0 for k > m; kUpperA: A[m, k] = 0 for
+// k < m; kLowerOut: only out[m, n] with n <= m is used (the rest may be anything finite).
+// Both devices apply them per block of kGemmRowBlock rows of A (the GPU GEMM's tile height).
+enum class Tri : int { kNone = 0, kLowerA = 1, kUpperA = 2, kLowerOut = 3 };
+constexpr int64_t kGemmRowBlock = 64;
 
 inline void set_input_params(SsdParams& p, const at::Tensor& x, const at::Tensor& dt,
                              const std::optional<at::Tensor>& z, int64_t G, int64_t N, int64_t Q,
@@ -290,7 +272,7 @@ Prepared prepare(SsdParams& p, const at::Tensor& x, const at::Tensor& A, const a
   s.Cc = pack_chunks(Cm, nc, Q, acc);  // [B, nc, G, Q, N]
   const at::Tensor Bg = s.Bc.view({Bn * nc * G, Q, N});
   const at::Tensor Cg = s.Cc.view({Bn * nc * G, Q, N});
-  s.cb = gemm(Cg, Bg.transpose(1, 2), in_dtype).contiguous();  // [B*nc*G, Q, Q]
+  s.cb = stages.gemm(Cg, Bg.transpose(1, 2), in_dtype, Tri::kLowerOut);  // [B*nc*G, Q, Q]
   s.gl = at::empty({Bn, nc, H, Q, Q}, opts);
   p.cb = s.cb.data_ptr();
   p.gl = s.gl.data_ptr();
@@ -300,29 +282,26 @@ Prepared prepare(SsdParams& p, const at::Tensor& x, const at::Tensor& A, const a
   s.xdt = pack_chunks(x, nc, Q, acc) * s.dtv.unsqueeze(-1);  // [B, nc, H, Q, P]
   s.xwT = (s.xdt * s.e.unsqueeze(-1)).transpose(-1, -2).contiguous();  // [B, nc, H, P, Q]
   // S_c = sum_s e_s dt_s x_s B_s^T, heads of a group stacked along P.
-  s.states = gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg, in_dtype).contiguous();
+  s.states = stages.gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg, in_dtype);
   p.states = s.states.data_ptr();
   p.xdt = s.xdt.data_ptr();
   return s;
 }
 
 // y_inter^T per head: H_{c-1} (P x N) @ C^T (N x Q), heads of a group stacked along P.
-inline at::Tensor inter_outputs(const Prepared& s, const SsdParams& p, at::ScalarType in_dtype) {
+template <typename Stages>
+at::Tensor inter_outputs(const Prepared& s, const SsdParams& p, at::ScalarType in_dtype, const Stages& stages) {
   const int64_t BncG = p.batch * p.nchunks * p.ngroups, Hg = p.nheads / p.ngroups;
-  return gemm(s.states.view({BncG, Hg * p.headdim, p.dstate}),
-              s.Cc.view({BncG, p.chunk, p.dstate}).transpose(1, 2), in_dtype)
-      .contiguous();
+  return stages.gemm(s.states.view({BncG, Hg * p.headdim, p.dstate}),
+                     s.Cc.view({BncG, p.chunk, p.dstate}).transpose(1, 2), in_dtype);
 }
 
-// y_intra = GL @ (dt x). GL is lower triangular: the first half of the rows only needs the first
-// half of the columns, which skips a quarter of the GEMM's FLOPs.
-inline at::Tensor intra_outputs(const Prepared& s, const SsdParams& p, at::ScalarType in_dtype) {
-  const int64_t BncH = p.batch * p.nchunks * p.nheads, Q = p.chunk, h = Q / 2;
-  const at::Tensor gl = s.gl.view({BncH, Q, Q});
-  const at::Tensor xdt = s.xdt.view({BncH, Q, p.headdim});
-  const at::Tensor top = gemm(gl.narrow(1, 0, h).narrow(2, 0, h), xdt.narrow(1, 0, h), in_dtype);
-  const at::Tensor bottom = gemm(gl.narrow(1, h, Q - h), xdt, in_dtype);
-  return at::cat({top, bottom}, 1);
+// y_intra = GL @ (dt x); GL is lower triangular.
+template <typename Stages>
+at::Tensor intra_outputs(const Prepared& s, const SsdParams& p, at::ScalarType in_dtype, const Stages& stages) {
+  const int64_t BncH = p.batch * p.nchunks * p.nheads;
+  return stages.gemm(s.gl.view({BncH, p.chunk, p.chunk}), s.xdt.view({BncH, p.chunk, p.headdim}),
+                     in_dtype, Tri::kLowerA);
 }
 
 template <typename Stages>
@@ -345,8 +324,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& dt
   p.final_states = final_states.data_ptr();
   stages.scan_fwd(p, in_dtype);
 
-  const at::Tensor y_intra = intra_outputs(s, p, in_dtype);
-  const at::Tensor y_interT = inter_outputs(s, p, in_dtype);
+  const at::Tensor y_intra = intra_outputs(s, p, in_dtype, stages);
+  const at::Tensor y_interT = inter_outputs(s, p, in_dtype, stages);
   at::Tensor out = new_output({p.batch, p.seqlen, p.nheads, p.headdim}, x.options());
   p.y_intra = y_intra.data_ptr();
   p.y_interT = y_interT.data_ptr();
@@ -396,7 +375,7 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   const at::Tensor dy = pack_chunks(dy_l, nc, Q, acc);  // [B, nc, H, Q, P]
   const at::Tensor dyrT = (dy * s.r.unsqueeze(-1)).transpose(-1, -2).contiguous();  // [B, nc, H, P, Q]
   // d loss / d H_{c-1} through chunk c's inter-chunk outputs: (r dy)^T C.
-  at::Tensor dstates = gemm(dyrT.view({BncG, Hg * P, Q}), s.Cc.view({BncG, Q, N}), in_dtype).contiguous();
+  at::Tensor dstates = stages.gemm(dyrT.view({BncG, Hg * P, Q}), s.Cc.view({BncG, Q, N}), in_dtype);
   std::optional<at::Tensor> dfinal;
   if (dfinal_states) dfinal = dfinal_states->to(acc).contiguous();
 
@@ -411,12 +390,13 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   p.ddecay = ddecay.data_ptr();
   stages.scan_bwd(p, in_dtype);  // states -> H_{c-1}, dstates -> d H_c
 
-  const at::Tensor y_interT = inter_outputs(s, p, in_dtype);
+  const at::Tensor y_interT = inter_outputs(s, p, in_dtype, stages);
   at::Tensor y_intra;
-  if (z) y_intra = intra_outputs(s, p, in_dtype);  // only the z gate's gradient needs y
+  if (z) y_intra = intra_outputs(s, p, in_dtype, stages);  // only the z gate's gradient needs y
   const at::Tensor dxdt =
-      gemm(s.gl.view({BncH, Q, Q}).transpose(1, 2), dy.view({BncH, Q, P}), in_dtype).contiguous();
-  at::Tensor dgl = gemm(dy.view({BncH, Q, P}), s.xdt.view({BncH, Q, P}).transpose(1, 2), in_dtype).contiguous();
+      stages.gemm(s.gl.view({BncH, Q, Q}).transpose(1, 2), dy.view({BncH, Q, P}), in_dtype, Tri::kUpperA);
+  at::Tensor dgl = stages.gemm(dy.view({BncH, Q, P}), s.xdt.view({BncH, Q, P}).transpose(1, 2), in_dtype,
+                               Tri::kLowerOut);
   at::Tensor dacs = at::empty({Bn, nc, H, Q}, opts);
   p.dgl = dgl.data_ptr();
   p.dacs = dacs.data_ptr();
@@ -427,11 +407,12 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   const at::Tensor Bg = s.Bc.view({BncG, Q, N}), Cg = s.Cc.view({BncG, Q, N});
   const at::Tensor states_g = s.states.view({BncG, Hg * P, N});
   const at::Tensor dstates_g = dstates.view({BncG, Hg * P, N});
-  at::Tensor dC = gemm(dcb, Bg, in_dtype);
-  dC.add_(gemm(dyrT.view({BncG, Hg * P, Q}).transpose(1, 2), states_g, in_dtype));
-  at::Tensor dB = gemm(dcb.transpose(1, 2), Cg, in_dtype);
-  dB.add_(gemm(s.xwT.view({BncG, Hg * P, Q}).transpose(1, 2), dstates_g, in_dtype));
-  const at::Tensor zT = gemm(dstates_g, Bg.transpose(1, 2), in_dtype).contiguous();  // [B, nc, H, P, Q]
+  // dcb is lower triangular (wsum masked it).
+  at::Tensor dC = stages.gemm(dcb, Bg, in_dtype, Tri::kLowerA);
+  stages.gemm_add(dC, dyrT.view({BncG, Hg * P, Q}).transpose(1, 2), states_g, in_dtype);
+  at::Tensor dB = stages.gemm(dcb.transpose(1, 2), Cg, in_dtype, Tri::kUpperA);
+  stages.gemm_add(dB, s.xwT.view({BncG, Hg * P, Q}).transpose(1, 2), dstates_g, in_dtype);
+  const at::Tensor zT = stages.gemm(dstates_g, Bg.transpose(1, 2), in_dtype);  // [B, nc, H, P, Q]
 
   at::Tensor dx = new_output({Bn, L, H, P}, x.options());
   at::Tensor ddt = at::empty({Bn, L, H}, opts);

@@ -1,5 +1,4 @@
-// CPU stage kernels of ssd_scan. The driver in ssd.h runs the matrix products as batched BLAS
-// GEMMs; these loops do the rest, one (batch, chunk, head) task at a time (at::parallel_for over
+// CPU stage kernels of ssd_scan. The matrix products are batched BLAS GEMMs (CpuStages::gemm); these loops do the rest, one (batch, chunk, head) task at a time (at::parallel_for over
 // tasks; the scans across chunks over (batch, head)), with contiguous inner loops that the compiler
 // vectorises (AVX2+FMA variants chosen at run time). Every reduction runs in a fixed order, so
 // results are bitwise reproducible for a given thread count.
@@ -286,9 +285,62 @@ SSMK_CPU_MULTIVERSION(final_tasks, (typename input_t), (input_t),
 #define SSMK_DISPATCH_SSD_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// Batched GEMM in the accumulation dtype: the batch is split over threads with one
+// single-threaded BLAS call per matrix (these are many small Q x Q x P products, where a threaded
+// BLAS per matrix mostly waits at barriers). Returns [batch, M, N] contiguous; `out` accumulates.
+void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  // Detached: the op's inputs may require grad (autograd is handled outside), and out= calls
+  // refuse such arguments.
+  const at::Tensor ad = a.detach(), bd = b.detach();
+  at::parallel_for(0, a.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      at::Tensor o = out.select(0, i);
+      if (accumulate) {
+        at::addmm_out(o, o, ad.select(0, i), bd.select(0, i));
+      } else {
+        at::mm_out(o, ad.select(0, i), bd.select(0, i));
+      }
+    }
+  });
+}
+
 struct CpuStages {
   int64_t tasks(const SsdParams& p) const { return p.batch * p.nchunks * p.nheads; }
   int64_t scan_splits(const SsdParams&) const { return 1; }
+
+  // The CPU multiplies in the accumulation dtype, with the GPU kernel's row blocking for the zero
+  // structures: per block of kGemmRowBlock rows, the same K range (kLowerA, kUpperA) and the same
+  // columns (kLowerOut: columns past the block's last row are zero), so the CPU tests check that
+  // what the GPU skips is indeed zero or unused.
+  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType,
+                  ssd::Tri tri = ssd::Tri::kNone) const {
+    const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
+    at::Tensor out = at::empty({a.size(0), M, N}, a.options());
+    if (tri == ssd::Tri::kNone) {
+      cpu_gemm(out, a, b, false);
+      return out;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += ssd::kGemmRowBlock) {
+      const int64_t rows = std::min(ssd::kGemmRowBlock, M - m0);
+      int64_t k_begin = 0, k_end = K, n_end = N;
+      if (tri == ssd::Tri::kLowerA) k_end = std::min(K, m0 + ssd::kGemmRowBlock);
+      if (tri == ssd::Tri::kUpperA) k_begin = std::min(K, m0);
+      if (tri == ssd::Tri::kLowerOut) n_end = std::min(N, m0 + ssd::kGemmRowBlock);
+      at::Tensor block = out.narrow(1, m0, rows);
+      at::Tensor used = block.narrow(2, 0, n_end);
+      if (k_begin < k_end) {
+        cpu_gemm(used, a.narrow(1, m0, rows).narrow(2, k_begin, k_end - k_begin),
+                 b.narrow(1, k_begin, k_end - k_begin).narrow(2, 0, n_end), false);
+      } else {
+        used.zero_();
+      }
+      if (n_end < N) block.narrow(2, n_end, N - n_end).zero_();
+    }
+    return out;
+  }
+  void gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType) const {
+    cpu_gemm(out, a, b, true);
+  }
 
   void prep(const SsdParams& p, at::ScalarType dtype) const {
     SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_prep_cpu", [&] {

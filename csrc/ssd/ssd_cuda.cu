@@ -1,6 +1,8 @@
 // CUDA implementation of ssd_scan: the shared driver (ssd.h) with CUDA stage kernels
-// (ssd_fwd_kernel.cuh, ssd_bwd_kernel.cuh); the GEMMs are cuBLAS calls (tensor cores for
-// float16/bfloat16 inputs). All launches on the current stream, under a device guard.
+// (ssd_fwd_kernel.cuh, ssd_bwd_kernel.cuh) and the tensor-core batched GEMM of
+// common/cuda/batched_gemm.h for every matrix product: float16/bfloat16 inputs multiply in their
+// own type, float32 inputs in 3xTF32 (float32 accuracy), all accumulating in float32. float64
+// (used by gradcheck) goes to cuBLAS. All launches on the current stream, under a device guard.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +10,7 @@
 
 #include <algorithm>
 
+#include "common/cuda/batched_gemm.h"
 #include "common/cuda/launch.h"
 #include "ssd/ssd.h"
 #include "ssd/ssd_bwd_kernel.cuh"
@@ -28,9 +31,76 @@ inline unsigned grid_for(int64_t total, int threads) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(total, threads), sms * 16)));
 }
 
+static_assert(static_cast<int>(ssd::Tri::kNone) == static_cast<int>(ssmk::cuda::Triangle::kNone) &&
+                  static_cast<int>(ssd::Tri::kLowerA) == static_cast<int>(ssmk::cuda::Triangle::kLowerA) &&
+                  static_cast<int>(ssd::Tri::kUpperA) == static_cast<int>(ssmk::cuda::Triangle::kUpperA) &&
+                  static_cast<int>(ssd::Tri::kLowerOut) == static_cast<int>(ssmk::cuda::Triangle::kLowerOut),
+              "ssd::Tri and cuda::Triangle must agree");
+static_assert(ssd::kGemmRowBlock == ssmk::cuda::BatchedGemmTraits<ssmk::cuda::MmaPrecision::kTf32x3>::kBM &&
+                  ssd::kGemmRowBlock == ssmk::cuda::BatchedGemmTraits<ssmk::cuda::MmaPrecision::kHalf>::kBM,
+              "the CPU mirrors the GPU GEMM's row blocking");
+
+// out[i] (=|+=) a[i] @ b[i] for [batch, M, K] x [batch, K, N] accumulation-dtype views of any strides.
+void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype,
+                      ssd::Tri tri, bool accumulate) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
+                  out.is_contiguous() && out.size(0) == a.size(0) && out.size(1) == a.size(1) &&
+                  out.size(2) == b.size(2),
+              "ssd gemm: inconsistent operands ", a.sizes(), " x ", b.sizes(), " -> ", out.sizes());
+  if (a.scalar_type() == at::kDouble) {
+    if (accumulate) {
+      out.baddbmm_(a, b);
+    } else {
+      at::bmm_out(out, a, b);
+    }
+    return;
+  }
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "ssd gemm: expected float32 operands");
+  ssmk::cuda::BatchedGemmParams p{};
+  p.a = a.data_ptr<float>();
+  p.a_batch_stride = a.stride(0);
+  p.a_row_stride = a.stride(1);
+  p.a_col_stride = a.stride(2);
+  p.b = b.data_ptr<float>();
+  p.b_batch_stride = b.stride(0);
+  p.b_row_stride = b.stride(1);
+  p.b_col_stride = b.stride(2);
+  p.out = out.data_ptr<float>();
+  p.batch = a.size(0);
+  p.M = a.size(1);
+  p.N = b.size(2);
+  p.K = a.size(2);
+  p.tiles_m = ceil_div(p.M, ssd::kGemmRowBlock);
+  p.tiles_n = ceil_div(p.N, ssd::kGemmRowBlock);
+  p.accumulate = accumulate;
+  p.triangle = static_cast<ssmk::cuda::Triangle>(static_cast<int>(tri));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  using ssmk::cuda::MmaPrecision;
+  if (in_dtype == at::kHalf) {
+    ssmk::cuda::launch_batched_gemm<MmaPrecision::kHalf>(p, sms, stream);
+  } else if (in_dtype == at::kBFloat16) {
+    ssmk::cuda::launch_batched_gemm<MmaPrecision::kBFloat16>(p, sms, stream);
+  } else {
+    ssmk::cuda::launch_batched_gemm<MmaPrecision::kTf32x3>(p, sms, stream);
+  }
+  SSMK_CUDA_CHECK_LAUNCH();
+}
+
 struct CudaStages {
   int64_t tasks(const SsdParams& p) const { return p.batch * p.nchunks * p.nheads; }
   int64_t scan_splits(const SsdParams& p) const { return ceil_div(p.headdim * p.dstate, k::kThreads); }
+
+  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype,
+                  ssd::Tri tri = ssd::Tri::kNone) const {
+    at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+    tensor_core_gemm(out, a, b, in_dtype, tri, false);
+    return out;
+  }
+  void gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype) const {
+    tensor_core_gemm(out, a, b, in_dtype, ssd::Tri::kNone, true);
+  }
 
   void prep(const SsdParams& p, at::ScalarType dtype) const {
     auto stream = at::cuda::getCurrentCUDAStream();

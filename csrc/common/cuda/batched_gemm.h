@@ -1,0 +1,194 @@
+// Strided batched GEMM on tensor cores: out[b] (=|+=) A[b] . B[b], float32 operands in global
+// memory with any strides, float32 [batch, M, N] contiguous output. Operands are rounded to the
+// precision of mma.h on their way into shared memory; accumulation is float32.
+//
+// One block of 4 warps computes a 64x64 output tile; each warp a 32x32 quarter as 2x2 WMMA
+// tiles. The K loop stages 64x32 of A and 32x64 of B in shared memory; the next step's global
+// loads are issued before the current step's products so their latency overlaps. Loads are
+// coalesced along whichever operand dimension has stride 1.
+//
+// Triangular structure known to the caller skips work:
+//   kLowerA    A[m, k] = 0 for k > m   (the K loop of a row tile stops after its last row)
+//   kUpperA    A[m, k] = 0 for k < m   (the K loop starts at the tile's first row)
+//   kLowerOut  only out[m, n] with n <= m is needed; tiles strictly above the diagonal are
+//              written as zeros (or left alone when accumulating) without any product.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cuda/mma.h"
+
+namespace ssmk::cuda {
+
+enum class Triangle : int { kNone = 0, kLowerA = 1, kUpperA = 2, kLowerOut = 3 };
+
+struct BatchedGemmParams {
+  const float* a;  // [batch, M, K]
+  int64_t a_batch_stride, a_row_stride, a_col_stride;
+  const float* b;  // [batch, K, N]
+  int64_t b_batch_stride, b_row_stride, b_col_stride;
+  float* out;  // [batch, M, N] contiguous
+  int64_t batch, M, N, K;
+  int64_t tiles_m, tiles_n;
+  bool accumulate;
+  Triangle triangle;
+};
+
+template <MmaPrecision P>
+struct BatchedGemmTraits {
+  static constexpr int kThreads = 128;
+  static constexpr int kBM = 64, kBN = 64, kBK = 32;
+  using Mma = WarpMma<P>;
+  using smem_t = typename Mma::smem_t;
+  // Padding keeps every fragment pointer 32-byte aligned and spreads rows over banks.
+  static constexpr int kPad = 16 / static_cast<int>(sizeof(smem_t));
+  static constexpr int kLdA = kBK + kPad;  // A tile [kBM][kLdA]
+  static constexpr int kLdB = kBN + kPad;  // B tile [kBK][kLdB]
+  static constexpr int kLdC = kBN + 4;     // output tile [kBM][kLdC], float
+  static constexpr int kABytes = kBM * kLdA * static_cast<int>(sizeof(smem_t));
+  static constexpr int kBBytes = kBK * kLdB * static_cast<int>(sizeof(smem_t));
+  static constexpr int kCBytes = kBM * kLdC * static_cast<int>(sizeof(float));
+  static constexpr int kSmemBytes = (kABytes + kBBytes) > kCBytes ? (kABytes + kBBytes) : kCBytes;
+  static constexpr int kALoads = kBM * kBK / kThreads;  // elements per thread per K step
+  static constexpr int kBLoads = kBK * kBN / kThreads;
+  static_assert(kABytes % 128 == 0, "B tile must stay 128-byte aligned");
+  static_assert((16 * kLdA * sizeof(smem_t)) % 32 == 0 && (Mma::kK * sizeof(smem_t)) % 32 == 0,
+                "A fragments must be 32-byte aligned");
+  static_assert((Mma::kK * kLdB * sizeof(smem_t)) % 32 == 0, "B fragments must be 32-byte aligned");
+  static_assert((16 * kLdC * sizeof(float)) % 32 == 0, "output fragments must be 32-byte aligned");
+};
+
+// Tile element e of a rows x cols tile, walked so that consecutive threads touch consecutive
+// addresses of the stride-1 dimension (row-contiguous when col_stride == 1).
+template <int kRows, int kCols>
+__device__ __forceinline__ void tile_coord(int e, bool col_contiguous, int& row, int& col) {
+  if (col_contiguous) {
+    row = e / kCols;
+    col = e % kCols;
+  } else {
+    row = e % kRows;
+    col = e / kRows;
+  }
+}
+
+template <MmaPrecision P>
+__global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads) batched_gemm_kernel(const BatchedGemmParams p) {
+  using Tr = BatchedGemmTraits<P>;
+  using Mma = typename Tr::Mma;
+  using smem_t = typename Tr::smem_t;
+  constexpr int kBM = Tr::kBM, kBN = Tr::kBN, kBK = Tr::kBK, kThreads = Tr::kThreads;
+  __shared__ __align__(128) unsigned char smem[Tr::kSmemBytes];
+  auto* sA = reinterpret_cast<smem_t*>(smem);
+  auto* sB = reinterpret_cast<smem_t*>(smem + Tr::kABytes);
+  auto* sC = reinterpret_cast<float*>(smem);
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wm = warp / 2, wn = warp % 2;  // the warp's 32x32 quarter
+  const bool a_col_contig = p.a_col_stride == 1;
+  const bool b_col_contig = p.b_col_stride == 1;
+  const int64_t tiles_per_batch = p.tiles_m * p.tiles_n;
+
+  for (int64_t tile = blockIdx.x; tile < p.batch * tiles_per_batch; tile += gridDim.x) {
+    const int64_t bi = tile / tiles_per_batch;
+    const int64_t tm = (tile % tiles_per_batch) / p.tiles_n, tn = tile % p.tiles_n;
+    const int64_t m0 = tm * kBM, n0 = tn * kBN;
+    float* out = p.out + bi * p.M * p.N;
+
+    if (p.triangle == Triangle::kLowerOut && n0 > m0 + kBM - 1) {
+      if (!p.accumulate) {
+        for (int e = tid; e < kBM * kBN; e += kThreads) {
+          const int64_t m = m0 + e / kBN, n = n0 + e % kBN;
+          if (m < p.M && n < p.N) out[m * p.N + n] = 0.0f;
+        }
+      }
+      continue;
+    }
+    int64_t k_begin = 0, k_end = p.K;
+    if (p.triangle == Triangle::kLowerA) k_end = m0 + kBM < p.K ? m0 + kBM : p.K;
+    if (p.triangle == Triangle::kUpperA) k_begin = m0 < p.K ? m0 : p.K;
+
+    const float* a = p.a + bi * p.a_batch_stride;
+    const float* b = p.b + bi * p.b_batch_stride;
+    float ra[Tr::kALoads], rb[Tr::kBLoads];
+    auto load = [&](int64_t k0) {
+#pragma unroll
+      for (int i = 0; i < Tr::kALoads; ++i) {
+        int r, c;
+        tile_coord<kBM, kBK>(i * kThreads + tid, a_col_contig, r, c);
+        const int64_t m = m0 + r, k = k0 + c;
+        ra[i] = m < p.M && k < k_end ? a[m * p.a_row_stride + k * p.a_col_stride] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < Tr::kBLoads; ++i) {
+        int r, c;
+        tile_coord<kBK, kBN>(i * kThreads + tid, b_col_contig, r, c);
+        const int64_t k = k0 + r, n = n0 + c;
+        rb[i] = k < k_end && n < p.N ? b[k * p.b_row_stride + n * p.b_col_stride] : 0.0f;
+      }
+    };
+
+    typename Mma::FragAcc acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) Mma::zero(acc[i][j]);
+
+    if (k_begin < k_end) load(k_begin);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+      __syncthreads();  // the previous step's fragments have been read
+#pragma unroll
+      for (int i = 0; i < Tr::kALoads; ++i) {
+        int r, c;
+        tile_coord<kBM, kBK>(i * kThreads + tid, a_col_contig, r, c);
+        sA[r * Tr::kLdA + c] = MmaTraits<P>::from_float(ra[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < Tr::kBLoads; ++i) {
+        int r, c;
+        tile_coord<kBK, kBN>(i * kThreads + tid, b_col_contig, r, c);
+        sB[r * Tr::kLdB + c] = MmaTraits<P>::from_float(rb[i]);
+      }
+      __syncthreads();
+      if (k0 + kBK < k_end) load(k0 + kBK);
+#pragma unroll
+      for (int kk = 0; kk < kBK; kk += Mma::kK) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+            Mma::step(acc[i][j], sA + (wm * 32 + i * 16) * Tr::kLdA + kk, Tr::kLdA,
+                      sB + kk * Tr::kLdB + wn * 32 + j * 16, Tr::kLdB);
+      }
+    }
+
+    __syncthreads();  // sC overlays sA and sB
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        Mma::store(sC + (wm * 32 + i * 16) * Tr::kLdC + wn * 32 + j * 16, Tr::kLdC, acc[i][j]);
+    __syncthreads();
+    for (int e = tid; e < kBM * kBN; e += kThreads) {
+      const int r = e / kBN, c = e % kBN;
+      const int64_t m = m0 + r, n = n0 + c;
+      if (m < p.M && n < p.N) {
+        const float v = sC[r * Tr::kLdC + c];
+        out[m * p.N + n] = p.accumulate ? out[m * p.N + n] + v : v;
+      }
+    }
+    __syncthreads();  // sC is read before the next tile's loads overwrite it
+  }
+}
+
+template <MmaPrecision P>
+void launch_batched_gemm(const BatchedGemmParams& p, int num_sms, cudaStream_t stream) {
+  using Tr = BatchedGemmTraits<P>;
+  const int64_t tiles = p.batch * p.tiles_m * p.tiles_n;
+  if (tiles == 0) return;
+  // Several resident blocks per SM; beyond that a block loops over tiles.
+  const int64_t max_blocks = static_cast<int64_t>(num_sms) * 32;
+  const unsigned grid = static_cast<unsigned>(tiles < max_blocks ? tiles : max_blocks);
+  batched_gemm_kernel<P><<<grid, Tr::kThreads, 0, stream>>>(p);
+}
+
+}  // namespace ssmk::cuda

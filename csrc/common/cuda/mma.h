@@ -1,0 +1,99 @@
+// Warp-level tensor-core products of 16x16 tiles held in shared memory: the mma.sync
+// instructions through the WMMA interface of <mma.h> (fragment layouts are the compiler's, so
+// kernels only decide what lives where in shared memory).
+//
+// Three operand precisions, all accumulating in float32:
+//   kHalf, kBFloat16  operands rounded to the 16-bit type (16x16x16 steps);
+//   kTf32x3           float32 operands split into a TF32 high part and a TF32 low part,
+//                     a.b ~= a_hi.b_hi + a_hi.b_lo + a_lo.b_hi (Ootomo & Yokota 2022, "3xTF32"):
+//                     about float32 accuracy at a third of the TF32 tensor-core rate (16x16x8).
+// Pointers passed to load/store must be 32-byte aligned and leading dimensions multiples of
+// 16 bytes (the WMMA rules); the kernels' shared-memory layouts are chosen for that.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+namespace ssmk::cuda {
+
+enum class MmaPrecision { kHalf, kBFloat16, kTf32x3 };
+
+template <MmaPrecision P>
+struct MmaTraits;
+
+template <>
+struct MmaTraits<MmaPrecision::kHalf> {
+  using smem_t = __half;
+  using frag_t = __half;
+  static constexpr int kK = 16;
+  static __device__ __forceinline__ smem_t from_float(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct MmaTraits<MmaPrecision::kBFloat16> {
+  using smem_t = __nv_bfloat16;
+  using frag_t = __nv_bfloat16;
+  static constexpr int kK = 16;
+  static __device__ __forceinline__ smem_t from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <>
+struct MmaTraits<MmaPrecision::kTf32x3> {
+  using smem_t = float;
+  using frag_t = nvcuda::wmma::precision::tf32;
+  static constexpr int kK = 8;
+  static __device__ __forceinline__ smem_t from_float(float v) { return v; }
+};
+
+// acc (16x16) += a (16 x kK, row-major, leading dimension lda) . b (kK x 16, row-major, ldb).
+template <MmaPrecision P>
+struct WarpMma {
+  using Traits = MmaTraits<P>;
+  using smem_t = typename Traits::smem_t;
+  static constexpr int kK = Traits::kK;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, kK, typename Traits::frag_t,
+                                       nvcuda::wmma::row_major>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, kK, typename Traits::frag_t,
+                                       nvcuda::wmma::row_major>;
+  using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;
+
+  static __device__ __forceinline__ void zero(FragAcc& acc) { nvcuda::wmma::fill_fragment(acc, 0.0f); }
+
+  static __device__ __forceinline__ void step(FragAcc& acc, const smem_t* a, unsigned lda,
+                                              const smem_t* b, unsigned ldb) {
+    FragA fa;
+    FragB fb;
+    nvcuda::wmma::load_matrix_sync(fa, a, lda);
+    nvcuda::wmma::load_matrix_sync(fb, b, ldb);
+    if constexpr (P == MmaPrecision::kTf32x3) {
+      FragA fa_lo;
+      FragB fb_lo;
+      split_tf32(fa, fa_lo);
+      split_tf32(fb, fb_lo);
+      // Small terms first: they would be lost if added after the large one.
+      nvcuda::wmma::mma_sync(acc, fa_lo, fb, acc);
+      nvcuda::wmma::mma_sync(acc, fa, fb_lo, acc);
+    }
+    nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+  }
+
+  // Element-wise on the fragment (the layout does not matter): hi = tf32(v), lo = tf32(v - hi).
+  // The high parts are rounded here, before the low ones are used with them.
+  template <typename Frag>
+  static __device__ __forceinline__ void split_tf32(Frag& hi, Frag& lo) {
+#pragma unroll
+    for (int i = 0; i < hi.num_elements; ++i) {
+      const float v = hi.x[i];
+      const float h = nvcuda::wmma::__float_to_tf32(v);
+      hi.x[i] = h;
+      lo.x[i] = nvcuda::wmma::__float_to_tf32(v - h);
+    }
+  }
+
+  static __device__ __forceinline__ void store(float* c, unsigned ldc, const FragAcc& acc) {
+    nvcuda::wmma::store_matrix_sync(c, acc, ldc, nvcuda::wmma::mem_row_major);
+  }
+};
+
+}  // namespace ssmk::cuda
