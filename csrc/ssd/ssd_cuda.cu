@@ -75,6 +75,8 @@ void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   p.tiles_n = ceil_div(p.N, ssd::kGemmRowBlock);
   p.accumulate = accumulate;
   p.triangle = static_cast<ssmk::cuda::Triangle>(static_cast<int>(tri));
+  TORCH_CHECK(ssmk::cuda::batched_gemm_fits_int32(p), "ssd gemm: a matrix of ", a.sizes(), " x ", b.sizes(),
+              " exceeds 2^31 elements");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto stream = at::cuda::getCurrentCUDAStream();
   using ssmk::cuda::MmaPrecision;

@@ -2,7 +2,7 @@
 // memory with any strides, float32 [batch, M, N] contiguous output. Operands are rounded to the
 // precision of mma.h on their way into shared memory; accumulation is float32.
 //
-// One block of 4 warps computes a 64x64 output tile; each warp a 32x32 quarter as 2x2 WMMA
+// One block of 8 warps computes a 64x64 output tile; each warp a 32x16 eighth as two WMMA
 // tiles. The K loop stages 64x32 of A and 32x64 of B in shared memory; the next step's global
 // loads are issued before the current step's products so their latency overlaps. Loads are
 // coalesced along whichever operand dimension has stride 1.
@@ -36,8 +36,9 @@ struct BatchedGemmParams {
 
 template <MmaPrecision P>
 struct BatchedGemmTraits {
-  static constexpr int kThreads = 128;
-  static constexpr int kBM = 64, kBN = 64, kBK = 32;
+  static constexpr int kThreads = 256;
+  static constexpr int kMinBlocks = 2;
+  static constexpr int kBM = 64, kBN = 64, kBK = 32;  // batched_gemm_fits_int32 assumes these
   using Mma = WarpMma<P>;
   using smem_t = typename Mma::smem_t;
   // Padding keeps every fragment pointer 32-byte aligned and spreads rows over banks.
@@ -58,21 +59,24 @@ struct BatchedGemmTraits {
   static_assert((16 * kLdC * sizeof(float)) % 32 == 0, "output fragments must be 32-byte aligned");
 };
 
-// Tile element e of a rows x cols tile, walked so that consecutive threads touch consecutive
-// addresses of the stride-1 dimension (row-contiguous when col_stride == 1).
-template <int kRows, int kCols>
-__device__ __forceinline__ void tile_coord(int e, bool col_contiguous, int& row, int& col) {
-  if (col_contiguous) {
-    row = e / kCols;
-    col = e % kCols;
-  } else {
-    row = e % kRows;
-    col = e / kRows;
+// Which elements of a kRows x kCols tile thread `tid` loads: (row0 + i drow, col0 + i dcol) for
+// i = 0 .. kRows kCols / kThreads - 1, walked so that consecutive threads touch consecutive
+// addresses of the operand's stride-1 dimension.
+template <int kRows, int kCols, int kThreads>
+struct TileWalk {
+  static_assert(kThreads % kCols == 0 && kThreads % kRows == 0, "threads must tile rows and columns");
+  int row0, col0, drow, dcol;
+  __device__ __forceinline__ TileWalk(int tid, bool col_contiguous) {
+    if (col_contiguous) {
+      row0 = tid / kCols, col0 = tid % kCols, drow = kThreads / kCols, dcol = 0;
+    } else {
+      row0 = tid % kRows, col0 = tid / kRows, drow = 0, dcol = kThreads / kRows;
+    }
   }
-}
+};
 
 template <MmaPrecision P>
-__global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads) batched_gemm_kernel(const BatchedGemmParams p) {
+__global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads, BatchedGemmTraits<P>::kMinBlocks) batched_gemm_kernel(const BatchedGemmParams p) {
   using Tr = BatchedGemmTraits<P>;
   using Mma = typename Tr::Mma;
   using smem_t = typename Tr::smem_t;
@@ -83,9 +87,9 @@ __global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads) batched_gemm_k
   auto* sC = reinterpret_cast<float*>(smem);
 
   const int tid = threadIdx.x, warp = tid / 32;
-  const int wm = warp / 2, wn = warp % 2;  // the warp's 32x32 quarter
-  const bool a_col_contig = p.a_col_stride == 1;
-  const bool b_col_contig = p.b_col_stride == 1;
+  const int wm = warp / 4, wn = warp % 4;  // the warp's 32x16 eighth of the tile
+  const TileWalk<kBM, kBK, kThreads> wa(tid, p.a_col_stride == 1);
+  const TileWalk<kBK, kBN, kThreads> wb(tid, p.b_col_stride == 1);
   const int64_t tiles_per_batch = p.tiles_m * p.tiles_n;
 
   for (int64_t tile = blockIdx.x; tile < p.batch * tiles_per_batch; tile += gridDim.x) {
@@ -103,70 +107,63 @@ __global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads) batched_gemm_k
       }
       continue;
     }
-    int64_t k_begin = 0, k_end = p.K;
-    if (p.triangle == Triangle::kLowerA) k_end = m0 + kBM < p.K ? m0 + kBM : p.K;
-    if (p.triangle == Triangle::kUpperA) k_begin = m0 < p.K ? m0 : p.K;
+    const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
+    int k_begin = 0, k_end = K;
+    if (p.triangle == Triangle::kLowerA) k_end = min(K, static_cast<int>(m0) + kBM);
+    if (p.triangle == Triangle::kUpperA) k_begin = min(K, static_cast<int>(m0));
 
     const float* a = p.a + bi * p.a_batch_stride;
     const float* b = p.b + bi * p.b_batch_stride;
+    // Offsets inside one matrix fit in 32 bits (checked by the launcher); batch offsets are 64-bit.
+    const int a_step = static_cast<int>(wa.drow * p.a_row_stride + wa.dcol * p.a_col_stride);
+    const int b_step = static_cast<int>(wb.drow * p.b_row_stride + wb.dcol * p.b_col_stride);
     float ra[Tr::kALoads], rb[Tr::kBLoads];
-    auto load = [&](int64_t k0) {
+    auto load = [&](int k0) {
+      const int m = static_cast<int>(m0) + wa.row0, ka = k0 + wa.col0;
+      const float* pa = a + (m * static_cast<int>(p.a_row_stride) + ka * static_cast<int>(p.a_col_stride));
 #pragma unroll
       for (int i = 0; i < Tr::kALoads; ++i) {
-        int r, c;
-        tile_coord<kBM, kBK>(i * kThreads + tid, a_col_contig, r, c);
-        const int64_t m = m0 + r, k = k0 + c;
-        ra[i] = m < p.M && k < k_end ? a[m * p.a_row_stride + k * p.a_col_stride] : 0.0f;
+        ra[i] = m + i * wa.drow < M && ka + i * wa.dcol < k_end ? pa[i * a_step] : 0.0f;
       }
+      const int kb = k0 + wb.row0, n = static_cast<int>(n0) + wb.col0;
+      const float* pb = b + (kb * static_cast<int>(p.b_row_stride) + n * static_cast<int>(p.b_col_stride));
 #pragma unroll
       for (int i = 0; i < Tr::kBLoads; ++i) {
-        int r, c;
-        tile_coord<kBK, kBN>(i * kThreads + tid, b_col_contig, r, c);
-        const int64_t k = k0 + r, n = n0 + c;
-        rb[i] = k < k_end && n < p.N ? b[k * p.b_row_stride + n * p.b_col_stride] : 0.0f;
+        rb[i] = kb + i * wb.drow < k_end && n + i * wb.dcol < N ? pb[i * b_step] : 0.0f;
       }
     };
 
-    typename Mma::FragAcc acc[2][2];
+    typename Mma::FragAcc acc[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) Mma::zero(acc[i][j]);
+    for (int i = 0; i < 2; ++i) Mma::zero(acc[i]);
 
     if (k_begin < k_end) load(k_begin);
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+    for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
       __syncthreads();  // the previous step's fragments have been read
 #pragma unroll
-      for (int i = 0; i < Tr::kALoads; ++i) {
-        int r, c;
-        tile_coord<kBM, kBK>(i * kThreads + tid, a_col_contig, r, c);
-        sA[r * Tr::kLdA + c] = MmaTraits<P>::from_float(ra[i]);
-      }
+      for (int i = 0; i < Tr::kALoads; ++i)
+        sA[(wa.row0 + i * wa.drow) * Tr::kLdA + wa.col0 + i * wa.dcol] = MmaTraits<P>::from_float(ra[i]);
 #pragma unroll
-      for (int i = 0; i < Tr::kBLoads; ++i) {
-        int r, c;
-        tile_coord<kBK, kBN>(i * kThreads + tid, b_col_contig, r, c);
-        sB[r * Tr::kLdB + c] = MmaTraits<P>::from_float(rb[i]);
-      }
+      for (int i = 0; i < Tr::kBLoads; ++i)
+        sB[(wb.row0 + i * wb.drow) * Tr::kLdB + wb.col0 + i * wb.dcol] = MmaTraits<P>::from_float(rb[i]);
       __syncthreads();
       if (k0 + kBK < k_end) load(k0 + kBK);
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += Mma::kK) {
+        typename Mma::FragA fa, fa_lo;
+        typename Mma::FragB fb, fb_lo;
+        Mma::load_b(fb, fb_lo, sB + kk * Tr::kLdB + wn * 16, Tr::kLdB);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j)
-            Mma::step(acc[i][j], sA + (wm * 32 + i * 16) * Tr::kLdA + kk, Tr::kLdA,
-                      sB + kk * Tr::kLdB + wn * 32 + j * 16, Tr::kLdB);
+        for (int i = 0; i < 2; ++i) {
+          Mma::load_a(fa, fa_lo, sA + (wm * 32 + i * 16) * Tr::kLdA + kk, Tr::kLdA);
+          Mma::mma(acc[i], fa, fa_lo, fb, fb_lo);
+        }
       }
     }
 
     __syncthreads();  // sC overlays sA and sB
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        Mma::store(sC + (wm * 32 + i * 16) * Tr::kLdC + wn * 32 + j * 16, Tr::kLdC, acc[i][j]);
+    for (int i = 0; i < 2; ++i) Mma::store(sC + (wm * 32 + i * 16) * Tr::kLdC + wn * 16, Tr::kLdC, acc[i]);
     __syncthreads();
     for (int e = tid; e < kBM * kBN; e += kThreads) {
       const int r = e / kBN, c = e % kBN;
@@ -178,6 +175,17 @@ __global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads) batched_gemm_k
     }
     __syncthreads();  // sC is read before the next tile's loads overwrite it
   }
+}
+
+// Offsets inside one matrix (and M, N, K) must fit in int32, including the tile overhang past
+// the matrix edges that the kernel computes (but does not load) addresses for.
+inline bool batched_gemm_fits_int32(const BatchedGemmParams& p) {
+  auto abs64 = [](int64_t v) { return v < 0 ? -v : v; };
+  const int64_t lim = (int64_t(1) << 31) - 1;
+  constexpr int64_t kM = 64, kN = 64, kK = 32;  // the tile sizes of every precision
+  const int64_t a_span = (p.M + kM) * abs64(p.a_row_stride) + (p.K + kK) * abs64(p.a_col_stride);
+  const int64_t b_span = (p.K + kK) * abs64(p.b_row_stride) + (p.N + kN) * abs64(p.b_col_stride);
+  return p.M < lim && p.N < lim && p.K < lim && a_span < lim && b_span < lim;
 }
 
 template <MmaPrecision P>

@@ -46,7 +46,8 @@ struct MmaTraits<MmaPrecision::kTf32x3> {
   static __device__ __forceinline__ smem_t from_float(float v) { return v; }
 };
 
-// acc (16x16) += a (16 x kK, row-major, leading dimension lda) . b (kK x 16, row-major, ldb).
+// 16x16 float32 accumulator tiles += (16 x kK, row-major A) . (kK x 16, row-major B), with A and B
+// fragments loaded from shared memory (leading dimensions in elements).
 template <MmaPrecision P>
 struct WarpMma {
   using Traits = MmaTraits<P>;
@@ -60,22 +61,26 @@ struct WarpMma {
 
   static __device__ __forceinline__ void zero(FragAcc& acc) { nvcuda::wmma::fill_fragment(acc, 0.0f); }
 
-  static __device__ __forceinline__ void step(FragAcc& acc, const smem_t* a, unsigned lda,
-                                              const smem_t* b, unsigned ldb) {
-    FragA fa;
-    FragB fb;
-    nvcuda::wmma::load_matrix_sync(fa, a, lda);
-    nvcuda::wmma::load_matrix_sync(fb, b, ldb);
+  // An operand fragment: `hi` is what the tensor cores multiply; for 3xTF32 `lo` holds the
+  // residual (unused and removed by the compiler otherwise).
+  static __device__ __forceinline__ void load_a(FragA& hi, FragA& lo, const smem_t* a, unsigned lda) {
+    nvcuda::wmma::load_matrix_sync(hi, a, lda);
+    if constexpr (P == MmaPrecision::kTf32x3) split_tf32(hi, lo);
+  }
+  static __device__ __forceinline__ void load_b(FragB& hi, FragB& lo, const smem_t* b, unsigned ldb) {
+    nvcuda::wmma::load_matrix_sync(hi, b, ldb);
+    if constexpr (P == MmaPrecision::kTf32x3) split_tf32(hi, lo);
+  }
+
+  // acc += a . b
+  static __device__ __forceinline__ void mma(FragAcc& acc, const FragA& a_hi, const FragA& a_lo,
+                                             const FragB& b_hi, const FragB& b_lo) {
     if constexpr (P == MmaPrecision::kTf32x3) {
-      FragA fa_lo;
-      FragB fb_lo;
-      split_tf32(fa, fa_lo);
-      split_tf32(fb, fb_lo);
       // Small terms first: they would be lost if added after the large one.
-      nvcuda::wmma::mma_sync(acc, fa_lo, fb, acc);
-      nvcuda::wmma::mma_sync(acc, fa, fb_lo, acc);
+      nvcuda::wmma::mma_sync(acc, a_lo, b_hi, acc);
+      nvcuda::wmma::mma_sync(acc, a_hi, b_lo, acc);
     }
-    nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+    nvcuda::wmma::mma_sync(acc, a_hi, b_hi, acc);
   }
 
   // Element-wise on the fragment (the layout does not matter): hi = tf32(v), lo = tf32(v - hi).
