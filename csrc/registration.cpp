@@ -124,6 +124,10 @@ TORCH_LIBRARY(ssm_kernels, m) {
       "fftconv_bwd(Tensor dout, Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, "
       "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
       "Tensor dpregate, Tensor dpostgate)");
+  // ssd test hook: the device's batched GEMM of the SSD driver, out = a @ b (or acc + a @ b) for
+  // [batch, M, K] x [batch, K, N] float32/float64 views of any strides; in_dtype picks the
+  // tensor-core operand precision on CUDA; tri is an ssd::Tri zero structure (0..3).
+  m.def("_ssd_test_gemm(Tensor a, Tensor b, ScalarType in_dtype, int tri, Tensor? acc) -> Tensor");
   // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
   // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
   // strided: through the CUDA fused kernels' per-index drivers).

@@ -447,5 +447,37 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   return {dx, ddt.to(dt.scalar_type()), dA, dB_out, dC_out, dD, dz, ddt_bias, dinit_out};
 }
 
+// The test hook's checks (shared by both devices): the GEMM itself trusts its caller.
+inline void check_test_gemm_args(const at::Tensor& a, const at::Tensor& b, int64_t tri,
+                                 const std::optional<at::Tensor>& acc) {
+  SSMK_CHECK_VALUE(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
+                   "a, b: expected [batch, M, K] and [batch, K, N], got ", a.sizes(), " and ", b.sizes());
+  SSMK_CHECK_VALUE(a.size(0) >= 1 && a.size(1) >= 1 && a.size(2) >= 1 && b.size(2) >= 1,
+                   "a, b: expected non-empty matrices, got ", a.sizes(), " and ", b.sizes());
+  SSMK_CHECK_TYPE((a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble) &&
+                      b.scalar_type() == a.scalar_type(),
+                  "a, b: expected both float32 or both float64, got ", a.scalar_type(), " and ", b.scalar_type());
+  SSMK_CHECK_VALUE(b.device() == a.device(), "b: expected device ", a.device(), ", got ", b.device());
+  SSMK_CHECK_VALUE(tri >= 0 && tri <= 3, "tri: expected 0..3, got ", tri);
+  if (acc) {
+    SSMK_CHECK_VALUE(tri == 0, "tri: accumulation supports tri = 0 only, got ", tri);
+    check_shape(*acc, {a.size(0), a.size(1), b.size(2)}, "acc");
+    check_dtype(*acc, a.scalar_type(), "acc");
+    SSMK_CHECK_VALUE(acc->device() == a.device(), "acc: expected device ", a.device(), ", got ", acc->device());
+  }
+}
+
+template <typename Stages>
+at::Tensor test_gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype, int64_t tri,
+                     const std::optional<at::Tensor>& acc, const Stages& stages) {
+  check_test_gemm_args(a, b, tri, acc);
+  if (acc) {
+    at::Tensor out = acc->contiguous().clone();
+    stages.gemm_add(out, a, b, in_dtype);
+    return out;
+  }
+  return stages.gemm(a, b, in_dtype, static_cast<Tri>(tri));
+}
+
 }  // namespace ssd
 }  // namespace ssmk

@@ -403,10 +403,16 @@ ssd_scan_bwd_cpu(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                   initial_states, seq_idx, dout, dfinal_states, CpuStages{});
 }
 
+at::Tensor ssd_test_gemm_cpu(const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype, int64_t tri,
+                           const std::optional<at::Tensor>& acc) {
+  return ssd::test_gemm(a, b, in_dtype, tri, acc, CpuStages{});
+}
+
 }  // namespace
 }  // namespace ssmk
 
 TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
   m.impl("ssd_scan_fwd", &ssmk::ssd_scan_fwd_cpu);
   m.impl("ssd_scan_bwd", &ssmk::ssd_scan_bwd_cpu);
+  m.impl("_ssd_test_gemm", &ssmk::ssd_test_gemm_cpu);
 }

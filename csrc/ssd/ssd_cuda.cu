@@ -182,10 +182,17 @@ ssd_scan_bwd_cuda(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
                   initial_states, seq_idx, dout, dfinal_states, CudaStages{});
 }
 
+at::Tensor ssd_test_gemm_cuda(const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype, int64_t tri,
+                           const std::optional<at::Tensor>& acc) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  return ssd::test_gemm(a, b, in_dtype, tri, acc, CudaStages{});
+}
+
 }  // namespace
 }  // namespace ssmk
 
 TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) {
   m.impl("ssd_scan_fwd", &ssmk::ssd_scan_fwd_cuda);
   m.impl("ssd_scan_bwd", &ssmk::ssd_scan_bwd_cuda);
+  m.impl("_ssd_test_gemm", &ssmk::ssd_test_gemm_cuda);
 }
