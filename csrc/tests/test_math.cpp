@@ -77,6 +77,23 @@ void test_activations() {
   }
 }
 
+void test_silu_float() {
+  double worst = 0.0;
+  for (double x = -88.0; x <= 87.0; x += 1e-3) {
+    const float xf = static_cast<float>(x);
+    const double want = xf / (1.0 + std::exp(-static_cast<double>(xf)));
+    if (std::fabs(want) > 1e-30) worst = std::fmax(worst, std::fabs(ssmk::silu(xf) - want) / std::fabs(want));
+  }
+  expect(worst < 2e-7, "silu(float) max relative error on [-88, 87]", worst, 2e-7);
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  expect(ssmk::silu(100.0f) == 100.0f, "silu(100)", ssmk::silu(100.0f), 100.0);
+  expect(ssmk::silu(-100.0f) == 0.0f, "silu(-100)", ssmk::silu(-100.0f), 0.0);
+  expect(ssmk::silu(inf) == inf, "silu(inf)", ssmk::silu(inf), inf);
+  expect(std::isnan(ssmk::silu(-inf)), "silu(-inf) (= -inf * 0)", ssmk::silu(-inf), nan);
+  expect(std::isnan(ssmk::silu(nan)), "silu(nan)", ssmk::silu(nan), nan);
+}
+
 void test_causal_conv1d_rules() {
   using namespace ssmk::causal_conv1d;
   expect(tap_position(0, 3, 4) == 0, "tap_position(0, 3, 4)", tap_position(0, 3, 4), 0);
@@ -96,6 +113,7 @@ int main() {
   test_fast_exp();
   test_fast_log1p();
   test_activations();
+  test_silu_float();
   test_causal_conv1d_rules();
   if (failures == 0) std::printf("all math tests passed\n");
   return failures == 0 ? 0 : 1;
