@@ -434,43 +434,87 @@ selective_scan_bwd_cpu(const at::Tensor& u, const at::Tensor& delta, const at::T
       });
 }
 
-// One decode step per (batch, head, headdim) row.
+// One decode step per (batch, head, headdim) row, in runs of up to kUpdateRun rows of one
+// (batch, head): the per-row scalar work (dt's softplus, the z gate) runs as loops over the run
+// that vectorise, and each row's state update and C reduction as contiguous loops over dstate.
+constexpr int64_t kUpdateRun = 64;
+
+// sum_n c[n] h[n] with 8 independent partial sums (a fixed order the compiler keeps in one vector
+// register; a plain `y +=` chain would stay scalar).
+template <typename acc_t>
+SSMK_CPU_INLINE acc_t dot_rows(const acc_t* SSMK_RESTRICT c, const acc_t* SSMK_RESTRICT h, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += c[i + j] * h[i + j];
+  }
+  for (; i < n; ++i) part[0] += c[i] * h[i];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 template <typename input_t>
 SSMK_CPU_INLINE void update_rows(const SelectiveStateUpdateParams& p, int64_t begin, int64_t end) {
   using acc_t = acc_type<input_t>;
   const int64_t H = p.nheads, P = p.headdim, N = p.dstate;
   const int64_t heads_per_group = H / p.groups;
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t b = r / (H * P), hd = (r / P) % H, pd = r % P;
+  acc_t xv[kUpdateRun], dtv[kUpdateRun], yv[kUpdateRun];
+  for (int64_t r = begin; r < end;) {
+    // Row r = (b * H + hd) * P + pd.
+    const int64_t b = r / (H * P), hd = (r / P) % H, pd0 = r % P;
+    const int64_t len = std::min({kUpdateRun, P - pd0, end - r});
     auto* out = static_cast<input_t*>(p.out) + r;
     const int64_t sb = p.state_indices ? p.state_indices[b] : b;
     if (sb < 0 || sb >= p.state_batch) {
-      *out = input_t(0);
+      for (int64_t i = 0; i < len; ++i) out[i] = input_t(0);
+      r += len;
       continue;
     }
-    const acc_t x = load<input_t, acc_t>(p.x, b * p.x_batch_stride + hd * p.x_head_stride + pd * p.x_dim_stride);
-    const acc_t dt_raw = load<input_t, acc_t>(p.dt, b * p.dt_batch_stride + hd * p.dt_head_stride + pd * p.dt_dim_stride);
-    const int64_t hp = hd * P + pd;
-    const acc_t bias = p.dt_bias ? static_cast<const acc_t*>(p.dt_bias)[hp] : acc_t(0);
-    const acc_t dt = delta_transform(dt_raw, bias, p.softplus);
-    const acc_t* A = static_cast<const acc_t*>(p.A) + hp * N;
+    const int64_t hp0 = hd * P + pd0;
+    const input_t* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + hd * p.x_head_stride + pd0 * p.x_dim_stride;
+    const input_t* dt = static_cast<const input_t*>(p.dt) + b * p.dt_batch_stride + hd * p.dt_head_stride + pd0 * p.dt_dim_stride;
+    const acc_t* bias = p.dt_bias ? static_cast<const acc_t*>(p.dt_bias) + hp0 : nullptr;
+    for (int64_t i = 0; i < len; ++i) {
+      xv[i] = static_cast<acc_t>(x[i * p.x_dim_stride]);
+      dtv[i] = static_cast<acc_t>(dt[i * p.dt_dim_stride]) + (bias ? bias[i] : acc_t(0));
+    }
+    if (p.softplus) {
+      for (int64_t i = 0; i < len; ++i) dtv[i] = ssmk::softplus(dtv[i]);
+    }
+
     const int64_t g = hd / heads_per_group;
     const acc_t* Bv = static_cast<const acc_t*>(p.B) + (b * p.groups + g) * N;
     const acc_t* Cv = static_cast<const acc_t*>(p.C) + (b * p.groups + g) * N;
-    auto* state = static_cast<acc_t*>(p.state) + sb * p.state_batch_stride + hd * p.state_head_stride +
-                  pd * p.state_dim_stride;
     const int64_t sn = p.state_n_stride;
-    const acc_t dtx = dt * x;
-    acc_t y = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      const acc_t h = selective_scan::discretize(dt, A[n]) * state[n * sn] + dtx * Bv[n];
-      state[n * sn] = h;
-      y += Cv[n] * h;
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t* A = static_cast<const acc_t*>(p.A) + (hp0 + i) * N;
+      auto* state = static_cast<acc_t*>(p.state) + sb * p.state_batch_stride + hd * p.state_head_stride +
+                    (pd0 + i) * p.state_dim_stride;
+      const acc_t dti = dtv[i], dtx = dtv[i] * xv[i];
+      if (sn == 1) {
+#pragma omp simd
+        for (int64_t n = 0; n < N; ++n) state[n] = selective_scan::discretize(dti, A[n]) * state[n] + dtx * Bv[n];
+        yv[i] = dot_rows(Cv, state, N);
+      } else {
+        acc_t y = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t h = selective_scan::discretize(dti, A[n]) * state[n * sn] + dtx * Bv[n];
+          state[n * sn] = h;
+          y += Cv[n] * h;
+        }
+        yv[i] = y;
+      }
     }
-    const acc_t Dd = p.D ? static_cast<const acc_t*>(p.D)[hp] : acc_t(0);
-    const acc_t zv = p.z ? load<input_t, acc_t>(p.z, b * p.z_batch_stride + hd * p.z_head_stride + pd * p.z_dim_stride)
-                         : acc_t(0);
-    *out = static_cast<input_t>(selective_scan::epilogue(y, x, Dd, zv, p.z != nullptr));
+
+    if (p.D) {
+      const acc_t* D = static_cast<const acc_t*>(p.D) + hp0;
+      for (int64_t i = 0; i < len; ++i) yv[i] += D[i] * xv[i];
+    }
+    if (p.z) {
+      const input_t* z = static_cast<const input_t*>(p.z) + b * p.z_batch_stride + hd * p.z_head_stride + pd0 * p.z_dim_stride;
+      for (int64_t i = 0; i < len; ++i) yv[i] *= ssmk::silu(static_cast<acc_t>(z[i * p.z_dim_stride]));
+    }
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<input_t>(yv[i]);
+    r += len;
   }
 }
 SSMK_CPU_MULTIVERSION(update_rows, (typename input_t), (input_t),

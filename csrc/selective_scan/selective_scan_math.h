@@ -26,52 +26,52 @@ constexpr int64_t kMaxDstate = 256;
 SSMK_HOST_DEVICE int64_t num_chunks(int64_t seqlen) { return (seqlen + kChunkSize - 1) / kChunkSize; }
 
 template <typename T>
-SSMK_HOST_DEVICE T delta_transform(T delta, T bias, bool use_softplus) {
+SSMK_MATH_INLINE T delta_transform(T delta, T bias, bool use_softplus) {
   const T x = delta + bias;
   return use_softplus ? ssmk::softplus(x) : x;
 }
 
 // d dt / d delta
 template <typename T>
-SSMK_HOST_DEVICE T delta_transform_grad(T delta, T bias, bool use_softplus) {
+SSMK_MATH_INLINE T delta_transform_grad(T delta, T bias, bool use_softplus) {
   return use_softplus ? ssmk::softplus_grad(delta + bias) : T(1);
 }
 
 template <typename T>
-SSMK_HOST_DEVICE T real_part(T x) {
+SSMK_MATH_INLINE T real_part(T x) {
   return x;
 }
 template <typename T>
-SSMK_HOST_DEVICE T real_part(c10::complex<T> x) {
+SSMK_MATH_INLINE T real_part(c10::complex<T> x) {
   return x.real();
 }
 
 template <typename T>
-SSMK_HOST_DEVICE T conj_of(T x) {
+SSMK_MATH_INLINE T conj_of(T x) {
   return x;
 }
 template <typename T>
-SSMK_HOST_DEVICE c10::complex<T> conj_of(c10::complex<T> x) {
+SSMK_MATH_INLINE c10::complex<T> conj_of(c10::complex<T> x) {
   return c10::complex<T>(x.real(), -x.imag());
 }
 
 // Re(conj(x) * y): the real inner product, i.e. how a real scalar s enters through x * s.
 template <typename T>
-SSMK_HOST_DEVICE T real_dot(T x, T y) {
+SSMK_MATH_INLINE T real_dot(T x, T y) {
   return x * y;
 }
 template <typename T>
-SSMK_HOST_DEVICE T real_dot(c10::complex<T> x, c10::complex<T> y) {
+SSMK_MATH_INLINE T real_dot(c10::complex<T> x, c10::complex<T> y) {
   return x.real() * y.real() + x.imag() * y.imag();
 }
 
 // a = exp(dt * A)
 template <typename T>
-SSMK_HOST_DEVICE T discretize(T dt, T A) {
+SSMK_MATH_INLINE T discretize(T dt, T A) {
   return ssmk::fast_exp(dt * A);
 }
 template <typename T>
-SSMK_HOST_DEVICE c10::complex<T> discretize(T dt, c10::complex<T> A) {
+SSMK_MATH_INLINE c10::complex<T> discretize(T dt, c10::complex<T> A) {
   using std::cos;
   using std::sin;
   const T mag = ssmk::fast_exp(dt * A.real());
@@ -91,7 +91,7 @@ struct OutputScale<c10::complex<T>> {
 
 // out = (y + D u) * silu(z)
 template <typename T>
-SSMK_HOST_DEVICE T epilogue(T y, T u, T D, T z, bool has_z) {
+SSMK_MATH_INLINE T epilogue(T y, T u, T D, T z, bool has_z) {
   const T o = y + D * u;
   return has_z ? o * ssmk::silu(z) : o;
 }
