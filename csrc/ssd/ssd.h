@@ -221,13 +221,14 @@ inline void set_input_params(SsdParams& p, const at::Tensor& x, const at::Tensor
   }
 }
 
-// Stages 1-4 of the decomposition up to (not including) the scan across chunks.
+// Stages 1-4 of the decomposition up to (not including) the scan across chunks. GL is built only
+// `with_gl` (the backward); the forward's intra-chunk product builds it per task (intra_fwd).
 template <typename Stages>
 Prepared prepare(SsdParams& p, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bm,
                  const at::Tensor& Cm, const std::optional<at::Tensor>& D,
                  const std::optional<at::Tensor>& dt_bias,
                  const std::optional<at::Tensor>& initial_states,
-                 const std::optional<at::Tensor>& seq_idx, Stages& stages) {
+                 const std::optional<at::Tensor>& seq_idx, bool with_gl, Stages& stages) {
   const auto acc = acc_dtype(x);
   const auto in_dtype = x.scalar_type();
   const auto opts = x.options().dtype(acc);
@@ -273,10 +274,12 @@ Prepared prepare(SsdParams& p, const at::Tensor& x, const at::Tensor& A, const a
   const at::Tensor Bg = s.Bc.view({Bn * nc * G, Q, N});
   const at::Tensor Cg = s.Cc.view({Bn * nc * G, Q, N});
   s.cb = stages.gemm(Cg, Bg.transpose(1, 2), in_dtype, Tri::kLowerOut);  // [B*nc*G, Q, Q]
-  s.gl = at::empty({Bn, nc, H, Q, Q}, opts);
   p.cb = s.cb.data_ptr();
-  p.gl = s.gl.data_ptr();
-  stages.build_gl(p, in_dtype);
+  if (with_gl) {
+    s.gl = at::empty({Bn, nc, H, Q, Q}, opts);
+    p.gl = s.gl.data_ptr();
+    stages.build_gl(p, in_dtype);
+  }
 
   // Not in place: with one head and no padding the packed tensor can alias x itself.
   s.xdt = pack_chunks(x, nc, Q, acc) * s.dtv.unsqueeze(-1);  // [B, nc, H, Q, P]
@@ -318,13 +321,13 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& dt
   const auto in_dtype = x.scalar_type();
   SsdParams p;
   set_input_params(p, x, dt, z, Bm.size(2), Bm.size(3), chunk_size, dt_softplus, dt_lo, dt_hi);
-  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, stages);
+  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, /*with_gl=*/false, stages);
 
   at::Tensor final_states = new_output({p.batch, p.nheads, p.headdim, p.dstate}, x.options().dtype(acc));
   p.final_states = final_states.data_ptr();
   stages.scan_fwd(p, in_dtype);
 
-  const at::Tensor y_intra = intra_outputs(s, p, in_dtype, stages);
+  const at::Tensor y_intra = stages.intra_fwd(p, s.xdt, in_dtype);
   const at::Tensor y_interT = inter_outputs(s, p, in_dtype, stages);
   at::Tensor out = new_output({p.batch, p.seqlen, p.nheads, p.headdim}, x.options());
   p.y_intra = y_intra.data_ptr();
@@ -367,7 +370,7 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   p.dout_p_stride = dout.stride(3);
   const int64_t Q = p.chunk, nc = p.nchunks, Hg = H / G;
   const int64_t BncG = Bn * nc * G, BncH = Bn * nc * H;
-  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, stages);
+  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, /*with_gl=*/true, stages);
 
   // dy = dout * silu(z): the gradient of y before the gate.
   at::Tensor dy_l = dout.to(acc);

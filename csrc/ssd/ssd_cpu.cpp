@@ -36,15 +36,16 @@ SSMK_CPU_INLINE void prep_tasks(const SsdParams& p, int64_t begin, int64_t end) 
 SSMK_CPU_MULTIVERSION(prep_tasks, (typename input_t), (input_t),
                       (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
 
-// gl[t, s] = cb[t, s] * e^{Acs_t - Acs_s} for s <= t in the same sequence, else 0.
+// gl[t, s] = cb[t, s] * e^{Acs_t - Acs_s} for s <= t in the same sequence, else 0; task i's
+// Q x Q matrix goes to out + (i - begin) Q^2.
 template <typename acc_t>
-SSMK_CPU_INLINE void build_gl_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+SSMK_CPU_INLINE void build_gl_tasks(const SsdParams& p, int64_t begin, int64_t end, acc_t* out) {
   const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
   for (int64_t i = begin; i < end; ++i) {
     const Task k = task_of(p, i);
     const int64_t g = k.h / Hg;
     const acc_t* cb = static_cast<const acc_t*>(p.cb) + ((k.b * p.nchunks + k.c) * p.ngroups + g) * Q * Q;
-    acc_t* gl = static_cast<acc_t*>(p.gl) + i * Q * Q;
+    acc_t* gl = out + (i - begin) * Q * Q;
     const acc_t* acs = static_cast<const acc_t*>(p.acs) + i * Q;
     const int32_t* sg = chunk_seg(p, k.b, k.c);
     for (int64_t t = 0; t < Q; ++t) {
@@ -61,7 +62,7 @@ SSMK_CPU_INLINE void build_gl_tasks(const SsdParams& p, int64_t begin, int64_t e
   }
 }
 SSMK_CPU_MULTIVERSION(build_gl_tasks, (typename acc_t), (acc_t),
-                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+                      (const SsdParams& p, int64_t begin, int64_t end, acc_t* out), (p, begin, end, out))
 
 // The scan across chunks, per (batch, head): states[c] <- H_{c-1}; H_c = kdecay_c H_{c-1} + S_c.
 // With `backward`, then the reverse scan of the state gradients and d loss / d Acs_last.
@@ -350,8 +351,35 @@ struct CpuStages {
   void build_gl(const SsdParams& p, at::ScalarType dtype) const {
     SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_build_gl_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { build_gl_tasks_dispatch<acc_t>(p, b, e); });
+      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) {
+        build_gl_tasks_dispatch<acc_t>(p, b, e, static_cast<acc_t*>(p.gl) + b * p.chunk * p.chunk);
+      });
     });
+  }
+  // y_intra = GL @ (dt x) per task with GL built into a per-thread Q x Q buffer that stays in
+  // cache, instead of a [B, nc, H, Q, Q] tensor written and read back through memory (the
+  // forward needs GL for nothing else). Same row blocks as gemm(..., kLowerA).
+  at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
+    const int64_t Q = p.chunk, P = p.headdim;
+    at::Tensor y = at::empty({tasks(p), Q, P}, xdt.options());
+    const at::Tensor x3 = xdt.detach().view({tasks(p), Q, P});
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_intra_fwd_cpu", [&] {
+      using acc_t = acc_type<scalar_t>;
+      at::parallel_for(0, tasks(p), 1, [&](int64_t begin, int64_t end) {
+        at::Tensor gl = at::empty({Q, Q}, xdt.options());
+        for (int64_t i = begin; i < end; ++i) {
+          build_gl_tasks_dispatch<acc_t>(p, i, i + 1, gl.data_ptr<acc_t>());
+          at::Tensor yi = y.select(0, i);
+          const at::Tensor xi = x3.select(0, i);
+          for (int64_t m0 = 0; m0 < Q; m0 += ssd::kGemmRowBlock) {
+            const int64_t rows = std::min(ssd::kGemmRowBlock, Q - m0), k_end = std::min(Q, m0 + ssd::kGemmRowBlock);
+            at::Tensor yb = yi.narrow(0, m0, rows);
+            at::mm_out(yb, gl.narrow(0, m0, rows).narrow(1, 0, k_end), xi.narrow(0, 0, k_end));
+          }
+        }
+      });
+    });
+    return y;
   }
   void scan(const SsdParams& p, at::ScalarType dtype, bool backward) const {
     SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_scan_cpu", [&] {

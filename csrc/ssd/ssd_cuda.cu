@@ -120,6 +120,15 @@ struct CudaStages {
       SSMK_CUDA_CHECK_LAUNCH();
     });
   }
+  // y_intra = GL @ (dt x): GL built in global memory, then the tensor-core GEMM.
+  at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
+    const int64_t Q = p.chunk;
+    at::Tensor gl = at::empty({tasks(p), Q, Q}, xdt.options());
+    SsdParams q = p;
+    q.gl = gl.data_ptr();
+    build_gl(q, dtype);
+    return gemm(gl, xdt.view({tasks(p), Q, p.headdim}), dtype, ssd::Tri::kLowerA);
+  }
   template <bool kBackward>
   void scan(const SsdParams& p, at::ScalarType dtype) const {
     auto stream = at::cuda::getCurrentCUDAStream();
