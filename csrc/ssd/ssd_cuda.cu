@@ -40,21 +40,12 @@ static_assert(ssd::kGemmRowBlock == ssmk::cuda::BatchedGemmTraits<ssmk::cuda::Mm
                   ssd::kGemmRowBlock == ssmk::cuda::BatchedGemmTraits<ssmk::cuda::MmaPrecision::kHalf>::kBM,
               "the CPU mirrors the GPU GEMM's row blocking");
 
-// out[i] (=|+=) a[i] @ b[i] for [batch, M, K] x [batch, K, N] accumulation-dtype views of any strides.
-void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype,
-                      ssd::Tri tri, bool accumulate) {
+ssmk::cuda::BatchedGemmParams gemm_params(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                                          ssd::Tri tri, bool accumulate) {
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
                   out.is_contiguous() && out.size(0) == a.size(0) && out.size(1) == a.size(1) &&
                   out.size(2) == b.size(2),
               "ssd gemm: inconsistent operands ", a.sizes(), " x ", b.sizes(), " -> ", out.sizes());
-  if (a.scalar_type() == at::kDouble) {
-    if (accumulate) {
-      out.baddbmm_(a, b);
-    } else {
-      at::bmm_out(out, a, b);
-    }
-    return;
-  }
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
               "ssd gemm: expected float32 operands");
   ssmk::cuda::BatchedGemmParams p{};
@@ -77,18 +68,64 @@ void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   p.triangle = static_cast<ssmk::cuda::Triangle>(static_cast<int>(tri));
   TORCH_CHECK(ssmk::cuda::batched_gemm_fits_int32(p), "ssd gemm: a matrix of ", a.sizes(), " x ", b.sizes(),
               " exceeds 2^31 elements");
+  return p;
+}
+
+// The operand precision follows the op's input dtype.
+template <typename ALoad = ssmk::cuda::StridedA>
+void launch_gemm(const ssmk::cuda::BatchedGemmParams& p, at::ScalarType in_dtype, const ALoad& a_load = {}) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   auto stream = at::cuda::getCurrentCUDAStream();
   using ssmk::cuda::MmaPrecision;
   if (in_dtype == at::kHalf) {
-    ssmk::cuda::launch_batched_gemm<MmaPrecision::kHalf>(p, sms, stream);
+    ssmk::cuda::launch_batched_gemm<MmaPrecision::kHalf>(p, sms, stream, a_load);
   } else if (in_dtype == at::kBFloat16) {
-    ssmk::cuda::launch_batched_gemm<MmaPrecision::kBFloat16>(p, sms, stream);
+    ssmk::cuda::launch_batched_gemm<MmaPrecision::kBFloat16>(p, sms, stream, a_load);
   } else {
-    ssmk::cuda::launch_batched_gemm<MmaPrecision::kTf32x3>(p, sms, stream);
+    ssmk::cuda::launch_batched_gemm<MmaPrecision::kTf32x3>(p, sms, stream, a_load);
   }
   SSMK_CUDA_CHECK_LAUNCH();
 }
+
+// out[i] (=|+=) a[i] @ b[i] for [batch, M, K] x [batch, K, N] accumulation-dtype views of any strides.
+void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype,
+                      ssd::Tri tri, bool accumulate) {
+  if (a.scalar_type() == at::kDouble) {
+    if (accumulate) {
+      out.baddbmm_(a, b);
+    } else {
+      at::bmm_out(out, a, b);
+    }
+    return;
+  }
+  launch_gemm(gemm_params(out, a, b, tri, accumulate), in_dtype);
+}
+
+// GL[t, s] of task bi = (b * nc + c) * H + h, computed where the intra-chunk GEMM reads it:
+// C_t . B_s of the head's group times the masked decay (the same formula as build_gl_kernel).
+struct GlLoad {
+  const float* cb;   // [B, nc, G, Q, Q]
+  const float* acs;  // [B, nc, H, Q]
+  const int32_t* seg;
+  int64_t nheads, heads_per_group, ngroups;
+  int chunk;
+
+  struct Matrix {
+    const float* cb;   // the task's group's C B^T, [Q, Q]
+    const float* acs;  // [Q]
+    const int32_t* seg;  // [Q] or nullptr
+    int chunk;
+    __device__ __forceinline__ float operator()(int t, int s) const {
+      const float dec = ssd::segment_decay(acs, seg, t, s);
+      return dec == 0.0f ? 0.0f : cb[t * chunk + s] * dec;
+    }
+  };
+  __device__ __forceinline__ Matrix matrix(int64_t bi) const {
+    const int64_t bc = bi / nheads, h = bi % nheads;
+    return {cb + (bc * ngroups + h / heads_per_group) * chunk * chunk, acs + bi * chunk,
+            seg ? seg + bc * chunk : nullptr, chunk};
+  }
+};
 
 struct CudaStages {
   int64_t tasks(const SsdParams& p) const { return p.batch * p.nchunks * p.nheads; }
@@ -120,14 +157,26 @@ struct CudaStages {
       SSMK_CUDA_CHECK_LAUNCH();
     });
   }
-  // y_intra = GL @ (dt x): GL built in global memory, then the tensor-core GEMM.
+  // y_intra = GL @ (dt x) with GL computed in the GEMM's operand loads (GlLoad): GL never goes
+  // through global memory in the forward. float64 builds GL and uses cuBLAS.
   at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
-    const int64_t Q = p.chunk;
-    at::Tensor gl = at::empty({tasks(p), Q, Q}, xdt.options());
-    SsdParams q = p;
-    q.gl = gl.data_ptr();
-    build_gl(q, dtype);
-    return gemm(gl, xdt.view({tasks(p), Q, p.headdim}), dtype, ssd::Tri::kLowerA);
+    const int64_t Q = p.chunk, P = p.headdim;
+    const at::Tensor x3 = xdt.view({tasks(p), Q, P});
+    if (dtype == at::kDouble) {
+      at::Tensor gl = at::empty({tasks(p), Q, Q}, xdt.options());
+      SsdParams q = p;
+      q.gl = gl.data_ptr();
+      build_gl(q, dtype);
+      return gemm(gl, x3, dtype, ssd::Tri::kLowerA);
+    }
+    at::Tensor y = at::empty({tasks(p), Q, P}, xdt.options());
+    // The strides describe one chunk's CB matrix ([Q, Q], row-major) for the walk and the checks.
+    const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q}, {0, Q, 1}, xdt.options());
+    ssmk::cuda::BatchedGemmParams g = gemm_params(y, cb_view, x3, ssd::Tri::kLowerA, false);
+    const GlLoad load{static_cast<const float*>(p.cb), static_cast<const float*>(p.acs), p.seg,
+                      p.nheads, p.nheads / p.ngroups, p.ngroups, static_cast<int>(Q)};
+    launch_gemm(g, dtype, load);
+    return y;
   }
   template <bool kBackward>
   void scan(const SsdParams& p, at::ScalarType dtype) const {

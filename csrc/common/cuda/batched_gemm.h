@@ -15,12 +15,19 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda/mma.h"
 
 namespace ssmk::cuda {
 
 enum class Triangle : int { kNone = 0, kLowerA = 1, kUpperA = 2, kLowerOut = 3 };
+
+// A read from global memory through p.a and its strides. A kernel may instead pass a loader whose
+// `matrix(batch)` returns an object with `float operator()(int m, int k) const` computing A's
+// elements on the fly (a fused prologue); it is called only for in-range (m, k), and
+// p.a_col_stride == 1 should then say that consecutive k are the cheap direction to walk.
+struct StridedA {};
 
 struct BatchedGemmParams {
   const float* a;  // [batch, M, K]
@@ -75,8 +82,13 @@ struct TileWalk {
   }
 };
 
-template <MmaPrecision P>
-__global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads, BatchedGemmTraits<P>::kMinBlocks) batched_gemm_kernel(const BatchedGemmParams p) {
+__device__ __forceinline__ StridedA bind_matrix(const StridedA& s, int64_t) { return s; }
+template <typename ALoad>
+__device__ __forceinline__ auto bind_matrix(const ALoad& load, int64_t batch) { return load.matrix(batch); }
+
+template <MmaPrecision P, typename ALoad>
+__global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads, BatchedGemmTraits<P>::kMinBlocks)
+    batched_gemm_kernel(const BatchedGemmParams p, const ALoad a_load) {
   using Tr = BatchedGemmTraits<P>;
   using Mma = typename Tr::Mma;
   using smem_t = typename Tr::smem_t;
@@ -118,12 +130,21 @@ __global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads, BatchedGemmTra
     const int a_step = static_cast<int>(wa.drow * p.a_row_stride + wa.dcol * p.a_col_stride);
     const int b_step = static_cast<int>(wb.drow * p.b_row_stride + wb.dcol * p.b_col_stride);
     float ra[Tr::kALoads], rb[Tr::kBLoads];
+    const auto a_matrix = bind_matrix(a_load, bi);
     auto load = [&](int k0) {
       const int m = static_cast<int>(m0) + wa.row0, ka = k0 + wa.col0;
-      const float* pa = a + (m * static_cast<int>(p.a_row_stride) + ka * static_cast<int>(p.a_col_stride));
+      if constexpr (std::is_same_v<ALoad, StridedA>) {
+        const float* pa = a + (m * static_cast<int>(p.a_row_stride) + ka * static_cast<int>(p.a_col_stride));
 #pragma unroll
-      for (int i = 0; i < Tr::kALoads; ++i) {
-        ra[i] = m + i * wa.drow < M && ka + i * wa.dcol < k_end ? pa[i * a_step] : 0.0f;
+        for (int i = 0; i < Tr::kALoads; ++i) {
+          ra[i] = m + i * wa.drow < M && ka + i * wa.dcol < k_end ? pa[i * a_step] : 0.0f;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < Tr::kALoads; ++i) {
+          const int mi = m + i * wa.drow, ki = ka + i * wa.dcol;
+          ra[i] = mi < M && ki < k_end ? a_matrix(mi, ki) : 0.0f;
+        }
       }
       const int kb = k0 + wb.row0, n = static_cast<int>(n0) + wb.col0;
       const float* pb = b + (kb * static_cast<int>(p.b_row_stride) + n * static_cast<int>(p.b_col_stride));
@@ -188,15 +209,15 @@ inline bool batched_gemm_fits_int32(const BatchedGemmParams& p) {
   return p.M < lim && p.N < lim && p.K < lim && a_span < lim && b_span < lim;
 }
 
-template <MmaPrecision P>
-void launch_batched_gemm(const BatchedGemmParams& p, int num_sms, cudaStream_t stream) {
+template <MmaPrecision P, typename ALoad = StridedA>
+void launch_batched_gemm(const BatchedGemmParams& p, int num_sms, cudaStream_t stream, const ALoad& a_load = {}) {
   using Tr = BatchedGemmTraits<P>;
   const int64_t tiles = p.batch * p.tiles_m * p.tiles_n;
   if (tiles == 0) return;
   // Several resident blocks per SM; beyond that a block loops over tiles.
   const int64_t max_blocks = static_cast<int64_t>(num_sms) * 32;
   const unsigned grid = static_cast<unsigned>(tiles < max_blocks ? tiles : max_blocks);
-  batched_gemm_kernel<P><<<grid, Tr::kThreads, 0, stream>>>(p);
+  batched_gemm_kernel<P, ALoad><<<grid, Tr::kThreads, 0, stream>>>(p, a_load);
 }
 
 }  // namespace ssmk::cuda
