@@ -52,7 +52,8 @@ struct SsdParams {
   void* r;       // [B, nc, H, Q] e^{Acs_t}, masked to the previous chunk's last sequence
   void* kdecay;  // [B, nc, H] e^{Acs_last}, 0 when the chunk starts a new sequence
   const void* cb;  // [B, nc, G, Q, Q] C_t . B_s
-  void* gl;        // [B, nc, H, Q, Q] CB masked and decayed: (C_t . B_s) e^{Acs_t - Acs_s}
+  void* gl;        // [B, nc, H, Q, Q] GL = CB masked and decayed: (C_t . B_s) e^{Acs_t - Acs_s};
+                   // only where a device materialises it (the CUDA float64 path)
 
   void* states;        // [B, nc, H, P, N] in: chunk states S_c; out: state before chunk c
   const void* init;    // [B, H, P, N] or nullptr
@@ -162,7 +163,7 @@ inline void check_args(const at::Tensor& x, const at::Tensor& dt, const at::Tens
 struct Prepared {
   at::Tensor A, dt_bias, D, seg, init;
   at::Tensor dtv, acs, e, r, kdecay;
-  at::Tensor Bc, Cc, cb, gl, xdt, xwT, states;
+  at::Tensor Bc, Cc, cb, xdt, xwT, states;
 };
 
 // [B, L, K1, K2] (any dtype and strides) -> [B, nc, K1, Q, K2] accumulation dtype, contiguous,
@@ -221,14 +222,14 @@ inline void set_input_params(SsdParams& p, const at::Tensor& x, const at::Tensor
   }
 }
 
-// Stages 1-4 of the decomposition up to (not including) the scan across chunks. GL is built only
-// `with_gl` (the backward); the forward's intra-chunk product builds it per task (intra_fwd).
+// Stages 1-4 of the decomposition up to (not including) the scan across chunks. GL itself is never
+// stored: the stages that use it (intra_fwd, intra_bwd, wsum) rebuild it from CB and Acs.
 template <typename Stages>
 Prepared prepare(SsdParams& p, const at::Tensor& x, const at::Tensor& A, const at::Tensor& Bm,
                  const at::Tensor& Cm, const std::optional<at::Tensor>& D,
                  const std::optional<at::Tensor>& dt_bias,
                  const std::optional<at::Tensor>& initial_states,
-                 const std::optional<at::Tensor>& seq_idx, bool with_gl, Stages& stages) {
+                 const std::optional<at::Tensor>& seq_idx, Stages& stages) {
   const auto acc = acc_dtype(x);
   const auto in_dtype = x.scalar_type();
   const auto opts = x.options().dtype(acc);
@@ -275,11 +276,6 @@ Prepared prepare(SsdParams& p, const at::Tensor& x, const at::Tensor& A, const a
   const at::Tensor Cg = s.Cc.view({Bn * nc * G, Q, N});
   s.cb = stages.gemm(Cg, Bg.transpose(1, 2), in_dtype, Tri::kLowerOut);  // [B*nc*G, Q, Q]
   p.cb = s.cb.data_ptr();
-  if (with_gl) {
-    s.gl = at::empty({Bn, nc, H, Q, Q}, opts);
-    p.gl = s.gl.data_ptr();
-    stages.build_gl(p, in_dtype);
-  }
 
   // Not in place: with one head and no padding the packed tensor can alias x itself.
   s.xdt = pack_chunks(x, nc, Q, acc) * s.dtv.unsqueeze(-1);  // [B, nc, H, Q, P]
@@ -299,14 +295,6 @@ at::Tensor inter_outputs(const Prepared& s, const SsdParams& p, at::ScalarType i
                      s.Cc.view({BncG, p.chunk, p.dstate}).transpose(1, 2), in_dtype);
 }
 
-// y_intra = GL @ (dt x); GL is lower triangular.
-template <typename Stages>
-at::Tensor intra_outputs(const Prepared& s, const SsdParams& p, at::ScalarType in_dtype, const Stages& stages) {
-  const int64_t BncH = p.batch * p.nchunks * p.nheads;
-  return stages.gemm(s.gl.view({BncH, p.chunk, p.chunk}), s.xdt.view({BncH, p.chunk, p.headdim}),
-                     in_dtype, Tri::kLowerA);
-}
-
 template <typename Stages>
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
                                        const at::Tensor& Bm, const at::Tensor& Cm, int64_t chunk_size,
@@ -321,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& dt
   const auto in_dtype = x.scalar_type();
   SsdParams p;
   set_input_params(p, x, dt, z, Bm.size(2), Bm.size(3), chunk_size, dt_softplus, dt_lo, dt_hi);
-  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, /*with_gl=*/false, stages);
+  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, stages);
 
   at::Tensor final_states = new_output({p.batch, p.nheads, p.headdim, p.dstate}, x.options().dtype(acc));
   p.final_states = final_states.data_ptr();
@@ -370,7 +358,7 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   p.dout_p_stride = dout.stride(3);
   const int64_t Q = p.chunk, nc = p.nchunks, Hg = H / G;
   const int64_t BncG = Bn * nc * G, BncH = Bn * nc * H;
-  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, /*with_gl=*/true, stages);
+  Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, stages);
 
   // dy = dout * silu(z): the gradient of y before the gate.
   at::Tensor dy_l = dout.to(acc);
@@ -395,9 +383,9 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
 
   const at::Tensor y_interT = inter_outputs(s, p, in_dtype, stages);
   at::Tensor y_intra;
-  if (z) y_intra = intra_outputs(s, p, in_dtype, stages);  // only the z gate's gradient needs y
+  if (z) y_intra = stages.intra_fwd(p, s.xdt, in_dtype);  // only the z gate's gradient needs y
   const at::Tensor dxdt =
-      stages.gemm(s.gl.view({BncH, Q, Q}).transpose(1, 2), dy.view({BncH, Q, P}), in_dtype, Tri::kUpperA);
+      stages.intra_bwd(p, dy, in_dtype);  // GL^T dy
   at::Tensor dgl = stages.gemm(dy.view({BncH, Q, P}), s.xdt.view({BncH, Q, P}).transpose(1, 2), in_dtype,
                                Tri::kLowerOut);
   at::Tensor dacs = at::empty({Bn, nc, H, Q}, opts);

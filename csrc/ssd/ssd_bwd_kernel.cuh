@@ -3,9 +3,9 @@
 // reduction has a fixed order, so gradients are bitwise reproducible.
 //
 // Cost per task (Q = chunk, P = headdim, float32 buffers):
-//   wsum_kernel   reads dGL and GL, writes dGL * decay: 12 Q^2 bytes, one exp per (t, s) with
-//                 s <= t; memory-bound, expected ~60-70% of copy bandwidth (the upper triangle is
-//                 written as zeros, the lower read and written).
+//   wsum_kernel   reads dGL and the group's CB (GL = CB * decay is rebuilt), writes dGL * decay:
+//                 12 Q^2 bytes, one exp per (t, s) with s <= t; memory-bound, expected ~60-70% of
+//                 copy bandwidth (the upper triangle is written as zeros, the lower read and written).
 //   final_kernel  reads xdt, dxdt, dy (Q P each), z^T, dy r^T, y_inter^T (P Q each), x, z, dout;
 //                 writes dx, dz: ~40 Q P bytes; memory-bound; the P Q operands are read along Q
 //                 by lanes that stride by Q (uncoalesced), so expect ~30-50% of copy bandwidth.
@@ -42,7 +42,9 @@ __global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdParams p) {
   }
   __syncthreads();
   auto* dgl = static_cast<acc_t*>(p.dgl) + i * Q * Q;
-  const auto* gl = static_cast<const acc_t*>(p.gl) + i * Q * Q;
+  // GL = CB * decay is rebuilt here rather than read: W = dGL * CB * decay.
+  const int64_t h = i % p.nheads;
+  const auto* cb = static_cast<const acc_t*>(p.cb) + (bc * p.ngroups + h / (p.nheads / p.ngroups)) * Q * Q;
   acc_t col[kColsPerLane];
 #pragma unroll
   for (int k = 0; k < kColsPerLane; ++k) col[k] = 0;
@@ -53,12 +55,12 @@ __global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdParams p) {
       const int s = lane + 32 * k;
       if (s < Q) {
         const int64_t off = static_cast<int64_t>(t) * Q + s;
-        const acc_t d = dgl[off];
         const bool inside = s <= t && s_seg[s] == s_seg[t];
-        const acc_t w = inside ? d * gl[off] : acc_t(0);
+        const acc_t dd = inside ? dgl[off] * ssd_exp(s_acs[t] - s_acs[s]) : acc_t(0);
+        const acc_t w = inside ? dd * cb[off] : acc_t(0);
         rs += w;
         col[k] += w;
-        dgl[off] = inside ? d * ssd_exp(s_acs[t] - s_acs[s]) : acc_t(0);
+        dgl[off] = dd;
       }
     }
     rs = ssmk::cuda::warp_reduce_sum(rs);

@@ -159,12 +159,13 @@ SSMK_CPU_MULTIVERSION(epilogue_tasks, (typename input_t), (input_t),
 // gradient of C_t . B_s.
 template <typename acc_t>
 SSMK_CPU_INLINE void wsum_tasks(const SsdParams& p, int64_t begin, int64_t end) {
-  const int64_t Q = p.chunk;
+  const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
   std::vector<acc_t> col(Q);
   for (int64_t i = begin; i < end; ++i) {
     const Task k = task_of(p, i);
     acc_t* dgl = static_cast<acc_t*>(p.dgl) + i * Q * Q;
-    const acc_t* gl = static_cast<const acc_t*>(p.gl) + i * Q * Q;
+    // GL = CB * decay is rebuilt here rather than read: W = dGL * CB * decay.
+    const acc_t* cb = static_cast<const acc_t*>(p.cb) + ((k.b * p.nchunks + k.c) * p.ngroups + k.h / Hg) * Q * Q;
     const acc_t* acs = static_cast<const acc_t*>(p.acs) + i * Q;
     acc_t* dacs = static_cast<acc_t*>(p.dacs) + i * Q;
     const int32_t* sg = chunk_seg(p, k.b, k.c);
@@ -172,18 +173,27 @@ SSMK_CPU_INLINE void wsum_tasks(const SsdParams& p, int64_t begin, int64_t end) 
     for (int64_t t = 0; t < Q; ++t) {
       const acc_t at = acs[t];
       acc_t* drow = dgl + t * Q;
-      const acc_t* grow = gl + t * Q;
+      const acc_t* cbrow = cb + t * Q;
       acc_t rs = 0;
-#pragma omp simd reduction(+ : rs)
-      for (int64_t s = 0; s <= t; ++s) {
-        const acc_t d = drow[s];
-        const acc_t w = d * grow[s];  // GL is already zero outside the mask
-        rs += w;
-        col[s] += w;
-        drow[s] = d * ssd_exp(at - acs[s]);
-      }
       if (sg) {
-        for (int64_t s = 0; s <= t; ++s) drow[s] = sg[s] == sg[t] ? drow[s] : acc_t(0);
+        const int32_t st = sg[t];
+#pragma omp simd reduction(+ : rs)
+        for (int64_t s = 0; s <= t; ++s) {
+          const acc_t dd = sg[s] == st ? drow[s] * ssd_exp(at - acs[s]) : acc_t(0);
+          const acc_t w = dd * cbrow[s];
+          rs += w;
+          col[s] += w;
+          drow[s] = dd;
+        }
+      } else {
+#pragma omp simd reduction(+ : rs)
+        for (int64_t s = 0; s <= t; ++s) {
+          const acc_t dd = drow[s] * ssd_exp(at - acs[s]);
+          const acc_t w = dd * cbrow[s];
+          rs += w;
+          col[s] += w;
+          drow[s] = dd;
+        }
       }
       for (int64_t s = t + 1; s < Q; ++s) drow[s] = 0;
       dacs[t] = rs;
@@ -348,38 +358,43 @@ struct CpuStages {
       at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { prep_tasks_dispatch<scalar_t>(p, b, e); });
     });
   }
-  void build_gl(const SsdParams& p, at::ScalarType dtype) const {
-    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_build_gl_cpu", [&] {
-      using acc_t = acc_type<scalar_t>;
-      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) {
-        build_gl_tasks_dispatch<acc_t>(p, b, e, static_cast<acc_t*>(p.gl) + b * p.chunk * p.chunk);
-      });
-    });
-  }
-  // y_intra = GL @ (dt x) per task with GL built into a per-thread Q x Q buffer that stays in
-  // cache, instead of a [B, nc, H, Q, Q] tensor written and read back through memory (the
-  // forward needs GL for nothing else). Same row blocks as gemm(..., kLowerA).
-  at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
+  // The products with GL, per task with GL built into a per-thread Q x Q buffer that stays in
+  // cache instead of a [B, nc, H, Q, Q] tensor written and read back through memory; the same
+  // 64-row blocks as gemm(..., kLowerA / kUpperA).
+  //   transpose = false: out = GL @ rhs      (y_intra = GL (dt x))
+  //   transpose = true:  out = GL^T @ rhs    (d(dt x) = GL^T dY)
+  at::Tensor intra_product(const SsdParams& p, const at::Tensor& rhs, at::ScalarType dtype, bool transpose) const {
     const int64_t Q = p.chunk, P = p.headdim;
-    at::Tensor y = at::empty({tasks(p), Q, P}, xdt.options());
-    const at::Tensor x3 = xdt.detach().view({tasks(p), Q, P});
-    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_intra_fwd_cpu", [&] {
+    at::Tensor out = at::empty({tasks(p), Q, P}, rhs.options());
+    const at::Tensor r3 = rhs.detach().view({tasks(p), Q, P});
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_intra_product_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
       at::parallel_for(0, tasks(p), 1, [&](int64_t begin, int64_t end) {
-        at::Tensor gl = at::empty({Q, Q}, xdt.options());
+        at::Tensor gl = at::empty({Q, Q}, rhs.options());
         for (int64_t i = begin; i < end; ++i) {
           build_gl_tasks_dispatch<acc_t>(p, i, i + 1, gl.data_ptr<acc_t>());
-          at::Tensor yi = y.select(0, i);
-          const at::Tensor xi = x3.select(0, i);
+          at::Tensor oi = out.select(0, i);
+          const at::Tensor ri = r3.select(0, i);
           for (int64_t m0 = 0; m0 < Q; m0 += ssd::kGemmRowBlock) {
-            const int64_t rows = std::min(ssd::kGemmRowBlock, Q - m0), k_end = std::min(Q, m0 + ssd::kGemmRowBlock);
-            at::Tensor yb = yi.narrow(0, m0, rows);
-            at::mm_out(yb, gl.narrow(0, m0, rows).narrow(1, 0, k_end), xi.narrow(0, 0, k_end));
+            const int64_t rows = std::min(ssd::kGemmRowBlock, Q - m0);
+            at::Tensor ob = oi.narrow(0, m0, rows);
+            if (transpose) {
+              at::mm_out(ob, gl.narrow(0, m0, Q - m0).narrow(1, m0, rows).t(), ri.narrow(0, m0, Q - m0));
+            } else {
+              const int64_t k_end = std::min(Q, m0 + ssd::kGemmRowBlock);
+              at::mm_out(ob, gl.narrow(0, m0, rows).narrow(1, 0, k_end), ri.narrow(0, 0, k_end));
+            }
           }
         }
       });
     });
-    return y;
+    return out;
+  }
+  at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
+    return intra_product(p, xdt, dtype, false);
+  }
+  at::Tensor intra_bwd(const SsdParams& p, const at::Tensor& dy, at::ScalarType dtype) const {
+    return intra_product(p, dy, dtype, true);
   }
   void scan(const SsdParams& p, at::ScalarType dtype, bool backward) const {
     SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_scan_cpu", [&] {

@@ -103,6 +103,10 @@ void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 // GL[t, s] of task bi = (b * nc + c) * H + h, computed where the intra-chunk GEMM reads it:
 // C_t . B_s of the head's group times the masked decay (the same formula as build_gl_kernel).
+// GL[t, s] of task bi = (b * nc + c) * H + h, computed where the intra-chunk GEMMs read it:
+// C_t . B_s of the head's group times the masked decay (the formula of build_gl_kernel). With
+// kTransposed the GEMM's A is GL^T: A[m, k] = GL[k, m].
+template <bool kTransposed>
 struct GlLoad {
   const float* cb;   // [B, nc, G, Q, Q]
   const float* acs;  // [B, nc, H, Q]
@@ -111,11 +115,12 @@ struct GlLoad {
   int chunk;
 
   struct Matrix {
-    const float* cb;   // the task's group's C B^T, [Q, Q]
-    const float* acs;  // [Q]
+    const float* cb;     // the task's group's C B^T, [Q, Q]
+    const float* acs;    // [Q]
     const int32_t* seg;  // [Q] or nullptr
     int chunk;
-    __device__ __forceinline__ float operator()(int t, int s) const {
+    __device__ __forceinline__ float operator()(int m, int k) const {
+      const int t = kTransposed ? k : m, s = kTransposed ? m : k;
       const float dec = ssd::segment_decay(acs, seg, t, s);
       return dec == 0.0f ? 0.0f : cb[t * chunk + s] * dec;
     }
@@ -157,26 +162,37 @@ struct CudaStages {
       SSMK_CUDA_CHECK_LAUNCH();
     });
   }
-  // y_intra = GL @ (dt x) with GL computed in the GEMM's operand loads (GlLoad): GL never goes
-  // through global memory in the forward. float64 builds GL and uses cuBLAS.
-  at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
+  // out = GL @ rhs (y_intra = GL (dt x)) or, transposed, GL^T @ rhs (d(dt x) = GL^T dY), with
+  // GL computed in the GEMM's operand loads (GlLoad): GL never goes through global memory.
+  // float64 builds GL in memory and uses cuBLAS.
+  template <bool kTransposed>
+  at::Tensor intra_product(const SsdParams& p, const at::Tensor& rhs, at::ScalarType dtype) const {
     const int64_t Q = p.chunk, P = p.headdim;
-    const at::Tensor x3 = xdt.view({tasks(p), Q, P});
+    const at::Tensor r3 = rhs.view({tasks(p), Q, P});
+    const ssd::Tri tri = kTransposed ? ssd::Tri::kUpperA : ssd::Tri::kLowerA;
     if (dtype == at::kDouble) {
-      at::Tensor gl = at::empty({tasks(p), Q, Q}, xdt.options());
+      at::Tensor gl = at::empty({tasks(p), Q, Q}, rhs.options());
       SsdParams q = p;
       q.gl = gl.data_ptr();
       build_gl(q, dtype);
-      return gemm(gl, x3, dtype, ssd::Tri::kLowerA);
+      return gemm(kTransposed ? gl.transpose(1, 2) : gl, r3, dtype, tri);
     }
-    at::Tensor y = at::empty({tasks(p), Q, P}, xdt.options());
-    // The strides describe one chunk's CB matrix ([Q, Q], row-major) for the walk and the checks.
-    const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q}, {0, Q, 1}, xdt.options());
-    ssmk::cuda::BatchedGemmParams g = gemm_params(y, cb_view, x3, ssd::Tri::kLowerA, false);
-    const GlLoad load{static_cast<const float*>(p.cb), static_cast<const float*>(p.acs), p.seg,
-                      p.nheads, p.nheads / p.ngroups, p.ngroups, static_cast<int>(Q)};
+    at::Tensor out = at::empty({tasks(p), Q, P}, rhs.options());
+    // A view of one chunk's CB with the strides the walk should follow (k contiguous for GL,
+    // m contiguous for GL^T); the loader reads the actual elements.
+    const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q},
+                                             {0, kTransposed ? 1 : Q, kTransposed ? Q : 1}, rhs.options());
+    const ssmk::cuda::BatchedGemmParams g = gemm_params(out, cb_view, r3, tri, false);
+    const GlLoad<kTransposed> load{static_cast<const float*>(p.cb), static_cast<const float*>(p.acs), p.seg,
+                                   p.nheads, p.nheads / p.ngroups, p.ngroups, static_cast<int>(Q)};
     launch_gemm(g, dtype, load);
-    return y;
+    return out;
+  }
+  at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
+    return intra_product<false>(p, xdt, dtype);
+  }
+  at::Tensor intra_bwd(const SsdParams& p, const at::Tensor& dy, at::ScalarType dtype) const {
+    return intra_product<true>(p, dy, dtype);
   }
   template <bool kBackward>
   void scan(const SsdParams& p, at::ScalarType dtype) const {
