@@ -1,5 +1,6 @@
 // Unit tests of the host side of the shared math headers (no torch needed): the vectorisable
-// exp, the activations and their derivatives, and the causal conv's tap/sequence rules.
+// exp, the activations and their derivatives, the causal conv's tap/sequence rules and the SSD
+// decay rules.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -7,6 +8,7 @@
 
 #include "causal_conv1d/causal_conv1d_math.h"
 #include "common/math.h"
+#include "ssd/ssd_math.h"
 
 namespace {
 
@@ -107,6 +109,23 @@ void test_causal_conv1d_rules() {
   expect(activation(-3.0, false) == -3.0, "identity activation", activation(-3.0, false), -3.0);
 }
 
+// The decay rule the CUDA GEMM loader (GlLoad) and build_gl_kernel apply to C . B: zero above the
+// diagonal and across a sequence change, e^{Acs_t - Acs_s} otherwise.
+void test_ssd_rules() {
+  using ssmk::ssd::segment_decay;
+  const float acs[] = {-0.5f, -1.25f, -2.0f, -2.5f};
+  const int32_t seg[] = {3, 3, 4, 4};
+  expect(segment_decay(acs, static_cast<const int32_t*>(nullptr), 1, 2) == 0.0f, "segment_decay above the diagonal",
+         segment_decay(acs, static_cast<const int32_t*>(nullptr), 1, 2), 0.0);
+  const double d31 = segment_decay(acs, static_cast<const int32_t*>(nullptr), 3, 1);
+  expect(std::fabs(d31 - std::exp(-2.5 + 1.25)) < 1e-7, "segment_decay(3, 1)", d31, std::exp(-2.5 + 1.25));
+  expect(segment_decay(acs, seg, 2, 1) == 0.0f, "segment_decay across sequences", segment_decay(acs, seg, 2, 1), 0.0);
+  expect(segment_decay(acs, seg, 3, 3) == 1.0f, "segment_decay on the diagonal", segment_decay(acs, seg, 3, 3), 1.0);
+  float da[] = {1.0f, 2.0f, 3.0f, 4.0f};
+  ssmk::ssd::reverse_segment_cumsum(da, seg, 4);
+  expect(da[0] == 3.0f && da[1] == 2.0f && da[2] == 7.0f && da[3] == 4.0f, "reverse_segment_cumsum restarts", da[0], 3.0);
+}
+
 }  // namespace
 
 int main() {
@@ -115,6 +134,7 @@ int main() {
   test_activations();
   test_silu_float();
   test_causal_conv1d_rules();
+  test_ssd_rules();
   if (failures == 0) std::printf("all math tests passed\n");
   return failures == 0 ? 0 : 1;
 }
