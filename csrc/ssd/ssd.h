@@ -70,7 +70,8 @@ struct SsdParams {
   void* dinit;           // [B, H, P, N]
   void* ddecay;          // [B, nc, H, nsplit] partial sums of d loss / d Acs_last via kdecay
   int64_t nsplit;
-  void* dgl;             // [B, nc, H, Q, Q] in: dY (dt x)^T; out: (dY (dt x)^T) * decay mask
+  void* dgl;             // Q x Q per task, where the device's wsum stage finds it: in: dY (dt x)^T;
+                         // out: (dY (dt x)^T) * decay mask
   void* dacs;            // [B, nc, H, Q] intra-chunk part of d loss / d Acs
   const void* dy;        // [B, nc, H, Q, P] d loss / d y (y before the z gate)
   const void* dyrT;      // [B, nc, H, P, Q] dy^T scaled by r
@@ -386,15 +387,11 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   if (z) y_intra = stages.intra_fwd(p, s.xdt, in_dtype);  // only the z gate's gradient needs y
   const at::Tensor dxdt =
       stages.intra_bwd(p, dy, in_dtype);  // GL^T dy
-  at::Tensor dgl = stages.gemm(dy.view({BncH, Q, P}), s.xdt.view({BncH, Q, P}).transpose(1, 2), in_dtype,
-                               Tri::kLowerOut);
+  // dGL = dY (dt x)^T; then W = dGL * GL gives dacs (the intra part of d loss / d Acs), and
+  // dCB = dGL * decay summed over the heads of each group.
   at::Tensor dacs = at::empty({Bn, nc, H, Q}, opts);
-  p.dgl = dgl.data_ptr();
   p.dacs = dacs.data_ptr();
-  stages.wsum(p, in_dtype);  // dgl -> dgl * decay mask; dacs = intra part of d loss / d Acs
-
-  // d(C_t . B_s) summed over the heads of each group.
-  const at::Tensor dcb = Hg == 1 ? dgl.view({BncG, Q, Q}) : dgl.view({BncG, Hg, Q, Q}).sum(1);
+  const at::Tensor dcb = stages.intra_dcb(p, dy, s.xdt, in_dtype);  // [B * nc * G, Q, Q]
   const at::Tensor Bg = s.Bc.view({BncG, Q, N}), Cg = s.Cc.view({BncG, Q, N});
   const at::Tensor states_g = s.states.view({BncG, Hg * P, N});
   const at::Tensor dstates_g = dstates.view({BncG, Hg * P, N});

@@ -157,13 +157,14 @@ SSMK_CPU_MULTIVERSION(epilogue_tasks, (typename input_t), (input_t),
 // Backward of the masked decay: with W = dGL * GL (dGL = dY (dt x)^T), d Acs_t gets the row sum
 // minus the column sum of W (GL_ts depends on Acs_t - Acs_s), and dGL becomes dGL * decay, the
 // gradient of C_t . B_s.
+// Task i's dGL is at dgl_base + (i - begin) Q^2.
 template <typename acc_t>
-SSMK_CPU_INLINE void wsum_tasks(const SsdParams& p, int64_t begin, int64_t end) {
+SSMK_CPU_INLINE void wsum_tasks(const SsdParams& p, int64_t begin, int64_t end, acc_t* dgl_base) {
   const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
   std::vector<acc_t> col(Q);
   for (int64_t i = begin; i < end; ++i) {
     const Task k = task_of(p, i);
-    acc_t* dgl = static_cast<acc_t*>(p.dgl) + i * Q * Q;
+    acc_t* dgl = dgl_base + (i - begin) * Q * Q;
     // GL = CB * decay is rebuilt here rather than read: W = dGL * CB * decay.
     const acc_t* cb = static_cast<const acc_t*>(p.cb) + ((k.b * p.nchunks + k.c) * p.ngroups + k.h / Hg) * Q * Q;
     const acc_t* acs = static_cast<const acc_t*>(p.acs) + i * Q;
@@ -202,7 +203,7 @@ SSMK_CPU_INLINE void wsum_tasks(const SsdParams& p, int64_t begin, int64_t end) 
   }
 }
 SSMK_CPU_MULTIVERSION(wsum_tasks, (typename acc_t), (acc_t),
-                      (const SsdParams& p, int64_t begin, int64_t end), (p, begin, end))
+                      (const SsdParams& p, int64_t begin, int64_t end, acc_t* dgl_base), (p, begin, end, dgl_base))
 
 // Assembles d loss / d Acs (intra + inter + state terms), its reverse cumulative sum d a_t, and
 // from it the gradients of dt, A, x, D and z (see docs/ssd.md for the derivation).
@@ -410,11 +411,40 @@ struct CpuStages {
       at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { epilogue_tasks_dispatch<scalar_t>(p, b, e); });
     });
   }
-  void wsum(const SsdParams& p, at::ScalarType dtype) const {
-    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_wsum_cpu", [&] {
+  // dCB per (batch, chunk, group) and dacs per task: each head's dGL = dY (dt x)^T (the
+  // kLowerOut row blocks) goes to a per-thread Q x Q buffer, wsum turns it into dGL * decay (and
+  // dacs), and it is added into the group's dCB in head order: no [B, nc, H, Q, Q] tensor.
+  at::Tensor intra_dcb(const SsdParams& p, const at::Tensor& dy, const at::Tensor& xdt, at::ScalarType dtype) const {
+    const int64_t Q = p.chunk, P = p.headdim, G = p.ngroups, Hg = p.nheads / G;
+    const int64_t groups = p.batch * p.nchunks * G;
+    at::Tensor dcb = at::empty({groups, Q, Q}, dy.options());
+    const at::Tensor dy3 = dy.detach().view({tasks(p), Q, P});
+    const at::Tensor x3 = xdt.detach().view({tasks(p), Q, P});
+    SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_intra_dcb_cpu", [&] {
       using acc_t = acc_type<scalar_t>;
-      at::parallel_for(0, tasks(p), 1, [&](int64_t b, int64_t e) { wsum_tasks_dispatch<acc_t>(p, b, e); });
+      at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor dgl = at::empty({Q, Q}, dy.options());
+        for (int64_t bg = begin; bg < end; ++bg) {
+          at::Tensor out = dcb.select(0, bg);
+          for (int64_t j = 0; j < Hg; ++j) {
+            const int64_t i = (bg / G) * p.nheads + (bg % G) * Hg + j;  // task (b, c, h)
+            const at::Tensor dyi = dy3.select(0, i), xi = x3.select(0, i);
+            for (int64_t m0 = 0; m0 < Q; m0 += ssd::kGemmRowBlock) {
+              const int64_t rows = std::min(ssd::kGemmRowBlock, Q - m0), n_end = std::min(Q, m0 + ssd::kGemmRowBlock);
+              at::Tensor block = dgl.narrow(0, m0, rows).narrow(1, 0, n_end);
+              at::mm_out(block, dyi.narrow(0, m0, rows), xi.narrow(0, 0, n_end).t());
+            }
+            wsum_tasks_dispatch<acc_t>(p, i, i + 1, dgl.data_ptr<acc_t>());
+            if (j == 0) {
+              out.copy_(dgl);
+            } else {
+              out.add_(dgl);
+            }
+          }
+        }
+      });
     });
+    return dcb;
   }
   void final_bwd(const SsdParams& p, at::ScalarType dtype) const {
     SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_final_bwd_cpu", [&] {

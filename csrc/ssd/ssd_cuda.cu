@@ -222,6 +222,18 @@ struct CudaStages {
       SSMK_CUDA_CHECK_LAUNCH();
     });
   }
+  // dGL = dY (dt x)^T in global memory, wsum (dGL * decay, and dacs), then the sum over the heads
+  // of each group.
+  at::Tensor intra_dcb(const SsdParams& p, const at::Tensor& dy, const at::Tensor& xdt, at::ScalarType dtype) const {
+    const int64_t Q = p.chunk, P = p.headdim, Hg = p.nheads / p.ngroups;
+    const int64_t groups = p.batch * p.nchunks * p.ngroups;
+    at::Tensor dgl = gemm(dy.view({tasks(p), Q, P}), xdt.view({tasks(p), Q, P}).transpose(1, 2), dtype,
+                          ssd::Tri::kLowerOut);
+    SsdParams q = p;
+    q.dgl = dgl.data_ptr();
+    wsum(q, dtype);
+    return Hg == 1 ? dgl.view({groups, Q, Q}) : dgl.view({groups, Hg, Q, Q}).sum(1);
+  }
   void final_bwd(const SsdParams& p, at::ScalarType dtype) const {
     auto stream = at::cuda::getCurrentCUDAStream();
     SSMK_DISPATCH_SSD_TYPES(dtype, "ssd_final_bwd_cuda", [&] {
