@@ -4,11 +4,17 @@
 # `ssm-kernels bench --device cuda`. Logs and JSON go to $OUT (or bench/out/) for bench/results/.
 #
 #   bash bench/gpu_check.sh
+#
+# A GPU machine without network access: run `bash bench/fetch_peers.sh` first where pip works
+# and bring the .peers folder along (mamba-ssm's Triton kernels as peers, expecttest for opcheck).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
+if [ -d .peers/site ]; then
+  export PYTHONPATH="$PWD/.peers/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export SSM_KERNELS_CUDA=1

@@ -55,3 +55,28 @@ def test_bench_refuses_to_time_a_wrong_op():
     finally:
         del REGISTRY[broken.name]
     assert len(rows) == 1 and rows[0]["status"].startswith("FAILED") and "ms" not in rows[0]
+
+
+def test_peer_skips_a_package_init_that_needs_an_unbuilt_extension(tmp_path, monkeypatch):
+    # The shape of mamba_ssm from a source checkout: the package __init__ imports a CUDA
+    # extension that was never built; the Triton submodules import each other by full name.
+    import sys
+
+    from ssm_kernels.bench.registry import peer
+
+    pkg = tmp_path / "ssmk_fake_peer"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import ssmk_fake_peer_cuda_extension\n")
+    (pkg / "ops" / "__init__.py").write_text("raise ImportError('needs the extension too')\n")
+    (pkg / "ops" / "helper.py").write_text("SCALE = 3\n")
+    (pkg / "ops" / "kernels.py").write_text("from ssmk_fake_peer.ops.helper import SCALE\nVALUE = 7 * SCALE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        mod = peer("ssmk_fake_peer.ops.kernels")
+        assert mod is not None and mod.VALUE == 21
+    finally:
+        for name in [n for n in sys.modules if n.startswith("ssmk_fake_peer")]:
+            del sys.modules[name]
+    assert peer("ssmk_fake_peer.ops.missing") is None
+    assert not [n for n in sys.modules if n.startswith("ssmk_fake_peer")]
+    assert peer("ssmk_no_such_package.ops") is None
