@@ -358,7 +358,7 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   p.dout_h_stride = dout.stride(2);
   p.dout_p_stride = dout.stride(3);
   const int64_t Q = p.chunk, nc = p.nchunks, Hg = H / G;
-  const int64_t BncG = Bn * nc * G, BncH = Bn * nc * H;
+  const int64_t BncG = Bn * nc * G;
   Prepared s = prepare(p, x, A, Bm, Cm, D, dt_bias, initial_states, seq_idx, stages);
 
   // dy = dout * silu(z): the gradient of y before the gate.

@@ -66,8 +66,6 @@ ssmk::cuda::BatchedGemmParams gemm_params(at::Tensor& out, const at::Tensor& a, 
   p.tiles_n = ceil_div(p.N, ssd::kGemmRowBlock);
   p.accumulate = accumulate;
   p.triangle = static_cast<ssmk::cuda::Triangle>(static_cast<int>(tri));
-  TORCH_CHECK(ssmk::cuda::batched_gemm_fits_int32(p), "ssd gemm: a matrix of ", a.sizes(), " x ", b.sizes(),
-              " exceeds 2^31 elements");
   return p;
 }
 
@@ -98,7 +96,20 @@ void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
     }
     return;
   }
-  launch_gemm(gemm_params(out, a, b, tri, accumulate), in_dtype);
+  const ssmk::cuda::BatchedGemmParams p = gemm_params(out, a, b, tri, accumulate);
+  if (!ssmk::cuda::batched_gemm_fits_int32(p)) {
+    // One matrix past 2^31 elements (the kernel's in-matrix offsets are 32-bit): cuBLAS, with the
+    // operands rounded as the tensor-core path would round them.
+    const bool half = in_dtype == at::kHalf || in_dtype == at::kBFloat16;
+    const at::Tensor r = half ? at::bmm(a.to(in_dtype), b.to(in_dtype)).to(at::kFloat) : at::bmm(a, b);
+    if (accumulate) {
+      out.add_(r);
+    } else {
+      out.copy_(r);
+    }
+    return;
+  }
+  launch_gemm(p, in_dtype);
 }
 
 // GL[t, s] of task bi = (b * nc + c) * H + h, computed where the intra-chunk GEMM reads it:
@@ -164,24 +175,24 @@ struct CudaStages {
   }
   // out = GL @ rhs (y_intra = GL (dt x)) or, transposed, GL^T @ rhs (d(dt x) = GL^T dY), with
   // GL computed in the GEMM's operand loads (GlLoad): GL never goes through global memory.
-  // float64 builds GL in memory and uses cuBLAS.
+  // float64 (and a size past the GEMM's 32-bit in-matrix offsets) builds GL in memory instead.
   template <bool kTransposed>
   at::Tensor intra_product(const SsdParams& p, const at::Tensor& rhs, at::ScalarType dtype) const {
     const int64_t Q = p.chunk, P = p.headdim;
     const at::Tensor r3 = rhs.view({tasks(p), Q, P});
     const ssd::Tri tri = kTransposed ? ssd::Tri::kUpperA : ssd::Tri::kLowerA;
-    if (dtype == at::kDouble) {
+    at::Tensor out = at::empty({tasks(p), Q, P}, rhs.options());
+    // A view of one chunk's CB with the strides the walk should follow (k contiguous for GL,
+    // m contiguous for GL^T); the loader reads the actual elements.
+    const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q},
+                                             {0, kTransposed ? 1 : Q, kTransposed ? Q : 1}, rhs.options());
+    if (dtype == at::kDouble || !ssmk::cuda::batched_gemm_fits_int32(gemm_params(out, cb_view, r3, tri, false))) {
       at::Tensor gl = at::empty({tasks(p), Q, Q}, rhs.options());
       SsdParams q = p;
       q.gl = gl.data_ptr();
       build_gl(q, dtype);
       return gemm(kTransposed ? gl.transpose(1, 2) : gl, r3, dtype, tri);
     }
-    at::Tensor out = at::empty({tasks(p), Q, P}, rhs.options());
-    // A view of one chunk's CB with the strides the walk should follow (k contiguous for GL,
-    // m contiguous for GL^T); the loader reads the actual elements.
-    const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q},
-                                             {0, kTransposed ? 1 : Q, kTransposed ? Q : 1}, rhs.options());
     const ssmk::cuda::BatchedGemmParams g = gemm_params(out, cb_view, r3, tri, false);
     const GlLoad<kTransposed> load{static_cast<const float*>(p.cb), static_cast<const float*>(p.acs), p.seg,
                                    p.nheads, p.nheads / p.ngroups, p.ngroups, static_cast<int>(Q)};

@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads, BatchedGemmTra
 
     const float* a = p.a + bi * p.a_batch_stride;
     const float* b = p.b + bi * p.b_batch_stride;
-    // Offsets inside one matrix fit in 32 bits (checked by the launcher); batch offsets are 64-bit.
+    // Offsets inside one matrix fit in 32 bits (the caller checks batched_gemm_fits_int32 and
+    // takes another path otherwise); batch offsets are 64-bit.
     const int a_step = static_cast<int>(wa.drow * p.a_row_stride + wa.dcol * p.a_col_stride);
     const int b_step = static_cast<int>(wb.drow * p.b_row_stride + wb.dcol * p.b_col_stride);
     float ra[Tr::kALoads], rb[Tr::kBLoads];
