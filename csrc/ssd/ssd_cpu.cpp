@@ -1,7 +1,9 @@
-// CPU stage kernels of ssd_scan. The matrix products are batched BLAS GEMMs (CpuStages::gemm); these loops do the rest, one (batch, chunk, head) task at a time (at::parallel_for over
-// tasks; the scans across chunks over (batch, head)), with contiguous inner loops that the compiler
-// vectorises (AVX2+FMA variants chosen at run time). Every reduction runs in a fixed order, so
-// results are bitwise reproducible for a given thread count.
+// CPU stages of ssd_scan. The matrix products are BLAS GEMMs (CpuStages::gemm, and the products
+// with GL and dGL per task in cache-resident buffers); the loops here do the rest, one (batch,
+// chunk, head) task at a time (at::parallel_for over tasks; the scans across chunks over (batch,
+// head)), with contiguous inner loops that the compiler vectorises (AVX2+FMA variants chosen at
+// run time). Every reduction runs in a fixed order, so results are bitwise reproducible for a
+// given thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -112,8 +112,6 @@ void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   launch_gemm(p, in_dtype);
 }
 
-// GL[t, s] of task bi = (b * nc + c) * H + h, computed where the intra-chunk GEMM reads it:
-// C_t . B_s of the head's group times the masked decay (the same formula as build_gl_kernel).
 // GL[t, s] of task bi = (b * nc + c) * H + h, computed where the intra-chunk GEMMs read it:
 // C_t . B_s of the head's group times the masked decay (the formula of build_gl_kernel). With
 // kTransposed the GEMM's A is GL^T: A[m, k] = GL[k, m].
