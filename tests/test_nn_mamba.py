@@ -35,12 +35,6 @@ def mamba_reference(p, hs, m, conv_state=None, ssm_state=None):
     return out, conv_final, last
 
 
-def assert_grads_match(module, p64, x, x64):
-    for name, param in module.named_parameters():
-        testing.assert_close(param.grad, p64[name].grad, F32, name=f"grad {name}")
-    testing.assert_close(x.grad, x64.grad, F32, name="grad hidden_states")
-
-
 CONFIGS = {
     "L1-N4": dict(L=1, d_model=8, d_state=4),
     "L17-N16": dict(L=17, d_model=16, d_state=16),
@@ -65,7 +59,7 @@ def test_mamba_forward_grads_match_reference(cfg, device):
     g = torch.randn_like(out64)
     out.backward(g.to(F32))
     out64.backward(g)
-    assert_grads_match(m, p64, x, x64)
+    testing.assert_module_grads_match(m, p64, x, x64)
 
 
 @pytest.mark.parametrize("L", [1, 9])
@@ -91,21 +85,7 @@ def test_mamba_step_matches_forward(L, device):
 def test_mamba_two_pieces_equal_one_pass(split, device):
     m = Mamba(8, d_state=8, d_conv=4, device=device)
     x = testing.make_tensor((2, 13, 8), F32, device, requires_grad=True)
-    full, conv_full, ssm_full = m(x, return_final_states=True)
-    g = torch.randn_like(full)
-    full.backward(g)
-    grads_full = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
-    m.zero_grad()
-    x.grad = None
-    y1, c1, s1 = m(x[:, :split], return_final_states=True)
-    y2, c2, s2 = m(x[:, split:], conv_state=c1, ssm_state=s1, return_final_states=True)
-    pieces = torch.cat([y1, y2], dim=1)
-    testing.assert_close(pieces, full, F32, name="pieces output")
-    testing.assert_close(c2, conv_full, F32, name="conv_state")
-    testing.assert_close(s2, ssm_full, F32, name="ssm_state")
-    pieces.backward(g)
-    for i, (a, b) in enumerate(zip([p.grad for p in m.parameters()] + [x.grad], grads_full)):
-        testing.assert_close(a, b, F32, name=f"grad {i} through carried states")
+    testing.check_two_pieces_equal_one_pass(m, x, split)
 
 
 def test_mamba_carried_states_match_reference():

@@ -72,9 +72,7 @@ def test_mamba2_forward_grads_match_reference(cfg, device):
     g = torch.randn_like(out64)
     out.backward(g.to(F32))
     out64.backward(g)
-    for name, param in m.named_parameters():
-        testing.assert_close(param.grad, p64[name].grad, F32, name=f"grad {name}")
-    testing.assert_close(x.grad, x64.grad, F32, name="grad u")
+    testing.assert_module_grads_match(m, p64, x, x64)
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(rmsnorm=False, D_has_hdim=True), dict(d_ssm=16, dt_limit=(0.05, 0.2))],
@@ -98,21 +96,7 @@ def test_mamba2_step_matches_forward(cfg, device):
 def test_mamba2_two_pieces_equal_one_pass(split, device):
     m = Mamba2(16, d_state=8, headdim=8, chunk_size=16, device=device)
     x = testing.make_tensor((2, 21, 16), F32, device, requires_grad=True)
-    full, conv_full, ssm_full = m(x, return_final_states=True)
-    g = torch.randn_like(full)
-    full.backward(g)
-    grads_full = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
-    m.zero_grad()
-    x.grad = None
-    y1, c1, s1 = m(x[:, :split], return_final_states=True)
-    y2, c2, s2 = m(x[:, split:], conv_state=c1, ssm_state=s1, return_final_states=True)
-    pieces = torch.cat([y1, y2], dim=1)
-    testing.assert_close(pieces, full, F32, name="pieces output")
-    testing.assert_close(c2, conv_full, F32, name="conv_state")
-    testing.assert_close(s2, ssm_full, F32, name="ssm_state")
-    pieces.backward(g)
-    for i, (a, b) in enumerate(zip([p.grad for p in m.parameters()] + [x.grad], grads_full)):
-        testing.assert_close(a, b, F32, name=f"grad {i} through carried states")
+    testing.check_two_pieces_equal_one_pass(m, x, split)
 
 
 def test_mamba2_carried_states_match_reference():

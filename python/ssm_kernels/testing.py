@@ -169,3 +169,32 @@ def assert_raises_naming(exc_types, argname: str, fn: Callable, *args, **kwargs)
         assert argname in msg, f"error message does not name {argname!r}: {msg}"
         return msg
     raise AssertionError(f"expected {exc_types} naming {argname!r}, nothing was raised")
+
+
+def assert_module_grads_match(module: torch.nn.Module, params64: dict, x: torch.Tensor, x64: torch.Tensor,
+                              dtype: torch.dtype = torch.float32) -> None:
+    """Every parameter's and the input's gradient equal those of the float64 copies."""
+    for name, param in module.named_parameters():
+        assert_close(param.grad, params64[name].grad, dtype, name=f"grad {name}")
+    assert_close(x.grad, x64.grad, dtype, name="grad hidden_states")
+
+
+def check_two_pieces_equal_one_pass(module: torch.nn.Module, x: torch.Tensor, split: int,
+                                    dtype: torch.dtype = torch.float32) -> None:
+    """A Mamba-style block run on x[:, :split] then x[:, split:] with the carried (conv, ssm)
+    states gives the one-pass output, final states and every gradient (x requires grad)."""
+    full, conv_full, ssm_full = module(x, return_final_states=True)
+    g = torch.randn_like(full)
+    full.backward(g)
+    grads_full = [p.grad.clone() for p in module.parameters()] + [x.grad.clone()]
+    module.zero_grad()
+    x.grad = None
+    y1, c1, s1 = module(x[:, :split], return_final_states=True)
+    y2, c2, s2 = module(x[:, split:], conv_state=c1, ssm_state=s1, return_final_states=True)
+    pieces = torch.cat([y1, y2], dim=1)
+    assert_close(pieces, full, dtype, name="pieces output")
+    assert_close(c2, conv_full, dtype, name="conv_state")
+    assert_close(s2, ssm_full, dtype, name="ssm_state")
+    pieces.backward(g)
+    for i, (a, b) in enumerate(zip([p.grad for p in module.parameters()] + [x.grad], grads_full)):
+        assert_close(a, b, dtype, name=f"grad {i} through carried states")
