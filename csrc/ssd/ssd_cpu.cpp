@@ -299,10 +299,38 @@ SSMK_CPU_MULTIVERSION(final_tasks, (typename input_t), (input_t),
 #define SSMK_DISPATCH_SSD_TYPES(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
+// out = a @ b for one [M, K] x [K, N] matrix pair with the GPU GEMM's row blocking for the zero
+// structures: per block of kGemmRowBlock rows, the same K range (kLowerA, kUpperA) and the same
+// columns (kLowerOut: columns past the block's last row are set to zero), so the CPU tests check
+// that what the GPU skips is indeed zero or unused. Operands must not require grad.
+void mm_tri(at::Tensor out, const at::Tensor& a, const at::Tensor& b, ssd::Tri tri) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (tri == ssd::Tri::kNone) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += ssd::kGemmRowBlock) {
+    const int64_t rows = std::min(ssd::kGemmRowBlock, M - m0);
+    int64_t k_begin = 0, k_end = K, n_end = N;
+    if (tri == ssd::Tri::kLowerA) k_end = std::min(K, m0 + ssd::kGemmRowBlock);
+    if (tri == ssd::Tri::kUpperA) k_begin = std::min(K, m0);
+    if (tri == ssd::Tri::kLowerOut) n_end = std::min(N, m0 + ssd::kGemmRowBlock);
+    at::Tensor block = out.narrow(0, m0, rows);
+    at::Tensor used = block.narrow(1, 0, n_end);
+    if (k_begin < k_end) {
+      at::mm_out(used, a.narrow(0, m0, rows).narrow(1, k_begin, k_end - k_begin),
+                 b.narrow(0, k_begin, k_end - k_begin).narrow(1, 0, n_end));
+    } else {
+      used.zero_();
+    }
+    if (n_end < N) block.narrow(1, n_end, N - n_end).zero_();
+  }
+}
+
 // Batched GEMM in the accumulation dtype: the batch is split over threads with one
-// single-threaded BLAS call per matrix (these are many small Q x Q x P products, where a threaded
-// BLAS per matrix mostly waits at barriers). Returns [batch, M, N] contiguous; `out` accumulates.
-void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+// single-threaded BLAS call (or row-block set) per matrix; these are many small Q x Q x P
+// products, where a threaded BLAS per matrix mostly waits at barriers. `accumulate` adds to out.
+void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, ssd::Tri tri, bool accumulate) {
   // Detached: the op's inputs may require grad (autograd is handled outside), and out= calls
   // refuse such arguments.
   const at::Tensor ad = a.detach(), bd = b.detach();
@@ -312,7 +340,7 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool ac
       if (accumulate) {
         at::addmm_out(o, o, ad.select(0, i), bd.select(0, i));
       } else {
-        at::mm_out(o, ad.select(0, i), bd.select(0, i));
+        mm_tri(o, ad.select(0, i), bd.select(0, i), tri);
       }
     }
   });
@@ -322,38 +350,15 @@ struct CpuStages {
   int64_t tasks(const SsdParams& p) const { return p.batch * p.nchunks * p.nheads; }
   int64_t scan_splits(const SsdParams&) const { return 1; }
 
-  // The CPU multiplies in the accumulation dtype, with the GPU kernel's row blocking for the zero
-  // structures: per block of kGemmRowBlock rows, the same K range (kLowerA, kUpperA) and the same
-  // columns (kLowerOut: columns past the block's last row are zero), so the CPU tests check that
-  // what the GPU skips is indeed zero or unused.
+  // The CPU multiplies in the accumulation dtype (mm_tri: the GPU's row blocking).
   at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::ScalarType,
                   ssd::Tri tri = ssd::Tri::kNone) const {
-    const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
-    at::Tensor out = at::empty({a.size(0), M, N}, a.options());
-    if (tri == ssd::Tri::kNone) {
-      cpu_gemm(out, a, b, false);
-      return out;
-    }
-    for (int64_t m0 = 0; m0 < M; m0 += ssd::kGemmRowBlock) {
-      const int64_t rows = std::min(ssd::kGemmRowBlock, M - m0);
-      int64_t k_begin = 0, k_end = K, n_end = N;
-      if (tri == ssd::Tri::kLowerA) k_end = std::min(K, m0 + ssd::kGemmRowBlock);
-      if (tri == ssd::Tri::kUpperA) k_begin = std::min(K, m0);
-      if (tri == ssd::Tri::kLowerOut) n_end = std::min(N, m0 + ssd::kGemmRowBlock);
-      at::Tensor block = out.narrow(1, m0, rows);
-      at::Tensor used = block.narrow(2, 0, n_end);
-      if (k_begin < k_end) {
-        cpu_gemm(used, a.narrow(1, m0, rows).narrow(2, k_begin, k_end - k_begin),
-                 b.narrow(1, k_begin, k_end - k_begin).narrow(2, 0, n_end), false);
-      } else {
-        used.zero_();
-      }
-      if (n_end < N) block.narrow(2, n_end, N - n_end).zero_();
-    }
+    at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
+    cpu_gemm(out, a, b, tri, false);
     return out;
   }
   void gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType) const {
-    cpu_gemm(out, a, b, true);
+    cpu_gemm(out, a, b, ssd::Tri::kNone, true);
   }
 
   void prep(const SsdParams& p, at::ScalarType dtype) const {
@@ -376,18 +381,9 @@ struct CpuStages {
         at::Tensor gl = at::empty({Q, Q}, rhs.options());
         for (int64_t i = begin; i < end; ++i) {
           build_gl_tasks_dispatch<acc_t>(p, i, i + 1, gl.data_ptr<acc_t>());
-          at::Tensor oi = out.select(0, i);
-          const at::Tensor ri = r3.select(0, i);
-          for (int64_t m0 = 0; m0 < Q; m0 += ssd::kGemmRowBlock) {
-            const int64_t rows = std::min(ssd::kGemmRowBlock, Q - m0);
-            at::Tensor ob = oi.narrow(0, m0, rows);
-            if (transpose) {
-              at::mm_out(ob, gl.narrow(0, m0, Q - m0).narrow(1, m0, rows).t(), ri.narrow(0, m0, Q - m0));
-            } else {
-              const int64_t k_end = std::min(Q, m0 + ssd::kGemmRowBlock);
-              at::mm_out(ob, gl.narrow(0, m0, rows).narrow(1, 0, k_end), ri.narrow(0, 0, k_end));
-            }
-          }
+          // GL is lower triangular: GL^T upper.
+          mm_tri(out.select(0, i), transpose ? gl.t() : gl, r3.select(0, i),
+                 transpose ? ssd::Tri::kUpperA : ssd::Tri::kLowerA);
         }
       });
     });
@@ -430,12 +426,7 @@ struct CpuStages {
           at::Tensor out = dcb.select(0, bg);
           for (int64_t j = 0; j < Hg; ++j) {
             const int64_t i = (bg / G) * p.nheads + (bg % G) * Hg + j;  // task (b, c, h)
-            const at::Tensor dyi = dy3.select(0, i), xi = x3.select(0, i);
-            for (int64_t m0 = 0; m0 < Q; m0 += ssd::kGemmRowBlock) {
-              const int64_t rows = std::min(ssd::kGemmRowBlock, Q - m0), n_end = std::min(Q, m0 + ssd::kGemmRowBlock);
-              at::Tensor block = dgl.narrow(0, m0, rows).narrow(1, 0, n_end);
-              at::mm_out(block, dyi.narrow(0, m0, rows), xi.narrow(0, 0, n_end).t());
-            }
+            mm_tri(dgl, dy3.select(0, i), x3.select(0, i).t(), ssd::Tri::kLowerOut);
             wsum_tasks_dispatch<acc_t>(p, i, i + 1, dgl.data_ptr<acc_t>());
             if (j == 0) {
               out.copy_(dgl);

@@ -85,28 +85,29 @@ void launch_gemm(const ssmk::cuda::BatchedGemmParams& p, at::ScalarType in_dtype
   SSMK_CUDA_CHECK_LAUNCH();
 }
 
+// cuBLAS for what the tensor-core kernel does not take: float64 (gradcheck), and a batch matrix
+// past its 32-bit in-matrix offsets. 16-bit inputs' operands are rounded as the kernel rounds them.
+void cublas_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype,
+                 bool accumulate) {
+  const bool half = in_dtype == at::kHalf || in_dtype == at::kBFloat16;
+  const at::Tensor r = half ? at::bmm(a.to(in_dtype), b.to(in_dtype)).to(out.scalar_type()) : at::bmm(a, b);
+  if (accumulate) {
+    out.add_(r);
+  } else {
+    out.copy_(r);
+  }
+}
+
 // out[i] (=|+=) a[i] @ b[i] for [batch, M, K] x [batch, K, N] accumulation-dtype views of any strides.
 void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, at::ScalarType in_dtype,
                       ssd::Tri tri, bool accumulate) {
   if (a.scalar_type() == at::kDouble) {
-    if (accumulate) {
-      out.baddbmm_(a, b);
-    } else {
-      at::bmm_out(out, a, b);
-    }
+    cublas_gemm(out, a, b, in_dtype, accumulate);
     return;
   }
   const ssmk::cuda::BatchedGemmParams p = gemm_params(out, a, b, tri, accumulate);
   if (!ssmk::cuda::batched_gemm_fits_int32(p)) {
-    // One matrix past 2^31 elements (the kernel's in-matrix offsets are 32-bit): cuBLAS, with the
-    // operands rounded as the tensor-core path would round them.
-    const bool half = in_dtype == at::kHalf || in_dtype == at::kBFloat16;
-    const at::Tensor r = half ? at::bmm(a.to(in_dtype), b.to(in_dtype)).to(at::kFloat) : at::bmm(a, b);
-    if (accumulate) {
-      out.add_(r);
-    } else {
-      out.copy_(r);
-    }
+    cublas_gemm(out, a, b, in_dtype, accumulate);
     return;
   }
   launch_gemm(p, in_dtype);
@@ -179,23 +180,25 @@ struct CudaStages {
     const int64_t Q = p.chunk, P = p.headdim;
     const at::Tensor r3 = rhs.view({tasks(p), Q, P});
     const ssd::Tri tri = kTransposed ? ssd::Tri::kUpperA : ssd::Tri::kLowerA;
-    at::Tensor out = at::empty({tasks(p), Q, P}, rhs.options());
-    // A view of one chunk's CB with the strides the walk should follow (k contiguous for GL,
-    // m contiguous for GL^T); the loader reads the actual elements.
-    const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q},
-                                             {0, kTransposed ? 1 : Q, kTransposed ? Q : 1}, rhs.options());
-    if (dtype == at::kDouble || !ssmk::cuda::batched_gemm_fits_int32(gemm_params(out, cb_view, r3, tri, false))) {
-      at::Tensor gl = at::empty({tasks(p), Q, Q}, rhs.options());
-      SsdParams q = p;
-      q.gl = gl.data_ptr();
-      build_gl(q, dtype);
-      return gemm(kTransposed ? gl.transpose(1, 2) : gl, r3, dtype, tri);
+    if (dtype != at::kDouble) {
+      at::Tensor out = at::empty({tasks(p), Q, P}, rhs.options());
+      // A view of one chunk's CB with the strides the walk should follow (k contiguous for GL,
+      // m contiguous for GL^T); the loader reads the actual elements.
+      const at::Tensor cb_view = at::from_blob(const_cast<void*>(p.cb), {tasks(p), Q, Q},
+                                               {0, kTransposed ? 1 : Q, kTransposed ? Q : 1}, rhs.options());
+      const ssmk::cuda::BatchedGemmParams g = gemm_params(out, cb_view, r3, tri, false);
+      if (ssmk::cuda::batched_gemm_fits_int32(g)) {
+        const GlLoad<kTransposed> load{static_cast<const float*>(p.cb), static_cast<const float*>(p.acs), p.seg,
+                                       p.nheads, p.nheads / p.ngroups, p.ngroups, static_cast<int>(Q)};
+        launch_gemm(g, dtype, load);
+        return out;
+      }
     }
-    const ssmk::cuda::BatchedGemmParams g = gemm_params(out, cb_view, r3, tri, false);
-    const GlLoad<kTransposed> load{static_cast<const float*>(p.cb), static_cast<const float*>(p.acs), p.seg,
-                                   p.nheads, p.nheads / p.ngroups, p.ngroups, static_cast<int>(Q)};
-    launch_gemm(g, dtype, load);
-    return out;
+    at::Tensor gl = at::empty({tasks(p), Q, Q}, rhs.options());
+    SsdParams q = p;
+    q.gl = gl.data_ptr();
+    build_gl(q, dtype);
+    return gemm(kTransposed ? gl.transpose(1, 2) : gl, r3, dtype, tri);
   }
   at::Tensor intra_fwd(const SsdParams& p, const at::Tensor& xdt, at::ScalarType dtype) const {
     return intra_product<false>(p, xdt, dtype);
