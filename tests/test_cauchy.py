@@ -26,22 +26,6 @@ def poles(shape, dtype, device, imag_scale=3.0, strided=False):
     return w
 
 
-def shapes_for(batch, bcast, N):
-    """Shapes of v and w for a batch shape and a broadcast pattern."""
-    full = (*batch, N)
-    if bcast == "none":
-        return full, full
-    if bcast == "v-bcast":  # one v for every batch entry
-        return (N,), full
-    if bcast == "w-bcast":
-        return full, (1,) * len(batch) + (N,)
-    if bcast == "mixed":  # both broadcast, over different axes (and v over N)
-        vb = tuple(1 if i == 0 else s for i, s in enumerate(batch))
-        wb = tuple(s if i == 0 else 1 for i, s in enumerate(batch))
-        return (*vb, 1), (*wb, N)
-    raise ValueError(bcast)
-
-
 # A covering design: every N, L, batch shape, broadcast pattern, dtype and option appears, with
 # the float64 reference (a Python loop over n) kept affordable.
 CASES = [
@@ -72,7 +56,7 @@ def case_id(c):
 
 
 def make_case(N, L, batch, bcast, dtype, strided, device):
-    v_shape, w_shape = shapes_for(batch, bcast, N)
+    v_shape, w_shape = testing.broadcast_pair_shapes(batch, bcast, N)
     v = testing.make_tensor(v_shape, dtype, device, strided=strided)
     w = poles(w_shape, dtype, device, strided=strided)
     z = nodes(L, dtype, device)

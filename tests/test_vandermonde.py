@@ -22,21 +22,6 @@ def s4d_nodes(shape, dtype, device, dt_max=0.1, strided=False):
     return x
 
 
-def shapes_for(batch, bcast, N):
-    full = (*batch, N)
-    if bcast == "none":
-        return full, full
-    if bcast == "v-bcast":
-        return (N,), full
-    if bcast == "x-bcast":
-        return full, (1,) * len(batch) + (N,)
-    if bcast == "mixed":  # both broadcast over different axes, and v over N
-        vb = tuple(1 if i == 0 else s for i, s in enumerate(batch))
-        xb = tuple(s if i == 0 else 1 for i, s in enumerate(batch))
-        return (*vb, 1), (*xb, N)
-    raise ValueError(bcast)
-
-
 # Covering design over N, L, batch shape, broadcast, dtype, symmetric and strides. complex128
 # cases keep |Im x| * L below about 1e5: beyond that the float64 reference itself rounds
 # x * l (relative error |Im x| l 1e-16) more than the 1e-10 tolerance allows.
@@ -68,7 +53,7 @@ def case_id(c):
 
 
 def make_vx(N, batch, bcast, dtype, strided, dt_max, device):
-    v_shape, x_shape = shapes_for(batch, bcast, N)
+    v_shape, x_shape = testing.broadcast_pair_shapes(batch, bcast, N)
     v = testing.make_tensor(v_shape, dtype, device, strided=strided)
     x = s4d_nodes(x_shape, dtype, device, dt_max, strided=strided)
     return v, x

@@ -198,3 +198,22 @@ def check_two_pieces_equal_one_pass(module: torch.nn.Module, x: torch.Tensor, sp
     pieces.backward(g)
     for i, (a, b) in enumerate(zip([p.grad for p in module.parameters()] + [x.grad], grads_full)):
         assert_close(a, b, dtype, name=f"grad {i} through carried states")
+
+
+def broadcast_pair_shapes(batch: Sequence[int], pattern: str, N: int) -> tuple[tuple, tuple]:
+    """Shapes of the (v, second operand) pair of the S4 kernels (cauchy's w, log_vandermonde's x)
+    for a batch shape and a broadcast pattern: "none"; "v-bcast" (one v for every batch entry);
+    "w-bcast" / "x-bcast" (one second operand); "mixed" (both broadcast, over different axes,
+    and v over N)."""
+    full = (*batch, N)
+    if pattern == "none":
+        return full, full
+    if pattern == "v-bcast":
+        return (N,), full
+    if pattern in ("w-bcast", "x-bcast"):
+        return full, (1,) * len(batch) + (N,)
+    if pattern == "mixed":
+        vb = tuple(1 if i == 0 else s for i, s in enumerate(batch))
+        ob = tuple(s if i == 0 else 1 for i, s in enumerate(batch))
+        return (*vb, 1), (*ob, N)
+    raise ValueError(f"pattern: unknown broadcast pattern {pattern!r}")
