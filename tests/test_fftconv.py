@@ -303,7 +303,7 @@ def test_fftconv_hand_fft_path(dtype, case):
     args = make_case("cpu", dtype, batch, dim, L, K, D=True, k_rev=Kr, pregate=L % 2 == 0, postgate=True)
     if dtype == torch.float64:
         args = {n: t.double() if n in ("k", "D", "k_rev") and t is not None else t for n, t in args.items()}
-    assert torch.ops.ssm_kernels._fftconv_cpu_plan(args["u"], args["k"], args["k_rev"]) == [HAND_N[L], 1]
+    assert torch.ops.ssm_kernels_test.fftconv_cpu_plan(args["u"], args["k"], args["k_rev"]) == [HAND_N[L], 1]
     check_against(fft_reference if big else reference.fftconv, args, "gelu" if L % 3 else "silu", dtype)
 
 
@@ -314,11 +314,11 @@ def test_fftconv_hand_fft_matches_torch_fft(dtype, n, driver):
     # gpu-index: the butterfly / pair index arithmetic of the CUDA fused kernels, run serially.
     strided = driver == "gpu-index"
     x = torch.randn(3, n, dtype=torch.float64).to(dtype)
-    X = torch.ops.ssm_kernels._fftconv_test_fft(x, False, n, strided)
+    X = torch.ops.ssm_kernels_test.fftconv_fft(x, False, n, strided)
     assert X.shape == (3, n // 2 + 1) and X.dtype == (torch.complex128 if dtype == torch.float64 else torch.complex64)
     assert_close(X, torch.fft.rfft(x.double()), dtype, "rfft")
     spectrum = torch.fft.rfft(torch.randn(3, n, dtype=torch.float64)).to(X.dtype)
-    y = torch.ops.ssm_kernels._fftconv_test_fft(spectrum, True, n, strided)
+    y = torch.ops.ssm_kernels_test.fftconv_fft(spectrum, True, n, strided)
     assert y.shape == (3, n) and y.dtype == dtype
     assert_close(y, torch.fft.irfft(spectrum.to(torch.complex128), n=n), dtype, "irfft")
 
@@ -338,4 +338,4 @@ def test_fftconv_cpu_plan(L, K, Kr, plan):
     # for the rest.
     u, k = torch.empty(1, 1, L), torch.empty(1, K)
     k_rev = torch.empty(1, Kr) if Kr else None
-    assert torch.ops.ssm_kernels._fftconv_cpu_plan(u, k, k_rev) == plan
+    assert torch.ops.ssm_kernels_test.fftconv_cpu_plan(u, k, k_rev) == plan

@@ -328,7 +328,7 @@ def test_linear_scan_bad_inputs(device):
     assert_raises_naming((ValueError, RuntimeError), "b", fwd, a, b[..., :9], None, False)
     assert_raises_naming((TypeError, RuntimeError), "b", fwd, a, b.double(), None, False)
     assert_raises_naming((ValueError, RuntimeError), "initial_state", fwd, a, b, h0[:1], False)
-    assert_raises_naming((TypeError, RuntimeError), "initial_state", fwd, a, b, h0.double(), False)
+    assert_raises_naming((TypeError, RuntimeError), "initial_state", fwd, a, b, h0.to(c64), False)
     assert_raises_naming((ValueError, RuntimeError), "a", fwd, a[..., :0], b[..., :0], None, False)
     assert_raises_naming((ValueError, RuntimeError), "h", bwd, a, b[..., :9], None, b, None, False)
     assert_raises_naming((ValueError, RuntimeError), "dh", bwd, a, b, None, b[..., :9], None, False)

@@ -10,7 +10,7 @@ import torch
 
 from ssm_kernels.testing import assert_close, dtype_id
 
-gemm = torch.ops.ssm_kernels._ssd_test_gemm
+gemm = torch.ops.ssm_kernels_test.ssd_gemm
 
 TRI_NONE, TRI_LOWER_A, TRI_UPPER_A, TRI_LOWER_OUT = 0, 1, 2, 3
 

@@ -183,3 +183,11 @@ TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
   m.impl("cauchy_fwd", &ssmk::cauchy_fwd_cpu);
   m.impl("cauchy_bwd", &ssmk::cauchy_bwd_cpu);
 }
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // cauchy / vandermonde
+  m.def("cauchy_fwd(Tensor v, Tensor z, Tensor w, bool symmetric) -> Tensor");
+  m.def(
+      "cauchy_bwd(Tensor v, Tensor z, Tensor w, Tensor dout, bool symmetric) "
+      "-> (Tensor dv, Tensor dw)");
+}

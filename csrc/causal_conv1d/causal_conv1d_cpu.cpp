@@ -374,3 +374,17 @@ TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
   m.impl("causal_conv1d_bwd", &ssmk::causal_conv1d_bwd_cpu);
   m.impl("causal_conv1d_update", &ssmk::causal_conv1d_update_cpu);
 }
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // causal_conv1d: final_states is always returned (it is tiny); the wrapper drops it if unwanted.
+  m.def(
+      "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
+      "Tensor? seq_idx, bool silu) -> (Tensor out, Tensor final_states)");
+  m.def(
+      "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
+      "Tensor? seq_idx, Tensor dout, Tensor? dfinal_states, bool silu) "
+      "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
+      "Tensor? conv_state_indices, bool silu) -> Tensor");
+}

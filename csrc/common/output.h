@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <optional>
 
 namespace ssmk {
 
@@ -19,6 +20,13 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
     out.fill_(c10::complex<double>(std::numeric_limits<double>::quiet_NaN(), 0.0));
   }
   return out;
+}
+
+// The gradient of an input, by the convention the Python layer derives autograd from
+// (python/ssm_kernels/ops/_op.py): shaped and typed like the input, or an empty [0] tensor of
+// `ref`'s dtype where the optional input is absent.
+inline at::Tensor new_grad(const std::optional<at::Tensor>& input, const at::Tensor& ref) {
+  return input ? new_output(input->sizes(), input->options()) : at::empty({0}, ref.options());
 }
 
 }  // namespace ssmk

@@ -729,9 +729,32 @@ at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n, bool s
 }  // namespace
 }  // namespace ssmk
 
+TORCH_LIBRARY_IMPL(ssm_kernels_test, CPU, m) {
+  m.impl("fftconv_cpu_plan", &ssmk::fftconv_cpu_plan);
+  m.impl("fftconv_fft", &ssmk::fftconv_test_fft);
+}
+
 TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
-  m.impl("_fftconv_cpu_plan", &ssmk::fftconv_cpu_plan);
-  m.impl("_fftconv_test_fft", &ssmk::fftconv_test_fft);
   m.impl("fftconv_fwd", &ssmk::fftconv_fwd_cpu);
   m.impl("fftconv_bwd", &ssmk::fftconv_bwd_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // fftconv: activation is 0 (none), 1 (gelu, erf form) or 2 (silu). The backward returns
+  // (du, dk, dD, dk_rev, dpregate, dpostgate); gradients of absent arguments are empty (0,).
+  m.def(
+      "fftconv_fwd(Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, Tensor? postgate, "
+      "int activation) -> Tensor");
+  m.def(
+      "fftconv_bwd(Tensor dout, Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, "
+      "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
+      "Tensor dpregate, Tensor dpostgate)");
+}
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
+  // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
+  // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
+  // strided: through the CUDA fused kernels' per-index drivers).
+  m.def("fftconv_cpu_plan(Tensor u, Tensor k, Tensor? k_rev) -> int[]");
+  m.def("fftconv_fft(Tensor x, bool inverse, int n, bool strided) -> Tensor");
 }

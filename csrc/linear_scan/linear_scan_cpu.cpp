@@ -13,11 +13,10 @@
 // choice of mode depends only on the shape, so results are bitwise reproducible.
 //
 // The backward is the same walk in the opposite direction (linear_scan_math.h).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -49,9 +48,12 @@ SSMK_CPU_INLINE int64_t walk_step(bool descending, int64_t t_stride) {
 }
 
 template <typename acc_t>
-SSMK_CPU_INLINE acc_t load_state(const void* base, int64_t stride, int64_t r) {
-  return base ? static_cast<const acc_t*>(base)[r * stride] : acc_t(0);
+SSMK_CPU_INLINE acc_t load_state(const View<const acc_t, 1>& v, int64_t r) {
+  return v.data ? v.data[r * v.stride[0]] : acc_t(0);
 }
+
+template <typename in_t, bool kBwd>
+using ParamsOf = std::conditional_t<kBwd, LinearScanBwdParams<in_t>, LinearScanFwdParams<in_t>>;
 
 // Row g of a group runs kSkew * g steps behind row 0. Rows of power-of-two length are a
 // power-of-two apart in memory, and G rows read in lockstep would all map to the same L1 set
@@ -102,26 +104,26 @@ struct FwdRows {
 // Forward over walk positions [u0, u1) of rows r0 .. r0+G-1, from and into state[G]; writes h,
 // and last_state when the walk ends.
 template <typename in_t, int G>
-SSMK_CPU_INLINE void fwd_segment(const LinearScanParams& p, int64_t r0, int64_t u0, int64_t u1,
+SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
                                  scan_acc_t<in_t>* state) {
   using acc_t = scan_acc_t<in_t>;
   const int64_t L = p.seqlen;
   const bool desc = p.reverse;
   FwdRows<in_t, G> rows;
-  rows.as = walk_step(desc, p.a_t_stride);
-  rows.bs = walk_step(desc, p.b_t_stride);
+  rows.as = walk_step(desc, p.a.stride[1]);
+  rows.bs = walk_step(desc, p.b.stride[1]);
   rows.hs = desc ? -1 : 1;
   for (int g = 0; g < G; ++g) {
     const int64_t r = r0 + g;
-    rows.a[g] = static_cast<const in_t*>(p.a) + r * p.a_row_stride + walk_start(desc, L, p.a_t_stride) + u0 * rows.as;
-    rows.b[g] = static_cast<const in_t*>(p.b) + r * p.b_row_stride + walk_start(desc, L, p.b_t_stride) + u0 * rows.bs;
-    rows.h[g] = static_cast<in_t*>(p.h) + r * L + walk_start(desc, L, 1) + u0 * rows.hs;
+    rows.a[g] = p.a.data + r * p.a.stride[0] + walk_start(desc, L, p.a.stride[1]) + u0 * rows.as;
+    rows.b[g] = p.b.data + r * p.b.stride[0] + walk_start(desc, L, p.b.stride[1]) + u0 * rows.bs;
+    rows.h[g] = p.h + r * L + walk_start(desc, L, 1) + u0 * rows.hs;
     rows.s[g] = state[g];
   }
   skewed_walk<G, skew<in_t>()>(rows, u1 - u0);
   for (int g = 0; g < G; ++g) {
     state[g] = rows.s[g];
-    if (u1 == L) static_cast<acc_t*>(p.last_state)[r0 + g] = rows.s[g];
+    if (u1 == L) p.last_state[r0 + g] = rows.s[g];
   }
 }
 
@@ -149,23 +151,23 @@ struct BwdRows {
 // u = 0); db = dh, da = dh * conj(h at walk position u+1, the forward's previous state; the
 // initial state at the end). Writes dinitial_state = conj(a at the last position) * dh there.
 template <typename in_t, int G>
-SSMK_CPU_INLINE void bwd_segment(const LinearScanParams& p, int64_t r0, int64_t u0, int64_t u1,
+SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
                                  scan_acc_t<in_t>* state) {
   using acc_t = scan_acc_t<in_t>;
   const int64_t L = p.seqlen;
   const bool desc = !p.reverse;
   BwdRows<in_t, G> rows;
-  rows.as = walk_step(desc, p.a_t_stride);
-  rows.gs = walk_step(desc, p.dh_t_stride);
-  rows.hs = walk_step(desc, p.hs_t_stride);
+  rows.as = walk_step(desc, p.a.stride[1]);
+  rows.gs = walk_step(desc, p.dh.stride[1]);
+  rows.hs = walk_step(desc, p.h.stride[1]);
   rows.os = desc ? -1 : 1;
   for (int g = 0; g < G; ++g) {
     const int64_t r = r0 + g;
-    rows.a[g] = static_cast<const in_t*>(p.a) + r * p.a_row_stride + walk_start(desc, L, p.a_t_stride) + u0 * rows.as;
-    rows.g_in[g] = static_cast<const in_t*>(p.dh) + r * p.dh_row_stride + walk_start(desc, L, p.dh_t_stride) + u0 * rows.gs;
-    rows.h[g] = static_cast<const in_t*>(p.h_saved) + r * p.hs_row_stride + walk_start(desc, L, p.hs_t_stride) + u0 * rows.hs;
-    rows.da[g] = static_cast<in_t*>(p.da) + r * L + walk_start(desc, L, 1) + u0 * rows.os;
-    rows.db[g] = static_cast<in_t*>(p.db) + r * L + walk_start(desc, L, 1) + u0 * rows.os;
+    rows.a[g] = p.a.data + r * p.a.stride[0] + walk_start(desc, L, p.a.stride[1]) + u0 * rows.as;
+    rows.g_in[g] = p.dh.data + r * p.dh.stride[0] + walk_start(desc, L, p.dh.stride[1]) + u0 * rows.gs;
+    rows.h[g] = p.h.data + r * p.h.stride[0] + walk_start(desc, L, p.h.stride[1]) + u0 * rows.hs;
+    rows.da[g] = p.da + r * L + walk_start(desc, L, 1) + u0 * rows.os;
+    rows.db[g] = p.db + r * L + walk_start(desc, L, 1) + u0 * rows.os;
     rows.s[g] = state[g];
     rows.coef[g] = u0 == 0 ? acc_t(1) : conj_if_complex(static_cast<acc_t>(rows.a[g][-rows.as]));
   }
@@ -175,12 +177,12 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanParams& p, int64_t r0, int64_t 
   if (u1 == L) {
     const int64_t j = n - 1;
     for (int g = 0; g < G; ++g) {
-      const acc_t h0 = load_state<acc_t>(p.initial_state, p.init_stride, r0 + g);
+      const acc_t h0 = load_state(p.initial_state, r0 + g);
       acc_t& s = rows.s[g];
       s = linear_scan::step(rows.coef[g], s, static_cast<acc_t>(rows.g_in[g][j * rows.gs]));
       rows.db[g][j * rows.os] = static_cast<in_t>(s);
       rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_if_complex(h0));
-      static_cast<acc_t*>(p.dinitial_state)[r0 + g] =
+      p.dinitial_state[r0 + g] =
           conj_if_complex(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
     }
   }
@@ -189,25 +191,25 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanParams& p, int64_t r0, int64_t 
 
 // The affine pair of walk positions [u0, u1) of row r (chunk mode, pass 1).
 template <typename in_t, bool kBwd>
-SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const LinearScanParams& p, int64_t r, int64_t u0,
+SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const ParamsOf<in_t, kBwd>& p, int64_t r, int64_t u0,
                                                    int64_t u1) {
   using acc_t = scan_acc_t<in_t>;
   const int64_t L = p.seqlen;
   const bool desc = kBwd ? !p.reverse : p.reverse;
-  const int64_t as = walk_step(desc, p.a_t_stride);
-  const in_t* a = static_cast<const in_t*>(p.a) + r * p.a_row_stride + walk_start(desc, L, p.a_t_stride) + u0 * as;
+  const int64_t as = walk_step(desc, p.a.stride[1]);
+  const in_t* a = p.a.data + r * p.a.stride[0] + walk_start(desc, L, p.a.stride[1]) + u0 * as;
   acc_t A(1), B(0);
-  if (!kBwd) {
-    const int64_t bs = walk_step(desc, p.b_t_stride);
-    const in_t* b = static_cast<const in_t*>(p.b) + r * p.b_row_stride + walk_start(desc, L, p.b_t_stride) + u0 * bs;
+  if constexpr (!kBwd) {
+    const int64_t bs = walk_step(desc, p.b.stride[1]);
+    const in_t* b = p.b.data + r * p.b.stride[0] + walk_start(desc, L, p.b.stride[1]) + u0 * bs;
     for (int64_t i = 0; i < u1 - u0; ++i) {
       const acc_t ai = static_cast<acc_t>(a[i * as]);
       B = linear_scan::step(ai, B, static_cast<acc_t>(b[i * bs]));
       A = ai * A;
     }
   } else {
-    const int64_t gs = walk_step(desc, p.dh_t_stride);
-    const in_t* g = static_cast<const in_t*>(p.dh) + r * p.dh_row_stride + walk_start(desc, L, p.dh_t_stride) + u0 * gs;
+    const int64_t gs = walk_step(desc, p.dh.stride[1]);
+    const in_t* g = p.dh.data + r * p.dh.stride[0] + walk_start(desc, L, p.dh.stride[1]) + u0 * gs;
     acc_t coef = u0 == 0 ? acc_t(1) : conj_if_complex(static_cast<acc_t>(a[-as]));
     for (int64_t i = 0; i < u1 - u0; ++i) {
       B = linear_scan::step(coef, B, static_cast<acc_t>(g[i * gs]));
@@ -219,9 +221,9 @@ SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const LinearScanParams& p, i
 }
 
 template <typename in_t, bool kBwd, int G>
-SSMK_CPU_INLINE void segment(const LinearScanParams& p, int64_t r0, int64_t u0, int64_t u1,
+SSMK_CPU_INLINE void segment(const ParamsOf<in_t, kBwd>& p, int64_t r0, int64_t u0, int64_t u1,
                              scan_acc_t<in_t>* state) {
-  if (kBwd) {
+  if constexpr (kBwd) {
     bwd_segment<in_t, G>(p, r0, u0, u1, state);
   } else {
     fwd_segment<in_t, G>(p, r0, u0, u1, state);
@@ -229,15 +231,17 @@ SSMK_CPU_INLINE void segment(const LinearScanParams& p, int64_t r0, int64_t u0, 
 }
 
 template <typename in_t, bool kBwd>
-SSMK_CPU_INLINE scan_acc_t<in_t> start_state(const LinearScanParams& p, int64_t r) {
-  using acc_t = scan_acc_t<in_t>;
-  return kBwd ? load_state<acc_t>(p.dlast_state, p.dlast_stride, r)
-              : load_state<acc_t>(p.initial_state, p.init_stride, r);
+SSMK_CPU_INLINE scan_acc_t<in_t> start_state(const ParamsOf<in_t, kBwd>& p, int64_t r) {
+  if constexpr (kBwd) {
+    return load_state(p.dlast_state, r);
+  } else {
+    return load_state(p.initial_state, r);
+  }
 }
 
 // Row mode: units of kGroup rows, each walked over its whole length.
 template <typename in_t, bool kBwd>
-SSMK_CPU_INLINE void row_units(const LinearScanParams& p, int64_t begin, int64_t end) {
+SSMK_CPU_INLINE void row_units(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end) {
   using acc_t = scan_acc_t<in_t>;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t r0 = unit * kGroup;
@@ -254,11 +258,11 @@ SSMK_CPU_INLINE void row_units(const LinearScanParams& p, int64_t begin, int64_t
   }
 }
 SSMK_CPU_MULTIVERSION(row_units, (typename in_t, bool kBwd), (in_t, kBwd),
-                      (const LinearScanParams& p, int64_t begin, int64_t end), (p, begin, end))
+                      (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end), (p, begin, end))
 
 // Chunk mode, pass 1: pairs[r * C + c] for chunks c < C - 1 (items r * (C - 1) + c).
 template <typename in_t, bool kBwd>
-SSMK_CPU_INLINE void chunk_pairs(const LinearScanParams& p, int64_t begin, int64_t end,
+SSMK_CPU_INLINE void chunk_pairs(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end,
                                  Affine<scan_acc_t<in_t>>* pairs) {
   const int64_t C = (p.seqlen + kChunk - 1) / kChunk;
   for (int64_t item = begin; item < end; ++item) {
@@ -267,13 +271,13 @@ SSMK_CPU_INLINE void chunk_pairs(const LinearScanParams& p, int64_t begin, int64
   }
 }
 SSMK_CPU_MULTIVERSION(chunk_pairs, (typename in_t, bool kBwd), (in_t, kBwd),
-                      (const LinearScanParams& p, int64_t begin, int64_t end,
+                      (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end,
                        Affine<scan_acc_t<in_t>>* pairs),
                       (p, begin, end, pairs))
 
 // Chunk mode, pass 3: chunk c of row r (item r * C + c) rescanned from its carry-in.
 template <typename in_t, bool kBwd>
-SSMK_CPU_INLINE void chunk_scans(const LinearScanParams& p, int64_t begin, int64_t end,
+SSMK_CPU_INLINE void chunk_scans(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end,
                                  const scan_acc_t<in_t>* carries) {
   const int64_t C = (p.seqlen + kChunk - 1) / kChunk;
   for (int64_t item = begin; item < end; ++item) {
@@ -283,7 +287,7 @@ SSMK_CPU_INLINE void chunk_scans(const LinearScanParams& p, int64_t begin, int64
   }
 }
 SSMK_CPU_MULTIVERSION(chunk_scans, (typename in_t, bool kBwd), (in_t, kBwd),
-                      (const LinearScanParams& p, int64_t begin, int64_t end,
+                      (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end,
                        const scan_acc_t<in_t>* carries),
                       (p, begin, end, carries))
 
@@ -304,11 +308,11 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
 }
 
 template <typename in_t, bool kBwd>
-void run(const LinearScanParams& p) {
+void run(const ParamsOf<in_t, kBwd>& p) {
   using acc_t = scan_acc_t<in_t>;
   const int64_t R = p.rows, L = p.seqlen;
   const int64_t out_bytes = R * L * static_cast<int64_t>(sizeof(in_t));
-  if (kBwd) {
+  if constexpr (kBwd) {
     advise_huge_pages(p.da, out_bytes);
     advise_huge_pages(p.db, out_bytes);
   } else {
@@ -339,30 +343,26 @@ void run(const LinearScanParams& p) {
   });
 }
 
-#define SSMK_DISPATCH_SCAN_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-std::tuple<at::Tensor, at::Tensor> linear_scan_fwd_cpu(const at::Tensor& a, const at::Tensor& b,
-                                                       const std::optional<at::Tensor>& initial_state,
-                                                       bool reverse) {
-  return linear_scan::fwd(a, b, initial_state, reverse, [](const LinearScanParams& p, at::ScalarType dtype) {
-    SSMK_DISPATCH_SCAN_TYPES(dtype, "linear_scan_fwd_cpu", [&] { run<scalar_t, false>(p); });
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd_cpu(
-    const at::Tensor& a, const at::Tensor& h, const std::optional<at::Tensor>& initial_state,
-    const at::Tensor& dh, const std::optional<at::Tensor>& dlast_state, bool reverse) {
-  return linear_scan::bwd(a, h, initial_state, dh, dlast_state, reverse,
-                          [](const LinearScanParams& p, at::ScalarType dtype) {
-                            SSMK_DISPATCH_SCAN_TYPES(dtype, "linear_scan_bwd_cpu", [&] { run<scalar_t, true>(p); });
-                          });
-}
-
 }  // namespace
-}  // namespace ssmk
 
-TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
-  m.impl("linear_scan_fwd", &ssmk::linear_scan_fwd_cpu);
-  m.impl("linear_scan_bwd", &ssmk::linear_scan_bwd_cpu);
+template <typename T>
+void linear_scan_fwd_cpu(const LinearScanFwdParams<T>& p) {
+  run<T, false>(p);
 }
+template <typename T>
+void linear_scan_bwd_cpu(const LinearScanBwdParams<T>& p) {
+  run<T, true>(p);
+}
+
+#define SSMK_INSTANTIATE(T)                                                  \
+  template void linear_scan_fwd_cpu<T>(const LinearScanFwdParams<T>&); \
+  template void linear_scan_bwd_cpu<T>(const LinearScanBwdParams<T>&);
+SSMK_INSTANTIATE(float)
+SSMK_INSTANTIATE(double)
+SSMK_INSTANTIATE(c10::Half)
+SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_INSTANTIATE(c10::complex<float>)
+SSMK_INSTANTIATE(c10::complex<double>)
+#undef SSMK_INSTANTIATE
+
+}  // namespace ssmk

@@ -24,8 +24,6 @@
 // chained carry adds about one global-memory round trip per chunk, hidden by other rows).
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-
 #include <cstdint>
 
 #include "common/cuda/launch.h"
@@ -168,7 +166,7 @@ SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, int64_t& row, int64
 }
 
 template <typename in_t>
-__global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanParams p,
+__global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwdParams<in_t> p,
                                                                    ChunkChain<scan_acc_t<in_t>> chain) {
   using acc_t = scan_acc_t<in_t>;
   int64_t row, cw;
@@ -178,15 +176,15 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanPar
   const int64_t pc = desc ? C - 1 - cw : cw;
   const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
   acc_t a[kItems], b[kItems];
-  load_items(static_cast<const in_t*>(p.a) + row * p.a_row_stride, p.a_t_stride, p0, L, one<acc_t>(), a);
-  load_items(static_cast<const in_t*>(p.b) + row * p.b_row_stride, p.b_t_stride, p0, L, zero<acc_t>(), b);
+  load_items(p.a.data + row * p.a.stride[0], p.a.stride[1], p0, L, one<acc_t>(), a);
+  load_items(p.b.data + row * p.b.stride[0], p.b.stride[1], p0, L, zero<acc_t>(), b);
   to_walk_order(a, desc);
   to_walk_order(b, desc);
   cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
 #pragma unroll
   for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{a[k], b[k]});
   const acc_t row_start =
-      p.initial_state ? static_cast<const acc_t*>(p.initial_state)[row * p.init_stride] : zero<acc_t>();
+      p.initial_state.data ? p.initial_state.data[row * p.initial_state.stride[0]] : zero<acc_t>();
   acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t h[kItems];
@@ -195,14 +193,14 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanPar
     s = step(a[k], s, b[k]);
     h[k] = s;
     const int64_t t = desc ? p0 + kItems - 1 - k : p0 + k;
-    if (t == t_last) static_cast<acc_t*>(p.last_state)[row] = s;
+    if (t == t_last) p.last_state[row] = s;
   }
   to_walk_order(h, desc);
-  store_items(static_cast<in_t*>(p.h) + row * L, p0, L, h);
+  store_items(p.h + row * L, p0, L, h);
 }
 
 template <typename in_t>
-__global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanParams p,
+__global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwdParams<in_t> p,
                                                                    ChunkChain<scan_acc_t<in_t>> chain) {
   using acc_t = scan_acc_t<in_t>;
   int64_t row, cw;
@@ -211,22 +209,22 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanPar
   const bool desc = !p.reverse;
   const int64_t pc = desc ? C - 1 - cw : cw;
   const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
-  const in_t* a_row = static_cast<const in_t*>(p.a) + row * p.a_row_stride;
-  const in_t* h_row = static_cast<const in_t*>(p.h_saved) + row * p.hs_row_stride;
+  const in_t* a_row = p.a.data + row * p.a.stride[0];
+  const in_t* h_row = p.h.data + row * p.h.stride[0];
   const acc_t h_start =
-      p.initial_state ? static_cast<const acc_t*>(p.initial_state)[row * p.init_stride] : zero<acc_t>();
+      p.initial_state.data ? p.initial_state.data[row * p.initial_state.stride[0]] : zero<acc_t>();
   // Outside the row: a = 1 (the identity step) and h = the forward's initial state, which is what
   // the walk's first and last positions see; padding positions after L never reach an output.
   acc_t a[kItems], g[kItems], h[kItems];
-  load_items(a_row, p.a_t_stride, p0, L, one<acc_t>(), a);
-  load_items(static_cast<const in_t*>(p.dh) + row * p.dh_row_stride, p.dh_t_stride, p0, L, zero<acc_t>(), g);
-  load_items(h_row, p.hs_t_stride, p0, L, h_start, h);
+  load_items(a_row, p.a.stride[1], p0, L, one<acc_t>(), a);
+  load_items(p.dh.data + row * p.dh.stride[0], p.dh.stride[1], p0, L, zero<acc_t>(), g);
+  load_items(h_row, p.h.stride[1], p0, L, h_start, h);
   // The neighbours across the thread's edges: a at the walk position before the first item,
   // h at the walk position after the last one.
   const int64_t t_prev = desc ? p0 + kItems : p0 - 1;
   const int64_t t_next = desc ? p0 - 1 : p0 + kItems;
-  const acc_t a_prev = (t_prev >= 0 && t_prev < L) ? static_cast<acc_t>(a_row[t_prev * p.a_t_stride]) : one<acc_t>();
-  const acc_t h_next = (t_next >= 0 && t_next < L) ? static_cast<acc_t>(h_row[t_next * p.hs_t_stride]) : h_start;
+  const acc_t a_prev = (t_prev >= 0 && t_prev < L) ? static_cast<acc_t>(a_row[t_prev * p.a.stride[1]]) : one<acc_t>();
+  const acc_t h_next = (t_next >= 0 && t_next < L) ? static_cast<acc_t>(h_row[t_next * p.h.stride[1]]) : h_start;
   to_walk_order(a, desc);
   to_walk_order(g, desc);
   to_walk_order(h, desc);
@@ -238,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanPar
 #pragma unroll
   for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{coef[k], g[k]});
   const acc_t row_start =
-      p.dlast_state ? static_cast<const acc_t*>(p.dlast_state)[row * p.dlast_stride] : zero<acc_t>();
+      p.dlast_state.data ? p.dlast_state.data[row * p.dlast_state.stride[0]] : zero<acc_t>();
   acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t da[kItems], db[kItems];
@@ -248,37 +246,28 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanPar
     db[k] = s;
     da[k] = s * conj_if_complex(k + 1 < kItems ? h[k + 1] : h_next);
     const int64_t t = desc ? p0 + kItems - 1 - k : p0 + k;
-    if (t == t_last) static_cast<acc_t*>(p.dinitial_state)[row] = conj_if_complex(a[k]) * s;
+    if (t == t_last) p.dinitial_state[row] = conj_if_complex(a[k]) * s;
   }
   to_walk_order(da, desc);
   to_walk_order(db, desc);
-  store_items(static_cast<in_t*>(p.da) + row * L, p0, L, da);
-  store_items(static_cast<in_t*>(p.db) + row * L, p0, L, db);
+  store_items(p.da + row * L, p0, L, da);
+  store_items(p.db + row * L, p0, L, db);
 }
 
-template <typename in_t, bool kBwd>
-void launch(const LinearScanParams& p, const at::TensorOptions& options) {
-  using acc_t = scan_acc_t<in_t>;
-  const int64_t C = cuda::ceil_div(p.seqlen, kChunk);
-  const int64_t blocks = p.rows * C;
-  TORCH_CHECK(blocks <= static_cast<int64_t>(INT32_MAX), "linear_scan: too many rows x chunks (", blocks,
-              ") for one launch");
+// Workspace (zeroed by the host, linear_scan::cuda_workspace_ints): the chain's carries first
+// (the allocation's alignment serves every acc_t), then its flags and ticket.
+template <typename acc_t>
+ChunkChain<acc_t> chunk_chain(int64_t rows, int64_t seqlen, int* workspace) {
+  const int64_t C = (seqlen + kChunk - 1) / kChunk;
   ChunkChain<acc_t> chain{C, nullptr, nullptr, nullptr};
-  at::Tensor sync, carries;
   if (C > 1) {
-    sync = at::zeros({blocks + 1}, options.dtype(at::kInt));
-    carries = at::empty({blocks * static_cast<int64_t>(sizeof(acc_t))}, options.dtype(at::kByte));
-    chain.flags = sync.data_ptr<int>();
+    const int64_t blocks = rows * C;
+    const int64_t carry_ints = (blocks * static_cast<int64_t>(sizeof(acc_t)) + 3) / 4;
+    chain.carries = reinterpret_cast<acc_t*>(workspace);
+    chain.flags = workspace + carry_ints;
     chain.ticket = reinterpret_cast<unsigned int*>(chain.flags + blocks);
-    chain.carries = reinterpret_cast<acc_t*>(carries.data_ptr());
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  if (kBwd) {
-    linear_scan_bwd_kernel<in_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, chain);
-  } else {
-    linear_scan_fwd_kernel<in_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(p, chain);
-  }
-  SSMK_CUDA_CHECK_LAUNCH();
+  return chain;
 }
 
 }  // namespace ssmk::linear_scan

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/types.h"
 
 namespace ssmk::linear_scan {
 
@@ -29,22 +30,8 @@ constexpr int kItems = 8;
 constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * kItems;
 constexpr int64_t kFewRows = 64;
 
-// Accumulation type: float32 for float32/float16/bfloat16, float64 for float64, and the
-// complex of those for complex inputs.
 template <typename T>
-struct ScanAcc {
-  using type = float;
-};
-template <>
-struct ScanAcc<double> {
-  using type = double;
-};
-template <typename T>
-struct ScanAcc<c10::complex<T>> {
-  using type = c10::complex<T>;
-};
-template <typename T>
-using scan_acc_t = typename ScanAcc<T>::type;
+using scan_acc_t = ::ssmk::acc_t<T>;
 
 template <typename T>
 SSMK_HOST_DEVICE T conj_if_complex(T x) {

@@ -550,3 +550,22 @@ TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
   m.impl("selective_scan_bwd", &ssmk::selective_scan_bwd_cpu);
   m.impl("selective_state_update", &ssmk::selective_state_update_cpu);
 }
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // selective_scan: the forward also returns the state before every chunk of kChunkSize steps
+  // (checkpoints, [B, D, n_chunks, N]), from which the backward recomputes each chunk.
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state) "
+      "-> (Tensor out, Tensor last_state, Tensor checkpoints)");
+  m.def(
+      "selective_scan_bwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? delta_bias, bool delta_softplus, Tensor? initial_state, "
+      "Tensor checkpoints, Tensor dout, Tensor? dlast_state) -> (Tensor du, Tensor ddelta, "
+      "Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, "
+      "Tensor dinitial_state)");
+  m.def(
+      "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus, "
+      "Tensor? state_batch_indices) -> Tensor");
+}

@@ -421,14 +421,14 @@ bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Te
   stages.final_bwd(p, in_dtype);
 
   // Reductions over batch and chunks in a fixed order (deterministic).
-  at::Tensor dA = dA_part.sum({0, 1}).to(A.scalar_type());
+  at::Tensor dA = dA_part.sum(at::IntArrayRef{0, 1}).to(A.scalar_type());
   at::Tensor dD = at::empty({0}, x.options().dtype(acc));
   if (D) {
-    dD = dD_part.sum({0, 1});
+    dD = dD_part.sum(at::IntArrayRef{0, 1});
     if (D->dim() == 1) dD = dD.sum(1);
     dD = dD.to(D->scalar_type());
   }
-  at::Tensor ddt_bias = dt_bias ? ddt.sum({0, 1}).to(dt_bias->scalar_type()) : at::empty({0}, opts);
+  at::Tensor ddt_bias = dt_bias ? ddt.sum(at::IntArrayRef{0, 1}).to(dt_bias->scalar_type()) : at::empty({0}, opts);
   at::Tensor dinit_out = initial_states ? dinit.to(initial_states->scalar_type()) : at::empty({0}, opts);
   const at::Tensor dB_out = unpack_chunks(dB.view({Bn, nc, G, Q, N}), L, Bm.scalar_type());
   const at::Tensor dC_out = unpack_chunks(dC.view({Bn, nc, G, Q, N}), L, Cm.scalar_type());

@@ -480,5 +480,28 @@ at::Tensor ssd_test_gemm_cpu(const at::Tensor& a, const at::Tensor& b, at::Scala
 TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
   m.impl("ssd_scan_fwd", &ssmk::ssd_scan_fwd_cpu);
   m.impl("ssd_scan_bwd", &ssmk::ssd_scan_bwd_cpu);
-  m.impl("_ssd_test_gemm", &ssmk::ssd_test_gemm_cpu);
+  }
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // ssd: final_states is always returned (the wrapper drops it if unwanted); dt_min/dt_max clamp
+  // dt only when they differ from (0, inf). Gradients of absent optional inputs are empty tensors.
+  m.def(
+      "ssd_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor? initial_states, Tensor? seq_idx) -> (Tensor out, Tensor final_states)");
+  m.def(
+      "ssd_scan_bwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus, float dt_min, float dt_max, "
+      "Tensor? initial_states, Tensor? seq_idx, Tensor dout, Tensor? dfinal_states) "
+      "-> (Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+      "Tensor ddt_bias, Tensor dinitial_states)");
 }
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
+  // ssd test hook: the device's batched GEMM of the SSD driver, out = a @ b (or acc + a @ b) for
+  // [batch, M, K] x [batch, K, N] float32/float64 views of any strides; in_dtype picks the
+  // tensor-core operand precision on CUDA; tri is an ssd::Tri zero structure (0..3).
+  m.def("ssd_gemm(Tensor a, Tensor b, ScalarType in_dtype, int tri, Tensor? acc) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ssm_kernels_test, CPU, m) { m.impl("ssd_gemm", &ssmk::ssd_test_gemm_cpu); }

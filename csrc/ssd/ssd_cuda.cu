@@ -292,5 +292,6 @@ at::Tensor ssd_test_gemm_cuda(const at::Tensor& a, const at::Tensor& b, at::Scal
 TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) {
   m.impl("ssd_scan_fwd", &ssmk::ssd_scan_fwd_cuda);
   m.impl("ssd_scan_bwd", &ssmk::ssd_scan_bwd_cuda);
-  m.impl("_ssd_test_gemm", &ssmk::ssd_test_gemm_cuda);
 }
+
+TORCH_LIBRARY_IMPL(ssm_kernels_test, CUDA, m) { m.impl("ssd_gemm", &ssmk::ssd_test_gemm_cuda); }

@@ -274,3 +274,15 @@ TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
   m.impl("log_vandermonde_transpose_fwd", &ssmk::log_vandermonde_transpose_fwd_cpu);
   m.impl("log_vandermonde_transpose_bwd", &ssmk::log_vandermonde_transpose_bwd_cpu);
 }
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // vandermonde
+  m.def("log_vandermonde_fwd(Tensor v, Tensor x, int L, bool symmetric) -> Tensor");
+  m.def(
+      "log_vandermonde_bwd(Tensor v, Tensor x, int L, Tensor dout, bool symmetric) "
+      "-> (Tensor dv, Tensor dx)");
+  m.def("log_vandermonde_transpose_fwd(Tensor u, Tensor v, Tensor x, int L) -> Tensor");
+  m.def(
+      "log_vandermonde_transpose_bwd(Tensor u, Tensor v, Tensor x, int L, Tensor dout) "
+      "-> (Tensor du, Tensor dv, Tensor dx)");
+}

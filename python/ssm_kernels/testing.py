@@ -121,11 +121,11 @@ def clone_leaf(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -
 @contextlib.contextmanager
 def poisoned_outputs(enable: bool = True):
     """Within the block, every output the compiled ops allocate is filled with NaN first."""
-    previous = torch.ops.ssm_kernels._set_poison_outputs(enable)
+    previous = torch.ops.ssm_kernels_test.set_poison_outputs(enable)
     try:
         yield
     finally:
-        torch.ops.ssm_kernels._set_poison_outputs(previous)
+        torch.ops.ssm_kernels_test.set_poison_outputs(previous)
 
 
 def grads(outputs: Iterable[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],

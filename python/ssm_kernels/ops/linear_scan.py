@@ -5,9 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import COMPLEX_DTYPES, FLOAT_DTYPES, check_device_supported, check_tensor
-
-SCAN_DTYPES = FLOAT_DTYPES + COMPLEX_DTYPES
+from . import _op
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,36 +51,9 @@ def linear_scan(
         >>> b = torch.randn(2, 64, 1000)
         >>> h, last = linear_scan(a, b, return_last_state=True)  # [B, D, L], [B, D]
     """
-    check_tensor("a", a, dtypes=SCAN_DTYPES)
-    check_device_supported("a", a)
-    check_tensor("b", b, device=a.device)
-    if b.dtype != a.dtype:
-        raise TypeError(
-            f"b: expected the dtype of a ({str(a.dtype).replace('torch.', '')}), "
-            f"got {str(b.dtype).replace('torch.', '')}"
-        )
-    if a.dim() < 1:
-        raise ValueError(f"a: expected at least 1 dim (..., seqlen), got shape {tuple(a.shape)}")
-    if b.shape != a.shape:
-        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
-    if a.shape[-1] < 1:
-        raise ValueError(f"a: expected seqlen >= 1, got {a.shape[-1]}")
-    if not isinstance(reverse, bool):
-        raise TypeError(f"reverse: expected a bool, got {type(reverse).__name__}")
     if not isinstance(return_last_state, bool):
         raise TypeError(f"return_last_state: expected a bool, got {type(return_last_state).__name__}")
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, shape=tuple(a.shape[:-1]), device=a.device)
-        if a.is_complex() != initial_state.is_complex() or not (
-            initial_state.is_floating_point() or initial_state.is_complex()
-        ):
-            kind = "complex" if a.is_complex() else "real floating-point"
-            raise TypeError(
-                f"initial_state: expected a {kind} dtype like a's, got "
-                f"{str(initial_state.dtype).replace('torch.', '')}"
-            )
-        initial_state = initial_state.to(_acc_dtype(a.dtype))
-    h, last_state = torch.ops.ssm_kernels.linear_scan_fwd(a, b, initial_state, reverse)
+    h, last_state = _op.call("linear_scan_fwd", a=a, b=b, initial_state=initial_state, reverse=reverse)
     return (h, last_state) if return_last_state else h
 
 
@@ -91,22 +62,4 @@ def _(a, b, initial_state, reverse):
     return a.new_empty(a.shape), a.new_empty(a.shape[:-1], dtype=_acc_dtype(a.dtype))
 
 
-@torch.library.register_fake("ssm_kernels::linear_scan_bwd")
-def _(a, h, initial_state, dh, dlast_state, reverse):
-    return a.new_empty(a.shape), a.new_empty(a.shape), a.new_empty(a.shape[:-1], dtype=_acc_dtype(a.dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    a, b, initial_state, reverse = inputs
-    h, _ = output
-    ctx.save_for_backward(a, initial_state, h)
-    ctx.reverse = reverse
-
-
-def _backward(ctx, dh, dlast_state):
-    a, initial_state, h = ctx.saved_tensors
-    da, db, dinit = torch.ops.ssm_kernels.linear_scan_bwd(a, h, initial_state, dh, dlast_state, ctx.reverse)
-    return da, db, (dinit if initial_state is not None else None), None
-
-
-torch.library.register_autograd("ssm_kernels::linear_scan_fwd", _backward, setup_context=_setup_context)
+_op.register("linear_scan_fwd", "linear_scan_bwd", like={"b": "a"})

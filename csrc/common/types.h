@@ -1,0 +1,54 @@
+// Element types shared by host and device code: the accumulation type of each input type.
+// No ATen tensors here, so CUDA kernel files include it without the host-side headers.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/complex.h>
+
+#include <cstdint>
+
+namespace ssmk {
+
+// float32 for float32/float16/bfloat16, float64 for float64, and the complex of those for
+// complex inputs: what every kernel accumulates in (API.md, precision).
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+struct Acc<c10::complex<T>> {
+  using type = c10::complex<T>;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+}  // namespace ssmk
+
+#if defined(SSMK_WITH_CUDA)
+struct CUstream_st;
+#endif
+
+namespace ssmk {
+
+// A typed strided view of an N-dimensional tensor (strides in elements); data is nullptr for an
+// absent optional argument.
+template <typename T, int N>
+struct View {
+  T* data;
+  int64_t stride[N];
+};
+
+#if defined(SSMK_WITH_CUDA)
+// What a CUDA launcher gets from the host: the current stream and the device's SM count.
+struct CudaContext {
+  ::CUstream_st* stream;  // cudaStream_t, without the CUDA headers
+  int sms;
+};
+#endif
+
+}  // namespace ssmk
