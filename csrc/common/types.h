@@ -27,6 +27,12 @@ struct Acc<c10::complex<T>> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
+// The element types of each dispatch set (common/dispatch.h), as X-macros for the explicit
+// instantiations beside the kernels: SSMK_FLOAT_TYPES(INSTANTIATE).
+#define SSMK_FLOAT_TYPES(M) M(float) M(double) M(c10::Half) M(c10::BFloat16)
+#define SSMK_COMPLEX_TYPES(M) M(c10::complex<float>) M(c10::complex<double>)
+#define SSMK_FLOAT_AND_COMPLEX_TYPES(M) SSMK_FLOAT_TYPES(M) SSMK_COMPLEX_TYPES(M)
+
 }  // namespace ssmk
 
 #if defined(SSMK_WITH_CUDA)

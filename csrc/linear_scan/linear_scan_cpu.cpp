@@ -357,12 +357,7 @@ void linear_scan_bwd_cpu(const LinearScanBwdParams<T>& p) {
 #define SSMK_INSTANTIATE(T)                                                  \
   template void linear_scan_fwd_cpu<T>(const LinearScanFwdParams<T>&); \
   template void linear_scan_bwd_cpu<T>(const LinearScanBwdParams<T>&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
-SSMK_INSTANTIATE(c10::complex<float>)
-SSMK_INSTANTIATE(c10::complex<double>)
+SSMK_FLOAT_AND_COMPLEX_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 
 }  // namespace ssmk

@@ -22,12 +22,7 @@ void linear_scan_bwd_cuda(const LinearScanBwdParams<T>& p, int* workspace, const
 #define SSMK_INSTANTIATE(T)                                                                        \
   template void linear_scan_fwd_cuda<T>(const LinearScanFwdParams<T>&, int*, const CudaContext&); \
   template void linear_scan_bwd_cuda<T>(const LinearScanBwdParams<T>&, int*, const CudaContext&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
-SSMK_INSTANTIATE(c10::complex<float>)
-SSMK_INSTANTIATE(c10::complex<double>)
+SSMK_FLOAT_AND_COMPLEX_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 
 }  // namespace ssmk
