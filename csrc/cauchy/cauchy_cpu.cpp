@@ -4,10 +4,8 @@
 // complex64). Forward: tasks are (row, tile of kTileL outputs), as the CUDA blocks. Backward:
 // tasks are runs of (row, n); each walks l in chunks of kChunkL and adds the chunk sums in chunk
 // order in double, the order the CUDA reduction kernel uses (bitwise reproducible).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/complex.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -20,7 +18,7 @@ namespace ssmk {
 namespace {
 
 template <typename T, bool kSym>
-SSMK_CPU_INLINE void fwd_tasks(const CauchyParams& p, const T* zr, const T* zi, int64_t begin,
+SSMK_CPU_INLINE void fwd_tasks(const CauchyFwdParams<T>& p, const T* zr, const T* zi, int64_t begin,
                                int64_t end) {
   using C = c10::complex<T>;
   constexpr int64_t kTile = cauchy::kTileL;
@@ -29,25 +27,25 @@ SSMK_CPU_INLINE void fwd_tasks(const CauchyParams& p, const T* zr, const T* zi, 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / tiles, l0 = (task % tiles) * kTile;
     const int64_t nl = std::min(kTile, p.L - l0);
-    const C* v = static_cast<const C*>(p.v) + b * p.v_batch_stride;
-    const C* w = static_cast<const C*>(p.w) + b * p.w_batch_stride;
+    const C* v = p.v.data + b * p.v.stride[0];
+    const C* w = p.w.data + b * p.w.stride[0];
     const T* zrt = zr + l0;
     const T* zit = zi + l0;
     for (int64_t j = 0; j < nl; ++j) a1r[j] = a1i[j] = a2r[j] = a2i[j] = T(0);
     for (int64_t n = 0; n < p.N; ++n) {
-      const C vn = v[n * p.v_n_stride], wn = w[n * p.w_n_stride];
+      const C vn = v[n * p.v.stride[1]], wn = w[n * p.w.stride[1]];
       const T vr = vn.real(), vi = vn.imag(), wr = wn.real(), wi = wn.imag();
 #pragma omp simd
       for (int64_t j = 0; j < nl; ++j) {
         cauchy::fwd_term<kSym>(zrt[j], zit[j], vr, vi, wr, wi, a1r[j], a1i[j], a2r[j], a2i[j]);
       }
     }
-    C* out = static_cast<C*>(p.out) + b * p.L + l0;
+    C* out = p.out + b * p.L + l0;
     for (int64_t j = 0; j < nl; ++j) out[j] = C(a1r[j] + a2r[j], a1i[j] + a2i[j]);
   }
 }
 SSMK_CPU_MULTIVERSION(fwd_tasks, (typename T, bool kSym), (T, kSym),
-                      (const CauchyParams& p, const T* zr, const T* zi, int64_t begin, int64_t end),
+                      (const CauchyFwdParams<T>& p, const T* zr, const T* zi, int64_t begin, int64_t end),
                       (p, zr, zi, begin, end))
 
 // The n of one row handled together, so that each chunk of z and conj(dout) is read from cache
@@ -55,7 +53,7 @@ SSMK_CPU_MULTIVERSION(fwd_tasks, (typename T, bool kSym), (T, kSym),
 constexpr int64_t kBwdGroup = 16;
 
 template <typename T, bool kSym>
-SSMK_CPU_INLINE void bwd_tasks(const CauchyParams& p, const T* zr, const T* zi, T* gr, T* gi,
+SSMK_CPU_INLINE void bwd_tasks(const CauchyBwdParams<T>& p, const T* zr, const T* zi, T* gr, T* gi,
                                int64_t begin, int64_t end) {
   using C = c10::complex<T>;
   constexpr int64_t kChunk = cauchy::kChunkL;
@@ -66,21 +64,21 @@ SSMK_CPU_INLINE void bwd_tasks(const CauchyParams& p, const T* zr, const T* zi, 
     const int64_t b = idx / p.N, n0 = idx % p.N;
     const int64_t count = std::min({kBwdGroup, end - idx, p.N - n0});
     if (b != loaded_row) {
-      const C* g = static_cast<const C*>(p.dout) + b * p.dout_batch_stride;
+      const C* g = p.dout.data + b * p.dout.stride[0];
       for (int64_t l = 0; l < L; ++l) {
-        const C gl = g[l * p.dout_l_stride];
+        const C gl = g[l * p.dout.stride[1]];
         gr[l] = gl.real();
         gi[l] = -gl.imag();  // conj(dout)
       }
       loaded_row = b;
     }
-    const C* v = static_cast<const C*>(p.v) + b * p.v_batch_stride;
-    const C* w = static_cast<const C*>(p.w) + b * p.w_batch_stride;
+    const C* v = p.v.data + b * p.v.stride[0];
+    const C* w = p.w.data + b * p.w.stride[0];
     double sums[kBwdGroup][8] = {};
     for (int64_t l0 = 0; l0 < L; l0 += kChunk) {
       const int64_t nl = std::min(kChunk, L - l0);
       for (int64_t i = 0; i < count; ++i) {
-        const C wn = w[(n0 + i) * p.w_n_stride];
+        const C wn = w[(n0 + i) * p.w.stride[1]];
         const T wr = wn.real(), wi = wn.imag();
         T Ar = 0, Ai = 0, A2r = 0, A2i = 0, Br = 0, Bi = 0, B2r = 0, B2i = 0;
 #pragma omp simd reduction(+ : Ar, Ai, A2r, A2i, Br, Bi, B2r, B2i)
@@ -99,10 +97,10 @@ SSMK_CPU_INLINE void bwd_tasks(const CauchyParams& p, const T* zr, const T* zi, 
         s[7] += B2i;
       }
     }
-    C* dv = static_cast<C*>(p.dv) + b * p.N;
-    C* dw = static_cast<C*>(p.dw) + b * p.N;
+    C* dv = p.dv + b * p.N;
+    C* dw = p.dw + b * p.N;
     for (int64_t i = 0; i < count; ++i) {
-      const C vn = v[(n0 + i) * p.v_n_stride];
+      const C vn = v[(n0 + i) * p.v.stride[1]];
       double dvr, dvi, dwr, dwi;
       cauchy::grads_from_sums(sums[i], vn.real(), vn.imag(), kSym, dvr, dvi, dwr, dwi);
       dv[n0 + i] = C(static_cast<T>(dvr), static_cast<T>(dvi));
@@ -112,24 +110,24 @@ SSMK_CPU_INLINE void bwd_tasks(const CauchyParams& p, const T* zr, const T* zi, 
   }
 }
 SSMK_CPU_MULTIVERSION(bwd_tasks, (typename T, bool kSym), (T, kSym),
-                      (const CauchyParams& p, const T* zr, const T* zi, T* gr, T* gi, int64_t begin,
+                      (const CauchyBwdParams<T>& p, const T* zr, const T* zi, T* gr, T* gi, int64_t begin,
                        int64_t end),
                       (p, zr, zi, gr, gi, begin, end))
 
 template <typename T>
-void split_z(const CauchyParams& p, std::vector<T>& zr, std::vector<T>& zi) {
-  using C = c10::complex<T>;
+void split_z(const CauchyCommon<T>& p, std::vector<T>& zr, std::vector<T>& zi) {
   zr.resize(p.L);
   zi.resize(p.L);
-  const C* z = static_cast<const C*>(p.z);
   for (int64_t l = 0; l < p.L; ++l) {
-    zr[l] = z[l * p.z_stride].real();
-    zi[l] = z[l * p.z_stride].imag();
+    zr[l] = p.z.data[l * p.z.stride[0]].real();
+    zi[l] = p.z.data[l * p.z.stride[0]].imag();
   }
 }
 
+}  // namespace
+
 template <typename T>
-void fwd_kernel(const CauchyParams& p) {
+void cauchy_fwd_cpu(const CauchyFwdParams<T>& p) {
   std::vector<T> zr, zi;
   split_z(p, zr, zi);
   const int64_t tiles = (p.L + cauchy::kTileL - 1) / cauchy::kTileL;
@@ -141,7 +139,7 @@ void fwd_kernel(const CauchyParams& p) {
 }
 
 template <typename T>
-void bwd_kernel(const CauchyParams& p) {
+void cauchy_bwd_cpu(const CauchyBwdParams<T>& p) {
   std::vector<T> zr, zi;
   split_z(p, zr, zi);
   SSMK_BOOL_SWITCH(p.symmetric, kSym, [&] {
@@ -152,42 +150,9 @@ void bwd_kernel(const CauchyParams& p) {
   });
 }
 
-template <typename F>
-void dispatch_real(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kComplexDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
+template void cauchy_fwd_cpu<float>(const CauchyFwdParams<float>&);
+template void cauchy_fwd_cpu<double>(const CauchyFwdParams<double>&);
+template void cauchy_bwd_cpu<float>(const CauchyBwdParams<float>&);
+template void cauchy_bwd_cpu<double>(const CauchyBwdParams<double>&);
 
-at::Tensor cauchy_fwd_cpu(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w,
-                          bool symmetric) {
-  return cauchy::fwd(v, z, w, symmetric, [](const CauchyParams& p, at::ScalarType dtype) {
-    dispatch_real(dtype, [&](auto t) { fwd_kernel<decltype(t)>(p); });
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> cauchy_bwd_cpu(const at::Tensor& v, const at::Tensor& z,
-                                                  const at::Tensor& w, const at::Tensor& dout,
-                                                  bool symmetric) {
-  return cauchy::bwd(v, z, w, dout, symmetric, [](const CauchyParams& p, at::ScalarType dtype) {
-    dispatch_real(dtype, [&](auto t) { bwd_kernel<decltype(t)>(p); });
-  });
-}
-
-}  // namespace
 }  // namespace ssmk
-
-TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
-  m.impl("cauchy_fwd", &ssmk::cauchy_fwd_cpu);
-  m.impl("cauchy_bwd", &ssmk::cauchy_bwd_cpu);
-}
-
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // cauchy / vandermonde
-  m.def("cauchy_fwd(Tensor v, Tensor z, Tensor w, bool symmetric) -> Tensor");
-  m.def(
-      "cauchy_bwd(Tensor v, Tensor z, Tensor w, Tensor dout, bool symmetric) "
-      "-> (Tensor dv, Tensor dw)");
-}

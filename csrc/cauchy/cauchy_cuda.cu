@@ -1,52 +1,38 @@
-// CUDA host functions of the S4 Cauchy product: the shared driver of cauchy.h with the launchers
-// of cauchy_kernel.cuh.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+// CUDA launchers of the S4 Cauchy product (kernels in cauchy_kernel.cuh). One-dimensional grids,
+// sized by the host (cauchy_op.cpp checks they fit).
 #include "cauchy/cauchy.h"
 #include "cauchy/cauchy_kernel.cuh"
 
 namespace ssmk {
-namespace {
 
-at::Tensor cauchy_fwd_cuda(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w,
-                           bool symmetric) {
-  const c10::cuda::CUDAGuard guard(v.device());
-  return cauchy::fwd(v, z, w, symmetric, [](const CauchyParams& p, at::ScalarType dtype) {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (dtype == at::kComplexDouble) {
-      cauchy::launch_fwd<double>(p, stream);
-    } else {
-      cauchy::launch_fwd<float>(p, stream);
-    }
-  });
+template <typename T>
+void cauchy_fwd_cuda(const CauchyFwdParams<T>& p, const CudaContext& ctx) {
+  using Traits = cauchy::KernelTraits<T>;
+  const auto grid = static_cast<unsigned>((p.L + cauchy::kTileL - 1) / cauchy::kTileL * p.batch);
+  if (p.symmetric) {
+    cauchy::cauchy_fwd_kernel<Traits, true><<<grid, Traits::kThreads, 0, ctx.stream>>>(p);
+  } else {
+    cauchy::cauchy_fwd_kernel<Traits, false><<<grid, Traits::kThreads, 0, ctx.stream>>>(p);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> cauchy_bwd_cuda(const at::Tensor& v, const at::Tensor& z,
-                                                   const at::Tensor& w, const at::Tensor& dout,
-                                                   bool symmetric) {
-  const c10::cuda::CUDAGuard guard(v.device());
-  const auto device = v.device();
-  return cauchy::bwd(v, z, w, dout, symmetric, [device](const CauchyParams& p, at::ScalarType dtype) {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor partials = at::empty({p.batch, p.num_chunks, p.N, 8},
-                                    at::TensorOptions().dtype(at::kDouble).device(device));
-    CauchyParams q = p;
-    q.partials = partials.data_ptr<double>();
-    if (dtype == at::kComplexDouble) {
-      cauchy::launch_bwd<double>(q, stream);
-    } else {
-      cauchy::launch_bwd<float>(q, stream);
-    }
-  });
+template <typename T>
+void cauchy_bwd_cuda(const CauchyBwdParams<T>& p, double* partials, const CudaContext& ctx) {
+  using Traits = cauchy::KernelTraits<T>;
+  const auto grid = static_cast<unsigned>(p.num_chunks * ((p.N + Traits::kThreads - 1) / Traits::kThreads) * p.batch);
+  if (p.symmetric) {
+    cauchy::cauchy_bwd_kernel<Traits, true><<<grid, Traits::kThreads, 0, ctx.stream>>>(p, partials);
+  } else {
+    cauchy::cauchy_bwd_kernel<Traits, false><<<grid, Traits::kThreads, 0, ctx.stream>>>(p, partials);
+  }
+  constexpr int kReduceThreads = 256;
+  const auto blocks = static_cast<unsigned>((p.batch * p.N + kReduceThreads - 1) / kReduceThreads);
+  cauchy::cauchy_bwd_reduce_kernel<Traits><<<blocks, kReduceThreads, 0, ctx.stream>>>(p, partials);
 }
 
-}  // namespace
+template void cauchy_fwd_cuda<float>(const CauchyFwdParams<float>&, const CudaContext&);
+template void cauchy_fwd_cuda<double>(const CauchyFwdParams<double>&, const CudaContext&);
+template void cauchy_bwd_cuda<float>(const CauchyBwdParams<float>&, double*, const CudaContext&);
+template void cauchy_bwd_cuda<double>(const CauchyBwdParams<double>&, double*, const CudaContext&);
+
 }  // namespace ssmk
-
-TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) {
-  m.impl("cauchy_fwd", &ssmk::cauchy_fwd_cuda);
-  m.impl("cauchy_bwd", &ssmk::cauchy_bwd_cuda);
-}

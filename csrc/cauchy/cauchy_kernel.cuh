@@ -16,7 +16,6 @@
 
 #include "cauchy/cauchy.h"
 #include "cauchy/cauchy_math.h"
-#include "common/cuda/launch.h"
 
 namespace ssmk::cauchy {
 
@@ -24,7 +23,7 @@ template <typename T_>
 struct KernelTraits {
   using T = T_;
   using C = c10::complex<T>;
-  static constexpr int kThreads = 64;
+  static constexpr int kThreads = kCudaThreads;
   static constexpr int kPerThread = kTileL / kThreads;
   static constexpr int kNChunk = 256;  // v and w staged per pass (fwd)
   static constexpr int kLChunk = 256;  // z and conj(dout) staged per pass (bwd)
@@ -33,7 +32,7 @@ struct KernelTraits {
 };
 
 template <typename Traits, bool kSym>
-__global__ void __launch_bounds__(Traits::kThreads) cauchy_fwd_kernel(CauchyParams p) {
+__global__ void __launch_bounds__(Traits::kThreads) cauchy_fwd_kernel(CauchyFwdParams<typename Traits::T> p) {
   using T = typename Traits::T;
   using C = typename Traits::C;
   constexpr int kThreads = Traits::kThreads, kPer = Traits::kPerThread, kNChunk = Traits::kNChunk;
@@ -41,14 +40,14 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_fwd_kernel(CauchyPara
   const int64_t tiles = (p.L + kTileL - 1) / kTileL;
   const int64_t b = blockIdx.x / tiles;
   const int64_t l0 = (blockIdx.x % tiles) * kTileL;
-  const C* v = static_cast<const C*>(p.v) + b * p.v_batch_stride;
-  const C* w = static_cast<const C*>(p.w) + b * p.w_batch_stride;
-  const C* z = static_cast<const C*>(p.z);
+  const C* v = p.v.data + b * p.v.stride[0];
+  const C* w = p.w.data + b * p.w.stride[0];
+  const C* z = p.z.data;
   T zr[kPer], zi[kPer], a1r[kPer], a1i[kPer], a2r[kPer], a2i[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t l = l0 + threadIdx.x + i * kThreads;
-    const C zl = l < p.L ? z[l * p.z_stride] : C(T(2), T(0));
+    const C zl = l < p.L ? z[l * p.z.stride[0]] : C(T(2), T(0));
     zr[i] = zl.real();
     zi[i] = zl.imag();
     a1r[i] = a1i[i] = a2r[i] = a2i[i] = T(0);
@@ -57,7 +56,7 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_fwd_kernel(CauchyPara
     const int nc = static_cast<int>(p.N - n0 < kNChunk ? p.N - n0 : kNChunk);
     __syncthreads();  // the previous chunk has been read
     for (int j = threadIdx.x; j < nc; j += kThreads) {
-      const C vn = v[(n0 + j) * p.v_n_stride], wn = w[(n0 + j) * p.w_n_stride];
+      const C vn = v[(n0 + j) * p.v.stride[1]], wn = w[(n0 + j) * p.w.stride[1]];
       sv[0][j] = vn.real();
       sv[1][j] = vn.imag();
       sv[2][j] = wn.real();
@@ -72,7 +71,7 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_fwd_kernel(CauchyPara
       }
     }
   }
-  C* out = static_cast<C*>(p.out) + b * p.L;
+  C* out = p.out + b * p.L;
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int64_t l = l0 + threadIdx.x + i * kThreads;
@@ -81,7 +80,7 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_fwd_kernel(CauchyPara
 }
 
 template <typename Traits, bool kSym>
-__global__ void __launch_bounds__(Traits::kThreads) cauchy_bwd_kernel(CauchyParams p) {
+__global__ void __launch_bounds__(Traits::kThreads) cauchy_bwd_kernel(CauchyBwdParams<typename Traits::T> p, double* partials) {
   using T = typename Traits::T;
   using C = typename Traits::C;
   constexpr int kThreads = Traits::kThreads, kLChunk = Traits::kLChunk;
@@ -92,11 +91,11 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_bwd_kernel(CauchyPara
   const int64_t b = rest / groups;
   const int64_t n = (rest % groups) * kThreads + threadIdx.x;
   const bool active = n < p.N;
-  const C* w = static_cast<const C*>(p.w) + b * p.w_batch_stride;
-  const C wn = active ? w[n * p.w_n_stride] : C(T(0), T(0));
+  const C* w = p.w.data + b * p.w.stride[0];
+  const C wn = active ? w[n * p.w.stride[1]] : C(T(0), T(0));
   const T wr = wn.real(), wi = wn.imag();
-  const C* z = static_cast<const C*>(p.z);
-  const C* g = static_cast<const C*>(p.dout) + b * p.dout_batch_stride;
+  const C* z = p.z.data;
+  const C* g = p.dout.data + b * p.dout.stride[0];
   T Ar = 0, Ai = 0, A2r = 0, A2i = 0, Br = 0, Bi = 0, B2r = 0, B2i = 0;
   const int64_t c0 = chunk * kChunkL;
   const int64_t c1 = c0 + kChunkL < p.L ? c0 + kChunkL : p.L;
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_bwd_kernel(CauchyPara
     const int nl = static_cast<int>(c1 - s0 < kLChunk ? c1 - s0 : kLChunk);
     __syncthreads();
     for (int j = threadIdx.x; j < nl; j += kThreads) {
-      const C zl = z[(s0 + j) * p.z_stride], gl = g[(s0 + j) * p.dout_l_stride];
+      const C zl = z[(s0 + j) * p.z.stride[0]], gl = g[(s0 + j) * p.dout.stride[1]];
       sz[0][j] = zl.real();
       sz[1][j] = zl.imag();
       sz[2][j] = gl.real();
@@ -119,7 +118,7 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_bwd_kernel(CauchyPara
     }
   }
   if (active) {
-    double* out = p.partials + ((b * p.num_chunks + chunk) * p.N + n) * 8;
+    double* out = partials + ((b * p.num_chunks + chunk) * p.N + n) * 8;
     out[0] = Ar;
     out[1] = Ai;
     out[2] = A2r;
@@ -133,7 +132,7 @@ __global__ void __launch_bounds__(Traits::kThreads) cauchy_bwd_kernel(CauchyPara
 
 // dv, dw per (row, n): the chunk partials added in chunk order.
 template <typename Traits>
-__global__ void cauchy_bwd_reduce_kernel(CauchyParams p) {
+__global__ void cauchy_bwd_reduce_kernel(CauchyBwdParams<typename Traits::T> p, const double* partials) {
   using T = typename Traits::T;
   using C = typename Traits::C;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -141,49 +140,15 @@ __global__ void cauchy_bwd_reduce_kernel(CauchyParams p) {
   const int64_t b = idx / p.N, n = idx % p.N;
   double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t c = 0; c < p.num_chunks; ++c) {
-    const double* part = p.partials + ((b * p.num_chunks + c) * p.N + n) * 8;
+    const double* part = partials + ((b * p.num_chunks + c) * p.N + n) * 8;
 #pragma unroll
     for (int k = 0; k < 8; ++k) s[k] += part[k];
   }
-  const C vn = static_cast<const C*>(p.v)[b * p.v_batch_stride + n * p.v_n_stride];
+  const C vn = p.v.data[b * p.v.stride[0] + n * p.v.stride[1]];
   double dvr, dvi, dwr, dwi;
   grads_from_sums(s, vn.real(), vn.imag(), p.symmetric, dvr, dvi, dwr, dwi);
-  static_cast<C*>(p.dv)[idx] = C(static_cast<T>(dvr), static_cast<T>(dvi));
-  static_cast<C*>(p.dw)[idx] = C(static_cast<T>(dwr), static_cast<T>(dwi));
-}
-
-// One-dimensional grids (no 65535 limit on batch); x is limited to 2^31 - 1 blocks.
-inline unsigned grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= 0x7fffffff, "too many blocks for one launch: ", blocks);
-  return static_cast<unsigned>(blocks);
-}
-
-template <typename T>
-void launch_fwd(const CauchyParams& p, cudaStream_t stream) {
-  using Traits = KernelTraits<T>;
-  const dim3 grid(grid_size(ssmk::cuda::ceil_div(p.L, kTileL) * p.batch));
-  if (p.symmetric) {
-    cauchy_fwd_kernel<Traits, true><<<grid, Traits::kThreads, 0, stream>>>(p);
-  } else {
-    cauchy_fwd_kernel<Traits, false><<<grid, Traits::kThreads, 0, stream>>>(p);
-  }
-  SSMK_CUDA_CHECK_LAUNCH();
-}
-
-template <typename T>
-void launch_bwd(const CauchyParams& p, cudaStream_t stream) {
-  using Traits = KernelTraits<T>;
-  const dim3 grid(grid_size(p.num_chunks * ssmk::cuda::ceil_div(p.N, Traits::kThreads) * p.batch));
-  if (p.symmetric) {
-    cauchy_bwd_kernel<Traits, true><<<grid, Traits::kThreads, 0, stream>>>(p);
-  } else {
-    cauchy_bwd_kernel<Traits, false><<<grid, Traits::kThreads, 0, stream>>>(p);
-  }
-  SSMK_CUDA_CHECK_LAUNCH();
-  constexpr int kReduceThreads = 256;
-  const auto blocks = ssmk::cuda::ceil_div(p.batch * p.N, kReduceThreads);
-  cauchy_bwd_reduce_kernel<Traits><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(p);
-  SSMK_CUDA_CHECK_LAUNCH();
+  p.dv[idx] = C(static_cast<T>(dvr), static_cast<T>(dvi));
+  p.dw[idx] = C(static_cast<T>(dwr), static_cast<T>(dwi));
 }
 
 }  // namespace ssmk::cauchy

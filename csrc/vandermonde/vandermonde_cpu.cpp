@@ -11,7 +11,6 @@
 // reduction kernel (bitwise reproducible).
 #include <ATen/Parallel.h>
 #include <c10/util/complex.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -39,17 +38,17 @@ struct FwdScratch {
 };
 
 template <typename T, bool kSym>
-SSMK_CPU_INLINE void fwd_tasks(const VandermondeParams& p, FwdScratch<T>& s, int64_t begin,
+SSMK_CPU_INLINE void fwd_tasks(const VandermondeFwdParams<T>& p, FwdScratch<T>& s, int64_t begin,
                                int64_t end) {
   using C = c10::complex<T>;
   const int64_t N = p.N, L = p.L;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / p.num_tiles, l0 = (task % p.num_tiles) * kTile;
-    const C* x = static_cast<const C*>(p.x) + b * p.x_batch_stride;
-    const C* c = static_cast<const C*>(p.c) + b * p.c_batch_stride;
+    const C* x = p.x.data + b * p.x.stride[0];
+    const C* c = p.c.data + b * p.c.stride[0];
     if (s.row != b) {
       for (int64_t n = 0; n < N; ++n) {
-        const C xn = x[n * p.x_n_stride];
+        const C xn = x[n * p.x.stride[1]];
         s.sk[n] = vandermonde::power_table(xn.real(), xn.imag(), [&](int k, Cd e) {
           s.br[n * K + k] = static_cast<T>(e.re);
           s.bi[n * K + k] = static_cast<T>(e.im);
@@ -59,7 +58,7 @@ SSMK_CPU_INLINE void fwd_tasks(const VandermondeParams& p, FwdScratch<T>& s, int
     }
     const int64_t blocks = std::min<int64_t>(kBlocks, (L - l0 + K - 1) / K);
     for (int64_t n = 0; n < N; ++n) {
-      const C xn = x[n * p.x_n_stride], cn = c[n * p.c_n_stride];
+      const C xn = x[n * p.x.stride[1]], cn = c[n * p.c.stride[1]];
       Cd a = cmul({cn.real(), cn.imag()}, exp_xl(xn.real(), xn.imag(), static_cast<double>(l0)));
       for (int64_t m = 0; m < blocks; ++m) {
         s.cr[m * N + n] = static_cast<T>(a.re);
@@ -84,21 +83,23 @@ SSMK_CPU_INLINE void fwd_tasks(const VandermondeParams& p, FwdScratch<T>& s, int
         }
       }
       if (kSym) {
-        T* out = static_cast<T*>(p.out) + b * L + lm;
+        T* out = p.out_real + b * L + lm;
         for (int64_t k = 0; k < nk; ++k) out[k] = T(2) * accr[k];
       } else {
-        C* out = static_cast<C*>(p.out) + b * L + lm;
+        C* out = p.out + b * L + lm;
         for (int64_t k = 0; k < nk; ++k) out[k] = C(accr[k], acci[k]);
       }
     }
   }
 }
 SSMK_CPU_MULTIVERSION(fwd_tasks, (typename T, bool kSym), (T, kSym),
-                      (const VandermondeParams& p, FwdScratch<T>& s, int64_t begin, int64_t end),
+                      (const VandermondeFwdParams<T>& p, FwdScratch<T>& s, int64_t begin, int64_t end),
                       (p, s, begin, end))
 
+}  // namespace
+
 template <typename T>
-void fwd_kernel(const VandermondeParams& p) {
+void vandermonde_fwd_cpu(const VandermondeFwdParams<T>& p) {
   SSMK_BOOL_SWITCH(p.symmetric, kSym, [&] {
     at::parallel_for(0, p.batch * p.num_tiles, 1, [&](int64_t begin, int64_t end) {
       FwdScratch<T> s;
@@ -112,6 +113,8 @@ void fwd_kernel(const VandermondeParams& p) {
   });
 }
 
+namespace {
+
 // n per transpose task: the table [K][kGroup] and the block sums stay in L1.
 constexpr int64_t kGroup = 64;
 
@@ -122,7 +125,7 @@ struct TScratch {
 };
 
 template <typename T, bool kT1>
-SSMK_CPU_INLINE void t_tasks(const VandermondeParams& p, TScratch<T>& s, int64_t begin, int64_t end) {
+SSMK_CPU_INLINE void t_tasks(const VandermondeTransposeParams<T>& p, TScratch<T>& s, int64_t begin, int64_t end) {
   using C = c10::complex<T>;
   const int64_t N = p.N, L = p.L;
   const int64_t groups = (N + kGroup - 1) / kGroup;
@@ -133,11 +136,11 @@ SSMK_CPU_INLINE void t_tasks(const VandermondeParams& p, TScratch<T>& s, int64_t
     const int64_t b = task / groups, n0 = (task % groups) * kGroup;
     const int64_t G = std::min(kGroup, N - n0);
     const int64_t Gv = (G + 7) / 8 * 8;  // lanes computed: G rounded up to a vector
-    const C* x = static_cast<const C*>(p.x) + b * p.x_batch_stride + n0 * p.x_n_stride;
+    const C* x = p.x.data + b * p.x.stride[0] + n0 * p.x.stride[1];
     if (s.row != b) {
-      const C* u = static_cast<const C*>(p.u) + b * p.u_batch_stride;
+      const C* u = p.u.data + b * p.u.stride[0];
       for (int64_t l = 0; l < L; ++l) {
-        const C ul = u[l * p.u_l_stride];
+        const C ul = u[l * p.u.stride[1]];
         s.ur[l] = ul.real();
         s.ui[l] = ul.imag();
         if (kT1) {
@@ -148,7 +151,7 @@ SSMK_CPU_INLINE void t_tasks(const VandermondeParams& p, TScratch<T>& s, int64_t
       s.row = b;
     }
     for (int64_t i = 0; i < Gv; ++i) {  // padding lanes compute with x = 0 and are dropped
-      const C xn = i < G ? x[i * p.x_n_stride] : C(0, 0);
+      const C xn = i < G ? x[i * p.x.stride[1]] : C(0, 0);
       sk[i] = vandermonde::power_table(xn.real(), xn.imag(), [&](int k, Cd e) {
         btr[k][i] = static_cast<T>(e.re);
         bti[k][i] = static_cast<T>(e.im);
@@ -157,7 +160,7 @@ SSMK_CPU_INLINE void t_tasks(const VandermondeParams& p, TScratch<T>& s, int64_t
     }
     for (int64_t l0 = 0; l0 < L; l0 += kTile) {
       for (int64_t i = 0; i < Gv; ++i) {
-        const C xn = i < G ? x[i * p.x_n_stride] : C(0, 0);
+        const C xn = i < G ? x[i * p.x.stride[1]] : C(0, 0);
         anchor[i] = exp_xl(xn.real(), xn.imag(), static_cast<double>(l0));
         part[i] = part1[i] = Cd{0.0, 0.0};
       }
@@ -200,20 +203,22 @@ SSMK_CPU_INLINE void t_tasks(const VandermondeParams& p, TScratch<T>& s, int64_t
         tot1[i].im += part1[i].im;
       }
     }
-    C* t = static_cast<C*>(p.t) + b * N + n0;
+    C* t = p.t + b * N + n0;
     for (int64_t i = 0; i < G; ++i) t[i] = C(static_cast<T>(tot[i].re), static_cast<T>(tot[i].im));
     if (kT1) {
-      C* t1 = static_cast<C*>(p.t1) + b * N + n0;
+      C* t1 = p.t1 + b * N + n0;
       for (int64_t i = 0; i < G; ++i) t1[i] = C(static_cast<T>(tot1[i].re), static_cast<T>(tot1[i].im));
     }
   }
 }
 SSMK_CPU_MULTIVERSION(t_tasks, (typename T, bool kT1), (T, kT1),
-                      (const VandermondeParams& p, TScratch<T>& s, int64_t begin, int64_t end),
+                      (const VandermondeTransposeParams<T>& p, TScratch<T>& s, int64_t begin, int64_t end),
                       (p, s, begin, end))
 
+}  // namespace
+
 template <typename T>
-void t_kernel(const VandermondeParams& p) {
+void vandermonde_transpose_cpu(const VandermondeTransposeParams<T>& p) {
   const int64_t groups = (p.N + kGroup - 1) / kGroup;
   SSMK_BOOL_SWITCH(p.with_t1, kT1, [&] {
     at::parallel_for(0, p.batch * groups, 1, [&](int64_t begin, int64_t end) {
@@ -229,60 +234,9 @@ void t_kernel(const VandermondeParams& p) {
   });
 }
 
-template <typename F>
-void dispatch_real(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kComplexDouble) {
-    f(double{});
-  } else {
-    f(float{});
-  }
-}
+template void vandermonde_fwd_cpu<float>(const VandermondeFwdParams<float>&);
+template void vandermonde_fwd_cpu<double>(const VandermondeFwdParams<double>&);
+template void vandermonde_transpose_cpu<float>(const VandermondeTransposeParams<float>&);
+template void vandermonde_transpose_cpu<double>(const VandermondeTransposeParams<double>&);
 
-const auto launch_fwd = [](const VandermondeParams& p, at::ScalarType dtype) {
-  dispatch_real(dtype, [&](auto t) { fwd_kernel<decltype(t)>(p); });
-};
-const auto launch_t = [](const VandermondeParams& p, at::ScalarType dtype) {
-  dispatch_real(dtype, [&](auto t) { t_kernel<decltype(t)>(p); });
-};
-
-at::Tensor log_vandermonde_fwd_cpu(const at::Tensor& v, const at::Tensor& x, int64_t L, bool symmetric) {
-  return vandermonde::log_vandermonde_fwd(v, x, L, symmetric, launch_fwd);
-}
-
-std::tuple<at::Tensor, at::Tensor> log_vandermonde_bwd_cpu(const at::Tensor& v, const at::Tensor& x,
-                                                           int64_t L, const at::Tensor& dout,
-                                                           bool symmetric) {
-  return vandermonde::log_vandermonde_bwd(v, x, L, dout, symmetric, launch_t);
-}
-
-at::Tensor log_vandermonde_transpose_fwd_cpu(const at::Tensor& u, const at::Tensor& v,
-                                             const at::Tensor& x, int64_t L) {
-  return vandermonde::log_vandermonde_transpose_fwd(u, v, x, L, launch_t);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_vandermonde_transpose_bwd_cpu(
-    const at::Tensor& u, const at::Tensor& v, const at::Tensor& x, int64_t L, const at::Tensor& dout) {
-  return vandermonde::log_vandermonde_transpose_bwd(u, v, x, L, dout, launch_fwd, launch_t);
-}
-
-}  // namespace
 }  // namespace ssmk
-
-TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
-  m.impl("log_vandermonde_fwd", &ssmk::log_vandermonde_fwd_cpu);
-  m.impl("log_vandermonde_bwd", &ssmk::log_vandermonde_bwd_cpu);
-  m.impl("log_vandermonde_transpose_fwd", &ssmk::log_vandermonde_transpose_fwd_cpu);
-  m.impl("log_vandermonde_transpose_bwd", &ssmk::log_vandermonde_transpose_bwd_cpu);
-}
-
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // vandermonde
-  m.def("log_vandermonde_fwd(Tensor v, Tensor x, int L, bool symmetric) -> Tensor");
-  m.def(
-      "log_vandermonde_bwd(Tensor v, Tensor x, int L, Tensor dout, bool symmetric) "
-      "-> (Tensor dv, Tensor dx)");
-  m.def("log_vandermonde_transpose_fwd(Tensor u, Tensor v, Tensor x, int L) -> Tensor");
-  m.def(
-      "log_vandermonde_transpose_bwd(Tensor u, Tensor v, Tensor x, int L, Tensor dout) "
-      "-> (Tensor du, Tensor dv, Tensor dx)");
-}

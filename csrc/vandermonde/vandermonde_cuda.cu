@@ -1,73 +1,41 @@
-// CUDA host functions of the (log-)Vandermonde products: the shared driver of vandermonde.h with
-// the launchers of vandermonde_kernel.cuh.
-#include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+// CUDA launchers of the (log-)Vandermonde products (kernels in vandermonde_kernel.cuh).
+// One-dimensional grids, sized by the host (vandermonde_op.cpp checks they fit).
 #include "vandermonde/vandermonde.h"
 #include "vandermonde/vandermonde_kernel.cuh"
 
 namespace ssmk {
-namespace {
 
-struct LaunchFwd {
-  void operator()(const VandermondeParams& p, at::ScalarType dtype) const {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (dtype == at::kComplexDouble) {
-      vandermonde::launch_fwd<double>(p, stream);
-    } else {
-      vandermonde::launch_fwd<float>(p, stream);
-    }
+template <typename T>
+void vandermonde_fwd_cuda(const VandermondeFwdParams<T>& p, const CudaContext& ctx) {
+  using Traits = vandermonde::KernelTraits<T>;
+  const auto grid = static_cast<unsigned>(p.num_tiles * p.batch);
+  if (p.symmetric) {
+    vandermonde::vand_fwd_kernel<Traits, true><<<grid, Traits::kThreads, 0, ctx.stream>>>(p);
+  } else {
+    vandermonde::vand_fwd_kernel<Traits, false><<<grid, Traits::kThreads, 0, ctx.stream>>>(p);
   }
-};
+}
 
-struct LaunchT {
-  at::Device device;
-  void operator()(const VandermondeParams& p, at::ScalarType dtype) const {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    at::Tensor partials = at::empty({p.batch, p.num_tiles, p.N, 4},
-                                    at::TensorOptions().dtype(at::kDouble).device(device));
-    VandermondeParams q = p;
-    q.partials = partials.data_ptr<double>();
-    if (dtype == at::kComplexDouble) {
-      vandermonde::launch_t<double>(q, stream);
-    } else {
-      vandermonde::launch_t<float>(q, stream);
-    }
+template <typename T>
+void vandermonde_transpose_cuda(const VandermondeTransposeParams<T>& p, double* partials,
+                                const CudaContext& ctx) {
+  using Traits = vandermonde::KernelTraits<T>;
+  const auto grid = static_cast<unsigned>(p.num_tiles * ((p.N + Traits::kGroup - 1) / Traits::kGroup) * p.batch);
+  if (p.with_t1) {
+    vandermonde::vand_t_kernel<Traits, true><<<grid, Traits::kThreads, 0, ctx.stream>>>(p, partials);
+  } else {
+    vandermonde::vand_t_kernel<Traits, false><<<grid, Traits::kThreads, 0, ctx.stream>>>(p, partials);
   }
-};
-
-at::Tensor log_vandermonde_fwd_cuda(const at::Tensor& v, const at::Tensor& x, int64_t L, bool symmetric) {
-  const c10::cuda::CUDAGuard guard(v.device());
-  return vandermonde::log_vandermonde_fwd(v, x, L, symmetric, LaunchFwd{});
+  constexpr int kReduceThreads = 256;
+  const auto blocks = static_cast<unsigned>((p.batch * p.N + kReduceThreads - 1) / kReduceThreads);
+  vandermonde::vand_t_reduce_kernel<Traits><<<blocks, kReduceThreads, 0, ctx.stream>>>(p, partials);
 }
 
-std::tuple<at::Tensor, at::Tensor> log_vandermonde_bwd_cuda(const at::Tensor& v, const at::Tensor& x,
-                                                            int64_t L, const at::Tensor& dout,
-                                                            bool symmetric) {
-  const c10::cuda::CUDAGuard guard(v.device());
-  return vandermonde::log_vandermonde_bwd(v, x, L, dout, symmetric, LaunchT{v.device()});
-}
+template void vandermonde_fwd_cuda<float>(const VandermondeFwdParams<float>&, const CudaContext&);
+template void vandermonde_fwd_cuda<double>(const VandermondeFwdParams<double>&, const CudaContext&);
+template void vandermonde_transpose_cuda<float>(const VandermondeTransposeParams<float>&, double*,
+                                                const CudaContext&);
+template void vandermonde_transpose_cuda<double>(const VandermondeTransposeParams<double>&, double*,
+                                                 const CudaContext&);
 
-at::Tensor log_vandermonde_transpose_fwd_cuda(const at::Tensor& u, const at::Tensor& v,
-                                              const at::Tensor& x, int64_t L) {
-  const c10::cuda::CUDAGuard guard(v.device());
-  return vandermonde::log_vandermonde_transpose_fwd(u, v, x, L, LaunchT{v.device()});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_vandermonde_transpose_bwd_cuda(
-    const at::Tensor& u, const at::Tensor& v, const at::Tensor& x, int64_t L, const at::Tensor& dout) {
-  const c10::cuda::CUDAGuard guard(v.device());
-  return vandermonde::log_vandermonde_transpose_bwd(u, v, x, L, dout, LaunchFwd{}, LaunchT{v.device()});
-}
-
-}  // namespace
 }  // namespace ssmk
-
-TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) {
-  m.impl("log_vandermonde_fwd", &ssmk::log_vandermonde_fwd_cuda);
-  m.impl("log_vandermonde_bwd", &ssmk::log_vandermonde_bwd_cuda);
-  m.impl("log_vandermonde_transpose_fwd", &ssmk::log_vandermonde_transpose_fwd_cuda);
-  m.impl("log_vandermonde_transpose_bwd", &ssmk::log_vandermonde_transpose_bwd_cuda);
-}

@@ -18,7 +18,6 @@
 
 #include <c10/util/complex.h>
 
-#include "common/cuda/launch.h"
 #include "vandermonde/vandermonde.h"
 #include "vandermonde/vandermonde_math.h"
 
@@ -32,13 +31,13 @@ struct KernelTraits {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kPerThread = kBlocksPerTile / kWarps;  // blocks m per thread
   static constexpr int kNChunk = 32;                          // n per shared-memory pass (fwd)
-  static constexpr int kGroup = 32;                           // n per block (transpose)
+  static constexpr int kGroup = kCudaTransposeGroup;          // n per block (transpose)
   static_assert(kBlockK == 32, "one lane per offset k");
   static_assert(kBlocksPerTile % kWarps == 0, "blocks must split evenly over the warps");
 };
 
 template <typename Traits, bool kSym>
-__global__ void __launch_bounds__(Traits::kThreads) vand_fwd_kernel(VandermondeParams p) {
+__global__ void __launch_bounds__(Traits::kThreads) vand_fwd_kernel(VandermondeFwdParams<typename Traits::T> p) {
   using T = typename Traits::T;
   using C = typename Traits::C;
   constexpr int kNChunk = Traits::kNChunk, kPer = Traits::kPerThread, kWarps = Traits::kWarps;
@@ -47,8 +46,8 @@ __global__ void __launch_bounds__(Traits::kThreads) vand_fwd_kernel(VandermondeP
   const int64_t b = blockIdx.x / p.num_tiles;
   const int64_t l0 = (blockIdx.x % p.num_tiles) * kTileL;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const C* x = static_cast<const C*>(p.x) + b * p.x_batch_stride;
-  const C* c = static_cast<const C*>(p.c) + b * p.c_batch_stride;
+  const C* x = p.x.data + b * p.x.stride[0];
+  const C* c = p.c.data + b * p.c.stride[0];
   T accr[kPer], acci[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) accr[j] = acci[j] = T(0);
@@ -57,7 +56,7 @@ __global__ void __launch_bounds__(Traits::kThreads) vand_fwd_kernel(VandermondeP
     __syncthreads();  // the previous chunk has been read
     if (threadIdx.x < nc) {
       const int i = threadIdx.x;
-      const C xn = x[(n0 + i) * p.x_n_stride], cn = c[(n0 + i) * p.c_n_stride];
+      const C xn = x[(n0 + i) * p.x.stride[1]], cn = c[(n0 + i) * p.c.stride[1]];
       const Cd sk = power_table(xn.real(), xn.imag(), [&](int k, Cd e) {
         tab[0][i][k] = static_cast<T>(e.re);
         tab[1][i][k] = static_cast<T>(e.im);
@@ -86,16 +85,16 @@ __global__ void __launch_bounds__(Traits::kThreads) vand_fwd_kernel(VandermondeP
     const int64_t l = l0 + (warp + j * kWarps) * kBlockK + lane;
     if (l < p.L) {
       if (kSym) {
-        static_cast<T*>(p.out)[b * p.L + l] = T(2) * accr[j];
+        p.out_real[b * p.L + l] = T(2) * accr[j];
       } else {
-        static_cast<C*>(p.out)[b * p.L + l] = C(accr[j], acci[j]);
+        p.out[b * p.L + l] = C(accr[j], acci[j]);
       }
     }
   }
 }
 
 template <typename Traits, bool kT1>
-__global__ void __launch_bounds__(Traits::kThreads) vand_t_kernel(VandermondeParams p) {
+__global__ void __launch_bounds__(Traits::kThreads) vand_t_kernel(VandermondeTransposeParams<typename Traits::T> p, double* partials) {
   using T = typename Traits::T;
   using C = typename Traits::C;
   constexpr int kGroup = Traits::kGroup, kPer = Traits::kPerThread, kWarps = Traits::kWarps;
@@ -110,12 +109,12 @@ __global__ void __launch_bounds__(Traits::kThreads) vand_t_kernel(VandermondePar
   const int64_t l0 = tile * kTileL;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n = n0 + lane;
-  const C* x = static_cast<const C*>(p.x) + b * p.x_batch_stride;
-  const C xn = n < p.N ? x[n * p.x_n_stride] : C(T(0), T(0));
-  const C* u = static_cast<const C*>(p.u) + b * p.u_batch_stride;
+  const C* x = p.x.data + b * p.x.stride[0];
+  const C xn = n < p.N ? x[n * p.x.stride[1]] : C(T(0), T(0));
+  const C* u = p.u.data + b * p.u.stride[0];
   for (int j = threadIdx.x; j < kTileL; j += Traits::kThreads) {
     const int64_t l = l0 + j;
-    const C ul = l < p.L ? u[l * p.u_l_stride] : C(T(0), T(0));
+    const C ul = l < p.L ? u[l * p.u.stride[1]] : C(T(0), T(0));
     su[0][j] = ul.real();
     su[1][j] = ul.imag();
   }
@@ -167,7 +166,7 @@ __global__ void __launch_bounds__(Traits::kThreads) vand_t_kernel(VandermondePar
 #pragma unroll
       for (int q = 0; q < 4; ++q) t[q] += red[w][lane][q];
     }
-    double* out = p.partials + ((b * p.num_tiles + tile) * p.N + n) * 4;
+    double* out = partials + ((b * p.num_tiles + tile) * p.N + n) * 4;
 #pragma unroll
     for (int q = 0; q < 4; ++q) out[q] = t[q];
   }
@@ -175,7 +174,7 @@ __global__ void __launch_bounds__(Traits::kThreads) vand_t_kernel(VandermondePar
 
 // T, T1 per (row, n): the tile partials added in tile order.
 template <typename Traits>
-__global__ void vand_t_reduce_kernel(VandermondeParams p) {
+__global__ void vand_t_reduce_kernel(VandermondeTransposeParams<typename Traits::T> p, const double* partials) {
   using T = typename Traits::T;
   using C = typename Traits::C;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -183,46 +182,12 @@ __global__ void vand_t_reduce_kernel(VandermondeParams p) {
   const int64_t b = idx / p.N, n = idx % p.N;
   double s[4] = {0, 0, 0, 0};
   for (int64_t t = 0; t < p.num_tiles; ++t) {
-    const double* part = p.partials + ((b * p.num_tiles + t) * p.N + n) * 4;
+    const double* part = partials + ((b * p.num_tiles + t) * p.N + n) * 4;
 #pragma unroll
     for (int q = 0; q < 4; ++q) s[q] += part[q];
   }
-  static_cast<C*>(p.t)[idx] = C(static_cast<T>(s[0]), static_cast<T>(s[1]));
-  if (p.with_t1) static_cast<C*>(p.t1)[idx] = C(static_cast<T>(s[2]), static_cast<T>(s[3]));
-}
-
-// One-dimensional grids (no 65535 limit on batch); x is limited to 2^31 - 1 blocks.
-inline unsigned grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= 0x7fffffff, "too many blocks for one launch: ", blocks);
-  return static_cast<unsigned>(blocks);
-}
-
-template <typename T>
-void launch_fwd(const VandermondeParams& p, cudaStream_t stream) {
-  using Traits = KernelTraits<T>;
-  const dim3 grid(grid_size(p.num_tiles * p.batch));
-  if (p.symmetric) {
-    vand_fwd_kernel<Traits, true><<<grid, Traits::kThreads, 0, stream>>>(p);
-  } else {
-    vand_fwd_kernel<Traits, false><<<grid, Traits::kThreads, 0, stream>>>(p);
-  }
-  SSMK_CUDA_CHECK_LAUNCH();
-}
-
-template <typename T>
-void launch_t(const VandermondeParams& p, cudaStream_t stream) {
-  using Traits = KernelTraits<T>;
-  const dim3 grid(grid_size(p.num_tiles * ssmk::cuda::ceil_div(p.N, Traits::kGroup) * p.batch));
-  if (p.with_t1) {
-    vand_t_kernel<Traits, true><<<grid, Traits::kThreads, 0, stream>>>(p);
-  } else {
-    vand_t_kernel<Traits, false><<<grid, Traits::kThreads, 0, stream>>>(p);
-  }
-  SSMK_CUDA_CHECK_LAUNCH();
-  constexpr int kReduceThreads = 256;
-  const auto blocks = ssmk::cuda::ceil_div(p.batch * p.N, kReduceThreads);
-  vand_t_reduce_kernel<Traits><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(p);
-  SSMK_CUDA_CHECK_LAUNCH();
+  p.t[idx] = C(static_cast<T>(s[0]), static_cast<T>(s[1]));
+  if (p.with_t1) p.t1[idx] = C(static_cast<T>(s[2]), static_cast<T>(s[3]));
 }
 
 }  // namespace ssmk::vandermonde

@@ -3,26 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import COMPLEX_DTYPES, check_device_supported, check_int, check_tensor
-from .cauchy import broadcast_shape, check_same_dtype_device
+from . import _op
 
 _REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64}
-
-
-def _check_vx(v, x, L):
-    check_tensor("v", v, dtypes=COMPLEX_DTYPES)
-    check_device_supported("v", v)
-    check_tensor("x", x, dtypes=COMPLEX_DTYPES)
-    if v.dim() < 1:
-        raise ValueError("v: expected at least 1 dim (..., N), got a 0-dim tensor")
-    if x.dim() < 1:
-        raise ValueError("x: expected at least 1 dim (..., N), got a 0-dim tensor")
-    check_same_dtype_device("x", x, "v", v)
-    check_int("L", L, low=1)
-    shape = broadcast_shape(("v", "x"), (v, x))
-    if shape[-1] < 1:
-        raise ValueError(f"x: expected N >= 1, got v {tuple(v.shape)} and x {tuple(x.shape)}")
-    return shape
 
 
 def log_vandermonde(v: torch.Tensor, x: torch.Tensor, L: int, symmetric: bool = True) -> torch.Tensor:
@@ -51,10 +34,7 @@ def log_vandermonde(v: torch.Tensor, x: torch.Tensor, L: int, symmetric: bool = 
         >>> v = torch.randn(8, 64, dtype=torch.complex64)
         >>> k = log_vandermonde(v, x.to(torch.complex64), 1024)  # [8, 1024] float32
     """
-    _check_vx(v, x, L)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric: expected a bool, got {type(symmetric).__name__}")
-    return torch.ops.ssm_kernels.log_vandermonde_fwd(v, x, L, symmetric)
+    return _op.call("log_vandermonde_fwd", v=v, x=x, L=L, symmetric=symmetric)
 
 
 def log_vandermonde_transpose(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
@@ -77,14 +57,7 @@ def log_vandermonde_transpose(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
         >>> x = torch.complex(-torch.rand(16), torch.randn(16))
         >>> out = log_vandermonde_transpose(torch.randn(4, 100), torch.randn(16, dtype=torch.cfloat), x.cfloat(), 100)
     """
-    _check_vx(v, x, L)
-    check_tensor("u", u, dtypes=(v.dtype, _REAL_OF[v.dtype]))
-    if u.device != v.device:
-        raise ValueError(f"u: expected device {v.device} (that of v), got {u.device}")
-    if u.dim() < 1 or u.shape[-1] != L:
-        raise ValueError(f"u: expected shape (..., L={L}), got {tuple(u.shape)}")
-    broadcast_shape(("v", "x", "u"), (v[..., :1], x[..., :1], u[..., :1]))
-    return torch.ops.ssm_kernels.log_vandermonde_transpose_fwd(u, v, x, L)
+    return _op.call("log_vandermonde_transpose_fwd", u=u, v=v, x=x, L=L)
 
 
 def _batch(*shapes):
@@ -98,47 +71,11 @@ def _(v, x, L, symmetric):
     return v.new_empty((*shape[:-1], L), dtype=dtype)
 
 
-@torch.library.register_fake("ssm_kernels::log_vandermonde_bwd")
-def _(v, x, L, dout, symmetric):
-    return v.new_empty(v.shape), x.new_empty(x.shape)
-
-
 @torch.library.register_fake("ssm_kernels::log_vandermonde_transpose_fwd")
 def _(u, v, x, L):
     n = torch.broadcast_shapes(v.shape[-1:], x.shape[-1:])
     return v.new_empty((*_batch(u.shape, v.shape, x.shape), *n))
 
 
-@torch.library.register_fake("ssm_kernels::log_vandermonde_transpose_bwd")
-def _(u, v, x, L, dout):
-    return u.new_empty(u.shape), v.new_empty(v.shape), x.new_empty(x.shape)
-
-
-def _setup_vand(ctx, inputs, output):
-    v, x, L, symmetric = inputs
-    ctx.save_for_backward(v, x)
-    ctx.L, ctx.symmetric = L, symmetric
-
-
-def _backward_vand(ctx, dout):
-    v, x = ctx.saved_tensors
-    dv, dx = torch.ops.ssm_kernels.log_vandermonde_bwd(v, x, ctx.L, dout, ctx.symmetric)
-    return dv, dx, None, None
-
-
-def _setup_transpose(ctx, inputs, output):
-    u, v, x, L = inputs
-    ctx.save_for_backward(u, v, x)
-    ctx.L = L
-
-
-def _backward_transpose(ctx, dout):
-    u, v, x = ctx.saved_tensors
-    du, dv, dx = torch.ops.ssm_kernels.log_vandermonde_transpose_bwd(u, v, x, ctx.L, dout)
-    return du, dv, dx, None
-
-
-torch.library.register_autograd("ssm_kernels::log_vandermonde_fwd", _backward_vand, setup_context=_setup_vand)
-torch.library.register_autograd(
-    "ssm_kernels::log_vandermonde_transpose_fwd", _backward_transpose, setup_context=_setup_transpose
-)
+_op.register("log_vandermonde_fwd", "log_vandermonde_bwd")
+_op.register("log_vandermonde_transpose_fwd", "log_vandermonde_transpose_bwd")
