@@ -10,14 +10,14 @@ namespace {
 using causal_conv1d::kMaxWidth;
 using causal_conv1d::kMinWidth;
 
-#define CAUSAL_CONV1D_FWD_ARGS(X)                                                        \
+#define CAUSAL_CONV1D_FWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
   X(OptTensor, seq_idx) X(Bool, silu)
-#define CAUSAL_CONV1D_BWD_ARGS(X)                                                        \
+#define CAUSAL_CONV1D_BWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
   X(OptTensor, seq_idx) X(Tensor, dout) X(OptTensor, dfinal_states) X(Bool, silu)
-// conv_state is written in place: its schema (below) is spelled by hand as Tensor(a!).
-#define CAUSAL_CONV1D_UPDATE_ARGS(X)                                                    \
+// conv_state is written in place: its schema (below) is spelled out, as Tensor(a!).
+#define CAUSAL_CONV1D_UPDATE_ARGS(X)                                        \
   X(Tensor, x) X(Tensor, conv_state) X(Tensor, weight) X(OptTensor, bias) \
   X(OptTensor, conv_state_indices) X(Bool, silu)
 SSMK_OP_ARGS(CausalConv1dFwdArgs, CAUSAL_CONV1D_FWD_ARGS)
