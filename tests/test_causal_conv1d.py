@@ -207,6 +207,49 @@ def test_causal_conv1d_update_matches_reference(device, dtype, width, seqlen):
     assert (out[1] == 0).all()
 
 
+
+def test_causal_conv1d_update_padding_and_out_of_range_indices(device):
+    # A negative index is a padding row: zeros out, its state row untouched. An index >= the state
+    # batch raises on CPU (before any write); on CUDA, where the check would synchronise, the
+    # kernel treats it like a negative index.
+    x = make_tensor((3, 5), torch.float32, device)
+    w = make_tensor((5, 4), torch.float32, device)
+    state = make_tensor((2, 5, 3), torch.float32, device)
+    before = state.clone()
+    out = ssm_kernels.causal_conv1d_update(x, state, w, activation="silu",
+                                           conv_state_indices=torch.tensor([-1, 1, -5], dtype=torch.int32,
+                                                                           device=device))
+    assert (out[0] == 0).all() and (out[2] == 0).all()
+    assert torch.equal(state[0], before[0])
+    assert not torch.equal(state[1], before[1])
+    before = state.clone()
+    bad = torch.tensor([0, 2, 7], dtype=torch.int32, device=device)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="conv_state_indices: expected values < conv_state batch 2, got 7"):
+            ssm_kernels.causal_conv1d_update(x, state, w, activation="silu", conv_state_indices=bad)
+        assert torch.equal(state, before)
+    else:
+        out = ssm_kernels.causal_conv1d_update(x, state, w, activation="silu", conv_state_indices=bad)
+        assert (out[1] == 0).all() and (out[2] == 0).all()
+        assert torch.equal(state[1], before[1])
+
+
+def test_causal_conv1d_bwd_returns_empty_grads_for_absent_inputs(device):
+    # The backward convention: gradients typed like their inputs, empty [0] for absent ones.
+    x = make_tensor((2, 4, 10), torch.bfloat16, device)
+    w = make_tensor((4, 3), torch.float64, device)
+    dout = make_tensor((2, 4, 10), torch.float32, device)
+    dx, dw, db, dinit = torch.ops.ssm_kernels.causal_conv1d_bwd(x, w, None, None, None, dout, None, True)
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    assert dw.shape == w.shape and dw.dtype == w.dtype
+    assert db.shape == (0,) and db.dtype == x.dtype
+    assert dinit.shape == (0,) and dinit.dtype == x.dtype
+    b = make_tensor((4,), torch.float16, device)
+    init = make_tensor((2, 4, 2), torch.bfloat16, device)
+    _, _, db, dinit = torch.ops.ssm_kernels.causal_conv1d_bwd(x, w, b, init, None, dout, None, True)
+    assert db.shape == b.shape and db.dtype == b.dtype
+    assert dinit.shape == init.shape and dinit.dtype == init.dtype
+
 def test_causal_conv1d_update_steps_equal_full_conv(device):
     x = make_tensor((2, 6, 20), torch.bfloat16, device)
     w = make_tensor((6, 4), torch.float32, device)
@@ -261,3 +304,17 @@ def test_causal_conv1d_op_checks_arguments_itself(device):
                                                 torch.randn(2, 4, 1, device=device), None, False)
     with pytest.raises(ValueError, match="weight"):
         torch.ops.ssm_kernels.causal_conv1d_fwd(x, torch.randn(4, 12, device=device), None, None, None, False)
+    w = torch.randn(4, 4, device=device)
+    with pytest.raises(ValueError, match="dout"):
+        torch.ops.ssm_kernels.causal_conv1d_bwd(x, w, None, None, None, torch.randn(2, 4, 9, device=device), None,
+                                                False)
+    with pytest.raises(TypeError, match="seq_idx"):
+        torch.ops.ssm_kernels.causal_conv1d_bwd(x, w, None, None, torch.zeros(2, 10, device=device),
+                                                torch.randn_like(x), None, False)
+    state = torch.zeros(2, 4, 3, device=device)
+    with pytest.raises(ValueError, match="conv_state"):
+        torch.ops.ssm_kernels.causal_conv1d_update(x, state[..., :2], w, None, None, False)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="conv_state_indices"):
+            torch.ops.ssm_kernels.causal_conv1d_update(x, state, w, None, torch.tensor([0, 5], dtype=torch.int32),
+                                                       False)

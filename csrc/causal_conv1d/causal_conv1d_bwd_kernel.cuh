@@ -12,7 +12,6 @@
 #pragma once
 
 #include "causal_conv1d/causal_conv1d.h"
-#include "common/cuda/launch.h"
 #include "common/cuda/reduce.h"
 
 namespace ssmk::causal_conv1d {
@@ -20,13 +19,13 @@ namespace ssmk::causal_conv1d {
 struct BwdTraits {
   static constexpr int kThreads = 128;
   static constexpr int kChunk = kChunkSize;
-  static constexpr int kPartials = kMaxWidth + 1;  // dw[0..W-1], dbias
+  static constexpr int kPartials = kBwdPartials;  // dw[0..W-1], dbias
 };
 
 template <typename input_t>
-__global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(const CausalConv1dParams p,
-                                                                                acc_type<input_t>* partials) {
-  using acc_t = acc_type<input_t>;
+__global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(const CausalConv1dBwdParams<input_t> p,
+                                                                                acc_t<input_t>* partials) {
+  using acc_t = ssmk::acc_t<input_t>;
   constexpr int kChunk = BwdTraits::kChunk;
   constexpr int kThreads = BwdTraits::kThreads;
   __shared__ acc_t xs[kChunk + 2 * (kMaxWidth - 1)];  // position t0 - (W-1) + i
@@ -42,26 +41,26 @@ __global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(
   const int64_t t0 = chunk * kChunk;
   const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), L - t0));
 
-  const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
-  const auto* init = static_cast<const input_t*>(p.initial_states);
-  const auto* dout = static_cast<const input_t*>(p.dout) + b * p.dout_batch_stride + d * p.dout_dim_stride;
-  const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
+  const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
+  const auto* init = p.initial_states.data;
+  const auto* dout = p.dout.data + b * p.dout.stride[0] + d * p.dout.stride[1];
+  const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
 
   for (int i = threadIdx.x; i < n + 2 * (W - 1); i += kThreads) {
     const int64_t pos = t0 - (W - 1) + i;
     acc_t v = acc_t(0);
     if (pos >= 0 && pos < L) {
-      v = static_cast<acc_t>(x[pos * p.x_l_stride]);
+      v = static_cast<acc_t>(x[pos * p.x.stride[2]]);
     } else if (pos < 0 && init != nullptr) {
-      v = static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride + (W - 1 + pos) * p.init_l_stride]);
+      v = static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] + (W - 1 + pos) * p.initial_states.stride[2]]);
     }
     xs[i] = v;
   }
-  const auto* weight = static_cast<const acc_t*>(p.weight) + d * W;
+  const auto* weight = p.weight + d * W;
   acc_t w[kMaxWidth];
 #pragma unroll
   for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? weight[k] : acc_t(0);
-  const acc_t bias = p.bias ? static_cast<const acc_t*>(p.bias)[d] : acc_t(0);
+  const acc_t bias = p.bias ? p.bias[d] : acc_t(0);
   __syncthreads();
 
   // g on [t0, t0 + n + W - 1), recomputing the pre-activation.
@@ -72,19 +71,19 @@ __global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(
       acc_t pre = bias;
 #pragma unroll
       for (int k = 0; k < kMaxWidth; ++k) {
-        if (k < W && (seq == nullptr || same_sequence(seq, p.seq_l_stride, t, tap_position(t, k, W)))) {
+        if (k < W && (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], t, tap_position(t, k, W)))) {
           pre += w[k] * xs[i + k];
         }
       }
-      g = activation_backward(pre, static_cast<acc_t>(dout[t * p.dout_l_stride]), p.silu);
+      g = activation_backward(pre, static_cast<acc_t>(dout[t * p.dout.stride[2]]), p.silu);
     }
     gs[i] = g;
   }
   __syncthreads();
 
-  const auto* dfinal = static_cast<const input_t*>(p.dfinal_states);
+  const auto* dfinal = p.dfinal_states.data;
   const int64_t final_begin = L - (W - 1);  // first position copied into final_states
-  auto* dx = static_cast<input_t*>(p.dx) + row * L + t0;
+  auto* dx = p.dx + row * L + t0;
   acc_t part[BwdTraits::kPartials];
 #pragma unroll
   for (int k = 0; k < BwdTraits::kPartials; ++k) part[k] = acc_t(0);
@@ -94,21 +93,21 @@ __global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k) {
       const int64_t t = pos + (W - 1) - k;  // output that reads `pos` through tap k
-      if (k < W && t < L && (seq == nullptr || same_sequence(seq, p.seq_l_stride, t, pos))) {
+      if (k < W && t < L && (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], t, pos))) {
         acc += w[k] * gs[j + (W - 1) - k];
       }
     }
     if (dfinal != nullptr && pos >= final_begin &&
-        (seq == nullptr || same_sequence(seq, p.seq_l_stride, L - 1, pos))) {
+        (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], L - 1, pos))) {
       const int64_t jf = pos - final_begin;
-      acc += static_cast<acc_t>(dfinal[b * p.dfinal_batch_stride + d * p.dfinal_dim_stride + jf * p.dfinal_l_stride]);
+      acc += static_cast<acc_t>(dfinal[b * p.dfinal_states.stride[0] + d * p.dfinal_states.stride[1] + jf * p.dfinal_states.stride[2]]);
     }
     dx[j] = static_cast<input_t>(acc);
     // partial dw / dbias for output t0 + j
     const acc_t g = gs[j];
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k) {
-      if (k < W && (seq == nullptr || same_sequence(seq, p.seq_l_stride, pos, tap_position(pos, k, W)))) {
+      if (k < W && (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], pos, tap_position(pos, k, W)))) {
         part[k] += g * xs[j + k];
       }
     }
@@ -122,16 +121,16 @@ __global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k) {
       const int64_t t = pos + (W - 1) - k;
-      if (k < W && t >= 0 && t < L && (seq == nullptr || same_sequence(seq, p.seq_l_stride, t, pos))) {
+      if (k < W && t >= 0 && t < L && (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], t, pos))) {
         acc += w[k] * gs[t];  // chunk 0: gs index == position
       }
     }
     if (dfinal != nullptr && pos >= final_begin &&
-        (seq == nullptr || same_sequence(seq, p.seq_l_stride, L - 1, pos))) {
+        (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], L - 1, pos))) {
       const int64_t jf = pos - final_begin;
-      acc += static_cast<acc_t>(dfinal[b * p.dfinal_batch_stride + d * p.dfinal_dim_stride + jf * p.dfinal_l_stride]);
+      acc += static_cast<acc_t>(dfinal[b * p.dfinal_states.stride[0] + d * p.dfinal_states.stride[1] + jf * p.dfinal_states.stride[2]]);
     }
-    static_cast<input_t*>(p.dinitial_states)[row * (W - 1) + jj] = static_cast<input_t>(acc);
+    p.dinitial_states[row * (W - 1) + jj] = static_cast<input_t>(acc);
   }
 
   acc_t* out = partials + ((d * p.batch + b) * nchunks + chunk) * BwdTraits::kPartials;
@@ -165,21 +164,6 @@ __global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_reduce_
       if (k == kMaxWidth) dbias[d] = total;
     }
   }
-}
-
-template <typename input_t>
-void launch_bwd(const CausalConv1dParams& p, acc_type<input_t>* partials, cudaStream_t stream) {
-  using acc_t = acc_type<input_t>;
-  const int64_t nchunks = (p.seqlen + BwdTraits::kChunk - 1) / BwdTraits::kChunk;
-  const int64_t blocks = p.batch * p.dim * nchunks;
-  if (blocks == 0) return;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "causal_conv1d: too many blocks (", blocks, ")");
-  causal_conv1d_bwd_kernel<input_t><<<static_cast<unsigned>(blocks), BwdTraits::kThreads, 0, stream>>>(p, partials);
-  SSMK_CUDA_CHECK_LAUNCH();
-  causal_conv1d_bwd_reduce_kernel<acc_t><<<static_cast<unsigned>(p.dim), BwdTraits::kThreads, 0, stream>>>(
-      partials, p.batch * nchunks, static_cast<int>(p.width), static_cast<acc_t*>(p.dweight),
-      static_cast<acc_t*>(p.dbias));
-  SSMK_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace ssmk::causal_conv1d

@@ -1,10 +1,9 @@
 // CPU kernels of causal_conv1d: one (batch, channel) row at a time, converted once into an
 // accumulation-dtype buffer with its W-1 history in front, so the inner loops run over contiguous
 // memory and vectorise. Rows are independent (at::parallel_for); the weight and bias gradients are
-// reduced per channel over batch and time in a fixed order (deterministic).
-#include <ATen/Dispatch.h>
+// reduced per channel over batch and time in a fixed order (deterministic). The host side is
+// causal_conv1d_op.cpp.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -21,29 +20,29 @@ using causal_conv1d::same_sequence;
 
 // buf[0 .. W-2] = history before position 0 (initial states or zeros), buf[W-1 + t] = x[t].
 template <typename input_t, typename acc_t>
-SSMK_CPU_INLINE void load_row(const CausalConv1dParams& p, int64_t b, int64_t d, acc_t* buf) {
+SSMK_CPU_INLINE void load_row(const CausalConv1dCommon<input_t>& p, int64_t b, int64_t d, acc_t* buf) {
   const int64_t W = p.width, L = p.seqlen;
-  const auto* init = static_cast<const input_t*>(p.initial_states);
+  const auto* init = p.initial_states.data;
   for (int64_t j = 0; j < W - 1; ++j) {
-    buf[j] = init ? static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride +
-                                            j * p.init_l_stride])
+    buf[j] = init ? static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
+                                            j * p.initial_states.stride[2]])
                   : acc_t(0);
   }
-  const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
+  const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
   acc_t* row = buf + (W - 1);
-  if (p.x_l_stride == 1) {
+  if (p.x.stride[2] == 1) {
     for (int64_t t = 0; t < L; ++t) row[t] = static_cast<acc_t>(x[t]);
   } else {
-    for (int64_t t = 0; t < L; ++t) row[t] = static_cast<acc_t>(x[t * p.x_l_stride]);
+    for (int64_t t = 0; t < L; ++t) row[t] = static_cast<acc_t>(x[t * p.x.stride[2]]);
   }
 }
 
 // pre[t] = bias + sum_k w[k] * buf[t + k]  (the pre-activation output), for t in [0, L).
-template <typename acc_t>
-SSMK_CPU_INLINE void conv_row(const CausalConv1dParams& p, int64_t b, const acc_t* w, acc_t bias, const acc_t* buf,
+template <typename input_t, typename acc_t>
+SSMK_CPU_INLINE void conv_row(const CausalConv1dCommon<input_t>& p, int64_t b, const acc_t* w, acc_t bias, const acc_t* buf,
               acc_t* pre) {
   const int64_t W = p.width, L = p.seqlen;
-  if (!p.seq_idx) {
+  if (!p.seq_idx.data) {
     for (int64_t t = 0; t < L; ++t) pre[t] = bias;
     for (int64_t k = 0; k < W; ++k) {
       const acc_t wk = w[k];
@@ -53,12 +52,12 @@ SSMK_CPU_INLINE void conv_row(const CausalConv1dParams& p, int64_t b, const acc_
     }
     return;
   }
-  const int32_t* seq = p.seq_idx + b * p.seq_batch_stride;
+  const int32_t* seq = p.seq_idx.data + b * p.seq_idx.stride[0];
   for (int64_t t = 0; t < L; ++t) {
     acc_t acc = bias;
     for (int64_t k = 0; k < W; ++k) {
       const int64_t pos = causal_conv1d::tap_position(t, static_cast<int>(k), static_cast<int>(W));
-      if (same_sequence(seq, p.seq_l_stride, t, pos)) acc += w[k] * buf[t + k];
+      if (same_sequence(seq, p.seq_idx.stride[1], t, pos)) acc += w[k] * buf[t + k];
     }
     pre[t] = acc;
   }
@@ -108,26 +107,26 @@ SSMK_CPU_INLINE void conv_chunk_any_width(int64_t W, const src_t* buf, const acc
 // The forward walks each row in chunks of kChunkSize outputs (the CUDA kernel's block), so the
 // chunk, its W-1 history and the accumulators stay in L1.
 template <typename input_t>
-SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_t end) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void fwd_rows(const CausalConv1dFwdParams<input_t>& p, int64_t begin, int64_t end) {
+  using acc_t = ssmk::acc_t<input_t>;
   constexpr int64_t kChunk = causal_conv1d::kChunkSize;
   const int64_t W = p.width, L = p.seqlen;
-  const auto* weight = static_cast<const acc_t*>(p.weight);
-  const auto* bias = static_cast<const acc_t*>(p.bias);
-  const auto* init = static_cast<const input_t*>(p.initial_states);
+  const auto* weight = p.weight;
+  const auto* bias = p.bias;
+  const auto* init = p.initial_states.data;
   {
     acc_t buf[kChunk + causal_conv1d::kMaxWidth - 1];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.dim, d = r % p.dim;
       const acc_t* w = weight + d * W;
       const acc_t bias_d = bias ? bias[d] : acc_t(0);
-      const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
-      const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
-      auto* out = static_cast<input_t*>(p.out) + r * L;
+      const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
+      const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
+      auto* out = p.out + r * L;
       for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
         const int64_t n = std::min(kChunk, L - t0);
         input_t* o = out + t0;
-        if (!seq && p.x_l_stride == 1 && t0 >= W - 1) {
+        if (!seq && p.x.stride[2] == 1 && t0 >= W - 1) {
           // contiguous row, no history in this chunk: read the input in place
           const input_t* src = x + (t0 - (W - 1));
           conv_chunk_any_width(W, src, w, bias_d, p.silu, o, n);
@@ -135,17 +134,17 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
         }
         // buf[i] = input at position t0 - (W-1) + i
         const int64_t first = t0 >= W - 1 ? 0 : W - 1 - t0;  // slots before position 0
-        if (p.x_l_stride == 1) {
+        if (p.x.stride[2] == 1) {
           const input_t* src = x + (t0 - (W - 1) + first);
 #pragma omp simd
           for (int64_t i = first; i < n + W - 1; ++i) buf[i] = static_cast<acc_t>(src[i - first]);
         } else {
           for (int64_t i = first; i < n + W - 1; ++i)
-            buf[i] = static_cast<acc_t>(x[(t0 - (W - 1) + i) * p.x_l_stride]);
+            buf[i] = static_cast<acc_t>(x[(t0 - (W - 1) + i) * p.x.stride[2]]);
         }
         for (int64_t i = 0; i < first; ++i) {  // history: position i - (W-1) < 0
-          buf[i] = init ? static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride +
-                                                  i * p.init_l_stride])
+          buf[i] = init ? static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
+                                                  i * p.initial_states.stride[2]])
                         : acc_t(0);
         }
         if (!seq) {
@@ -155,7 +154,7 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
             acc_t acc = bias_d;
             for (int64_t k = 0; k < W; ++k) {
               const int64_t pos = causal_conv1d::tap_position(t0 + j, static_cast<int>(k), static_cast<int>(W));
-              if (same_sequence(seq, p.seq_l_stride, t0 + j, pos)) acc += w[k] * buf[j + k];
+              if (same_sequence(seq, p.seq_idx.stride[1], t0 + j, pos)) acc += w[k] * buf[j + k];
             }
             o[j] = static_cast<input_t>(activation(acc, p.silu));
           }
@@ -163,15 +162,15 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
       }
       // final_states[j] = input at position L - (W-1) + j; with seq_idx, entries from another
       // sequence than the last position's are zero.
-      auto* fin = static_cast<input_t*>(p.final_states) + r * (W - 1);
+      auto* fin = p.final_states + r * (W - 1);
       for (int64_t j = 0; j < W - 1; ++j) {
         const int64_t pos = L - (W - 1) + j;
-        const bool keep = !seq || same_sequence(seq, p.seq_l_stride, L - 1, pos);
+        const bool keep = !seq || same_sequence(seq, p.seq_idx.stride[1], L - 1, pos);
         acc_t v = 0;
         if (keep) {
-          v = pos >= 0 ? static_cast<acc_t>(x[pos * p.x_l_stride])
-              : init   ? static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride +
-                                                 (W - 1 + pos) * p.init_l_stride])
+          v = pos >= 0 ? static_cast<acc_t>(x[pos * p.x.stride[2]])
+              : init   ? static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
+                                                 (W - 1 + pos) * p.initial_states.stride[2]])
                        : acc_t(0);
         }
         fin[j] = static_cast<input_t>(v);
@@ -180,10 +179,10 @@ SSMK_CPU_INLINE void fwd_rows(const CausalConv1dParams& p, int64_t begin, int64_
   }
 }
 SSMK_CPU_MULTIVERSION(fwd_rows, (typename input_t), (input_t),
-                      (const CausalConv1dParams& p, int64_t begin, int64_t end), (p, begin, end))
+                      (const CausalConv1dFwdParams<input_t>& p, int64_t begin, int64_t end), (p, begin, end))
 
 template <typename input_t>
-void fwd_kernel(const CausalConv1dParams& p) {
+void fwd_kernel(const CausalConv1dFwdParams<input_t>& p) {
   at::parallel_for(0, p.batch * p.dim, 1,
                    [&](int64_t begin, int64_t end) { fwd_rows_dispatch<input_t>(p, begin, end); });
 }
@@ -193,13 +192,13 @@ void fwd_kernel(const CausalConv1dParams& p) {
 //   dbuf[i] = sum_k w[k] * g[i - k]        (gradient of buffer slot i = position i - (W-1))
 //   dw[k]  += sum_t g[t] * buf[t + k],  dbias += sum_t g[t]
 template <typename input_t>
-SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, int64_t end) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void bwd_channels(const CausalConv1dBwdParams<input_t>& p, int64_t begin, int64_t end) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t W = p.width, L = p.seqlen;
-  const auto* weight = static_cast<const acc_t*>(p.weight);
-  const auto* bias = static_cast<const acc_t*>(p.bias);
-  const auto* dout_base = static_cast<const input_t*>(p.dout);
-  const auto* dfinal = static_cast<const input_t*>(p.dfinal_states);
+  const auto* weight = p.weight;
+  const auto* bias = p.bias;
+  const auto* dout_base = p.dout.data;
+  const auto* dfinal = p.dfinal_states.data;
   {
     // g is stored with W-1 leading zeros so dbuf[i] = sum_k w[k] * gpad[i - k + W - 1].
     std::vector<acc_t> buf(W - 1 + L), pre(L), gpad(L + 2 * (W - 1)), dbuf(W - 1 + L);
@@ -209,15 +208,15 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, in
       acc_t dw[causal_conv1d::kMaxWidth] = {};
       acc_t db = 0;
       for (int64_t b = 0; b < p.batch; ++b) {
-        const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
+        const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
         load_row<input_t>(p, b, d, buf.data());
         conv_row(p, b, w, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
-        const input_t* dout = dout_base + b * p.dout_batch_stride + d * p.dout_dim_stride;
-        if (p.dout_l_stride == 1) {
+        const input_t* dout = dout_base + b * p.dout.stride[0] + d * p.dout.stride[1];
+        if (p.dout.stride[2] == 1) {
 #pragma omp simd
           for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(dout[t]);
         } else {
-          for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(dout[t * p.dout_l_stride]);
+          for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(dout[t * p.dout.stride[2]]);
         }
         if (p.silu) {
 #pragma omp simd
@@ -245,7 +244,7 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, in
             acc_t acc = 0;
             for (int64_t k = 0; k < W; ++k) {
               const int64_t t = i - k;  // output fed by this slot through tap k
-              if (t >= 0 && t < L && same_sequence(seq, p.seq_l_stride, t, pos)) acc += w[k] * g[t];
+              if (t >= 0 && t < L && same_sequence(seq, p.seq_idx.stride[1], t, pos)) acc += w[k] * g[t];
             }
             dbuf[i] = acc;
           }
@@ -253,7 +252,7 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, in
             acc_t s = 0;
             for (int64_t t = 0; t < L; ++t) {
               const int64_t pos = causal_conv1d::tap_position(t, static_cast<int>(k), static_cast<int>(W));
-              if (same_sequence(seq, p.seq_l_stride, t, pos)) s += g[t] * buf[t + k];
+              if (same_sequence(seq, p.seq_idx.stride[1], t, pos)) s += g[t] * buf[t + k];
             }
             dw[k] += s;
           }
@@ -266,51 +265,51 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dParams& p, int64_t begin, in
         if (dfinal) {
           for (int64_t j = 0; j < W - 1; ++j) {
             const int64_t pos = L - (W - 1) + j;
-            if (seq && !same_sequence(seq, p.seq_l_stride, L - 1, pos)) continue;
-            dbuf[L + j] += static_cast<acc_t>(dfinal[b * p.dfinal_batch_stride +
-                                                     d * p.dfinal_dim_stride + j * p.dfinal_l_stride]);
+            if (seq && !same_sequence(seq, p.seq_idx.stride[1], L - 1, pos)) continue;
+            dbuf[L + j] += static_cast<acc_t>(dfinal[b * p.dfinal_states.stride[0] +
+                                                     d * p.dfinal_states.stride[1] + j * p.dfinal_states.stride[2]]);
           }
         }
-        auto* dinit = static_cast<input_t*>(p.dinitial_states) + (b * p.dim + d) * (W - 1);
+        auto* dinit = p.dinitial_states + (b * p.dim + d) * (W - 1);
         for (int64_t j = 0; j < W - 1; ++j) dinit[j] = static_cast<input_t>(dbuf[j]);
-        auto* dx = static_cast<input_t*>(p.dx) + (b * p.dim + d) * L;
+        auto* dx = p.dx + (b * p.dim + d) * L;
         for (int64_t t = 0; t < L; ++t) dx[t] = static_cast<input_t>(dbuf[W - 1 + t]);
       }
-      auto* dweight = static_cast<acc_t*>(p.dweight) + d * W;
+      auto* dweight = p.dweight + d * W;
       for (int64_t k = 0; k < W; ++k) dweight[k] = dw[k];
-      static_cast<acc_t*>(p.dbias)[d] = db;
+      p.dbias[d] = db;
     }
   }
 }
 SSMK_CPU_MULTIVERSION(bwd_channels, (typename input_t), (input_t),
-                      (const CausalConv1dParams& p, int64_t begin, int64_t end), (p, begin, end))
+                      (const CausalConv1dBwdParams<input_t>& p, int64_t begin, int64_t end), (p, begin, end))
 
 template <typename input_t>
-void bwd_kernel(const CausalConv1dParams& p) {
+void bwd_kernel(const CausalConv1dBwdParams<input_t>& p) {
   at::parallel_for(0, p.dim, 1,
                    [&](int64_t begin, int64_t end) { bwd_channels_dispatch<input_t>(p, begin, end); });
 }
 
 template <typename input_t, typename state_t>
-void update_kernel(const CausalConv1dUpdateParams& p) {
-  using acc_t = acc_type<input_t>;
+void update_kernel(const CausalConv1dUpdateParams<input_t, state_t>& p) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t W = p.width, L = p.seqlen, S = p.state_len;
-  const auto* weight = static_cast<const acc_t*>(p.weight);
-  const auto* bias = static_cast<const acc_t*>(p.bias);
+  const auto* weight = p.weight;
+  const auto* bias = p.bias;
   at::parallel_for(0, p.batch * p.dim, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(W - 1 + L);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.dim, d = r % p.dim;
-      auto* out = static_cast<input_t*>(p.out) + r * L;
-      const int64_t sb = p.state_indices ? p.state_indices[b * p.indices_stride] : b;
+      auto* out = p.out + r * L;
+      const int64_t sb = p.conv_state_indices.data ? p.conv_state_indices.data[b * p.conv_state_indices.stride[0]] : b;
       if (sb < 0 || sb >= p.state_batch) {
         for (int64_t t = 0; t < L; ++t) out[t] = input_t(0);
         continue;
       }
-      auto* state = static_cast<state_t*>(p.conv_state) + sb * p.state_batch_stride + d * p.state_dim_stride;
-      const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
-      for (int64_t j = 0; j < W - 1; ++j) buf[j] = static_cast<acc_t>(state[(S - (W - 1) + j) * p.state_l_stride]);
-      for (int64_t t = 0; t < L; ++t) buf[W - 1 + t] = static_cast<acc_t>(x[t * p.x_l_stride]);
+      auto* state = p.conv_state.data + sb * p.conv_state.stride[0] + d * p.conv_state.stride[1];
+      const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
+      for (int64_t j = 0; j < W - 1; ++j) buf[j] = static_cast<acc_t>(state[(S - (W - 1) + j) * p.conv_state.stride[2]]);
+      for (int64_t t = 0; t < L; ++t) buf[W - 1 + t] = static_cast<acc_t>(x[t * p.x.stride[2]]);
       const acc_t* w = weight + d * W;
       for (int64_t t = 0; t < L; ++t) {
         acc_t acc = bias ? bias[d] : acc_t(0);
@@ -320,71 +319,42 @@ void update_kernel(const CausalConv1dUpdateParams& p) {
       // Shift the state left by L and append the new inputs (ascending j reads ahead of writes).
       for (int64_t j = 0; j < S; ++j) {
         const int64_t src = j + L;
-        state[j * p.state_l_stride] = src < S ? state[src * p.state_l_stride]
-                                              : static_cast<state_t>(x[(src - S) * p.x_l_stride]);
+        state[j * p.conv_state.stride[2]] = src < S ? state[src * p.conv_state.stride[2]]
+                                              : static_cast<state_t>(x[(src - S) * p.x.stride[2]]);
       }
     }
   });
 }
 
-#define SSMK_DISPATCH_CONV_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                         const std::optional<at::Tensor>& bias,
-                                                         const std::optional<at::Tensor>& initial_states,
-                                                         const std::optional<at::Tensor>& seq_idx, bool silu) {
-  return causal_conv1d::fwd(x, weight, bias, initial_states, seq_idx, silu,
-                            [](const CausalConv1dParams& p, at::ScalarType dtype) {
-                              SSMK_DISPATCH_CONV_TYPES(dtype, "causal_conv1d_fwd_cpu",
-                                                       [&] { fwd_kernel<scalar_t>(p); });
-                            });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& initial_states, const std::optional<at::Tensor>& seq_idx,
-    const at::Tensor& dout, const std::optional<at::Tensor>& dfinal_states, bool silu) {
-  return causal_conv1d::bwd(x, weight, bias, initial_states, seq_idx, dout, dfinal_states, silu,
-                            [](const CausalConv1dParams& p, at::ScalarType dtype) {
-                              SSMK_DISPATCH_CONV_TYPES(dtype, "causal_conv1d_bwd_cpu",
-                                                       [&] { bwd_kernel<scalar_t>(p); });
-                            });
-}
-
-at::Tensor causal_conv1d_update_cpu(const at::Tensor& x, const at::Tensor& conv_state,
-                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                    const std::optional<at::Tensor>& conv_state_indices, bool silu) {
-  return causal_conv1d::update(
-      x, conv_state, weight, bias, conv_state_indices, silu,
-      [](const CausalConv1dUpdateParams& p, at::ScalarType x_dtype, at::ScalarType state_dtype) {
-        SSMK_DISPATCH_CONV_TYPES(x_dtype, "causal_conv1d_update_cpu", [&] {
-          using input_t = scalar_t;
-          SSMK_DISPATCH_CONV_TYPES(state_dtype, "causal_conv1d_update_cpu",
-                                   [&] { update_kernel<input_t, scalar_t>(p); });
-        });
-      });
-}
-
 }  // namespace
+
+template <typename T>
+void causal_conv1d_fwd_cpu(const CausalConv1dFwdParams<T>& p) {
+  fwd_kernel<T>(p);
+}
+template <typename T>
+void causal_conv1d_bwd_cpu(const CausalConv1dBwdParams<T>& p) {
+  bwd_kernel<T>(p);
+}
+template <typename T, typename S>
+void causal_conv1d_update_cpu(const CausalConv1dUpdateParams<T, S>& p) {
+  update_kernel<T, S>(p);
+}
+
+#define SSMK_INSTANTIATE_UPDATE(T, S) \
+  template void causal_conv1d_update_cpu<T, S>(const CausalConv1dUpdateParams<T, S>&);
+#define SSMK_INSTANTIATE(T)                                                    \
+  template void causal_conv1d_fwd_cpu<T>(const CausalConv1dFwdParams<T>&);     \
+  template void causal_conv1d_bwd_cpu<T>(const CausalConv1dBwdParams<T>&);     \
+  SSMK_INSTANTIATE_UPDATE(T, float)                                            \
+  SSMK_INSTANTIATE_UPDATE(T, double)                                           \
+  SSMK_INSTANTIATE_UPDATE(T, c10::Half)                                        \
+  SSMK_INSTANTIATE_UPDATE(T, c10::BFloat16)
+SSMK_INSTANTIATE(float)
+SSMK_INSTANTIATE(double)
+SSMK_INSTANTIATE(c10::Half)
+SSMK_INSTANTIATE(c10::BFloat16)
+#undef SSMK_INSTANTIATE
+#undef SSMK_INSTANTIATE_UPDATE
+
 }  // namespace ssmk
-
-TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
-  m.impl("causal_conv1d_fwd", &ssmk::causal_conv1d_fwd_cpu);
-  m.impl("causal_conv1d_bwd", &ssmk::causal_conv1d_bwd_cpu);
-  m.impl("causal_conv1d_update", &ssmk::causal_conv1d_update_cpu);
-}
-
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // causal_conv1d: final_states is always returned (it is tiny); the wrapper drops it if unwanted.
-  m.def(
-      "causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
-      "Tensor? seq_idx, bool silu) -> (Tensor out, Tensor final_states)");
-  m.def(
-      "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, "
-      "Tensor? seq_idx, Tensor dout, Tensor? dfinal_states, bool silu) "
-      "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
-  m.def(
-      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
-      "Tensor? conv_state_indices, bool silu) -> Tensor");
-}

@@ -9,7 +9,6 @@
 #pragma once
 
 #include "causal_conv1d/causal_conv1d.h"
-#include "common/cuda/launch.h"
 
 namespace ssmk::causal_conv1d {
 
@@ -19,8 +18,8 @@ struct FwdTraits {
 };
 
 template <typename input_t>
-__global__ void __launch_bounds__(FwdTraits::kThreads) causal_conv1d_fwd_kernel(const CausalConv1dParams p) {
-  using acc_t = acc_type<input_t>;
+__global__ void __launch_bounds__(FwdTraits::kThreads) causal_conv1d_fwd_kernel(const CausalConv1dFwdParams<input_t> p) {
+  using acc_t = ssmk::acc_t<input_t>;
   constexpr int kChunk = FwdTraits::kChunk;
   __shared__ acc_t xs[kChunk + kMaxWidth - 1];
 
@@ -32,34 +31,34 @@ __global__ void __launch_bounds__(FwdTraits::kThreads) causal_conv1d_fwd_kernel(
   const int64_t t0 = chunk * kChunk;
   const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), p.seqlen - t0));
 
-  const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
-  const auto* init = static_cast<const input_t*>(p.initial_states);
+  const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
+  const auto* init = p.initial_states.data;
   // xs[i] = input at position t0 - (W-1) + i
   for (int i = threadIdx.x; i < n + W - 1; i += FwdTraits::kThreads) {
     const int64_t pos = t0 - (W - 1) + i;
     acc_t v = acc_t(0);
     if (pos >= 0) {
-      v = static_cast<acc_t>(x[pos * p.x_l_stride]);
+      v = static_cast<acc_t>(x[pos * p.x.stride[2]]);
     } else if (init != nullptr) {
-      v = static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride + (W - 1 + pos) * p.init_l_stride]);
+      v = static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] + (W - 1 + pos) * p.initial_states.stride[2]]);
     }
     xs[i] = v;
   }
-  const auto* weight = static_cast<const acc_t*>(p.weight) + d * W;
+  const auto* weight = p.weight + d * W;
   acc_t w[kMaxWidth];
 #pragma unroll
   for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? weight[k] : acc_t(0);
-  const acc_t bias = p.bias ? static_cast<const acc_t*>(p.bias)[d] : acc_t(0);
-  const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.seq_batch_stride : nullptr;
+  const acc_t bias = p.bias ? p.bias[d] : acc_t(0);
+  const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
   __syncthreads();
 
-  auto* out = static_cast<input_t*>(p.out) + row * p.seqlen + t0;
+  auto* out = p.out + row * p.seqlen + t0;
   for (int j = threadIdx.x; j < n; j += FwdTraits::kThreads) {
     acc_t acc = bias;
     const int64_t t = t0 + j;
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k) {
-      if (k < W && (seq == nullptr || same_sequence(seq, p.seq_l_stride, t, tap_position(t, k, W)))) {
+      if (k < W && (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], t, tap_position(t, k, W)))) {
         acc += w[k] * xs[j + k];
       }
     }
@@ -70,56 +69,46 @@ __global__ void __launch_bounds__(FwdTraits::kThreads) causal_conv1d_fwd_kernel(
     const int j = threadIdx.x;
     const int64_t pos = p.seqlen - (W - 1) + j;
     acc_t v = acc_t(0);
-    if (seq == nullptr || same_sequence(seq, p.seq_l_stride, p.seqlen - 1, pos)) {
+    if (seq == nullptr || same_sequence(seq, p.seq_idx.stride[1], p.seqlen - 1, pos)) {
       if (pos >= 0) {
-        v = static_cast<acc_t>(x[pos * p.x_l_stride]);
+        v = static_cast<acc_t>(x[pos * p.x.stride[2]]);
       } else if (init != nullptr) {
-        v = static_cast<acc_t>(init[b * p.init_batch_stride + d * p.init_dim_stride + (W - 1 + pos) * p.init_l_stride]);
+        v = static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] + (W - 1 + pos) * p.initial_states.stride[2]]);
       }
     }
-    static_cast<input_t*>(p.final_states)[row * (W - 1) + j] = static_cast<input_t>(v);
+    p.final_states[row * (W - 1) + j] = static_cast<input_t>(v);
   }
-}
-
-template <typename input_t>
-void launch_fwd(const CausalConv1dParams& p, cudaStream_t stream) {
-  const int64_t nchunks = (p.seqlen + FwdTraits::kChunk - 1) / FwdTraits::kChunk;
-  const int64_t blocks = p.batch * p.dim * nchunks;
-  if (blocks == 0) return;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "causal_conv1d: too many blocks (", blocks, ")");
-  causal_conv1d_fwd_kernel<input_t><<<static_cast<unsigned>(blocks), FwdTraits::kThreads, 0, stream>>>(p);
-  SSMK_CUDA_CHECK_LAUNCH();
 }
 
 // Decode step: one thread per (batch row, channel); the state row is read and rewritten once.
 template <typename input_t, typename state_t>
-__global__ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams p) {
-  using acc_t = acc_type<input_t>;
+__global__ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams<input_t, state_t> p) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= p.batch * p.dim) return;
   const int64_t b = r / p.dim, d = r % p.dim;
   const int W = static_cast<int>(p.width);
   const int64_t L = p.seqlen, S = p.state_len;
-  auto* out = static_cast<input_t*>(p.out) + r * L;
-  const int64_t sb = p.state_indices ? p.state_indices[b * p.indices_stride] : b;
+  auto* out = p.out + r * L;
+  const int64_t sb = p.conv_state_indices.data ? p.conv_state_indices.data[b * p.conv_state_indices.stride[0]] : b;
   if (sb < 0 || sb >= p.state_batch) {
     for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(0.0f);
     return;
   }
-  auto* state = static_cast<state_t*>(p.conv_state) + sb * p.state_batch_stride + d * p.state_dim_stride;
-  const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + d * p.x_dim_stride;
-  const auto* weight = static_cast<const acc_t*>(p.weight) + d * W;
+  auto* state = p.conv_state.data + sb * p.conv_state.stride[0] + d * p.conv_state.stride[1];
+  const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
+  const auto* weight = p.weight + d * W;
   acc_t w[kMaxWidth], win[kMaxWidth];
 #pragma unroll
   for (int k = 0; k < kMaxWidth; ++k) {
     w[k] = k < W ? weight[k] : acc_t(0);
     // win[k] for k < W-1: the last W-1 state entries (oldest first)
-    win[k] = k < W - 1 ? static_cast<acc_t>(state[(S - (W - 1) + k) * p.state_l_stride]) : acc_t(0);
+    win[k] = k < W - 1 ? static_cast<acc_t>(state[(S - (W - 1) + k) * p.conv_state.stride[2]]) : acc_t(0);
   }
-  const acc_t bias = p.bias ? static_cast<const acc_t*>(p.bias)[d] : acc_t(0);
+  const acc_t bias = p.bias ? p.bias[d] : acc_t(0);
   // Register arrays are indexed with unrolled constants only (no local-memory spill).
   for (int64_t t = 0; t < L; ++t) {
-    const acc_t xt = static_cast<acc_t>(x[t * p.x_l_stride]);
+    const acc_t xt = static_cast<acc_t>(x[t * p.x.stride[2]]);
     acc_t acc = bias;
 #pragma unroll
     for (int k = 0; k < kMaxWidth; ++k) {
@@ -135,17 +124,8 @@ __global__ void causal_conv1d_update_kernel(const CausalConv1dUpdateParams p) {
   // Shift the state left by L and append the inputs (ascending j reads ahead of writes).
   for (int64_t j = 0; j < S; ++j) {
     const int64_t src = j + L;
-    state[j * p.state_l_stride] = src < S ? state[src * p.state_l_stride] : static_cast<state_t>(x[(src - S) * p.x_l_stride]);
+    state[j * p.conv_state.stride[2]] = src < S ? state[src * p.conv_state.stride[2]] : static_cast<state_t>(x[(src - S) * p.x.stride[2]]);
   }
-}
-
-template <typename input_t, typename state_t>
-void launch_update(const CausalConv1dUpdateParams& p, cudaStream_t stream) {
-  constexpr int kThreads = 128;
-  const int64_t blocks = (p.batch * p.dim + kThreads - 1) / kThreads;
-  if (blocks == 0) return;
-  causal_conv1d_update_kernel<input_t, state_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  SSMK_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace ssmk::causal_conv1d

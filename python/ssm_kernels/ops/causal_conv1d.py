@@ -5,27 +5,10 @@ from typing import Optional
 
 import torch
 
-from ._checks import (
-    FLOAT_DTYPES,
-    check_choice,
-    check_device_supported,
-    check_optional,
-    check_same_dtype,
-    check_tensor,
-)
+from . import _op
+from ._checks import check_choice
 
 ACTIVATIONS = (None, "silu", "swish")
-MIN_WIDTH, MAX_WIDTH = 2, 8
-
-
-def _check_weight(weight, dim, device):
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    if weight.shape[0] != dim:
-        raise ValueError(f"weight: expected shape (dim={dim}, width), got {tuple(weight.shape)}")
-    width = weight.shape[1]
-    if not MIN_WIDTH <= width <= MAX_WIDTH:
-        raise ValueError(f"weight: expected width in [{MIN_WIDTH}, {MAX_WIDTH}], got {width}")
-    return width
 
 
 def causal_conv1d(
@@ -63,20 +46,10 @@ def causal_conv1d(
         >>> w = torch.randn(64, 4)
         >>> y = causal_conv1d(x, w, activation="silu")
     """
-    check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
-    check_device_supported("x", x)
-    batch, dim, seqlen = x.shape
-    if seqlen < 1:
-        raise ValueError(f"x: expected seqlen >= 1, got {seqlen}")
-    width = _check_weight(weight, dim, x.device)
-    check_optional("bias", bias, shape=(dim,), dtypes=FLOAT_DTYPES, device=x.device)
     check_choice("activation", activation, ACTIVATIONS)
-    check_optional("initial_states", initial_states, shape=(batch, dim, width - 1), device=x.device)
-    if initial_states is not None:
-        check_same_dtype("initial_states", initial_states, "x", x)
-    check_optional("seq_idx", seq_idx, shape=(batch, seqlen), dtypes=(torch.int32,), device=x.device)
-    out, final_states = torch.ops.ssm_kernels.causal_conv1d_fwd(
-        x, weight, bias, initial_states, seq_idx, activation is not None
+    out, final_states = _op.call(
+        "causal_conv1d_fwd", x=x, weight=weight, bias=bias, initial_states=initial_states, seq_idx=seq_idx,
+        silu=activation is not None,
     )
     return (out, final_states) if return_final_states else out
 
@@ -100,39 +73,24 @@ def causal_conv1d_update(
         weight: [D, W]; bias: [D] or None; activation: None, "silu" or "swish".
         conv_state_indices: [B] int32: row i updates conv_state[conv_state_indices[i]]; a
             negative index leaves the state alone and outputs zeros for that row. On CPU an index
-            >= B_state raises; on CUDA (where checking would need a host sync) it acts like -1.
+            >= B_state raises ValueError; on CUDA the indices are never read on the host (that
+            would synchronise), and the kernel treats an index >= B_state like a negative one:
+            conv_state is neither read nor written for that row and its output is zeros.
 
     Returns:
         out with x's shape and dtype.
+
+    Raises:
+        TypeError/ValueError naming the argument for a wrong type, dtype, shape, device or width.
 
     Example:
         >>> state = torch.zeros(2, 64, 3)
         >>> y = causal_conv1d_update(torch.randn(2, 64), state, torch.randn(64, 4), activation="silu")
     """
-    check_tensor("x", x, ndim=(2, 3), dtypes=FLOAT_DTYPES)
-    check_device_supported("x", x)
-    batch, dim = x.shape[0], x.shape[1]
-    width = _check_weight(weight, dim, x.device)
-    check_tensor("conv_state", conv_state, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
-    if conv_state.shape[1] != dim or conv_state.shape[2] < width - 1:
-        raise ValueError(
-            f"conv_state: expected shape (batch, dim={dim}, state_len >= {width - 1}), got {tuple(conv_state.shape)}"
-        )
-    check_optional("bias", bias, shape=(dim,), dtypes=FLOAT_DTYPES, device=x.device)
     check_choice("activation", activation, ACTIVATIONS)
-    if conv_state_indices is None:
-        if conv_state.shape[0] != batch:
-            raise ValueError(f"conv_state: expected batch {batch}, got {conv_state.shape[0]}")
-    else:
-        check_tensor("conv_state_indices", conv_state_indices, shape=(batch,), dtypes=(torch.int32,), device=x.device)
-        if conv_state_indices.device.type == "cpu" and batch > 0:
-            hi = int(conv_state_indices.max())
-            if hi >= conv_state.shape[0]:
-                raise ValueError(
-                    f"conv_state_indices: expected values < conv_state batch {conv_state.shape[0]}, got {hi}"
-                )
-    return torch.ops.ssm_kernels.causal_conv1d_update(
-        x, conv_state, weight, bias, conv_state_indices, activation is not None
+    return _op.call(
+        "causal_conv1d_update", x=x, conv_state=conv_state, weight=weight, bias=bias,
+        conv_state_indices=conv_state_indices, silu=activation is not None,
     )
 
 
@@ -143,43 +101,9 @@ def _(x, weight, bias, initial_states, seq_idx, silu):
     return x.new_empty((batch, dim, seqlen)), x.new_empty((batch, dim, width - 1))
 
 
-@torch.library.register_fake("ssm_kernels::causal_conv1d_bwd")
-def _(x, weight, bias, initial_states, seq_idx, dout, dfinal_states, silu):
-    batch, dim, seqlen = x.shape
-    width = weight.shape[1]
-    bias_dtype = bias.dtype if bias is not None else weight.dtype
-    return (
-        x.new_empty((batch, dim, seqlen)),
-        weight.new_empty((dim, width)),
-        weight.new_empty((dim,), dtype=bias_dtype),
-        x.new_empty((batch, dim, width - 1)),
-    )
-
-
 @torch.library.register_fake("ssm_kernels::causal_conv1d_update")
 def _(x, conv_state, weight, bias, conv_state_indices, silu):
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, initial_states, seq_idx, silu = inputs
-    ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
-    ctx.silu = silu
-
-
-def _backward(ctx, dout, dfinal_states):
-    x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
-    dx, dweight, dbias, dinit = torch.ops.ssm_kernels.causal_conv1d_bwd(
-        x, weight, bias, initial_states, seq_idx, dout, dfinal_states, ctx.silu
-    )
-    return (
-        dx,
-        dweight,
-        dbias if bias is not None else None,
-        dinit if initial_states is not None else None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("ssm_kernels::causal_conv1d_fwd", _backward, setup_context=_setup_context)
+_op.register("causal_conv1d_fwd", "causal_conv1d_bwd")
