@@ -222,7 +222,7 @@ def test_ssd_gradients_reproducible(device):
 def _op_args(inp):
     lo, hi = inp.get("dt_limit", (0.0, math.inf))
     return (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["chunk_size"], inp.get("D"), inp.get("z"),
-            inp.get("dt_bias"), inp["dt_softplus"], lo, hi, inp.get("initial_states"), inp.get("seq_idx"))
+            inp.get("dt_bias"), inp["dt_softplus"], [lo, hi], inp.get("initial_states"), inp.get("seq_idx"))
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["plain", "all-options"])
