@@ -44,7 +44,9 @@ struct SsdDtParams {
 template <typename T>
 struct SsdPrepParams : SsdDims, SsdDtParams<T> {
   using acc = acc_t<T>;
-  const int32_t* seg;  // [B, nc * Q] seq_idx padded with its last value, or nullptr
+  // [B, nc * Q] seq_idx padded with its last value, or nullptr. Every stage only compares its
+  // values with each other (never indexes with them), so any values are memory-safe.
+  const int32_t* seg;
   acc* dtv;            // [B, nc, H, Q] processed dt (0 on padding)
   acc* acs;            // [B, nc, H, Q] cumulative sum of dt * A within the chunk
   acc* e;              // [B, nc, H, Q] e^{Acs_last - Acs_s}, masked to the last position's sequence

@@ -1,5 +1,5 @@
 // CUDA stage kernels of the ssd_scan backward (the GEMMs between them are the tensor-core GEMMs
-// called by the driver in ssd.h). One block of kThreads (8 warps) per (batch, chunk, head) task; every
+// called by the host driver, ssd_op.cpp). One block of kThreads (8 warps) per (batch, chunk, head) task; every
 // reduction has a fixed order, so gradients are bitwise reproducible.
 //
 // Cost per task (Q = chunk, P = headdim, float32 buffers):

@@ -1,4 +1,4 @@
-// CPU stages of ssd_scan. The matrix products are BLAS GEMMs (CpuStages::gemm, and the products
+// CPU stages of ssd_scan (ssd_host.h). The matrix products are BLAS GEMMs (SsdCpuStages::gemm, and the products
 // with GL and dGL per task in cache-resident buffers); the loops here do the rest, one (batch,
 // chunk, head) task at a time (at::parallel_for over tasks; the scans across chunks over (batch,
 // head)), with contiguous inner loops that the compiler vectorises (AVX2+FMA variants chosen at
@@ -94,28 +94,28 @@ SSMK_CPU_INLINE void scan_rows(const Params& p, int64_t begin, int64_t end) {
     }
     std::copy(run.begin(), run.end(), p.final_states + bh * PN);
     if constexpr (kBackward) {
-    const acc_t* dfinal = p.dfinal;
-    if (dfinal) {
-      std::copy(dfinal + bh * PN, dfinal + (bh + 1) * PN, run.begin());
-    } else {
-      std::fill(run.begin(), run.end(), acc_t(0));
-    }
-    for (int64_t c = nc - 1; c >= 0; --c) {
-      const int64_t idx = (b * nc + c) * H + h;
-      acc_t* ds = p.dstates + idx * PN;
-      const acc_t* hp = p.states + idx * PN;
-      const acc_t kd = kdecay[idx];
-      acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < PN; ++j) {
-        const acc_t in = ds[j];
-        ds[j] = run[j];
-        dot += run[j] * hp[j];
-        run[j] = in + kd * run[j];
+      const acc_t* dfinal = p.dfinal;
+      if (dfinal) {
+        std::copy(dfinal + bh * PN, dfinal + (bh + 1) * PN, run.begin());
+      } else {
+        std::fill(run.begin(), run.end(), acc_t(0));
       }
-      p.ddecay[idx] = kd * dot;
-    }
-    std::copy(run.begin(), run.end(), p.dinit + bh * PN);
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        const int64_t idx = (b * nc + c) * H + h;
+        acc_t* ds = p.dstates + idx * PN;
+        const acc_t* hp = p.states + idx * PN;
+        const acc_t kd = kdecay[idx];
+        acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < PN; ++j) {
+          const acc_t in = ds[j];
+          ds[j] = run[j];
+          dot += run[j] * hp[j];
+          run[j] = in + kd * run[j];
+        }
+        p.ddecay[idx] = kd * dot;
+      }
+      std::copy(run.begin(), run.end(), p.dinit + bh * PN);
     }
   }
 }

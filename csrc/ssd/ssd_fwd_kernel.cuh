@@ -1,5 +1,5 @@
 // CUDA stage kernels of the ssd_scan forward (also run by the backward to rebuild the chunk
-// buffers). The GEMMs between them are the tensor-core GEMMs called by the driver in ssd.h.
+// buffers). The GEMMs between them are the tensor-core GEMMs called by the host driver, ssd_op.cpp.
 //
 // Cost per (batch, chunk, head) task with Q = chunk, P = headdim, N = dstate (bytes for float32
 // buffers; the GEMMs hold the FLOPs: 2 Q^2 N / Hg + 2 Q^2 P + 4 Q P N):
