@@ -222,7 +222,7 @@ def test_ssd_gradients_reproducible(device):
 def _op_args(inp):
     lo, hi = inp.get("dt_limit", (0.0, math.inf))
     return (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["chunk_size"], inp.get("D"), inp.get("z"),
-            inp.get("dt_bias"), inp["dt_softplus"], lo, hi, inp.get("initial_states"), inp.get("seq_idx"))
+            inp.get("dt_bias"), inp["dt_softplus"], [lo, hi], inp.get("initial_states"), inp.get("seq_idx"))
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["plain", "all-options"])
@@ -330,3 +330,34 @@ def test_ssd_direct_op_checks_shapes(device):
     args[5] = 24
     with pytest.raises((RuntimeError, ValueError), match="chunk_size"):
         torch.ops.ssm_kernels.ssd_scan_fwd(*args)
+
+
+def test_ssd_direct_op_checks_values(device):
+    """dt_limit is one (lo, hi) argument of the op; seq_idx's order is checked for CPU tensors only."""
+    case = Case(40, 16, F32, "1", seq=True)
+    inp = make_inputs(case, device)
+    args = list(_op_args(inp))
+    args[10] = [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="dt_limit"):
+        torch.ops.ssm_kernels.ssd_scan_fwd(*args)
+    args = list(_op_args(inp))
+    decreasing = inp["seq_idx"].clone()
+    decreasing[0, 30:] = -1
+    args[12] = decreasing
+    if device == "cpu":
+        with pytest.raises(ValueError, match="seq_idx"):
+            torch.ops.ssm_kernels.ssd_scan_fwd(*args)
+    else:
+        # Not read on CUDA (no sync): the values are unspecified, every access stays in bounds.
+        out, final = torch.ops.ssm_kernels.ssd_scan_fwd(*args)
+        torch.cuda.synchronize()
+        assert out.shape == inp["x"].shape
+
+
+def test_ssd_bwd_absent_optional_grads(device):
+    """The backward returns an empty [0] tensor of x's dtype for each absent optional input."""
+    case = Case(20, 16, F16, "1")
+    inp = make_inputs(case, device)
+    grads_ = torch.ops.ssm_kernels.ssd_scan_bwd(*_op_args(inp), torch.randn_like(inp["x"]), None)
+    for name, g in zip(("dD", "dz", "ddt_bias", "dinitial_states"), grads_[5:]):
+        assert g.shape == (0,) and g.dtype == F16, name

@@ -1,5 +1,5 @@
 // CUDA stage kernels of the ssd_scan backward (the GEMMs between them are the tensor-core GEMMs
-// called by the driver in ssd.h). One block of kThreads (8 warps) per (batch, chunk, head) task; every
+// called by the host driver, ssd_op.cpp). One block of kThreads (8 warps) per (batch, chunk, head) task; every
 // reduction has a fixed order, so gradients are bitwise reproducible.
 //
 // Cost per task (Q = chunk, P = headdim, float32 buffers):
@@ -11,9 +11,6 @@
 //                 by lanes that stride by Q (uncoalesced), so expect ~30-50% of copy bandwidth.
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
-
-#include "common/cuda/launch.h"
 #include "common/cuda/reduce.h"
 #include "ssd/ssd.h"
 
@@ -26,7 +23,7 @@ constexpr int kColsPerLane = kMaxChunk / 32;
 // Warp w takes rows t = w, w + 8, ...; lane l takes columns s = l + 32 k. W = dGL * GL:
 // dacs[t] = sum_s W[t, s] - sum_t' W[t', t]; dGL <- dGL * e^{Acs_t - Acs_s} (masked).
 template <typename acc_t>
-__global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdParams p) {
+__global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdWsumParams<acc_t> p, acc_t* dgl_all) {
   __shared__ acc_t s_acs[kMaxChunk];
   __shared__ int32_t s_seg[kMaxChunk];
   __shared__ acc_t s_row[kMaxChunk];
@@ -35,16 +32,16 @@ __global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdParams p) {
   const int64_t i = blockIdx.x;
   const int64_t bc = i / p.nheads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const auto* acs = static_cast<const acc_t*>(p.acs) + i * Q;
+  const acc_t* acs = p.acs + i * Q;
   for (int t = threadIdx.x; t < Q; t += kBwdThreads) {
     s_acs[t] = acs[t];
     s_seg[t] = p.seg ? p.seg[bc * Q + t] : 0;
   }
   __syncthreads();
-  auto* dgl = static_cast<acc_t*>(p.dgl) + i * Q * Q;
+  acc_t* dgl = dgl_all + i * Q * Q;
   // GL = CB * decay is rebuilt here rather than read: W = dGL * CB * decay.
   const int64_t h = i % p.nheads;
-  const auto* cb = static_cast<const acc_t*>(p.cb) + (bc * p.ngroups + h / (p.nheads / p.ngroups)) * Q * Q;
+  const acc_t* cb = p.cb + (bc * p.ngroups + h / (p.nheads / p.ngroups)) * Q * Q;
   acc_t col[kColsPerLane];
 #pragma unroll
   for (int k = 0; k < kColsPerLane; ++k) col[k] = 0;
@@ -72,7 +69,7 @@ __global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdParams p) {
     if (s < Q) s_col[warp][s] = col[k];
   }
   __syncthreads();
-  auto* dacs = static_cast<acc_t*>(p.dacs) + i * Q;
+  acc_t* dacs = p.dacs + i * Q;
   for (int t = threadIdx.x; t < Q; t += kBwdThreads) {
     acc_t cs = 0;
 #pragma unroll
@@ -82,8 +79,8 @@ __global__ void __launch_bounds__(kBwdThreads) wsum_kernel(const SsdParams p) {
 }
 
 template <typename input_t>
-__global__ void __launch_bounds__(kBwdThreads) final_kernel(const SsdParams p) {
-  using acc_t = acc_type<input_t>;
+__global__ void __launch_bounds__(kBwdThreads) final_kernel(const SsdBwdParams<input_t> p) {
+  using acc_t = ssmk::acc_t<input_t>;
   __shared__ acc_t s_da[kMaxChunk];
   __shared__ acc_t s_de[kMaxChunk];
   __shared__ acc_t s_xdx[kMaxChunk];
@@ -92,18 +89,18 @@ __global__ void __launch_bounds__(kBwdThreads) final_kernel(const SsdParams p) {
   const int64_t h = i % H, c = (i / H) % p.nchunks, b = i / (H * p.nchunks);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t nvalid = L - c * Q < Q ? L - c * Q : Q;
-  const auto* xdt = static_cast<const acc_t*>(p.xdt) + i * Q * P;
-  const auto* dxdt = static_cast<const acc_t*>(p.dxdt) + i * Q * P;
-  const auto* dy = static_cast<const acc_t*>(p.dy) + i * Q * P;
-  const auto* zT = static_cast<const acc_t*>(p.zT) + i * P * Q;
-  const auto* dyrT = static_cast<const acc_t*>(p.dyrT) + i * P * Q;
-  const auto* yT = static_cast<const acc_t*>(p.y_interT) + i * P * Q;
-  const auto* e = static_cast<const acc_t*>(p.e) + i * Q;
-  const auto* r = static_cast<const acc_t*>(p.r) + i * Q;
-  const auto* dtv = static_cast<const acc_t*>(p.dtv) + i * Q;
-  const auto* dacs = static_cast<const acc_t*>(p.dacs) + i * Q;
-  const auto* x = static_cast<const input_t*>(p.x) + b * p.x_batch_stride + h * p.x_h_stride;
-  const auto* D = static_cast<const acc_t*>(p.D);
+  const acc_t* xdt = p.xdt + i * Q * P;
+  const acc_t* dxdt = p.dxdt + i * Q * P;
+  const acc_t* dy = p.dy + i * Q * P;
+  const acc_t* zT = p.zT + i * P * Q;
+  const acc_t* dyrT = p.dyrT + i * P * Q;
+  const acc_t* yT = p.y_interT + i * P * Q;
+  const acc_t* e = p.e + i * Q;
+  const acc_t* r = p.r + i * Q;
+  const acc_t* dtv = p.dtv + i * Q;
+  const acc_t* dacs = p.dacs + i * Q;
+  const input_t* x = p.x.data + b * p.x.stride[0] + h * p.x.stride[2];
+  const acc_t* D = p.D;
 
   // Per position t: the state term de_t, the inter term dy_t . y_inter_t and x_t . d(dt x)_t.
   for (int64_t t = warp; t < Q; t += kBwdWarps) {
@@ -114,7 +111,7 @@ __global__ void __launch_bounds__(kBwdThreads) final_kernel(const SsdParams p) {
       de += xdt[t * P + q] * zv;
       inter += dyrT[q * Q + t] * yT[q * Q + t];
       if (t < nvalid) {
-        xdx += static_cast<acc_t>(x[(c * Q + t) * p.x_l_stride + q * p.x_p_stride]) * (dxdt[t * P + q] + et * zv);
+        xdx += static_cast<acc_t>(x[(c * Q + t) * p.x.stride[1] + q * p.x.stride[3]]) * (dxdt[t * P + q] + et * zv);
       }
     }
     de = ssmk::cuda::warp_reduce_sum(de);
@@ -133,47 +130,47 @@ __global__ void __launch_bounds__(kBwdThreads) final_kernel(const SsdParams p) {
     acc_t sum_de = 0;
     for (int64_t t = 0; t < Q; ++t) sum_de += s_de[t];
     acc_t ddecay = 0;
-    for (int64_t s = 0; s < p.nsplit; ++s) ddecay += static_cast<const acc_t*>(p.ddecay)[i * p.nsplit + s];
+    for (int64_t s = 0; s < p.nsplit; ++s) ddecay += p.ddecay[i * p.nsplit + s];
     s_da[Q - 1] += sum_de + ddecay;
     reverse_segment_cumsum(s_da, p.seg ? p.seg + (b * p.nchunks + c) * Q : nullptr, Q);
     acc_t dA = 0;
     for (int64_t t = 0; t < nvalid; ++t) dA += dtv[t] * s_da[t];
-    static_cast<acc_t*>(p.dA_part)[i] = dA;
+    p.dA_part[i] = dA;
   }
   __syncthreads();
-  const acc_t a = static_cast<const acc_t*>(p.A)[h];
-  const acc_t bias = p.dt_bias ? static_cast<const acc_t*>(p.dt_bias)[h] : acc_t(0);
-  const acc_t lo = static_cast<acc_t>(p.dt_lo), hi = static_cast<acc_t>(p.dt_hi);
-  const auto* dt = static_cast<const input_t*>(p.dt) + b * p.dt_batch_stride + h * p.dt_h_stride;
+  const acc_t a = p.A[h];
+  const acc_t bias = p.dt_bias ? p.dt_bias[h] : acc_t(0);
+  const acc_t lo = static_cast<acc_t>(p.dt_limit[0]), hi = static_cast<acc_t>(p.dt_limit[1]);
+  const input_t* dt = p.dt.data + b * p.dt.stride[0] + h * p.dt.stride[2];
   for (int64_t t = threadIdx.x; t < nvalid; t += kBwdThreads) {
     const int64_t l = c * Q + t;
-    const acc_t raw = static_cast<acc_t>(dt[l * p.dt_l_stride]);
-    static_cast<acc_t*>(p.ddt)[(b * L + l) * H + h] =
+    const acc_t raw = static_cast<acc_t>(dt[l * p.dt.stride[1]]);
+    p.ddt[(b * L + l) * H + h] =
         (s_xdx[t] + a * s_da[t]) * dt_process_grad(raw, bias, p.softplus, p.clamp, lo, hi);
   }
   // dx, dD and dz: thread q walks the positions of column q (coalesced rows of dx).
-  const auto* z = static_cast<const input_t*>(p.z);
-  const auto* dout = static_cast<const input_t*>(p.dout);
-  const auto* yi = static_cast<const acc_t*>(p.y_intra);
+  const input_t* z = p.z.data;
+  const input_t* dout = p.dout.data;
+  const acc_t* yi = p.y_intra;
   for (int64_t q = threadIdx.x; q < P; q += kBwdThreads) {
     const acc_t dq = D ? D[h * P + q] : acc_t(0);
     acc_t dD = 0;
     for (int64_t t = 0; t < nvalid; ++t) {
       const int64_t l = c * Q + t;
-      const acc_t xv = static_cast<acc_t>(x[l * p.x_l_stride + q * p.x_p_stride]);
+      const acc_t xv = static_cast<acc_t>(x[l * p.x.stride[1] + q * p.x.stride[3]]);
       const acc_t dyv = dy[t * P + q];
       const acc_t dxd = dxdt[t * P + q] + e[t] * zT[q * Q + t];
       const int64_t o = ((b * L + l) * H + h) * P + q;
-      static_cast<input_t*>(p.dx)[o] = static_cast<input_t>(dtv[t] * dxd + dq * dyv);
+      p.dx[o] = static_cast<input_t>(dtv[t] * dxd + dq * dyv);
       dD += xv * dyv;
       if (z) {
         const acc_t y = yi[(i * Q + t) * P + q] + r[t] * yT[q * Q + t] + dq * xv;
-        const acc_t zv = static_cast<acc_t>(z[b * p.z_batch_stride + l * p.z_l_stride + h * p.z_h_stride + q * p.z_p_stride]);
-        const acc_t go = static_cast<acc_t>(dout[b * p.dout_batch_stride + l * p.dout_l_stride + h * p.dout_h_stride + q * p.dout_p_stride]);
-        static_cast<input_t*>(p.dz)[o] = static_cast<input_t>(go * y * ssmk::silu_grad(zv));
+        const acc_t zv = static_cast<acc_t>(z[b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] + q * p.z.stride[3]]);
+        const acc_t go = static_cast<acc_t>(dout[b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2] + q * p.dout.stride[3]]);
+        p.dz[o] = static_cast<input_t>(go * y * ssmk::silu_grad(zv));
       }
     }
-    if (p.dD_part) static_cast<acc_t*>(p.dD_part)[i * P + q] = dD;
+    if (p.dD_part) p.dD_part[i * P + q] = dD;
   }
 }
 

@@ -69,19 +69,19 @@ SSMK_HOST_DEVICE T segment_decay(const T* acs, const int32_t* seg, int t, int s)
 // dt * A), e_s = e^{Acs_last - Acs_s} (masked to the sequence of the chunk's last position),
 // r_t = e^{Acs_t} (masked to the sequence of the previous chunk's last position, position 0 for
 // the first chunk) and kdecay = e^{Acs_last} (0 when the chunk's last position belongs to another
-// sequence than the previous chunk's last). Params is SsdParams (ssd.h).
+// sequence than the previous chunk's last). Params is SsdPrepParams<input_t> (ssd.h).
 template <typename input_t, typename acc_t, typename Params>
 SSMK_HOST_DEVICE void prep_task(const Params& p, int64_t i) {
   const int64_t Q = p.chunk, H = p.nheads, nc = p.nchunks;
   const int64_t b = i / (nc * H), c = (i / H) % nc, h = i % H;
-  const acc_t a = static_cast<const acc_t*>(p.A)[h];
-  const acc_t bias = p.dt_bias ? static_cast<const acc_t*>(p.dt_bias)[h] : acc_t(0);
-  const acc_t lo = static_cast<acc_t>(p.dt_lo), hi = static_cast<acc_t>(p.dt_hi);
-  acc_t* dtv = static_cast<acc_t*>(p.dtv) + i * Q;
-  acc_t* acs = static_cast<acc_t*>(p.acs) + i * Q;
-  acc_t* e = static_cast<acc_t*>(p.e) + i * Q;
-  acc_t* r = static_cast<acc_t*>(p.r) + i * Q;
-  const input_t* dt_row = static_cast<const input_t*>(p.dt) + b * p.dt_batch_stride + h * p.dt_h_stride;
+  const acc_t a = p.A[h];
+  const acc_t bias = p.dt_bias ? p.dt_bias[h] : acc_t(0);
+  const acc_t lo = static_cast<acc_t>(p.dt_limit[0]), hi = static_cast<acc_t>(p.dt_limit[1]);
+  acc_t* dtv = p.dtv + i * Q;
+  acc_t* acs = p.acs + i * Q;
+  acc_t* e = p.e + i * Q;
+  acc_t* r = p.r + i * Q;
+  const input_t* dt_row = p.dt.data + b * p.dt.stride[0] + h * p.dt.stride[2];
   const int64_t left = p.seqlen - c * Q;
   const int64_t nvalid = left < Q ? left : Q;
   const int32_t* sg = p.seg ? p.seg + (b * nc + c) * Q : nullptr;
@@ -91,7 +91,7 @@ SSMK_HOST_DEVICE void prep_task(const Params& p, int64_t i) {
     // (or Acs_t itself in the chunk's first sequence), so this changes nothing but rounding,
     // and it keeps one sequence's dt out of another's results and gradients bit for bit.
     if (sg && t > 0 && sg[t] != sg[t - 1]) cum = 0;
-    const acc_t v = t < nvalid ? dt_process(static_cast<acc_t>(dt_row[(c * Q + t) * p.dt_l_stride]), bias,
+    const acc_t v = t < nvalid ? dt_process(static_cast<acc_t>(dt_row[(c * Q + t) * p.dt.stride[1]]), bias,
                                             p.softplus, p.clamp, lo, hi)
                                : acc_t(0);
     dtv[t] = v;
@@ -107,7 +107,7 @@ SSMK_HOST_DEVICE void prep_task(const Params& p, int64_t i) {
     e[t] = same_last ? ssd_exp(last - acs[t]) : acc_t(0);
     r[t] = same_prev ? ssd_exp(acs[t]) : acc_t(0);
   }
-  static_cast<acc_t*>(p.kdecay)[i] = seg_prev == seg_last ? ssd_exp(last) : acc_t(0);
+  p.kdecay[i] = seg_prev == seg_last ? ssd_exp(last) : acc_t(0);
 }
 
 // d a_t = sum of d Acs_t' over t' >= t in the same sequence (the adjoint of prep_task's restarted

@@ -7,21 +7,16 @@
 // loads are issued before the current step's products so their latency overlaps. Loads are
 // coalesced along whichever operand dimension has stride 1.
 //
-// Triangular structure known to the caller skips work:
-//   kLowerA    A[m, k] = 0 for k > m   (the K loop of a row tile stops after its last row)
-//   kUpperA    A[m, k] = 0 for k < m   (the K loop starts at the tile's first row)
-//   kLowerOut  only out[m, n] with n <= m is needed; tiles strictly above the diagonal are
-//              written as zeros (or left alone when accumulating) without any product.
+// The zero structures (Triangle) and the parameters are in batched_gemm_params.h.
 #pragma once
 
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cuda/batched_gemm_params.h"
 #include "common/cuda/mma.h"
 
 namespace ssmk::cuda {
-
-enum class Triangle : int { kNone = 0, kLowerA = 1, kUpperA = 2, kLowerOut = 3 };
 
 // A read from global memory through p.a and its strides. A kernel may instead pass a loader whose
 // `matrix(batch)` returns an object with `float operator()(int m, int k) const` computing A's
@@ -29,23 +24,11 @@ enum class Triangle : int { kNone = 0, kLowerA = 1, kUpperA = 2, kLowerOut = 3 }
 // p.a_col_stride == 1 should then say that consecutive k are the cheap direction to walk.
 struct StridedA {};
 
-struct BatchedGemmParams {
-  const float* a;  // [batch, M, K]
-  int64_t a_batch_stride, a_row_stride, a_col_stride;
-  const float* b;  // [batch, K, N]
-  int64_t b_batch_stride, b_row_stride, b_col_stride;
-  float* out;  // [batch, M, N] contiguous
-  int64_t batch, M, N, K;
-  int64_t tiles_m, tiles_n;
-  bool accumulate;
-  Triangle triangle;
-};
-
 template <MmaPrecision P>
 struct BatchedGemmTraits {
   static constexpr int kThreads = 256;
   static constexpr int kMinBlocks = 2;
-  static constexpr int kBM = 64, kBN = 64, kBK = 32;  // batched_gemm_fits_int32 assumes these
+  static constexpr int kBM = kGemmTileM, kBN = kGemmTileN, kBK = kGemmTileK;
   using Mma = WarpMma<P>;
   using smem_t = typename Mma::smem_t;
   // Padding keeps every fragment pointer 32-byte aligned and spreads rows over banks.
@@ -197,17 +180,6 @@ __global__ void __launch_bounds__(BatchedGemmTraits<P>::kThreads, BatchedGemmTra
     }
     __syncthreads();  // sC is read before the next tile's loads overwrite it
   }
-}
-
-// Offsets inside one matrix (and M, N, K) must fit in int32, including the tile overhang past
-// the matrix edges that the kernel computes (but does not load) addresses for.
-inline bool batched_gemm_fits_int32(const BatchedGemmParams& p) {
-  auto abs64 = [](int64_t v) { return v < 0 ? -v : v; };
-  const int64_t lim = (int64_t(1) << 31) - 1;
-  constexpr int64_t kM = 64, kN = 64, kK = 32;  // the tile sizes of every precision
-  const int64_t a_span = (p.M + kM) * abs64(p.a_row_stride) + (p.K + kK) * abs64(p.a_col_stride);
-  const int64_t b_span = (p.K + kK) * abs64(p.b_row_stride) + (p.N + kN) * abs64(p.b_col_stride);
-  return p.M < lim && p.N < lim && p.K < lim && a_span < lim && b_span < lim;
 }
 
 template <MmaPrecision P, typename ALoad = StridedA>

@@ -1,0 +1,433 @@
+// ssd_scan ops: the argument lists, checks, buffers and the stage sequence shared by both devices
+// (the stages themselves: ssd_host.h).
+#include <cmath>
+
+#include "common/dispatch.h"
+#include "common/op.h"
+#include "common/output.h"
+#include "ssd/ssd_host.h"
+
+namespace ssmk {
+namespace {
+
+using cuda::Triangle;
+
+// dt_limit = (lo, hi) clamps dt only when it differs from (0, inf).
+#define SSD_SCAN_FWD_ARGS(X)                                                                          \
+  X(Tensor, x) X(Tensor, dt) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(Int, chunk_size) X(OptTensor, D) \
+  X(OptTensor, z) X(OptTensor, dt_bias) X(Bool, dt_softplus) X(FloatList, dt_limit)                    \
+  X(OptTensor, initial_states) X(OptTensor, seq_idx)
+#define SSD_SCAN_BWD_ARGS(X) SSD_SCAN_FWD_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_states)
+SSMK_OP_ARGS(SsdScanFwdArgs, SSD_SCAN_FWD_ARGS)
+SSMK_OP_ARGS(SsdScanBwdArgs, SSD_SCAN_BWD_ARGS)
+
+bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
+
+// seq_idx must not decrease along seqlen. Read only for CPU tensors (no device sync): on CUDA a
+// decreasing seq_idx gives unspecified values, never an out-of-bounds access, since the kernels
+// only compare seq_idx values with each other.
+void check_seq_idx_order(const at::Tensor& seq_idx) {
+  if (!seq_idx.is_cpu()) return;
+  const at::Tensor s = seq_idx.contiguous();
+  const int64_t Bn = s.size(0), L = s.size(1);
+  const int32_t* v = s.data_ptr<int32_t>();
+  for (int64_t b = 0; b < Bn; ++b) {
+    for (int64_t l = 0; l + 1 < L; ++l) {
+      const int32_t cur = v[b * L + l], next = v[b * L + l + 1];
+      SSMK_CHECK_VALUE(next >= cur, "seq_idx: expected values non-decreasing along seqlen, got seq_idx[", b, ", ",
+                       l, "] = ", cur, " > seq_idx[", b, ", ", l + 1, "] = ", next);
+    }
+  }
+}
+
+// The forward's arguments (the backward has them all).
+template <typename Args>
+void check_inputs(const Args& in) {
+  const at::Tensor& x = in.x;
+  SSMK_CHECK_VALUE(x.dim() == 4, "x: expected 4 dims (batch, seqlen, nheads, headdim), got shape ", x.sizes());
+  check_floating(x, "x");
+  const int64_t Bn = x.size(0), L = x.size(1), H = x.size(2), P = x.size(3);
+  SSMK_CHECK_VALUE(L >= 1, "x: expected seqlen >= 1, got ", L);
+  SSMK_CHECK_VALUE(H >= 1 && P >= 1 && P <= ssd::kMaxHeaddim, "x: expected nheads >= 1 and 1 <= headdim <= ",
+                   ssd::kMaxHeaddim, ", got shape ", x.sizes());
+  check_shape(in.dt, {Bn, L, H}, "dt");
+  check_dtype(in.dt, x.scalar_type(), "dt");
+  check_same_device(in.dt, x, "dt");
+  check_floating(in.A, "A");
+  check_shape(in.A, {H}, "A");
+  check_same_device(in.A, x, "A");
+  const at::Tensor& B = in.B;
+  SSMK_CHECK_VALUE(B.dim() == 4 && B.size(0) == Bn && B.size(1) == L,
+                   "B: expected shape (batch=", Bn, ", seqlen=", L, ", groups, dstate), got ", B.sizes());
+  const int64_t G = B.size(2), N = B.size(3);
+  SSMK_CHECK_VALUE(G >= 1 && H % G == 0, "B: expected groups dividing nheads=", H, ", got groups=", G);
+  SSMK_CHECK_VALUE(N >= 1 && N <= ssd::kMaxDstate, "B: expected 1 <= dstate <= ", ssd::kMaxDstate, ", got ", N);
+  check_dtype(B, x.scalar_type(), "B");
+  check_same_device(B, x, "B");
+  check_shape(in.C, {Bn, L, G, N}, "C");
+  check_dtype(in.C, x.scalar_type(), "C");
+  check_same_device(in.C, x, "C");
+  SSMK_CHECK_VALUE(is_pow2(in.chunk_size) && in.chunk_size >= ssd::kMinChunk && in.chunk_size <= ssd::kMaxChunk,
+                   "chunk_size: expected a power of two in [", ssd::kMinChunk, ", ", ssd::kMaxChunk, "], got ",
+                   in.chunk_size);
+  if (in.D) {
+    const at::Tensor& D = *in.D;
+    check_floating(D, "D");
+    SSMK_CHECK_VALUE((D.dim() == 1 && D.size(0) == H) || (D.dim() == 2 && D.size(0) == H && D.size(1) == P),
+                     "D: expected shape (nheads=", H, ",) or (nheads=", H, ", headdim=", P, "), got ", D.sizes());
+    check_same_device(D, x, "D");
+  }
+  if (in.z) {
+    check_shape(*in.z, {Bn, L, H, P}, "z");
+    check_dtype(*in.z, x.scalar_type(), "z");
+    check_same_device(*in.z, x, "z");
+  }
+  if (in.dt_bias) {
+    check_floating(*in.dt_bias, "dt_bias");
+    check_shape(*in.dt_bias, {H}, "dt_bias");
+    check_same_device(*in.dt_bias, x, "dt_bias");
+  }
+  SSMK_CHECK_VALUE(in.dt_limit.size() == 2, "dt_limit: expected 2 floats (lo, hi), got ", in.dt_limit.size());
+  const double lo = in.dt_limit[0], hi = in.dt_limit[1];
+  SSMK_CHECK_VALUE(!(lo > hi) && !std::isnan(lo) && !std::isnan(hi), "dt_limit: expected lo <= hi, got (", lo,
+                   ", ", hi, ")");
+  if (in.initial_states) {
+    check_floating(*in.initial_states, "initial_states");
+    check_shape(*in.initial_states, {Bn, H, P, N}, "initial_states");
+    check_same_device(*in.initial_states, x, "initial_states");
+  }
+  if (in.seq_idx) {
+    check_shape(*in.seq_idx, {Bn, L}, "seq_idx");
+    check_dtype(*in.seq_idx, at::kInt, "seq_idx");
+    check_same_device(*in.seq_idx, x, "seq_idx");
+    check_seq_idx_order(*in.seq_idx);
+  }
+}
+
+template <typename Args>
+SsdDims dims_of(const Args& in) {
+  SsdDims d{};
+  d.batch = in.x.size(0);
+  d.seqlen = in.x.size(1);
+  d.nheads = in.x.size(2);
+  d.headdim = in.x.size(3);
+  d.ngroups = in.B.size(2);
+  d.dstate = in.B.size(3);
+  d.chunk = in.chunk_size;
+  d.nchunks = (d.seqlen + d.chunk - 1) / d.chunk;
+  return d;
+}
+
+// [B, L, K1, K2] (any dtype and strides) -> [B, nc, K1, Q, K2] accumulation dtype, contiguous,
+// positions >= L zero.
+at::Tensor pack_chunks(const at::Tensor& t, int64_t nc, int64_t Q, at::ScalarType acc) {
+  const int64_t Bn = t.size(0), L = t.size(1), K1 = t.size(2), K2 = t.size(3);
+  at::Tensor a = t.to(acc);
+  if (nc * Q != L) a = at::constant_pad_nd(a, {0, 0, 0, 0, 0, nc * Q - L});
+  return a.reshape({Bn, nc, Q, K1, K2}).permute({0, 1, 3, 2, 4}).contiguous();
+}
+
+// Inverse of pack_chunks for [B, nc, K1, Q, K2] -> [B, L, K1, K2] in `dtype`.
+at::Tensor unpack_chunks(const at::Tensor& t, int64_t L, at::ScalarType dtype) {
+  const int64_t Bn = t.size(0), nc = t.size(1), K1 = t.size(2), Q = t.size(3), K2 = t.size(4);
+  return t.permute({0, 1, 3, 2, 4}).reshape({Bn, nc * Q, K1, K2}).narrow(1, 0, L).to(dtype).contiguous();
+}
+
+// Everything the forward and the backward share: processed parameters, packed chunk buffers,
+// the masked decay factors and the chunk states (before the scan).
+struct Prepared {
+  SsdDims d;
+  at::Tensor A, dt_bias, D, seg, init;  // accumulation dtype (seg: int32), contiguous
+  at::Tensor dtv, acs, e, r, kdecay;     // [B, nc, H, Q] ([B, nc, H] kdecay)
+  at::Tensor Bc, Cc;                     // [B, nc, G, Q, N]
+  at::Tensor cb;                         // [B * nc * G, Q, Q] C_t . B_s
+  at::Tensor xdt;                        // [B, nc, H, Q, P] dt x
+  at::Tensor xwT;                        // [B, nc, H, P, Q] (e dt x)^T
+  at::Tensor states;                     // [B * nc * G, Hg * P, N] chunk states S_c
+};
+
+template <typename T, typename Args>
+SsdDtParams<T> dt_params(const Args& in, const Prepared& s) {
+  SsdDtParams<T> p{};
+  p.dt = view<const T, 3>(in.dt);
+  p.A = ptr<acc_t<T>>(s.A);
+  p.dt_bias = s.dt_bias.defined() ? ptr<acc_t<T>>(s.dt_bias) : nullptr;
+  p.softplus = in.dt_softplus;
+  p.dt_limit[0] = in.dt_limit[0];
+  p.dt_limit[1] = in.dt_limit[1];
+  p.clamp = ssd::dt_limit_active(p.dt_limit[0], p.dt_limit[1]);
+  return p;
+}
+
+template <typename Acc>
+const Acc* opt_ptr(const at::Tensor& t) {
+  return t.defined() ? ptr<Acc>(t) : nullptr;
+}
+
+template <typename T>
+SsdGlParams<acc_t<T>> gl_params(const Prepared& s) {
+  SsdGlParams<acc_t<T>> p{};
+  static_cast<SsdDims&>(p) = s.d;
+  p.cb = ptr<acc_t<T>>(s.cb);
+  p.acs = ptr<acc_t<T>>(s.acs);
+  p.seg = opt_ptr<int32_t>(s.seg);
+  return p;
+}
+
+// Stages 1-4 of the decomposition up to (not including) the scan across chunks. GL itself is never
+// stored: the stages that use it (intra, intra_dcb) rebuild it from CB and Acs.
+template <typename T, typename Args, typename Stages>
+Prepared prepare(const Args& in, const Stages& st) {
+  using acc = acc_t<T>;
+  const auto acc_type = acc_dtype(in.x.scalar_type());
+  const auto opts = in.x.options().dtype(acc_type);
+  Prepared s;
+  s.d = dims_of(in);
+  const SsdDims& d = s.d;
+  const int64_t Bn = d.batch, L = d.seqlen, H = d.nheads, P = d.headdim, G = d.ngroups, N = d.dstate;
+  const int64_t Q = d.chunk, nc = d.nchunks, Hg = H / G;
+  s.A = in.A.to(acc_type).contiguous();
+  if (in.dt_bias) s.dt_bias = in.dt_bias->to(acc_type).contiguous();
+  if (in.D) s.D = (in.D->dim() == 1 ? in.D->to(acc_type).unsqueeze(1).expand({H, P}) : in.D->to(acc_type)).contiguous();
+  if (in.seq_idx) {
+    s.seg = in.seq_idx->contiguous();
+    if (nc * Q != L) s.seg = at::cat({s.seg, s.seg.narrow(1, L - 1, 1).expand({Bn, nc * Q - L})}, 1).contiguous();
+  }
+  if (in.initial_states) s.init = in.initial_states->to(acc_type).contiguous();
+
+  s.dtv = at::empty({Bn, nc, H, Q}, opts);
+  s.acs = at::empty({Bn, nc, H, Q}, opts);
+  s.e = at::empty({Bn, nc, H, Q}, opts);
+  s.r = at::empty({Bn, nc, H, Q}, opts);
+  s.kdecay = at::empty({Bn, nc, H}, opts);
+  SsdPrepParams<T> p{};
+  static_cast<SsdDims&>(p) = d;
+  static_cast<SsdDtParams<T>&>(p) = dt_params<T>(in, s);
+  p.seg = opt_ptr<int32_t>(s.seg);
+  p.dtv = ptr<acc>(s.dtv);
+  p.acs = ptr<acc>(s.acs);
+  p.e = ptr<acc>(s.e);
+  p.r = ptr<acc>(s.r);
+  p.kdecay = ptr<acc>(s.kdecay);
+  st.prep(p);
+
+  s.Bc = pack_chunks(in.B, nc, Q, acc_type);
+  s.Cc = pack_chunks(in.C, nc, Q, acc_type);
+  const at::Tensor Bg = s.Bc.view({Bn * nc * G, Q, N});
+  const at::Tensor Cg = s.Cc.view({Bn * nc * G, Q, N});
+  s.cb = st.gemm(Cg, Bg.transpose(1, 2), Triangle::kLowerOut);
+
+  // Not in place: with one head and no padding the packed tensor can alias x itself.
+  s.xdt = pack_chunks(in.x, nc, Q, acc_type) * s.dtv.unsqueeze(-1);
+  s.xwT = (s.xdt * s.e.unsqueeze(-1)).transpose(-1, -2).contiguous();
+  // S_c = sum_s e_s dt_s x_s B_s^T, heads of a group stacked along P.
+  s.states = st.gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg);
+  return s;
+}
+
+// The scan's params over s.states (in: S_c; out: H_{c-1}).
+template <typename Acc>
+void fill_scan(SsdScanParams<Acc>& p, const Prepared& s, const at::Tensor& final_states) {
+  static_cast<SsdDims&>(p) = s.d;
+  p.kdecay = ptr<Acc>(s.kdecay);
+  p.init = opt_ptr<Acc>(s.init);
+  p.states = ptr<Acc>(s.states);
+  p.final_states = ptr<Acc>(final_states);
+}
+
+// y_inter^T per head: H_{c-1} (P x N) @ C^T (N x Q), heads of a group stacked along P.
+template <typename Stages>
+at::Tensor inter_outputs(const Prepared& s, const Stages& st) {
+  const SsdDims& d = s.d;
+  const int64_t BncG = d.batch * d.nchunks * d.ngroups, Hg = d.nheads / d.ngroups;
+  return st.gemm(s.states.view({BncG, Hg * d.headdim, d.dstate}), s.Cc.view({BncG, d.chunk, d.dstate}).transpose(1, 2));
+}
+
+template <typename T, typename Stages>
+std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Stages& st) {
+  using acc = acc_t<T>;
+  const Prepared s = prepare<T>(in, st);
+  const SsdDims& d = s.d;
+  at::Tensor final_states =
+      new_output({d.batch, d.nheads, d.headdim, d.dstate}, in.x.options().dtype(acc_dtype(in.x.scalar_type())));
+  SsdScanParams<acc> sp{};
+  fill_scan(sp, s, final_states);
+  st.scan(sp);
+
+  const at::Tensor y_intra = st.intra(gl_params<T>(s), s.xdt, false);
+  const at::Tensor y_interT = inter_outputs(s, st);
+  at::Tensor out = new_output(in.x.sizes(), in.x.options());
+  SsdFwdParams<T> p{};
+  static_cast<SsdDims&>(p) = d;
+  p.x = view<const T, 4>(in.x);
+  p.z = view<const T, 4>(in.z);
+  p.D = opt_ptr<acc>(s.D);
+  p.r = ptr<acc>(s.r);
+  p.y_intra = ptr<acc>(y_intra);
+  p.y_interT = ptr<acc>(y_interT);
+  p.out = ptr<T>(out);
+  st.epilogue(p);
+  return {out, final_states};
+}
+
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor>;
+
+template <typename T, typename Stages>
+BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Stages& st) {
+  using acc = acc_t<T>;
+  const at::Tensor& x = in.x;
+  const auto acc_type = acc_dtype(x.scalar_type());
+  const auto opts = x.options().dtype(acc_type);
+  const Prepared s = prepare<T>(in, st);
+  const SsdDims& d = s.d;
+  const int64_t Bn = d.batch, L = d.seqlen, H = d.nheads, P = d.headdim, G = d.ngroups, N = d.dstate;
+  const int64_t Q = d.chunk, nc = d.nchunks, Hg = H / G, BncG = Bn * nc * G;
+
+  // dy = dout * silu(z): the gradient of y before the gate.
+  at::Tensor dy_l = dout.to(acc_type);
+  if (in.z) dy_l = dy_l * at::silu(in.z->to(acc_type));
+  const at::Tensor dy = pack_chunks(dy_l, nc, Q, acc_type);                            // [B, nc, H, Q, P]
+  const at::Tensor dyrT = (dy * s.r.unsqueeze(-1)).transpose(-1, -2).contiguous();  // [B, nc, H, P, Q]
+  // d loss / d H_{c-1} through chunk c's inter-chunk outputs: (r dy)^T C.
+  at::Tensor dstates = st.gemm(dyrT.view({BncG, Hg * P, Q}), s.Cc.view({BncG, Q, N}));
+  at::Tensor dfinal;
+  if (in.dfinal_states) dfinal = in.dfinal_states->to(acc_type).contiguous();
+
+  at::Tensor final_states = at::empty({Bn, H, P, N}, opts);
+  at::Tensor dinit = new_output({Bn, H, P, N}, opts);
+  const int64_t nsplit = st.scan_splits(d);
+  at::Tensor ddecay = at::empty({Bn, nc, H, nsplit}, opts);
+  SsdScanBwdParams<acc> sp{};
+  fill_scan(sp, s, final_states);
+  sp.dfinal = opt_ptr<acc>(dfinal);
+  sp.dstates = ptr<acc>(dstates);
+  sp.dinit = ptr<acc>(dinit);
+  sp.ddecay = ptr<acc>(ddecay);
+  sp.nsplit = nsplit;
+  st.scan(sp);  // states -> H_{c-1}, dstates -> d H_c
+
+  const at::Tensor y_interT = inter_outputs(s, st);
+  const SsdGlParams<acc> gl = gl_params<T>(s);
+  at::Tensor y_intra;
+  if (in.z) y_intra = st.intra(gl, s.xdt, false);  // only the z gate's gradient needs y
+  const at::Tensor dxdt = st.intra(gl, dy, true);  // GL^T dy
+  // dGL = dY (dt x)^T; then W = dGL * GL gives dacs (the intra part of d loss / d Acs), and
+  // dCB = dGL * decay summed over the heads of each group.
+  at::Tensor dacs = at::empty({Bn, nc, H, Q}, opts);
+  SsdWsumParams<acc> wp{};
+  static_cast<SsdGlParams<acc>&>(wp) = gl;
+  wp.dacs = ptr<acc>(dacs);
+  const at::Tensor dcb = st.intra_dcb(wp, dy, s.xdt);  // [B * nc * G, Q, Q]
+  const at::Tensor Bg = s.Bc.view({BncG, Q, N}), Cg = s.Cc.view({BncG, Q, N});
+  const at::Tensor states_g = s.states.view({BncG, Hg * P, N});
+  const at::Tensor dstates_g = dstates.view({BncG, Hg * P, N});
+  // dcb is lower triangular (wsum masked it).
+  at::Tensor dC = st.gemm(dcb, Bg, Triangle::kLowerA);
+  st.gemm_add(dC, dyrT.view({BncG, Hg * P, Q}).transpose(1, 2), states_g);
+  at::Tensor dB = st.gemm(dcb.transpose(1, 2), Cg, Triangle::kUpperA);
+  st.gemm_add(dB, s.xwT.view({BncG, Hg * P, Q}).transpose(1, 2), dstates_g);
+  const at::Tensor zT = st.gemm(dstates_g, Bg.transpose(1, 2));  // [B, nc, H, P, Q]
+
+  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor ddt = at::empty({Bn, L, H}, opts);
+  at::Tensor dz = new_grad(in.z, x);
+  at::Tensor dA_part = at::empty({Bn, nc, H}, opts);
+  at::Tensor dD_part = in.D ? at::empty({Bn, nc, H, P}, opts) : at::Tensor();
+  SsdBwdParams<T> p{};
+  static_cast<SsdDims&>(p) = d;
+  static_cast<SsdDtParams<T>&>(p) = dt_params<T>(in, s);
+  p.x = view<const T, 4>(x);
+  p.z = view<const T, 4>(in.z);
+  p.dout = view<const T, 4>(dout);
+  p.D = opt_ptr<acc>(s.D);
+  p.seg = opt_ptr<int32_t>(s.seg);
+  p.e = ptr<acc>(s.e);
+  p.r = ptr<acc>(s.r);
+  p.dtv = ptr<acc>(s.dtv);
+  p.dacs = ptr<acc>(dacs);
+  p.ddecay = ptr<acc>(ddecay);
+  p.nsplit = nsplit;
+  p.xdt = ptr<acc>(s.xdt);
+  p.dxdt = ptr<acc>(dxdt);
+  p.dy = ptr<acc>(dy);
+  p.dyrT = ptr<acc>(dyrT);
+  p.zT = ptr<acc>(zT);
+  p.y_intra = opt_ptr<acc>(y_intra);
+  p.y_interT = ptr<acc>(y_interT);
+  p.dx = ptr<T>(dx);
+  p.ddt = ptr<acc>(ddt);
+  p.dz = in.z ? ptr<T>(dz) : nullptr;
+  p.dA_part = ptr<acc>(dA_part);
+  p.dD_part = in.D ? ptr<acc>(dD_part) : nullptr;
+  st.final(p);
+
+  // Reductions over batch and chunks in a fixed order (deterministic); each gradient in its
+  // input's dtype, an empty one for an absent optional input.
+  at::Tensor dA = dA_part.sum(at::IntArrayRef{0, 1}).to(in.A.scalar_type());
+  at::Tensor dD = new_grad({}, x);
+  if (in.D) {
+    dD = dD_part.sum(at::IntArrayRef{0, 1});
+    if (in.D->dim() == 1) dD = dD.sum(1);
+    dD = dD.to(in.D->scalar_type());
+  }
+  at::Tensor ddt_bias =
+      in.dt_bias ? ddt.sum(at::IntArrayRef{0, 1}).to(in.dt_bias->scalar_type()) : new_grad({}, x);
+  at::Tensor dinit_out = in.initial_states ? dinit.to(in.initial_states->scalar_type()) : new_grad({}, x);
+  const at::Tensor dB_out = unpack_chunks(dB.view({Bn, nc, G, Q, N}), L, in.B.scalar_type());
+  const at::Tensor dC_out = unpack_chunks(dC.view({Bn, nc, G, Q, N}), L, in.C.scalar_type());
+  return {dx, ddt.to(in.dt.scalar_type()), dA, dB_out, dC_out, dD, dz, ddt_bias, dinit_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd(const SsdScanFwdArgs& in) {
+  check_inputs(in);
+  std::tuple<at::Tensor, at::Tensor> result;
+  SSMK_DISPATCH_FLOAT(in.x.scalar_type(), "ssd_scan_fwd", [&] {
+    using T = scalar_t;
+    launch(in.x, [&] { result = run_fwd<T>(in, SsdCpuStages<T>{}); } SSMK_CUDA([&](const CudaContext& ctx) {
+             result = run_fwd<T>(in, SsdCudaStages<T>{ctx});
+           }));
+  });
+  return result;
+}
+
+BwdResult ssd_scan_bwd(const SsdScanBwdArgs& in) {
+  check_inputs(in);
+  const at::Tensor& x = in.x;
+  check_shape(in.dout, x.sizes(), "dout");
+  check_floating(in.dout, "dout");
+  check_same_device(in.dout, x, "dout");
+  if (in.dfinal_states) {
+    check_shape(*in.dfinal_states, {x.size(0), x.size(2), x.size(3), in.B.size(3)}, "dfinal_states");
+    check_floating(*in.dfinal_states, "dfinal_states");
+    check_same_device(*in.dfinal_states, x, "dfinal_states");
+  }
+  // dout arrives in whatever dtype autograd produced; the kernels read it in x's dtype.
+  const at::Tensor dout = in.dout.to(x.scalar_type());
+  BwdResult result;
+  SSMK_DISPATCH_FLOAT(x.scalar_type(), "ssd_scan_bwd", [&] {
+    using T = scalar_t;
+    launch(x, [&] { result = run_bwd<T>(in, dout, SsdCpuStages<T>{}); } SSMK_CUDA([&](const CudaContext& ctx) {
+             result = run_bwd<T>(in, dout, SsdCudaStages<T>{ctx});
+           }));
+  });
+  return result;
+}
+
+void register_kernels(torch::Library& m) {
+  m.impl("ssd_scan_fwd", op::kernel<SsdScanFwdArgs, &ssd_scan_fwd>());
+  m.impl("ssd_scan_bwd", op::kernel<SsdScanBwdArgs, &ssd_scan_bwd>());
+}
+
+}  // namespace
+}  // namespace ssmk
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
+  // final_states is always returned (the wrapper drops it if unwanted).
+  ssmk::op::define<ssmk::SsdScanFwdArgs>(m, "ssd_scan_fwd", "(Tensor out, Tensor final_states)");
+  ssmk::op::define<ssmk::SsdScanBwdArgs>(m, "ssd_scan_bwd",
+                                         "(Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, Tensor dD, "
+                                         "Tensor dz, Tensor ddt_bias, Tensor dinitial_states)");
+}
+
+SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
