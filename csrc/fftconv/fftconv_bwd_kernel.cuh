@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kThreads) fftconv_dkf_kernel(FftconvBwdParams<
 }
 
 template <typename input_t>
-__global__ void __launch_bounds__(kThreads) fftconv_grad_input_kernel(FftconvBwdParams<input_t> p, RowMap m, int64_t rows,
+__global__ void __launch_bounds__(kThreads) fftconv_grad_input_kernel(FftconvBwdParams<input_t> p, RowMap m,
+                                                                       int64_t rows,
                                                                        const acc_type<input_t>* conv,
                                                                        const acc_type<input_t>* gbuf) {
   using acc_t = acc_type<input_t>;

@@ -4,7 +4,9 @@
 // ATen's FFT (MKL or pocketfft, real-to-complex and complex-to-real) on per-thread workspaces, so
 // each block's buffers stay in cache between the passes and every input and output crosses
 // memory once. Blocks are independent (at::parallel_for); the backward groups rows by channel so
-// that dH and dD are summed over the batch in a fixed order (deterministic).
+// that dH and dD are summed over the batch in a fixed order (deterministic). Power-of-two lengths
+// up to 2^16 take the hand-written FFT (fftconv_fft.h) instead, row by row (see cpu_plan); its
+// row transforms also serve the test hooks (fftconv_test_hooks.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 

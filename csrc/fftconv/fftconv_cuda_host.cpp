@@ -60,7 +60,8 @@ bool fused_path(int64_t n) { return pow2_fused_size(n) && kernels::fused_smem_by
 // The backward's FFT length: the fused backward holds a row's gpre in registers, so it runs up to
 // max_fused_bwd_size() (and when its shared memory fits).
 bool fused_bwd_path(int64_t n) {
-  return pow2_fused_size(n) && n <= kernels::max_fused_bwd_size() && kernels::fused_bwd_smem_bytes(n) <= max_fused_smem();
+  return pow2_fused_size(n) && n <= kernels::max_fused_bwd_size() &&
+         kernels::fused_bwd_smem_bytes(n) <= max_fused_smem();
 }
 int64_t bwd_fft_size(int64_t m) {
   const int64_t p2 = std::max<int64_t>(kernels::min_fused_size(), fftconv::next_pow2(m));

@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_spectrum_kernel(F
 
 // The fused forward: one block per row (row = b * D + d).
 template <typename input_t>
-__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(FftconvFwdParams<input_t> p, const float* tw_base,
+__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(FftconvFwdParams<input_t> p,
+                                                                          const float* tw_base,
                                                                           const float* hs) {
   using T = float;
   extern __shared__ unsigned char smem_raw[];
@@ -145,7 +146,8 @@ static_assert(int64_t(kFusedBwdPairs) * kFusedThreads > kFusedBwdMaxN / 4, "ever
 static_assert(fft::kMinSize * 2 <= kFusedBwdMaxN, "the fused backward must cover the smallest length");
 
 template <typename input_t>
-__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(FftconvBwdParams<input_t> p, const float* tw_base,
+__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(FftconvBwdParams<input_t> p,
+                                                                          const float* tw_base,
                                                                           const float* hs) {
   using T = float;
   extern __shared__ unsigned char smem_raw[];
