@@ -160,6 +160,19 @@ def test_fftconv_batch_rows_share_kernel(device):
     check_against(reference.fftconv, args, "gelu", torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 10), (2, 0, 10)], ids=["batch0", "dim0"])
+def test_fftconv_empty_rows(device, shape):
+    # No rows: an empty output, and the parameters' gradients are empty sums (zeros).
+    B, dim, L = shape
+    args = make_case(device, torch.float32, B, dim, L, 4, D=True, k_rev=3, pregate=True, postgate=True)
+    leaves = {n: clone_leaf(t) for n, t in args.items()}
+    out = ssm_kernels.fftconv(**leaves, activation="gelu")
+    assert out.shape == shape
+    grads = torch.autograd.grad(out, [leaves[n] for n in GRAD_NAMES], torch.ones_like(out))
+    for name, g in zip(GRAD_NAMES, grads):
+        assert g.shape == leaves[name].shape and not g.any(), name
+
+
 def test_fftconv_gradients_bitwise_reproducible(device):
     args = make_case(device, torch.float32, 4, 6, 500, 500, D=True, k_rev=100, pregate=True, postgate=True)
     g = torch.randn(4, 6, 500, device=device)

@@ -16,7 +16,7 @@ namespace ssmk::fftconv {
 constexpr int kPerThread = 4;
 
 template <typename input_t>
-__global__ void __launch_bounds__(kThreads) fftconv_grad_pre_kernel(FftconvParams p, RowMap m, int64_t rows,
+__global__ void __launch_bounds__(kThreads) fftconv_grad_pre_kernel(FftconvBwdParams<input_t> p, RowMap m, int64_t rows,
                                                                      int64_t chunks, const acc_type<input_t>* c,
                                                                      acc_type<input_t>* gbuf, acc_type<input_t>* partial) {
   using acc_t = acc_type<input_t>;
@@ -24,30 +24,30 @@ __global__ void __launch_bounds__(kThreads) fftconv_grad_pre_kernel(FftconvParam
   const int64_t L = p.seqlen, n = p.fft_size;
   const int64_t q = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const int64_t b = m.b(q), d = m.d(q);
-  const auto* Dp = static_cast<const acc_t*>(p.D);
+  const acc_t* Dp = p.D;
   const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-  const bool need_c = p.activation != kActNone || p.postgate;
+  const bool need_c = p.activation != kActNone || p.postgate.data;
   acc_t sum = 0;
   for (int j = 0; j < kPerThread; ++j) {
     const int64_t t = (chunk * kPerThread + j) * kThreads + threadIdx.x;
     if (t >= n) break;
     acc_t gpre = 0;
     if (t < L) {
-      acc_t v = static_cast<acc_t>(static_cast<const input_t*>(p.u)[b * p.u_batch_stride + d * p.u_dim_stride + t * p.u_l_stride]);
-      if (p.pregate) {
-        v *= static_cast<acc_t>(static_cast<const input_t*>(p.pregate)[b * p.pre_batch_stride + d * p.pre_dim_stride +
-                                                                      t * p.pre_l_stride]);
+      acc_t v = static_cast<acc_t>(p.u.data[b * p.u.stride[0] + d * p.u.stride[1] + t * p.u.stride[2]]);
+      if (p.pregate.data) {
+        v *= static_cast<acc_t>(p.pregate.data[b * p.pregate.stride[0] + d * p.pregate.stride[1] +
+                                               t * p.pregate.stride[2]]);
       }
-      const acc_t go = static_cast<acc_t>(static_cast<const input_t*>(p.dout)[b * p.dout_batch_stride +
-                                                                            d * p.dout_dim_stride + t * p.dout_l_stride]);
+      const acc_t go = static_cast<acc_t>(p.dout.data[b * p.dout.stride[0] + d * p.dout.stride[1] +
+                                                      t * p.dout.stride[2]]);
       if (need_c) {
-        const acc_t pg = p.postgate ? static_cast<acc_t>(static_cast<const input_t*>(p.postgate)[b * p.post_batch_stride +
-                                                                                              d * p.post_dim_stride +
-                                                                                              t * p.post_l_stride])
-                                    : acc_t(1);
+        const acc_t pg = p.postgate.data ? static_cast<acc_t>(p.postgate.data[b * p.postgate.stride[0] +
+                                                                              d * p.postgate.stride[1] +
+                                                                              t * p.postgate.stride[2]])
+                                         : acc_t(1);
         acc_t dpg;
         pointwise_grad(c[q * n + t], v, Dd, pg, go, p.activation, gpre, dpg);
-        if (p.dpostgate) static_cast<input_t*>(p.dpostgate)[(b * p.dim + d) * L + t] = static_cast<input_t>(dpg);
+        if (p.dpostgate) p.dpostgate[(b * p.dim + d) * L + t] = static_cast<input_t>(dpg);
       } else {
         gpre = go;
       }
@@ -60,9 +60,11 @@ __global__ void __launch_bounds__(kThreads) fftconv_grad_pre_kernel(FftconvParam
 }
 
 // dkf[d, f] = sum_{b < B} G[(d - d0) * B + b, f] * conj(V[(d - d0) * B + b, f]).
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) fftconv_dkf_kernel(FftconvParams p, int64_t d0, int64_t nch,
-                                                                const acc_t* G, const acc_t* V) {
+template <typename input_t>
+__global__ void __launch_bounds__(kThreads) fftconv_dkf_kernel(FftconvBwdParams<input_t> p, int64_t d0, int64_t nch,
+                                                                const acc_type<input_t>* G,
+                                                                const acc_type<input_t>* V) {
+  using acc_t = acc_type<input_t>;
   const int64_t F = p.nfreq, total = nch * F, B = p.batch;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t dl = i / F, f = i % F;
@@ -74,33 +76,34 @@ __global__ void __launch_bounds__(kThreads) fftconv_dkf_kernel(FftconvParams p, 
       sr += re;
       si += im;
     }
-    acc_t* out = static_cast<acc_t*>(p.dkf) + 2 * ((d0 + dl) * F + f);
+    acc_t* out = p.dkf + 2 * ((d0 + dl) * F + f);
     out[0] = sr;
     out[1] = si;
   }
 }
 
 template <typename input_t>
-__global__ void __launch_bounds__(kThreads) fftconv_grad_input_kernel(FftconvParams p, RowMap m, int64_t rows,
+__global__ void __launch_bounds__(kThreads) fftconv_grad_input_kernel(FftconvBwdParams<input_t> p, RowMap m,
+                                                                       int64_t rows,
                                                                        const acc_type<input_t>* conv,
                                                                        const acc_type<input_t>* gbuf) {
   using acc_t = acc_type<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
-  const auto* Dp = static_cast<const acc_t*>(p.D);
+  const acc_t* Dp = p.D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = i / L, t = i % L;
     const int64_t b = m.b(q), d = m.d(q);
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
     const acc_t dv = conv[q * n + t] + Dd * gbuf[q * n + t];
     const int64_t o = (b * p.dim + d) * L + t;
-    if (p.pregate) {
-      const acc_t u = static_cast<acc_t>(static_cast<const input_t*>(p.u)[b * p.u_batch_stride + d * p.u_dim_stride + t * p.u_l_stride]);
-      const acc_t g = static_cast<acc_t>(static_cast<const input_t*>(p.pregate)[b * p.pre_batch_stride +
-                                                                              d * p.pre_dim_stride + t * p.pre_l_stride]);
-      static_cast<input_t*>(p.du)[o] = static_cast<input_t>(dv * g);
-      static_cast<input_t*>(p.dpregate)[o] = static_cast<input_t>(dv * u);
+    if (p.pregate.data) {
+      const acc_t u = static_cast<acc_t>(p.u.data[b * p.u.stride[0] + d * p.u.stride[1] + t * p.u.stride[2]]);
+      const acc_t g = static_cast<acc_t>(p.pregate.data[b * p.pregate.stride[0] + d * p.pregate.stride[1] +
+                                                        t * p.pregate.stride[2]]);
+      p.du[o] = static_cast<input_t>(dv * g);
+      p.dpregate[o] = static_cast<input_t>(dv * u);
     } else {
-      static_cast<input_t*>(p.du)[o] = static_cast<input_t>(dv);
+      p.du[o] = static_cast<input_t>(dv);
     }
   }
 }

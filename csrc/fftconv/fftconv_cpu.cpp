@@ -4,10 +4,11 @@
 // ATen's FFT (MKL or pocketfft, real-to-complex and complex-to-real) on per-thread workspaces, so
 // each block's buffers stay in cache between the passes and every input and output crosses
 // memory once. Blocks are independent (at::parallel_for); the backward groups rows by channel so
-// that dH and dD are summed over the batch in a fixed order (deterministic).
-#include <ATen/Dispatch.h>
+// that dH and dD are summed over the batch in a fixed order (deterministic). Power-of-two lengths
+// up to 2^16 take the hand-written FFT (fftconv_fft.h) instead, row by row (see cpu_plan); its
+// row transforms also serve the test hooks (fftconv_test_hooks.cpp).
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <algorithm>
@@ -37,23 +38,23 @@ struct Rows {
 };
 
 template <typename input_t>
-SSMK_CPU_INLINE const input_t* row_ptr(const void* base, int64_t b, int64_t d, int64_t sb, int64_t sd) {
-  return static_cast<const input_t*>(base) + b * sb + d * sd;
+SSMK_CPU_INLINE const input_t* row_ptr(const View<const input_t, 3>& v, int64_t b, int64_t d) {
+  return v.data + b * v.stride[0] + d * v.stride[1];
 }
 
 // buf[i, t] = u * pregate for t < L, 0 for L <= t < n.   buf: [count, n]
 template <typename input_t>
-SSMK_CPU_INLINE void load_v_rows(const FftconvParams& p, Rows rows, acc_type<input_t>* buf) {
+SSMK_CPU_INLINE void load_v_rows(const FftconvCommon<input_t>& p, Rows rows, acc_type<input_t>* buf) {
   using acc_t = acc_type<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size;
   for (int64_t i = 0; i < rows.count; ++i) {
     const int64_t b = rows.b[i], d = rows.d[i];
     acc_t* v = buf + i * n;
-    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
-    const int64_t su = p.u_l_stride;
-    if (p.pregate) {
-      const input_t* g = row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride);
-      const int64_t sg = p.pre_l_stride;
+    const input_t* u = row_ptr(p.u, b, d);
+    const int64_t su = p.u.stride[2];
+    if (p.pregate.data) {
+      const input_t* g = row_ptr(p.pregate, b, d);
+      const int64_t sg = p.pregate.stride[2];
       if (su == 1 && sg == 1) {
 #pragma omp simd
         for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t]) * static_cast<acc_t>(g[t]);
@@ -70,13 +71,14 @@ SSMK_CPU_INLINE void load_v_rows(const FftconvParams& p, Rows rows, acc_type<inp
   }
 }
 SSMK_CPU_MULTIVERSION(load_v_rows, (typename input_t), (input_t),
-                      (const FftconvParams& p, Rows rows, acc_type<input_t>* buf), (p, rows, buf))
+                      (const FftconvCommon<input_t>& p, Rows rows, acc_type<input_t>* buf), (p, rows, buf))
 
 // dst[i, f] = src[i, f] * H[d_i - d0, f] (or * conj(H)), complex as interleaved (re, im);
 // kf: [channels of the block, F], the block's kernel spectra.
-template <typename acc_t, bool kConj>
-SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvParams& p, Rows rows, const acc_t* kf, int64_t d0,
-                                       const acc_t* src, acc_t* dst) {
+template <typename input_t, bool kConj>
+SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvCommon<input_t>& p, Rows rows, const acc_type<input_t>* kf,
+                                       int64_t d0, const acc_type<input_t>* src, acc_type<input_t>* dst) {
+  using acc_t = acc_type<input_t>;
   const int64_t F = p.nfreq;
   for (int64_t i = 0; i < rows.count; ++i) {
     const acc_t* h = kf + 2 * (rows.d[i] - d0) * F;
@@ -95,16 +97,18 @@ SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvParams& p, Rows rows, const 
     }
   }
 }
-SSMK_CPU_MULTIVERSION(mul_spectrum_rows, (typename acc_t, bool kConj), (acc_t, kConj),
-                      (const FftconvParams& p, Rows rows, const acc_t* kf, int64_t d0, const acc_t* src, acc_t* dst),
+SSMK_CPU_MULTIVERSION(mul_spectrum_rows, (typename input_t, bool kConj), (input_t, kConj),
+                      (const FftconvCommon<input_t>& p, Rows rows, const acc_type<input_t>* kf, int64_t d0,
+                       const acc_type<input_t>* src, acc_type<input_t>* dst),
                       (p, rows, kf, d0, src, dst))
 
 // h rows of channels [d0, d0 + count): h[s] = k[s] (s < Kc), h[(n - s) % n] += k_rev[s] (s < Kr).
-template <typename acc_t>
-void load_kernel_rows(const FftconvParams& p, int64_t d0, int64_t count, acc_t* buf) {
+template <typename input_t>
+void load_kernel_rows(const FftconvCommon<input_t>& p, int64_t d0, int64_t count, acc_type<input_t>* buf) {
+  using acc_t = acc_type<input_t>;
   const int64_t n = p.fft_size;
-  const auto* k = static_cast<const acc_t*>(p.k);
-  const auto* kr = static_cast<const acc_t*>(p.k_rev);
+  const acc_t* k = p.k;
+  const acc_t* kr = p.k_rev;
   for (int64_t i = 0; i < count; ++i) {
     acc_t* h = buf + i * n;
     const acc_t* kd = k + (d0 + i) * p.klen;
@@ -120,16 +124,18 @@ void load_kernel_rows(const FftconvParams& p, int64_t d0, int64_t count, acc_t* 
 
 // dk / dk_rev rows of channels [d0, d0 + count) from dh = irfft(dH): the inverse index map of
 // load_kernel_rows; taps past L get zero.
-template <typename acc_t>
-void store_kernel_grad_rows(const FftconvParams& p, int64_t d0, int64_t count, const acc_t* dh_buf) {
+template <typename input_t>
+void store_kernel_grad_rows(const FftconvBwdParams<input_t>& p, int64_t d0, int64_t count,
+                            const acc_type<input_t>* dh_buf) {
+  using acc_t = acc_type<input_t>;
   const int64_t n = p.fft_size;
   for (int64_t i = 0; i < count; ++i) {
     const acc_t* dh = dh_buf + i * n;
-    acc_t* dk = static_cast<acc_t*>(p.dk) + (d0 + i) * p.klen;
+    acc_t* dk = p.dk + (d0 + i) * p.klen;
     std::copy(dh, dh + p.kc, dk);
     std::fill(dk + p.kc, dk + p.klen, acc_t(0));
     if (p.dk_rev) {
-      acc_t* dr = static_cast<acc_t*>(p.dk_rev) + (d0 + i) * p.klen_rev;
+      acc_t* dr = p.dk_rev + (d0 + i) * p.klen_rev;
       dr[0] = dh[0];
       for (int64_t s = 1; s < p.kr; ++s) dr[s] = dh[n - s];
       std::fill(dr + p.kr, dr + p.klen_rev, acc_t(0));
@@ -139,19 +145,19 @@ void store_kernel_grad_rows(const FftconvParams& p, int64_t d0, int64_t count, c
 
 // out = act(c + D v) * postgate, with v re-read from u and pregate.   c: [count, n]
 template <typename input_t>
-SSMK_CPU_INLINE void epilogue_rows(const FftconvParams& p, Rows rows, const acc_type<input_t>* c) {
+SSMK_CPU_INLINE void epilogue_rows(const FftconvFwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c) {
   using acc_t = acc_type<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size;
-  const auto* Dp = static_cast<const acc_t*>(p.D);
+  const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
     const int64_t b = rows.b[i], d = rows.d[i];
     const acc_t* ci = c + i * n;
-    input_t* out = static_cast<input_t*>(p.out) + (b * p.dim + d) * L;
+    input_t* out = p.out + (b * p.dim + d) * L;
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
-    const input_t* g = p.pregate ? row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride) : nullptr;
-    const input_t* q = p.postgate ? row_ptr<input_t>(p.postgate, b, d, p.post_batch_stride, p.post_dim_stride) : nullptr;
-    const int64_t su = p.u_l_stride, sg = p.pre_l_stride, sq = p.post_l_stride;
+    const input_t* u = row_ptr(p.u, b, d);
+    const input_t* g = p.pregate.data ? row_ptr(p.pregate, b, d) : nullptr;
+    const input_t* q = p.postgate.data ? row_ptr(p.postgate, b, d) : nullptr;
+    const int64_t su = p.u.stride[2], sg = p.pregate.stride[2], sq = p.postgate.stride[2];
     if (!g && !q && p.activation == kActNone && su == 1) {
       // The common S4/H3 case: out = c + D u.
 #pragma omp simd
@@ -167,27 +173,27 @@ SSMK_CPU_INLINE void epilogue_rows(const FftconvParams& p, Rows rows, const acc_
   }
 }
 SSMK_CPU_MULTIVERSION(epilogue_rows, (typename input_t), (input_t),
-                      (const FftconvParams& p, Rows rows, const acc_type<input_t>* c), (p, rows, c))
+                      (const FftconvFwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c), (p, rows, c))
 
 // Backward pointwise stage: gpre (zero-padded to n) into gbuf, dpostgate, and per-row sums of
 // gpre * v (for dD) into row_dD. c: [count, n] (read only when an activation or postgate needs it).
 template <typename input_t>
-SSMK_CPU_INLINE void grad_pre_rows(const FftconvParams& p, Rows rows, const acc_type<input_t>* c,
+SSMK_CPU_INLINE void grad_pre_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c,
                                    acc_type<input_t>* gbuf, acc_type<input_t>* row_dD) {
   using acc_t = acc_type<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size;
-  const auto* Dp = static_cast<const acc_t*>(p.D);
-  const bool need_c = p.activation != kActNone || p.postgate;
+  const acc_t* Dp = p.D;
+  const bool need_c = p.activation != kActNone || p.postgate.data;
   for (int64_t i = 0; i < rows.count; ++i) {
     const int64_t b = rows.b[i], d = rows.d[i];
     acc_t* gp = gbuf + i * n;
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
-    const input_t* g = p.pregate ? row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride) : nullptr;
-    const input_t* q = p.postgate ? row_ptr<input_t>(p.postgate, b, d, p.post_batch_stride, p.post_dim_stride) : nullptr;
-    const input_t* go = row_ptr<input_t>(p.dout, b, d, p.dout_batch_stride, p.dout_dim_stride);
-    input_t* dq = p.dpostgate ? static_cast<input_t*>(p.dpostgate) + (b * p.dim + d) * L : nullptr;
-    const int64_t su = p.u_l_stride, sg = p.pre_l_stride, sq = p.post_l_stride, so = p.dout_l_stride;
+    const input_t* u = row_ptr(p.u, b, d);
+    const input_t* g = p.pregate.data ? row_ptr(p.pregate, b, d) : nullptr;
+    const input_t* q = p.postgate.data ? row_ptr(p.postgate, b, d) : nullptr;
+    const input_t* go = row_ptr(p.dout, b, d);
+    input_t* dq = p.dpostgate ? p.dpostgate + (b * p.dim + d) * L : nullptr;
+    const int64_t su = p.u.stride[2], sg = p.pregate.stride[2], sq = p.postgate.stride[2], so = p.dout.stride[2];
     acc_t sum = 0;
     if (!need_c) {
       for (int64_t t = 0; t < L; ++t) {
@@ -215,32 +221,32 @@ SSMK_CPU_INLINE void grad_pre_rows(const FftconvParams& p, Rows rows, const acc_
   }
 }
 SSMK_CPU_MULTIVERSION(grad_pre_rows, (typename input_t), (input_t),
-                      (const FftconvParams& p, Rows rows, const acc_type<input_t>* c, acc_type<input_t>* gbuf,
-                       acc_type<input_t>* row_dD),
+                      (const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c,
+                       acc_type<input_t>* gbuf, acc_type<input_t>* row_dD),
                       (p, rows, c, gbuf, row_dD))
 
 // dv = conv + D * gpre;  du = dv * pregate;  dpregate = dv * u.   conv, gbuf: [count, n]
 template <typename input_t>
-SSMK_CPU_INLINE void grad_input_rows(const FftconvParams& p, Rows rows, const acc_type<input_t>* conv,
+SSMK_CPU_INLINE void grad_input_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* conv,
                                      const acc_type<input_t>* gbuf) {
   using acc_t = acc_type<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size;
-  const auto* Dp = static_cast<const acc_t*>(p.D);
+  const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
     const int64_t b = rows.b[i], d = rows.d[i];
     const acc_t* ci = conv + i * n;
     const acc_t* gp = gbuf + i * n;
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    input_t* du = static_cast<input_t*>(p.du) + (b * p.dim + d) * L;
-    if (!p.pregate) {
+    input_t* du = p.du + (b * p.dim + d) * L;
+    if (!p.pregate.data) {
 #pragma omp simd
       for (int64_t t = 0; t < L; ++t) du[t] = static_cast<input_t>(ci[t] + Dd * gp[t]);
       continue;
     }
-    const input_t* u = row_ptr<input_t>(p.u, b, d, p.u_batch_stride, p.u_dim_stride);
-    const input_t* g = row_ptr<input_t>(p.pregate, b, d, p.pre_batch_stride, p.pre_dim_stride);
-    input_t* dg = static_cast<input_t*>(p.dpregate) + (b * p.dim + d) * L;
-    const int64_t su = p.u_l_stride, sg = p.pre_l_stride;
+    const input_t* u = row_ptr(p.u, b, d);
+    const input_t* g = row_ptr(p.pregate, b, d);
+    input_t* dg = p.dpregate + (b * p.dim + d) * L;
+    const int64_t su = p.u.stride[2], sg = p.pregate.stride[2];
     for (int64_t t = 0; t < L; ++t) {
       const acc_t dv = ci[t] + Dd * gp[t];
       du[t] = static_cast<input_t>(dv * static_cast<acc_t>(g[t * sg]));
@@ -249,13 +255,15 @@ SSMK_CPU_INLINE void grad_input_rows(const FftconvParams& p, Rows rows, const ac
   }
 }
 SSMK_CPU_MULTIVERSION(grad_input_rows, (typename input_t), (input_t),
-                      (const FftconvParams& p, Rows rows, const acc_type<input_t>* conv, const acc_type<input_t>* gbuf),
+                      (const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* conv,
+                       const acc_type<input_t>* gbuf),
                       (p, rows, conv, gbuf))
 
 // dH[d - d0] (+)= G * conj(V), rows in order; the first row of each channel (b == 0) initialises.
-template <typename acc_t>
-SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvParams& p, Rows rows, acc_t* dkf, int64_t d0, const acc_t* G,
-                                         const acc_t* V) {
+template <typename input_t>
+SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvBwdParams<input_t>& p, Rows rows, acc_type<input_t>* dkf,
+                                         int64_t d0, const acc_type<input_t>* G, const acc_type<input_t>* V) {
+  using acc_t = acc_type<input_t>;
   const int64_t F = p.nfreq;
   for (int64_t i = 0; i < rows.count; ++i) {
     acc_t* o = dkf + 2 * (rows.d[i] - d0) * F;
@@ -271,8 +279,9 @@ SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvParams& p, Rows rows, acc_
     }
   }
 }
-SSMK_CPU_MULTIVERSION(accumulate_dkf_rows, (typename acc_t), (acc_t),
-                      (const FftconvParams& p, Rows rows, acc_t* dkf, int64_t d0, const acc_t* G, const acc_t* V),
+SSMK_CPU_MULTIVERSION(accumulate_dkf_rows, (typename input_t), (input_t),
+                      (const FftconvBwdParams<input_t>& p, Rows rows, acc_type<input_t>* dkf, int64_t d0,
+                       const acc_type<input_t>* G, const acc_type<input_t>* V),
                       (p, rows, dkf, d0, G, V))
 
 // Per-thread FFT workspaces: real [R, n] and complex [R, F] buffers, and their batched FFTs.
@@ -309,7 +318,8 @@ struct Workspace {
 // processed in chunks of at most R.
 struct Blocking {
   int64_t R, chans, cap, nblocks;
-  Blocking(const FftconvParams& p) {
+  template <typename T>
+  explicit Blocking(const FftconvCommon<T>& p) {
     R = rows_per_block(p.fft_size);
     chans = std::max<int64_t>(1, R / p.batch);
     cap = std::min(R, chans * p.batch);
@@ -318,7 +328,8 @@ struct Blocking {
 };
 
 // Fills bs / ds for rows [q0, q0 + count) of the block starting at channel d0 (channel-major).
-inline Rows block_rows(const FftconvParams& p, int64_t d0, int64_t q0, int64_t count, int64_t* bs, int64_t* ds) {
+template <typename T>
+Rows block_rows(const FftconvCommon<T>& p, int64_t d0, int64_t q0, int64_t count, int64_t* bs, int64_t* ds) {
   for (int64_t i = 0; i < count; ++i) {
     ds[i] = d0 + (q0 + i) / p.batch;
     bs[i] = (q0 + i) % p.batch;
@@ -328,7 +339,7 @@ inline Rows block_rows(const FftconvParams& p, int64_t d0, int64_t q0, int64_t c
 
 // Workspaces: real 0 = v, then c; real 1 = h; complex 0 = V, then V H; complex 1 = H.
 template <typename input_t>
-void fwd_kernel(const FftconvParams& p) {
+void fwd_kernel(const FftconvFwdParams<input_t>& p) {
   using acc_t = acc_type<input_t>;
   const Blocking blk(p);
   at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
@@ -342,7 +353,7 @@ void fwd_kernel(const FftconvParams& p) {
         const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
         load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
         ws.rfft(0, 0, rows.count);
-        mul_spectrum_rows_dispatch<acc_t, false>(p, rows, ws.c(1), d0, ws.c(0), ws.c(0));
+        mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(1), d0, ws.c(0), ws.c(0));
         ws.irfft(0, 0, rows.count);
         epilogue_rows_dispatch<input_t>(p, rows, ws.r(0));
       }
@@ -353,15 +364,15 @@ void fwd_kernel(const FftconvParams& p) {
 // Workspaces: real 0 = v, then c, then the du convolution; real 1 = gpre; real 2 = h, then dh;
 // complex 0 = V; complex 1 = V H, then G, then G conj(H); complex 2 = H; complex 3 = dH.
 template <typename input_t>
-void bwd_kernel(const FftconvParams& p) {
+void bwd_kernel(const FftconvBwdParams<input_t>& p) {
   using acc_t = acc_type<input_t>;
   const Blocking blk(p);
-  const bool need_c = p.activation != kActNone || p.postgate;
+  const bool need_c = p.activation != kActNone || p.postgate.data;
   at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
     Workspace<acc_t> ws(p.fft_size, {blk.cap, blk.cap, blk.chans}, {blk.cap, blk.cap, blk.chans, blk.chans});
     std::vector<int64_t> bs(blk.cap), ds(blk.cap);
     std::vector<acc_t> row_dD(blk.cap);
-    auto* dD = static_cast<acc_t*>(p.dD);
+    acc_t* dD = p.dD;
     for (int64_t j = begin; j < end; ++j) {
       const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
       load_kernel_rows(p, d0, nch, ws.r(2));
@@ -371,7 +382,7 @@ void bwd_kernel(const FftconvParams& p) {
         load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
         ws.rfft(0, 0, rows.count);
         if (need_c) {
-          mul_spectrum_rows_dispatch<acc_t, false>(p, rows, ws.c(2), d0, ws.c(0), ws.c(1));
+          mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(2), d0, ws.c(0), ws.c(1));
           ws.irfft(1, 0, rows.count);
         }
         grad_pre_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1), row_dD.data());
@@ -379,8 +390,8 @@ void bwd_kernel(const FftconvParams& p) {
           for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 ? acc_t(0) : dD[ds[i]]) + row_dD[i];
         }
         ws.rfft(1, 1, rows.count);
-        accumulate_dkf_rows_dispatch<acc_t>(p, rows, ws.c(3), d0, ws.c(1), ws.c(0));
-        mul_spectrum_rows_dispatch<acc_t, true>(p, rows, ws.c(2), d0, ws.c(1), ws.c(1));
+        accumulate_dkf_rows_dispatch<input_t>(p, rows, ws.c(3), d0, ws.c(1), ws.c(0));
+        mul_spectrum_rows_dispatch<input_t, true>(p, rows, ws.c(2), d0, ws.c(1), ws.c(1));
         ws.irfft(1, 0, rows.count);
         grad_input_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1));
       }
@@ -492,9 +503,9 @@ SSMK_CPU_MULTIVERSION(accumulate_dh, (typename acc_t), (acc_t),
                       (F, first, Gr, Gi, Vr, Vi, Sr, Si))
 
 // The block's kernel spectra hs[i] = H / (2n) (re then im, F each), from the combined kernels.
-template <typename acc_t>
-void block_spectra(const FftconvParams& p, const fft::Twiddles<acc_t>& tw, int64_t d0, int64_t nch, acc_t* hrow,
-                   acc_t* zbuf, acc_t* hs) {
+template <typename input_t, typename acc_t = acc_type<input_t>>
+void block_spectra(const FftconvCommon<input_t>& p, const fft::Twiddles<acc_t>& tw, int64_t d0, int64_t nch,
+                   acc_t* hrow, acc_t* zbuf, acc_t* hs) {
   const int64_t n = p.fft_size, F = tw.m + 1;
   for (int64_t i = 0; i < nch; ++i) {
     load_kernel_rows(p, d0 + i, 1, hrow);
@@ -505,7 +516,7 @@ void block_spectra(const FftconvParams& p, const fft::Twiddles<acc_t>& tw, int64
 // Forward, hand path: blocks of channels as in fwd_kernel; per row one forward and one inverse
 // m-point complex FFT.
 template <typename input_t>
-void fwd_kernel_hand(const FftconvParams& p) {
+void fwd_kernel_hand(const FftconvFwdParams<input_t>& p) {
   using acc_t = acc_type<input_t>;
   const int64_t n = p.fft_size, m = n / 2, F = m + 1, L = p.seqlen;
   const TwiddleTable<acc_t> tt(m);
@@ -532,17 +543,17 @@ void fwd_kernel_hand(const FftconvParams& p) {
 // Backward, hand path: per row V = rfft(v) (kept), c = irfft(V H) when needed, G = rfft(gpre),
 // dH += G conj(V) (batch order), dv = irfft(G conj(H)); per channel dh = irfft(dH).
 template <typename input_t>
-void bwd_kernel_hand(const FftconvParams& p) {
+void bwd_kernel_hand(const FftconvBwdParams<input_t>& p) {
   using acc_t = acc_type<input_t>;
   const int64_t n = p.fft_size, m = n / 2, F = m + 1, L = p.seqlen;
   const TwiddleTable<acc_t> tt(m);
   const Blocking blk(p);
-  const bool need_c = p.activation != kActNone || p.postgate;
+  const bool need_c = p.activation != kActNone || p.postgate.data;
   at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> real0(blk.cap * n), real1(blk.cap * n), hs(2 * blk.chans * F), dh(2 * blk.chans * F),
         V(2 * blk.cap * F), G(2 * F), zbuf(4 * fft::buffer_size(m)), row_dD(blk.cap);
     std::vector<int64_t> bs(blk.cap), ds(blk.cap);
-    auto* dD = static_cast<acc_t*>(p.dD);
+    acc_t* dD = p.dD;
     for (int64_t j = begin; j < end; ++j) {
       const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
       block_spectra(p, tt.tw, d0, nch, real0.data(), zbuf.data(), hs.data());
@@ -590,66 +601,9 @@ void bwd_kernel_hand(const FftconvParams& p) {
 // pocketfft) at the 2^a 3^b 5^c length otherwise (e.g. L = K = 1025 or 4097, and beyond 2^16).
 constexpr int64_t kHandMaxSize = int64_t(1) << 16;
 
-struct CpuPlan {
-  int64_t n;
-  bool hand;
-};
-
-CpuPlan cpu_plan(int64_t min_size) {
-  const int64_t p2 = std::max<int64_t>(2 * fft::kMinSize, fftconv::next_pow2(min_size));
-  const int64_t f = fftconv::fft_size(min_size);
-  if (p2 <= kHandMaxSize && (p2 <= 1024 || 2 * p2 <= 3 * f)) return {p2, true};
-  return {f, false};
-}
-
 // Whether the launcher's length came from the hand branch of cpu_plan.
 bool hand_path(int64_t n) {
   return n >= 2 * fft::kMinSize && n <= kHandMaxSize && (n & (n - 1)) == 0;
-}
-
-#define SSMK_DISPATCH_FFTCONV_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-int64_t cpu_fft_size(int64_t m) { return cpu_plan(m).n; }
-
-at::Tensor fftconv_fwd_cpu(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D,
-                           const std::optional<at::Tensor>& k_rev, const std::optional<at::Tensor>& pregate,
-                           const std::optional<at::Tensor>& postgate, int64_t activation) {
-  return fftconv::fwd(u, k, D, k_rev, pregate, postgate, activation, /*spectrum_here=*/false, cpu_fft_size,
-                      [](const FftconvParams& p, at::ScalarType dtype) {
-                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_fwd_cpu", [&] {
-                          if (hand_path(p.fft_size)) {
-                            fwd_kernel_hand<scalar_t>(p);
-                          } else {
-                            fwd_kernel<scalar_t>(p);
-                          }
-                        });
-                      });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fftconv_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D,
-    const std::optional<at::Tensor>& k_rev, const std::optional<at::Tensor>& pregate,
-    const std::optional<at::Tensor>& postgate, int64_t activation) {
-  return fftconv::bwd(dout, u, k, D, k_rev, pregate, postgate, activation, /*spectrum_here=*/false, cpu_fft_size,
-                      [](const FftconvParams& p, at::ScalarType dtype) {
-                        SSMK_DISPATCH_FFTCONV_TYPES(dtype, "fftconv_bwd_cpu", [&] {
-                          if (hand_path(p.fft_size)) {
-                            bwd_kernel_hand<scalar_t>(p);
-                          } else {
-                            bwd_kernel<scalar_t>(p);
-                          }
-                        });
-                      });
-}
-
-// [n, path] of the CPU plan for these arguments (path 1: hand-written FFT, 0: ATen's), and with
-// `spectrum` the hand-written rfft of a real float64 / float32 row batch x: [R, n] -> [R, n/2 + 1]
-// complex (inverse: [R, n/2 + 1] -> [R, n] like irfft), for the tests; `strided` runs the CUDA
-// fused kernels' per-index drivers instead of the CPU's loops.
-std::vector<int64_t> fftconv_cpu_plan(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& k_rev) {
-  const CpuPlan plan = cpu_plan(fftconv::min_fft_size(k, k_rev, u.size(-1)));
-  return {plan.n, plan.hand ? 1 : 0};
 }
 
 // The hand-written rfft / irfft through the CUDA fused kernels' per-index drivers, run serially:
@@ -682,79 +636,88 @@ void strided_irfft_row(const fft::Twiddles<T>& tw, const T* sr, const T* si, T s
   for (int64_t t = 0; t < 2 * m; ++t) x[t] = (t % 2 ? (in_y ? yi : xi) : (in_y ? yr : xr))[fft::pos(m, t / 2)];
 }
 
-at::Tensor fftconv_test_fft(const at::Tensor& x, bool inverse, int64_t n, bool strided) {
-  SSMK_CHECK_VALUE(x.dim() == 2, "x: expected 2 dims, got ", x.sizes());
-  SSMK_CHECK_VALUE(hand_path(n), "n: expected a power of two in [", 2 * fft::kMinSize, ", ", kHandMaxSize, "], got ", n);
-  const int64_t m = n / 2, F = m + 1, R = x.size(0);
-  SSMK_CHECK_VALUE(x.size(1) == (inverse ? F : n), "x: expected ", inverse ? F : n, " columns, got ", x.size(1));
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(inverse ? c10::toRealValueType(x.scalar_type()) : x.scalar_type(), "fftconv_test_fft", [&] {
-    const TwiddleTable<scalar_t> tt(m);
-    std::vector<scalar_t> zbuf(4 * fft::buffer_size(m)), spec(2 * F);
-    if (!inverse) {
-      const at::Tensor xc = x.contiguous();
-      out = at::empty({R, F}, x.options().dtype(c10::toComplexType(x.scalar_type())));
-      for (int64_t r = 0; r < R; ++r) {
-        if (strided) {
-          strided_rfft_row<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, zbuf.data(), spec.data(),
-                                     spec.data() + F);
-          for (int64_t f = 0; f < 2 * F; ++f) spec[f] *= scalar_t(0.5);
-        } else {
-          row_spectrum_dispatch<scalar_t>(tt.tw, xc.data_ptr<scalar_t>() + r * n, n, scalar_t(0.5), zbuf.data(),
-                                          spec.data(), spec.data() + F);
-        }
-        auto* o = reinterpret_cast<scalar_t*>(out.data_ptr()) + 2 * r * F;
-        for (int64_t f = 0; f < F; ++f) o[2 * f] = spec[f], o[2 * f + 1] = spec[F + f];
-      }
-    } else {
-      const at::Tensor xc = x.contiguous();
-      out = at::empty({R, n}, x.options().dtype(c10::toRealValueType(x.scalar_type())));
-      for (int64_t r = 0; r < R; ++r) {
-        const auto* s = reinterpret_cast<const scalar_t*>(xc.data_ptr()) + 2 * r * F;
-        for (int64_t f = 0; f < F; ++f) spec[f] = s[2 * f], spec[F + f] = s[2 * f + 1];
-        if (strided) {
-          strided_irfft_row<scalar_t>(tt.tw, spec.data(), spec.data() + F, scalar_t(1) / scalar_t(n), zbuf.data(),
-                                      out.data_ptr<scalar_t>() + r * n);
-        } else {
-          row_inverse_dispatch<scalar_t, false>(tt.tw, spec.data(), spec.data() + F, nullptr, nullptr,
-                                                scalar_t(1) / scalar_t(n), zbuf.data(), n,
-                                                out.data_ptr<scalar_t>() + r * n);
-        }
-      }
-    }
-  });
-  return out;
-}
-
 }  // namespace
+
+namespace fftconv {
+
+CpuPlan cpu_plan(int64_t min_size) {
+  const int64_t p2 = std::max<int64_t>(2 * fft::kMinSize, next_pow2(min_size));
+  const int64_t f = fft_size(min_size);
+  if (p2 <= kHandMaxSize && (p2 <= 1024 || 2 * p2 <= 3 * f)) return {p2, true};
+  return {f, false};
+}
+
+bool hand_fft_size_ok(int64_t n) { return hand_path(n); }
+int64_t hand_fft_min_size() { return 2 * fft::kMinSize; }
+int64_t hand_fft_max_size() { return kHandMaxSize; }
+
+// out rows: F (re, im) pairs; the hand path's spectra are twice the true ones, hence the 0.5.
+template <typename T>
+void hand_rfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out) {
+  const int64_t m = n / 2, F = m + 1;
+  const TwiddleTable<T> tt(m);
+  std::vector<T> zbuf(4 * fft::buffer_size(m)), spec(2 * F);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (strided) {
+      strided_rfft_row<T>(tt.tw, x + r * n, zbuf.data(), spec.data(), spec.data() + F);
+      for (int64_t f = 0; f < 2 * F; ++f) spec[f] *= T(0.5);
+    } else {
+      row_spectrum_dispatch<T>(tt.tw, x + r * n, n, T(0.5), zbuf.data(), spec.data(), spec.data() + F);
+    }
+    T* o = out + 2 * r * F;
+    for (int64_t f = 0; f < F; ++f) o[2 * f] = spec[f], o[2 * f + 1] = spec[F + f];
+  }
+}
+
+template <typename T>
+void hand_irfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out) {
+  const int64_t m = n / 2, F = m + 1;
+  const TwiddleTable<T> tt(m);
+  std::vector<T> zbuf(4 * fft::buffer_size(m)), spec(2 * F);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = x + 2 * r * F;
+    for (int64_t f = 0; f < F; ++f) spec[f] = s[2 * f], spec[F + f] = s[2 * f + 1];
+    if (strided) {
+      strided_irfft_row<T>(tt.tw, spec.data(), spec.data() + F, T(1) / T(n), zbuf.data(), out + r * n);
+    } else {
+      row_inverse_dispatch<T, false>(tt.tw, spec.data(), spec.data() + F, nullptr, nullptr, T(1) / T(n), zbuf.data(),
+                                     n, out + r * n);
+    }
+  }
+}
+
+template void hand_rfft_rows<float>(const float*, int64_t, int64_t, bool, float*);
+template void hand_rfft_rows<double>(const double*, int64_t, int64_t, bool, double*);
+template void hand_irfft_rows<float>(const float*, int64_t, int64_t, bool, float*);
+template void hand_irfft_rows<double>(const double*, int64_t, int64_t, bool, double*);
+
+}  // namespace fftconv
+
+template <typename T>
+void fftconv_fwd_cpu(const FftconvFwdParams<T>& p) {
+  if (hand_path(p.fft_size)) {
+    fwd_kernel_hand<T>(p);
+  } else {
+    fwd_kernel<T>(p);
+  }
+}
+
+template <typename T>
+void fftconv_bwd_cpu(const FftconvBwdParams<T>& p) {
+  if (hand_path(p.fft_size)) {
+    bwd_kernel_hand<T>(p);
+  } else {
+    bwd_kernel<T>(p);
+  }
+}
+
+#define SSMK_INSTANTIATE(T)                                           \
+  template void fftconv_fwd_cpu<T>(const FftconvFwdParams<T>&); \
+  template void fftconv_bwd_cpu<T>(const FftconvBwdParams<T>&);
+SSMK_INSTANTIATE(float)
+SSMK_INSTANTIATE(double)
+SSMK_INSTANTIATE(c10::Half)
+SSMK_INSTANTIATE(c10::BFloat16)
+#undef SSMK_INSTANTIATE
+
 }  // namespace ssmk
-
-TORCH_LIBRARY_IMPL(ssm_kernels_test, CPU, m) {
-  m.impl("fftconv_cpu_plan", &ssmk::fftconv_cpu_plan);
-  m.impl("fftconv_fft", &ssmk::fftconv_test_fft);
-}
-
-TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {
-  m.impl("fftconv_fwd", &ssmk::fftconv_fwd_cpu);
-  m.impl("fftconv_bwd", &ssmk::fftconv_bwd_cpu);
-}
-
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // fftconv: activation is 0 (none), 1 (gelu, erf form) or 2 (silu). The backward returns
-  // (du, dk, dD, dk_rev, dpregate, dpostgate); gradients of absent arguments are empty (0,).
-  m.def(
-      "fftconv_fwd(Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, Tensor? postgate, "
-      "int activation) -> Tensor");
-  m.def(
-      "fftconv_bwd(Tensor dout, Tensor u, Tensor k, Tensor? D, Tensor? k_rev, Tensor? pregate, "
-      "Tensor? postgate, int activation) -> (Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, "
-      "Tensor dpregate, Tensor dpostgate)");
-}
-
-TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
-  // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
-  // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
-  // strided: through the CUDA fused kernels' per-index drivers).
-  m.def("fftconv_cpu_plan(Tensor u, Tensor k, Tensor? k_rev) -> int[]");
-  m.def("fftconv_fft(Tensor x, bool inverse, int n, bool strided) -> Tensor");
-}

@@ -51,16 +51,17 @@ __global__ void __launch_bounds__(256) fftconv_twiddle_kernel(int64_t m, T* tw) 
 }
 
 // hs[d] = rfft(h_d, n) / (2n), split re / im ([D, 2, m + 1]); one block per channel.
-template <typename T>
-__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_spectrum_kernel(FftconvParams p, const T* tw_base,
-                                                                               T* hs) {
+template <typename input_t>
+__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_spectrum_kernel(FftconvCommon<input_t> p,
+                                                                               const float* tw_base, float* hs) {
+  using T = float;
   extern __shared__ unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int64_t n = p.fft_size, m = n / 2, F = m + 1, bsz = fft::buffer_size(m), d = blockIdx.x;
   const fft::Twiddles<T> tw(tw_base, tw_base + fft::table_size(m), m);
   T *xr = smem, *xi = smem + bsz, *yr = smem + 2 * bsz, *yi = smem + 3 * bsz;
-  const auto* k = static_cast<const T*>(p.k) + d * p.klen;
-  const auto* kr = p.k_rev ? static_cast<const T*>(p.k_rev) + d * p.klen_rev : nullptr;
+  const T* k = p.k + d * p.klen;
+  const T* kr = p.k_rev ? p.k_rev + d * p.klen_rev : nullptr;
   for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
     T h = t < p.kc ? k[t] : T(0);
     if (kr && t == 0) h += kr[0];
@@ -84,7 +85,8 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_spectrum_kernel(F
 
 // The fused forward: one block per row (row = b * D + d).
 template <typename input_t>
-__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(FftconvParams p, const float* tw_base,
+__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(FftconvFwdParams<input_t> p,
+                                                                          const float* tw_base,
                                                                           const float* hs) {
   using T = float;
   extern __shared__ unsigned char smem_raw[];
@@ -93,14 +95,13 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(Fftcon
   const int64_t b = blockIdx.x / p.dim, d = blockIdx.x % p.dim;
   const fft::Twiddles<T> tw(tw_base, tw_base + fft::table_size(m), m);
   T *xr = smem, *xi = smem + bsz, *yr = smem + 2 * bsz, *yi = smem + 3 * bsz;
-  const auto* u = static_cast<const input_t*>(p.u) + b * p.u_batch_stride + d * p.u_dim_stride;
-  const auto* g = p.pregate ? static_cast<const input_t*>(p.pregate) + b * p.pre_batch_stride + d * p.pre_dim_stride
-                            : nullptr;
+  const input_t* u = p.u.data + b * p.u.stride[0] + d * p.u.stride[1];
+  const input_t* g = p.pregate.data ? p.pregate.data + b * p.pregate.stride[0] + d * p.pregate.stride[1] : nullptr;
   for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
     T v = 0;
     if (t < L) {
-      v = static_cast<T>(u[t * p.u_l_stride]);
-      if (g) v *= static_cast<T>(g[t * p.pre_l_stride]);
+      v = static_cast<T>(u[t * p.u.stride[2]]);
+      if (g) v *= static_cast<T>(g[t * p.pregate.stride[2]]);
     }
     store_real(m, t, v, xr, xi);
   }
@@ -119,15 +120,14 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_fwd_kernel(Fftcon
   __syncthreads();
   in_y = block_fft<T, true>(tw, ar, ai, br, bi, false, half);
   const T *cr = in_y ? br : ar, *ci = in_y ? bi : ai;
-  const auto* q = p.postgate ? static_cast<const input_t*>(p.postgate) + b * p.post_batch_stride +
-                                   d * p.post_dim_stride
-                             : nullptr;
-  const T Dd = p.D ? static_cast<const T*>(p.D)[d] : T(0);
-  input_t* out = static_cast<input_t*>(p.out) + (b * p.dim + d) * L;
+  const input_t* q =
+      p.postgate.data ? p.postgate.data + b * p.postgate.stride[0] + d * p.postgate.stride[1] : nullptr;
+  const T Dd = p.D ? p.D[d] : T(0);
+  input_t* out = p.out + (b * p.dim + d) * L;
   for (int64_t t = threadIdx.x; t < L; t += blockDim.x) {
-    T v = static_cast<T>(u[t * p.u_l_stride]);
-    if (g) v *= static_cast<T>(g[t * p.pre_l_stride]);
-    const T pg = q ? static_cast<T>(q[t * p.post_l_stride]) : T(1);
+    T v = static_cast<T>(u[t * p.u.stride[2]]);
+    if (g) v *= static_cast<T>(g[t * p.pregate.stride[2]]);
+    const T pg = q ? static_cast<T>(q[t * p.postgate.stride[2]]) : T(1);
     out[t] = static_cast<input_t>(epilogue(load_real(m, t, cr, ci), v, Dd, pg, p.activation));
   }
 }
@@ -146,7 +146,8 @@ static_assert(int64_t(kFusedBwdPairs) * kFusedThreads > kFusedBwdMaxN / 4, "ever
 static_assert(fft::kMinSize * 2 <= kFusedBwdMaxN, "the fused backward must cover the smallest length");
 
 template <typename input_t>
-__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(FftconvParams p, const float* tw_base,
+__global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(FftconvBwdParams<input_t> p,
+                                                                          const float* tw_base,
                                                                           const float* hs) {
   using T = float;
   extern __shared__ unsigned char smem_raw[];
@@ -157,24 +158,22 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(Fftcon
   T *xr = smem, *xi = smem + bsz, *yr = smem + 2 * bsz, *yi = smem + 3 * bsz;
   T *Vr = smem + 4 * bsz, *Vi = Vr + F;
   const T *hr = hs + 2 * d * F, *hi = hr + F;
-  const T Dd = p.D ? static_cast<const T*>(p.D)[d] : T(0);
-  const bool need_c = p.activation != kActNone || p.postgate, half = L <= m;
+  const T Dd = p.D ? p.D[d] : T(0);
+  const bool need_c = p.activation != kActNone || p.postgate.data, half = L <= m;
   T dh[kFusedBwdPairs][4];  // this thread's pairs k = tid + i * threads: (re, im) at k, then at m - k
   T dD = 0;
 #pragma unroll
   for (int i = 0; i < kFusedBwdPairs; ++i) dh[i][0] = dh[i][1] = dh[i][2] = dh[i][3] = T(0);
 
   for (int64_t b = 0; b < p.batch; ++b) {
-    const auto* u = static_cast<const input_t*>(p.u) + b * p.u_batch_stride + d * p.u_dim_stride;
-    const auto* g = p.pregate ? static_cast<const input_t*>(p.pregate) + b * p.pre_batch_stride + d * p.pre_dim_stride
-                              : nullptr;
-    const auto* q = p.postgate ? static_cast<const input_t*>(p.postgate) + b * p.post_batch_stride +
-                                     d * p.post_dim_stride
-                               : nullptr;
-    const auto* go = static_cast<const input_t*>(p.dout) + b * p.dout_batch_stride + d * p.dout_dim_stride;
+    const input_t* u = p.u.data + b * p.u.stride[0] + d * p.u.stride[1];
+    const input_t* g = p.pregate.data ? p.pregate.data + b * p.pregate.stride[0] + d * p.pregate.stride[1] : nullptr;
+    const input_t* q =
+        p.postgate.data ? p.postgate.data + b * p.postgate.stride[0] + d * p.postgate.stride[1] : nullptr;
+    const input_t* go = p.dout.data + b * p.dout.stride[0] + d * p.dout.stride[1];
     const auto v_at = [&](int64_t t) {
-      T v = static_cast<T>(u[t * p.u_l_stride]);
-      if (g) v *= static_cast<T>(g[t * p.pre_l_stride]);
+      T v = static_cast<T>(u[t * p.u.stride[2]]);
+      if (g) v *= static_cast<T>(g[t * p.pregate.stride[2]]);
       return v;
     };
     for (int64_t t = threadIdx.x; t < n; t += blockDim.x) store_real(m, t, t < L ? v_at(t) : T(0), xr, xi);
@@ -208,12 +207,12 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(Fftcon
       const int64_t t = threadIdx.x + int64_t(j) * blockDim.x;
       gp[j] = T(0);
       if (t < L) {
-        const T v = v_at(t), dout = static_cast<T>(go[t * p.dout_l_stride]);
+        const T v = v_at(t), dout = static_cast<T>(go[t * p.dout.stride[2]]);
         if (need_c) {
-          const T pg = q ? static_cast<T>(q[t * p.post_l_stride]) : T(1);
+          const T pg = q ? static_cast<T>(q[t * p.postgate.stride[2]]) : T(1);
           T dpg;
           pointwise_grad(load_real(m, t, cr, ci), v, Dd, pg, dout, p.activation, gp[j], dpg);
-          if (p.dpostgate) static_cast<input_t*>(p.dpostgate)[(b * p.dim + d) * L + t] = static_cast<input_t>(dpg);
+          if (p.dpostgate) p.dpostgate[(b * p.dim + d) * L + t] = static_cast<input_t>(dpg);
         } else {
           gp[j] = dout;
         }
@@ -254,16 +253,15 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(Fftcon
     __syncthreads();
     in_y = block_fft<T, true>(tw, Gr, Gi, er, ei, false, half);
     const T *sr = in_y ? er : Gr, *si = in_y ? ei : Gi;
-    input_t* du = static_cast<input_t*>(p.du) + (b * p.dim + d) * L;
+    input_t* du = p.du + (b * p.dim + d) * L;
 #pragma unroll
     for (int j = 0; j < kFusedBwdPer; ++j) {
       const int64_t t = threadIdx.x + int64_t(j) * blockDim.x;
       if (t < L) {
         const T dv = load_real(m, t, sr, si) + Dd * gp[j];
         if (g) {
-          du[t] = static_cast<input_t>(dv * static_cast<T>(g[t * p.pre_l_stride]));
-          static_cast<input_t*>(p.dpregate)[(b * p.dim + d) * L + t] =
-              static_cast<input_t>(dv * static_cast<T>(u[t * p.u_l_stride]));
+          du[t] = static_cast<input_t>(dv * static_cast<T>(g[t * p.pregate.stride[2]]));
+          p.dpregate[(b * p.dim + d) * L + t] = static_cast<input_t>(dv * static_cast<T>(u[t * p.u.stride[2]]));
         } else {
           du[t] = static_cast<input_t>(dv);
         }
@@ -271,7 +269,7 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(Fftcon
     }
     __syncthreads();  // the buffers are reloaded by the next row
   }
-  if (p.dD && threadIdx.x == 0) static_cast<T*>(p.dD)[d] = dD;
+  if (p.dD && threadIdx.x == 0) p.dD[d] = dD;
 
   // dh = irfft(dH) with the factor 4 of the doubled spectra: merge, inverse FFT, map to the taps.
   const T scale = T(1) / T(4 * n);
@@ -291,10 +289,10 @@ __global__ void __launch_bounds__(kFusedThreads) fftconv_fused_bwd_kernel(Fftcon
   __syncthreads();
   const bool in_y = block_fft<T, true>(tw, xr, xi, yr, yi, false, false);
   const T *rr = in_y ? yr : xr, *ri = in_y ? yi : xi;
-  T* dk = static_cast<T*>(p.dk) + d * p.klen;
+  T* dk = p.dk + d * p.klen;
   for (int64_t s = threadIdx.x; s < p.klen; s += blockDim.x) dk[s] = s < p.kc ? load_real(m, s, rr, ri) : T(0);
   if (p.dk_rev) {
-    T* dr = static_cast<T*>(p.dk_rev) + d * p.klen_rev;
+    T* dr = p.dk_rev + d * p.klen_rev;
     for (int64_t s = threadIdx.x; s < p.klen_rev; s += blockDim.x) {
       dr[s] = s >= p.kr ? T(0) : load_real(m, s == 0 ? 0 : n - s, rr, ri);
     }

@@ -26,7 +26,7 @@ struct RowMap {
 
 // vbuf[q, t] = u * pregate (t < L), 0 (L <= t < n).   vbuf: [rows, n]
 template <typename input_t>
-__global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvParams p, RowMap m, int64_t rows,
+__global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvCommon<input_t> p, RowMap m, int64_t rows,
                                                                    acc_type<input_t>* vbuf) {
   using acc_t = acc_type<input_t>;
   const int64_t n = p.fft_size, total = rows * n;
@@ -35,10 +35,10 @@ __global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvParams 
     acc_t v = 0;
     if (t < p.seqlen) {
       const int64_t b = m.b(q), d = m.d(q);
-      v = static_cast<acc_t>(static_cast<const input_t*>(p.u)[b * p.u_batch_stride + d * p.u_dim_stride + t * p.u_l_stride]);
-      if (p.pregate) {
-        v *= static_cast<acc_t>(static_cast<const input_t*>(p.pregate)[b * p.pre_batch_stride + d * p.pre_dim_stride +
-                                                                      t * p.pre_l_stride]);
+      v = static_cast<acc_t>(p.u.data[b * p.u.stride[0] + d * p.u.stride[1] + t * p.u.stride[2]]);
+      if (p.pregate.data) {
+        v *= static_cast<acc_t>(p.pregate.data[b * p.pregate.stride[0] + d * p.pregate.stride[1] +
+                                               t * p.pregate.stride[2]]);
       }
     }
     vbuf[i] = v;
@@ -46,11 +46,13 @@ __global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvParams 
 }
 
 // dst[q, f] = src[q, f] * H[d, f] (or * conj(H[d, f])); complex as interleaved (re, im).
-template <typename acc_t, bool kConj>
-__global__ void __launch_bounds__(kThreads) fftconv_mul_spectrum_kernel(FftconvParams p, RowMap m, int64_t rows,
-                                                                         const acc_t* src, acc_t* dst) {
+template <typename input_t, bool kConj>
+__global__ void __launch_bounds__(kThreads) fftconv_mul_spectrum_kernel(FftconvCommon<input_t> p, RowMap m,
+                                                                         int64_t rows, const acc_type<input_t>* src,
+                                                                         acc_type<input_t>* dst) {
+  using acc_t = acc_type<input_t>;
   const int64_t F = p.nfreq, total = rows * F;
-  const auto* kf = static_cast<const acc_t*>(p.kf);
+  const acc_t* kf = p.kf;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = i / F, f = i % F;
     const acc_t* h = kf + 2 * (m.d(q) * F + f);
@@ -67,25 +69,25 @@ __global__ void __launch_bounds__(kThreads) fftconv_mul_spectrum_kernel(FftconvP
 
 // out = act(c + D v) * postgate.   c: [rows, n]
 template <typename input_t>
-__global__ void __launch_bounds__(kThreads) fftconv_epilogue_kernel(FftconvParams p, RowMap m, int64_t rows,
-                                                                     const acc_type<input_t>* c) {
+__global__ void __launch_bounds__(kThreads) fftconv_epilogue_kernel(FftconvFwdParams<input_t> p, RowMap m,
+                                                                     int64_t rows, const acc_type<input_t>* c) {
   using acc_t = acc_type<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
-  const auto* Dp = static_cast<const acc_t*>(p.D);
+  const acc_t* Dp = p.D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = i / L, t = i % L;
     const int64_t b = m.b(q), d = m.d(q);
-    acc_t v = static_cast<acc_t>(static_cast<const input_t*>(p.u)[b * p.u_batch_stride + d * p.u_dim_stride + t * p.u_l_stride]);
-    if (p.pregate) {
-      v *= static_cast<acc_t>(static_cast<const input_t*>(p.pregate)[b * p.pre_batch_stride + d * p.pre_dim_stride +
-                                                                    t * p.pre_l_stride]);
+    acc_t v = static_cast<acc_t>(p.u.data[b * p.u.stride[0] + d * p.u.stride[1] + t * p.u.stride[2]]);
+    if (p.pregate.data) {
+      v *= static_cast<acc_t>(p.pregate.data[b * p.pregate.stride[0] + d * p.pregate.stride[1] +
+                                             t * p.pregate.stride[2]]);
     }
-    const acc_t pg = p.postgate ? static_cast<acc_t>(static_cast<const input_t*>(p.postgate)[b * p.post_batch_stride +
-                                                                                          d * p.post_dim_stride +
-                                                                                          t * p.post_l_stride])
-                                : acc_t(1);
+    const acc_t pg = p.postgate.data ? static_cast<acc_t>(p.postgate.data[b * p.postgate.stride[0] +
+                                                                          d * p.postgate.stride[1] +
+                                                                          t * p.postgate.stride[2]])
+                                     : acc_t(1);
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    static_cast<input_t*>(p.out)[(b * p.dim + d) * L + t] =
+    p.out[(b * p.dim + d) * L + t] =
         static_cast<input_t>(epilogue(c[q * n + t], v, Dd, pg, p.activation));
   }
 }
