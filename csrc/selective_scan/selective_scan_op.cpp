@@ -74,8 +74,9 @@ void check_bc(const at::Tensor& t, const char* name, const at::Tensor& u, const 
   }
 }
 
-// The forward's inputs (the backward's first arguments).
-void check_scan_args(const SelectiveScanFwdArgs& in) {
+// The forward's inputs, which the backward takes too (Args: either op's args).
+template <typename Args>
+void check_scan_args(const Args& in) {
   const at::Tensor& u = in.u;
   SSMK_CHECK_VALUE(u.dim() == 3, "u: expected 3 dims (batch, dim, seqlen), got shape ", u.sizes());
   check_floating(u, "u");
@@ -116,10 +117,6 @@ void check_scan_args(const SelectiveScanFwdArgs& in) {
   }
 }
 
-SelectiveScanFwdArgs fwd_args_of(const SelectiveScanBwdArgs& in) {
-  return {in.u, in.delta, in.A, in.B, in.C, in.D, in.z, in.delta_bias, in.delta_softplus, in.initial_state};
-}
-
 // The inputs in the dtypes the kernels read (kept alive for the duration of the call).
 struct Prepared {
   bool is_complex;
@@ -130,7 +127,8 @@ struct Prepared {
   std::optional<at::Tensor> initial_state;  // [B, D, N] W
 };
 
-Prepared prepare(const SelectiveScanFwdArgs& in) {
+template <typename Args>
+Prepared prepare(const Args& in) {
   Prepared pr;
   pr.is_complex = in.A.is_complex();
   pr.batch = in.u.size(0);
@@ -169,8 +167,8 @@ BC bc_param(const at::Tensor& t) {
   return op;
 }
 
-template <typename T, bool kComplex>
-void fill_common(SelectiveScanCommon<T, kComplex>& p, const Prepared& pr, const SelectiveScanFwdArgs& in) {
+template <typename T, bool kComplex, typename Args>
+void fill_common(SelectiveScanCommon<T, kComplex>& p, const Prepared& pr, const Args& in) {
   using P = SelectiveScanCommon<T, kComplex>;
   using W = typename P::W;
   p.batch = pr.batch;
@@ -294,11 +292,10 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
                              at::Tensor, at::Tensor, at::Tensor>;
 
 BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
-  const SelectiveScanFwdArgs fin = fwd_args_of(in);
-  check_scan_args(fin);
+  check_scan_args(in);
   check_grid(in.u);
   const at::Tensor& u = in.u;
-  const Prepared pr = prepare(fin);
+  const Prepared pr = prepare(in);
   const auto w = state_dtype(u, pr.is_complex);
   const auto acc = acc_dtype(u.scalar_type());
   const int64_t Bt = pr.batch, Dm = pr.dim, L = pr.seqlen, N = pr.dstate;
@@ -346,9 +343,8 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
   };
   at::Tensor dB_buf = bc_buffer(b_var);
   at::Tensor dC_buf = bc_buffer(c_var);
-  const auto as_state = [&](const at::Tensor& t, bool variable) {
-    if (!(cpu && variable && pr.is_complex)) return t;
-    return at::view_as_complex(t.view({n_slices, Bt, L, N, 2}));
+  const auto partial_as_state = [&](const at::Tensor& t) {
+    return cpu && pr.is_complex ? at::view_as_complex(t.view({n_slices, Bt, L, N, 2})) : t;
   };
 
   if (u.numel() > 0) {
@@ -358,7 +354,7 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
       SSMK_BOOL_SWITCH(pr.is_complex, kComplex, [&] {
         using W = selective_scan_state_t<T, kComplex>;
         SelectiveScanBwdParams<T, kComplex> p{};
-        fill_common(p, pr, fin);
+        fill_common(p, pr, in);
         p.checkpoints = ptr<W>(in.checkpoints);
         p.dout = view<const T, 3>(dout);
         p.dlast_state = view<const W, 3>(dlast);
@@ -391,9 +387,9 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
 
   // The reductions over batch (and over the slices of a group) run in a fixed order.
   const at::Tensor dA = dA_rows.sum(0).to(in.A.scalar_type());
-  const at::Tensor dB = b_var ? reduce_partial(as_state(dB_buf, true), pr, n_slices, pr.B.size(1), cpu, in.B)
+  const at::Tensor dB = b_var ? reduce_partial(partial_as_state(dB_buf), pr, n_slices, pr.B.size(1), cpu, in.B)
                               : dB_buf.sum(0).to(in.B.scalar_type());
-  const at::Tensor dC = c_var ? reduce_partial(as_state(dC_buf, true), pr, n_slices, pr.C.size(1), cpu, in.C)
+  const at::Tensor dC = c_var ? reduce_partial(partial_as_state(dC_buf), pr, n_slices, pr.C.size(1), cpu, in.C)
                               : dC_buf.sum(0).to(in.C.scalar_type());
   const at::Tensor dD = in.D ? dD_rows.sum(0).to(in.D->scalar_type()) : new_grad({}, u);
   const at::Tensor ddb = in.delta_bias ? ddb_rows.sum(0).to(in.delta_bias->scalar_type()) : new_grad({}, u);
@@ -526,16 +522,16 @@ void register_kernels(torch::Library& m) {
 }  // namespace ssmk
 
 TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  using namespace ssmk;
   // The forward also returns the state before every chunk of kChunkSize steps (checkpoints,
   // [B, D, n_chunks, N]), from which the backward recomputes each chunk.
-  op::define<SelectiveScanFwdArgs>(m, "selective_scan_fwd", "(Tensor out, Tensor last_state, Tensor checkpoints)");
-  op::define<SelectiveScanBwdArgs>(m, "selective_scan_bwd",
-                                   "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, "
-                                   "Tensor dz, Tensor ddelta_bias, Tensor dinitial_state)");
+  ssmk::op::define<ssmk::SelectiveScanFwdArgs>(m, "selective_scan_fwd",
+                                               "(Tensor out, Tensor last_state, Tensor checkpoints)");
+  ssmk::op::define<ssmk::SelectiveScanBwdArgs>(m, "selective_scan_bwd",
+                                               "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, "
+                                               "Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dinitial_state)");
   // `state` is updated in place: its schema type carries the alias annotation Tensor(a!), which
   // the args list (plain Tensor) cannot spell; the rest of the schema comes from the list.
-  const std::string args = SelectiveStateUpdateArgs::schema();
+  const std::string args = ssmk::SelectiveStateUpdateArgs::schema();
   const std::string first = ", Tensor state";
   TORCH_INTERNAL_ASSERT(args.compare(0, first.size(), first) == 0);
   m.def(("selective_state_update(Tensor(a!) state" + args.substr(first.size()) + ") -> Tensor").c_str());
