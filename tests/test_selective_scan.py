@@ -249,6 +249,22 @@ def test_selective_scan_bad_inputs_direct_op():
                                                  None, False, None, ckpt[:, :1, :, :], out, None)
 
 
+def test_selective_scan_bwd_absent_optional_grads_are_empty():
+    # The backward returns d<input> shaped and typed like each input, and an empty tensor (u's
+    # dtype) for each absent optional input.
+    inp = make_inputs(8, 4, BF16, False, "var", "fixed", (), False, 2, 4, 1)
+    out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None)
+    grads = torch.ops.ssm_kernels.selective_scan_bwd(
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, ckpt,
+        torch.randn_like(out), None)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
+    for name, g in (("u", du), ("delta", ddelta), ("A", dA), ("B", dB), ("C", dC)):
+        assert g.shape == inp[name].shape and g.dtype == inp[name].dtype, name
+    for g in (dD, dz, ddelta_bias, dinit):
+        assert g.shape == (0,) and g.dtype == BF16
+
+
 # selective_state_update
 
 UPDATE_CASES = [
@@ -348,3 +364,22 @@ def test_selective_state_update_bad_inputs():
     ]
     for name, over, exc in cases:
         assert_raises_naming(exc, name, ssm_kernels.selective_state_update, **{**inp, **over})
+
+
+def test_selective_state_update_out_of_range_index_cpu():
+    # CPU indices are checked on the host before anything is written (on CUDA, where that would
+    # need a device sync, an index >= the state's batch is a padding row like a negative one).
+    inp = make_update_inputs(True, 2, 4, 3, 8, 2, F32, EXTRAS_ALL, True, "cpu")
+    before = inp["state"].clone()
+    bad = {**inp, "state_batch_indices": torch.tensor([1, inp["state"].shape[0]], dtype=torch.int64)}
+    assert_raises_naming(ValueError, "state_batch_indices", ssm_kernels.selective_state_update, **bad)
+    args = [bad[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus",
+                             "state_batch_indices")]
+    assert_raises_naming(ValueError, "state_batch_indices", torch.ops.ssm_kernels.selective_state_update, *args)
+    assert torch.equal(inp["state"], before)
+    # A negative index touches no state row and outputs zeros.
+    pad = {**inp, "state_batch_indices": torch.tensor([-1, 3], dtype=torch.int32)}
+    out = ssm_kernels.selective_state_update(**pad)
+    assert torch.all(out[0] == 0)
+    changed = [i for i in range(before.shape[0]) if not torch.equal(inp["state"][i], before[i])]
+    assert changed == [3]

@@ -68,7 +68,8 @@ SSMK_DEVICE W join(const T (&v)[6], int k) {
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) selective_scan_bwd_kernel(SelectiveScanParams p) {
+__global__ void __launch_bounds__(Traits::kThreads)
+    selective_scan_bwd_kernel(SelectiveScanBwdParams<typename Traits::input_t, Traits::kComplex> p) {
   using input_t = typename Traits::input_t;
   using acc_t = typename Traits::acc_t;
   using w_t = typename Traits::w_t;
@@ -87,28 +88,28 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_bwd_kernel(Se
   const int64_t s = blockIdx.x, b = blockIdx.y;
   const int64_t N = p.dstate, L = p.seqlen, nc = p.n_chunks;
   const int tid = threadIdx.x;
-  const auto* dlast = static_cast<const w_t*>(p.dlast_state);
-  w_t* dBp = p.B_variable ? static_cast<w_t*>(p.dB_partial) + (s * p.batch + b) * N * L : nullptr;
-  w_t* dCp = p.C_variable ? static_cast<w_t*>(p.dC_partial) + (s * p.batch + b) * N * L : nullptr;
+  const auto& dlast = p.dlast_state;
+  w_t* dBp = p.B.variable ? p.dB_partial + (s * p.batch + b) * N * L : nullptr;
+  w_t* dCp = p.C.variable ? p.dC_partial + (s * p.batch + b) * N * L : nullptr;
 
   for (int64_t d = s * p.slice_channels; d < (s + 1) * p.slice_channels; ++d) {
     const bool first_channel = d == s * p.slice_channels;
     const int64_t row = b * p.dim + d;
-    const auto* u_ptr = static_cast<const input_t*>(p.u) + b * p.u_batch_stride + d * p.u_dim_stride;
-    const auto* delta_ptr = static_cast<const input_t*>(p.delta) + b * p.delta_batch_stride + d * p.delta_dim_stride;
-    const auto* z_ptr = p.z ? static_cast<const input_t*>(p.z) + b * p.z_batch_stride + d * p.z_dim_stride : nullptr;
-    const auto* dout_ptr = static_cast<const input_t*>(p.dout) + b * p.dout_batch_stride + d * p.dout_dim_stride;
-    const auto* A = static_cast<const w_t*>(p.A) + d * N;
-    const acc_t Dd = p.D ? static_cast<const acc_t*>(p.D)[d] : acc_t(0);
-    const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
-    const auto* ckpt = static_cast<const w_t*>(p.checkpoints) + row * nc * N;
-    auto* du_out = static_cast<input_t*>(p.du) + row * L;
-    auto* ddelta_out = static_cast<input_t*>(p.ddelta) + row * L;
-    auto* dz_out = p.dz ? static_cast<input_t*>(p.dz) + row * L : nullptr;
+    const input_t* u_ptr = p.u.data + b * p.u.stride[0] + d * p.u.stride[1];
+    const input_t* delta_ptr = p.delta.data + b * p.delta.stride[0] + d * p.delta.stride[1];
+    const input_t* z_ptr = p.z.data ? p.z.data + b * p.z.stride[0] + d * p.z.stride[1] : nullptr;
+    const input_t* dout_ptr = p.dout.data + b * p.dout.stride[0] + d * p.dout.stride[1];
+    const w_t* A = p.A + d * N;
+    const acc_t Dd = p.D ? p.D[d] : acc_t(0);
+    const acc_t bias = p.delta_bias ? p.delta_bias[d] : acc_t(0);
+    const w_t* ckpt = p.checkpoints + row * nc * N;
+    input_t* du_out = p.du + row * L;
+    input_t* ddelta_out = p.ddelta + row * L;
+    input_t* dz_out = p.dz ? p.dz + row * L : nullptr;
 
     __syncthreads();  // the previous channel is done with the shared accumulators
     for (int64_t n = tid; n < N; n += kThreads) {
-      carry[n] = dlast ? dlast[b * p.dlast_batch_stride + d * p.dlast_dim_stride + n * p.dlast_n_stride] : w_t(0);
+      carry[n] = dlast.data ? dlast.data[b * dlast.stride[0] + d * dlast.stride[1] + n * dlast.stride[2]] : w_t(0);
       dA_acc[n] = w_t(0);
       dB_acc[n] = w_t(0);
       dC_acc[n] = w_t(0);
@@ -123,12 +124,12 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_bwd_kernel(Se
       for (int j = 0; j < kItems; ++j) {
         const int64_t t = t_first + j;
         const bool valid = t < L;
-        const acc_t delta = valid ? static_cast<acc_t>(delta_ptr[t * p.delta_l_stride]) : acc_t(0);
-        u[j] = valid ? static_cast<acc_t>(u_ptr[t * p.u_l_stride]) : acc_t(0);
-        dt[j] = valid ? delta_transform(delta, bias, p.softplus) : acc_t(0);
-        dtg[j] = delta_transform_grad(delta, bias, p.softplus);
-        const acc_t dout = valid ? static_cast<acc_t>(dout_ptr[t * p.dout_l_stride]) : acc_t(0);
-        const acc_t zv = (valid && z_ptr) ? static_cast<acc_t>(z_ptr[t * p.z_l_stride]) : acc_t(0);
+        const acc_t delta = valid ? static_cast<acc_t>(delta_ptr[t * p.delta.stride[2]]) : acc_t(0);
+        u[j] = valid ? static_cast<acc_t>(u_ptr[t * p.u.stride[2]]) : acc_t(0);
+        dt[j] = valid ? delta_transform(delta, bias, p.delta_softplus) : acc_t(0);
+        dtg[j] = delta_transform_grad(delta, bias, p.delta_softplus);
+        const acc_t dout = valid ? static_cast<acc_t>(dout_ptr[t * p.dout.stride[2]]) : acc_t(0);
+        const acc_t zv = (valid && z_ptr) ? static_cast<acc_t>(z_ptr[t * p.z.stride[2]]) : acc_t(0);
         g[j] = z_ptr ? dout * ssmk::silu(zv) : dout;
         du[j] = Dd * g[j];
         ddt[j] = acc_t(0);
@@ -216,8 +217,8 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_bwd_kernel(Se
           du_out[t] = static_cast<input_t>(du[j]);
           ddelta_out[t] = static_cast<input_t>(ddelta);
           if (dz_out) {
-            const acc_t zv = static_cast<acc_t>(z_ptr[t * p.z_l_stride]);
-            const acc_t dout = static_cast<acc_t>(dout_ptr[t * p.dout_l_stride]);
+            const acc_t zv = static_cast<acc_t>(z_ptr[t * p.z.stride[2]]);
+            const acc_t dout = static_cast<acc_t>(dout_ptr[t * p.dout.stride[2]]);
             dz_out[t] = static_cast<input_t>(dout * (kScale * y[j] + Dd * u[j]) * ssmk::silu_grad(zv));
           }
           dD_thr += g[j] * u[j];
@@ -229,24 +230,16 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_bwd_kernel(Se
     block_sum_to_first<kThreads, 2>(row_sums, scratch);
     __syncthreads();  // thread 0's last updates of the shared accumulators are visible
     if (tid == 0) {
-      static_cast<acc_t*>(p.dD_rows)[row] = row_sums[0];
-      static_cast<acc_t*>(p.ddelta_bias_rows)[row] = row_sums[1];
+      p.dD_rows[row] = row_sums[0];
+      p.ddelta_bias_rows[row] = row_sums[1];
     }
     for (int64_t n = tid; n < N; n += kThreads) {
-      static_cast<w_t*>(p.dinitial_state)[row * N + n] = carry[n];
-      static_cast<w_t*>(p.dA_rows)[row * N + n] = dA_acc[n];
-      if (!p.B_variable) static_cast<w_t*>(p.dB_rows)[row * N + n] = dB_acc[n];
-      if (!p.C_variable) static_cast<w_t*>(p.dC_rows)[row * N + n] = dC_acc[n];
+      p.dinitial_state[row * N + n] = carry[n];
+      p.dA_rows[row * N + n] = dA_acc[n];
+      if (!p.B.variable) p.dB_rows[row * N + n] = dB_acc[n];
+      if (!p.C.variable) p.dC_rows[row * N + n] = dC_acc[n];
     }
   }
-}
-
-template <typename input_t, bool kComplex>
-void launch_bwd(const SelectiveScanParams& p, cudaStream_t stream) {
-  using Traits = ScanTraits<256, 8, input_t, kComplex>;
-  const dim3 grid(static_cast<unsigned>(p.n_slices), static_cast<unsigned>(p.batch));
-  selective_scan_bwd_kernel<Traits><<<grid, Traits::kThreads, 0, stream>>>(p);
-  SSMK_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace ssmk::selective_scan

@@ -20,7 +20,6 @@
 
 #include <type_traits>
 
-#include "common/cuda/launch.h"
 #include "common/cuda/scan.h"
 #include "common/math.h"
 #include "selective_scan/selective_scan.h"
@@ -35,39 +34,36 @@ struct ScanTraits {
   static constexpr bool kComplex = kComplex_;
   static_assert(kThreads * kItems == kChunkSize, "a block processes one chunk per iteration");
   using input_t = input_t_;
-  using acc_t = ssmk::acc_type<input_t>;
-  using w_t = std::conditional_t<kComplex, c10::complex<acc_t>, acc_t>;
+  using acc_t = ssmk::acc_t<input_t>;
+  using w_t = selective_scan_state_t<input_t, kComplex>;
+  using Params = SelectiveScanCommon<input_t, kComplex>;
   using pair_t = ssmk::cuda::AffinePair<w_t>;
 };
 
 // B_t[n] or C_t[n] for channel d of batch b: fixed [D, N] in w_t, or variable [B, G, N, L] in the
 // input dtype (real A) or w_t (complex A).
 template <typename Traits>
-SSMK_DEVICE typename Traits::w_t load_bc(const void* ptr, bool variable, int64_t groups,
-                                         int64_t batch_stride, int64_t group_stride, int64_t n_stride,
-                                         int64_t l_stride, const SelectiveScanParams& p, int64_t b,
-                                         int64_t d, int64_t n, int64_t t) {
+SSMK_DEVICE typename Traits::w_t load_bc(const typename Traits::Params::BC& op, const typename Traits::Params& p,
+                                         int64_t b, int64_t d, int64_t n, int64_t t) {
   using w_t = typename Traits::w_t;
-  if (!variable) return static_cast<const w_t*>(ptr)[d * p.dstate + n];
-  const int64_t g = d / (p.dim / groups);
-  const int64_t off = b * batch_stride + g * group_stride + n * n_stride + t * l_stride;
+  if (!op.variable) return op.fixed[d * p.dstate + n];
+  const int64_t g = d / (p.dim / op.groups);
+  const int64_t off = b * op.var.stride[0] + g * op.var.stride[1] + n * op.var.stride[2] + t * op.var.stride[3];
   if constexpr (Traits::kComplex) {
-    return static_cast<const w_t*>(ptr)[off];
+    return op.var.data[off];
   } else {
-    return static_cast<w_t>(static_cast<const typename Traits::input_t*>(ptr)[off]);
+    return static_cast<w_t>(op.var.data[off]);
   }
 }
 
 template <typename Traits>
-SSMK_DEVICE typename Traits::w_t load_B(const SelectiveScanParams& p, int64_t b, int64_t d, int64_t n, int64_t t) {
-  return load_bc<Traits>(p.B, p.B_variable, p.B_groups, p.B_batch_stride, p.B_group_stride, p.B_n_stride,
-                         p.B_l_stride, p, b, d, n, t);
+SSMK_DEVICE typename Traits::w_t load_B(const typename Traits::Params& p, int64_t b, int64_t d, int64_t n, int64_t t) {
+  return load_bc<Traits>(p.B, p, b, d, n, t);
 }
 
 template <typename Traits>
-SSMK_DEVICE typename Traits::w_t load_C(const SelectiveScanParams& p, int64_t b, int64_t d, int64_t n, int64_t t) {
-  return load_bc<Traits>(p.C, p.C_variable, p.C_groups, p.C_batch_stride, p.C_group_stride, p.C_n_stride,
-                         p.C_l_stride, p, b, d, n, t);
+SSMK_DEVICE typename Traits::w_t load_C(const typename Traits::Params& p, int64_t b, int64_t d, int64_t n, int64_t t) {
+  return load_bc<Traits>(p.C, p, b, d, n, t);
 }
 
 // Shared-memory array of T without running T's constructor (c10::complex has a non-trivial one,
@@ -77,7 +73,8 @@ SSMK_DEVICE typename Traits::w_t load_C(const SelectiveScanParams& p, int64_t b,
   T* NAME = reinterpret_cast<T*>(NAME##_raw)
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads) selective_scan_fwd_kernel(SelectiveScanParams p) {
+__global__ void __launch_bounds__(Traits::kThreads)
+    selective_scan_fwd_kernel(SelectiveScanFwdParams<typename Traits::input_t, Traits::kComplex> p) {
   using input_t = typename Traits::input_t;
   using acc_t = typename Traits::acc_t;
   using w_t = typename Traits::w_t;
@@ -92,20 +89,18 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_fwd_kernel(Se
   const int64_t N = p.dstate, L = p.seqlen, nc = p.n_chunks;
   const int64_t row = b * p.dim + d;
   const int tid = threadIdx.x;
-  const auto* u_ptr = static_cast<const input_t*>(p.u) + b * p.u_batch_stride + d * p.u_dim_stride;
-  const auto* delta_ptr = static_cast<const input_t*>(p.delta) + b * p.delta_batch_stride + d * p.delta_dim_stride;
-  const auto* z_ptr = p.z ? static_cast<const input_t*>(p.z) + b * p.z_batch_stride + d * p.z_dim_stride : nullptr;
-  const auto* A = static_cast<const w_t*>(p.A) + d * N;
-  const acc_t Dd = p.D ? static_cast<const acc_t*>(p.D)[d] : acc_t(0);
-  const acc_t bias = p.delta_bias ? static_cast<const acc_t*>(p.delta_bias)[d] : acc_t(0);
-  auto* out = static_cast<input_t*>(p.out) + row * L;
-  auto* ckpt = static_cast<w_t*>(p.checkpoints) + row * nc * N;
+  const input_t* u_ptr = p.u.data + b * p.u.stride[0] + d * p.u.stride[1];
+  const input_t* delta_ptr = p.delta.data + b * p.delta.stride[0] + d * p.delta.stride[1];
+  const input_t* z_ptr = p.z.data ? p.z.data + b * p.z.stride[0] + d * p.z.stride[1] : nullptr;
+  const w_t* A = p.A + d * N;
+  const acc_t Dd = p.D ? p.D[d] : acc_t(0);
+  const acc_t bias = p.delta_bias ? p.delta_bias[d] : acc_t(0);
+  input_t* out = p.out + row * L;
+  w_t* ckpt = p.checkpoints + row * nc * N;
+  const auto& init = p.initial_state;
 
   for (int64_t n = tid; n < N; n += Traits::kThreads) {
-    state[n] = p.initial_state
-                   ? static_cast<const w_t*>(p.initial_state)[b * p.init_batch_stride + d * p.init_dim_stride +
-                                                              n * p.init_n_stride]
-                   : w_t(0);
+    state[n] = init.data ? init.data[b * init.stride[0] + d * init.stride[1] + n * init.stride[2]] : w_t(0);
   }
   __syncthreads();
 
@@ -117,8 +112,8 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_fwd_kernel(Se
       const int64_t t = t_first + j;
       const bool valid = t < L;
       // Steps past the end get dt = 0: a = 1, b = 0, so the carried state passes unchanged.
-      u[j] = valid ? static_cast<acc_t>(u_ptr[t * p.u_l_stride]) : acc_t(0);
-      dt[j] = valid ? delta_transform(static_cast<acc_t>(delta_ptr[t * p.delta_l_stride]), bias, p.softplus)
+      u[j] = valid ? static_cast<acc_t>(u_ptr[t * p.u.stride[2]]) : acc_t(0);
+      dt[j] = valid ? delta_transform(static_cast<acc_t>(delta_ptr[t * p.delta.stride[2]]), bias, p.delta_softplus)
                     : acc_t(0);
       y[j] = acc_t(0);
     }
@@ -152,22 +147,14 @@ __global__ void __launch_bounds__(Traits::kThreads) selective_scan_fwd_kernel(Se
     for (int j = 0; j < kItems; ++j) {
       const int64_t t = t_first + j;
       if (t < L) {
-        const acc_t zv = z_ptr ? static_cast<acc_t>(z_ptr[t * p.z_l_stride]) : acc_t(0);
+        const acc_t zv = z_ptr ? static_cast<acc_t>(z_ptr[t * p.z.stride[2]]) : acc_t(0);
         out[t] = static_cast<input_t>(epilogue(kScale * y[j], u[j], Dd, zv, z_ptr != nullptr));
       }
     }
   }
   __syncthreads();
-  auto* last = static_cast<w_t*>(p.last_state) + row * N;
+  w_t* last = p.last_state + row * N;
   for (int64_t n = tid; n < N; n += Traits::kThreads) last[n] = state[n];
-}
-
-template <typename input_t, bool kComplex>
-void launch_fwd(const SelectiveScanParams& p, cudaStream_t stream) {
-  using Traits = ScanTraits<256, 8, input_t, kComplex>;
-  const dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.batch));
-  selective_scan_fwd_kernel<Traits><<<grid, Traits::kThreads, 0, stream>>>(p);
-  SSMK_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace ssmk::selective_scan
