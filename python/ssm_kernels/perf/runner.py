@@ -68,7 +68,8 @@ def tensor_bytes(inputs: dict) -> int:
     seen, total = set(), 0
     for v in inputs.values():
         if isinstance(v, torch.Tensor):
-            key = (v.untyped_storage().data_ptr(), v.device)
+            ptr = v.untyped_storage().data_ptr()
+            key = (ptr, v.device) if ptr else id(v)  # meta tensors have no addresses
             if key not in seen:
                 seen.add(key)
                 total += v.untyped_storage().nbytes()
