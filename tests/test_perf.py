@@ -157,3 +157,27 @@ def test_cuda_check_shapes_are_small(name):
         full = tensor_bytes(op.make_inputs(shape, torch.device("meta"), op.dtypes["cuda"]))
         cut = tensor_bytes(op.make_inputs(fwd, torch.device("meta"), op.dtypes["cuda"]))
         assert cut <= 64 * 2 ** 20 and (cut < full or full <= 64 * 2 ** 20), (name, fwd, cut, full)
+
+
+def test_build_peers_prunes_instantiations_to_what_the_bench_calls():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "build_peers.py"
+    spec = importlib.util.spec_from_file_location("build_peers", path)
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+    src = "\n".join([
+        '#include "k.cuh"',
+        "template void causal_conv1d_fwd_cuda<float, float>(ConvParamsBase &params, cudaStream_t stream);",
+        "template void causal_conv1d_fwd_cuda<at::BFloat16, at::BFloat16>(ConvParamsBase &params, cudaStream_t stream);",
+        "template void causal_conv1d_channellast_fwd_cuda<at::BFloat16, at::BFloat16>(ConvParamsBase &params, cudaStream_t stream);",
+    ])
+    text, kept, stubbed = bp.prune_source(src, bp.PEERS["causal_conv1d_cuda"][2])
+    assert (kept, stubbed) == (1, 2)
+    lines = text.splitlines()
+    assert lines[0] == "#include <c10/util/Exception.h>" and lines[1] == '#include "k.cuh"'
+    assert lines[3] == "template void causal_conv1d_fwd_cuda<at::BFloat16, at::BFloat16>(ConvParamsBase &params, cudaStream_t stream);"
+    assert lines[2].startswith("template<> void causal_conv1d_fwd_cuda<float, float>(ConvParamsBase &params, cudaStream_t stream) {")
+    assert "TORCH_CHECK(false" in lines[4] and "channellast" in lines[4]
+    assert bp.prune_source("int x;\n", [])[1:] == (0, 0)
