@@ -1,53 +1,116 @@
 #!/usr/bin/env bash
-# On a GPU machine, in one go (under 10 minutes on an H100 with 16 cores): build for the local
-# arch, run every test on CUDA, compute-sanitizer memcheck/racecheck on a small CUDA subset, and
-# `ssm-kernels bench --device cuda`. Logs and JSON go to $OUT (or bench/out/) for bench/results/.
+# On a bare GPU machine (no network; torch, python, nvcc, ninja, pytest-xdist, compute-sanitizer
+# from the image), in one call of at most 8 minutes:
+#   1. build the extension for the local arch with every core, and at the same time the peers
+#      (mamba_ssm's selective_scan_cuda and causal-conv1d's extension, from .peers/src, see
+#      bench/fetch_peers.sh and bench/build_peers.py) in the background;
+#   2. the CUDA tests in parallel (pytest -n 8 -k cuda; the CPU tests run in CI, not here);
+#   3. compute-sanitizer memcheck and racecheck on a small CUDA subset;
+#   4. `ssm-kernels bench --device cuda` against plain PyTorch and the peers (mamba_ssm's CUDA
+#      scan and Triton SSD / state update, causal-conv1d, torch.fft) measured in the same run.
+# Every step has its own `timeout`, so a slow step never costs the table. At most 8 files land
+# in $OUT (default bench/out): summary.txt info.txt build.log peers.log tests.log sanitizer.log
+# bench.json bench.txt.
 #
 #   bash bench/gpu_check.sh
-#
-# A GPU machine without network access: run `bash bench/fetch_peers.sh` first where pip works
-# and bring the .peers folder along (mamba-ssm's Triton kernels as peers, expecttest for opcheck).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-if [ -d .peers/site ]; then
-  export PYTHONPATH="$PWD/.peers/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
-export MAX_JOBS="${MAX_JOBS:-16}"
-export SSM_KERNELS_CUDA=1
+NPROC="$(nproc)"
+# Caps per step (seconds), and the whole run's: the bench runs before the sanitizer and each
+# step gets at most what is left of T_TOTAL, so the table is never the step that is lost.
+T_TOTAL="${T_TOTAL:-465}"
+T_BUILD="${T_BUILD:-180}" T_PEERS="${T_PEERS:-240}" T_TESTS="${T_TESTS:-120}" T_BENCH="${T_BENCH:-180}" T_SAN="${T_SAN:-90}"
+T0=$(date +%s)
+left() { echo $(( T_TOTAL - ($(date +%s) - T0) )); }
+cap() { local want="$1" rest; rest=$(left); [ "$rest" -lt "$want" ] && want="$rest"; [ "$want" -lt 5 ] && want=5; echo "$want"; }
 status=0
+step() { echo "== [$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/summary.txt"; }
+: > "$OUT/summary.txt"
 
-step() { echo "== $* ($(date +%H:%M:%S))" | tee -a "$OUT/summary.txt"; }
+# The local arch (9.0 -> 9.0a for the wgmma paths), unless given.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
+  [ "$cap" = "9.0" ] && cap=9.0a
+  export TORCH_CUDA_ARCH_LIST="$cap"
+fi
+export SSM_KERNELS_CUDA=1
 
-step "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/device.txt"
-
-step "build (arch $TORCH_CUDA_ARCH_LIST)"
-SSM_KERNELS_PTXAS_VERBOSE=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
-  || { tail -n 80 "$OUT/build.log"; echo "build failed" | tee -a "$OUT/summary.txt"; exit 1; }
-grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20 > "$OUT/ptxas-summary.txt"
-"$PY" -m ssm_kernels info | tee "$OUT/info.txt"
-
-step "tests (cpu and cuda)"
-# No -x: a first run on a new GPU should report every failure in one go.
-"$PY" -m pytest -q --maxfail=200 --junitxml="$OUT/tests.xml" tests > "$OUT/tests.log" 2>&1 || status=1
-tail -n 30 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
-
-step "compute-sanitizer (memcheck, racecheck) on a small CUDA subset"
-SAN_ARGS=(tests -k "cuda and (opcheck or bad_inputs or L129 or L513 or (zero_structures and Q100)) and not compile")
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
-    "$PY" -m pytest -q -x "${SAN_ARGS[@]}" > "$OUT/sanitizer-$tool.log" 2>&1 || status=1
-  tail -n 5 "$OUT/sanitizer-$tool.log" | tee -a "$OUT/summary.txt"
+# Peers' Python (mamba_ssm ops, causal_conv1d, einops, expecttest) and built extensions.
+for d in .peers/site .peers/src/mamba .peers/src/causal-conv1d .peers/build/selective_scan_cuda .peers/build/causal_conv1d_cuda; do
+  export PYTHONPATH="$PWD/$d${PYTHONPATH:+:$PYTHONPATH}"
 done
+export PYTHONPATH="$PWD/python:$PYTHONPATH"
 
-step "benchmarks"
-"$PY" -m ssm_kernels bench --device cuda --json "$OUT/bench-cuda.json" --csv "$OUT/bench-cuda.csv" \
-  > "$OUT/bench-cuda.txt" 2> "$OUT/bench-progress.log" || status=1
-cat "$OUT/bench-cuda.txt"
+{
+  step "device"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  echo "arch $TORCH_CUDA_ARCH_LIST, $NPROC cores"
+} > "$OUT/info.txt" 2>&1
+cat "$OUT/info.txt" >> "$OUT/summary.txt"
+
+step "build (MAX_JOBS=$NPROC, arch $TORCH_CUDA_ARCH_LIST) and, in the background, the peers"
+peers_pid=""
+if [ -d .peers/src ]; then
+  # sm_90 only; both peers in parallel, each with every core (ninja queues the rest).
+  MAX_JOBS="$NPROC" timeout "$T_PEERS" "$PY" bench/build_peers.py --arch 9.0 --jobs "$NPROC" > "$OUT/peers.log" 2>&1 &
+  peers_pid=$!
+else
+  echo "no .peers/src (run bench/fetch_peers.sh where there is network): peers not built" > "$OUT/peers.log"
+fi
+MAX_JOBS="$NPROC" SSM_KERNELS_PTXAS_VERBOSE=1 timeout "$(cap "$T_BUILD")" \
+  "$PY" -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+  tail -n 60 "$OUT/build.log" >> "$OUT/summary.txt"
+  step "build failed (exit $rc; 124 = over ${T_BUILD} s)"
+  [ -n "$peers_pid" ] && wait "$peers_pid"
+  exit 1
+fi
+{ echo "-- ptxas spills / stack frames (counts)"
+  grep -E "spill|stack frame" "$OUT/build.log" | sort | uniq -c | sort -rn | head -20; } >> "$OUT/build.log"
+"$PY" -m ssm_kernels info >> "$OUT/info.txt" 2>&1
+step "built"
+
+step "CUDA tests (pytest -n 8 -k cuda; the CPU tests run in CI)"
+timeout "$(cap "$T_TESTS")" "$PY" -m pytest -q -n 8 -p no:cacheprovider --maxfail=200 -k cuda tests > "$OUT/tests.log" 2>&1 || status=1
+tail -n 15 "$OUT/tests.log" >> "$OUT/summary.txt"
+
+if [ -n "$peers_pid" ]; then
+  step "waiting for the peers' build"
+  # cut the peers' build at the time left before the bench (it has its own cap besides)
+  ( sleep "$(( $(left) > 200 ? $(left) - 200 : 1 ))"; kill "$peers_pid" 2>/dev/null ) & killer=$!
+  wait "$peers_pid"; rc=$?
+  kill "$killer" 2>/dev/null
+  echo "peers build: exit $rc (124 = over ${T_PEERS} s); $(grep -E 'built in|exit' "$OUT/peers.log" | tr '\n' ';')" >> "$OUT/summary.txt"
+fi
+
+step "benchmarks (rows land in bench.txt/bench.json as they are measured)"
+# The bench stops starting new cases at its own time limit, inside the timeout; the default CUDA
+# set is sized to finish in about 3 minutes. Its progress lines go to tests.log.
+tb=$(cap "$T_BENCH")
+echo "===== ssm-kernels bench --device cuda (progress)" >> "$OUT/tests.log"
+timeout "$tb" "$PY" -m ssm_kernels bench --device cuda --time-limit $(( tb > 60 ? tb - 25 : tb / 2 )) \
+  --json "$OUT/bench.json" > "$OUT/bench.txt" 2>> "$OUT/tests.log" || status=1
+cat "$OUT/bench.txt" >> "$OUT/summary.txt"
+
+step "compute-sanitizer memcheck + racecheck on a small CUDA subset"
+# the bad-input checks (kernels must not run, or must fail cleanly) plus a few small forward and
+# backward cases
+SAN_K='cuda and not compile and (bad_inputs or op_checks or op_rechecks or bad_arguments or direct_op or (causal_conv1d_matches_reference and W4 and L127) or selective_scan_gradcheck or ssd_gradcheck)'
+: > "$OUT/sanitizer.log"
+half=$(( $(cap "$T_SAN") / 2 ))
+for tool in memcheck racecheck; do
+  echo "===== $tool" >> "$OUT/sanitizer.log"
+  timeout "$half" compute-sanitizer --tool "$tool" --error-exitcode 3 --target-processes all \
+    "$PY" -m pytest -q -x -p no:cacheprovider tests -k "$SAN_K" >> "$OUT/sanitizer.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && status=1
+  echo "$tool: exit $rc (3 = errors found, 124 = over ${half} s)" | tee -a "$OUT/sanitizer.log" >> "$OUT/summary.txt"
+done
 
 step "done (status $status)"
 exit $status

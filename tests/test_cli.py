@@ -4,8 +4,8 @@ import sys
 
 import torch
 
-from ssm_kernels.bench import REGISTRY, BenchOp
-from ssm_kernels.bench.runner import run_benchmarks
+from ssm_kernels.perf import REGISTRY, BenchOp
+from ssm_kernels.perf.runner import run_benchmarks
 from ssm_kernels.cli import main
 
 
@@ -62,7 +62,7 @@ def test_peer_skips_a_package_init_that_needs_an_unbuilt_extension(tmp_path, mon
     # extension that was never built; the Triton submodules import each other by full name.
     import sys
 
-    from ssm_kernels.bench.registry import peer
+    from ssm_kernels.perf.registry import peer
 
     pkg = tmp_path / "ssmk_fake_peer"
     (pkg / "ops").mkdir(parents=True)

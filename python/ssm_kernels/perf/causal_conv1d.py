@@ -58,5 +58,6 @@ register(
         flops=lambda s: 2.0 * s["batch"] * s["dim"] * s["seqlen"] * s["width"],
         bytes=_bytes,
         grad_inputs=("x", "weight", "bias"),
+        check_shape=lambda s: {**s, "batch": 1, "dim": min(s["dim"], 512)},
     )
 )

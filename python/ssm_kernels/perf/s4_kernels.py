@@ -78,6 +78,7 @@ register(
         dtypes={"cpu": torch.complex64, "cuda": torch.complex64},
         grad_inputs=("v", "w"),
         reference_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
+        check_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
     )
 )
 
@@ -143,5 +144,6 @@ register(
         dtypes={"cpu": torch.complex64, "cuda": torch.complex64},
         grad_inputs=("v", "x"),
         reference_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
+        check_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
     )
 )

@@ -1,4 +1,9 @@
-"""Benchmarks behind `ssm-kernels bench`: a registry entry per op and the runner."""
+"""Benchmarks behind `ssm-kernels bench`: a registry entry per op and the runner.
+
+Not to be confused with the top-level bench/ folder: this package is the measuring code (the
+`ssm-kernels bench` command); bench/ holds the GPU-machine scripts (gpu_check.sh, fetch_peers.sh,
+build_peers.py) and the measured tables (bench/results/).
+"""
 from . import causal_conv1d  # noqa: F401  (registers)
 from . import fftconv  # noqa: F401  (registers)
 from . import linear_scan  # noqa: F401  (registers)

@@ -58,11 +58,28 @@ def torch_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return out.to(dtype)
 
 
+def _mamba_ssm_direct(ext):
+    """mamba_ssm's CUDA extension called directly (forward only), for when its Python interface
+    does not import (a pruned source tree): fwd returns (out, x[, out_z])."""
+    def run(inp):
+        outs = ext.fwd(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"],
+                       inp["delta_bias"], inp["delta_softplus"])
+        return outs[2] if inp["z"] is not None else outs[0]
+
+    return run
+
+
 def _baselines():
     out = {"torch": lambda inp: torch_selective_scan(**inp)}
+    # mamba_ssm's Mamba-1 scan is its compiled extension `selective_scan_cuda` (bench/build_peers.py
+    # builds it from the carried sources); the interface adds its autograd.
     iface = peer("mamba_ssm.ops.selective_scan_interface")
-    if iface is not None and hasattr(iface, "selective_scan_fn"):
+    if iface is not None and hasattr(iface, "selective_scan_fn") and getattr(iface, "selective_scan_cuda", True):
         out["mamba_ssm"] = lambda inp: iface.selective_scan_fn(**inp)
+    else:
+        ext = peer("selective_scan_cuda")
+        if ext is not None and hasattr(ext, "fwd"):
+            out["mamba_ssm"] = _mamba_ssm_direct(ext)
     return out
 
 
@@ -92,6 +109,8 @@ register(
         # Autograd through the float64 loop reference is slow: gradients are checked on a
         # cut-down shape (same options); the forward is checked at the benchmarked shape.
         reference_shape=lambda s: {**s, "dim": min(s["dim"], 48), "seqlen": min(s["seqlen"], 300)},
+        # CUDA: the full sequence (every chunk boundary of the kernel) on a few channels
+        check_shape=lambda s: {**s, "batch": 1, "dim": min(s["dim"], 64)},
         # Autograd through the step-by-step loop at the large CPU shape takes minutes; the
         # issue's fwd+bwd comparison is at (1, 768, 512).
         skip_baseline={"torch": lambda s, pass_name: pass_name == "fwd+bwd" and s["dim"] * s["seqlen"] > 768 * 512},
@@ -152,5 +171,6 @@ register(
         baselines=_update_baselines(),
         flops=lambda s: 6.0 * s["batch"] * s["nheads"] * s["headdim"] * s["dstate"],
         bytes=lambda s, dtype: 2 * 4 * s["batch"] * s["nheads"] * s["headdim"] * s["dstate"],
+        check_shape=lambda s: {**s, "batch": min(s["batch"], 4), "nheads": min(s["nheads"], 8)},
     )
 )

@@ -41,6 +41,12 @@ class BenchOp:
     # autograd through the float64 reference is too slow there, gradients are checked at
     # reference_shape(shape) instead.
     reference_shape: Optional[Callable[[dict], dict]] = None
+    # On CUDA the float64 loop references are far too slow (and too large) at the GPU profile's
+    # shapes: the forward is checked at check_shape(shape) instead, a cut of the shape with the
+    # same options that still crosses the kernels' chunk boundaries (the reference runs on the
+    # GPU there); gradients at reference_shape(check_shape(shape)). None: the full shape. On
+    # CPU the forward is always checked at the benchmarked shape.
+    check_shape: Optional[Callable[[dict], dict]] = None
 
 
 REGISTRY: dict[str, BenchOp] = {}
