@@ -57,11 +57,6 @@ struct Rows {
   }
 };
 
-// One-dimensional CUDA grids: at most 2^31 - 1 blocks.
-void check_cuda_blocks(int64_t blocks) {
-  SSMK_CHECK_VALUE(blocks <= INT32_MAX, "v: too many rows x tiles for one CUDA launch: ", blocks);
-}
-
 // [..., N] broadcast views as [B, N] (a copy only when the broadcast cannot be viewed flat).
 at::Tensor as_rows(const at::Tensor& t, const std::vector<int64_t>& shape, const Rows& r) {
   return t.expand(shape).reshape({r.B, r.N});
@@ -92,7 +87,7 @@ at::Tensor cauchy_fwd(const CauchyFwdArgs& in) {
     fill_common(p, v2, in.z, w2, r, in.symmetric);
     p.out = ptr<c10::complex<T>>(out);
     launch(in.v, [&] { cauchy_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             check_cuda_blocks((r.L + cauchy::kTileL - 1) / cauchy::kTileL * r.B);
+             check_cuda_grid((r.L + cauchy::kTileL - 1) / cauchy::kTileL * r.B, "v");
              cauchy_fwd_cuda(p, ctx);
            }));
   });
@@ -119,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> cauchy_bwd(const CauchyBwdArgs& in) {
       p.dw = ptr<c10::complex<T>>(dw);
       launch(in.v, [&] { cauchy_bwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
                const int64_t groups = (r.N + cauchy::kCudaThreads - 1) / cauchy::kCudaThreads;
-               check_cuda_blocks(p.num_chunks * groups * r.B);
+               check_cuda_grid(p.num_chunks * groups * r.B, "v");
                const at::Tensor partials =
                    at::empty({r.B, p.num_chunks, r.N, 8}, in.v.options().dtype(at::kDouble));
                cauchy_bwd_cuda(p, ptr<double>(partials), ctx);

@@ -71,10 +71,8 @@ std::optional<at::Tensor> bias_acc(const std::optional<at::Tensor>& bias, const 
 }
 
 // The CUDA forward and backward run one block per (batch, channel, chunk).
-void check_cuda_blocks(const at::Tensor& x) {
-  const int64_t blocks = x.size(0) * x.size(1) * causal_conv1d::num_chunks(x.size(2));
-  SSMK_CHECK_VALUE(blocks < (int64_t(1) << 31), "x: too many (batch, dim, chunk) blocks for one CUDA launch: ",
-                   blocks);
+[[maybe_unused]] int64_t cuda_blocks(const at::Tensor& x) {
+  return x.size(0) * x.size(1) * causal_conv1d::num_chunks(x.size(2));
 }
 
 template <typename T, typename Args>
@@ -106,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const CausalConv1dFwdArgs& 
     p.out = ptr<T>(out);
     p.final_states = ptr<T>(final_states);
     launch(in.x, [&] { causal_conv1d_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             check_cuda_blocks(in.x);
+             check_cuda_grid(cuda_blocks(in.x), "x");
              causal_conv1d_fwd_cuda(p, ctx);
            }));
   });
@@ -146,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(con
     p.dweight = ptr<acc_t<T>>(dweight);
     p.dbias = ptr<acc_t<T>>(dbias);
     launch(in.x, [&] { causal_conv1d_bwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             check_cuda_blocks(in.x);
+             check_cuda_grid(cuda_blocks(in.x), "x");
              const at::Tensor partials =
                  at::empty({D, B * causal_conv1d::num_chunks(L), causal_conv1d::kBwdPartials}, dweight.options());
              causal_conv1d_bwd_cuda(p, ptr<acc_t<T>>(partials), ctx);

@@ -34,4 +34,11 @@ inline void check_floating(const at::Tensor& t, const char* name) {
                   ": expected a float32, float16, bfloat16 or float64 tensor, got ", s);
 }
 
+// A one-dimensional CUDA grid holds at most 2^31 - 1 blocks; `name` is the argument whose size
+// sets the count.
+inline void check_cuda_grid(int64_t blocks, const char* name) {
+  SSMK_CHECK_VALUE(blocks <= INT32_MAX, name, ": too large for one CUDA launch (", blocks,
+                   " blocks, at most 2^31 - 1)");
+}
+
 }  // namespace ssmk

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "common/macros.h"
+
 namespace ssmk {
 
 // float32 for float32/float16/bfloat16, float64 for float64, and the complex of those for
@@ -40,6 +42,9 @@ struct CUstream_st;
 #endif
 
 namespace ssmk {
+
+// ceil(a / b) for a >= 0, b > 0: chunk, tile and block counts.
+constexpr SSMK_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A typed strided view of an N-dimensional tensor (strides in elements); data is nullptr for an
 // absent optional argument.

@@ -12,7 +12,7 @@ int64_t fused_smem_bytes(int64_t n) { return fftconv::fused_smem_bytes(n); }
 int64_t fused_bwd_smem_bytes(int64_t n) { return fftconv::fused_bwd_smem_bytes(n); }
 int64_t min_fused_size() { return 2 * fft::kMinSize; }
 int64_t max_fused_bwd_size() { return kFusedBwdMaxN; }
-int64_t grad_pre_chunks(int64_t n) { return cuda::ceil_div(n, int64_t(kThreads) * kPerThread); }
+int64_t grad_pre_chunks(int64_t n) { return ceil_div(n, int64_t(kThreads) * kPerThread); }
 int64_t fused_table_size(int64_t n) { return fft::table_size(n / 2); }
 
 template <typename T>

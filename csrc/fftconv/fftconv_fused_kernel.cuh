@@ -12,7 +12,6 @@
 // hs[d] = H / (2n) (split re / im, m + 1 each), one block per channel with the same block FFT.
 #pragma once
 
-#include "common/cuda/launch.h"
 #include "common/cuda/reduce.h"
 #include "common/math.h"
 #include "fftconv/fftconv.h"

@@ -10,7 +10,6 @@
 // forward moves ~40n bytes per row, the roofline floor is that at the copy bandwidth.
 #pragma once
 
-#include "common/cuda/launch.h"
 #include "common/math.h"
 #include "fftconv/fftconv.h"
 
@@ -93,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) fftconv_epilogue_kernel(FftconvFwdPa
 }
 
 inline unsigned grid_for(int64_t total) {
-  const int64_t blocks = cuda::ceil_div(total, kThreads);
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(1) << 20)));
 }
 

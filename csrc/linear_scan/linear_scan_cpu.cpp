@@ -106,7 +106,6 @@ struct FwdRows {
 template <typename in_t, int G>
 SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
                                  scan_acc_t<in_t>* state) {
-  using acc_t = scan_acc_t<in_t>;
   const int64_t L = p.seqlen;
   const bool desc = p.reverse;
   FwdRows<in_t, G> rows;

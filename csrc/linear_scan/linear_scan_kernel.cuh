@@ -26,7 +26,6 @@
 
 #include <cstdint>
 
-#include "common/cuda/launch.h"
 #include "common/cuda/scan.h"
 #include "linear_scan/linear_scan.h"
 #include "linear_scan/linear_scan_math.h"

@@ -67,7 +67,7 @@ template <typename T>
 at::Tensor cuda_workspace(const at::Tensor& a) {
   const int64_t ints = linear_scan::cuda_workspace_ints<T>(rows_of(a), a.size(-1));
   const int64_t blocks = rows_of(a) * ((a.size(-1) + linear_scan::kChunk - 1) / linear_scan::kChunk);
-  SSMK_CHECK_VALUE(blocks <= INT32_MAX, "a: too many rows x chunks for one CUDA launch: ", blocks);
+  check_cuda_grid(blocks, "a");
   return at::zeros({std::max<int64_t>(ints, 1)}, a.options().dtype(at::kInt));
 }
 

@@ -8,7 +8,6 @@
 namespace ssmk {
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Checked here because the GEMM kernel trusts its parameters.
 cuda::BatchedGemmParams gemm_params(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,

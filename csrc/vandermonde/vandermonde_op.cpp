@@ -83,11 +83,6 @@ at::Tensor rows(const at::Tensor& t, const std::vector<int64_t>& batch, int64_t 
   return t.expand(with_last(batch, last)).reshape({numel_of(batch), last});
 }
 
-// One-dimensional CUDA grids: at most 2^31 - 1 blocks.
-void check_cuda_blocks(int64_t blocks) {
-  SSMK_CHECK_VALUE(blocks <= INT32_MAX, "x: too many rows x tiles for one CUDA launch: ", blocks);
-}
-
 template <typename T>
 void fill_nodes(VandermondeNodes<T>& p, const at::Tensor& x2, int64_t L) {
   p.batch = x2.size(0);
@@ -114,7 +109,7 @@ at::Tensor forward_rows(const at::Tensor& c2, const at::Tensor& x2, int64_t L, b
       p.out = ptr<scalar_t>(out);
     }
     launch(x2, [&] { vandermonde_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             check_cuda_blocks(p.num_tiles * p.batch);
+             check_cuda_grid(p.num_tiles * p.batch, "x");
              vandermonde_fwd_cuda(p, ctx);
            }));
   });
@@ -137,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> transpose_rows(const at::Tensor& u2, const at
     p.t1 = with_t1 ? ptr<scalar_t>(t1) : nullptr;
     launch(x2, [&] { vandermonde_transpose_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
              const int64_t groups = (N + vandermonde::kCudaTransposeGroup - 1) / vandermonde::kCudaTransposeGroup;
-             check_cuda_blocks(p.num_tiles * groups * B);
+             check_cuda_grid(p.num_tiles * groups * B, "x");
              const at::Tensor partials = at::empty({B, p.num_tiles, N, 4}, x2.options().dtype(at::kDouble));
              vandermonde_transpose_cuda(p, ptr<double>(partials), ctx);
            }));
