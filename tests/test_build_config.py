@@ -61,7 +61,8 @@ def test_import_refuses_a_build_for_another_torch():
     out = _import_with_config("TORCH_VERSION = '1.13.1'\nCUDA = False\nCUDA_ARCHS = []\nCUDA_VERSION = None\n")
     assert out.returncode == 3, out.stdout + out.stderr
     r = major_minor(torch.__version__)
-    assert f"built against torch 1.13, running torch {r[0]}.{r[1]}" in out.stdout
+    assert "built against torch 1.13 (1.13.1)" in out.stdout
+    assert f"running torch {r[0]}.{r[1]} ({torch.__version__})" in out.stdout
     assert "undefined symbol" not in out.stdout + out.stderr
 
 
