@@ -109,4 +109,4 @@ cmake: venv
 	cmake --build build/cmake -j $(MAX_JOBS)
 
 clean:
-	rm -rf build python/ssm_kernels/*.so
+	rm -rf build python/ssm_kernels/*.so python/ssm_kernels/_build_config.py
