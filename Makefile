@@ -15,6 +15,8 @@ PYTEST_ARGS ?=
 TORCH_MIN_VERSION ?= 2.11
 VENV_MIN ?= .venv-torch$(TORCH_MIN_VERSION)
 PY_MIN := $(VENV_MIN)/bin/python
+# torch comes from the package registry (its default Linux wheel, with the CUDA libraries: the build
+# is CPU-only all the same); TORCH_MIN_PIP_ARGS can point pip at a CPU-only wheel index instead.
 TORCH_MIN_PIP_ARGS ?=
 # The whole CPU suite: it takes about a minute on 2 cores (the build about 4), well within CI's budget.
 TORCH_MIN_PYTEST_ARGS ?=
