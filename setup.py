@@ -2,18 +2,30 @@
 
 Environment:
   SSM_KERNELS_CUDA=0/1   force the CUDA kernels off/on (default: on when nvcc is found)
-  TORCH_CUDA_ARCH_LIST   archs to build; default: the visible GPU's, else "8.0;9.0a"
+  TORCH_CUDA_ARCH_LIST   archs to build; default: the visible GPU's, else build_config.json's
+                         default_cuda_archs
   SSM_KERNELS_PTXAS_VERBOSE=1  pass -Xptxas -v (register and spill report per kernel)
+  SSM_KERNELS_BUILD_BASE setuptools' build folder (default: build); a second build against another
+                         torch uses its own so the two never share object files
   MAX_JOBS               parallel compile jobs (ninja)
+
+Sources, flags and default archs come from build_config.json, which CMakeLists.txt reads too.
+The build writes ssm_kernels/_build_config.py next to the extension (torch version, CUDA on/off,
+archs, CUDA version); `import ssm_kernels` checks it against the running torch before loading _C.
 """
 import glob
+import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "build_config.json")) as f:
+    CONFIG = json.load(f)
 
 
 def _find_cuda_home():
@@ -83,20 +95,66 @@ def _default_arch_list():
     if torch.cuda.is_available():
         archs = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{a}.{b}" + ("a" if a == 9 else "") for a, b in archs)
-    return "8.0;9.0a"
+    return ";".join(CONFIG["default_cuda_archs"])
 
 
-def sources(pattern):
-    # One source list for setup.py and CMakeLists.txt: every file under csrc/ except the C++ unit tests.
-    found = glob.glob(os.path.join("csrc", "**", pattern), recursive=True)
-    return sorted(f for f in found if not f.startswith(os.path.join("csrc", "tests")))
+def sources(key):
+    """The files matching build_config.json's globs under `key`, minus its exclude_dirs."""
+    found = set()
+    for pattern in CONFIG[key]:
+        found.update(glob.glob(pattern, root_dir=ROOT, recursive=True))
+    excluded = tuple(d.rstrip("/") + "/" for d in CONFIG["exclude_dirs"])
+    return sorted(f for f in found if not f.replace(os.sep, "/").startswith(excluded))
+
+
+def _cuda_version():
+    """The release of the nvcc that compiles the kernels (e.g. "13.0"), or None."""
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def build_config_text(arch_list):
+    """ssm_kernels/_build_config.py: what this extension was built against (read before loading _C)."""
+    values = {
+        "TORCH_VERSION": torch.__version__,
+        "CUDA": WITH_CUDA,
+        "CUDA_ARCHS": arch_list.replace(";", " ").split() if WITH_CUDA else [],
+        "CUDA_VERSION": _cuda_version() if WITH_CUDA else None,
+    }
+    lines = ["# Written by setup.py when ssm_kernels._C is built; not tracked by git.\n"]
+    lines += [f"{key} = {value!r}\n" for key, value in values.items()]
+    return "".join(lines)
+
+
+class BuildExt(BuildExtension):
+    """torch's build_ext, plus _build_config.py written next to the built _C (in place for an
+    editable install, into the wheel's tree otherwise)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(os.path.dirname(self.get_ext_fullpath("ssm_kernels._C")), "_build_config.py")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "w") as f:
+            f.write(build_config_text(ARCH_LIST))
+
+
+ARCH_LIST = ""
 
 
 def make_extension():
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x030A0000", "-fno-math-errno", "-fno-trapping-math"]
-    define_macros = [("SSMK_PYTHON_MODULE", "1")]
-    include_dirs = [os.path.join(ROOT, "csrc")]
-    srcs = sources("*.cpp")
+    global ARCH_LIST
+    # The standard is set explicitly: older torch's cpp_extension defaults to C++17 (the later flag wins).
+    std = f"-std=c++{CONFIG['cxx_std']}"
+    cxx_flags = [std] + list(CONFIG["cxx_flags"]) + (["-fopenmp"] if CONFIG["openmp"] else [])
+    link_flags = ["-fopenmp"] if CONFIG["openmp"] else []
+    define_macros = [tuple(d.split("=", 1)) for d in CONFIG["python_module_defines"]]
+    include_dirs = [os.path.join(ROOT, d) for d in CONFIG["include_dirs"]]
+    srcs = sources("cxx_sources")
     if not WITH_CUDA:
         return CppExtension(
             "ssm_kernels._C",
@@ -104,39 +162,32 @@ def make_extension():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
-    arch_list = _default_arch_list()
+    arch_list = ARCH_LIST = _default_arch_list()
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-    define_macros += [("SSMK_WITH_CUDA", "1"), ("SSMK_CUDA_ARCHS", f'"{arch_list}"')]
-    nvcc_flags = [
-        "-O3",
-        "--expt-relaxed-constexpr",
-        "--expt-extended-lambda",
-        "-lineinfo",
-        "-DPy_LIMITED_API=0x030A0000",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    ]
+    # Spaces, not ';', inside the value: build_info() is a ';'-separated list of key=value items.
+    archs_value = " ".join(arch_list.replace(";", " ").split())
+    define_macros += [("SSMK_WITH_CUDA", "1"), ("SSMK_CUDA_ARCHS", f'"{archs_value}"')]
+    nvcc_flags = [std] + list(CONFIG["nvcc_flags"])
     if os.environ.get("SSM_KERNELS_PTXAS_VERBOSE") == "1":
         nvcc_flags.append("-Xptxas=-v")
     include_dirs += _extra_cuda_includes()
     return CUDAExtension(
         "ssm_kernels._C",
-        srcs + sources("*.cu"),
+        srcs + sources("cuda_sources"),
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 
 
 setup(
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"},
+             "build": {"build_base": os.environ.get("SSM_KERNELS_BUILD_BASE") or "build"}},
 )

@@ -23,10 +23,16 @@ namespace {
 
 bool set_poison_outputs(bool enable) { return poison_outputs_flag().exchange(enable); }
 
+// `key=value` items separated by ';'. The arch list is space-separated: setup.py defines it so, and
+// any ';' (a CMake list passed through) is turned into a space so that it cannot split an item.
 std::string build_info() {
   std::string info = "cuda=";
 #ifdef SSMK_WITH_CUDA
-  info += "1;cuda_archs=" SSMK_CUDA_ARCHS;
+  std::string archs = SSMK_CUDA_ARCHS;
+  for (char& c : archs) {
+    if (c == ';' || c == ',') c = ' ';
+  }
+  info += "1;cuda_archs=" + archs;
 #else
   info += "0;cuda_archs=";
 #endif

@@ -53,8 +53,11 @@ def cmd_info() -> int:
 
     info = ssm_kernels.build_info()
     print(f"ssm_kernels {ssm_kernels.__version__}")
-    print(f"torch {info['torch']} (threads: {torch.get_num_threads()})")
-    print(f"CUDA kernels built: {'yes' if info['cuda'] else 'no'}" + (f" (archs {info['cuda_archs']})" if info["cuda"] else ""))
+    built = info.get("torch_built") or "unknown (no _build_config.py)"
+    print(f"torch {info['torch']} (built against torch {built}; threads: {torch.get_num_threads()})")
+    cuda_detail = f" (archs {' '.join(info['cuda_archs'])}" + (
+        f", CUDA {info['cuda_version_built']})" if info.get("cuda_version_built") else ")")
+    print(f"CUDA kernels built: {'yes' if info['cuda'] else 'no'}" + (cuda_detail if info["cuda"] else ""))
     print(f"CPU kernels: ISA {info.get('cpu_isa')}, OpenMP {'yes' if info.get('openmp') == '1' else 'no'}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"GPU visible: {gpu}")
