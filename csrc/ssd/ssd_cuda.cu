@@ -14,8 +14,6 @@ namespace {
 
 namespace k = ssd::cuda_kernels;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Grid for grid-stride elementwise kernels: enough blocks to fill the device, not one per element.
 unsigned grid_for(int64_t total, int threads, int sms) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, threads), int64_t(sms) * 16)));
