@@ -68,7 +68,9 @@ _ARGUMENTS = {
 def check_args(name: str, values: dict) -> list:
     """The op's arguments in schema order, after the type and device checks above."""
     args = []
-    device = None
+    # The reference device is the first tensor's not on meta, so that the odd tensor is named.
+    devices = [values[a].device for a, _ in _ARGUMENTS[name] if isinstance(values[a], torch.Tensor)]
+    device = next((d for d in devices if d.type != "meta"), None)
     for arg, kind in _ARGUMENTS[name]:
         value = values[arg]
         if not _type_ok(kind, value):
