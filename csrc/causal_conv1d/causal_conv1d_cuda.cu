@@ -46,10 +46,7 @@ void causal_conv1d_update_cuda(const CausalConv1dUpdateParams<T, S>& p, const Cu
   SSMK_INSTANTIATE_UPDATE(T, double)                                                                 \
   SSMK_INSTANTIATE_UPDATE(T, c10::Half)                                                              \
   SSMK_INSTANTIATE_UPDATE(T, c10::BFloat16)
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 #undef SSMK_INSTANTIATE_UPDATE
 

@@ -714,10 +714,7 @@ void fftconv_bwd_cpu(const FftconvBwdParams<T>& p) {
 #define SSMK_INSTANTIATE(T)                                           \
   template void fftconv_fwd_cpu<T>(const FftconvFwdParams<T>&); \
   template void fftconv_bwd_cpu<T>(const FftconvBwdParams<T>&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 
 }  // namespace ssmk

@@ -96,10 +96,7 @@ void fused_bwd(const FftconvBwdParams<T>& p, const float* tw, const float* hs, c
                        const CudaContext&);                                                                    \
   template void grad_input<T>(const FftconvBwdParams<T>&, int64_t, int64_t, const acc_t<T>*, const acc_t<T>*,  \
                               const CudaContext&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 
 // The fused path computes in float: no float64 instantiation.

@@ -210,10 +210,7 @@ void fftconv_bwd_cuda(const FftconvBwdParams<T>& params, const CudaContext& ctx)
 #define SSMK_INSTANTIATE(T)                                                               \
   template void fftconv_fwd_cuda<T>(const FftconvFwdParams<T>&, const CudaContext&); \
   template void fftconv_bwd_cuda<T>(const FftconvBwdParams<T>&, const CudaContext&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 
 }  // namespace ssmk

@@ -444,10 +444,7 @@ void selective_state_update_cpu(const SelectiveStateUpdateParams<T>& p) {
   SSMK_INSTANTIATE_SCAN(T, false) \
   SSMK_INSTANTIATE_SCAN(T, true)  \
   template void selective_state_update_cpu<T>(const SelectiveStateUpdateParams<T>&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 #undef SSMK_INSTANTIATE_SCAN
 

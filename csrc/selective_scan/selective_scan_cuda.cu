@@ -38,10 +38,7 @@ void selective_state_update_cuda(const SelectiveStateUpdateParams<T>& p, const C
   SSMK_INSTANTIATE_SCAN(T, false) \
   SSMK_INSTANTIATE_SCAN(T, true)  \
   template void selective_state_update_cuda<T>(const SelectiveStateUpdateParams<T>&, const CudaContext&);
-SSMK_INSTANTIATE(float)
-SSMK_INSTANTIATE(double)
-SSMK_INSTANTIATE(c10::Half)
-SSMK_INSTANTIATE(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 #undef SSMK_INSTANTIATE_SCAN
 

@@ -137,10 +137,7 @@ bool ssd_gl_gemm_cuda(const cuda::BatchedGemmParams& g, const SsdGlParams<float>
   template bool ssd_gemm_cuda<T>(const cuda::BatchedGemmParams&, const CudaContext&);              \
   template bool ssd_gl_gemm_cuda<T>(const cuda::BatchedGemmParams&, const SsdGlParams<float>&, bool, \
                                     const CudaContext&);
-SSMK_INSTANTIATE_T(float)
-SSMK_INSTANTIATE_T(double)
-SSMK_INSTANTIATE_T(c10::Half)
-SSMK_INSTANTIATE_T(c10::BFloat16)
+SSMK_FLOAT_TYPES(SSMK_INSTANTIATE_T)
 SSMK_INSTANTIATE_ACC(float)
 SSMK_INSTANTIATE_ACC(double)
 SSMK_INSTANTIATE_GEMM(float)
