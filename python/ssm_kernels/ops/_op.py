@@ -14,6 +14,7 @@ Conventions that let autograd be derived from the schemas (docs/design-notes.md)
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -87,6 +88,12 @@ def check_args(name: str, values: dict) -> list:
     return args
 
 
+def check_choice(name: str, value, choices) -> None:
+    """A Python-level option (a string the op does not take) against its allowed values."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
 def call(name: str, **values):
     """torch.ops.ssm_kernels.<name> with the arguments given by their schema names."""
     return getattr(torch.ops.ssm_kernels, name)(*check_args(name, values))
@@ -155,6 +162,27 @@ def register_backward_fake(bwd: str, like: Optional[dict] = None) -> None:
         return out if len(out) > 1 else out[0]
 
     torch.library.register_fake(f"ssm_kernels::{bwd}", fake)
+
+
+def fake(name: str):
+    """Decorator registering the forward's fake of op `name`. The function declares only the
+    arguments it reads, by their schema names, so adding an argument to the op leaves it alone."""
+
+    def decorate(fn):
+        params = list(inspect.signature(fn).parameters)
+        names = [a.name for a in _schema(name).arguments]
+        for p in params:
+            if p not in names:
+                raise RuntimeError(f"fake of {name}: {p} is not an argument of the op")
+
+        def impl(*args, **kwargs):
+            values = dict(zip(names, args), **kwargs)
+            return fn(**{p: values[p] for p in params})
+
+        torch.library.register_fake(f"ssm_kernels::{name}", impl)
+        return fn
+
+    return decorate
 
 
 def register(fwd: str, bwd: str, like: Optional[dict] = None) -> None:

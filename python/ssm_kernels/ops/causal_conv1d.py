@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 
 from . import _op
-from ._checks import check_choice
 
 ACTIVATIONS = (None, "silu", "swish")
 
@@ -46,7 +45,7 @@ def causal_conv1d(
         >>> w = torch.randn(64, 4)
         >>> y = causal_conv1d(x, w, activation="silu")
     """
-    check_choice("activation", activation, ACTIVATIONS)
+    _op.check_choice("activation", activation, ACTIVATIONS)
     out, final_states = _op.call(
         "causal_conv1d_fwd", x=x, weight=weight, bias=bias, initial_states=initial_states, seq_idx=seq_idx,
         silu=activation is not None,
@@ -87,22 +86,22 @@ def causal_conv1d_update(
         >>> state = torch.zeros(2, 64, 3)
         >>> y = causal_conv1d_update(torch.randn(2, 64), state, torch.randn(64, 4), activation="silu")
     """
-    check_choice("activation", activation, ACTIVATIONS)
+    _op.check_choice("activation", activation, ACTIVATIONS)
     return _op.call(
         "causal_conv1d_update", x=x, conv_state=conv_state, weight=weight, bias=bias,
         conv_state_indices=conv_state_indices, silu=activation is not None,
     )
 
 
-@torch.library.register_fake("ssm_kernels::causal_conv1d_fwd")
-def _(x, weight, bias, initial_states, seq_idx, silu):
+@_op.fake("causal_conv1d_fwd")
+def _(x, weight):
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     return x.new_empty((batch, dim, seqlen)), x.new_empty((batch, dim, width - 1))
 
 
-@torch.library.register_fake("ssm_kernels::causal_conv1d_update")
-def _(x, conv_state, weight, bias, conv_state_indices, silu):
+@_op.fake("causal_conv1d_update")
+def _(x):
     return x.new_empty(x.shape)
 
 

@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 
 from . import _op
-from ._checks import check_choice
 
 # The public activation names and the op's activation codes (csrc/fftconv/fftconv_op.cpp).
 ACTIVATIONS = {None: 0, "gelu": 1, "silu": 2}
@@ -51,13 +50,13 @@ def fftconv(
         >>> k = torch.randn(64, 1000) / 1000
         >>> y = fftconv(u, k, D=torch.randn(64), activation="gelu")
     """
-    check_choice("activation", activation, list(ACTIVATIONS))
+    _op.check_choice("activation", activation, list(ACTIVATIONS))
     return _op.call("fftconv_fwd", u=u, k=k, D=D, k_rev=k_rev, pregate=pregate, postgate=postgate,
                     activation=ACTIVATIONS[activation])
 
 
-@torch.library.register_fake("ssm_kernels::fftconv_fwd")
-def _(u, k, D, k_rev, pregate, postgate, activation):
+@_op.fake("fftconv_fwd")
+def _(u):
     return u.new_empty(u.shape)
 
 

@@ -112,8 +112,8 @@ def selective_state_update(
     )
 
 
-@torch.library.register_fake("ssm_kernels::selective_scan_fwd")
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+@_op.fake("selective_scan_fwd")
+def _(u, A):
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_chunks = (seqlen + CHUNK_SIZE - 1) // CHUNK_SIZE
@@ -125,8 +125,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
     )
 
 
-@torch.library.register_fake("ssm_kernels::selective_state_update")
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+@_op.fake("selective_state_update")
+def _(x):
     return x.new_empty(x.shape)
 
 

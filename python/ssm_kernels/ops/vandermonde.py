@@ -64,14 +64,14 @@ def _batch(*shapes):
     return torch.broadcast_shapes(*(s[:-1] for s in shapes))
 
 
-@torch.library.register_fake("ssm_kernels::log_vandermonde_fwd")
+@_op.fake("log_vandermonde_fwd")
 def _(v, x, L, symmetric):
     shape = torch.broadcast_shapes(v.shape, x.shape)
     dtype = _REAL_OF[v.dtype] if symmetric else v.dtype
     return v.new_empty((*shape[:-1], L), dtype=dtype)
 
 
-@torch.library.register_fake("ssm_kernels::log_vandermonde_transpose_fwd")
+@_op.fake("log_vandermonde_transpose_fwd")
 def _(u, v, x, L):
     n = torch.broadcast_shapes(v.shape[-1:], x.shape[-1:])
     return v.new_empty((*_batch(u.shape, v.shape, x.shape), *n))
