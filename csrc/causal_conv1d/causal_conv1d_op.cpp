@@ -3,6 +3,7 @@
 #include "common/dispatch.h"
 #include "common/op.h"
 #include "common/output.h"
+#include "common/varlen.h"
 
 namespace ssmk {
 namespace {
@@ -56,9 +57,7 @@ void check_common(const Args& in) {
     check_same_device(*in.initial_states, in.x, "initial_states");
   }
   if (in.seq_idx) {
-    check_shape(*in.seq_idx, {B, L}, "seq_idx");
-    check_dtype(*in.seq_idx, at::kInt, "seq_idx");
-    check_same_device(*in.seq_idx, in.x, "seq_idx");
+    check_seq_idx(*in.seq_idx, B, L, in.x);
   }
 }
 

@@ -5,6 +5,7 @@
 #include "common/dispatch.h"
 #include "common/op.h"
 #include "common/output.h"
+#include "common/varlen.h"
 #include "ssd/ssd_host.h"
 
 namespace ssmk {
@@ -22,23 +23,6 @@ SSMK_OP_ARGS(SsdScanFwdArgs, SSD_SCAN_FWD_ARGS)
 SSMK_OP_ARGS(SsdScanBwdArgs, SSD_SCAN_BWD_ARGS)
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
-
-// seq_idx must not decrease along seqlen. Read only for CPU tensors (no device sync): on CUDA a
-// decreasing seq_idx gives unspecified values, never an out-of-bounds access, since the kernels
-// only compare seq_idx values with each other.
-void check_seq_idx_order(const at::Tensor& seq_idx) {
-  if (!seq_idx.is_cpu()) return;
-  const at::Tensor s = seq_idx.contiguous();
-  const int64_t Bn = s.size(0), L = s.size(1);
-  const int32_t* v = s.data_ptr<int32_t>();
-  for (int64_t b = 0; b < Bn; ++b) {
-    for (int64_t l = 0; l + 1 < L; ++l) {
-      const int32_t cur = v[b * L + l], next = v[b * L + l + 1];
-      SSMK_CHECK_VALUE(next >= cur, "seq_idx: expected values non-decreasing along seqlen, got seq_idx[", b, ", ",
-                       l, "] = ", cur, " > seq_idx[", b, ", ", l + 1, "] = ", next);
-    }
-  }
-}
 
 // The forward's arguments (the backward has them all).
 template <typename Args>
@@ -97,10 +81,7 @@ void check_inputs(const Args& in) {
     check_same_device(*in.initial_states, x, "initial_states");
   }
   if (in.seq_idx) {
-    check_shape(*in.seq_idx, {Bn, L}, "seq_idx");
-    check_dtype(*in.seq_idx, at::kInt, "seq_idx");
-    check_same_device(*in.seq_idx, x, "seq_idx");
-    check_seq_idx_order(*in.seq_idx);
+    check_seq_idx(*in.seq_idx, Bn, L, x);
   }
 }
 
