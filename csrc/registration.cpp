@@ -1,6 +1,5 @@
 // The TORCH_LIBRARY of the project's namespaces. Each op declares its own schema and kernels in
-// its folder (TORCH_LIBRARY_FRAGMENT and SSMK_IMPL_CPU_AND_CUDA in <op>_op.cpp, see
-// common/op.h); fake implementations and autograd are registered from Python
+// its folder (SSMK_OP in <op>_op.cpp, see common/op.h); fake implementations and autograd are registered from Python
 // (python/ssm_kernels/ops/).
 #include <torch/library.h>
 

@@ -125,17 +125,8 @@ std::tuple<at::Tensor, at::Tensor> cauchy_bwd(const CauchyBwdArgs& in) {
   return {dv.view(shape).sum_to_size(in.v.sizes()), dw.view(shape).sum_to_size(in.w.sizes())};
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("cauchy_fwd", op::kernel<CauchyFwdArgs, &cauchy_fwd>());
-  m.impl("cauchy_bwd", op::kernel<CauchyBwdArgs, &cauchy_bwd>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  ssmk::op::define<ssmk::CauchyFwdArgs>(m, "cauchy_fwd", "Tensor out");
-  ssmk::op::define<ssmk::CauchyBwdArgs>(m, "cauchy_bwd", "(Tensor dv, Tensor dw)");
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+SSMK_OP(cauchy_fwd, CauchyFwdArgs, "Tensor out")
+SSMK_OP(cauchy_bwd, CauchyBwdArgs, "(Tensor dv, Tensor dw)")

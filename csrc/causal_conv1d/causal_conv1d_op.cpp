@@ -17,9 +17,9 @@ using causal_conv1d::kMinWidth;
 #define CAUSAL_CONV1D_BWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
   X(OptTensor, seq_idx) X(Tensor, dout) X(OptTensor, dfinal_states) X(Bool, silu)
-// conv_state is written in place: its schema (below) is spelled out, as Tensor(a!).
+// conv_state is written in place.
 #define CAUSAL_CONV1D_UPDATE_ARGS(X)                                        \
-  X(Tensor, x) X(Tensor, conv_state) X(Tensor, weight) X(OptTensor, bias) \
+  X(Tensor, x) X(MutTensor, conv_state) X(Tensor, weight) X(OptTensor, bias) \
   X(OptTensor, conv_state_indices) X(Bool, silu)
 SSMK_OP_ARGS(CausalConv1dFwdArgs, CAUSAL_CONV1D_FWD_ARGS)
 SSMK_OP_ARGS(CausalConv1dBwdArgs, CAUSAL_CONV1D_BWD_ARGS)
@@ -212,25 +212,10 @@ at::Tensor causal_conv1d_update(const CausalConv1dUpdateArgs& in) {
   return in.x.dim() == 2 ? out.squeeze(-1) : out;
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("causal_conv1d_fwd", op::kernel<CausalConv1dFwdArgs, &causal_conv1d_fwd>());
-  m.impl("causal_conv1d_bwd", op::kernel<CausalConv1dBwdArgs, &causal_conv1d_bwd>());
-  m.impl("causal_conv1d_update", op::kernel<CausalConv1dUpdateArgs, &causal_conv1d_update>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // final_states is always returned (it is tiny); the Python wrapper drops it if unwanted.
-  ssmk::op::define<ssmk::CausalConv1dFwdArgs>(m, "causal_conv1d_fwd", "(Tensor out, Tensor final_states)");
-  ssmk::op::define<ssmk::CausalConv1dBwdArgs>(
-      m, "causal_conv1d_bwd", "(Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)");
-  // The args types of op.h have no mutable tensor, so this schema is written out; it must list
-  // CAUSAL_CONV1D_UPDATE_ARGS in order.
-  m.def(
-      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, "
-      "Tensor? conv_state_indices, bool silu) -> Tensor");
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+// final_states is always returned (it is tiny); the Python wrapper drops it if unwanted.
+SSMK_OP(causal_conv1d_fwd, CausalConv1dFwdArgs, "(Tensor out, Tensor final_states)")
+SSMK_OP(causal_conv1d_bwd, CausalConv1dBwdArgs, "(Tensor dx, Tensor dweight, Tensor dbias, Tensor dinitial_states)")
+SSMK_OP(causal_conv1d_update, CausalConv1dUpdateArgs, "Tensor")

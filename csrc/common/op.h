@@ -38,6 +38,7 @@ namespace op {
 
 // The argument types an op may declare, by their schema spelling.
 using Tensor = at::Tensor;                 // Tensor
+struct MutTensor : at::Tensor {};          // Tensor(a!): updated in place; at most one per op
 using OptTensor = std::optional<at::Tensor>;  // Tensor?
 using Bool = bool;                         // bool
 using Int = int64_t;                       // int
@@ -51,6 +52,11 @@ template <>
 struct Arg<Tensor> {
   static constexpr const char* kSchema = "Tensor";
   static Tensor take(c10::IValue& v) { return std::move(v).toTensor(); }
+};
+template <>
+struct Arg<MutTensor> {
+  static constexpr const char* kSchema = "Tensor(a!)";
+  static MutTensor take(c10::IValue& v) { return MutTensor{std::move(v).toTensor()}; }
 };
 template <>
 struct Arg<OptTensor> {
@@ -188,7 +194,15 @@ void launch(const at::Tensor& ref, Cpu&& cpu, Cuda&& cuda) {
     }                                                                                   \
   };
 
-// Registers the op host functions FN(m) for both devices (one host path, see above).
-#define SSMK_IMPL_CPU_AND_CUDA(FN)                  \
-  TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) { FN(m); } \
-  TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) { FN(m); }
+// Defines op NAME, with the schema of the args struct ARGS and the returns RETURNS, and registers
+// the host function ssmk::NAME as its kernel for both devices (one host path, see above).
+#define SSMK_OP(NAME, ARGS, RETURNS)                                                 \
+  TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {                                           \
+    ::ssmk::op::define<::ssmk::ARGS>(m, #NAME, RETURNS);                             \
+  }                                                                                  \
+  TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {                                          \
+    m.impl(#NAME, ::ssmk::op::kernel<::ssmk::ARGS, &::ssmk::NAME>());                \
+  }                                                                                  \
+  TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) {                                         \
+    m.impl(#NAME, ::ssmk::op::kernel<::ssmk::ARGS, &::ssmk::NAME>());                \
+  }

@@ -161,19 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return result();
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("fftconv_fwd", op::kernel<FftconvFwdArgs, &fftconv_fwd>());
-  m.impl("fftconv_bwd", op::kernel<FftconvBwdArgs, &fftconv_bwd>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  ssmk::op::define<ssmk::FftconvFwdArgs>(m, "fftconv_fwd", "Tensor out");
-  ssmk::op::define<ssmk::FftconvBwdArgs>(m, "fftconv_bwd",
-                                         "(Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, Tensor dpregate, "
-                                         "Tensor dpostgate)");
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+SSMK_OP(fftconv_fwd, FftconvFwdArgs, "Tensor out")
+SSMK_OP(fftconv_bwd, FftconvBwdArgs, "(Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, Tensor dpregate, Tensor dpostgate)")

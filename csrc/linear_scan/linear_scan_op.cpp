@@ -137,18 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const LinearScanB
   return result();
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("linear_scan_fwd", op::kernel<LinearScanFwdArgs, &linear_scan_fwd>());
-  m.impl("linear_scan_bwd", op::kernel<LinearScanBwdArgs, &linear_scan_bwd>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // last_state is always returned (it is tiny); the Python wrapper drops it if unwanted.
-  ssmk::op::define<ssmk::LinearScanFwdArgs>(m, "linear_scan_fwd", "(Tensor h, Tensor last_state)");
-  ssmk::op::define<ssmk::LinearScanBwdArgs>(m, "linear_scan_bwd", "(Tensor da, Tensor db, Tensor dinitial_state)");
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+// last_state is always returned (it is tiny); the Python wrapper drops it if unwanted.
+SSMK_OP(linear_scan_fwd, LinearScanFwdArgs, "(Tensor h, Tensor last_state)")
+SSMK_OP(linear_scan_bwd, LinearScanBwdArgs, "(Tensor da, Tensor db, Tensor dinitial_state)")

@@ -23,8 +23,9 @@ using selective_scan::num_chunks;
 // The backward also reads the forward's checkpoints and the gradients of out and last_state.
 #define SELECTIVE_SCAN_BWD_ARGS(X) \
   SELECTIVE_SCAN_FWD_ARGS(X) X(Tensor, checkpoints) X(Tensor, dout) X(OptTensor, dlast_state)
+// state is updated in place.
 #define SELECTIVE_STATE_UPDATE_ARGS(X)                                                            \
-  X(Tensor, state) X(Tensor, x) X(Tensor, dt) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(OptTensor, D) \
+  X(MutTensor, state) X(Tensor, x) X(Tensor, dt) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(OptTensor, D) \
   X(OptTensor, z) X(OptTensor, dt_bias) X(Bool, dt_softplus) X(OptTensor, state_batch_indices)
 SSMK_OP_ARGS(SelectiveScanFwdArgs, SELECTIVE_SCAN_FWD_ARGS)
 SSMK_OP_ARGS(SelectiveScanBwdArgs, SELECTIVE_SCAN_BWD_ARGS)
@@ -512,29 +513,11 @@ at::Tensor selective_state_update(const SelectiveStateUpdateArgs& in) {
   return heads ? out : out.squeeze(1);
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("selective_scan_fwd", op::kernel<SelectiveScanFwdArgs, &selective_scan_fwd>());
-  m.impl("selective_scan_bwd", op::kernel<SelectiveScanBwdArgs, &selective_scan_bwd>());
-  m.impl("selective_state_update", op::kernel<SelectiveStateUpdateArgs, &selective_state_update>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // The forward also returns the state before every chunk of kChunkSize steps (checkpoints,
-  // [B, D, n_chunks, N]), from which the backward recomputes each chunk.
-  ssmk::op::define<ssmk::SelectiveScanFwdArgs>(m, "selective_scan_fwd",
-                                               "(Tensor out, Tensor last_state, Tensor checkpoints)");
-  ssmk::op::define<ssmk::SelectiveScanBwdArgs>(m, "selective_scan_bwd",
-                                               "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, "
-                                               "Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dinitial_state)");
-  // `state` is updated in place: its schema type carries the alias annotation Tensor(a!), which
-  // the args list (plain Tensor) cannot spell; the rest of the schema comes from the list.
-  const std::string args = ssmk::SelectiveStateUpdateArgs::schema();
-  const std::string first = ", Tensor state";
-  TORCH_INTERNAL_ASSERT(args.compare(0, first.size(), first) == 0);
-  m.def(("selective_state_update(Tensor(a!) state" + args.substr(first.size()) + ") -> Tensor").c_str());
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+// The forward also returns the state before every chunk of kChunkSize steps (checkpoints,
+// [B, D, n_chunks, N]), from which the backward recomputes each chunk.
+SSMK_OP(selective_scan_fwd, SelectiveScanFwdArgs, "(Tensor out, Tensor last_state, Tensor checkpoints)")
+SSMK_OP(selective_scan_bwd, SelectiveScanBwdArgs, "(Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddelta_bias, Tensor dinitial_state)")
+SSMK_OP(selective_state_update, SelectiveStateUpdateArgs, "Tensor")

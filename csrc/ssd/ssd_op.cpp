@@ -395,20 +395,9 @@ BwdResult ssd_scan_bwd(const SsdScanBwdArgs& in) {
   return result;
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("ssd_scan_fwd", op::kernel<SsdScanFwdArgs, &ssd_scan_fwd>());
-  m.impl("ssd_scan_bwd", op::kernel<SsdScanBwdArgs, &ssd_scan_bwd>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  // final_states is always returned (the wrapper drops it if unwanted).
-  ssmk::op::define<ssmk::SsdScanFwdArgs>(m, "ssd_scan_fwd", "(Tensor out, Tensor final_states)");
-  ssmk::op::define<ssmk::SsdScanBwdArgs>(m, "ssd_scan_bwd",
-                                         "(Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, Tensor dD, "
-                                         "Tensor dz, Tensor ddt_bias, Tensor dinitial_states)");
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+// final_states is always returned (the wrapper drops it if unwanted).
+SSMK_OP(ssd_scan_fwd, SsdScanFwdArgs, "(Tensor out, Tensor final_states)")
+SSMK_OP(ssd_scan_bwd, SsdScanBwdArgs, "(Tensor dx, Tensor ddt, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, Tensor ddt_bias, Tensor dinitial_states)")

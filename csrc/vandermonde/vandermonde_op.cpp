@@ -203,24 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_vandermonde_transpose_bwd(
   return {du.contiguous(), dv.view(shape).sum_to_size(v.sizes()), dx.view(shape).sum_to_size(x.sizes())};
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("log_vandermonde_fwd", op::kernel<LogVandermondeFwdArgs, &log_vandermonde_fwd>());
-  m.impl("log_vandermonde_bwd", op::kernel<LogVandermondeBwdArgs, &log_vandermonde_bwd>());
-  m.impl("log_vandermonde_transpose_fwd",
-         op::kernel<LogVandermondeTransposeFwdArgs, &log_vandermonde_transpose_fwd>());
-  m.impl("log_vandermonde_transpose_bwd",
-         op::kernel<LogVandermondeTransposeBwdArgs, &log_vandermonde_transpose_bwd>());
-}
-
 }  // namespace
 }  // namespace ssmk
 
-TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
-  using namespace ssmk;
-  op::define<LogVandermondeFwdArgs>(m, "log_vandermonde_fwd", "Tensor out");
-  op::define<LogVandermondeBwdArgs>(m, "log_vandermonde_bwd", "(Tensor dv, Tensor dx)");
-  op::define<LogVandermondeTransposeFwdArgs>(m, "log_vandermonde_transpose_fwd", "Tensor out");
-  op::define<LogVandermondeTransposeBwdArgs>(m, "log_vandermonde_transpose_bwd", "(Tensor du, Tensor dv, Tensor dx)");
-}
-
-SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+SSMK_OP(log_vandermonde_fwd, LogVandermondeFwdArgs, "Tensor out")
+SSMK_OP(log_vandermonde_bwd, LogVandermondeBwdArgs, "(Tensor dv, Tensor dx)")
+SSMK_OP(log_vandermonde_transpose_fwd, LogVandermondeTransposeFwdArgs, "Tensor out")
+SSMK_OP(log_vandermonde_transpose_bwd, LogVandermondeTransposeBwdArgs, "(Tensor du, Tensor dv, Tensor dx)")
