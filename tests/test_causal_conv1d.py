@@ -6,6 +6,7 @@ import ssm_kernels
 from ssm_kernels import reference
 from ssm_kernels.testing import (
     assert_close,
+    assert_deterministic,
     assert_raises_naming,
     check_compile,
     check_gradcheck,
@@ -132,14 +133,14 @@ def test_causal_conv1d_continues_from_final_states(device, split):
 
 def test_causal_conv1d_gradients_bitwise_reproducible(device):
     case = make_case(4, 33, 1500, 4, torch.float32, device, init=True, seq=True)
-    runs = []
-    for _ in range(2):
+
+    def run():
         inp = {k: clone_leaf(v) if k != "seq_idx" else v for k, v in case.items()}
         out, fin = ssm_kernels.causal_conv1d(**inp, activation="silu", return_final_states=True)
         (out.sum() + fin.sum()).backward()
-        runs.append([inp[k].grad.clone() for k in ("x", "weight", "bias", "initial_states")])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        return [inp[k].grad.clone() for k in ("x", "weight", "bias", "initial_states")]
+
+    assert_deterministic(run)
 
 
 def test_causal_conv1d_gradcheck(device):

@@ -1,4 +1,3 @@
-import contextlib
 import itertools
 
 import pytest
@@ -8,12 +7,14 @@ import ssm_kernels
 from ssm_kernels import reference
 from ssm_kernels.testing import (
     assert_close,
+    assert_deterministic,
     assert_raises_naming,
     check_compile,
     check_gradcheck,
     clone_leaf,
     dtype_id,
     grads,
+    one_thread,
     run_opcheck,
 )
 
@@ -61,18 +62,6 @@ def make_inputs(lead, L, dtype, device, init, layout="contig"):
     if init:
         h0 = torch.randn(tuple(lead), dtype=wide(dtype), device=device).to(acc_dtype(dtype))
     return a, b, h0
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The float64 loop runs thousands of tiny ops; on one thread they skip the thread pool's
-    synchronisation, which dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def reference_scan(a, b, h0, reverse, direct_up_to=1000):
@@ -245,15 +234,7 @@ def test_linear_scan_bitwise_reproducible(L, device):
         da, db, dh0 = torch.autograd.grad([h, last], leaves, [g, torch.ones_like(last)])
         return [t.detach() for t in (h, last, da, db, dh0)]
 
-    first = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
-    for x, y, z in zip(first, run(), single):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    assert_deterministic(run)
 
 
 @pytest.mark.parametrize("is_complex", [False, True], ids=["real", "complex"])

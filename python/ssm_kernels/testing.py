@@ -160,6 +160,29 @@ def check_gradcheck(fn: Callable, inputs: Sequence, **kwargs) -> None:
     assert torch.autograd.gradcheck(fn, tuple(inputs), **kwargs)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Runs the block on one CPU thread (also what a long float64 reference loop of tiny ops
+    wants: no thread-pool synchronisation per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_deterministic(run: Callable[[], Sequence[torch.Tensor]]) -> None:
+    """run() returns the same tensors bitwise: run twice, and once on one CPU thread (a different
+    split of the work, which a reduction in a fixed order does not see)."""
+    first, again = run(), run()
+    with one_thread():
+        single = run()
+    for i, (a, b, c) in enumerate(zip(first, again, single)):
+        assert torch.equal(a, b), f"result {i} differs between runs"
+        assert torch.equal(a, c), f"result {i} differs on one thread"
+
+
 def assert_raises_naming(exc_types, argname: str, fn: Callable, *args, **kwargs) -> str:
     """fn(*args, **kwargs) raises one of exc_types with a message naming `argname`."""
     try:
