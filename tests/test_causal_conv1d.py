@@ -3,21 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import ssm_kernels
-from ssm_kernels import reference
-from ssm_kernels.testing import (
-    assert_close,
-    assert_deterministic,
-    assert_raises_naming,
-    check_compile,
-    check_gradcheck,
-    clone_leaf,
-    dtype_id,
-    grads,
-    make_channel_last,
-    make_tensor,
-    run_opcheck,
-    tolerance,
-)
+from ssm_kernels import reference, testing
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 WIDTHS = [2, 3, 4, 5, 6, 7, 8]
@@ -28,14 +14,14 @@ LENGTHS = [1, 2, 3, 127, 128, 129, 511, 512, 513, 4096]
 def make_case(batch, dim, seqlen, width, dtype, device, *, bias=True, init=False, seq=False, layout="contiguous",
               weight_dtype=torch.float32):
     if layout == "channel-last":
-        x = make_channel_last(make_tensor((batch, dim, seqlen), dtype, device))
+        x = testing.make_channel_last(testing.make_tensor((batch, dim, seqlen), dtype, device))
     else:
-        x = make_tensor((batch, dim, seqlen), dtype, device, strided=(layout == "strided"))
+        x = testing.make_tensor((batch, dim, seqlen), dtype, device, strided=(layout == "strided"))
     case = {
         "x": x,
-        "weight": make_tensor((dim, width), weight_dtype, device, scale=width**-0.5),
-        "bias": make_tensor((dim,), weight_dtype, device) if bias else None,
-        "initial_states": make_tensor((batch, dim, width - 1), dtype, device) if init else None,
+        "weight": testing.make_tensor((dim, width), weight_dtype, device, scale=width**-0.5),
+        "bias": testing.make_tensor((dim,), weight_dtype, device) if bias else None,
+        "initial_states": testing.make_tensor((batch, dim, width - 1), dtype, device) if init else None,
         "seq_idx": None,
     }
     if seq:
@@ -47,32 +33,32 @@ def make_case(batch, dim, seqlen, width, dtype, device, *, bias=True, init=False
 
 def compare(case, activation, return_final_states, dtype, backward=True):
     names = ["x", "weight", "bias", "initial_states"]
-    ours_in = {k: (clone_leaf(v) if k in names else v) for k, v in case.items()}
-    ref_in = {k: (clone_leaf(v, torch.float64) if k in names else v) for k, v in case.items()}
+    ours_in = {k: (testing.clone_leaf(v) if k in names else v) for k, v in case.items()}
+    ref_in = {k: (testing.clone_leaf(v, torch.float64) if k in names else v) for k, v in case.items()}
     ours = ssm_kernels.causal_conv1d(**ours_in, activation=activation, return_final_states=return_final_states)
     ref = reference.causal_conv1d(**ref_in, activation=activation, return_final_states=return_final_states)
     ours = ours if isinstance(ours, tuple) else (ours,)
     ref = ref if isinstance(ref, tuple) else (ref,)
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert a.dtype == case["x"].dtype
-        assert_close(a, b, dtype, name=f"output {i}")
+        testing.assert_close(a, b, dtype, name=f"output {i}")
     if not backward:
         return
     g_out = [torch.randn_like(r) for r in ref]
-    g_ours = grads(ours, [ours_in[n] for n in names], [g.to(o.dtype) for g, o in zip(g_out, ours)])
-    g_ref = grads(ref, [ref_in[n] for n in names], g_out)
+    g_ours = testing.grads(ours, [ours_in[n] for n in names], [g.to(o.dtype) for g, o in zip(g_out, ours)])
+    g_ref = testing.grads(ref, [ref_in[n] for n in names], g_out)
     for name, a, b in zip(names, g_ours, g_ref):
         if b is not None:
             assert a is not None and a.dtype == case[name].dtype, name
             # a gradient stored in a lower precision than the computation is held to its own dtype
-            tol_dtype = a.dtype if tolerance(a.dtype) > tolerance(dtype) else dtype
-            assert_close(a, b, tol_dtype, name=f"d{name}")
+            tol_dtype = a.dtype if testing.tolerance(a.dtype) > testing.tolerance(dtype) else dtype
+            testing.assert_close(a, b, tol_dtype, name=f"d{name}")
 
 
 @pytest.mark.parametrize("mode", ["plain", "full"])
 @pytest.mark.parametrize("seqlen", LENGTHS, ids=lambda v: f"L{v}")
 @pytest.mark.parametrize("width", WIDTHS, ids=lambda v: f"W{v}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=testing.dtype_id)
 def test_causal_conv1d_matches_reference(device, dtype, width, seqlen, mode):
     if mode == "plain":
         case = make_case(2, 5, seqlen, width, dtype, device, bias=False)
@@ -84,7 +70,7 @@ def test_causal_conv1d_matches_reference(device, dtype, width, seqlen, mode):
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "channel-last"])
 @pytest.mark.parametrize("options", ["bias-silu", "init-final", "seq-init-final"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=testing.dtype_id)
 def test_causal_conv1d_layouts_and_options(device, dtype, options, layout):
     case = make_case(3, 67, 1100, 4, dtype, device, bias=True, init="init" in options, seq="seq" in options,
                      layout=layout)
@@ -104,43 +90,43 @@ def test_causal_conv1d_long_sequence(device):
 
 
 def test_causal_conv1d_equals_f_conv1d(device):
-    x = make_tensor((2, 16, 77), torch.float32, device)
-    w = make_tensor((16, 4), torch.float32, device)
-    b = make_tensor((16,), torch.float32, device)
+    x = testing.make_tensor((2, 16, 77), torch.float32, device)
+    w = testing.make_tensor((16, 4), torch.float32, device)
+    b = testing.make_tensor((16,), torch.float32, device)
     expected = F.silu(F.conv1d(x, w.unsqueeze(1), b, padding=3, groups=16)[..., :77])
-    assert_close(ssm_kernels.causal_conv1d(x, w, b, activation="swish"), expected, torch.float32)
+    testing.assert_close(ssm_kernels.causal_conv1d(x, w, b, activation="swish"), expected, torch.float32)
 
 
 def test_causal_conv1d_seq_idx_equals_separate_sequences(device):
     lengths = [5, 1, 130, 64]
-    x = make_tensor((1, 8, sum(lengths)), torch.float32, device)
-    w = make_tensor((8, 4), torch.float32, device)
+    x = testing.make_tensor((1, 8, sum(lengths)), torch.float32, device)
+    w = testing.make_tensor((8, 4), torch.float32, device)
     seq_idx = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)]).to(device)[None]
     packed = ssm_kernels.causal_conv1d(x, w, activation="silu", seq_idx=seq_idx)
     pieces = [ssm_kernels.causal_conv1d(part, w, activation="silu") for part in x.split(lengths, dim=-1)]
-    assert_close(packed, torch.cat(pieces, dim=-1), torch.float32)
+    testing.assert_close(packed, torch.cat(pieces, dim=-1), torch.float32)
 
 
 @pytest.mark.parametrize("split", [1, 2, 200, 511])
 def test_causal_conv1d_continues_from_final_states(device, split):
-    x = make_tensor((2, 6, 512), torch.float32, device)
-    w = make_tensor((6, 4), torch.float32, device)
+    x = testing.make_tensor((2, 6, 512), torch.float32, device)
+    w = testing.make_tensor((6, 4), torch.float32, device)
     full = ssm_kernels.causal_conv1d(x, w, activation="silu")
     first, state = ssm_kernels.causal_conv1d(x[..., :split], w, activation="silu", return_final_states=True)
     second = ssm_kernels.causal_conv1d(x[..., split:], w, activation="silu", initial_states=state)
-    assert_close(torch.cat([first, second], dim=-1), full, torch.float32)
+    testing.assert_close(torch.cat([first, second], dim=-1), full, torch.float32)
 
 
 def test_causal_conv1d_gradients_bitwise_reproducible(device):
     case = make_case(4, 33, 1500, 4, torch.float32, device, init=True, seq=True)
 
     def run():
-        inp = {k: clone_leaf(v) if k != "seq_idx" else v for k, v in case.items()}
+        inp = {k: testing.clone_leaf(v) if k != "seq_idx" else v for k, v in case.items()}
         out, fin = ssm_kernels.causal_conv1d(**inp, activation="silu", return_final_states=True)
         (out.sum() + fin.sum()).backward()
         return [inp[k].grad.clone() for k in ("x", "weight", "bias", "initial_states")]
 
-    assert_deterministic(run)
+    testing.assert_deterministic(run)
 
 
 def test_causal_conv1d_gradcheck(device):
@@ -151,21 +137,21 @@ def test_causal_conv1d_gradcheck(device):
         out, fin = ssm_kernels.causal_conv1d(x, w, b, "silu", init, True, seq_idx)
         return out, fin
 
-    check_gradcheck(fn, [clone_leaf(case[k]) for k in ("x", "weight", "bias", "initial_states")])
+    testing.check_gradcheck(fn, [testing.clone_leaf(case[k]) for k in ("x", "weight", "bias", "initial_states")])
 
 
 def test_causal_conv1d_opcheck(device):
     case = make_case(2, 5, 70, 4, torch.float32, device, init=True, seq=True)
-    args = (clone_leaf(case["x"]), clone_leaf(case["weight"]), clone_leaf(case["bias"]),
-            clone_leaf(case["initial_states"]), case["seq_idx"], True)
-    run_opcheck(torch.ops.ssm_kernels.causal_conv1d_fwd.default, args)
-    dout = make_tensor((2, 5, 70), torch.float32, device)
-    dfinal = make_tensor((2, 5, 3), torch.float32, device)
-    run_opcheck(torch.ops.ssm_kernels.causal_conv1d_bwd.default,
+    args = (testing.clone_leaf(case["x"]), testing.clone_leaf(case["weight"]), testing.clone_leaf(case["bias"]),
+            testing.clone_leaf(case["initial_states"]), case["seq_idx"], True)
+    testing.run_opcheck(torch.ops.ssm_kernels.causal_conv1d_fwd.default, args)
+    dout = testing.make_tensor((2, 5, 70), torch.float32, device)
+    dfinal = testing.make_tensor((2, 5, 3), torch.float32, device)
+    testing.run_opcheck(torch.ops.ssm_kernels.causal_conv1d_bwd.default,
                 (case["x"], case["weight"], case["bias"], case["initial_states"], case["seq_idx"], dout, dfinal, True))
-    state = make_tensor((2, 5, 5), torch.float32, device)
-    run_opcheck(torch.ops.ssm_kernels.causal_conv1d_update.default,
-                (make_tensor((2, 5, 3), torch.float32, device), state, case["weight"], case["bias"], None, True))
+    state = testing.make_tensor((2, 5, 5), torch.float32, device)
+    testing.run_opcheck(torch.ops.ssm_kernels.causal_conv1d_update.default,
+                (testing.make_tensor((2, 5, 3), torch.float32, device), state, case["weight"], case["bias"], None, True))
 
 
 def test_causal_conv1d_compile(device):
@@ -174,37 +160,37 @@ def test_causal_conv1d_compile(device):
     def fn(x, w, b, init):
         return ssm_kernels.causal_conv1d(x, w, b, "silu", init, True)
 
-    check_compile(fn, case["x"], case["weight"], case["bias"], case["initial_states"])
+    testing.check_compile(fn, case["x"], case["weight"], case["bias"], case["initial_states"])
 
     def step(x, state, w, b):
         return ssm_kernels.causal_conv1d_update(x, state, w, b, "silu")
 
-    state = make_tensor((2, 5, 3), torch.float32, device)
+    state = testing.make_tensor((2, 5, 3), torch.float32, device)
     s1, s2 = state.clone(), state.clone()
-    x1 = make_tensor((2, 5), torch.float32, device)
+    x1 = testing.make_tensor((2, 5), torch.float32, device)
     eager = step(x1, s1, case["weight"], case["bias"])
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x1, s2, case["weight"], case["bias"])
-    assert_close(compiled, eager, torch.float32)
+    testing.assert_close(compiled, eager, torch.float32)
     assert torch.equal(s1, s2)
 
 
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=testing.dtype_id)
 @pytest.mark.parametrize("width", [2, 4, 8], ids=lambda v: f"W{v}")
 @pytest.mark.parametrize("seqlen", [None, 1, 5], ids=lambda v: f"L{v}")
 def test_causal_conv1d_update_matches_reference(device, dtype, width, seqlen):
     batch, dim, state_len = 4, 7, width + 2
     shape = (batch, dim) if seqlen is None else (batch, dim, seqlen)
-    x = make_tensor(shape, dtype, device)
-    w = make_tensor((dim, width), torch.float32, device)
-    b = make_tensor((dim,), torch.float32, device)
-    state = make_tensor((batch + 2, dim, state_len), torch.float32, device, strided=True)
+    x = testing.make_tensor(shape, dtype, device)
+    w = testing.make_tensor((dim, width), torch.float32, device)
+    b = testing.make_tensor((dim,), torch.float32, device)
+    state = testing.make_tensor((batch + 2, dim, state_len), torch.float32, device, strided=True)
     idx = torch.tensor([3, -1, 0, 5], dtype=torch.int32, device=device)
     ref_state = state.detach().clone()
     out = ssm_kernels.causal_conv1d_update(x, state, w, b, "silu", idx)
     ref_out = reference.causal_conv1d_update(x, ref_state, w, b, "silu", idx)
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert_close(out, ref_out, dtype)
-    assert_close(state, ref_state, torch.float32)
+    testing.assert_close(out, ref_out, dtype)
+    testing.assert_close(state, ref_state, torch.float32)
     assert (out[1] == 0).all()
 
 
@@ -213,9 +199,9 @@ def test_causal_conv1d_update_padding_and_out_of_range_indices(device):
     # A negative index is a padding row: zeros out, its state row untouched. An index >= the state
     # batch raises on CPU (before any write); on CUDA, where the check would synchronise, the
     # kernel treats it like a negative index.
-    x = make_tensor((3, 5), torch.float32, device)
-    w = make_tensor((5, 4), torch.float32, device)
-    state = make_tensor((2, 5, 3), torch.float32, device)
+    x = testing.make_tensor((3, 5), torch.float32, device)
+    w = testing.make_tensor((5, 4), torch.float32, device)
+    state = testing.make_tensor((2, 5, 3), torch.float32, device)
     before = state.clone()
     out = ssm_kernels.causal_conv1d_update(x, state, w, activation="silu",
                                            conv_state_indices=torch.tensor([-1, 1, -5], dtype=torch.int32,
@@ -237,28 +223,28 @@ def test_causal_conv1d_update_padding_and_out_of_range_indices(device):
 
 def test_causal_conv1d_bwd_returns_empty_grads_for_absent_inputs(device):
     # The backward convention: gradients typed like their inputs, empty [0] for absent ones.
-    x = make_tensor((2, 4, 10), torch.bfloat16, device)
-    w = make_tensor((4, 3), torch.float64, device)
-    dout = make_tensor((2, 4, 10), torch.float32, device)
+    x = testing.make_tensor((2, 4, 10), torch.bfloat16, device)
+    w = testing.make_tensor((4, 3), torch.float64, device)
+    dout = testing.make_tensor((2, 4, 10), torch.float32, device)
     dx, dw, db, dinit = torch.ops.ssm_kernels.causal_conv1d_bwd(x, w, None, None, None, dout, None, True)
     assert dx.shape == x.shape and dx.dtype == x.dtype
     assert dw.shape == w.shape and dw.dtype == w.dtype
     assert db.shape == (0,) and db.dtype == x.dtype
     assert dinit.shape == (0,) and dinit.dtype == x.dtype
-    b = make_tensor((4,), torch.float16, device)
-    init = make_tensor((2, 4, 2), torch.bfloat16, device)
+    b = testing.make_tensor((4,), torch.float16, device)
+    init = testing.make_tensor((2, 4, 2), torch.bfloat16, device)
     _, _, db, dinit = torch.ops.ssm_kernels.causal_conv1d_bwd(x, w, b, init, None, dout, None, True)
     assert db.shape == b.shape and db.dtype == b.dtype
     assert dinit.shape == init.shape and dinit.dtype == init.dtype
 
 def test_causal_conv1d_update_steps_equal_full_conv(device):
-    x = make_tensor((2, 6, 20), torch.bfloat16, device)
-    w = make_tensor((6, 4), torch.float32, device)
+    x = testing.make_tensor((2, 6, 20), torch.bfloat16, device)
+    w = testing.make_tensor((6, 4), torch.float32, device)
     full = ssm_kernels.causal_conv1d(x, w, activation="silu")
     state = torch.zeros(2, 6, 3, device=device, dtype=torch.bfloat16)
     steps = torch.stack([ssm_kernels.causal_conv1d_update(x[..., t], state, w, activation="silu")
                          for t in range(20)], dim=-1)
-    assert_close(steps, full, torch.bfloat16)
+    testing.assert_close(steps, full, torch.bfloat16)
     assert torch.equal(state, x[..., -3:])
 
 
@@ -294,7 +280,7 @@ def _bad_calls(device):
 
 def test_causal_conv1d_bad_inputs(device):
     for argname, exc, call in _bad_calls(device):
-        assert_raises_naming(exc, argname, call)
+        testing.assert_raises_naming(exc, argname, call)
 
 
 def test_causal_conv1d_op_checks_arguments_itself(device):

@@ -4,19 +4,7 @@ import pytest
 import torch
 
 import ssm_kernels
-from ssm_kernels import reference
-from ssm_kernels.testing import (
-    assert_close,
-    assert_deterministic,
-    assert_raises_naming,
-    check_compile,
-    check_gradcheck,
-    clone_leaf,
-    dtype_id,
-    grads,
-    one_thread,
-    run_opcheck,
-)
+from ssm_kernels import reference, testing
 
 f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 c64, c128 = torch.complex64, torch.complex128
@@ -99,37 +87,37 @@ def reference_scan(a, b, h0, reverse, direct_up_to=1000):
 @pytest.mark.parametrize("is_complex", [False, True], ids=["real", "complex"])
 def test_regrouped_reference_equals_reference(is_complex, reverse):
     a, b, h0 = make_inputs((2, 3), 700, c128 if is_complex else f64, "cpu", True)
-    leaves = [[clone_leaf(t) for t in (a, b, h0)] for _ in range(2)]
+    leaves = [[testing.clone_leaf(t) for t in (a, b, h0)] for _ in range(2)]
     want = reference_scan(*leaves[0], reverse)
     got = reference_scan(*leaves[1], reverse, direct_up_to=10)
     g = [torch.randn_like(t) for t in want]
     for x, y in zip(got, want):
-        assert_close(x, y, f64)
-    for x, y in zip(grads(got, leaves[1], g), grads(want, leaves[0], g)):
-        assert_close(x, y, f64)
+        testing.assert_close(x, y, f64)
+    for x, y in zip(testing.grads(got, leaves[1], g), testing.grads(want, leaves[0], g)):
+        testing.assert_close(x, y, f64)
 
 
 def check_against_reference(a, b, h0, reverse, dtype):
     """Forward (h, last_state) and the gradients of a, b, initial_state vs the float64 reference."""
-    ours_in = [clone_leaf(a), clone_leaf(b), clone_leaf(h0)]
-    ref_in = [clone_leaf(t, wide(dtype)) for t in (a, b, h0)]
+    ours_in = [testing.clone_leaf(a), testing.clone_leaf(b), testing.clone_leaf(h0)]
+    ref_in = [testing.clone_leaf(t, wide(dtype)) for t in (a, b, h0)]
     h, last = ssm_kernels.linear_scan(*ours_in, reverse=reverse, return_last_state=True)
-    with one_thread():
+    with testing.one_thread():
         h_ref, last_ref = reference_scan(*ref_in, reverse)
     assert h.dtype == dtype and h.shape == a.shape
     assert last.dtype == acc_dtype(dtype) and last.shape == a.shape[:-1]
-    assert_close(h, h_ref, dtype, "h")
-    assert_close(last, last_ref, dtype, "last_state")
+    testing.assert_close(h, h_ref, dtype, "h")
+    testing.assert_close(last, last_ref, dtype, "last_state")
     g_h = torch.randn_like(h_ref)
     g_last = torch.randn_like(last_ref)
-    got = grads([h, last], ours_in, [g_h.to(dtype), g_last.to(last.dtype)])
-    with one_thread():
-        want = grads([h_ref, last_ref], ref_in, [g_h, g_last])
+    got = testing.grads([h, last], ours_in, [g_h.to(dtype), g_last.to(last.dtype)])
+    with testing.one_thread():
+        want = testing.grads([h_ref, last_ref], ref_in, [g_h, g_last])
     for name, g, w in zip(("a", "b", "initial_state"), got, want):
         if w is None:
             continue
         assert g.dtype == (dtype if name != "initial_state" else acc_dtype(dtype))
-        assert_close(g, w, dtype, f"d{name}")
+        testing.assert_close(g, w, dtype, f"d{name}")
 
 
 def _cases():
@@ -160,7 +148,7 @@ CASES = _cases()
 def _case_id(case):
     L, lead, dtype, reverse, init, layout = case
     lead_id = "x".join(str(s) for s in lead) or "scalar"
-    return f"L{L}-{lead_id}-{dtype_id(dtype)}-{'rev' if reverse else 'fwd'}-{'h0' if init else 'noh0'}-{layout}"
+    return f"L{L}-{lead_id}-{testing.dtype_id(dtype)}-{'rev' if reverse else 'fwd'}-{'h0' if init else 'noh0'}-{layout}"
 
 
 def test_cases_cover_every_value():
@@ -184,7 +172,7 @@ def test_linear_scan_matches_reference(case, device):
     check_against_reference(a, b, h0, reverse, dtype)
 
 
-@pytest.mark.parametrize("dtype", [f32, c64], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [f32, c64], ids=testing.dtype_id)
 def test_linear_scan_broadcast_a(dtype, device):
     """a expanded along the batch (stride 0), as in S5 where one decay serves every sequence."""
     a, b, h0 = make_inputs((4, 3), 50, dtype, device, True)
@@ -196,7 +184,7 @@ def test_linear_scan_default_outputs(device):
     a, b, _ = make_inputs((2,), 7, f32, device, False)
     h = ssm_kernels.linear_scan(a, b)
     assert isinstance(h, torch.Tensor)
-    assert_close(h, reference.linear_scan(a.double(), b.double()), f32)
+    testing.assert_close(h, reference.linear_scan(a.double(), b.double()), f32)
 
 
 def test_linear_scan_empty_rows(device):
@@ -208,18 +196,18 @@ def test_linear_scan_empty_rows(device):
 def test_linear_scan_initial_state_converted(device):
     a, b, h0 = make_inputs((3,), 9, bf16, device, True)
     h = ssm_kernels.linear_scan(a, b, h0.to(f64))
-    assert_close(h, reference.linear_scan(a.double(), b.double(), h0.double()), bf16)
+    testing.assert_close(h, reference.linear_scan(a.double(), b.double(), h0.double()), bf16)
 
 
 def test_linear_scan_gradient_through_last_state_only(device):
     a, b, h0 = make_inputs((2, 3), 40, f32, device, True, "strided")
-    ours = [clone_leaf(t) for t in (a, b, h0)]
-    ref = [clone_leaf(t, f64) for t in (a, b, h0)]
+    ours = [testing.clone_leaf(t) for t in (a, b, h0)]
+    ref = [testing.clone_leaf(t, f64) for t in (a, b, h0)]
     _, last = ssm_kernels.linear_scan(*ours, reverse=True, return_last_state=True)
     _, last_ref = reference.linear_scan(*ref, reverse=True, return_last_state=True)
     g = torch.randn_like(last_ref)
-    for got, want in zip(grads([last], ours, [g.float()]), grads([last_ref], ref, [g])):
-        assert_close(got, want, f32)
+    for got, want in zip(testing.grads([last], ours, [g.float()]), testing.grads([last_ref], ref, [g])):
+        testing.assert_close(got, want, f32)
 
 
 @pytest.mark.parametrize("L", [33, 5000], ids=lambda L: f"L{L}")
@@ -229,24 +217,24 @@ def test_linear_scan_bitwise_reproducible(L, device):
     g = torch.randn(3, L, dtype=c64, device=device)
 
     def run():
-        leaves = [clone_leaf(t) for t in (a, b, h0)]
+        leaves = [testing.clone_leaf(t) for t in (a, b, h0)]
         h, last = ssm_kernels.linear_scan(*leaves, return_last_state=True)
         da, db, dh0 = torch.autograd.grad([h, last], leaves, [g, torch.ones_like(last)])
         return [t.detach() for t in (h, last, da, db, dh0)]
 
-    assert_deterministic(run)
+    testing.assert_deterministic(run)
 
 
 @pytest.mark.parametrize("is_complex", [False, True], ids=["real", "complex"])
 def test_linear_scan_opcheck(is_complex, device):
     dtype = c64 if is_complex else f32
     a, b, h0 = make_inputs((2, 3), 17, dtype, device, True)
-    leaves = [clone_leaf(t) for t in (a, b, h0)]
-    run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (*leaves, False))
-    run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (a, b, None, True))
+    leaves = [testing.clone_leaf(t) for t in (a, b, h0)]
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (*leaves, False))
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (a, b, None, True))
     h, _ = torch.ops.ssm_kernels.linear_scan_fwd(a, b, h0, False)
-    run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, h0, torch.randn_like(h), torch.randn_like(h0), False))
-    run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, None, torch.randn_like(h), None, True))
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, h0, torch.randn_like(h), torch.randn_like(h0), False))
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, None, torch.randn_like(h), None, True))
 
 
 @pytest.mark.parametrize("is_complex", [False, True], ids=["real", "complex"])
@@ -258,16 +246,16 @@ def test_linear_scan_compile(is_complex, device):
         h, last = ssm_kernels.linear_scan(a, b, h0, reverse=True, return_last_state=True)
         return h * 2, last
 
-    check_compile(fn, a, b, h0, dtype=dtype)
-    leaves = [clone_leaf(t) for t in (a, b, h0)]
+    testing.check_compile(fn, a, b, h0, dtype=dtype)
+    leaves = [testing.clone_leaf(t) for t in (a, b, h0)]
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     h, last = compiled(*leaves)
     got = torch.autograd.grad([h, last], leaves, [torch.ones_like(h), torch.ones_like(last)])
-    leaves2 = [clone_leaf(t) for t in (a, b, h0)]
+    leaves2 = [testing.clone_leaf(t) for t in (a, b, h0)]
     h2, last2 = fn(*leaves2)
     want = torch.autograd.grad([h2, last2], leaves2, [torch.ones_like(h2), torch.ones_like(last2)])
     for x, y in zip(got, want):
-        assert_close(x, y, dtype)
+        testing.assert_close(x, y, dtype)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -279,8 +267,8 @@ def test_linear_scan_gradcheck(is_complex, reverse, device):
     def fn(a, b, h0):
         return ssm_kernels.linear_scan(a, b, h0, reverse=reverse, return_last_state=True)
 
-    check_gradcheck(fn, [clone_leaf(t) for t in (a, b, h0)])
-    check_gradcheck(lambda a, b: ssm_kernels.linear_scan(a, b, reverse=reverse), [clone_leaf(a), clone_leaf(b)])
+    testing.check_gradcheck(fn, [testing.clone_leaf(t) for t in (a, b, h0)])
+    testing.check_gradcheck(lambda a, b: ssm_kernels.linear_scan(a, b, reverse=reverse), [testing.clone_leaf(a), testing.clone_leaf(b)])
 
 
 def test_linear_scan_bad_inputs(device):
@@ -288,29 +276,29 @@ def test_linear_scan_bad_inputs(device):
     b = torch.randn(2, 3, 10, device=device)
     h0 = torch.zeros(2, 3, device=device)
     scan = ssm_kernels.linear_scan
-    assert_raises_naming(ValueError, "b", scan, a, b[..., :9])
-    assert_raises_naming(ValueError, "b", scan, a, b[0])
-    assert_raises_naming(TypeError, "b", scan, a, b.to(f16))
-    assert_raises_naming(TypeError, "b", scan, a, b.to(c64))
-    assert_raises_naming(ValueError, "initial_state", scan, a, b, h0[:1])
-    assert_raises_naming(ValueError, "initial_state", scan, a, b, h0[..., None])
-    assert_raises_naming(TypeError, "initial_state", scan, a, b, h0.to(c64))
-    assert_raises_naming(TypeError, "initial_state", scan, a.to(c64), b.to(c64), h0)
-    assert_raises_naming(ValueError, "b", scan, a, b.to("meta"))
-    assert_raises_naming(ValueError, "initial_state", scan, a, b, h0.to("meta"))
-    assert_raises_naming(TypeError, "a", scan, a.to(torch.int32), b.to(torch.int32))
-    assert_raises_naming(TypeError, "a", scan, a.tolist(), b)
-    assert_raises_naming(TypeError, "b", scan, a, None)
-    assert_raises_naming(ValueError, "a", scan, a[..., :0], b[..., :0])
-    assert_raises_naming(ValueError, "a", scan, torch.tensor(1.0, device=device), torch.tensor(1.0, device=device))
-    assert_raises_naming(TypeError, "reverse", scan, a, b, None, 1)
+    testing.assert_raises_naming(ValueError, "b", scan, a, b[..., :9])
+    testing.assert_raises_naming(ValueError, "b", scan, a, b[0])
+    testing.assert_raises_naming(TypeError, "b", scan, a, b.to(f16))
+    testing.assert_raises_naming(TypeError, "b", scan, a, b.to(c64))
+    testing.assert_raises_naming(ValueError, "initial_state", scan, a, b, h0[:1])
+    testing.assert_raises_naming(ValueError, "initial_state", scan, a, b, h0[..., None])
+    testing.assert_raises_naming(TypeError, "initial_state", scan, a, b, h0.to(c64))
+    testing.assert_raises_naming(TypeError, "initial_state", scan, a.to(c64), b.to(c64), h0)
+    testing.assert_raises_naming(ValueError, "b", scan, a, b.to("meta"))
+    testing.assert_raises_naming(ValueError, "initial_state", scan, a, b, h0.to("meta"))
+    testing.assert_raises_naming(TypeError, "a", scan, a.to(torch.int32), b.to(torch.int32))
+    testing.assert_raises_naming(TypeError, "a", scan, a.tolist(), b)
+    testing.assert_raises_naming(TypeError, "b", scan, a, None)
+    testing.assert_raises_naming(ValueError, "a", scan, a[..., :0], b[..., :0])
+    testing.assert_raises_naming(ValueError, "a", scan, torch.tensor(1.0, device=device), torch.tensor(1.0, device=device))
+    testing.assert_raises_naming(TypeError, "reverse", scan, a, b, None, 1)
     # The C++ driver repeats the checks for direct op calls.
     fwd, bwd = torch.ops.ssm_kernels.linear_scan_fwd, torch.ops.ssm_kernels.linear_scan_bwd
-    assert_raises_naming((ValueError, RuntimeError), "b", fwd, a, b[..., :9], None, False)
-    assert_raises_naming((TypeError, RuntimeError), "b", fwd, a, b.double(), None, False)
-    assert_raises_naming((ValueError, RuntimeError), "initial_state", fwd, a, b, h0[:1], False)
-    assert_raises_naming((TypeError, RuntimeError), "initial_state", fwd, a, b, h0.to(c64), False)
-    assert_raises_naming((ValueError, RuntimeError), "a", fwd, a[..., :0], b[..., :0], None, False)
-    assert_raises_naming((ValueError, RuntimeError), "h", bwd, a, b[..., :9], None, b, None, False)
-    assert_raises_naming((ValueError, RuntimeError), "dh", bwd, a, b, None, b[..., :9], None, False)
-    assert_raises_naming((ValueError, RuntimeError), "dlast_state", bwd, a, b, None, b, h0[:1], False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "b", fwd, a, b[..., :9], None, False)
+    testing.assert_raises_naming((TypeError, RuntimeError), "b", fwd, a, b.double(), None, False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "initial_state", fwd, a, b, h0[:1], False)
+    testing.assert_raises_naming((TypeError, RuntimeError), "initial_state", fwd, a, b, h0.to(c64), False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "a", fwd, a[..., :0], b[..., :0], None, False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "h", bwd, a, b[..., :9], None, b, None, False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "dh", bwd, a, b, None, b[..., :9], None, False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "dlast_state", bwd, a, b, None, b, h0[:1], False)

@@ -6,18 +6,7 @@ import pytest
 import torch
 
 import ssm_kernels
-from ssm_kernels import reference
-from ssm_kernels.testing import (
-    assert_close,
-    assert_raises_naming,
-    check_compile,
-    check_gradcheck,
-    clone_leaf,
-    dtype_id,
-    grads,
-    make_tensor,
-    run_opcheck,
-)
+from ssm_kernels import reference, testing
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
@@ -46,7 +35,7 @@ class Case:
         opts = [f"g{self.groups}"]
         opts += [f"D{self.D}"] if self.D else []
         opts += [name for name in ("z", "dt_bias", "softplus", "limit", "init", "seq") if getattr(self, name)]
-        return f"L{self.seqlen}-Q{self.chunk}-{dtype_id(self.dtype)}-" + "-".join(opts)
+        return f"L{self.seqlen}-Q{self.chunk}-{testing.dtype_id(self.dtype)}-" + "-".join(opts)
 
 
 # A covering design: every seqlen, chunk size, dtype, group layout and option appears, combined so
@@ -80,28 +69,28 @@ def make_inputs(case: Case, device, strided=False):
     g = {"1": 1, "2": 2, "H": h}[case.groups]
     dt_ = case.dtype
     inp = {
-        "x": make_tensor((b, l, h, p), dt_, device, strided=strided),
+        "x": testing.make_tensor((b, l, h, p), dt_, device, strided=strided),
         # softplus maps roughly [-4, -1] to [0.02, 0.3]; without it dt is used as given
-        "dt": make_tensor((b, l, h), dt_, device, strided=strided,
+        "dt": testing.make_tensor((b, l, h), dt_, device, strided=strided,
                           low=-4.0 if case.softplus else 0.005, high=-1.0 if case.softplus else 0.15),
-        "A": -make_tensor((h,), F32, device, low=0.2, high=2.0),
-        "B": make_tensor((b, l, g, n), dt_, device, strided=strided, scale=n**-0.5),
-        "C": make_tensor((b, l, g, n), dt_, device, strided=strided),
+        "A": -testing.make_tensor((h,), F32, device, low=0.2, high=2.0),
+        "B": testing.make_tensor((b, l, g, n), dt_, device, strided=strided, scale=n**-0.5),
+        "C": testing.make_tensor((b, l, g, n), dt_, device, strided=strided),
         "chunk_size": case.chunk,
         "dt_softplus": case.softplus,
     }
     if case.D == "h":
-        inp["D"] = make_tensor((h,), F32, device)
+        inp["D"] = testing.make_tensor((h,), F32, device)
     elif case.D == "hp":
-        inp["D"] = make_tensor((h, p), F32, device)
+        inp["D"] = testing.make_tensor((h, p), F32, device)
     if case.z:
-        inp["z"] = make_tensor((b, l, h, p), dt_, device, strided=strided)
+        inp["z"] = testing.make_tensor((b, l, h, p), dt_, device, strided=strided)
     if case.dt_bias:
-        inp["dt_bias"] = make_tensor((h,), F32, device, low=-0.3, high=0.3) * (1.0 if case.softplus else 0.1)
+        inp["dt_bias"] = testing.make_tensor((h,), F32, device, low=-0.3, high=0.3) * (1.0 if case.softplus else 0.1)
     if case.limit:
         inp["dt_limit"] = (0.03, 0.12) if not case.softplus else (0.05, 0.2)
     if case.init:
-        inp["initial_states"] = make_tensor((b, h, p, n), F32, device)
+        inp["initial_states"] = testing.make_tensor((b, h, p, n), F32, device)
     if case.seq:
         # packed sequences: boundaries at random positions, including one at a chunk start
         cuts = sorted(set(torch.randint(1, max(l, 2), (3,)).tolist() + [min(case.chunk, l - 1)]))
@@ -116,7 +105,7 @@ def make_inputs(case: Case, device, strided=False):
 
 def run_with_grads(fn, inp, wide=None):
     """fn's (out, final_states) and the gradients of every floating input."""
-    leaves = {k: (clone_leaf(v, wide) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+    leaves = {k: (testing.clone_leaf(v, wide) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in inp.items()}
     out, final = fn(**leaves, return_final_states=True)
     return leaves, out, final
@@ -128,35 +117,35 @@ def test_ssd_forward_backward(case, device):
     ours_in, out, final = run_with_grads(ssm_kernels.ssd_scan, inp)
     ref_in, ref_out, ref_final = run_with_grads(reference.ssd_scan, inp, wide=torch.float64)
     assert out.dtype == case.dtype and final.dtype == torch.float32
-    assert_close(out, ref_out, case.dtype, "out")
-    assert_close(final, ref_final, case.dtype, "final_states")
+    testing.assert_close(out, ref_out, case.dtype, "out")
+    testing.assert_close(final, ref_final, case.dtype, "final_states")
 
     # the same (rounded) output gradients for both: rounding them differently would perturb sums
     # with heavy cancellation such as dA
     g_out = torch.randn_like(ref_out).to(out.dtype).to(torch.float64)
     g_final = torch.randn_like(ref_final).to(final.dtype).to(torch.float64)
     names = [k for k in NAMES if k in inp]
-    got = grads([out, final], [ours_in[k] for k in names], [g_out.to(out.dtype), g_final.to(final.dtype)])
-    want = grads([ref_out, ref_final], [ref_in[k] for k in names], [g_out, g_final])
+    got = testing.grads([out, final], [ours_in[k] for k in names], [g_out.to(out.dtype), g_final.to(final.dtype)])
+    want = testing.grads([ref_out, ref_final], [ref_in[k] for k in names], [g_out, g_final])
     for name, a, e in zip(names, got, want):
         assert a is not None, f"no gradient for {name}"
         assert a.dtype == inp[name].dtype and a.shape == inp[name].shape, name
-        assert_close(a, e, case.dtype, f"grad {name}")
+        testing.assert_close(a, e, case.dtype, f"grad {name}")
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=testing.dtype_id)
 def test_ssd_chunk_size_changes_only_rounding(dtype, device):
     case = Case(300, 16, dtype, "2", D="hp", z=True, dt_bias=True, softplus=True, init=True, seq=True)
     inp = make_inputs(case, device)
     results = []
     for chunk in (16, 32, 64, 128, 256):
         leaves, out, final = run_with_grads(ssm_kernels.ssd_scan, {**inp, "chunk_size": chunk})
-        g = grads([out, final], [leaves["x"], leaves["dt"], leaves["B"]],
+        g = testing.grads([out, final], [leaves["x"], leaves["dt"], leaves["B"]],
                   [torch.ones_like(out), torch.ones_like(final)])
         results.append([out, final] + g)
     for other in results[1:]:
         for a, b in zip(other, results[0]):
-            assert_close(a, b, dtype, "chunk_size dependence")
+            testing.assert_close(a, b, dtype, "chunk_size dependence")
 
 
 def test_ssd_strided_inputs(device):
@@ -168,8 +157,8 @@ def test_ssd_strided_inputs(device):
     l2, out2, fin2 = run_with_grads(ssm_kernels.ssd_scan, contig)
     assert torch.equal(out1, out2) and torch.equal(fin1, fin2)
     names = [k for k in NAMES if k in inp]
-    g1 = grads([out1, fin1], [l1[k] for k in names], [torch.ones_like(out1), torch.ones_like(fin1)])
-    g2 = grads([out2, fin2], [l2[k] for k in names], [torch.ones_like(out2), torch.ones_like(fin2)])
+    g1 = testing.grads([out1, fin1], [l1[k] for k in names], [torch.ones_like(out1), torch.ones_like(fin1)])
+    g2 = testing.grads([out2, fin2], [l2[k] for k in names], [torch.ones_like(out2), torch.ones_like(fin2)])
     for name, a, b in zip(names, g1, g2):
         assert torch.equal(a, b), name
 
@@ -185,7 +174,7 @@ def test_ssd_seq_idx_no_leakage(device):
     leaves, out, final = run_with_grads(ssm_kernels.ssd_scan, inp)
     # the loss on the second sequence does not reach the inputs of the first (nor the initial state)
     names = ["x", "dt", "B", "C", "z", "initial_states"]
-    g = grads([out], [leaves[k] for k in names], [torch.cat([torch.zeros_like(out[:, :cut]), torch.ones_like(out[:, cut:])], 1)])
+    g = testing.grads([out], [leaves[k] for k in names], [torch.cat([torch.zeros_like(out[:, :cut]), torch.ones_like(out[:, cut:])], 1)])
     for name, t in zip(names, g):
         if name == "initial_states":
             assert torch.count_nonzero(t) == 0, name
@@ -193,7 +182,7 @@ def test_ssd_seq_idx_no_leakage(device):
             assert torch.count_nonzero(t[:, :cut]) == 0, name
     # the loss on the first sequence does not reach the inputs of the second
     leaves, out, final = run_with_grads(ssm_kernels.ssd_scan, inp)
-    g = grads([out, final], [leaves[k] for k in names],
+    g = testing.grads([out, final], [leaves[k] for k in names],
               [torch.cat([torch.ones_like(out[:, :cut]), torch.zeros_like(out[:, cut:])], 1), torch.zeros_like(final)])
     for name, t in zip(names, g):
         if name != "initial_states":
@@ -214,7 +203,7 @@ def test_ssd_gradients_reproducible(device):
     runs = []
     for _ in range(2):
         leaves, out, final = run_with_grads(ssm_kernels.ssd_scan, inp)
-        runs.append(grads([out, final], [leaves[k] for k in names], [torch.ones_like(out), torch.ones_like(final)]))
+        runs.append(testing.grads([out, final], [leaves[k] for k in names], [torch.ones_like(out), torch.ones_like(final)]))
     for name, a, b in zip(names, *runs):
         assert torch.equal(a, b), name
 
@@ -230,11 +219,11 @@ def test_ssd_opcheck(full, device):
     case = Case(40, 16, F32, "2", D="hp", z=True, dt_bias=True, softplus=True, limit=True, init=True, seq=True,
                 batch=2, nheads=2, headdim=4, dstate=4) if full else Case(40, 16, F32, "1", nheads=2, headdim=4, dstate=4)
     inp = make_inputs(case, device)
-    args = tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _op_args(inp))
-    run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args)
+    args = tuple(testing.clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _op_args(inp))
+    testing.run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args)
     dout = torch.randn_like(inp["x"])
     dfinal = torch.randn(case.batch, case.nheads, case.headdim, case.dstate, device=device)
-    run_opcheck(torch.ops.ssm_kernels.ssd_scan_bwd.default, tuple(_op_args(inp)) + (dout, dfinal))
+    testing.run_opcheck(torch.ops.ssm_kernels.ssd_scan_bwd.default, tuple(_op_args(inp)) + (dout, dfinal))
 
 
 def test_ssd_compile(device):
@@ -245,7 +234,7 @@ def test_ssd_compile(device):
         return ssm_kernels.ssd_scan(x, dt, A, B, C, chunk_size=32, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
                                     initial_states=initial_states, seq_idx=seq_idx, return_final_states=True)
 
-    check_compile(fn, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
+    testing.check_compile(fn, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"], inp["dt_bias"],
                   inp["initial_states"], inp["seq_idx"])
 
 
@@ -261,7 +250,7 @@ def test_ssd_gradcheck(device):
         return ssm_kernels.ssd_scan(**kw, chunk_size=16, dt_softplus=True, seq_idx=inp["seq_idx"],
                                     return_final_states=True)
 
-    check_gradcheck(fn, tensors, fast_mode=True)
+    testing.check_gradcheck(fn, tensors, fast_mode=True)
 
 
 def test_ssd_dt_limit_gradcheck(device):
@@ -273,7 +262,7 @@ def test_ssd_dt_limit_gradcheck(device):
     def fn(*ts):
         return ssm_kernels.ssd_scan(*ts, chunk_size=16, dt_limit=(0.03, 0.12))
 
-    check_gradcheck(fn, tensors, fast_mode=True)
+    testing.check_gradcheck(fn, tensors, fast_mode=True)
 
 
 def test_ssd_bad_inputs(device):
@@ -283,7 +272,7 @@ def test_ssd_bad_inputs(device):
     base = {k: inp[k] for k in ("x", "dt", "A", "B", "C")}
 
     def bad(exc, name, **over):
-        assert_raises_naming(exc, name, call, **{**base, **over})
+        testing.assert_raises_naming(exc, name, call, **{**base, **over})
 
     bad(ValueError, "x", x=inp["x"][0])
     bad(TypeError, "x", x=inp["x"].to(torch.int32))
@@ -291,8 +280,8 @@ def test_ssd_bad_inputs(device):
     bad(TypeError, "dt", dt=inp["dt"].to(torch.float16))
     bad(ValueError, "A", A=inp["A"][:-1])
     bad(ValueError, "B", B=inp["B"][:, :-1])
-    bad(ValueError, "B", B=make_tensor((2, 40, 3, 16), F32, device))  # 3 groups do not divide 4 heads
-    bad(ValueError, "B", B=make_tensor((2, 40, 2, 300), F32, device), C=make_tensor((2, 40, 2, 300), F32, device))
+    bad(ValueError, "B", B=testing.make_tensor((2, 40, 3, 16), F32, device))  # 3 groups do not divide 4 heads
+    bad(ValueError, "B", B=testing.make_tensor((2, 40, 2, 300), F32, device), C=testing.make_tensor((2, 40, 2, 300), F32, device))
     bad(TypeError, "B", B=inp["B"].to(torch.bfloat16))
     bad(ValueError, "C", C=inp["C"][..., :-1])
     bad(ValueError, "chunk_size", chunk_size=48)
@@ -313,7 +302,7 @@ def test_ssd_bad_inputs(device):
     decreasing[0, 30:] = -1
     bad(ValueError, "seq_idx", seq_idx=decreasing)
     bad(ValueError, "x", x=inp["x"][:, :0], dt=inp["dt"][:, :0], B=inp["B"][:, :0], C=inp["C"][:, :0])
-    bad(ValueError, "x", x=make_tensor((2, 40, 4, 300), F32, device))
+    bad(ValueError, "x", x=testing.make_tensor((2, 40, 4, 300), F32, device))
     if device == "cpu":
         bad(ValueError, "A", A=inp["A"].to("meta"))
 
