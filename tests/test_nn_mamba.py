@@ -1,6 +1,5 @@
 """nn.Mamba against a float64 composition of reference ops, decoding, pieces, checkpoints."""
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -100,26 +99,9 @@ def test_mamba_carried_states_match_reference():
     testing.assert_close(ssm_new, ssm64, F32, name="ssm_state")
 
 
-@dataclass
-class InferenceParams:
-    """mamba_ssm.utils.generation.InferenceParams, the fields the mixers use."""
-    max_seqlen: int
-    max_batch_size: int
-    seqlen_offset: int = 0
-    key_value_memory_dict: dict = field(default_factory=dict)
-
-
 def test_mamba_inference_params_protocol():
     m = Mamba(8, d_state=4, layer_idx=0)
-    x = testing.make_tensor((2, 10, 8), F32)
-    with torch.no_grad():
-        full = m(x)
-        params = InferenceParams(max_seqlen=10, max_batch_size=2)
-        outs = [m(x[:, :6], inference_params=params)]
-        for t in range(6, 10):
-            params.seqlen_offset = t
-            outs.append(m(x[:, t:t + 1], inference_params=params))
-    testing.assert_close(torch.cat(outs, dim=1), full, F32)
+    testing.check_inference_params_decoding(m, testing.make_tensor((2, 10, 8), F32), prompt=6)
 
 
 def expected_mamba_layout(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True, bias=False):
@@ -203,4 +185,4 @@ def test_mamba_bad_call_arguments():
     testing.assert_raises_naming(ValueError, "hidden_states", m.step, *(torch.randn(2, 2, 8),) + m.allocate_inference_cache(2, 4))
     testing.assert_raises_naming(ValueError, "ssm_state", m, torch.randn(2, 5, 8), ssm_state=torch.zeros(2, 16, 5))
     testing.assert_raises_naming(ValueError, "conv_state", m, torch.randn(2, 5, 8), conv_state=torch.zeros(2, 16, 2))
-    testing.assert_raises_naming(ValueError, "layer_idx", m, torch.randn(2, 5, 8), InferenceParams(5, 2))
+    testing.assert_raises_naming(ValueError, "layer_idx", m, torch.randn(2, 5, 8), testing.InferenceParams(5, 2))

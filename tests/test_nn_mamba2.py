@@ -1,6 +1,5 @@
 """nn.Mamba2 against a float64 composition of reference ops, decoding, pieces, packed batches,
 checkpoints."""
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -128,26 +127,10 @@ def test_mamba2_packed_sequences_equal_separate(device):
     testing.assert_close(separate, out64, F32, name="vs reference with seq_idx")
 
 
-@dataclass
-class InferenceParams:
-    max_seqlen: int
-    max_batch_size: int
-    seqlen_offset: int = 0
-    key_value_memory_dict: dict = field(default_factory=dict)
-
-
 def test_mamba2_inference_params_protocol():
     m = Mamba2(16, d_state=8, headdim=8, chunk_size=16, layer_idx=3)
-    x = testing.make_tensor((2, 10, 16), F32)
-    with torch.no_grad():
-        full = m(x)
-        params = InferenceParams(max_seqlen=10, max_batch_size=2)
-        outs = [m(x[:, :7], inference_params=params)]
-        for t in range(7, 10):
-            params.seqlen_offset = t
-            outs.append(m(x[:, t:t + 1], inference_params=params))
+    params = testing.check_inference_params_decoding(m, testing.make_tensor((2, 10, 16), F32), prompt=7)
     assert 3 in params.key_value_memory_dict
-    testing.assert_close(torch.cat(outs, dim=1), full, F32)
 
 
 def expected_mamba2_layout(d_model, d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1,

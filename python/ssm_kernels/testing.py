@@ -10,6 +10,7 @@ with intermediate values stored in the input dtype). Set once; never loosened to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -240,3 +241,27 @@ def broadcast_pair_shapes(batch: Sequence[int], pattern: str, N: int) -> tuple[t
         ob = tuple(s if i == 0 else 1 for i, s in enumerate(batch))
         return (*vb, 1), (*ob, N)
     raise ValueError(f"pattern: unknown broadcast pattern {pattern!r}")
+
+
+@dataclasses.dataclass
+class InferenceParams:
+    """mamba_ssm.utils.generation.InferenceParams: the fields its mixers read."""
+    max_seqlen: int
+    max_batch_size: int
+    seqlen_offset: int = 0
+    key_value_memory_dict: dict = dataclasses.field(default_factory=dict)
+
+
+def check_inference_params_decoding(module: torch.nn.Module, x: torch.Tensor, prompt: int) -> InferenceParams:
+    """A mixer fed through mamba_ssm's generation protocol (a prompt of `prompt` tokens, then one
+    token per call) gives its full-sequence output. Returns the params it filled."""
+    seqlen = x.shape[1]
+    with torch.no_grad():
+        full = module(x)
+        params = InferenceParams(max_seqlen=seqlen, max_batch_size=x.shape[0])
+        outs = [module(x[:, :prompt], inference_params=params)]
+        for t in range(prompt, seqlen):
+            params.seqlen_offset = t
+            outs.append(module(x[:, t:t + 1], inference_params=params))
+    assert_close(torch.cat(outs, dim=1), full, x.dtype)
+    return params
