@@ -13,10 +13,6 @@ from ssm_kernels.nn import LongConv
 F32, F64 = torch.float32, torch.float64
 
 
-def params64(module):
-    return {n: p.detach().to(F64).requires_grad_(True) for n, p in module.named_parameters()}
-
-
 def hyena_filter64(p, m, L):
     """Hyena's implicit filter in float64, built from its definition (not from the module's buffers)."""
     bands = (m.emb_dim - 1) // 2
@@ -53,19 +49,8 @@ def test_longconv_forward_grads_match_reference(cfg, device):
     L = cfg.pop("L")
     m = LongConv(6, **cfg, device=device)
     x = testing.make_tensor((2, L, 6), F32, device, requires_grad=True)
-    out = m(x)
-    p64 = params64(m)
-    for k in p64:
-        p64[k] = p64[k].detach().cpu().requires_grad_(True)
-    x64 = x.detach().to("cpu", F64).requires_grad_(True)
-    out64 = longconv64(p64, m, x64)  # on CPU (functional_call swaps in the CPU float64 weights)
-    testing.assert_close(out, out64, F32)
-    g = torch.randn_like(out64)
-    out.backward(g.to(device, F32))
-    out64.backward(g)
-    for name, param in m.named_parameters():
-        testing.assert_close(param.grad, p64[name].grad, F32, name=f"grad {name}")
-    testing.assert_close(x.grad, x64.grad, F32, name="grad u")
+    # On CPU: functional_call swaps in the CPU float64 weights.
+    testing.check_module_matches_reference(m, x, lambda p64, x64: longconv64(p64, m, x64), ref_device="cpu")
 
 
 def test_longconv_is_causal():

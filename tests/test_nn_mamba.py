@@ -12,10 +12,6 @@ from ssm_kernels.nn import Mamba
 F32 = torch.float32
 
 
-def params64(module):
-    return {n: p.detach().to(torch.float64).requires_grad_(True) for n, p in module.named_parameters()}
-
-
 def mamba_reference(p, hs, m, conv_state=None, ssm_state=None):
     """Mamba-1 mixer in float64 from reference ops and plain torch, with the weights in p."""
     xz = F.linear(hs.to(torch.float64), p["in_proj.weight"], p.get("in_proj.bias"))  # [B, L, 2D]
@@ -50,15 +46,7 @@ def test_mamba_forward_grads_match_reference(cfg, device):
     with torch.no_grad():  # move dt away from its tiny init so the scan matters
         m.dt_proj.bias.add_(1.0)
     x = testing.make_tensor((2, L, m.d_model), F32, device, requires_grad=True)
-    out = m(x)
-    p64 = params64(m)
-    x64 = x.detach().double().requires_grad_(True)
-    out64, _, _ = mamba_reference(p64, x64, m)
-    testing.assert_close(out, out64, F32)
-    g = torch.randn_like(out64)
-    out.backward(g.to(F32))
-    out64.backward(g)
-    testing.assert_module_grads_match(m, p64, x, x64)
+    testing.check_module_matches_reference(m, x, lambda p64, x64: mamba_reference(p64, x64, m)[0])
 
 
 @pytest.mark.parametrize("L", [1, 9])
@@ -93,7 +81,7 @@ def test_mamba_carried_states_match_reference():
     conv_state = testing.make_tensor((2, m.d_inner, m.d_conv), F32)
     ssm_state = testing.make_tensor((2, m.d_inner, 4), F32)
     out, conv_new, ssm_new = m(x, conv_state=conv_state, ssm_state=ssm_state, return_final_states=True)
-    out64, conv64, ssm64 = mamba_reference(params64(m), x.double(), m, conv_state.double(), ssm_state.double())
+    out64, conv64, ssm64 = mamba_reference(testing.params_float64(m), x.double(), m, conv_state.double(), ssm_state.double())
     testing.assert_close(out, out64, F32)
     testing.assert_close(conv_new[..., 1:], conv64, F32, name="conv_state")
     testing.assert_close(ssm_new, ssm64, F32, name="ssm_state")

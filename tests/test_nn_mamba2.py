@@ -12,10 +12,6 @@ from ssm_kernels.nn import Mamba2, RMSNormGated
 F32 = torch.float32
 
 
-def params64(module):
-    return {n: p.detach().to(torch.float64).requires_grad_(True) for n, p in module.named_parameters()}
-
-
 def gated_rmsnorm64(y, z, weight, group_size, norm_before_gate, eps=1e-5):
     if z is not None and not norm_before_gate:
         y = y * F.silu(z)
@@ -63,15 +59,7 @@ def test_mamba2_forward_grads_match_reference(cfg, device):
     L = cfg.pop("L")
     m = Mamba2(**cfg, device=device)
     x = testing.make_tensor((2, L, m.d_model), F32, device, requires_grad=True)
-    out = m(x)
-    p64 = params64(m)
-    x64 = x.detach().double().requires_grad_(True)
-    out64, _, _ = mamba2_reference(p64, x64, m)
-    testing.assert_close(out, out64, F32)
-    g = torch.randn_like(out64)
-    out.backward(g.to(F32))
-    out64.backward(g)
-    testing.assert_module_grads_match(m, p64, x, x64)
+    testing.check_module_matches_reference(m, x, lambda p64, x64: mamba2_reference(p64, x64, m)[0])
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(rmsnorm=False, D_has_hdim=True), dict(d_ssm=16, dt_limit=(0.05, 0.2))],
@@ -104,7 +92,7 @@ def test_mamba2_carried_states_match_reference():
     conv_state = testing.make_tensor((2, m.conv_dim, m.d_conv), F32)
     ssm_state = testing.make_tensor((2, m.nheads, m.headdim, m.d_state), F32)
     out, conv_new, ssm_new = m(x, conv_state=conv_state, ssm_state=ssm_state, return_final_states=True)
-    out64, conv64, ssm64 = mamba2_reference(params64(m), x.double(), m, None, conv_state.double(), ssm_state.double())
+    out64, conv64, ssm64 = mamba2_reference(testing.params_float64(m), x.double(), m, None, conv_state.double(), ssm_state.double())
     testing.assert_close(out, out64, F32)
     testing.assert_close(conv_new[..., 1:], conv64, F32, name="conv_state")
     testing.assert_close(ssm_new, ssm64, F32, name="ssm_state")
@@ -123,7 +111,7 @@ def test_mamba2_packed_sequences_equal_separate(device):
         testing.assert_close(m(packed, cu_seqlens=cu_seqlens), separate, F32, name="cu_seqlens")
         flat = m(packed[0], seqlen=25, seq_idx=seq_idx)
         testing.assert_close(flat, separate[0], F32, name="flattened input")
-    out64, _, _ = mamba2_reference(params64(m), packed.double(), m, seq_idx)
+    out64, _, _ = mamba2_reference(testing.params_float64(m), packed.double(), m, seq_idx)
     testing.assert_close(separate, out64, F32, name="vs reference with seq_idx")
 
 

@@ -14,10 +14,6 @@ from ssm_kernels.nn import S4, S4D
 F32, F64 = torch.float32, torch.float64
 
 
-def params64(module):
-    return {n: p.detach().to(F64).requires_grad_(True) for n, p in module.named_parameters()}
-
-
 def A64(p):
     return torch.complex(-torch.exp(p["log_A_real"]), p["A_imag"])  # [H, N/2]
 
@@ -100,18 +96,12 @@ S4D_CASES = {
 
 def check_layer(m, L, device, reference_kernel, bidirectional=False):
     x = testing.make_tensor((2, L, m.d_model), F32, device, requires_grad=True)
-    out = m(x)
-    p64 = params64(m)
-    x64 = x.detach().to(F64).requires_grad_(True)
-    k = reference_kernel(p64, m, L)
-    out64 = layer64(p64, m, x64, k[0], k[1] if bidirectional else None)
-    testing.assert_close(out, out64, F32)
-    g = torch.randn_like(out64)
-    out.backward(g.to(F32))
-    out64.backward(g)
-    for name, param in m.named_parameters():
-        testing.assert_close(param.grad, p64[name].grad, F32, name=f"grad {name}")
-    testing.assert_close(x.grad, x64.grad, F32, name="grad u")
+
+    def reference(p64, x64):
+        k = reference_kernel(p64, m, L)
+        return layer64(p64, m, x64, k[0], k[1] if bidirectional else None)
+
+    testing.check_module_matches_reference(m, x, reference)
 
 
 @pytest.mark.parametrize("L,kwargs", list(S4D_CASES.values()), ids=list(S4D_CASES))

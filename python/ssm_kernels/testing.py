@@ -195,12 +195,27 @@ def assert_raises_naming(exc_types, argname: str, fn: Callable, *args, **kwargs)
     raise AssertionError(f"expected {exc_types} naming {argname!r}, nothing was raised")
 
 
-def assert_module_grads_match(module: torch.nn.Module, params64: dict, x: torch.Tensor, x64: torch.Tensor,
-                              dtype: torch.dtype = torch.float32) -> None:
-    """Every parameter's and the input's gradient equal those of the float64 copies."""
+def params_float64(module: torch.nn.Module, device=None) -> dict:
+    """Float64 leaf copies of a module's parameters, by name (on `device`, default their own)."""
+    return {n: p.detach().to(device or p.device, torch.float64).requires_grad_(True)
+            for n, p in module.named_parameters()}
+
+
+def check_module_matches_reference(module: torch.nn.Module, x: torch.Tensor, reference: Callable,
+                                   ref_device=None) -> None:
+    """module(x) and the gradients of its parameters and of x equal `reference(params64, x64)`, a
+    float64 formulation fed float64 copies of the weights and input (on ref_device, default x's)."""
+    out = module(x)
+    p64 = params_float64(module, ref_device)
+    x64 = x.detach().to(ref_device or x.device, torch.float64).requires_grad_(True)
+    out64 = reference(p64, x64)
+    assert_close(out, out64, x.dtype)
+    g = torch.randn_like(out64)
+    out.backward(g.to(out.device, out.dtype))
+    out64.backward(g)
     for name, param in module.named_parameters():
-        assert_close(param.grad, params64[name].grad, dtype, name=f"grad {name}")
-    assert_close(x.grad, x64.grad, dtype, name="grad hidden_states")
+        assert_close(param.grad, p64[name].grad, x.dtype, name=f"grad {name}")
+    assert_close(x.grad, x64.grad, x.dtype, name="grad input")
 
 
 def check_two_pieces_equal_one_pass(module: torch.nn.Module, x: torch.Tensor, split: int,
