@@ -3,8 +3,6 @@ package when installed."""
 import torch
 import torch.nn.functional as F
 
-import ssm_kernels
-from ssm_kernels import reference
 
 from .registry import BenchOp, peer, register
 
@@ -52,8 +50,6 @@ register(
             ],
         },
         make_inputs=_make_inputs,
-        ours=lambda inp: ssm_kernels.causal_conv1d(**inp),
-        reference=lambda inp: reference.causal_conv1d(**inp),
         baselines=_baselines(),
         flops=lambda s: 2.0 * s["batch"] * s["dim"] * s["seqlen"] * s["width"],
         bytes=_bytes,

@@ -4,9 +4,6 @@ import math
 
 import torch
 
-import ssm_kernels
-from ssm_kernels import reference
-
 from .registry import BenchOp, peer, register
 
 
@@ -85,8 +82,6 @@ register(
             ],
         },
         make_inputs=_make_inputs,
-        ours=lambda inp: ssm_kernels.fftconv(**inp),
-        reference=lambda inp: reference.fftconv(**inp),
         baselines=_baselines(),
         flops=_flops,
         bytes=_bytes,

@@ -3,9 +3,6 @@ plain-PyTorch formulations we know (a time-major loop and a chunked cumprod/cums
 accelerated-scan package when installed (CUDA)."""
 import torch
 
-import ssm_kernels
-from ssm_kernels import reference
-
 from .registry import BenchOp, peer, register
 
 
@@ -86,8 +83,6 @@ register(
             "cuda": [{"batch": 8, "dim": 4096, "seqlen": 8192}],
         },
         make_inputs=_make_inputs,
-        ours=lambda inp: ssm_kernels.linear_scan(inp["a"], inp["b"]),
-        reference=lambda inp: reference.linear_scan(inp["a"], inp["b"]),
         baselines=_baselines(),
         flops=lambda s: 2.0 * s["batch"] * s["dim"] * s["seqlen"],
         bytes=_bytes,

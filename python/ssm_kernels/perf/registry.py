@@ -1,6 +1,7 @@
 """The benchmark registry: one BenchOp per op, registered by the modules of this package."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -26,8 +27,6 @@ class BenchOp:
     name: str
     shapes: dict[str, list[dict]]
     make_inputs: Callable[[dict, torch.device, torch.dtype], Inputs]
-    ours: Callable[[Inputs], Any]
-    reference: Callable[[Inputs], Any]
     baselines: dict[str, Callable[[Inputs], Any]]
     flops: Callable[[dict], float]
     bytes: Callable[[dict, torch.dtype], float]
@@ -47,6 +46,25 @@ class BenchOp:
     # GPU there); gradients at reference_shape(check_shape(shape)). None: the full shape. On
     # CPU the forward is always checked at the benchmarked shape.
     check_shape: Optional[Callable[[dict], dict]] = None
+    # Default: the functions of ssm_kernels and ssm_kernels.reference named `function` (default:
+    # the benchmark's name), called with the inputs as keywords.
+    function: Optional[str] = None
+    ours: Optional[Callable[[Inputs], Any]] = None
+    reference: Optional[Callable[[Inputs], Any]] = None
+
+    def __post_init__(self):
+        import ssm_kernels
+        from ssm_kernels import reference
+
+        function = self.function or self.name
+        if self.ours is None:
+            self.ours = functools.partial(_call_with, getattr(ssm_kernels, function))
+        if self.reference is None:
+            self.reference = functools.partial(_call_with, getattr(reference, function))
+
+
+def _call_with(fn: Callable, inputs: Inputs) -> Any:
+    return fn(**inputs)
 
 
 REGISTRY: dict[str, BenchOp] = {}

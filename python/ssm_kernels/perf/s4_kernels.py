@@ -5,9 +5,6 @@ import math
 
 import torch
 
-import ssm_kernels
-from ssm_kernels import reference
-
 from .registry import BenchOp, peer, register
 
 
@@ -69,8 +66,6 @@ register(
             "cuda": [{"batch": 1024, "N": 64, "L": 16384}],
         },
         make_inputs=_cauchy_inputs,
-        ours=lambda inp: ssm_kernels.cauchy(**inp),
-        reference=lambda inp: reference.cauchy(**inp),
         baselines=_cauchy_baselines(),
         # per (b, n, l): the two conjugate terms, 16 + 14 real FLOPs with one division each
         flops=lambda s: 30.0 * s["batch"] * s["N"] * s["L"],
@@ -135,8 +130,6 @@ register(
             "cuda": [{"batch": 1024, "N": 64, "L": 16384}],
         },
         make_inputs=_vand_inputs,
-        ours=lambda inp: ssm_kernels.log_vandermonde(**inp),
-        reference=lambda inp: reference.log_vandermonde(**inp),
         baselines=_vand_baselines(),
         # per (b, n, l): one complex multiply-add (the powers come from a table)
         flops=lambda s: 8.0 * s["batch"] * s["N"] * s["L"],

@@ -100,8 +100,6 @@ register(
             "cuda": [{"batch": 8, "dim": 2048, "seqlen": 4096, "dstate": 16}],
         },
         make_inputs=_make_inputs,
-        ours=lambda inp: ssm_kernels.selective_scan(**inp),
-        reference=lambda inp: reference.selective_scan(**inp),
         baselines=_baselines(),
         flops=lambda s: FLOPS_PER_ELEMENT * s["batch"] * s["dim"] * s["seqlen"] * s["dstate"],
         bytes=_bytes,

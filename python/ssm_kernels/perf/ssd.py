@@ -4,8 +4,6 @@ mamba_ssm's Triton mamba_chunk_scan_combined when importable."""
 import torch
 import torch.nn.functional as F
 
-import ssm_kernels
-from ssm_kernels import reference
 
 from .registry import BenchOp, peer, register
 
@@ -92,6 +90,7 @@ def _bytes(s, dtype):
 register(
     BenchOp(
         name="ssd",
+        function="ssd_scan",
         shapes={
             "cpu": [{"batch": 1, "seqlen": 2048, "nheads": 24, "headdim": 64, "dstate": 128, "groups": 1,
                      "chunk": 256}],
@@ -99,8 +98,6 @@ register(
                       "chunk": 256}],
         },
         make_inputs=_make_inputs,
-        ours=lambda inp: ssm_kernels.ssd_scan(**inp),
-        reference=lambda inp: reference.ssd_scan(**inp),
         baselines=_baselines(),
         flops=_flops,
         bytes=_bytes,
