@@ -39,17 +39,13 @@ namespace cauchy {
 constexpr int kCudaThreads = 64;
 }  // namespace cauchy
 
-template <typename T>
-void cauchy_fwd_cpu(const CauchyFwdParams<T>& p);
-template <typename T>
-void cauchy_bwd_cpu(const CauchyBwdParams<T>& p);
+template <typename T> void cauchy_fwd_cpu(const CauchyFwdParams<T>& p);
+template <typename T> void cauchy_bwd_cpu(const CauchyBwdParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
-template <typename T>
-void cauchy_fwd_cuda(const CauchyFwdParams<T>& p, const CudaContext& ctx);
+template <typename T> void cauchy_fwd_cuda(const CauchyFwdParams<T>& p, const CudaContext& ctx);
 // partials: [B, num_chunks, N, 8] double scratch (see cauchy_math.h).
-template <typename T>
-void cauchy_bwd_cuda(const CauchyBwdParams<T>& p, double* partials, const CudaContext& ctx);
+template <typename T> void cauchy_bwd_cuda(const CauchyBwdParams<T>& p, double* partials, const CudaContext& ctx);
 #endif
 
 }  // namespace ssmk

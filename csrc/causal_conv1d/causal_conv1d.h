@@ -66,20 +66,14 @@ inline int64_t num_chunks(int64_t seqlen) { return (seqlen + kChunkSize - 1) / k
 
 }  // namespace causal_conv1d
 
-template <typename T>
-void causal_conv1d_fwd_cpu(const CausalConv1dFwdParams<T>& p);
-template <typename T>
-void causal_conv1d_bwd_cpu(const CausalConv1dBwdParams<T>& p);
-template <typename T, typename S>
-void causal_conv1d_update_cpu(const CausalConv1dUpdateParams<T, S>& p);
+template <typename T> void causal_conv1d_fwd_cpu(const CausalConv1dFwdParams<T>& p);
+template <typename T> void causal_conv1d_bwd_cpu(const CausalConv1dBwdParams<T>& p);
+template <typename T, typename S> void causal_conv1d_update_cpu(const CausalConv1dUpdateParams<T, S>& p);
 
 #if defined(SSMK_WITH_CUDA)
-template <typename T>
-void causal_conv1d_fwd_cuda(const CausalConv1dFwdParams<T>& p, const CudaContext& ctx);
-template <typename T>
-void causal_conv1d_bwd_cuda(const CausalConv1dBwdParams<T>& p, acc_t<T>* partials, const CudaContext& ctx);
-template <typename T, typename S>
-void causal_conv1d_update_cuda(const CausalConv1dUpdateParams<T, S>& p, const CudaContext& ctx);
+template <typename T> void causal_conv1d_fwd_cuda(const CausalConv1dFwdParams<T>& p, const CudaContext& ctx);
+template <typename T> void causal_conv1d_bwd_cuda(const CausalConv1dBwdParams<T>& p, acc_t<T>* partials, const CudaContext& ctx);
+template <typename T, typename S> void causal_conv1d_update_cuda(const CausalConv1dUpdateParams<T, S>& p, const CudaContext& ctx);
 #endif
 
 }  // namespace ssmk

@@ -90,19 +90,15 @@ void hand_irfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out);
 }  // namespace fftconv
 
 // p.fft_size from fftconv::cpu_plan.
-template <typename T>
-void fftconv_fwd_cpu(const FftconvFwdParams<T>& p);
-template <typename T>
-void fftconv_bwd_cpu(const FftconvBwdParams<T>& p);
+template <typename T> void fftconv_fwd_cpu(const FftconvFwdParams<T>& p);
+template <typename T> void fftconv_bwd_cpu(const FftconvBwdParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
 // Host drivers of the CUDA paths (fftconv_cuda_host.cpp): they pick the FFT length and the path
 // (fused single kernel or multi-pass around cuFFT), allocate the workspaces and run the launchers
 // below on ctx.stream. p.fft_size / nfreq / kf / dkf are theirs to set.
-template <typename T>
-void fftconv_fwd_cuda(const FftconvFwdParams<T>& p, const CudaContext& ctx);
-template <typename T>
-void fftconv_bwd_cuda(const FftconvBwdParams<T>& p, const CudaContext& ctx);
+template <typename T> void fftconv_fwd_cuda(const FftconvFwdParams<T>& p, const CudaContext& ctx);
+template <typename T> void fftconv_bwd_cuda(const FftconvBwdParams<T>& p, const CudaContext& ctx);
 
 // Kernel launchers (fftconv_cuda.cu); they never throw, errors are checked by the host.
 // Multi-pass path: one launch per stage over the rows of channels [d0, d0 + nch) (channel-major:

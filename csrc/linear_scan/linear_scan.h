@@ -55,16 +55,12 @@ int64_t cuda_workspace_ints(int64_t rows, int64_t seqlen) {
 
 }  // namespace linear_scan
 
-template <typename T>
-void linear_scan_fwd_cpu(const LinearScanFwdParams<T>& p);
-template <typename T>
-void linear_scan_bwd_cpu(const LinearScanBwdParams<T>& p);
+template <typename T> void linear_scan_fwd_cpu(const LinearScanFwdParams<T>& p);
+template <typename T> void linear_scan_bwd_cpu(const LinearScanBwdParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
-template <typename T>
-void linear_scan_fwd_cuda(const LinearScanFwdParams<T>& p, int* workspace, const CudaContext& ctx);
-template <typename T>
-void linear_scan_bwd_cuda(const LinearScanBwdParams<T>& p, int* workspace, const CudaContext& ctx);
+template <typename T> void linear_scan_fwd_cuda(const LinearScanFwdParams<T>& p, int* workspace, const CudaContext& ctx);
+template <typename T> void linear_scan_bwd_cuda(const LinearScanBwdParams<T>& p, int* workspace, const CudaContext& ctx);
 #endif
 
 }  // namespace ssmk

@@ -123,22 +123,16 @@ struct SelectiveStateUpdateParams {
   T* out;  // [B, H, P] contiguous
 };
 
-template <typename T, bool kComplex>
-void selective_scan_fwd_cpu(const SelectiveScanFwdParams<T, kComplex>& p,
+template <typename T, bool kComplex> void selective_scan_fwd_cpu(const SelectiveScanFwdParams<T, kComplex>& p,
                             const SelectiveScanCpuLayout<acc_t<T>>& lay);
-template <typename T, bool kComplex>
-void selective_scan_bwd_cpu(const SelectiveScanBwdParams<T, kComplex>& p,
+template <typename T, bool kComplex> void selective_scan_bwd_cpu(const SelectiveScanBwdParams<T, kComplex>& p,
                             const SelectiveScanCpuLayout<acc_t<T>>& lay);
-template <typename T>
-void selective_state_update_cpu(const SelectiveStateUpdateParams<T>& p);
+template <typename T> void selective_state_update_cpu(const SelectiveStateUpdateParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
-template <typename T, bool kComplex>
-void selective_scan_fwd_cuda(const SelectiveScanFwdParams<T, kComplex>& p, const CudaContext& ctx);
-template <typename T, bool kComplex>
-void selective_scan_bwd_cuda(const SelectiveScanBwdParams<T, kComplex>& p, const CudaContext& ctx);
-template <typename T>
-void selective_state_update_cuda(const SelectiveStateUpdateParams<T>& p, const CudaContext& ctx);
+template <typename T, bool kComplex> void selective_scan_fwd_cuda(const SelectiveScanFwdParams<T, kComplex>& p, const CudaContext& ctx);
+template <typename T, bool kComplex> void selective_scan_bwd_cuda(const SelectiveScanBwdParams<T, kComplex>& p, const CudaContext& ctx);
+template <typename T> void selective_state_update_cuda(const SelectiveStateUpdateParams<T>& p, const CudaContext& ctx);
 #endif
 
 }  // namespace ssmk

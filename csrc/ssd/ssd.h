@@ -143,30 +143,21 @@ inline int64_t cuda_scan_splits(const SsdDims& d) {
 }  // namespace ssd
 
 // Launchers (ssd_cuda.cu). They never throw; the host checks launch errors.
-template <typename T>
-void ssd_prep_cuda(const SsdPrepParams<T>& p, const CudaContext& ctx);
-template <typename Acc>
-void ssd_build_gl_cuda(const SsdGlParams<Acc>& p, Acc* gl, const CudaContext& ctx);  // gl [tasks, Q, Q]
-template <typename Acc>
-void ssd_scan_fwd_cuda(const SsdScanParams<Acc>& p, const CudaContext& ctx);
-template <typename Acc>
-void ssd_scan_bwd_cuda(const SsdScanBwdParams<Acc>& p, const CudaContext& ctx);
-template <typename T>
-void ssd_epilogue_cuda(const SsdFwdParams<T>& p, const CudaContext& ctx);
-template <typename Acc>
-void ssd_wsum_cuda(const SsdWsumParams<Acc>& p, Acc* dgl, const CudaContext& ctx);  // dgl [tasks, Q, Q]
-template <typename T>
-void ssd_final_cuda(const SsdBwdParams<T>& p, const CudaContext& ctx);
+template <typename T> void ssd_prep_cuda(const SsdPrepParams<T>& p, const CudaContext& ctx);
+template <typename Acc> void ssd_build_gl_cuda(const SsdGlParams<Acc>& p, Acc* gl, const CudaContext& ctx);  // gl [tasks, Q, Q]
+template <typename Acc> void ssd_scan_fwd_cuda(const SsdScanParams<Acc>& p, const CudaContext& ctx);
+template <typename Acc> void ssd_scan_bwd_cuda(const SsdScanBwdParams<Acc>& p, const CudaContext& ctx);
+template <typename T> void ssd_epilogue_cuda(const SsdFwdParams<T>& p, const CudaContext& ctx);
+template <typename Acc> void ssd_wsum_cuda(const SsdWsumParams<Acc>& p, Acc* dgl, const CudaContext& ctx);  // dgl [tasks, Q, Q]
+template <typename T> void ssd_final_cuda(const SsdBwdParams<T>& p, const CudaContext& ctx);
 
 // The tensor-core GEMM with T's operand precision (float16, bfloat16; 3xTF32 for float32).
 // Returns false, launching nothing, where the sizes pass its 32-bit in-matrix offsets.
-template <typename T>
-bool ssd_gemm_cuda(const cuda::BatchedGemmParams& g, const CudaContext& ctx);
+template <typename T> bool ssd_gemm_cuda(const cuda::BatchedGemmParams& g, const CudaContext& ctx);
 // out = GL @ rhs (transposed = false) or GL^T @ rhs (true), GL computed in the GEMM's operand
 // loads from `gl`; g's A is a view of CB whose strides set the walk (k contiguous for GL, m for
 // GL^T). Returns false like ssd_gemm_cuda.
-template <typename T>
-bool ssd_gl_gemm_cuda(const cuda::BatchedGemmParams& g, const SsdGlParams<float>& gl, bool transposed,
+template <typename T> bool ssd_gl_gemm_cuda(const cuda::BatchedGemmParams& g, const SsdGlParams<float>& gl, bool transposed,
                       const CudaContext& ctx);
 #endif
 

@@ -43,17 +43,13 @@ namespace vandermonde {
 constexpr int kCudaTransposeGroup = 32;
 }  // namespace vandermonde
 
-template <typename T>
-void vandermonde_fwd_cpu(const VandermondeFwdParams<T>& p);
-template <typename T>
-void vandermonde_transpose_cpu(const VandermondeTransposeParams<T>& p);
+template <typename T> void vandermonde_fwd_cpu(const VandermondeFwdParams<T>& p);
+template <typename T> void vandermonde_transpose_cpu(const VandermondeTransposeParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
-template <typename T>
-void vandermonde_fwd_cuda(const VandermondeFwdParams<T>& p, const CudaContext& ctx);
+template <typename T> void vandermonde_fwd_cuda(const VandermondeFwdParams<T>& p, const CudaContext& ctx);
 // partials: [B, num_tiles, N, 4] double scratch (T re/im, T1 re/im).
-template <typename T>
-void vandermonde_transpose_cuda(const VandermondeTransposeParams<T>& p, double* partials,
+template <typename T> void vandermonde_transpose_cuda(const VandermondeTransposeParams<T>& p, double* partials,
                                 const CudaContext& ctx);
 #endif
 
