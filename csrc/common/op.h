@@ -46,48 +46,24 @@ using Float = double;                      // float
 using Dtype = at::ScalarType;              // ScalarType
 using FloatList = std::vector<double>;     // float[]
 
+// Arg<T>: the schema spelling of an argument type, and how its value leaves the dispatcher's stack.
 template <typename T>
 struct Arg;
-template <>
-struct Arg<Tensor> {
-  static constexpr const char* kSchema = "Tensor";
-  static Tensor take(c10::IValue& v) { return std::move(v).toTensor(); }
-};
-template <>
-struct Arg<MutTensor> {
-  static constexpr const char* kSchema = "Tensor(a!)";
-  static MutTensor take(c10::IValue& v) { return MutTensor{std::move(v).toTensor()}; }
-};
-template <>
-struct Arg<OptTensor> {
-  static constexpr const char* kSchema = "Tensor?";
-  static OptTensor take(c10::IValue& v) { return std::move(v).toOptional<at::Tensor>(); }
-};
-template <>
-struct Arg<Bool> {
-  static constexpr const char* kSchema = "bool";
-  static Bool take(c10::IValue& v) { return v.toBool(); }
-};
-template <>
-struct Arg<Int> {
-  static constexpr const char* kSchema = "int";
-  static Int take(c10::IValue& v) { return v.toInt(); }
-};
-template <>
-struct Arg<Float> {
-  static constexpr const char* kSchema = "float";
-  static Float take(c10::IValue& v) { return v.toDouble(); }
-};
-template <>
-struct Arg<Dtype> {
-  static constexpr const char* kSchema = "ScalarType";
-  static Dtype take(c10::IValue& v) { return v.toScalarType(); }
-};
-template <>
-struct Arg<FloatList> {
-  static constexpr const char* kSchema = "float[]";
-  static FloatList take(c10::IValue& v) { return v.toDoubleVector(); }
-};
+#define SSMK_OP_ARG_TYPE(TYPE, SCHEMA, TAKE)                   \
+  template <>                                                  \
+  struct Arg<TYPE> {                                           \
+    static constexpr const char* kSchema = SCHEMA;             \
+    static TYPE take(c10::IValue& v) { return TAKE; }          \
+  };
+SSMK_OP_ARG_TYPE(Tensor, "Tensor", std::move(v).toTensor())
+SSMK_OP_ARG_TYPE(MutTensor, "Tensor(a!)", MutTensor{std::move(v).toTensor()})
+SSMK_OP_ARG_TYPE(OptTensor, "Tensor?", std::move(v).toOptional<at::Tensor>())
+SSMK_OP_ARG_TYPE(Bool, "bool", v.toBool())
+SSMK_OP_ARG_TYPE(Int, "int", v.toInt())
+SSMK_OP_ARG_TYPE(Float, "float", v.toDouble())
+SSMK_OP_ARG_TYPE(Dtype, "ScalarType", v.toScalarType())
+SSMK_OP_ARG_TYPE(FloatList, "float[]", v.toDoubleVector())
+#undef SSMK_OP_ARG_TYPE
 
 template <typename T>
 std::string schema_arg(const char* name) {
