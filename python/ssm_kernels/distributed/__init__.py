@@ -1,0 +1,13 @@
+"""Context parallelism over torch.distributed: each rank of a process group holds one piece of the
+sequence; the ops below return this rank's piece of the output, exactly the single-process result.
+
+Per call the ranks exchange small summaries (scans: a decay and a state per rank; convolutions: a
+halo of inputs), never whole activations (except fftconv's halo of up to K-1 steps); see
+docs/context_parallel.md for the algorithms, the communication and compute costs, and API.md.
+"""
+from ._comm import CommStats, comm_stats
+from ._ops import causal_conv1d, fftconv, linear_scan, selective_scan, ssd_scan
+from ._grads import all_reduce_gradients
+
+__all__ = ["causal_conv1d", "fftconv", "linear_scan", "selective_scan", "ssd_scan", "all_reduce_gradients",
+           "comm_stats", "CommStats"]
