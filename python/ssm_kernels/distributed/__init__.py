@@ -10,4 +10,15 @@ from ._ops import causal_conv1d, fftconv, linear_scan, selective_scan, ssd_scan
 from ._grads import all_reduce_gradients
 
 __all__ = ["causal_conv1d", "fftconv", "linear_scan", "selective_scan", "ssd_scan", "all_reduce_gradients",
+           "context_parallel_ops",
            "comm_stats", "CommStats"]
+
+
+def context_parallel_ops(process_group, *names: str) -> tuple:
+    """The context-parallel ops ``names`` bound to ``process_group`` (shard order = rank order),
+    for modules that take ``context_parallel_group=``."""
+    import functools
+
+    from . import _ops
+
+    return tuple(functools.partial(getattr(_ops, name), process_group=process_group) for name in names)
