@@ -1,0 +1,252 @@
+"""Worker bodies of tests/test_context_parallel.py, run in spawned processes (gloo on CPU).
+
+Every check builds the full-length inputs from a seeded generator (the same on every rank), runs the
+single-process op on them and the context-parallel op on this rank's piece, and compares the piece
+of the output and of every gradient (parameters: summed over the ranks).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import ssm_kernels
+from ssm_kernels import distributed as cp
+from ssm_kernels import testing
+from ssm_kernels.nn import LongConv, Mamba, Mamba2
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def run(rank, world, store_path, result_dir, body, args):
+    """Entry point of every spawned process: init gloo, run body, write 'ok' or the traceback."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
+    try:
+        result = globals()[body](rank, world, *args)
+        text = "ok" if result is None else repr(result)
+    except BaseException:  # noqa: BLE001 - reported to the parent test
+        text = "FAIL\n" + traceback.format_exc()
+    with open(os.path.join(result_dir, f"rank{rank}"), "w") as f:
+        f.write(text)
+    dist.destroy_process_group()
+
+
+class Piece:
+    """Where this rank's piece lies: lengths by piece position, order[p] = rank of piece p."""
+
+    def __init__(self, lengths, order):
+        self.lengths, self.order = lengths, order
+        self.position = order.index(dist.get_rank())
+        self.start = sum(lengths[:self.position])
+        self.stop = self.start + lengths[self.position]
+        self.is_first = self.position == 0
+        self.is_last = self.position == len(order) - 1
+
+    def cut(self, t, dim):
+        return t.narrow(dim, self.start, self.stop - self.start)
+
+
+def _randn(shape, gen, dtype=torch.float32):
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def _rand(shape, gen, lo, hi, dtype=torch.float32):
+    return (lo + (hi - lo) * torch.rand(shape, generator=gen)).to(dtype)
+
+
+def compare_op(name, piece, full_fn, cp_fn, inputs, seq_dims, dtype, first_only=(), has_state=False, gen=None,
+               state_on_first=False):
+    """inputs: name -> full tensor; seq_dims: name -> sequence dim (absent: same on every rank).
+    The global final state is returned on the last piece's rank (the first's with state_on_first)."""
+    state_here = piece.is_first if state_on_first else piece.is_last
+    full = {k: v.clone().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in inputs.items()}
+    res = full_fn(**full)
+    out, state = res if has_state else (res, None)
+    g_out = _randn(out.shape, gen).to(out.dtype)
+    g_state = None if state is None else _randn(state.shape, gen).to(state.dtype)
+    loss = (out.float() * g_out.float()).sum() + (0 if state is None else (state * g_state).sum())
+    loss.backward()
+
+    def cp_run():
+        local = {}
+        for k, v in inputs.items():
+            if k in first_only and not piece.is_first:
+                local[k] = None
+                continue
+            t = piece.cut(v, seq_dims[k]) if k in seq_dims else v
+            local[k] = t.clone().requires_grad_(True)
+        res = cp_fn(**local)
+        o, s = res if has_state else (res, None)
+        cut_g = piece.cut(g_out, seq_dims["__out__"])
+        loss = (o.float() * cut_g.float()).sum()
+        if s is not None and state_here:
+            loss = loss + (s * g_state).sum()
+        loss.backward()
+        grads = {}
+        for k, t in local.items():
+            if t is None:
+                continue
+            grad = t.grad if t.grad is not None else torch.zeros_like(t)
+            if k not in seq_dims and k not in first_only:
+                grad = grad.clone()
+                dist.all_reduce(grad)  # the parameter's gradient is the sum of the pieces' shares
+            grads[k] = grad
+        return o.detach(), None if s is None else s.detach(), grads
+
+    o1, s1, g1 = cp_run()
+    o2, s2, g2 = cp_run()
+    assert torch.equal(o1, o2) and all(torch.equal(g1[k], g2[k]) for k in g1), f"{name}: not deterministic"
+    testing.assert_close(o1, piece.cut(out.detach(), seq_dims["__out__"]), dtype, name=f"{name} out")
+    if state is not None and state_here:
+        testing.assert_close(s1, state.detach(), torch.float32 if dtype != torch.float64 else dtype,
+                             name=f"{name} final state")
+    for k, grad in g1.items():
+        want = full[k].grad
+        if k in seq_dims:
+            want = piece.cut(want, seq_dims[k])
+        tol_dtype = dtype if k in seq_dims else (torch.float32 if dtype != torch.float64 else dtype)
+        testing.assert_close(grad, want, tol_dtype if dtype == torch.float32 else dtype, name=f"{name} grad {k}")
+
+
+def op_checks(piece, dtype, gen):
+    L = sum(piece.lengths)
+    Bt, D, N = 2, 5, 4
+    kw = dict(process_group=None, shard_order=piece.order)
+    seq = {"__out__": -1}
+
+    a, b = _rand((Bt, D, L), gen, 0.5, 1.0), _randn((Bt, D, L), gen)
+    for reverse in (False, True):
+        init_name = "initial_state"  # read on the last piece's rank with reverse: every rank passes it
+        compare_op(
+            f"linear_scan reverse={reverse}", piece,
+            lambda a, b, initial_state: ssm_kernels.linear_scan(a, b, initial_state, reverse, True),
+            lambda a, b, initial_state: cp.linear_scan(a, b, initial_state, reverse, True, **kw),
+            {"a": a, "b": b, init_name: _randn((Bt, D), gen)}, dict(seq, a=-1, b=-1), torch.float32,
+            first_only=() if reverse else (init_name,), has_state=True, gen=gen, state_on_first=reverse)
+
+    u, delta = _randn((Bt, D, L), gen, dtype), _rand((Bt, D, L), gen, -1.0, 0.5, dtype)
+    A = -_rand((D, N), gen, 0.5, 2.0)
+    Bv, Cv, z = _randn((Bt, N, L), gen, dtype), _randn((Bt, 1, N, L), gen, dtype), _randn((Bt, D, L), gen, dtype)
+    compare_op(
+        "selective_scan", piece,
+        lambda u, delta, A, B, C, D, z, delta_bias, initial_state: ssm_kernels.selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, True, initial_state, True),
+        lambda u, delta, A, B, C, D, z, delta_bias, initial_state: cp.selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, True, initial_state, True, **kw),
+        {"u": u, "delta": delta, "A": A, "B": Bv, "C": Cv, "D": _randn((D,), gen), "z": z,
+         "delta_bias": _randn((D,), gen), "initial_state": _randn((Bt, D, N), gen)},
+        dict(seq, u=-1, delta=-1, B=-1, C=-1, z=-1), dtype, first_only=("initial_state",), has_state=True, gen=gen)
+
+    H, P, G = 4, 3, 2
+    x = _randn((Bt, L, H, P), gen, dtype)
+    dt = _rand((Bt, L, H), gen, -2.0, 1.0, dtype)
+    for dt_limit in ((0.0, float("inf")), (0.05, 0.6)):
+        compare_op(
+            f"ssd_scan dt_limit={dt_limit}", piece,
+            lambda x, dt, A, B, C, D, z, dt_bias, initial_states: ssm_kernels.ssd_scan(
+                x, dt, A, B, C, 16, D, z, dt_bias, True, dt_limit, initial_states, None, True),
+            lambda x, dt, A, B, C, D, z, dt_bias, initial_states: cp.ssd_scan(
+                x, dt, A, B, C, 16, D, z, dt_bias, True, dt_limit, initial_states, None, True, **kw),
+            {"x": x, "dt": dt, "A": -_rand((H,), gen, 0.5, 2.0), "B": _randn((Bt, L, G, N), gen, dtype),
+             "C": _randn((Bt, L, G, N), gen, dtype), "D": _randn((H, P), gen), "z": _randn((Bt, L, H, P), gen, dtype),
+             "dt_bias": _randn((H,), gen), "initial_states": _randn((Bt, H, P, N), gen)},
+            {"__out__": 1, "x": 1, "dt": 1, "B": 1, "C": 1, "z": 1}, dtype, first_only=("initial_states",),
+            has_state=True, gen=gen)
+
+    for width in (2, 4):
+        compare_op(
+            f"causal_conv1d width={width}", piece,
+            lambda x, weight, bias, initial_states: ssm_kernels.causal_conv1d(
+                x, weight, bias, "silu", initial_states, True),
+            lambda x, weight, bias, initial_states: cp.causal_conv1d(
+                x, weight, bias, "silu", initial_states, True, **kw),
+            {"x": _randn((Bt, D, L), gen, dtype), "weight": _randn((D, width), gen), "bias": _randn((D,), gen),
+             "initial_states": _randn((Bt, D, width - 1), gen, dtype)},
+            dict(seq, x=-1), dtype, first_only=("initial_states",), has_state=True, gen=gen)
+
+    for K in (3, L):
+        compare_op(
+            f"fftconv K={K}", piece,
+            lambda u, k, D, pregate, postgate: ssm_kernels.fftconv(u, k, D, None, pregate, postgate, "gelu"),
+            lambda u, k, D, pregate, postgate: cp.fftconv(u, k, D, None, pregate, postgate, "gelu", **kw),
+            {"u": _randn((Bt, D, L), gen, dtype), "k": _randn((D, K), gen) / K, "D": _randn((D,), gen),
+             "pregate": _randn((Bt, D, L), gen, dtype), "postgate": _randn((Bt, D, L), gen, dtype)},
+            dict(seq, u=-1, pregate=-1, postgate=-1), dtype, gen=gen)
+
+
+def module_checks(piece, gen):
+    """nn.Mamba, nn.Mamba2 and nn.LongConv with context_parallel_group: output and every gradient."""
+    L = sum(piece.lengths)
+    torch.manual_seed(0)
+    layers = {
+        "Mamba": Mamba(16, d_state=4, d_conv=4),
+        "Mamba2": Mamba2(16, d_state=8, headdim=8, chunk_size=16, ngroups=2),
+        "LongConv": LongConv(8, l_max=64, filter_order=8, short_filter_order=3),
+    }
+    for name, layer in layers.items():
+        x = _randn((2, L, layer.d_model), gen)
+        g = _randn((2, L, layer.d_model), gen)
+        xf = x.clone().requires_grad_(True)
+        layer.context_parallel_group = None
+        layer.zero_grad()
+        out_full = layer(xf)
+        (out_full * g).sum().backward()
+        want = {k: p.grad.clone() for k, p in layer.named_parameters()}
+        layer.zero_grad()
+        layer.context_parallel_group = dist.group.WORLD
+        assert piece.order == list(range(len(piece.order))), "modules use rank order"
+        xl = piece.cut(x, 1).clone().requires_grad_(True)
+        out = layer(xl)
+        (out * piece.cut(g, 1)).sum().backward()
+        testing.assert_close(out, piece.cut(out_full, 1), torch.float32, name=f"{name} out")
+        testing.assert_close(xl.grad, piece.cut(xf.grad, 1), torch.float32, name=f"{name} input grad")
+        cp.all_reduce_gradients(layer, dist.group.WORLD)
+        for k, p in layer.named_parameters():
+            testing.assert_close(p.grad, want[k], torch.float32, name=f"{name} grad {k}")
+        layer.context_parallel_group = None
+
+
+def comm_bytes_check(world):
+    """A Mamba2 layer's forward + backward sends the same bytes at two lengths: only metadata,
+    the conv halo and the (decay, state) summaries, never activations."""
+    torch.manual_seed(0)
+    d_model, d_state, headdim, d_conv, batch = 16, 8, 8, 4, 2
+    layer = Mamba2(d_model, d_state=d_state, headdim=headdim, d_conv=d_conv, chunk_size=16,
+                   context_parallel_group=dist.group.WORLD)
+    sent = []
+    for local_len in (8, 64):
+        x = torch.randn(batch, local_len, d_model, requires_grad=True)
+        with cp.comm_stats() as stats:
+            layer(x).sum().backward()
+        sent.append(stats.sent)
+        labels = sorted({label for label, _ in stats.log})
+        assert labels == ["causal_conv1d:bwd", "causal_conv1d:fwd", "causal_conv1d:meta",
+                          "ssd_scan:bwd", "ssd_scan:fwd", "ssd_scan:meta"], labels
+    assert sent[0] == sent[1], f"bytes sent depend on the length: {sent}"
+    nheads, conv_dim = 2 * d_model // headdim, 2 * d_model + 2 * d_state
+    halo = batch * conv_dim * (d_conv - 1) * 4  # float32 conv inputs
+    state = batch * nheads * headdim * d_state * 4  # [B, H, P, N] float32
+    decay = batch * nheads * 4  # [B, H]
+    meta_conv = (3 + world + 5 * 12 + 1) * 8
+    meta_ssd = (3 + world + 10 * 12 + 3) * 8
+    # forward: metadata, halo, (decay, state); backward: the halo's and the state's gradients
+    want = meta_conv + 2 * halo + meta_ssd + decay + 2 * state
+    assert sent[0] == want, f"sent {sent[0]} bytes, cost model says {want}"
+    return sent[0]
+
+
+def all_checks(rank, world, lengths, order, dtypes, with_modules, with_bytes):
+    piece = Piece(lengths, order)
+    gen = torch.Generator().manual_seed(1234)
+    for dtype in dtypes:
+        op_checks(piece, dtype, gen)
+    if with_modules:
+        module_checks(Piece(lengths, list(range(world))), gen)
+    if with_bytes:
+        return comm_bytes_check(world)
+    return None
