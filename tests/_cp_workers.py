@@ -225,7 +225,7 @@ def comm_bytes_check(world):
             layer(x).sum().backward()
         sent.append(stats.sent)
         labels = sorted({label for label, _ in stats.log})
-        assert labels == ["causal_conv1d:bwd", "causal_conv1d:fwd", "causal_conv1d:meta",
+        assert labels == ["Mamba2:meta", "causal_conv1d:bwd", "causal_conv1d:fwd", "causal_conv1d:meta",
                           "ssd_scan:bwd", "ssd_scan:fwd", "ssd_scan:meta"], labels
     assert sent[0] == sent[1], f"bytes sent depend on the length: {sent}"
     nheads, conv_dim = 2 * d_model // headdim, 2 * d_model + 2 * d_state
@@ -234,8 +234,9 @@ def comm_bytes_check(world):
     decay = batch * nheads * 4  # [B, H]
     meta_conv = (3 + world + 5 * 12 + 1) * 8
     meta_ssd = (3 + world + 10 * 12 + 3) * 8
+    meta_module = (3 + world + 12) * 8
     # forward: metadata, halo, (decay, state); backward: the halo's and the state's gradients
-    want = meta_conv + 2 * halo + meta_ssd + decay + 2 * state
+    want = meta_module + meta_conv + 2 * halo + meta_ssd + decay + 2 * state
     assert sent[0] == want, f"sent {sent[0]} bytes, cost model says {want}"
     return sent[0]
 
@@ -249,4 +250,55 @@ def all_checks(rank, world, lengths, order, dtypes, with_modules, with_bytes):
         module_checks(Piece(lengths, list(range(world))), gen)
     if with_bytes:
         return comm_bytes_check(world)
+    return None
+
+
+def error_checks(rank, world):
+    """Each bad call raises ValueError on every rank, with the same message naming the argument."""
+    x = torch.randn(2, 4, 6)
+    w = torch.randn(4, 3)
+    u, delta, A = torch.randn(2, 4, 6), torch.rand(2, 4, 6), -torch.rand(4, 3)
+    Bv = torch.randn(2, 3, 6)
+    xs, dts, As, Bs = torch.randn(1, 6, 2, 4), torch.rand(1, 6, 2), -torch.rand(2), torch.randn(1, 6, 1, 8)
+    other = rank == world - 1
+    cases = {
+        "x": lambda: cp.causal_conv1d(torch.randn(2, 5, 6) if other else x, w),
+        "x ": lambda: cp.causal_conv1d(x.bfloat16() if other else x, w),
+        "weight": lambda: cp.causal_conv1d(x, torch.randn(4, 4) if other else w),
+        "shard_order": lambda: cp.causal_conv1d(x, w, shard_order=[0] * world),
+        "process_group": lambda: cp.linear_scan(u, u, shard_order=list(range(world + 1))),
+        "shard_order ": lambda: cp.linear_scan(u, u, shard_order=list(range(world))[::(-1 if other else 1)]),
+        "chunk_size": lambda: cp.ssd_scan(xs, dts, As, Bs, Bs, chunk_size=32 if other else 16),
+        "initial_states": lambda: cp.ssd_scan(xs, dts, As, Bs, Bs, initial_states=torch.zeros(1, 2, 4, 7)
+                                              if rank == 0 else None),
+        "initial_state": lambda: cp.selective_scan(u, delta, A, Bv, Bv, initial_state=torch.zeros(2, 4, 3, 1)
+                                                   if rank == 0 else None),
+        "u": lambda: cp.selective_scan(u[..., :0] if other else u, delta[..., :0] if other else delta, A,
+                                       Bv[..., :0] if other else Bv, Bv[..., :0] if other else Bv),
+        "z": lambda: cp.selective_scan(u, delta, A, Bv, Bv, z=torch.randn(2, 4, 5) if other else None),
+        "seq_idx": lambda: cp.causal_conv1d(x, w, seq_idx=torch.zeros(2, 6, dtype=torch.int32)),
+        "k_rev": lambda: cp.fftconv(x, w, k_rev=w),
+        "u  ": lambda: Mamba2(8, d_state=4, headdim=4, context_parallel_group=dist.group.WORLD)(
+            torch.randn(1, 5, 8, dtype=torch.float64 if other else torch.float32)),
+    }
+    messages = {}
+    for name, call in cases.items():
+        try:
+            call()
+        except ValueError as e:
+            messages[name] = str(e)
+        else:
+            messages[name] = None
+    everyone = [None] * world
+    dist.all_gather_object(everyone, messages)
+    for name in cases:
+        got = [m[name] for m in everyone]
+        assert got[0] is not None, f"{name.strip()}: no error raised"
+        assert all(g == got[0] for g in got), f"{name.strip()}: messages differ between ranks: {got}"
+        assert got[0].startswith(name.strip() + ":"), f"{name.strip()}: message does not name it: {got[0]}"
+    if os.environ.get("CP_PRINT_ERRORS"):
+        return sorted(everyone[0].values())
+    # The group is still usable after all these errors: nothing was left half-exchanged.
+    y = cp.causal_conv1d(x, w)
+    assert y.shape == x.shape
     return None

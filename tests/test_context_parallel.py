@@ -52,3 +52,7 @@ def test_context_parallel_equals_single_process(world, lengths, order, dtypes, m
     results = spawn("all_checks", world, lengths, order, dtypes, modules, world == 2)
     if world == 2:
         assert results[0] == results[1]  # both ranks sent the bytes the cost model predicts
+
+
+def test_context_parallel_errors_raise_on_every_rank():
+    spawn("error_checks", 2)

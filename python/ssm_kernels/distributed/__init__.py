@@ -5,13 +5,13 @@ Per call the ranks exchange small summaries (scans: a decay and a state per rank
 halo of inputs), never whole activations (except fftconv's halo of up to K-1 steps); see
 docs/context_parallel.md for the algorithms, the communication and compute costs, and API.md.
 """
-from ._comm import CommStats, comm_stats
+from ._comm import CommStats, check_pieces, comm_stats
 from ._ops import causal_conv1d, fftconv, linear_scan, selective_scan, ssd_scan
 from ._grads import all_reduce_gradients
 
 __all__ = ["causal_conv1d", "fftconv", "linear_scan", "selective_scan", "ssd_scan", "all_reduce_gradients",
            "context_parallel_ops",
-           "comm_stats", "CommStats"]
+           "comm_stats", "CommStats", "check_pieces"]
 
 
 def context_parallel_ops(process_group, *names: str) -> tuple:

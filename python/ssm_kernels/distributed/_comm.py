@@ -118,7 +118,7 @@ def _describe(enc: list[int]) -> str:
     if enc[0] == -1:
         return "not a tensor"
     ndim = enc[3]
-    dims = [str(d) for d in enc[6:6 + min(ndim, MAX_DIMS)]] + (["..."] if ndim > MAX_DIMS else [])
+    dims = ["L" if d == -2 else str(d) for d in enc[6:6 + min(ndim, MAX_DIMS)]] + (["..."] if ndim > MAX_DIMS else [])
     return f"({', '.join(dims)}) {_name(enc[1], _DTYPES)} on {_name(enc[2], _DEVICE_TYPES)}"
 
 
@@ -306,3 +306,10 @@ def attach(x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
     if not (torch.is_grad_enabled() and unused.requires_grad):
         return x
     return _Attach.apply(x, unused)
+
+
+def check_pieces(process_group, op: str, **tensors: Optional[torch.Tensor]) -> Layout:
+    """Validate a module's sequence inputs [B, L_r, ...] across the group before any local check
+    can raise on one rank only (shapes but L_r, dtypes and devices must agree)."""
+    specs = {name: (t, 1 if isinstance(t, torch.Tensor) and t.dim() >= 2 else None) for name, t in tensors.items()}
+    return setup(op, process_group, None, specs, {})

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import ssm_kernels
 
-from ..distributed import context_parallel_ops
+from ..distributed import check_pieces, context_parallel_ops
 from .mamba import MAX_CONV, MIN_CONV, check_positive_int
 
 
@@ -119,6 +119,8 @@ class LongConv(nn.Module):
         return (h * (decay + self.shift))[0].transpose(0, 1)  # [D, L]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if self.context_parallel_group is not None:
+            check_pieces(self.context_parallel_group, "LongConv", u=u)
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         seqlen = u.shape[1]

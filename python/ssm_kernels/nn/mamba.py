@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import ssm_kernels
 
-from ..distributed import context_parallel_ops
+from ..distributed import check_pieces, context_parallel_ops
 
 MIN_CONV, MAX_CONV = 2, 8  # the widths causal_conv1d supports
 
@@ -190,6 +190,8 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor, inference_params=None, *,
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
                 return_final_states: bool = False):
+        if self.context_parallel_group is not None:
+            check_pieces(self.context_parallel_group, "Mamba", hidden_states=hidden_states)
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected shape (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")

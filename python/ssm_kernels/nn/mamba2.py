@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import ssm_kernels
 
-from ..distributed import context_parallel_ops
+from ..distributed import check_pieces, context_parallel_ops
 from .mamba import (
     check_conv_width,
     check_dt_range,
@@ -174,6 +174,8 @@ class Mamba2(nn.Module):
                 cu_seqlens: Optional[torch.Tensor] = None, inference_params=None, *,
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
                 return_final_states: bool = False):
+        if self.context_parallel_group is not None:
+            check_pieces(self.context_parallel_group, "Mamba2", u=u)
         flat = seqlen is not None
         if flat:
             if u.dim() != 2 or u.shape[0] % seqlen != 0:
