@@ -308,6 +308,7 @@ def attach(x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
     return _Attach.apply(x, unused)
 
 
+@torch.compiler.disable
 def check_pieces(process_group, op: str, **tensors: Optional[torch.Tensor]) -> Layout:
     """Validate a module's sequence inputs [B, L_r, ...] across the group before any local check
     can raise on one rank only (shapes but L_r, dtypes and devices must agree)."""

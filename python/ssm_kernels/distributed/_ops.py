@@ -19,6 +19,10 @@ from ..ops.linear_scan import _acc_dtype as _linear_acc_dtype
 from ..ops.selective_scan import _state_dtype as _selective_state_dtype
 from . import _comm
 
+# torch.compile runs these eagerly, between graphs: their collectives and host-side validation
+# stay out of the traced graph; the kernels they call are opaque custom ops either way.
+_compile_boundary = torch.compiler.disable
+
 _REAL = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _COMPLEX = (torch.complex64, torch.complex128)
 
@@ -66,6 +70,7 @@ def _run_scan(layout, label, first_pass, summary, resume, expand, decay_shape, r
     return resume(h_in)
 
 
+@_compile_boundary
 def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
                 reverse: bool = False, return_last_state: bool = False, *, process_group=None,
                 shard_order: Optional[Sequence[int]] = None):
@@ -98,6 +103,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.
     return (out, last) if return_last_state else out
 
 
+@_compile_boundary
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
@@ -144,6 +150,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return (out, last) if return_last_state else out
 
 
+@_compile_boundary
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
              chunk_size: int = 256, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
              dt_bias: Optional[torch.Tensor] = None, dt_softplus: bool = False,
@@ -219,6 +226,7 @@ def _halo_combine(lengths: Sequence[int], keep: Sequence[int], width: int):
     return combine
 
 
+@_compile_boundary
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   activation: Optional[str] = None, initial_states: Optional[torch.Tensor] = None,
                   return_final_states: bool = False, seq_idx: Optional[torch.Tensor] = None, *,
@@ -258,6 +266,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return (out, final) if return_final_states else out
 
 
+@_compile_boundary
 def fftconv(u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor] = None, k_rev: Optional[torch.Tensor] = None,
             pregate: Optional[torch.Tensor] = None, postgate: Optional[torch.Tensor] = None,
             activation: Optional[str] = None, *, process_group=None, shard_order: Optional[Sequence[int]] = None):
