@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import traceback
 
 import torch
@@ -19,6 +20,9 @@ from ssm_kernels import testing
 from ssm_kernels.nn import LongConv, Mamba, Mamba2
 
 TIMEOUT = datetime.timedelta(seconds=60)
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)  # train_context_parallel, whose workers fork from the same server
 
 
 def run(rank, world, store_path, result_dir, body, args):
@@ -249,6 +253,7 @@ def all_checks(rank, world, lengths, order, dtypes, with_modules, with_bytes):
     if with_modules:
         module_checks(Piece(lengths, list(range(world))), gen)
     if with_bytes:
+        compile_checks(rank, world)
         return comm_bytes_check(world)
     return None
 
@@ -302,3 +307,78 @@ def error_checks(rank, world):
     y = cp.causal_conv1d(x, w)
     assert y.shape == x.shape
     return None
+
+
+class TinyMamba2LM(torch.nn.Module):
+    """Embedding -> residual Mamba2 blocks -> tied head, small enough for a CI step."""
+
+    def __init__(self, vocab=11, d_model=16, n_layer=2, group=None):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab, d_model)
+        self.mixers = torch.nn.ModuleList(
+            Mamba2(d_model, d_state=8, headdim=8, chunk_size=16, context_parallel_group=group) for _ in range(n_layer))
+        self.head = torch.nn.Linear(d_model, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embedding(ids)
+        for mixer in self.mixers:
+            x = x + mixer(x)
+        return self.head(x)
+
+
+def ddp_checks(rank, world, steps=3):
+    """2 data-parallel x 2 context-parallel ranks: DDP over the data-parallel group, a context-
+    parallel group inside each replica; losses and parameters follow single-process training on the
+    whole batch step for step. Rank r is replica r // 2, piece r % 2."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    assert world == 4
+    cp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    replica, piece = divmod(rank, 2)
+    cp_group, dp_group = cp_groups[replica], dp_groups[piece]
+    gen = torch.Generator().manual_seed(7)
+    batch, seqlen, split = 2, 24, 10  # each replica gets `batch` rows; pieces [0, split), [split, seqlen)
+    ids = torch.randint(0, 11, (2 * batch, seqlen + 1), generator=gen)
+    torch.manual_seed(0)
+    ref = TinyMamba2LM()
+    torch.manual_seed(0)
+    model = DDP(TinyMamba2LM(group=cp_group), process_group=dp_group)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    lo, hi = (0, split) if piece == 0 else (split, seqlen)
+    rows = slice(replica * batch, (replica + 1) * batch)
+    for _ in range(steps):
+        logits = ref(ids[:, :-1])
+        loss_ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        opt_ref.step()
+
+        logits = model(ids[rows, lo:hi])
+        # this piece's share of the replica's mean loss; DDP averages the replicas
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[rows, lo + 1:hi + 1].flatten(),
+                                                 reduction="sum") / (batch * seqlen)
+        opt.zero_grad()
+        loss.backward()
+        cp.all_reduce_gradients(model, cp_group)
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        testing.assert_close(total / 2, loss_ref.detach(), torch.float32, name="loss")
+    for (name, p), q in zip(model.module.named_parameters(), ref.parameters()):
+        testing.assert_close(p.detach(), q.detach(), torch.float32, name=f"parameter {name} after {steps} steps")
+
+
+def compile_checks(rank, world):
+    """torch.compile (aot_eager: Dynamo + AOTAutograd) of a context-parallel Mamba2 equals eager."""
+    torch.manual_seed(0)
+    layer = Mamba2(16, d_state=8, headdim=8, chunk_size=16, context_parallel_group=dist.group.WORLD)
+    x = torch.randn(2, 7 + 5 * rank, 16, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    gx, gw = x.grad.clone(), layer.in_proj.weight.grad.clone()
+    x.grad = None
+    layer.zero_grad()
+    y2 = torch.compile(layer, backend="aot_eager")(x)
+    y2.square().sum().backward()
+    assert torch.equal(y, y2) and torch.equal(gx, x.grad) and torch.equal(gw, layer.in_proj.weight.grad)

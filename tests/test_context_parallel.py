@@ -16,7 +16,7 @@ import _cp_workers  # noqa: E402
 JOIN_TIMEOUT_S = 120
 # Workers fork from a server that imported torch and ssm_kernels once (before any OpenMP use),
 # which spares each process the ~2 s import of a plain spawn.
-mp.set_forkserver_preload(["torch", "torch.distributed", "ssm_kernels.nn", "_cp_workers"])
+mp.set_forkserver_preload(["torch", "torch.distributed", "ssm_kernels.nn", "_cp_workers", "train_context_parallel"])
 
 
 def spawn(body, world, *args):
@@ -49,6 +49,7 @@ def spawn(body, world, *args):
     pytest.param(4, [3, 1, 22, 6], [1, 3, 0, 2], [torch.float32], True, id="P4-L3,1,22,6-order1,3,0,2"),
 ])
 def test_context_parallel_equals_single_process(world, lengths, order, dtypes, modules):
+    # With 2 processes also: torch.compile (aot_eager) of a context-parallel Mamba2, bytes sent.
     results = spawn("all_checks", world, lengths, order, dtypes, modules, world == 2)
     if world == 2:
         assert results[0] == results[1]  # both ranks sent the bytes the cost model predicts
@@ -56,3 +57,16 @@ def test_context_parallel_equals_single_process(world, lengths, order, dtypes, m
 
 def test_context_parallel_errors_raise_on_every_rank():
     spawn("error_checks", 2)
+
+
+def test_context_parallel_inside_ddp_trains_like_one_process():
+    spawn("ddp_checks", 4)
+
+
+def test_train_context_parallel_example_matches_one_process():
+    import train_context_parallel as example  # examples/ is on sys.path through _cp_workers
+
+    result = example.main(["--steps", "4", "--seq-len", "40", "--batch-size", "2", "--d-model", "16",
+                           "--n-layer", "1", "--log-every", "0"])
+    assert len(result["parallel"]) == 4
+    assert result["max_rel_diff"] <= 1e-4, result  # the float32 tolerance, step for step
