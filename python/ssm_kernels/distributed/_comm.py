@@ -163,7 +163,10 @@ def setup(op: str, process_group, shard_order: Optional[Sequence[int]], tensors:
             enc[6 + (seq_dim % t.dim())] = -2  # the sequence dimension may differ between ranks
         body += enc
     opt_codes = [zlib.crc32(repr(options[k]).encode()) for k in options]
-    meta = torch.tensor(header + body + opt_codes, dtype=torch.int64)
+    # gloo gathers host tensors; NCCL needs device tensors (reading the result back then syncs
+    # with the device once per call, a few hundred bytes).
+    meta_device = "cpu" if dist.get_backend(group) == "gloo" else torch.device("cuda", torch.cuda.current_device())
+    meta = torch.tensor(header + body + opt_codes, dtype=torch.int64, device=meta_device)
     gathered = [m.tolist() for m in all_gather(meta, group, f"{op}:meta")]
     return _validate(op, group, size, rank, gathered, names, list(options), first_only or {})
 
