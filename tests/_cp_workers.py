@@ -276,6 +276,7 @@ def error_checks(rank, world):
         "chunk_size": lambda: cp.ssd_scan(xs, dts, As, Bs, Bs, chunk_size=32 if other else 16),
         "initial_states": lambda: cp.ssd_scan(xs, dts, As, Bs, Bs, initial_states=torch.zeros(1, 2, 4, 7)
                                               if rank == 0 else None),
+        "initial_state ": lambda: cp.linear_scan(u, u, torch.zeros(2, 5) if other else None, reverse=True),
         "initial_state": lambda: cp.selective_scan(u, delta, A, Bv, Bv, initial_state=torch.zeros(2, 4, 3, 1)
                                                    if rank == 0 else None),
         "u": lambda: cp.selective_scan(u[..., :0] if other else u, delta[..., :0] if other else delta, A,

@@ -129,14 +129,15 @@ def _seqlen_of(t: Optional[torch.Tensor], seq_dim: Optional[int]) -> int:
 
 
 def setup(op: str, process_group, shard_order: Optional[Sequence[int]], tensors: dict, options: dict,
-          first_only: Optional[dict] = None) -> Layout:
+          first_only: Optional[dict] = None, starts_at_end: bool = False) -> Layout:
     """Validate a context-parallel call identically on every rank and return this rank's layout.
 
     ``tensors`` maps argument name -> (tensor or None, seq_dim or None): tensors with a seq_dim
     are shards of the sequence (any length >= 1, the same on all of a rank's tensors); every other
     dimension, the dtype, the device and whether a gradient is wanted must agree on all ranks.
     ``first_only`` maps the names of tensors read on the first piece's rank only (initial
-    states) to (expected shape, allowed dtypes): other ranks may pass None. ``options`` (non-tensor arguments) must be equal
+    states) to (expected shape, allowed dtypes): other ranks may pass None. The first piece is the
+    last one with ``starts_at_end`` (a reverse recurrence). ``options`` (non-tensor arguments) must be equal
     on all ranks. One all-gather of a small int64 tensor carries everything, so every rank sees
     the same data and raises the same ValueError (naming the argument) before any other
     collective: an error never leaves a rank waiting.
@@ -168,10 +169,10 @@ def setup(op: str, process_group, shard_order: Optional[Sequence[int]], tensors:
     meta_device = "cpu" if dist.get_backend(group) == "gloo" else torch.device("cuda", torch.cuda.current_device())
     meta = torch.tensor(header + body + opt_codes, dtype=torch.int64, device=meta_device)
     gathered = [m.tolist() for m in all_gather(meta, group, f"{op}:meta")]
-    return _validate(op, group, size, rank, gathered, names, list(options), first_only or {})
+    return _validate(op, group, size, rank, gathered, names, list(options), first_only or {}, starts_at_end)
 
 
-def _validate(op, group, size, rank, gathered, names, option_names, first_only) -> Layout:
+def _validate(op, group, size, rank, gathered, names, option_names, first_only, starts_at_end) -> Layout:
     head = 3 + size
     ranks_order = [g[3:head] for g in gathered]
     # shard_order
@@ -187,7 +188,7 @@ def _validate(op, group, size, rank, gathered, names, option_names, first_only) 
     if sorted(order) != list(range(size)):
         raise ValueError(f"shard_order: expected a permutation of range({size}) (group rank of each piece), "
                          f"got {order}")
-    first_rank = order[0]
+    first_rank = order[-1] if starts_at_end else order[0]
     lengths_by_rank = []
     for r, g in enumerate(gathered):
         seqlen = None
@@ -213,8 +214,8 @@ def _validate(op, group, size, rank, gathered, names, option_names, first_only) 
             got = tuple(ref[6:6 + min(ref[3], MAX_DIMS)])
             if ref[3] != len(shape) or got != tuple(shape) or _name(ref[1], _DTYPES) not in map(str, dtypes):
                 raise ValueError(f"{name}: expected shape {tuple(shape)} with dtype in "
-                                 f"{[str(d) for d in dtypes]} on rank {first_rank} (holding the first "
-                                 f"piece), got {_describe(ref)}")
+                                 f"{[str(d) for d in dtypes]} on rank {first_rank} (holding the piece "
+                                 f"where the recurrence starts), got {_describe(ref)}")
         for r, enc in enumerate(encs):
             if name in first_only and r != first_rank:
                 # Read on the first piece's rank only: others may pass None (or an ignored tensor

@@ -12,7 +12,8 @@ def all_reduce_gradients(module: torch.nn.Module, process_group) -> None:
     computes only its pieces' share of a parameter's gradient: with each rank's loss normalised by
     the global token count, the full gradient is their sum. Call it after ``backward()`` (and after
     DDP has averaged over the data-parallel group), before the optimizer step. The gradients are
-    flattened into one buffer per dtype and device, so this is one all-reduce per dtype.
+    flattened into one buffer per dtype and device, so this is one all-reduce per dtype; every rank
+    must hold gradients for the same parameters (as they do when every rank ran the same layers).
     """
     buckets: dict = {}
     for p in module.parameters():

@@ -85,7 +85,8 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.
         {"a": (a, -1), "b": (b, -1), "initial_state": (initial_state, None)},
         {"reverse": reverse},
         first_only={"initial_state": (_shape_or_none(lambda: a.shape[:-1]),
-                                      _COMPLEX if a.is_complex() else _REAL)})
+                                      _COMPLEX if a.is_complex() else _REAL)},
+        starts_at_end=bool(reverse))
     acc = _linear_acc_dtype(a.dtype)
 
     def first_pass():
