@@ -256,7 +256,12 @@ class _Exchange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, combine, layout, label, grad_anchor, *inputs):
-        gathered = [gather_by_position(t, layout, f"{label}:fwd") for t in inputs]
+        # One all-gather for all inputs (they share a dtype): flatten, concatenate, split back.
+        flat = torch.cat([t.reshape(-1) for t in inputs])
+        rows = gather_by_position(flat, layout, f"{label}:fwd")  # [P, total]
+        sizes = [t.numel() for t in inputs]
+        gathered = [part.reshape((rows.shape[0],) + t.shape)
+                    for part, t in zip(torch.split(rows, sizes, dim=1), inputs)]
         outs = combine(*gathered)
         ctx.combine, ctx.layout, ctx.label = combine, layout, label
         ctx.save_for_backward(*gathered)
@@ -275,7 +280,7 @@ class _Exchange(torch.autograd.Function):
 
 
 def exchange(combine: Callable, layout: Layout, label: str, *inputs: torch.Tensor) -> tuple:
-    """Differentiable: gather ``inputs`` from every rank, return ``combine(...)[position]``.
+    """Differentiable: gather ``inputs`` (one dtype) from every rank, return ``combine(...)[position]``.
 
     combine maps the gathered tensors [P, ...] (by piece position) to a tuple of tensors [P, ...].
     When any rank needs gradients, every rank's output requires grad (through a zero-size anchor
