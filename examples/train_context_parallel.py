@@ -1,12 +1,12 @@
 """Train a tiny Mamba-2 language model with context parallelism: each of N CPU processes (gloo)
 holds one piece of every sequence, and the loss curve equals a single-process run step for step.
 
-    python examples/train_context_parallel.py                 # 2 processes, 30 steps
+    python examples/train_context_parallel.py                 # 2 processes, 60 steps, loss 2.77 -> ~0.5
     python examples/train_context_parallel.py --nprocs 4 --seq-len 256
 
 The task: each sequence repeats a random motif of --period tokens, so after the first period every
-next token is predictable from the token --period steps back, across the pieces' boundaries (the
-context-parallel exchange carries that memory). Every rank builds the same batch from a seed and
+next token is the token --period steps back; near a piece's start that token lies in the previous
+rank's piece (the conv halo and the SSM state carry it across). Every rank builds the same batch from a seed and
 keeps its piece; a rank's loss is its share of the mean over all tokens, and the parameter
 gradients are summed over the group (ssm_kernels.distributed.all_reduce_gradients).
 """
@@ -99,17 +99,17 @@ def worker(rank: int, nprocs: int, store: str, args, out_dir: str) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nprocs", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--period", type=int, default=12)
+    p.add_argument("--period", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--vocab", type=int, default=16)
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--log-every", type=int, default=10)
     return p.parse_args(argv)
 
 
