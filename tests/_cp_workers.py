@@ -271,6 +271,7 @@ def error_checks(rank, world):
         "x ": lambda: cp.causal_conv1d(x.bfloat16() if other else x, w),
         "weight": lambda: cp.causal_conv1d(x, torch.randn(4, 4) if other else w),
         "shard_order": lambda: cp.causal_conv1d(x, w, shard_order=[0] * world),
+        "shard_order  ": lambda: cp.causal_conv1d(x, w, shard_order=["a"] * world if other else None),
         "process_group": lambda: cp.linear_scan(u, u, shard_order=list(range(world + 1))),
         "shard_order ": lambda: cp.linear_scan(u, u, shard_order=list(range(world))[::(-1 if other else 1)]),
         "chunk_size": lambda: cp.ssd_scan(xs, dts, As, Bs, Bs, chunk_size=32 if other else 16),

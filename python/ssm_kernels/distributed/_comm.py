@@ -151,7 +151,8 @@ def setup(op: str, process_group, shard_order: Optional[Sequence[int]], tensors:
         raise ValueError(f"process_group: this process is not a member of the group given to {op}")
     order = list(range(size)) if shard_order is None else shard_order
     order_ok = isinstance(order, (list, tuple, torch.Tensor)) and all(
-        isinstance(int(o) if isinstance(o, torch.Tensor) else o, int) for o in order)
+        (isinstance(o, int) and not isinstance(o, bool))
+        or (isinstance(o, torch.Tensor) and o.numel() == 1 and not o.is_floating_point()) for o in order)
     order = [int(o) for o in order] if order_ok else []
     header = [rank, int(order_ok), len(order)] + (order + [-1] * size)[:size]
     body = []
@@ -160,7 +161,7 @@ def setup(op: str, process_group, shard_order: Optional[Sequence[int]], tensors:
         t, seq_dim = tensors[name]
         enc = _encode_tensor(t)
         enc[5] = _seqlen_of(t, seq_dim)
-        if seq_dim is not None and enc[0] == 1:
+        if enc[5] >= 0:
             enc[6 + (seq_dim % t.dim())] = -2  # the sequence dimension may differ between ranks
         body += enc
     opt_codes = [zlib.crc32(repr(options[k]).encode()) for k in options]
