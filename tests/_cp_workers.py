@@ -208,6 +208,8 @@ def module_checks(piece, gen):
         out = layer(xl)
         (out * piece.cut(g, 1)).sum().backward()
         testing.assert_close(out, piece.cut(out_full, 1), torch.float32, name=f"{name} out")
+        with torch.no_grad():
+            assert torch.equal(layer(xl), out), f"{name}: no_grad forward differs"
         testing.assert_close(xl.grad, piece.cut(xf.grad, 1), torch.float32, name=f"{name} input grad")
         cp.all_reduce_gradients(layer, dist.group.WORLD)
         for k, p in layer.named_parameters():
@@ -308,6 +310,7 @@ def error_checks(rank, world):
     # The group is still usable after all these errors: nothing was left half-exchanged.
     y = cp.causal_conv1d(x, w)
     assert y.shape == x.shape
+    initial_state_only_grad(rank, world)
     return None
 
 
@@ -384,3 +387,18 @@ def compile_checks(rank, world):
     y2 = torch.compile(layer, backend="aot_eager")(x)
     y2.square().sum().backward()
     assert torch.equal(y, y2) and torch.equal(gx, x.grad) and torch.equal(gw, layer.in_proj.weight.grad)
+
+
+def initial_state_only_grad(rank, world):
+    """Only the first rank's initial state needs a gradient: every rank's output still requires
+    grad (so every rank's backward reaches the exchange) and the gradient is exact."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = _rand((2, 3, 4 * world), gen, 0.5, 1.0), _randn((2, 3, 4 * world), gen)
+    init = _randn((2, 3), gen).requires_grad_(True)
+    ssm_kernels.linear_scan(a, b, init).sum().backward()
+    local_init = init.detach().clone().requires_grad_(True) if rank == 0 else None
+    h = cp.linear_scan(a[..., 4 * rank:4 * rank + 4], b[..., 4 * rank:4 * rank + 4], local_init)
+    assert h.requires_grad
+    h.sum().backward()
+    if rank == 0:
+        testing.assert_close(local_init.grad, init.grad, torch.float32, name="initial_state grad")
