@@ -63,6 +63,19 @@ def _rand(shape, gen, lo, hi, dtype=torch.float32):
     return (lo + (hi - lo) * torch.rand(shape, generator=gen)).to(dtype)
 
 
+def _dot(x, g):
+    """A real scalar <x, g> (complex: Re sum x conj(g)) in float32 or wider."""
+    if x.is_complex():
+        return (x * g.conj()).real.sum()
+    return (x.float() * g.float()).sum()
+
+
+def _randn_like(t, gen):
+    if t.is_complex():
+        return torch.complex(torch.randn(t.shape, generator=gen), torch.randn(t.shape, generator=gen)).to(t.dtype)
+    return torch.randn(t.shape, generator=gen).to(t.dtype)
+
+
 def compare_op(name, piece, full_fn, cp_fn, inputs, seq_dims, dtype, first_only=(), has_state=False, gen=None,
                state_on_first=False):
     """inputs: name -> full tensor; seq_dims: name -> sequence dim (absent: same on every rank).
@@ -71,9 +84,9 @@ def compare_op(name, piece, full_fn, cp_fn, inputs, seq_dims, dtype, first_only=
     full = {k: v.clone().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in inputs.items()}
     res = full_fn(**full)
     out, state = res if has_state else (res, None)
-    g_out = _randn(out.shape, gen).to(out.dtype)
-    g_state = None if state is None else _randn(state.shape, gen).to(state.dtype)
-    loss = (out.float() * g_out.float()).sum() + (0 if state is None else (state * g_state).sum())
+    g_out = _randn_like(out, gen)
+    g_state = None if state is None else _randn_like(state, gen)
+    loss = _dot(out, g_out) + (0 if state is None else _dot(state, g_state))
     loss.backward()
 
     def cp_run():
@@ -87,9 +100,9 @@ def compare_op(name, piece, full_fn, cp_fn, inputs, seq_dims, dtype, first_only=
         res = cp_fn(**local)
         o, s = res if has_state else (res, None)
         cut_g = piece.cut(g_out, seq_dims["__out__"])
-        loss = (o.float() * cut_g.float()).sum()
+        loss = _dot(o, cut_g)
         if s is not None and state_here:
-            loss = loss + (s * g_state).sum()
+            loss = loss + _dot(s, g_state)
         loss.backward()
         grads = {}
         for k, t in local.items():
@@ -133,6 +146,15 @@ def op_checks(piece, dtype, gen):
             {"a": a, "b": b, init_name: _randn((Bt, D), gen)}, dict(seq, a=-1, b=-1), torch.float32,
             first_only=() if reverse else (init_name,), has_state=True, gen=gen, state_on_first=reverse)
 
+    ac = torch.polar(_rand((Bt, D, L), gen, 0.5, 1.0), _rand((Bt, D, L), gen, -1.0, 1.0))
+    bc = torch.complex(_randn((Bt, D, L), gen), _randn((Bt, D, L), gen))
+    compare_op(
+        "linear_scan complex", piece,
+        lambda a, b, initial_state: ssm_kernels.linear_scan(a, b, initial_state, False, True),
+        lambda a, b, initial_state: cp.linear_scan(a, b, initial_state, False, True, **kw),
+        {"a": ac, "b": bc, "initial_state": torch.complex(_randn((Bt, D), gen), _randn((Bt, D), gen))},
+        dict(seq, a=-1, b=-1), torch.complex64, first_only=("initial_state",), has_state=True, gen=gen)
+
     u, delta = _randn((Bt, D, L), gen, dtype), _rand((Bt, D, L), gen, -1.0, 0.5, dtype)
     A = -_rand((D, N), gen, 0.5, 2.0)
     Bv, Cv, z = _randn((Bt, N, L), gen, dtype), _randn((Bt, 1, N, L), gen, dtype), _randn((Bt, D, L), gen, dtype)
@@ -145,6 +167,18 @@ def op_checks(piece, dtype, gen):
         {"u": u, "delta": delta, "A": A, "B": Bv, "C": Cv, "D": _randn((D,), gen), "z": z,
          "delta_bias": _randn((D,), gen), "initial_state": _randn((Bt, D, N), gen)},
         dict(seq, u=-1, delta=-1, B=-1, C=-1, z=-1), dtype, first_only=("initial_state",), has_state=True, gen=gen)
+    if dtype == torch.float32:
+        Ac = torch.complex(-_rand((D, N), gen, 0.5, 2.0), _randn((D, N), gen))
+        compare_op(
+            "selective_scan complex A", piece,
+            lambda u, delta, A, B, C, initial_state: ssm_kernels.selective_scan(
+                u, delta, A, B, C, None, None, None, True, initial_state, True),
+            lambda u, delta, A, B, C, initial_state: cp.selective_scan(
+                u, delta, A, B, C, None, None, None, True, initial_state, True, **kw),
+            {"u": u, "delta": delta, "A": Ac, "B": torch.complex(_randn((Bt, N, L), gen), _randn((Bt, N, L), gen)),
+             "C": torch.randn(D, N, dtype=torch.complex64, generator=gen),
+             "initial_state": torch.randn(Bt, D, N, dtype=torch.complex64, generator=gen)},
+            dict(seq, u=-1, delta=-1, B=-1), dtype, first_only=("initial_state",), has_state=True, gen=gen)
 
     H, P, G = 4, 3, 2
     x = _randn((Bt, L, H, P), gen, dtype)
