@@ -366,22 +366,37 @@ class TinyMamba2LM(torch.nn.Module):
 
 
 def ddp_checks(rank, world, steps=3):
-    """2 data-parallel x 2 context-parallel ranks: DDP over the data-parallel group, a context-
-    parallel group inside each replica; losses and parameters follow single-process training on the
-    whole batch step for step. Rank r is replica r // 2, piece r % 2."""
+    """2 data-parallel x 2 context-parallel ranks, data parallelism by DDP and then by FSDP2, a
+    context-parallel group inside each replica: losses and parameters follow single-process
+    training on the whole batch step for step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
     assert world == 4
-    cp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-    replica, piece = divmod(rank, 2)
-    cp_group, dp_group = cp_groups[replica], dp_groups[piece]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+
+    def ddp(model):
+        return DDP(model, process_group=mesh.get_group("dp"))
+
+    def fsdp2(model):
+        for mixer in model.mixers:
+            fully_shard(mixer, mesh=mesh["dp"])
+        return fully_shard(model, mesh=mesh["dp"])
+
+    for wrap in (ddp, fsdp2):
+        _train_dp_cp(mesh, wrap, steps)
+
+
+def _train_dp_cp(mesh, wrap, steps):
+    cp_group = mesh.get_group("cp")
+    replica, piece = mesh.get_local_rank("dp"), mesh.get_local_rank("cp")
     gen = torch.Generator().manual_seed(7)
     batch, seqlen, split = 2, 24, 10  # each replica gets `batch` rows; pieces [0, split), [split, seqlen)
     ids = torch.randint(0, 11, (2 * batch, seqlen + 1), generator=gen)
     torch.manual_seed(0)
     ref = TinyMamba2LM()
     torch.manual_seed(0)
-    model = DDP(TinyMamba2LM(group=cp_group), process_group=dp_group)
+    model = wrap(TinyMamba2LM(group=cp_group))
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     lo, hi = (0, split) if piece == 0 else (split, seqlen)
@@ -394,7 +409,7 @@ def ddp_checks(rank, world, steps=3):
         opt_ref.step()
 
         logits = model(ids[rows, lo:hi])
-        # this piece's share of the replica's mean loss; DDP averages the replicas
+        # this piece's share of the replica's mean loss; DDP / FSDP2 average the replicas
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[rows, lo + 1:hi + 1].flatten(),
                                                  reduction="sum") / (batch * seqlen)
         opt.zero_grad()
@@ -403,9 +418,11 @@ def ddp_checks(rank, world, steps=3):
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
-        testing.assert_close(total / 2, loss_ref.detach(), torch.float32, name="loss")
-    for (name, p), q in zip(model.module.named_parameters(), ref.parameters()):
-        testing.assert_close(p.detach(), q.detach(), torch.float32, name=f"parameter {name} after {steps} steps")
+        testing.assert_close(total / 2, loss_ref.detach(), torch.float32, name=f"{wrap.__name__} loss")
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        testing.assert_close(p.detach(), q.detach(), torch.float32,
+                             name=f"{wrap.__name__}: parameter {name} after {steps} steps")
 
 
 def compile_checks(rank, world):

@@ -59,7 +59,7 @@ def test_context_parallel_errors_raise_on_every_rank():
     spawn("error_checks", 2)
 
 
-def test_context_parallel_inside_ddp_trains_like_one_process():
+def test_context_parallel_inside_ddp_and_fsdp2_trains_like_one_process():
     spawn("ddp_checks", 4)
 
 
