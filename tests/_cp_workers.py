@@ -6,6 +6,7 @@ of the output and of every gradient (parameters: summed over the ranks).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -251,6 +252,31 @@ def module_checks(piece, gen):
         layer.context_parallel_group = None
 
 
+@contextlib.contextmanager
+def _counting_collectives():
+    """Wrap torch.distributed's collectives: bytes of each call's local input, by collective."""
+    counts = {}
+    names = ["all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "reduce_scatter",
+             "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv"]
+    saved = {name: getattr(dist, name) for name in names}
+
+    def wrapper(name, fn):
+        def call(*args, **kwargs):
+            tensor = args[1] if name == "all_gather" else args[0]
+            if isinstance(tensor, torch.Tensor):
+                counts[name] = counts.get(name, 0) + tensor.numel() * tensor.element_size()
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrapper(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
 def comm_bytes_check(world):
     """A Mamba2 layer's forward + backward sends the same bytes at two lengths: only metadata,
     the conv halo and the (decay, state) summaries, never activations."""
@@ -261,8 +287,9 @@ def comm_bytes_check(world):
     sent = []
     for local_len in (8, 64):
         x = torch.randn(batch, local_len, d_model, requires_grad=True)
-        with cp.comm_stats() as stats:
+        with cp.comm_stats() as stats, _counting_collectives() as wire:
             layer(x).sum().backward()
+        assert wire == {"all_gather": stats.sent}, (wire, stats.sent)  # torch.distributed saw the same
         sent.append(stats.sent)
         labels = sorted({label for label, _ in stats.log})
         assert labels == ["Mamba2:meta", "causal_conv1d:bwd", "causal_conv1d:fwd", "causal_conv1d:meta",
