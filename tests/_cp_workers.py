@@ -127,8 +127,12 @@ def compare_op(name, piece, full_fn, cp_fn, inputs, seq_dims, dtype, first_only=
         want = full[k].grad
         if k in seq_dims:
             want = piece.cut(want, seq_dims[k])
-        tol_dtype = dtype if k in seq_dims else (torch.float32 if dtype != torch.float64 else dtype)
-        testing.assert_close(grad, want, tol_dtype if dtype == torch.float32 else dtype, name=f"{name} grad {k}")
+        # the computation's dtype, except for parameters of a float32/float64 computation: their
+        # own (float32 parameters of a float64 computation hold float32 gradients)
+        wide = grad.dtype in (torch.float64, torch.complex128)
+        half = dtype in (torch.float16, torch.bfloat16)
+        tol_dtype = dtype if k in seq_dims or half else (grad.dtype if wide else torch.float32)
+        testing.assert_close(grad, want, tol_dtype, name=f"{name} grad {k}")
 
 
 def op_checks(piece, dtype, gen):

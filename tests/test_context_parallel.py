@@ -45,7 +45,7 @@ def spawn(body, world, *args):
 
 @pytest.mark.parametrize("world,lengths,order,dtypes,modules", [
     pytest.param(2, [21, 2], [0, 1], [torch.float32, torch.bfloat16], True, id="P2-L21,2"),
-    pytest.param(3, [17, 1, 20], [2, 0, 1], [torch.float32], True, id="P3-L17,1,20-order2,0,1"),
+    pytest.param(3, [17, 1, 20], [2, 0, 1], [torch.float32, torch.float64], True, id="P3-L17,1,20-order2,0,1"),
     pytest.param(4, [3, 1, 22, 6], [1, 3, 0, 2], [torch.float32], True, id="P4-L3,1,22,6-order1,3,0,2"),
 ])
 def test_context_parallel_equals_single_process(world, lengths, order, dtypes, modules):
