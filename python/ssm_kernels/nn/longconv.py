@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import ssm_kernels
 
+from ..distributed import check_pieces, context_parallel_ops
 from .mamba import MAX_CONV, MIN_CONV, check_positive_int
 
 
@@ -46,6 +47,9 @@ class LongConv(nn.Module):
     Shapes:
         u [B, L, d_model] with L <= l_max -> [B, L, d_model]
 
+    context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
+    sequence, in rank order (``ssm_kernels.distributed``; the filter then has l_max taps).
+
     Raises:
         ValueError naming the argument: non-positive sizes, short_filter_order outside [2, 8],
         emb_dim not an odd int >= 3, bad decay settings, an input longer than l_max.
@@ -58,7 +62,7 @@ class LongConv(nn.Module):
     def __init__(self, d_model: int, l_max: int, filter_order: int = 64, emb_dim: int = 3,
                  short_filter_order: int = 3, w: float = 1.0, fast_decay_pct: float = 0.3,
                  slow_decay_pct: float = 1.5, target: float = 1e-2, shift: float = 0.0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, context_parallel_group=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -78,6 +82,7 @@ class LongConv(nn.Module):
         self.emb_dim = emb_dim
         self.short_filter_order = short_filter_order
         self.shift = shift
+        self.context_parallel_group = context_parallel_group
 
         self.in_proj = nn.Linear(d_model, 3 * d_model, **factory_kwargs)
         self.short_filter = nn.Conv1d(3 * d_model, 3 * d_model, short_filter_order, groups=3 * d_model,
@@ -114,17 +119,23 @@ class LongConv(nn.Module):
         return (h * (decay + self.shift))[0].transpose(0, 1)  # [D, L]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if self.context_parallel_group is not None:
+            check_pieces(self.context_parallel_group, "LongConv", u=u)
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         seqlen = u.shape[1]
         if seqlen > self.l_max:
             raise ValueError(f"u: expected seqlen <= l_max={self.l_max}, got {seqlen}")
-        uc = ssm_kernels.causal_conv1d(self.in_proj(u).transpose(1, 2), self.short_filter.weight.squeeze(1),
-                                       self.short_filter.bias)  # [B, 3D, L]
+        conv1d, fftconv, taps = ssm_kernels.causal_conv1d, ssm_kernels.fftconv, seqlen
+        if self.context_parallel_group is not None:
+            conv1d, fftconv = context_parallel_ops(self.context_parallel_group, "causal_conv1d", "fftconv")
+            taps = self.l_max  # the global length is not known here; taps past it are never used
+        uc = conv1d(self.in_proj(u).transpose(1, 2), self.short_filter.weight.squeeze(1),
+                    self.short_filter.bias)  # [B, 3D, L]
         x0, x1, v = uc.split(self.d_model, dim=1)
         kdtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-        y = ssm_kernels.fftconv(v, self.filter(seqlen).to(kdtype), D=self.bias.to(kdtype),
-                                pregate=x1, postgate=x0)  # [B, D, L]
+        y = fftconv(v, self.filter(taps).to(kdtype), D=self.bias.to(kdtype),
+                    pregate=x1, postgate=x0)  # [B, D, L]
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:

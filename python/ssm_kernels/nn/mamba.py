@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import ssm_kernels
 
+from ..distributed import check_pieces, context_parallel_ops
+
 MIN_CONV, MAX_CONV = 2, 8  # the widths causal_conv1d supports
 
 
@@ -103,6 +105,8 @@ class Mamba(nn.Module):
         conv_bias, bias: biases of conv1d and of in_proj/out_proj.
         use_fast_path: accepted for compatibility (the kernels are always used).
         layer_idx: this layer's key in a mamba_ssm ``inference_params`` cache.
+        context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
+            sequence, in rank order (``ssm_kernels.distributed``; also settable as an attribute).
 
     Forward:
         hidden_states [B, L, d_model] -> out [B, L, d_model] (the dtype of the layer).
@@ -130,7 +134,8 @@ class Mamba(nn.Module):
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001,
                  dt_max=0.1, dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True,
-                 bias=False, use_fast_path=True, layer_idx=None, device=None, dtype=None):
+                 bias=False, use_fast_path=True, layer_idx=None, device=None, dtype=None,
+                 context_parallel_group=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -152,6 +157,7 @@ class Mamba(nn.Module):
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
         self.activation = "silu"
+        self.context_parallel_group = context_parallel_group
 
         self.in_proj = nn.Linear(self.d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -184,6 +190,8 @@ class Mamba(nn.Module):
     def forward(self, hidden_states: torch.Tensor, inference_params=None, *,
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
                 return_final_states: bool = False):
+        if self.context_parallel_group is not None:
+            check_pieces(self.context_parallel_group, "Mamba", hidden_states=hidden_states)
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected shape (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
@@ -220,14 +228,18 @@ class Mamba(nn.Module):
         z = z.transpose(1, 2)  # [B, D, L]
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(x.dtype)
-        xc, final_conv = ssm_kernels.causal_conv1d(x, self._conv_weight(), self.conv1d.bias, "silu",
-                                                   initial_states=init_conv, return_final_states=True)
+        conv1d, selective_scan = ssm_kernels.causal_conv1d, ssm_kernels.selective_scan
+        if self.context_parallel_group is not None:
+            conv1d, selective_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d",
+                                                          "selective_scan")
+        xc, final_conv = conv1d(x, self._conv_weight(), self.conv1d.bias, "silu",
+                                initial_states=init_conv, return_final_states=True)
         x_dbl = self.x_proj(xc.transpose(1, 2))  # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [B, D, L]
         A = -torch.exp(self.A_log.float())  # [D, N]
         sd = state_dtype(xc.dtype)
-        y, last_state = ssm_kernels.selective_scan(
+        y, last_state = selective_scan(
             xc, dt, A.to(sd), B.transpose(1, 2), C.transpose(1, 2), D=self.D.to(sd), z=z,
             delta_bias=self.dt_proj.bias.to(sd), delta_softplus=True,
             initial_state=None if ssm_state is None else ssm_state.to(sd), return_last_state=True)

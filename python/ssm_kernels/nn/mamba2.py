@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ssm_kernels
 
+from ..distributed import check_pieces, context_parallel_ops
 from .mamba import (
     check_conv_width,
     check_dt_range,
@@ -55,6 +56,8 @@ class Mamba2(nn.Module):
         dt_min, dt_max, dt_init_floor, dt_limit (clamp of softplus(dt + dt_bias)), bias,
         conv_bias, chunk_size (a power of two in [16, 256]), use_mem_eff_path (accepted; the
         kernels are always used), layer_idx, process_group (must be None), sequence_parallel.
+        context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
+        sequence, in rank order (``ssm_kernels.distributed``; also settable as an attribute).
 
     Forward:
         u [B, L, d_model] (or [B * L, d_model] with ``seqlen=L``) -> out of the same shape.
@@ -87,7 +90,7 @@ class Mamba2(nn.Module):
                  norm_before_gate=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
                  dt_limit=(0.0, float("inf")), bias=False, conv_bias=True, chunk_size=256,
                  use_mem_eff_path=True, layer_idx=None, process_group=None, sequence_parallel=True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, context_parallel_group=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if process_group is not None:
@@ -125,6 +128,7 @@ class Mamba2(nn.Module):
         self.use_mem_eff_path = use_mem_eff_path
         self.layer_idx = layer_idx
         self.activation = "silu"
+        self.context_parallel_group = context_parallel_group
 
         d_in_proj = 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
         self.in_proj = nn.Linear(self.d_model, d_in_proj, bias=bias, **factory_kwargs)
@@ -170,6 +174,8 @@ class Mamba2(nn.Module):
                 cu_seqlens: Optional[torch.Tensor] = None, inference_params=None, *,
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
                 return_final_states: bool = False):
+        if self.context_parallel_group is not None:
+            check_pieces(self.context_parallel_group, "Mamba2", u=u)
         flat = seqlen is not None
         if flat:
             if u.dim() != 2 or u.shape[0] % seqlen != 0:
@@ -219,13 +225,16 @@ class Mamba2(nn.Module):
         xBC = xBC.transpose(1, 2)  # [B, conv_dim, L] (channel-last view)
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(xBC.dtype)
-        xBC_c, final_conv = ssm_kernels.causal_conv1d(
+        conv1d, ssd_scan = ssm_kernels.causal_conv1d, ssm_kernels.ssd_scan
+        if self.context_parallel_group is not None:
+            conv1d, ssd_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d", "ssd_scan")
+        xBC_c, final_conv = conv1d(
             xBC, self._conv_weight(), self.conv1d.bias, "silu", initial_states=init_conv,
             return_final_states=True, seq_idx=seq_idx)
         x, B, C = torch.split(xBC_c.transpose(1, 2), [self.d_ssm, G * N, G * N], dim=-1)  # [B, L, *]
         sd = state_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(sd))  # [H]
-        y, last_state = ssm_kernels.ssd_scan(
+        y, last_state = ssd_scan(
             x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
             chunk_size=self.chunk_size, D=self._head_D().to(sd),
             z=None if self.rmsnorm else z.unflatten(-1, (H, P)), dt_bias=self.dt_bias.to(sd),
