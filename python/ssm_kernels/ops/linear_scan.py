@@ -42,7 +42,8 @@ def linear_scan(
             [S, *a.shape[1:-1]]. An empty sequence's last state is its initial state.
         seq_idx: [batch, L] int32, non-decreasing along L (a of at least 2 dims, first axis the
             batch): the recurrence restarts from zero where the index changes. initial_state
-            (and last_state) stay [...]: they belong to each row's first (last) sequence.
+            (and last_state) stay [...]: they belong to each row's first (last) sequence in the
+            recurrence's order (with reverse, initial_state feeds the last sequence along L).
             Not together with cu_seqlens.
 
     Returns:
