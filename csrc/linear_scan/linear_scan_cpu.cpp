@@ -326,15 +326,16 @@ SSMK_CPU_MULTIVERSION(chunk_scans, (typename in_t, bool kBwd), (in_t, kBwd),
                        const scan_acc_t<in_t>* carries),
                       (p, begin, end, carries))
 
-// cu_seqlens: item = sequence * units + unit; sequence s covers forward positions
-// [offsets[s], offsets[s + 1]) and keeps its states at s * rows + r. Empty sequences are skipped
-// (the host set their final state).
+// cu_seqlens: item = unit * num_seqs + sequence (a thread's items walk a unit's rows on from one
+// sequence to the next, the memory order of the unpacked walk); sequence s covers forward
+// positions [offsets[s], offsets[s + 1]) and keeps its states at s * rows + r. Empty sequences
+// are skipped (the host set their final state).
 template <typename in_t, bool kBwd>
 SSMK_CPU_INLINE void packed_items(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end) {
-  const int64_t units = (p.rows + kGroup - 1) / kGroup, L = p.seqlen;
+  const int64_t S = p.seqs.num_seqs, L = p.seqlen;
   const bool desc = kBwd ? !p.reverse : p.reverse;
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t s = item / units, unit = item % units;
+    const int64_t unit = item / S, s = desc ? S - 1 - item % S : item % S;
     const int64_t t0 = p.seqs.offsets[s], t1 = p.seqs.offsets[s + 1];
     if (t1 == t0) continue;
     unit_walks<in_t, kBwd>(p, unit, desc ? L - t1 : t0, desc ? L - t0 : t1, s * p.rows);
