@@ -230,11 +230,11 @@ def test_linear_scan_opcheck(is_complex, device):
     dtype = c64 if is_complex else f32
     a, b, h0 = make_inputs((2, 3), 17, dtype, device, True)
     leaves = [testing.clone_leaf(t) for t in (a, b, h0)]
-    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (*leaves, False))
-    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (a, b, None, True))
-    h, _ = torch.ops.ssm_kernels.linear_scan_fwd(a, b, h0, False)
-    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, h0, torch.randn_like(h), torch.randn_like(h0), False))
-    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, None, torch.randn_like(h), None, True))
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (*leaves, False, None, None))
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_fwd, (a, b, None, True, None, None))
+    h, _ = torch.ops.ssm_kernels.linear_scan_fwd(a, b, h0, False, None, None)
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, h0, torch.randn_like(h), torch.randn_like(h0), False, None, None))
+    testing.run_opcheck(torch.ops.ssm_kernels.linear_scan_bwd, (a, h, None, torch.randn_like(h), None, True, None, None))
 
 
 @pytest.mark.parametrize("is_complex", [False, True], ids=["real", "complex"])
@@ -294,11 +294,11 @@ def test_linear_scan_bad_inputs(device):
     testing.assert_raises_naming(TypeError, "reverse", scan, a, b, None, 1)
     # The C++ driver repeats the checks for direct op calls.
     fwd, bwd = torch.ops.ssm_kernels.linear_scan_fwd, torch.ops.ssm_kernels.linear_scan_bwd
-    testing.assert_raises_naming((ValueError, RuntimeError), "b", fwd, a, b[..., :9], None, False)
-    testing.assert_raises_naming((TypeError, RuntimeError), "b", fwd, a, b.double(), None, False)
-    testing.assert_raises_naming((ValueError, RuntimeError), "initial_state", fwd, a, b, h0[:1], False)
-    testing.assert_raises_naming((TypeError, RuntimeError), "initial_state", fwd, a, b, h0.to(c64), False)
-    testing.assert_raises_naming((ValueError, RuntimeError), "a", fwd, a[..., :0], b[..., :0], None, False)
-    testing.assert_raises_naming((ValueError, RuntimeError), "h", bwd, a, b[..., :9], None, b, None, False)
-    testing.assert_raises_naming((ValueError, RuntimeError), "dh", bwd, a, b, None, b[..., :9], None, False)
-    testing.assert_raises_naming((ValueError, RuntimeError), "dlast_state", bwd, a, b, None, b, h0[:1], False)
+    testing.assert_raises_naming((ValueError, RuntimeError), "b", fwd, a, b[..., :9], None, False, None, None)
+    testing.assert_raises_naming((TypeError, RuntimeError), "b", fwd, a, b.double(), None, False, None, None)
+    testing.assert_raises_naming((ValueError, RuntimeError), "initial_state", fwd, a, b, h0[:1], False, None, None)
+    testing.assert_raises_naming((TypeError, RuntimeError), "initial_state", fwd, a, b, h0.to(c64), False, None, None)
+    testing.assert_raises_naming((ValueError, RuntimeError), "a", fwd, a[..., :0], b[..., :0], None, False, None, None)
+    testing.assert_raises_naming((ValueError, RuntimeError), "h", bwd, a, b[..., :9], None, b, None, False, None, None)
+    testing.assert_raises_naming((ValueError, RuntimeError), "dh", bwd, a, b, None, b[..., :9], None, False, None, None)
+    testing.assert_raises_naming((ValueError, RuntimeError), "dlast_state", bwd, a, b, None, b, h0[:1], False, None, None)

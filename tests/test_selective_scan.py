@@ -112,7 +112,7 @@ def test_selective_scan_checkpoints_are_per_chunk(device):
     # The saved context is one state per chunk: [B, D, ceil(L / kChunk), N], not per step.
     inp = make_inputs(2 * CHUNK_SIZE + 1, 4, F32, False, "var", "var", (), False, 1, 2, 1, device)
     out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(
-        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None)
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None)
     assert ckpt.shape == (1, 2, 3, 4)
     assert torch.equal(ckpt[:, :, 0], torch.zeros_like(ckpt[:, :, 0]))
 
@@ -157,14 +157,14 @@ def test_selective_scan_opcheck(device):
     inp = make_inputs(33, 4, F32, False, "var", "grp", EXTRAS_ALL, False, 2, 4, 2, device)
     args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     args = [clone_leaf(a) for a in args]
-    testing.run_opcheck(torch.ops.ssm_kernels.selective_scan_fwd, (*args, True, clone_leaf(inp["initial_state"])))
+    testing.run_opcheck(torch.ops.ssm_kernels.selective_scan_fwd, (*args, True, clone_leaf(inp["initial_state"]), None, None))
     cinp = make_inputs(20, 3, F32, True, "var", "fixed", ("init",), False, 1, 2, 1, device)
     testing.run_opcheck(torch.ops.ssm_kernels.selective_scan_fwd,
                         (cinp["u"], cinp["delta"], cinp["A"], cinp["B"], cinp["C"], None, None, None, False,
-                         cinp["initial_state"]))
-    out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(*[a.detach() for a in args], True, None)
+                         cinp["initial_state"], None, None))
+    out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(*[a.detach() for a in args], True, None, None, None)
     testing.run_opcheck(torch.ops.ssm_kernels.selective_scan_bwd,
-                        (*[a.detach() for a in args], True, None, ckpt, torch.randn_like(out), torch.randn_like(last)))
+                        (*[a.detach() for a in args], True, None, None, None, ckpt, torch.randn_like(out), torch.randn_like(last)))
 
 
 def test_selective_scan_compile(device):
@@ -238,15 +238,15 @@ def test_selective_scan_bad_inputs_direct_op():
     inp = make_inputs(8, 4, F32, False, "var", "var", (), False, 2, 4, 1)
     with pytest.raises(ValueError, match="B"):
         torch.ops.ssm_kernels.selective_scan_fwd(inp["u"], inp["delta"], inp["A"], torch.randn(2, 4, 7),
-                                                 inp["C"], None, None, None, False, None)
+                                                 inp["C"], None, None, None, False, None, None, None)
     with pytest.raises(ValueError, match="A"):
         torch.ops.ssm_kernels.selective_scan_fwd(inp["u"], inp["delta"], -torch.rand(4, 300),
-                                                 inp["B"], inp["C"], None, None, None, False, None)
+                                                 inp["B"], inp["C"], None, None, None, False, None, None, None)
     out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(
-        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None)
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None)
     with pytest.raises(ValueError, match="checkpoints"):
         torch.ops.ssm_kernels.selective_scan_bwd(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None,
-                                                 None, False, None, ckpt[:, :1, :, :], out, None)
+                                                 None, False, None, None, None, ckpt[:, :1, :, :], out, None)
 
 
 def test_selective_scan_bwd_absent_optional_grads_are_empty():
@@ -254,9 +254,9 @@ def test_selective_scan_bwd_absent_optional_grads_are_empty():
     # dtype) for each absent optional input.
     inp = make_inputs(8, 4, BF16, False, "var", "fixed", (), False, 2, 4, 1)
     out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(
-        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None)
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None)
     grads = torch.ops.ssm_kernels.selective_scan_bwd(
-        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, ckpt,
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None, ckpt,
         torch.randn_like(out), None)
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
     for name, g in (("u", du), ("delta", ddelta), ("A", dA), ("B", dB), ("C", dC)):

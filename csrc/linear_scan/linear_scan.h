@@ -2,11 +2,15 @@
 //
 // The leading shape (...) of a, b [..., L] is flattened to R rows; a row's elements need not be
 // contiguous (any row and time strides); the outputs are contiguous [R, L] / [R].
+// Packed sequences (common/packed_seqs.h) run along L. With cu_seqlens (batch 1) the states are
+// per sequence, [S, R] (index s * R + r): initial_state, last_state, dlast_state,
+// dinitial_state. With seq_idx row r belongs to batch row r / rows_per_batch.
 // The host side (checks, allocation, the fill of these params) is linear_scan_op.cpp.
 #pragma once
 
 #include <cstdint>
 
+#include "common/packed_seqs.h"
 #include "common/types.h"
 #include "linear_scan/linear_scan_math.h"
 
@@ -18,7 +22,9 @@ struct LinearScanCommon {
   int64_t rows, seqlen;
   bool reverse;                      // direction of the forward recurrence (h_t from h_{t+1})
   View<const T, 2> a;                // [R, L]
-  View<const acc, 1> initial_state;  // [R], or data nullptr (zeros)
+  View<const acc, 1> initial_state;  // [R] ([S, R] packed), or data nullptr (zeros)
+  PackedSeqs seqs;
+  int64_t rows_per_batch;            // R / batch
 };
 
 template <typename T>
@@ -26,7 +32,7 @@ struct LinearScanFwdParams : LinearScanCommon<T> {
   using acc = acc_t<T>;
   View<const T, 2> b;  // [R, L]
   T* h;                // [R, L] contiguous
-  acc* last_state;     // [R]
+  acc* last_state;     // [R] ([S, R] packed)
 };
 
 template <typename T>
@@ -34,10 +40,10 @@ struct LinearScanBwdParams : LinearScanCommon<T> {
   using acc = acc_t<T>;
   View<const T, 2> h;              // [R, L]: the forward's output
   View<const T, 2> dh;             // [R, L]
-  View<const acc, 1> dlast_state;  // [R], or data nullptr
+  View<const acc, 1> dlast_state;  // [R] ([S, R] packed), or data nullptr
   T* da;                           // [R, L] contiguous
   T* db;                           // [R, L] contiguous
-  acc* dinitial_state;             // [R]
+  acc* dinitial_state;             // [R] ([S, R] packed)
 };
 
 namespace linear_scan {

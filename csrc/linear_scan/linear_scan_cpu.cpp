@@ -13,6 +13,11 @@
 // choice of mode depends only on the shape, so results are bitwise reproducible.
 //
 // The backward is the same walk in the opposite direction (linear_scan_math.h).
+//
+// Packed sequences: with cu_seqlens, the work items are (sequence, unit of kGroup rows), each a
+// walk of one sequence from its own initial state (gradient: from its final state's gradient);
+// with seq_idx, each row is walked one sequence at a time, restarting from zero where the index
+// changes. No item reads another sequence's tokens.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -101,8 +106,7 @@ struct FwdRows {
   }
 };
 
-// Forward over walk positions [u0, u1) of rows r0 .. r0+G-1, from and into state[G]; writes h,
-// and last_state when the walk ends.
+// Forward over walk positions [u0, u1) of rows r0 .. r0+G-1, from and into state[G]; writes h.
 template <typename in_t, int G>
 SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
                                  scan_acc_t<in_t>* state) {
@@ -120,10 +124,7 @@ SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0,
     rows.s[g] = state[g];
   }
   skewed_walk<G, skew<in_t>()>(rows, u1 - u0);
-  for (int g = 0; g < G; ++g) {
-    state[g] = rows.s[g];
-    if (u1 == L) p.last_state[r0 + g] = rows.s[g];
-  }
+  for (int g = 0; g < G; ++g) state[g] = rows.s[g];
 }
 
 template <typename in_t, int G>
@@ -146,12 +147,14 @@ struct BwdRows {
 };
 
 // Backward over walk positions [u0, u1) (walk position u is forward position L-1-u) of rows
-// r0 .. r0+G-1: dh_u = coef_u * dh_{u-1} + g_u with coef_u = conj(a at walk position u-1) (1 at
-// u = 0); db = dh, da = dh * conj(h at walk position u+1, the forward's previous state; the
-// initial state at the end). Writes dinitial_state = conj(a at the last position) * dh there.
+// r0 .. r0+G-1: dh_u = coef_u * dh_{u-1} + g_u with coef_u = conj(a at walk position u-1) (1 where
+// a sequence starts in walk order: `fresh`); db = dh, da = dh * conj(h at walk position u+1, the
+// forward's previous state). With h0 (the segment ends where its sequence starts in forward
+// order), the last position reads the sequence's initial state h0[g] instead, and state[g]
+// leaves as the initial state's gradient conj(a there) * dh.
 template <typename in_t, int G>
 SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
-                                 scan_acc_t<in_t>* state) {
+                                 scan_acc_t<in_t>* state, bool fresh, const scan_acc_t<in_t>* h0) {
   using acc_t = scan_acc_t<in_t>;
   const int64_t L = p.seqlen;
   const bool desc = !p.reverse;
@@ -168,24 +171,22 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0,
     rows.da[g] = p.da + r * L + walk_start(desc, L, 1) + u0 * rows.os;
     rows.db[g] = p.db + r * L + walk_start(desc, L, 1) + u0 * rows.os;
     rows.s[g] = state[g];
-    rows.coef[g] = u0 == 0 ? acc_t(1) : conj_if_complex(static_cast<acc_t>(rows.a[g][-rows.as]));
+    rows.coef[g] = fresh ? acc_t(1) : conj_if_complex(static_cast<acc_t>(rows.a[g][-rows.as]));
   }
-  // The walk's last position reads the initial state instead of h: peel it off the walk.
+  // The sequence's first position reads the initial state instead of h: peel it off the walk.
   const int64_t n = u1 - u0;
-  skewed_walk<G, skew<in_t>()>(rows, u1 == L ? n - 1 : n);
-  if (u1 == L) {
+  skewed_walk<G, skew<in_t>()>(rows, h0 ? n - 1 : n);
+  for (int g = 0; g < G; ++g) state[g] = rows.s[g];
+  if (h0) {
     const int64_t j = n - 1;
     for (int g = 0; g < G; ++g) {
-      const acc_t h0 = load_state(p.initial_state, r0 + g);
-      acc_t& s = rows.s[g];
+      acc_t& s = state[g];
       s = linear_scan::step(rows.coef[g], s, static_cast<acc_t>(rows.g_in[g][j * rows.gs]));
       rows.db[g][j * rows.os] = static_cast<in_t>(s);
-      rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_if_complex(h0));
-      p.dinitial_state[r0 + g] =
-          conj_if_complex(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
+      rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_if_complex(h0[g]));
+      s = conj_if_complex(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
     }
   }
-  for (int g = 0; g < G; ++g) state[g] = rows.s[g];
 }
 
 // The affine pair of walk positions [u0, u1) of row r (chunk mode, pass 1).
@@ -219,13 +220,26 @@ SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const ParamsOf<in_t, kBwd>& 
   return Affine<acc_t>{A, B};
 }
 
+// One walk of walk positions [u0, u1); `fresh` and h0 as for bwd_segment (the forward ignores
+// them). On return state[g] is what leaves the segment: the forward's state, or the gradient of
+// the state before it.
 template <typename in_t, bool kBwd, int G>
 SSMK_CPU_INLINE void segment(const ParamsOf<in_t, kBwd>& p, int64_t r0, int64_t u0, int64_t u1,
-                             scan_acc_t<in_t>* state) {
+                             scan_acc_t<in_t>* state, bool fresh, const scan_acc_t<in_t>* h0) {
   if constexpr (kBwd) {
-    bwd_segment<in_t, G>(p, r0, u0, u1, state);
+    bwd_segment<in_t, G>(p, r0, u0, u1, state, fresh, h0);
   } else {
     fwd_segment<in_t, G>(p, r0, u0, u1, state);
+  }
+}
+
+// Where the state leaving a whole row (or sequence) goes: last_state or dinitial_state.
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE scan_acc_t<in_t>* end_state(const ParamsOf<in_t, kBwd>& p) {
+  if constexpr (kBwd) {
+    return p.dinitial_state;
+  } else {
+    return p.last_state;
   }
 }
 
@@ -238,23 +252,41 @@ SSMK_CPU_INLINE scan_acc_t<in_t> start_state(const ParamsOf<in_t, kBwd>& p, int6
   }
 }
 
+// Walks rows r0 .. r0+G-1 over walk positions [u0, u1), one whole sequence whose states sit at
+// state_base + r (initial state or final-state gradient in, final state or initial-state
+// gradient out; state_base < 0: from zero, dropped); `last` (backward): u1 - 1 is the sequence's
+// forward start (its initial state, or zero, is the forward's previous state there).
+template <typename in_t, bool kBwd, int G>
+SSMK_CPU_INLINE void sequence_walk(const ParamsOf<in_t, kBwd>& p, int64_t r0, int64_t u0, int64_t u1,
+                                   int64_t state_base, bool last) {
+  using acc_t = scan_acc_t<in_t>;
+  acc_t state[G], h0[G];
+  for (int g = 0; g < G; ++g) {
+    state[g] = state_base < 0 ? acc_t(0) : start_state<in_t, kBwd>(p, state_base + r0 + g);
+    h0[g] = state_base < 0 ? acc_t(0) : load_state(p.initial_state, state_base + r0 + g);
+  }
+  segment<in_t, kBwd, G>(p, r0, u0, u1, state, true, last ? h0 : nullptr);
+  if (state_base >= 0) {
+    for (int g = 0; g < G; ++g) end_state<in_t, kBwd>(p)[state_base + r0 + g] = state[g];
+  }
+}
+
+// Walks units [begin, end) of kGroup rows (the last unit may be short) over one sequence.
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE void unit_walks(const ParamsOf<in_t, kBwd>& p, int64_t unit, int64_t u0, int64_t u1,
+                                int64_t state_base) {
+  const int64_t r0 = unit * kGroup;
+  if (r0 + kGroup <= p.rows) {
+    sequence_walk<in_t, kBwd, kGroup>(p, r0, u0, u1, state_base, true);
+  } else {
+    for (int64_t r = r0; r < p.rows; ++r) sequence_walk<in_t, kBwd, 1>(p, r, u0, u1, state_base, true);
+  }
+}
+
 // Row mode: units of kGroup rows, each walked over its whole length.
 template <typename in_t, bool kBwd>
 SSMK_CPU_INLINE void row_units(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end) {
-  using acc_t = scan_acc_t<in_t>;
-  for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t r0 = unit * kGroup;
-    if (r0 + kGroup <= p.rows) {
-      acc_t state[kGroup];
-      for (int g = 0; g < kGroup; ++g) state[g] = start_state<in_t, kBwd>(p, r0 + g);
-      segment<in_t, kBwd, kGroup>(p, r0, 0, p.seqlen, state);
-    } else {
-      for (int64_t r = r0; r < p.rows; ++r) {
-        acc_t state = start_state<in_t, kBwd>(p, r);
-        segment<in_t, kBwd, 1>(p, r, 0, p.seqlen, &state);
-      }
-    }
-  }
+  for (int64_t unit = begin; unit < end; ++unit) unit_walks<in_t, kBwd>(p, unit, 0, p.seqlen, 0);
 }
 SSMK_CPU_MULTIVERSION(row_units, (typename in_t, bool kBwd), (in_t, kBwd),
                       (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end), (p, begin, end))
@@ -282,13 +314,63 @@ SSMK_CPU_INLINE void chunk_scans(const ParamsOf<in_t, kBwd>& p, int64_t begin, i
   for (int64_t item = begin; item < end; ++item) {
     const int64_t r = item / C, c = item % C;
     scan_acc_t<in_t> state = carries[item];
-    segment<in_t, kBwd, 1>(p, r, c * kChunk, std::min(p.seqlen, (c + 1) * kChunk), &state);
+    const bool last = c == C - 1;
+    const scan_acc_t<in_t> h0 = load_state(p.initial_state, r);
+    segment<in_t, kBwd, 1>(p, r, c * kChunk, std::min(p.seqlen, (c + 1) * kChunk), &state, c == 0,
+                           last ? &h0 : nullptr);
+    if (last) end_state<in_t, kBwd>(p)[r] = state;
   }
 }
 SSMK_CPU_MULTIVERSION(chunk_scans, (typename in_t, bool kBwd), (in_t, kBwd),
                       (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end,
                        const scan_acc_t<in_t>* carries),
                       (p, begin, end, carries))
+
+// cu_seqlens: item = unit * num_seqs + sequence (a thread's items walk a unit's rows on from one
+// sequence to the next, the memory order of the unpacked walk); sequence s covers forward
+// positions [offsets[s], offsets[s + 1]) and keeps its states at s * rows + r. Empty sequences
+// are skipped (the host set their final state).
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE void packed_items(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end) {
+  const int64_t S = p.seqs.num_seqs, L = p.seqlen;
+  const bool desc = kBwd ? !p.reverse : p.reverse;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t unit = item / S, s = desc ? S - 1 - item % S : item % S;
+    const int64_t t0 = p.seqs.offsets[s], t1 = p.seqs.offsets[s + 1];
+    if (t1 == t0) continue;
+    unit_walks<in_t, kBwd>(p, unit, desc ? L - t1 : t0, desc ? L - t0 : t1, s * p.rows);
+  }
+}
+SSMK_CPU_MULTIVERSION(packed_items, (typename in_t, bool kBwd), (in_t, kBwd),
+                      (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end), (p, begin, end))
+
+// seq_idx: row r (of batch row r / rows_per_batch) walked one run of equal indices at a time; the
+// row's first run in walk order starts from the row's state, the last one ends in it, the
+// others start from zero and their final state is dropped.
+template <typename in_t, bool kBwd>
+SSMK_CPU_INLINE void seq_idx_rows(const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end) {
+  using acc_t = scan_acc_t<in_t>;
+  const int64_t L = p.seqlen;
+  const bool desc = kBwd ? !p.reverse : p.reverse;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / p.rows_per_batch;
+    const int32_t* idx = p.seqs.seq_idx.data + b * p.seqs.seq_idx.stride[0];
+    const int64_t st = p.seqs.seq_idx.stride[1];
+    const auto index_at = [&](int64_t u) { return idx[(desc ? L - 1 - u : u) * st]; };
+    acc_t state = start_state<in_t, kBwd>(p, r);
+    for (int64_t u0 = 0; u0 < L;) {
+      int64_t u1 = u0 + 1;
+      while (u1 < L && index_at(u1) == index_at(u0)) ++u1;
+      const acc_t h0 = u1 == L ? load_state(p.initial_state, r) : acc_t(0);
+      segment<in_t, kBwd, 1>(p, r, u0, u1, &state, true, &h0);
+      if (u1 == L) end_state<in_t, kBwd>(p)[r] = state;
+      state = acc_t(0);
+      u0 = u1;
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(seq_idx_rows, (typename in_t, bool kBwd), (in_t, kBwd),
+                      (const ParamsOf<in_t, kBwd>& p, int64_t begin, int64_t end), (p, begin, end))
 
 // Outputs of many megabytes are written once, front to back; with 4 KB pages their first-touch
 // page faults cost as much as the scan itself (measured: 250 ms against 50 ms with huge pages for
@@ -316,6 +398,16 @@ void run(const ParamsOf<in_t, kBwd>& p) {
     advise_huge_pages(p.db, out_bytes);
   } else {
     advise_huge_pages(p.h, out_bytes);
+  }
+  if (p.seqs.packed()) {
+    const int64_t units = (R + kGroup - 1) / kGroup;
+    at::parallel_for(0, p.seqs.num_seqs * units, 1,
+                     [&](int64_t begin, int64_t end) { packed_items_dispatch<in_t, kBwd>(p, begin, end); });
+    return;
+  }
+  if (p.seqs.seq_idx.data) {
+    at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { seq_idx_rows_dispatch<in_t, kBwd>(p, begin, end); });
+    return;
   }
   const int64_t C = (L + kChunk - 1) / kChunk;
   if (R >= kFewRows || C < 2) {

@@ -16,6 +16,13 @@
 // Threads and lanes take their scan rank in walk order, so the same kernels serve both
 // directions without a template parameter.
 //
+// Packed sequences: a thread finds the sequence of its first item by binary search over the
+// offsets (cu_seqlens, read on the device) and walks its items from there. Where a sequence
+// starts in walk order the step becomes h -> 0 * h + (a * h0 + b) (the forward; the backward's
+// pair likewise restarts from the final-state gradient), which the block scan and the chained
+// carry compose like any other step, so the grid is the same as without packing; where a
+// sequence ends the thread writes its per-sequence state.
+//
 // Traffic per element: forward reads a, b and writes h (3 x element size); backward reads a, h,
 // dh and writes da, db (5 x element size), plus one neighbouring element of a and of h per
 // thread (already in L1/L2, loaded by the next thread) and a few bytes per chunk for the carries. FLOPs: 4 per
@@ -27,6 +34,7 @@
 #include <cstdint>
 
 #include "common/cuda/scan.h"
+#include "common/packed_seqs.h"
 #include "linear_scan/linear_scan.h"
 #include "linear_scan/linear_scan_math.h"
 
@@ -116,6 +124,33 @@ SSMK_DEVICE void to_walk_order(T (&x)[kItems], bool descending) {
   }
 }
 
+// Packed-sequence bounds of a thread's items, in walk order: wstart[k] (a sequence starts there
+// in walk order), wend[k] (one ends there), seq[k] (the sequence's index with cu_seqlens, else -1).
+template <typename Params>
+SSMK_DEVICE void item_bounds(const Params& p, int64_t row, int64_t p0, bool descending, bool (&wstart)[kItems],
+                             bool (&wend)[kItems], int64_t (&seq)[kItems]) {
+  const int64_t L = p.seqlen;
+  int64_t hint = p.seqs.packed() && p0 < L ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, p0) : 0;
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t t = p0 + k;
+    TokenBounds tb{false, false, -1};
+    if (t < L) tb = token_bounds(p.seqs, row / p.rows_per_batch, t, L, hint);
+    wstart[k] = descending ? tb.end : tb.start;
+    wend[k] = descending ? tb.start : tb.end;
+    seq[k] = tb.seq;
+  }
+  to_walk_order(wstart, descending);
+  to_walk_order(wend, descending);
+  to_walk_order(seq, descending);
+}
+
+// A per-sequence state [S, R] of row `row`, or zero (no state given, or no per-sequence state).
+template <typename acc_t>
+SSMK_DEVICE acc_t sequence_state(const View<const acc_t, 1>& v, int64_t seq, int64_t rows, int64_t row) {
+  return v.data && seq >= 0 ? v.data[(seq * rows + row) * v.stride[0]] : zero<acc_t>();
+}
+
 // Block-wide part shared by both kernels: scans the threads' pairs, links the chunk to its
 // predecessor and returns the state entering this thread's first item (walk order).
 template <typename acc_t>
@@ -179,11 +214,24 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwd
   load_items(p.b.data + row * p.b.stride[0], p.b.stride[1], p0, L, zero<acc_t>(), b);
   to_walk_order(a, desc);
   to_walk_order(b, desc);
+  const bool packed = p.seqs.packed(), bounded = p.seqs.any();
+  bool wstart[kItems], wend[kItems];
+  int64_t seq[kItems];
+  if (bounded) {
+    item_bounds(p, row, p0, desc, wstart, wend, seq);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      if (wstart[k]) {
+        b[k] = step(a[k], sequence_state(p.initial_state, seq[k], p.rows, row), b[k]);
+        a[k] = zero<acc_t>();
+      }
+    }
+  }
   cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
 #pragma unroll
   for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{a[k], b[k]});
-  const acc_t row_start =
-      p.initial_state.data ? p.initial_state.data[row * p.initial_state.stride[0]] : zero<acc_t>();
+  const acc_t row_start = p.initial_state.data && !packed ? p.initial_state.data[row * p.initial_state.stride[0]]
+                                                          : zero<acc_t>();
   acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t h[kItems];
@@ -192,7 +240,8 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwd
     s = step(a[k], s, b[k]);
     h[k] = s;
     const int64_t t = desc ? p0 + kItems - 1 - k : p0 + k;
-    if (t == t_last) p.last_state[row] = s;
+    if (!packed && t == t_last) p.last_state[row] = s;
+    if (bounded && wend[k] && seq[k] >= 0) p.last_state[seq[k] * p.rows + row] = s;
   }
   to_walk_order(h, desc);
   store_items(p.h + row * L, p0, L, h);
@@ -210,8 +259,9 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
   const in_t* a_row = p.a.data + row * p.a.stride[0];
   const in_t* h_row = p.h.data + row * p.h.stride[0];
-  const acc_t h_start =
-      p.initial_state.data ? p.initial_state.data[row * p.initial_state.stride[0]] : zero<acc_t>();
+  const bool packed = p.seqs.packed(), bounded = p.seqs.any();
+  const acc_t h_start = p.initial_state.data && !packed ? p.initial_state.data[row * p.initial_state.stride[0]]
+                                                        : zero<acc_t>();
   // Outside the row: a = 1 (the identity step) and h = the forward's initial state, which is what
   // the walk's first and last positions see; padding positions after L never reach an output.
   acc_t a[kItems], g[kItems], h[kItems];
@@ -231,11 +281,28 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   coef[0] = conj_if_complex(a_prev);
 #pragma unroll
   for (int k = 1; k < kItems; ++k) coef[k] = conj_if_complex(a[k - 1]);
+  // hp[k]: the forward's state before item k (the sequence's initial state where it starts).
+  acc_t hp[kItems];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) hp[k] = k + 1 < kItems ? h[k + 1] : h_next;
+  bool wstart[kItems], wend[kItems];
+  int64_t seq[kItems];
+  if (bounded) {
+    item_bounds(p, row, p0, desc, wstart, wend, seq);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      if (wstart[k]) {
+        g[k] += sequence_state(p.dlast_state, seq[k], p.rows, row);
+        coef[k] = zero<acc_t>();
+      }
+      if (wend[k]) hp[k] = sequence_state(p.initial_state, seq[k], p.rows, row);
+    }
+  }
   cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
 #pragma unroll
   for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{coef[k], g[k]});
-  const acc_t row_start =
-      p.dlast_state.data ? p.dlast_state.data[row * p.dlast_state.stride[0]] : zero<acc_t>();
+  const acc_t row_start = p.dlast_state.data && !packed ? p.dlast_state.data[row * p.dlast_state.stride[0]]
+                                                        : zero<acc_t>();
   acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t da[kItems], db[kItems];
@@ -243,9 +310,10 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   for (int k = 0; k < kItems; ++k) {
     s = step(coef[k], s, g[k]);
     db[k] = s;
-    da[k] = s * conj_if_complex(k + 1 < kItems ? h[k + 1] : h_next);
+    da[k] = s * conj_if_complex(hp[k]);
     const int64_t t = desc ? p0 + kItems - 1 - k : p0 + k;
-    if (t == t_last) p.dinitial_state[row] = conj_if_complex(a[k]) * s;
+    if (!packed && t == t_last) p.dinitial_state[row] = conj_if_complex(a[k]) * s;
+    if (bounded && wend[k] && seq[k] >= 0) p.dinitial_state[seq[k] * p.rows + row] = conj_if_complex(a[k]) * s;
   }
   to_walk_order(da, desc);
   to_walk_order(db, desc);

@@ -2,16 +2,19 @@
 #include "common/dispatch.h"
 #include "common/op.h"
 #include "common/output.h"
+#include "common/varlen.h"
 #include "linear_scan/linear_scan.h"
 
 namespace ssmk {
 namespace {
 
-#define LINEAR_SCAN_FWD_ARGS(X) X(Tensor, a) X(Tensor, b) X(OptTensor, initial_state) X(Bool, reverse)
+#define LINEAR_SCAN_FWD_ARGS(X)                                                              \
+  X(Tensor, a) X(Tensor, b) X(OptTensor, initial_state) X(Bool, reverse) X(OptTensor, cu_seqlens) \
+  X(OptTensor, seq_idx)
 // The backward reads the forward's output h instead of b.
 #define LINEAR_SCAN_BWD_ARGS(X)                                                            \
   X(Tensor, a) X(Tensor, h) X(OptTensor, initial_state) X(Tensor, dh) X(OptTensor, dlast_state) \
-  X(Bool, reverse)
+  X(Bool, reverse) X(OptTensor, cu_seqlens) X(OptTensor, seq_idx)
 SSMK_OP_ARGS(LinearScanFwdArgs, LINEAR_SCAN_FWD_ARGS)
 SSMK_OP_ARGS(LinearScanBwdArgs, LINEAR_SCAN_BWD_ARGS)
 
@@ -24,9 +27,19 @@ std::vector<int64_t> leading_shape(const at::Tensor& a) {
   return std::vector<int64_t>(a.sizes().begin(), a.sizes().end() - 1);
 }
 
-// `b` is the forward's b or the backward's h: the same shape, dtype and device as a.
-void check_common(const at::Tensor& a, const at::Tensor& b, const char* b_name,
-                  const std::optional<at::Tensor>& initial_state) {
+// The shape of initial_state and last_state: the leading shape [...], or with cu_seqlens
+// [num_seqs, ...] (the batch axis, of size 1, replaced by the sequences).
+std::vector<int64_t> state_shape(const at::Tensor& a, const Varlen& v) {
+  std::vector<int64_t> s = leading_shape(a);
+  if (v.packed()) s[0] = v.num_seqs;
+  return s;
+}
+
+// `b` is the forward's b or the backward's h: the same shape, dtype and device as a. Packed
+// sequences run along the last axis; the first axis is the batch (of size 1 with cu_seqlens).
+template <typename Args>
+Varlen check_common(const Args& in, const at::Tensor& b, const char* b_name) {
+  const at::Tensor& a = in.a;
   SSMK_CHECK_VALUE(a.dim() >= 1, "a: expected at least 1 dim (..., seqlen), got shape ", a.sizes());
   SSMK_CHECK_TYPE(supported_dtype(a.scalar_type()), "a: expected dtype float32, float16, bfloat16, "
                   "float64, complex64 or complex128, got ", a.scalar_type());
@@ -34,14 +47,21 @@ void check_common(const at::Tensor& a, const at::Tensor& b, const char* b_name,
   check_shape(b, a.sizes(), b_name);
   check_same_device(b, a, b_name);
   SSMK_CHECK_VALUE(a.size(-1) >= 1, "a: expected seqlen >= 1, got ", a.size(-1));
-  if (initial_state) {
-    check_shape(*initial_state, leading_shape(a), "initial_state");
-    const auto s = initial_state->scalar_type();
+  for (const auto& [t, name] : {std::pair{&in.cu_seqlens, "cu_seqlens"}, std::pair{&in.seq_idx, "seq_idx"}}) {
+    SSMK_CHECK_VALUE(!*t || a.dim() >= 2, name, ": expected a of at least 2 dims (batch, ..., seqlen), got shape ",
+                     a.sizes());
+  }
+  const Varlen v = check_cu_seqlens(in.cu_seqlens, in.seq_idx, a.size(0), a.size(-1), a);
+  if (in.seq_idx) check_seq_idx(*in.seq_idx, a.size(0), a.size(-1), a);
+  if (in.initial_state) {
+    check_shape(*in.initial_state, state_shape(a, v), "initial_state");
+    const auto s = in.initial_state->scalar_type();
     SSMK_CHECK_TYPE(at::isComplexType(s) ? a.is_complex() : at::isFloatingType(s) && !a.is_complex(),
                     "initial_state: expected a ", a.is_complex() ? "complex" : "real floating-point",
                     " dtype like a's, got ", s);
-    check_same_device(*initial_state, a, "initial_state");
+    check_same_device(*in.initial_state, a, "initial_state");
   }
+  return v;
 }
 
 int64_t rows_of(const at::Tensor& a) { return a.numel() / a.size(-1); }
@@ -52,14 +72,17 @@ std::optional<at::Tensor> state_view(const std::optional<at::Tensor>& t, const a
   return t ? std::optional<at::Tensor>(t->to(acc_dtype(a.scalar_type())).reshape({-1})) : std::nullopt;
 }
 
-template <typename T>
+template <typename T, typename Args>
 void fill_common(LinearScanCommon<T>& p, const at::Tensor& a2, const std::optional<at::Tensor>& init,
-                 bool reverse) {
+                 const Args& in, const Varlen& v) {
   p.rows = a2.size(0);
   p.seqlen = a2.size(1);
-  p.reverse = reverse;
+  p.reverse = in.reverse;
   p.a = view<const T, 2>(a2);
   p.initial_state = view<const acc_t<T>, 1>(init);
+  p.seqs = PackedSeqs{v.packed() ? ptr<int64_t>(v.offsets) : nullptr, v.num_seqs,
+                      view<const int32_t, 2>(in.seq_idx)};
+  p.rows_per_batch = in.a.dim() >= 2 ? p.rows / std::max<int64_t>(in.a.size(0), 1) : p.rows;
 }
 
 // The chained-carry workspace of the CUDA kernels (zeroed; empty for rows of one chunk).
@@ -72,17 +95,20 @@ at::Tensor cuda_workspace(const at::Tensor& a) {
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_scan_fwd(const LinearScanFwdArgs& in) {
-  check_common(in.a, in.b, "b", in.initial_state);
+  const Varlen v = check_common(in, in.b, "b");
   const auto acc = acc_dtype(in.a.scalar_type());
   at::Tensor h = new_output(in.a.sizes(), in.a.options());
-  at::Tensor last = new_output(leading_shape(in.a), in.a.options().dtype(acc));
+  at::Tensor last = new_output(state_shape(in.a, v), in.a.options().dtype(acc));
+  const auto init = state_view(in.initial_state, in.a);
+  // The kernels write the final state of every non-empty sequence; an empty one keeps its
+  // initial state.
+  if (v.packed()) init ? last.view({-1}).copy_(*init) : last.zero_();
   if (in.a.numel() == 0) return {h, last};
   const at::Tensor a2 = rows_view(in.a), b2 = rows_view(in.b);
-  const auto init = state_view(in.initial_state, in.a);
   SSMK_DISPATCH_FLOAT_AND_COMPLEX(in.a.scalar_type(), "linear_scan_fwd", [&] {
     using T = scalar_t;
     LinearScanFwdParams<T> p{};
-    fill_common(p, a2, init, in.reverse);
+    fill_common(p, a2, init, in, v);
     p.b = view<const T, 2>(b2);
     p.h = ptr<T>(h);
     p.last_state = ptr<acc_t<T>>(last);
@@ -94,12 +120,12 @@ std::tuple<at::Tensor, at::Tensor> linear_scan_fwd(const LinearScanFwdArgs& in) 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const LinearScanBwdArgs& in) {
-  check_common(in.a, in.h, "h", in.initial_state);
+  const Varlen v = check_common(in, in.h, "h");
   check_shape(in.dh, in.a.sizes(), "dh");
   check_same_device(in.dh, in.a, "dh");
   const auto dtype = in.a.scalar_type();
   const auto acc = acc_dtype(dtype);
-  const auto lead = leading_shape(in.a);
+  const auto lead = state_shape(in.a, v);
   if (in.dlast_state) {
     check_shape(*in.dlast_state, lead, "dlast_state");
     check_same_device(*in.dlast_state, in.a, "dlast_state");
@@ -113,6 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const LinearScanB
   at::Tensor db = new_output(in.a.sizes(), in.a.options());
   // The kernels always write the state's gradient; it is returned only for a given state.
   at::Tensor dinit = new_output(lead, in.a.options().dtype(acc));
+  // An empty sequence passes its final state's gradient to its initial state unchanged.
+  if (v.packed()) dlast ? dinit.view({-1}).copy_(*dlast) : dinit.zero_();
   const auto result = [&] {
     return std::make_tuple(da, db,
                            in.initial_state ? dinit.to(in.initial_state->scalar_type()) : new_grad({}, in.a));
@@ -123,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_scan_bwd(const LinearScanB
   SSMK_DISPATCH_FLOAT_AND_COMPLEX(dtype, "linear_scan_bwd", [&] {
     using T = scalar_t;
     LinearScanBwdParams<T> p{};
-    fill_common(p, a2, init, in.reverse);
+    fill_common(p, a2, init, in, v);
     p.h = view<const T, 2>(h2);
     p.dh = view<const T, 2>(dh2);
     p.dlast_state = view<const acc_t<T>, 1>(dlast);

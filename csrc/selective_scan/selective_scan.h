@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/packed_seqs.h"
 #include "common/types.h"
 #include "selective_scan/selective_scan_math.h"
 
@@ -42,14 +43,17 @@ struct SelectiveScanCommon {
   BC B, C;
   const acc* D;                    // [D] contiguous, or nullptr
   const acc* delta_bias;           // [D] contiguous, or nullptr
-  View<const W, 3> initial_state;  // [B, D, N], or data nullptr
+  View<const W, 3> initial_state;  // [B, D, N] ([S, D, N] with cu_seqlens), or data nullptr
+  // Packed sequences along L: the state restarts where one starts (from its initial state with
+  // cu_seqlens, else zero) and its final state is read off where it ends (common/packed_seqs.h).
+  PackedSeqs seqs;
 };
 
 template <typename T, bool kComplex>
 struct SelectiveScanFwdParams : SelectiveScanCommon<T, kComplex> {
   using W = selective_scan_state_t<T, kComplex>;
   T* out;          // [B, D, L] contiguous
-  W* last_state;   // [B, D, N] contiguous
+  W* last_state;   // [B, D, N] ([S, D, N] with cu_seqlens) contiguous
   W* checkpoints;  // [B, D, n_chunks, N] contiguous: the state before each chunk
 };
 
@@ -62,7 +66,7 @@ struct SelectiveScanBwdParams : SelectiveScanCommon<T, kComplex> {
   using W = selective_scan_state_t<T, kComplex>;
   const W* checkpoints;          // [B, D, n_chunks, N] contiguous: the forward's
   View<const T, 3> dout;         // [B, D, L]
-  View<const W, 3> dlast_state;  // [B, D, N], or data nullptr
+  View<const W, 3> dlast_state;  // [B, D, N] ([S, D, N] with cu_seqlens), or data nullptr
   int64_t slice_channels, n_slices;  // n_slices = dim / slice_channels
   T* du;                  // [B, D, L] contiguous
   T* ddelta;              // [B, D, L] contiguous
@@ -74,7 +78,7 @@ struct SelectiveScanBwdParams : SelectiveScanCommon<T, kComplex> {
   W* dC_partial;
   acc* dD_rows;           // [B, D]
   acc* ddelta_bias_rows;  // [B, D]
-  W* dinitial_state;      // [B, D, N] contiguous
+  W* dinitial_state;      // [B, D, N] ([S, D, N] with cu_seqlens) contiguous
 };
 
 // The CPU kernels' layout of A, B and C, prepared by the host so the inner loops run over

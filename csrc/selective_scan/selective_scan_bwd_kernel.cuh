@@ -15,6 +15,11 @@
 // channel order into its own partial buffer. The host reduces rows and slices in a fixed order, so
 // the gradients are bitwise reproducible (no floating-point atomics).
 //
+// Packed sequences (see the forward): the recomputation restarts where a sequence starts (h_{t-1}
+// is then its initial state); the adjoint restarts where one ends, K_{t+1} replaced by the
+// sequence's final-state gradient (pair (0, conj(a_t) (dlast + e_t))), and K_t is written out as
+// the initial-state gradient where it starts.
+//
 // Traffic per row and step: u, delta, z, dout read and du, ddelta, dz written (7 x input dtype),
 // checkpoints (N per chunk) and, for variable B/C, a read-modify-write of the slice's partial sums
 // (2 x 2 x N x 4 bytes per channel and step, L2-resident only for short sequences): this RMW
@@ -89,6 +94,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t N = p.dstate, L = p.seqlen, nc = p.n_chunks;
   const int tid = threadIdx.x;
   const auto& dlast = p.dlast_state;
+  const bool packed = p.seqs.packed();
   w_t* dBp = p.B.variable ? p.dB_partial + (s * p.batch + b) * N * L : nullptr;
   w_t* dCp = p.C.variable ? p.dC_partial + (s * p.batch + b) * N * L : nullptr;
 
@@ -109,7 +115,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     __syncthreads();  // the previous channel is done with the shared accumulators
     for (int64_t n = tid; n < N; n += kThreads) {
-      carry[n] = dlast.data ? dlast.data[b * dlast.stride[0] + d * dlast.stride[1] + n * dlast.stride[2]] : w_t(0);
+      carry[n] = dlast.data && !packed ? dlast.data[b * dlast.stride[0] + d * dlast.stride[1] + n * dlast.stride[2]]
+                                       : w_t(0);
       dA_acc[n] = w_t(0);
       dB_acc[n] = w_t(0);
       dC_acc[n] = w_t(0);
@@ -120,6 +127,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int64_t c = nc - 1; c >= 0; --c) {
       const int64_t t_first = c * kChunkSize + static_cast<int64_t>(tid) * kItems;
       acc_t u[kItems], dt[kItems], dtg[kItems], g[kItems], du[kItems], ddt[kItems], y[kItems];
+      int64_t starts[kItems], ends[kItems];
+      step_bounds<kItems>(p, b, t_first, starts, ends);
 #pragma unroll
       for (int j = 0; j < kItems; ++j) {
         const int64_t t = t_first + j;
@@ -138,7 +147,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int64_t n = 0; n < N; ++n) {
         const w_t An = A[n];
         const w_t h0 = ckpt[c * N + n];
-        w_t a[kItems], bb[kItems], hp[kItems];
+        w_t a[kItems], bb[kItems], hp[kItems], h0s[kItems];
         pair_t agg = ssmk::cuda::affine_identity<w_t>();
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
@@ -146,7 +155,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
           a[j] = discretize(dt[j], An);
           const w_t Bv = t < L ? load_B<Traits>(p, b, d, n, t) : w_t(0);
           bb[j] = Bv * (dt[j] * u[j]);
-          agg = ssmk::cuda::affine_compose(agg, pair_t{a[j], bb[j]});
+          h0s[j] = starts[j] != kNoBound ? sequence_state(p.initial_state, starts[j], d, n) : w_t(0);
+          agg = ssmk::cuda::affine_compose(agg, starts[j] != kNoBound ? pair_t{w_t(0), a[j] * h0s[j] + bb[j]}
+                                                                      : pair_t{a[j], bb[j]});
         }
         pair_t total;
         pair_t pre = ssmk::cuda::block_exclusive_scan<kThreads, false>(agg, warp_totals, total);
@@ -154,8 +165,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
         pair_t ragg = ssmk::cuda::affine_identity<w_t>();
 #pragma unroll
         for (int j = 0; j < kItems; ++j) {
-          hp[j] = h;
-          h = a[j] * h + bb[j];
+          hp[j] = starts[j] != kNoBound ? h0s[j] : h;
+          h = a[j] * hp[j] + bb[j];
           const int64_t t = t_first + j;
           if (t < L) y[j] += real_part(load_C<Traits>(p, b, d, n, t) * h);
         }
@@ -164,7 +175,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
           const int64_t t = t_first + j;
           const w_t e = t < L ? conj_of(load_C<Traits>(p, b, d, n, t)) * (kScale * g[j]) : w_t(0);
           const w_t ac = conj_of(a[j]);
-          ragg = ssmk::cuda::affine_compose(ragg, pair_t{ac, ac * e});
+          if (ends[j] != kNoBound) {
+            ragg = ssmk::cuda::affine_compose(ragg, pair_t{w_t(0), ac * (sequence_state(dlast, ends[j], d, n) + e)});
+          } else {
+            ragg = ssmk::cuda::affine_compose(ragg, pair_t{ac, ac * e});
+          }
         }
         const pair_t rpre = ssmk::cuda::block_exclusive_scan<kThreads, true>(ragg, warp_totals, total);
         w_t K = rpre.a * carry[n] + rpre.b;
@@ -174,8 +189,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
           const int64_t t = t_first + j;
           const bool valid = t < L;
           const w_t Cv = valid ? load_C<Traits>(p, b, d, n, t) : w_t(0);
+          if (ends[j] != kNoBound) K = sequence_state(dlast, ends[j], d, n);
           const w_t G = K + conj_of(Cv) * (kScale * g[j]);
           K = conj_of(a[j]) * G;
+          if (starts[j] >= 0) p.dinitial_state[(starts[j] * p.dim + d) * N + n] = K;
           const w_t dw = K * conj_of(hp[j]);
           split_add(sums, 0, dw * dt[j]);
           const w_t Bv = valid ? load_B<Traits>(p, b, d, n, t) : w_t(0);
@@ -234,7 +251,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       p.ddelta_bias_rows[row] = row_sums[1];
     }
     for (int64_t n = tid; n < N; n += kThreads) {
-      p.dinitial_state[row * N + n] = carry[n];
+      if (!packed) p.dinitial_state[row * N + n] = carry[n];
       p.dA_rows[row * N + n] = dA_acc[n];
       if (!p.B.variable) p.dB_rows[row * N + n] = dB_acc[n];
       if (!p.C.variable) p.dC_rows[row * N + n] = dC_acc[n];

@@ -8,6 +8,13 @@
 // SSMK_CPU_MULTIVERSION). For that, the host re-lays out B/C/A once per call
 // (SelectiveScanCpuLayout): variable B/C as [B, G, L, N] in acc_t (the N values of one step
 // contiguous), complex values as separate real and imaginary blocks of N.
+//
+// Packed sequences (cu_seqlens or seq_idx): a row is still walked in its chunks, token by token;
+// where a sequence starts the state is reloaded (its own initial state, or zero) and where one
+// ends its state is written out (common/packed_seqs.h), so one task never mixes two sequences'
+// states and the cost per token is one comparison. The backward's reverse recurrence restarts
+// from the final-state gradient where a sequence ends and writes the initial-state gradient where
+// it starts.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -46,6 +53,17 @@ SSMK_CPU_INLINE void load_initial(const View<const W, 3>& init, int64_t N, int64
     } else {
       h[n] = v;
     }
+  }
+}
+
+// The state a sequence starts from: initial state `seq` (cu_seqlens) or zero (seq < 0: seq_idx).
+template <typename acc_t, bool kComplex, typename W>
+SSMK_CPU_INLINE void load_sequence_state(const View<const W, 3>& init, int64_t N, int64_t seq, int64_t d,
+                                         acc_t* h) {
+  if (seq >= 0) {
+    load_initial<acc_t, kComplex>(init, N, seq, d, h);
+  } else {
+    std::fill(h, h + (kComplex ? 2 * N : N), acc_t(0));
   }
 }
 
@@ -133,7 +151,13 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p
     const int64_t z_off = b * p.z.stride[0] + d * p.z.stride[1];
     input_t* out = p.out + r * L;
     auto* ckpt = p.checkpoints + r * nc * N;
-    load_initial<acc_t, kComplex>(p.initial_state, N, b, d, h.data());
+    const bool packed = p.seqs.packed(), bounded = p.seqs.any();
+    int64_t hint = 0;
+    if (packed) {
+      std::fill(h.begin(), h.end(), acc_t(0));
+    } else {
+      load_initial<acc_t, kComplex>(p.initial_state, N, b, d, h.data());
+    }
     for (int64_t c = 0; c < nc; ++c) {
       store_state<acc_t, kComplex>(h.data(), N, ckpt + c * N);
       const int64_t t0 = c * kChunkSize;
@@ -155,8 +179,11 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t t = t0 + i;
+        const TokenBounds tb = bounded ? token_bounds(p.seqs, b, t, L, hint) : TokenBounds{false, false, -1};
+        if (tb.start) load_sequence_state<acc_t, kComplex>(p.initial_state, N, tb.seq, d, h.data());
         yb[i] = kScale * scan_step<acc_t, kComplex, false>(N, dtb[i], dtb[i] * ub[i], A, Bbase + t * lay.B.step,
                                                            Cbase + t * lay.C.step, h.data(), nullptr, nullptr);
+        if (tb.end && tb.seq >= 0) store_state<acc_t, kComplex>(h.data(), N, p.last_state + (tb.seq * p.dim + d) * N);
       }
       if (p.z.data) {
         for (int64_t i = 0; i < n; ++i) zb[i] = load<acc_t>(p.z.data, z_off + (t0 + i) * p.z.stride[2]);
@@ -167,7 +194,7 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p
         for (int64_t i = 0; i < n; ++i) out[t0 + i] = static_cast<input_t>(selective_scan::epilogue(yb[i], ub[i], Dd, acc_t(0), false));
       }
     }
-    store_state<acc_t, kComplex>(h.data(), N, p.last_state + r * N);
+    if (!packed) store_state<acc_t, kComplex>(h.data(), N, p.last_state + r * N);
   }
 }
 SSMK_CPU_MULTIVERSION(fwd_rows, (typename input_t, bool kComplex), (input_t, kComplex),
@@ -195,7 +222,11 @@ SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& 
   // hs[i] = h after step i of the chunk (hs[-1] = the chunk's checkpoint), as[i] = a of step i.
   std::vector<acc_t> hs_buf((K + 1) * nw), as(K * nw);
   std::vector<acc_t> dts(K), us(K), gs(K), ys(K), dtg(K);
-  std::vector<acc_t> Kc(nw), dA(nw), dBf(nw), dCf(nw), hrow(nw);
+  std::vector<acc_t> Kc(nw), dA(nw), dBf(nw), dCf(nw), hrow(nw), h0(nw);
+  // Per step of the chunk: the sequence starting / ending there (kNoBound: none; -1: seq_idx).
+  constexpr int64_t kNoBound = -2;
+  std::vector<int64_t> starts(K), ends(K);
+  const bool packed = p.seqs.packed(), bounded = p.seqs.any();
   acc_t* hs = hs_buf.data() + nw;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / p.n_slices, s = task % p.n_slices;
@@ -218,7 +249,7 @@ SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& 
       input_t* du_out = p.du + r * L;
       input_t* ddelta_out = p.ddelta + r * L;
       input_t* dz_out = p.dz ? p.dz + r * L : nullptr;
-      if (dlast.data) {
+      if (dlast.data && !packed) {
         for (int64_t n = 0; n < N; ++n) {
           const auto v = dlast.data[b * dlast.stride[0] + d * dlast.stride[1] + n * dlast.stride[2]];
           if constexpr (kComplex) {
@@ -239,9 +270,14 @@ SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& 
         const int64_t t0 = c * kChunkSize, len = std::min(kChunkSize, L - t0);
         load_state<acc_t, kComplex>(ckpt + c * N, N, hs - nw);
         std::memcpy(hrow.data(), hs - nw, nw * sizeof(acc_t));
+        int64_t hint = packed ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, t0) : 0;
         // Forward recomputation of the chunk.
         for (int64_t i = 0; i < len; ++i) {
           const int64_t t = t0 + i;
+          const TokenBounds tb = bounded ? token_bounds(p.seqs, b, t, L, hint) : TokenBounds{false, false, -1};
+          starts[i] = tb.start ? tb.seq : kNoBound;
+          ends[i] = tb.end ? tb.seq : kNoBound;
+          if (tb.start) load_sequence_state<acc_t, kComplex>(p.initial_state, N, tb.seq, d, hrow.data());
           const acc_t u = load<acc_t>(p.u.data, u_off + t * p.u.stride[2]);
           const acc_t delta = load<acc_t>(p.delta.data, dl_off + t * p.delta.stride[2]);
           const acc_t dt = delta_transform(delta, bias_d, p.delta_softplus);
@@ -268,6 +304,11 @@ SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& 
           const acc_t* a = as.data() + i * nw;
           const acc_t* h = hs + i * nw;
           const acc_t* hp = hs + (i - 1) * nw;
+          if (ends[i] != kNoBound) load_sequence_state<acc_t, kComplex>(dlast, N, ends[i], d, Kc.data());
+          if (starts[i] != kNoBound) {
+            load_sequence_state<acc_t, kComplex>(p.initial_state, N, starts[i], d, h0.data());
+            hp = h0.data();
+          }
           acc_t* dBt = dBp ? dBp + t * nw : dBf.data();
           acc_t* dCt = dCp ? dCp + t * nw : dCf.data();
           acc_t sA = 0, sB = 0;
@@ -307,6 +348,7 @@ SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& 
               sA += A[n] * dwr + A[N + n] * dwi;
             }
           }
+          if (starts[i] >= 0) store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + (starts[i] * p.dim + d) * N);
           const acc_t ddt = sA + u * sB;
           const acc_t ddelta = ddt * dtg[i];
           du_out[t] = static_cast<input_t>(Dd * g + dt * sB);
@@ -315,7 +357,7 @@ SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& 
           ddb += ddelta;
         }
       }
-      store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + r * N);
+      if (!packed) store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + r * N);
       store_state<acc_t, kComplex>(dA.data(), N, p.dA_rows + r * N);
       if (!p.B.variable) store_state<acc_t, kComplex>(dBf.data(), N, p.dB_rows + r * N);
       if (!p.C.variable) store_state<acc_t, kComplex>(dCf.data(), N, p.dC_rows + r * N);

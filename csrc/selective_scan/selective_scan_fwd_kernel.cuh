@@ -14,6 +14,12 @@
 // is ~0.5 GB of compulsory traffic and ~10 GFLOP plus 0.5 G exp (MUFU): the kernel is bounded by
 // the N block scans per chunk (2 barriers each) and the exp throughput rather than by DRAM; we
 // expect ~50-70% of the copy bandwidth.
+//
+// Packed sequences: each thread finds, per chunk, which of its steps start or end a sequence (a
+// binary search over the offsets read on the device, common/packed_seqs.h). A starting step's map
+// becomes h -> 0 * h + (a h0 + b) with h0 the sequence's initial state (or zero), which the block
+// scan composes like any other; an ending step writes its sequence's final state. The grid and the
+// chunk loop are unchanged.
 #pragma once
 
 #include <c10/util/complex.h>
@@ -22,6 +28,7 @@
 
 #include "common/cuda/scan.h"
 #include "common/math.h"
+#include "common/packed_seqs.h"
 #include "selective_scan/selective_scan.h"
 
 namespace ssmk::selective_scan {
@@ -66,6 +73,31 @@ SSMK_DEVICE typename Traits::w_t load_C(const typename Traits::Params& p, int64_
   return load_bc<Traits>(p.C, p, b, d, n, t);
 }
 
+// The packed-sequence bounds of a thread's steps t_first .. t_first + kItems - 1 of batch row b:
+// start[j] / end[j] hold the sequence's index (-1 for seq_idx) where a sequence starts / ends at
+// step j, kNoBound elsewhere.
+constexpr int64_t kNoBound = -2;
+template <int kItems, typename Params>
+SSMK_DEVICE void step_bounds(const Params& p, int64_t b, int64_t t_first, int64_t (&start)[kItems],
+                             int64_t (&end)[kItems]) {
+  const int64_t L = p.seqlen;
+  int64_t hint = p.seqs.packed() && t_first < L ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, t_first) : 0;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int64_t t = t_first + j;
+    TokenBounds tb{false, false, -1};
+    if (p.seqs.any() && t < L) tb = token_bounds(p.seqs, b, t, L, hint);
+    start[j] = tb.start ? tb.seq : kNoBound;
+    end[j] = tb.end ? tb.seq : kNoBound;
+  }
+}
+
+// State n of channel d of sequence seq in a [S, D, N] state view, or zero (seq < 0, or no state).
+template <typename W>
+SSMK_DEVICE W sequence_state(const View<const W, 3>& v, int64_t seq, int64_t d, int64_t n) {
+  return v.data && seq >= 0 ? v.data[seq * v.stride[0] + d * v.stride[1] + n * v.stride[2]] : W(0);
+}
+
 // Shared-memory array of T without running T's constructor (c10::complex has a non-trivial one,
 // which a __shared__ declaration does not allow).
 #define SSMK_SHARED_ARRAY(T, NAME, COUNT)                                   \
@@ -99,14 +131,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
   w_t* ckpt = p.checkpoints + row * nc * N;
   const auto& init = p.initial_state;
 
+  const bool packed = p.seqs.packed();
   for (int64_t n = tid; n < N; n += Traits::kThreads) {
-    state[n] = init.data ? init.data[b * init.stride[0] + d * init.stride[1] + n * init.stride[2]] : w_t(0);
+    state[n] = init.data && !packed ? init.data[b * init.stride[0] + d * init.stride[1] + n * init.stride[2]] : w_t(0);
   }
   __syncthreads();
 
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t_first = c * kChunkSize + static_cast<int64_t>(tid) * kItems;
     acc_t u[kItems], dt[kItems], y[kItems];
+    int64_t starts[kItems], ends[kItems];
+    step_bounds<kItems>(p, b, t_first, starts, ends);
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       const int64_t t = t_first + j;
@@ -129,6 +164,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
         a[j] = discretize(dt[j], An);
         const w_t Bv = t < L ? load_B<Traits>(p, b, d, n, t) : w_t(0);
         bb[j] = Bv * (dt[j] * u[j]);
+        // A starting step: h = a h0 + b whatever came before (a is then 0 for the scan).
+        if (starts[j] != kNoBound) {
+          bb[j] = a[j] * sequence_state(init, starts[j], d, n) + bb[j];
+          a[j] = w_t(0);
+        }
         agg = ssmk::cuda::affine_compose(agg, pair_t{a[j], bb[j]});
       }
       pair_t total;
@@ -139,6 +179,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
         const int64_t t = t_first + j;
         h = a[j] * h + bb[j];
         if (t < L) y[j] += real_part(load_C<Traits>(p, b, d, n, t) * h);
+        if (ends[j] >= 0) p.last_state[(ends[j] * p.dim + d) * N + n] = h;
       }
       // Every thread read state[n] before the scan's barriers.
       if (tid == 0) state[n] = total.a * h0 + total.b;
@@ -153,6 +194,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
   }
   __syncthreads();
+  if (packed) return;  // every sequence's final state is written where it ends
   w_t* last = p.last_state + row * N;
   for (int64_t n = tid; n < N; n += Traits::kThreads) last[n] = state[n];
 }

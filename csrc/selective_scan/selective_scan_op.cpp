@@ -9,6 +9,7 @@
 #include "common/op.h"
 #include "common/output.h"
 #include "common/static_switch.h"
+#include "common/varlen.h"
 #include "selective_scan/selective_scan.h"
 
 namespace ssmk {
@@ -19,7 +20,8 @@ using selective_scan::num_chunks;
 
 #define SELECTIVE_SCAN_FWD_ARGS(X)                                                                  \
   X(Tensor, u) X(Tensor, delta) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(OptTensor, D) X(OptTensor, z) \
-  X(OptTensor, delta_bias) X(Bool, delta_softplus) X(OptTensor, initial_state)
+  X(OptTensor, delta_bias) X(Bool, delta_softplus) X(OptTensor, initial_state) X(OptTensor, cu_seqlens) \
+  X(OptTensor, seq_idx)
 // The backward also reads the forward's checkpoints and the gradients of out and last_state.
 #define SELECTIVE_SCAN_BWD_ARGS(X) \
   SELECTIVE_SCAN_FWD_ARGS(X) X(Tensor, checkpoints) X(Tensor, dout) X(OptTensor, dlast_state)
@@ -75,9 +77,10 @@ void check_bc(const at::Tensor& t, const char* name, const at::Tensor& u, const 
   }
 }
 
-// The forward's inputs, which the backward takes too (Args: either op's args).
+// The forward's inputs, which the backward takes too (Args: either op's args). Returns the packed
+// layout (initial_state and last_state are [num_seqs, D, N] with cu_seqlens).
 template <typename Args>
-void check_scan_args(const Args& in) {
+Varlen check_scan_args(const Args& in) {
   const at::Tensor& u = in.u;
   SSMK_CHECK_VALUE(u.dim() == 3, "u: expected 3 dims (batch, dim, seqlen), got shape ", u.sizes());
   check_floating(u, "u");
@@ -108,34 +111,41 @@ void check_scan_args(const Args& in) {
     check_dtype(*in.z, u.scalar_type(), "z");
     check_same_device(*in.z, u, "z");
   }
+  const Varlen v = check_cu_seqlens(in.cu_seqlens, in.seq_idx, Bt, L, u);
+  if (in.seq_idx) check_seq_idx(*in.seq_idx, Bt, L, u);
   if (in.initial_state) {
     const at::Tensor& s = *in.initial_state;
-    check_shape(s, {Bt, Dm, N}, "initial_state");
+    check_shape(s, {v.packed() ? v.num_seqs : Bt, Dm, N}, "initial_state");
     SSMK_CHECK_TYPE(s.is_complex() == A.is_complex(), "initial_state: expected a ",
                     A.is_complex() ? "complex" : "real", " tensor like A, got ", s.scalar_type());
     if (!s.is_complex()) check_floating(s, "initial_state");
     check_same_device(s, u, "initial_state");
   }
+  return v;
 }
 
 // The inputs in the dtypes the kernels read (kept alive for the duration of the call).
 struct Prepared {
   bool is_complex;
   int64_t batch, dim, seqlen, dstate;
+  Varlen varlen;
+  int64_t state_batch;                      // batch, or num_seqs with cu_seqlens
   at::Tensor A;                             // [D, N] W
   at::Tensor B, C;                          // fixed: [D, N] W; variable: [B, G, N, L] (a view)
   std::optional<at::Tensor> D, delta_bias;  // [D] acc
-  std::optional<at::Tensor> initial_state;  // [B, D, N] W
+  std::optional<at::Tensor> initial_state;  // [state_batch, D, N] W
 };
 
 template <typename Args>
-Prepared prepare(const Args& in) {
+Prepared prepare(const Args& in, const Varlen& v) {
   Prepared pr;
+  pr.varlen = v;
   pr.is_complex = in.A.is_complex();
   pr.batch = in.u.size(0);
   pr.dim = in.u.size(1);
   pr.seqlen = in.u.size(2);
   pr.dstate = in.A.size(1);
+  pr.state_batch = v.packed() ? v.num_seqs : pr.batch;
   const auto w = state_dtype(in.u, pr.is_complex);
   const auto acc = acc_dtype(in.u.scalar_type());
   pr.A = in.A.to(w).contiguous();
@@ -187,6 +197,8 @@ void fill_common(SelectiveScanCommon<T, kComplex>& p, const Prepared& pr, const 
   p.D = ptr<acc_t<T>>(pr.D);
   p.delta_bias = ptr<acc_t<T>>(pr.delta_bias);
   p.initial_state = view<const W, 3>(pr.initial_state);
+  p.seqs = PackedSeqs{pr.varlen.packed() ? ptr<int64_t>(pr.varlen.offsets) : nullptr, pr.varlen.num_seqs,
+                      view<const int32_t, 2>(in.seq_idx)};
 }
 
 // The CPU kernels' layout (selective_scan.h): complex [..., N] values split into [..., 2, N] real
@@ -230,13 +242,16 @@ SelectiveScanCpuLayout<acc> cpu_layout(const Prepared& pr, const CpuLayoutTensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(const SelectiveScanFwdArgs& in) {
-  check_scan_args(in);
+  const Varlen v = check_scan_args(in);
   check_grid(in.u);
-  const Prepared pr = prepare(in);
+  const Prepared pr = prepare(in, v);
   const auto w = state_dtype(in.u, pr.is_complex);
   const int64_t nc = num_chunks(pr.seqlen);
   at::Tensor out = new_output({pr.batch, pr.dim, pr.seqlen}, in.u.options());
-  at::Tensor last_state = new_output({pr.batch, pr.dim, pr.dstate}, in.u.options().dtype(w));
+  at::Tensor last_state = new_output({pr.state_batch, pr.dim, pr.dstate}, in.u.options().dtype(w));
+  // The kernels write the final state of every non-empty sequence; an empty one keeps its
+  // initial state.
+  if (v.packed()) pr.initial_state ? last_state.copy_(*pr.initial_state) : last_state.zero_();
   at::Tensor checkpoints = new_output({pr.batch, pr.dim, nc, pr.dstate}, in.u.options().dtype(w));
   if (in.u.numel() == 0) return {out, last_state, checkpoints};
   const auto acc = acc_dtype(in.u.scalar_type());
@@ -293,13 +308,13 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
                              at::Tensor, at::Tensor, at::Tensor>;
 
 BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
-  check_scan_args(in);
+  const Varlen v = check_scan_args(in);
   check_grid(in.u);
   const at::Tensor& u = in.u;
-  const Prepared pr = prepare(in);
+  const Prepared pr = prepare(in, v);
   const auto w = state_dtype(u, pr.is_complex);
   const auto acc = acc_dtype(u.scalar_type());
-  const int64_t Bt = pr.batch, Dm = pr.dim, L = pr.seqlen, N = pr.dstate;
+  const int64_t Bt = pr.batch, Dm = pr.dim, L = pr.seqlen, N = pr.dstate, Bs = pr.state_batch;
   check_shape(in.checkpoints, {Bt, Dm, num_chunks(L), N}, "checkpoints");
   check_dtype(in.checkpoints, w, "checkpoints");
   check_same_device(in.checkpoints, u, "checkpoints");
@@ -307,7 +322,7 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
   check_shape(in.dout, u.sizes(), "dout");
   check_same_device(in.dout, u, "dout");
   if (in.dlast_state) {
-    check_shape(*in.dlast_state, {Bt, Dm, N}, "dlast_state");
+    check_shape(*in.dlast_state, {Bs, Dm, N}, "dlast_state");
     check_same_device(*in.dlast_state, u, "dlast_state");
   }
   // Gradients arrive in whatever dtype autograd produced; the kernels read dout in u's dtype and
@@ -331,7 +346,9 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
   // The kernels always write these per-row sums; dD, ddelta_bias and dinitial_state are
   // returned only for a given input.
   at::Tensor dA_rows = new_output({Bt, Dm, N}, wopt);
-  at::Tensor dinit = new_output({Bt, Dm, N}, wopt);
+  at::Tensor dinit = new_output({Bs, Dm, N}, wopt);
+  // An empty sequence passes its final state's gradient to its initial state unchanged.
+  if (v.packed()) dlast ? dinit.copy_(*dlast) : dinit.zero_();
   at::Tensor dD_rows = new_output({Bt, Dm}, u.options().dtype(acc));
   at::Tensor ddb_rows = new_output({Bt, Dm}, u.options().dtype(acc));
   // Fixed B/C: per-row sums [B, D, N] W. Variable: per-slice partials, on the CPU in acc with

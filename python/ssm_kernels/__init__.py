@@ -20,11 +20,12 @@ except ImportError as exc:  # pragma: no cover - only when the package was not b
     ) from exc
 
 from . import reference  # noqa: E402
+from . import packing  # noqa: E402
 from .ops import *  # noqa: E402,F401,F403
 from .ops import __all__ as _ops_all  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = list(_ops_all) + ["reference", "build_info"]
+__all__ = list(_ops_all) + ["reference", "packing", "build_info"]
 
 
 def parse_build_info(text: str) -> dict:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ssm_kernels
+from ssm_kernels.packing import cu_seqlens_to_seq_idx
 
 from ..distributed import check_pieces, context_parallel_ops
 
@@ -69,6 +70,17 @@ def conv_state_after(conv_state: torch.Tensor, x: torch.Tensor, final_states: to
     return torch.cat([history, final_states], dim=-1)
 
 
+def packed_conv_states(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """The last `width` conv inputs of every packed sequence of x [1, D, T]: [S, D, width], zero
+    before the sequence's start (its conv started from zeros). Gathered on the device."""
+    starts = cu_seqlens[:-1].to(torch.int64)[:, None]  # [S, 1]
+    ends = cu_seqlens[1:].to(torch.int64)[:, None]
+    pos = ends - width + torch.arange(width, device=x.device)  # [S, W]
+    inside = (pos >= starts).to(x.dtype)
+    taps = x[0][:, pos.clamp(min=0)]  # [D, S, W]
+    return taps.permute(1, 0, 2) * inside[:, None, :]
+
+
 def states_from_cache(module: nn.Module, inference_params, batch_size: int):
     """mamba_ssm's cache protocol: inference_params.key_value_memory_dict[layer_idx]."""
     if module.layer_idx is None:
@@ -115,6 +127,15 @@ class Mamba(nn.Module):
         returns ``(out, conv_state, ssm_state)`` with the states after the last position (new
         tensors, differentiable), so a long sequence can be processed in pieces.
         ``inference_params`` follows mamba_ssm's generation protocol (prefill, then ``step``).
+
+    Packed sequences (API.md: packed sequences): ``cu_seqlens`` [S + 1] (batch 1) runs every
+    sequence hidden_states[:, cu_seqlens[s]:cu_seqlens[s + 1]] on its own, as separate calls
+    would; ``ssm_state`` is then per sequence [S, d_inner, d_state] and the returned states are
+    ``conv_state`` [S, d_inner, d_conv] and ``ssm_state`` [S, d_inner, d_state] (ready for
+    ``step`` on a batch of S). An initial ``conv_state`` is not accepted with cu_seqlens (each
+    sequence's conv starts from zeros). ``seq_idx`` [B, L] int32 (non-decreasing) instead
+    restarts the conv and the scan where the index changes, with the states of each row's first
+    and last sequence as without it.
 
     Decoding: ``allocate_inference_cache(batch_size, max_seqlen)`` gives zero states
     ``conv_state`` [B, d_inner, d_conv] and ``ssm_state`` [B, d_inner, d_state] (float32, or
@@ -189,14 +210,20 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, inference_params=None, *,
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
-                return_final_states: bool = False):
+                return_final_states: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+                seq_idx: Optional[torch.Tensor] = None):
         if self.context_parallel_group is not None:
+            if cu_seqlens is not None or seq_idx is not None:
+                raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group yet")
             check_pieces(self.context_parallel_group, "Mamba", hidden_states=hidden_states)
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected shape (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
         batch, seqlen, _ = hidden_states.shape
+        packing = dict(cu_seqlens=cu_seqlens, seq_idx=seq_idx)
         if inference_params is not None:
+            if cu_seqlens is not None or seq_idx is not None:
+                raise ValueError("cu_seqlens: packed sequences are not supported with inference_params")
             cache_conv, cache_ssm = states_from_cache(self, inference_params, batch)
             if inference_params.seqlen_offset > 0:
                 out, _, _ = self.step(hidden_states, cache_conv, cache_ssm)
@@ -207,8 +234,23 @@ class Mamba(nn.Module):
                 cache_conv.copy_(new_conv)
                 cache_ssm.copy_(new_ssm)
             return out
-        out, new_conv, new_ssm = self._forward(hidden_states, conv_state, ssm_state, return_final_states)
+        out, new_conv, new_ssm = self._forward(hidden_states, conv_state, ssm_state, return_final_states,
+                                               **packing)
         return (out, new_conv, new_ssm) if return_final_states else out
+
+    def _check_packing(self, batch: int, cu_seqlens, seq_idx, conv_state) -> int:
+        """The batch of the states: num_seqs with cu_seqlens (the ops check the offsets)."""
+        if cu_seqlens is None:
+            return batch
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens: expected a tensor of shape (num_seqs + 1,), got {cu_seqlens!r}")
+        if seq_idx is not None:
+            raise ValueError("cu_seqlens: expected at most one of cu_seqlens and seq_idx, got both")
+        if batch != 1:
+            raise ValueError(f"cu_seqlens: expected batch 1 (sequences packed into one row), got batch {batch}")
+        if conv_state is not None:
+            raise ValueError("conv_state: not supported with cu_seqlens (each sequence's conv starts from zeros)")
+        return cu_seqlens.shape[0] - 1
 
     def _check_states(self, batch: int, conv_state, ssm_state) -> None:
         if conv_state is not None and (conv_state.dim() != 3 or conv_state.shape[:2] != (batch, self.d_inner)
@@ -219,9 +261,12 @@ class Mamba(nn.Module):
             raise ValueError(f"ssm_state: expected shape ({batch}, {self.d_inner}, {self.d_state}), "
                              f"got {tuple(ssm_state.shape)}")
 
-    def _forward(self, hidden_states, conv_state, ssm_state, want_states):
+    def _forward(self, hidden_states, conv_state, ssm_state, want_states, cu_seqlens=None, seq_idx=None):
         batch, seqlen, _ = hidden_states.shape
-        self._check_states(batch, conv_state, ssm_state)
+        state_batch = self._check_packing(batch, cu_seqlens, seq_idx, conv_state)
+        self._check_states(state_batch, conv_state, ssm_state)
+        # The conv takes seq_idx (derived on the device from cu_seqlens); the scan takes either.
+        conv_seq_idx = cu_seqlens_to_seq_idx(cu_seqlens, seqlen) if cu_seqlens is not None else seq_idx
         xz = self.in_proj(hidden_states)  # [B, L, 2D]
         x, z = xz.chunk(2, dim=-1)
         x = x.transpose(1, 2)  # [B, D, L] (channel-last view)
@@ -233,7 +278,7 @@ class Mamba(nn.Module):
             conv1d, selective_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d",
                                                           "selective_scan")
         xc, final_conv = conv1d(x, self._conv_weight(), self.conv1d.bias, "silu",
-                                initial_states=init_conv, return_final_states=True)
+                                initial_states=init_conv, return_final_states=True, seq_idx=conv_seq_idx)
         x_dbl = self.x_proj(xc.transpose(1, 2))  # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [B, D, L]
@@ -242,13 +287,16 @@ class Mamba(nn.Module):
         y, last_state = selective_scan(
             xc, dt, A.to(sd), B.transpose(1, 2), C.transpose(1, 2), D=self.D.to(sd), z=z,
             delta_bias=self.dt_proj.bias.to(sd), delta_softplus=True,
-            initial_state=None if ssm_state is None else ssm_state.to(sd), return_last_state=True)
+            initial_state=None if ssm_state is None else ssm_state.to(sd), return_last_state=True,
+            **{k: v for k, v in (("cu_seqlens", cu_seqlens), ("seq_idx", seq_idx)) if v is not None})
         out = self.out_proj(y.transpose(1, 2))  # [B, L, d_model]
         if not want_states:
             return out, None, None
+        if cu_seqlens is not None:
+            return out, packed_conv_states(x, cu_seqlens, width), last_state
         if conv_state is None:
             conv_state = x.new_zeros(batch, self.d_inner, width)
-        return out, conv_state_after(conv_state, x, final_conv, None), last_state
+        return out, conv_state_after(conv_state, x, final_conv, seq_idx), last_state
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decode step: hidden_states [B, 1, d_model]; updates conv_state and ssm_state in place."""

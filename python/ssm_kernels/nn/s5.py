@@ -123,9 +123,16 @@ class S5(nn.Module):
         return torch.zeros(batch, self.state_dim // 2, dtype=torch.complex64, device=device or self.D.device)
 
     def forward(self, u: torch.Tensor, initial_state: Optional[torch.Tensor] = None,
-                return_last_state: bool = False):
+                return_last_state: bool = False, *, cu_seqlens: Optional[torch.Tensor] = None,
+                seq_idx: Optional[torch.Tensor] = None):
         """u [B, L, H] -> y [B, L, H]; with return_last_state also the state [B, N] after the
-        last step (of the forward scan). initial_state [B, N] complex64 starts the forward scan."""
+        last step (of the forward scan). initial_state [B, N] complex64 starts the forward scan.
+
+        Packed sequences (API.md: packed sequences): ``cu_seqlens`` [S + 1] (batch 1) runs each
+        sequence u[:, cu_seqlens[s]:cu_seqlens[s + 1]] on its own (both scans when
+        bidirectional); initial_state and the returned state are then per sequence, [S, N].
+        ``seq_idx`` [B, L] int32 restarts the scans where the index changes (states stay [B, N]).
+        """
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         lam_bar, b_bar = self.discretize()
@@ -133,10 +140,11 @@ class S5(nn.Module):
         u32 = u.to(torch.float32)
         bu = (u32.to(torch.complex64) @ b_bar.T).transpose(1, 2)  # [B, N, L], strided view
         a = lam_bar[None, :, None].expand(bu.shape)  # [B, N, L], stride 0 over batch and time
-        h, last = linear_scan(a, bu, initial_state, return_last_state=True)  # [B, N, L], [B, N]
+        packing = dict(cu_seqlens=cu_seqlens, seq_idx=seq_idx)
+        h, last = linear_scan(a, bu, initial_state, return_last_state=True, **packing)  # [B, N, L], [B or S, N]
         y = h.transpose(1, 2) @ c[0].T  # [B, L, H]
         if self.bidirectional:
-            h_rev = linear_scan(a, bu, reverse=True)
+            h_rev = linear_scan(a, bu, reverse=True, **packing)
             y = y + h_rev.transpose(1, 2) @ c[1].T
         y = 2 * y.real + self.D * u32
         y = y.to(u.dtype)

@@ -31,6 +31,8 @@ def selective_scan(
     delta_softplus: bool = False,
     initial_state: Optional[torch.Tensor] = None,
     return_last_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
 ):
     """Mamba-1 selective scan (differentiable in every tensor argument).
 
@@ -48,13 +50,21 @@ def selective_scan(
         initial_state: [B, D, N] float32 (complex64 for complex A), or None.
         return_last_state: also return h_L, [B, D, N] float32/complex64. Its gradient is
             propagated.
+        cu_seqlens: packed sequences (API.md: packed sequences), [S + 1] int32/int64 offsets along
+            L with batch 1: starting at 0, non-decreasing, ending at L. Each sequence runs on its
+            own; initial_state and last_state are then per sequence, [S, D, N]. An empty sequence
+            (equal neighbouring offsets) has last_state == initial_state.
+        seq_idx: [B, L] int32, non-decreasing along L: the state restarts from zero where the
+            index changes; initial_state / last_state stay [B, D, N] (each row's first / last
+            sequence). Not together with cu_seqlens.
 
     Returns:
         out [B, D, L] in u's dtype, or (out, last_state).
 
     Raises:
         TypeError/ValueError naming the argument for a wrong type, dtype, shape, device, groups not
-        dividing dim, dstate above 256 or complex B/C with real A.
+        dividing dim, dstate above 256, complex B/C with real A, or bad cu_seqlens/seq_idx (content
+        checked for CPU tensors; see API.md for CUDA).
 
     Example:
         >>> u, delta = torch.randn(2, 64, 100), torch.rand(2, 64, 100)
@@ -64,7 +74,8 @@ def selective_scan(
     """
     out, last_state, _ = _op.call(
         "selective_scan_fwd", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-        delta_softplus=bool(delta_softplus), initial_state=initial_state,
+        delta_softplus=bool(delta_softplus), initial_state=initial_state, cu_seqlens=cu_seqlens,
+        seq_idx=seq_idx,
     )
     return (out, last_state) if return_last_state else out
 
@@ -113,14 +124,15 @@ def selective_state_update(
 
 
 @_op.fake("selective_scan_fwd")
-def _(u, A):
+def _(u, A, cu_seqlens):
     batch, dim, seqlen = u.shape
+    state_batch = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dstate = A.shape[1]
     n_chunks = (seqlen + CHUNK_SIZE - 1) // CHUNK_SIZE
     sd = _state_dtype(u, A.is_complex())
     return (
         u.new_empty((batch, dim, seqlen)),
-        u.new_empty((batch, dim, dstate), dtype=sd),
+        u.new_empty((state_batch, dim, dstate), dtype=sd),
         u.new_empty((batch, dim, n_chunks, dstate), dtype=sd),
     )
 
