@@ -388,3 +388,58 @@ def test_mamba3_bad_inputs():
     assert_raises_naming(ValueError, "angle_state", step, states[0][..., :0], *states[1:], *args)
     assert_raises_naming(ValueError, "state_batch_indices", step, *states, *args,
                          state_batch_indices=torch.tensor([5]))
+
+
+def test_mamba3_compat_mamba_ssm_names():
+    from ssm_kernels.compat import mamba_ssm as compat
+
+    case = Case(13, 4, F32, rope="half", z=True, D=True, bias=True, init=True, batch=2, nheads=4, dqk=8, dv=6)
+    inp = make_inputs(case)
+    args = [inp[n] for n in ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z")]
+    init = tuple(inp[n] for n in STATE_NAMES)
+    want, want_final = call(ssm_kernels.mamba3_scan, inp)
+    got = compat.mamba3_siso_combined(*args, Input_States=init, chunk_size=4, return_final_states=True)
+    assert len(got) == 5
+    assert_close(got[0], want, F32, "mamba3_siso_combined")
+    for a, e in zip(got[1:], want_final):
+        assert_close(a, e, F32, "final state")
+    # packed sequences (batch 1, cu_seqlens): each from its own initial state
+    cu = torch.tensor([0, 13, 26])
+    packed = [t.flatten(0, 1)[None] if t.dim() == 4 and t.shape[1] == 13 else t for t in args]
+    for i in (3, 4, 5):  # adt, dt, trap: [B, H, L] -> [1, H, B L]
+        packed[i] = args[i].transpose(0, 1).flatten(1)[None]
+    out = compat.mamba3_siso_combined(*packed, Input_States=init, chunk_size=4, cu_seqlens=cu)
+    assert_close(out[0].unflatten(0, (2, 13)), want, F32, "packed")
+
+    s_args = [a[:, 0] if a.dim() == 4 else (a[..., 0] if a.dim() == 3 else a) for a in args]
+    s_args[6], s_args[7], s_args[9] = inp["q_bias"], inp["k_bias"], inp["D"]
+    before = [t.clone() for t in init]
+    out, states = compat.mamba3_siso_step(*s_args, Input_States=init)
+    assert all(torch.equal(a, b) for a, b in zip(init, before)), "mamba3_siso_step modified its inputs"
+    one, one_final = call(ssm_kernels.mamba3_scan, {**inp, **{k: v[:, :1] for k in ("q", "k", "v", "z", "angles")
+                                                              for v in [inp[k]]},
+                                                    **{k: inp[k][..., :1] for k in ("adt", "dt", "trap")}})
+    assert_close(out, one[:, 0], F32, "mamba3_siso_step")
+    assert_close(states[1], one_final[1], F32, "step ssm state")
+    assert torch.equal(states[3], inp["v"][:, 0])
+
+
+def test_mamba3_compat_mimo():
+    from ssm_kernels.compat import mamba_ssm as compat
+
+    case = Case(10, 4, F32, rank=2, rope="half", z=True, D=True, bias=True, nheads=2, dqk=8, dv=4)
+    inp = make_inputs(case)
+    want, want_final = call(ssm_kernels.mamba3_scan, inp)
+    args = [inp[n] for n in ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "mimo_v", "mimo_z", "mimo_o",
+                             "angles", "D", "z")]
+    got = compat.mamba3_mimo(*args, chunk_size=4, rotary_dim_divisor=4, dtype=F32, return_state=True)
+    assert_close(got[0], want, F32, "mamba3_mimo")
+    for a, e in zip(got[1:], want_final):
+        assert_close(a, e, F32, "final state")
+    args[10] = None
+    per_rank = compat.mamba3_mimo(*args, chunk_size=4, rotary_dim_divisor=4, dtype=F32)
+    assert per_rank.shape == (2, 10, 2, 2, 4)
+    mixed = (per_rank * inp["mimo_o"].transpose(0, 1)).sum(2)
+    assert_close(mixed, want, F32, "per-rank outputs")
+    with pytest.raises(NotImplementedError):
+        compat.mamba3_mimo(*args, chunk_size=4, rotary_dim_divisor=4, dtype=F32, fuse_pregate_headwise_rms_norm=True)
