@@ -2,8 +2,8 @@
 //
 // The host (mamba3_op.cpp) normalises SISO inputs to rank R = 1 (q, k [B, L, 1, G, N]) and converts
 // the small per-step and per-head tensors to contiguous accumulation-dtype buffers; q, k, v, z and
-// dout are read through strided views in the input dtype. Kernels run one (batch, value head) task
-// at a time, chunk by chunk (mamba3_math.h). CPU kernels only (docs/mamba3.md).
+// dout are read through strided views in the input dtype. Both devices run the per-task kernels of
+// mamba3_task.h: one (batch, value head) task at a time, chunk by chunk (mamba3_math.h).
 #pragma once
 
 #include <cstdint>
@@ -16,8 +16,8 @@ namespace ssmk {
 struct Mamba3Dims {
   int64_t batch, seqlen, nheads, ngroups, rank, headdim_qk, headdim_v, nangles, chunk;
   bool mimo;  // mixing weights given (else R = 1 and v, z, out are not mixed)
-  int64_t tasks() const { return batch * nheads; }
-  int64_t nchunks() const { return (seqlen + chunk - 1) / chunk; }
+  SSMK_HOST_DEVICE int64_t tasks() const { return batch * nheads; }
+  SSMK_HOST_DEVICE int64_t nchunks() const { return (seqlen + chunk - 1) / chunk; }
 };
 
 template <typename T>
@@ -116,5 +116,16 @@ template <typename T>
 void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p);
 template <typename T>
 void mamba3_step_cpu(const Mamba3StepParams<T>& p);
+
+#if defined(SSMK_WITH_CUDA)
+// Launchers (mamba3_cuda.cu): `scratch` holds tasks x {fwd,bwd,step}_scratch(p) elements
+// (mamba3_task.h). They never throw; the host checks launch errors.
+template <typename T>
+void mamba3_fwd_cuda(const Mamba3FwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
+template <typename T>
+void mamba3_bwd_cuda(const Mamba3BwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
+template <typename T>
+void mamba3_step_cuda(const Mamba3StepParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
+#endif
 
 }  // namespace ssmk

@@ -6,6 +6,7 @@
 #include "common/op.h"
 #include "common/output.h"
 #include "mamba3/mamba3.h"
+#include "mamba3/mamba3_task.h"
 
 namespace ssmk {
 namespace {
@@ -49,7 +50,6 @@ Shape check_inputs(const Args& in, bool seq) {
   const char* vdims = seq ? "4 dims (batch, seqlen, nheads, headdim_v)" : "3 dims (batch, nheads, headdim_v)";
   SSMK_CHECK_VALUE(v.dim() == (seq ? 4 : 3), "v: expected ", vdims, ", got shape ", v.sizes());
   check_floating(v, "v");
-  SSMK_CHECK_VALUE(v.device().is_cpu(), "v: mamba3 has CPU kernels only, got a tensor on ", v.device());
   Shape s{};
   s.batch = v.size(0);
   s.seqlen = seq ? v.size(1) : 1;
@@ -217,6 +217,12 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   a.init_v = acc_copy(in.initial_v, acc);
 }
 
+// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` threads.
+[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task) {
+  check_cuda_grid(ceil_div(tasks, 32), "v");
+  return at::empty({tasks * per_task}, ref.options().dtype(acc_dtype(ref.scalar_type())));
+}
+
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
@@ -243,7 +249,9 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
     p.final_ssm = ptr<A>(final_ssm);
     p.final_k = ptr<A>(final_k);
     p.final_v = ptr<A>(final_v);
-    launch(in.v, [&] { mamba3_fwd_cpu(p); });
+    launch(in.v, [&] { mamba3_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
+           }));
   });
   return {out, final_angle, final_ssm, final_k, final_v};
 }
@@ -318,7 +326,9 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
       p.dinit_ssm = ptr<Ac>(dinit_ssm);
       p.dinit_k = ptr<Ac>(dinit_k);
       p.dinit_v = ptr<Ac>(dinit_v);
-      launch(in.v, [&] { mamba3_bwd_cpu(p); });
+      launch(in.v, [&] { mamba3_bwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+               mamba3_bwd_cuda(p, ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p))), ctx);
+             }));
     });
   } else {
     for (at::Tensor* t : {&dq, &dk, &dadt, &ddt, &dtrap, &dangles, &dq_bias, &dk_bias, &dD, &dmimo_v, &dmimo_z,
@@ -419,7 +429,9 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     p.mimo_o = opt<Ac>(a.mimo_o);
     p.state_batch_indices = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
     p.out = ptr<T>(out);
-    launch(in.v, [&] { mamba3_step_cpu(p); });
+    launch(in.v, [&] { mamba3_step_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+             mamba3_step_cuda(p, ptr<Ac>(cuda_scratch(in.v, p.batch * p.nheads, mamba3::step_scratch(p))), ctx);
+           }));
   });
   return out;
 }
