@@ -7,6 +7,7 @@ build_peers.py) and the measured tables (bench/results/).
 from . import causal_conv1d  # noqa: F401  (registers)
 from . import fftconv  # noqa: F401  (registers)
 from . import linear_scan  # noqa: F401  (registers)
+from . import mamba3  # noqa: F401  (registers)
 from . import s4_kernels  # noqa: F401  (registers)
 from . import selective_scan  # noqa: F401  (registers)
 from . import ssd  # noqa: F401  (registers)
