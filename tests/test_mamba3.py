@@ -176,19 +176,48 @@ def _repeat_last(x, pattern, e):
     return x.unsqueeze(-1).expand(*x.shape, e)
 
 
-def _mamba_ssm_refs():
-    """mamba_ssm's Mamba-3 SISO references, read from a source checkout named by MAMBA_SSM_SRC."""
+def _rearrange_bias(x, pattern):
+    """einops.rearrange for the one pattern the MIMO reference uses."""
+    assert pattern == "h r d -> r h d", pattern
+    return x.permute(1, 0, 2)
+
+
+def _mamba_ssm_functions(relpath, wanted):
+    """Functions of mamba_ssm's Mamba-3 tests, read from a source checkout named by MAMBA_SSM_SRC."""
     root = os.environ.get("MAMBA_SSM_SRC")
-    path = os.path.join(root or "", "tests", "ops", "triton", "test_mamba3_siso.py")
+    path = os.path.join(root or "", relpath)
     if not root or not os.path.exists(path):
         pytest.skip("MAMBA_SSM_SRC (a mamba_ssm source checkout with Mamba-3) not set")
     tree = ast.parse(open(path).read())
-    wanted = {"_segsum", "mamba3_siso_step_ref", "mamba3_siso_fwd_ref"}
     tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
     ns = {"torch": torch, "F": torch.nn.functional, "math": math, "repeat": _repeat_last,
-          "Optional": __import__("typing").Optional, "Tuple": __import__("typing").Tuple}
+          "rearrange": _rearrange_bias, "Optional": __import__("typing").Optional,
+          "Tuple": __import__("typing").Tuple}
     exec(compile(tree, path, "exec"), ns)
-    return ns["mamba3_siso_step_ref"], ns["mamba3_siso_fwd_ref"]
+    return [ns[w] for w in wanted]
+
+
+def _mamba_ssm_refs():
+    return _mamba_ssm_functions(os.path.join("tests", "ops", "triton", "test_mamba3_siso.py"),
+                                ["mamba3_siso_step_ref", "mamba3_siso_fwd_ref", "_segsum"])[:2]
+
+
+def test_mamba3_mimo_reference_matches_mamba_ssm():
+    (step_ref,) = _mamba_ssm_functions(os.path.join("tests", "ops", "tilelang", "test_mamba3_mimo.py"),
+                                       ["mamba3_MIMO_step_ref"])
+    case = Case(7, 4, F64, rank=2, groups="H", rope="half", z=True, D=True, bias=True, init=True, nheads=2, dqk=8,
+                dv=4)
+    inp = make_inputs(case)
+    ours, states = call(reference.mamba3_scan, inp)
+    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "mimo_v", "mimo_o", "D", "z",
+             "mimo_z")
+    init = tuple(inp[n] for n in STATE_NAMES)
+    theirs, their_states = step_ref(*[inp[n] for n in names], Input_States=init)
+    torch.testing.assert_close(ours, theirs)
+    # their angle state is not reduced mod 2 pi
+    torch.testing.assert_close(torch.cos(states[0]), torch.cos(their_states[0]))
+    for a, b in zip(states[1:], their_states[1:]):
+        torch.testing.assert_close(a, b)
 
 
 def test_mamba3_reference_matches_mamba_ssm():
