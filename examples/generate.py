@@ -23,7 +23,7 @@ from tiny_lm import MARKER, TinyLM, selective_copying_batch  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mixer", choices=["mamba", "mamba2"], default="mamba")
+    p.add_argument("--mixer", choices=["mamba", "mamba2", "mamba3"], default="mamba")
     p.add_argument("--train-steps", type=int, default=200, help="selective-copying training steps first (0: random weights)")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)

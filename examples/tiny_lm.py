@@ -1,4 +1,4 @@
-"""A small language model of Mamba or Mamba-2 blocks and the selective-copying task, shared by the
+"""A small language model of Mamba, Mamba-2 or Mamba-3 blocks and the selective-copying task, shared by the
 examples (train_selective_copying.py, generate.py)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssm_kernels.nn import Mamba, Mamba2
+from ssm_kernels.nn import Mamba, Mamba2, Mamba3
 
 NOISE, MARKER = 0, 1  # token ids; data tokens are 2 .. 2 + n_tokens - 1
 
@@ -19,12 +19,20 @@ class Block(nn.Module):
         self.norm = nn.RMSNorm(d_model, eps=1e-5)
         self.mixer = mixer
 
-    def forward(self, x, conv_state=None, ssm_state=None):
+    def forward(self, x, *state):
+        if isinstance(self.mixer, Mamba3):
+            # state: (angle, ssm, k, v), or (None, None) for none
+            y, new_state = self.mixer(self.norm(x), initial_states=state if len(state) == 4 else None,
+                                      return_final_states=True)
+            return x + y, new_state
+        conv_state, ssm_state = state
         y, conv_state, ssm_state = self.mixer(self.norm(x), conv_state=conv_state, ssm_state=ssm_state,
                                               return_final_states=True)
         return x + y, (conv_state, ssm_state)
 
     def step(self, x, state):
+        if isinstance(self.mixer, Mamba3):
+            return x + self.mixer.step(self.norm(x)[:, 0], state)[:, None]  # updates state in place
         y, _, _ = self.mixer.step(self.norm(x), *state)  # updates state in place
         return x + y
 
@@ -32,22 +40,25 @@ class Block(nn.Module):
 class TinyLM(nn.Module):
     """Embedding -> n_layer blocks -> RMSNorm -> tied output head.
 
-    mixer: "mamba" (Mamba-1 blocks) or "mamba2" (Mamba-2 blocks, headdim dividing 2 * d_model).
+    mixer: "mamba" (Mamba-1 blocks), "mamba2" (Mamba-2 blocks, headdim dividing 2 * d_model) or
+    "mamba3" (Mamba-3 SISO blocks, the same headdim rule).
     """
 
     def __init__(self, vocab_size: int, d_model: int = 64, n_layer: int = 2, mixer: str = "mamba",
                  d_state: int = 16, headdim: int = 32, chunk_size: int = 64):
         super().__init__()
-        if mixer not in ("mamba", "mamba2"):
-            raise ValueError(f"mixer: expected 'mamba' or 'mamba2', got {mixer!r}")
+        if mixer not in ("mamba", "mamba2", "mamba3"):
+            raise ValueError(f"mixer: expected 'mamba', 'mamba2' or 'mamba3', got {mixer!r}")
         self.embedding = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embedding.weight, std=0.02)  # small logits at init (the head is tied)
         self.layers = nn.ModuleList()
         for i in range(n_layer):
             if mixer == "mamba":
                 block = Mamba(d_model, d_state=d_state, layer_idx=i)
-            else:
+            elif mixer == "mamba2":
                 block = Mamba2(d_model, d_state=d_state, headdim=headdim, chunk_size=chunk_size, layer_idx=i)
+            else:
+                block = Mamba3(d_model, d_state=d_state, headdim=headdim, chunk_size=chunk_size, layer_idx=i)
             self.layers.append(Block(block, d_model))
         self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)

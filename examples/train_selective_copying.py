@@ -2,6 +2,7 @@
 
     python examples/train_selective_copying.py --mixer mamba
     python examples/train_selective_copying.py --mixer mamba2 --batch-size 16 --lr 1e-2 --steps 300
+    python examples/train_selective_copying.py --mixer mamba3 --batch-size 16 --lr 1e-2 --steps 300
 
 The loss starts at about log(n_tokens) and falls as the model learns to pick the data tokens out
 of the noise and replay them in order.
@@ -22,7 +23,7 @@ from tiny_lm import TinyLM, copying_loss, selective_copying_batch  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mixer", choices=["mamba", "mamba2"], default="mamba")
+    p.add_argument("--mixer", choices=["mamba", "mamba2", "mamba3"], default="mamba")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=32, help="length of the noisy run holding the data tokens")

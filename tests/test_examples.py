@@ -24,7 +24,7 @@ def load(name):
 TINY = ["--seq-len", "8", "--n-data", "2", "--n-tokens", "4", "--d-model", "16", "--n-layer", "1"]
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "mamba3"])
 def test_train_selective_copying_loss_falls(mixer):
     train = load("train_selective_copying")
     result = train.main(["--mixer", mixer, "--steps", "30", "--batch-size", "16", "--lr", "1e-2",
@@ -36,7 +36,7 @@ def test_train_selective_copying_loss_falls(mixer):
     assert math.isfinite(result["eval_loss"])
 
 
-@pytest.mark.parametrize("mixer", ["mamba", "mamba2"])
+@pytest.mark.parametrize("mixer", ["mamba", "mamba2", "mamba3"])
 def test_generate_step_equals_forward(mixer):
     gen = load("generate")
     result = gen.main(["--mixer", mixer, "--train-steps", "0", "--new-tokens", "5", "--batch-size", "3"] + TINY)

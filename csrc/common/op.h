@@ -38,7 +38,10 @@ namespace op {
 
 // The argument types an op may declare, by their schema spelling.
 using Tensor = at::Tensor;                 // Tensor
-struct MutTensor : at::Tensor {};          // Tensor(a!): updated in place; at most one per op
+// Tensor(a!), Tensor(b!), ...: updated in place; each in-place argument of an op has its own letter.
+template <char Alias>
+struct MutTensorOf : at::Tensor {};
+using MutTensor = MutTensorOf<'a'>;
 using OptTensor = std::optional<at::Tensor>;  // Tensor?
 using Bool = bool;                         // bool
 using Int = int64_t;                       // int
@@ -56,7 +59,6 @@ struct Arg;
     static TYPE take(c10::IValue& v) { return TAKE; }          \
   };
 SSMK_OP_ARG_TYPE(Tensor, "Tensor", std::move(v).toTensor())
-SSMK_OP_ARG_TYPE(MutTensor, "Tensor(a!)", MutTensor{std::move(v).toTensor()})
 SSMK_OP_ARG_TYPE(OptTensor, "Tensor?", std::move(v).toOptional<at::Tensor>())
 SSMK_OP_ARG_TYPE(Bool, "bool", v.toBool())
 SSMK_OP_ARG_TYPE(Int, "int", v.toInt())
@@ -64,6 +66,11 @@ SSMK_OP_ARG_TYPE(Float, "float", v.toDouble())
 SSMK_OP_ARG_TYPE(Dtype, "ScalarType", v.toScalarType())
 SSMK_OP_ARG_TYPE(FloatList, "float[]", v.toDoubleVector())
 #undef SSMK_OP_ARG_TYPE
+template <char Alias>
+struct Arg<MutTensorOf<Alias>> {
+  static constexpr char kSchema[] = {'T', 'e', 'n', 's', 'o', 'r', '(', Alias, '!', ')', '\0'};
+  static MutTensorOf<Alias> take(c10::IValue& v) { return MutTensorOf<Alias>{std::move(v).toTensor()}; }
+};
 
 template <typename T>
 std::string schema_arg(const char* name) {

@@ -3,16 +3,26 @@ conventions:
 
     from ssm_kernels.compat.mamba_ssm import selective_scan_fn, selective_state_update
     from ssm_kernels.compat.mamba_ssm import mamba_chunk_scan_combined
+    from ssm_kernels.compat.mamba_ssm import mamba3_siso_combined, mamba3_siso_step, mamba3_mimo
 """
 from __future__ import annotations
 
 import torch
 
+from ..ops.mamba3 import mamba3_scan as _mamba3_scan
+from ..ops.mamba3 import mamba3_step as _mamba3_step
 from ..ops.selective_scan import selective_scan as _selective_scan
 from ..ops.selective_scan import selective_state_update as _selective_state_update
 from ._ssd import mamba_chunk_scan_combined
 
-__all__ = ["selective_scan_fn", "selective_state_update", "mamba_chunk_scan_combined"]
+__all__ = [
+    "selective_scan_fn",
+    "selective_state_update",
+    "mamba_chunk_scan_combined",
+    "mamba3_siso_combined",
+    "mamba3_siso_step",
+    "mamba3_mimo",
+]
 
 
 def _deinterleave(t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -66,3 +76,124 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     out = _selective_state_update(work, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
     state.copy_(work)
     return out
+
+
+def _mamba3_sequences(fn, cu_seqlens, V, initial_states):
+    """fn on each packed sequence of a batch-1 input (cu_seqlens [S + 1]); outputs concatenated
+    along seqlen, final states stacked along the sequence axis (differentiable)."""
+    if V.shape[0] != 1:
+        raise ValueError(f"cu_seqlens: expected batch 1 with packed sequences, got batch {V.shape[0]}")
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != V.shape[1] or any(
+            b1 <= b0 for b0, b1 in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to seqlen={V.shape[1]}, got {bounds}")
+    outs, finals = [], []
+    for i, (b0, b1) in enumerate(zip(bounds, bounds[1:])):
+        init = None if initial_states is None else tuple(
+            None if t is None else t[i:i + 1] for t in initial_states)
+        out, final = fn(b0, b1, init)
+        outs.append(out)
+        finals.append(final)
+    return torch.cat(outs, dim=1), tuple(torch.cat(f, dim=0) for f in zip(*finals))
+
+
+def mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                         chunk_size=64, return_final_states=False, cu_seqlens=None):
+    """mamba_ssm.ops.triton.mamba3.mamba3_siso_combined.mamba3_siso_combined on ssm_kernels.
+
+    Q, K [B, L, G, N]; V, Z [B, L, H, P]; ADT, DT, Trap [B, H, L]; Q_bias, K_bias [H, N]; Angles
+    [B, L, H, A]; D [H]; Input_States (angle, ssm, k, v) per sequence. With cu_seqlens (batch 1,
+    sequences packed along L), each sequence starts from its own state (zeros or Input_States[i]).
+    Returns out, or (out, angle, ssm, k, v) with return_final_states. Unlike mamba_ssm, headdim_qk
+    and headdim_v need not be powers of two.
+
+    Example:
+        >>> out = mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    """
+    def run(b0, b1, init):
+        sl = slice(b0, b1)
+        return _mamba3_scan(Q[:, sl], K[:, sl], V[:, sl], ADT[..., sl], DT[..., sl], Trap[..., sl], Q_bias, K_bias,
+                            Angles[:, sl], D, None if Z is None else Z[:, sl], initial_states=init,
+                            chunk_size=chunk_size, return_final_states=True)
+
+    if cu_seqlens is None:
+        out, final = _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z,
+                                  initial_states=Input_States, chunk_size=chunk_size, return_final_states=True)
+    else:
+        out, final = _mamba3_sequences(run, cu_seqlens, V, Input_States)
+    return (out, *final) if return_final_states else out
+
+
+def mamba3_siso_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None):
+    """mamba_ssm.ops.triton.mamba3.mamba3_siso_step.mamba3_siso_step on ssm_kernels.
+
+    One decode step: Q, K [B, G, N]; V, Z [B, H, P]; ADT, DT, Trap [B, H]; Angles [B, H, A];
+    Input_States (angle [B, H, A], ssm [B, H, P, N], k [B, H, N], v [B, H, P]) (zeros if None).
+    Returns (out [B, H, P], (angle, ssm, k, v)) as new tensors (the inputs are not modified);
+    the states float32, v the step's V as mamba_ssm returns it.
+
+    Example:
+        >>> out, states = mamba3_siso_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states)
+    """
+    batch, nheads, headdim_v = V.shape
+    acc = torch.float64 if V.dtype == torch.float64 else torch.float32
+    shapes = ((batch, nheads, Angles.shape[-1]), (batch, nheads, headdim_v, Q.shape[-1]),
+              (batch, nheads, Q.shape[-1]), (batch, nheads, headdim_v))
+    if Input_States is None:
+        states = [torch.zeros(s, dtype=acc, device=V.device) for s in shapes]
+    else:
+        states = [t.to(acc).clone() for t in Input_States]
+    out = _mamba3_step(*states, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    return out, (states[0], states[1], states[2], V)
+
+
+def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, chunk_size,
+                rotary_dim_divisor, dtype, return_state=False, cu_seqlens=None,
+                fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None, outproj_norm_eps=1e-5):
+    """mamba_ssm.ops.tilelang.mamba3.mamba3_mimo.mamba3_mimo on ssm_kernels.
+
+    Q, K [B, L, R, G, N]; V, Z [B, L, H, P]; ADT, DT, Trap [B, H, L]; Q_bias, K_bias [H, R, N];
+    MIMO_V, MIMO_Z, MIMO_Out [H, R, P]; Angles [B, L, H, N // rotary_dim_divisor]; D [H]. q, k,
+    v, z are cast to `dtype`. Returns out [B, L, H, P] ([B, L, R, H, P], one output per rank,
+    when MIMO_Out is None), or (out, angle, ssm, k, v) with return_state (k [B, H, R, N] rotated
+    and biased, v [B, H, R, P] mixed). The fused head-wise RMSNorm is not supported
+    (NotImplementedError).
+
+    Example:
+        >>> out = mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
+        ...                   chunk_size=16, rotary_dim_divisor=4, dtype=torch.bfloat16)
+    """
+    if fuse_pregate_headwise_rms_norm:
+        raise NotImplementedError("fuse_pregate_headwise_rms_norm: the fused head-wise RMSNorm is not supported")
+    if Angles.shape[-1] != Q.shape[-1] // rotary_dim_divisor:
+        raise ValueError(f"Angles: expected {Q.shape[-1] // rotary_dim_divisor} angles (headdim_qk / "
+                         f"rotary_dim_divisor), got {Angles.shape[-1]}")
+    Q, K, V = Q.to(dtype), K.to(dtype), V.to(dtype)
+    Z = None if Z is None else Z.to(dtype)
+    mimo_z = MIMO_Z if Z is not None else None
+
+    def scan(q, k, v, adt, dt, trap, angles, z, out_weights):
+        return _mamba3_scan(q, k, v, adt, dt, trap, Q_bias, K_bias, angles, D, z, MIMO_V, mimo_z, out_weights,
+                            chunk_size=chunk_size, return_final_states=True)
+
+    def run(b0, b1, init):
+        sl = slice(b0, b1)
+        args = (Q[:, sl], K[:, sl], V[:, sl], ADT[..., sl], DT[..., sl], Trap[..., sl], Angles[:, sl],
+                None if Z is None else Z[:, sl])
+        if MIMO_Out is not None:
+            return scan(*args, MIMO_Out)
+        # one output per rank: the rank's one-hot output weights
+        rank = Q.shape[2]
+        outs, final = [], None
+        for r in range(rank):
+            onehot = torch.zeros_like(MIMO_V)
+            onehot[:, r] = 1.0
+            out, final = scan(*args, onehot)
+            outs.append(out)
+        return torch.stack(outs, dim=2), final
+
+    if cu_seqlens is None:
+        out, final = run(0, V.shape[1], None)
+    else:
+        out, final = _mamba3_sequences(run, cu_seqlens, V, None)
+    return (out, *final) if return_state else out

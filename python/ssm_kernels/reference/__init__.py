@@ -10,6 +10,7 @@ from .causal_conv1d_update import causal_conv1d_update
 from .cauchy import cauchy
 from .fftconv import fftconv
 from .linear_scan import linear_scan
+from .mamba3 import mamba3_scan, mamba3_step
 from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd_scan
 from .vandermonde import log_vandermonde, log_vandermonde_transpose
@@ -22,6 +23,8 @@ __all__ = [
     "linear_scan",
     "log_vandermonde",
     "log_vandermonde_transpose",
+    "mamba3_scan",
+    "mamba3_step",
     "selective_scan",
     "selective_state_update",
     "ssd_scan",

@@ -1,0 +1,131 @@
+// mamba3_scan / mamba3_step: typed kernel parameters and the kernel launchers.
+//
+// The host (mamba3_op.cpp) normalises SISO inputs to rank R = 1 (q, k [B, L, 1, G, N]) and converts
+// the small per-step and per-head tensors to contiguous accumulation-dtype buffers; q, k, v, z and
+// dout are read through strided views in the input dtype. Both devices run the per-task kernels of
+// mamba3_task.h: one (batch, value head) task at a time, chunk by chunk (mamba3_math.h).
+#pragma once
+
+#include <cstdint>
+
+#include "common/types.h"
+#include "mamba3/mamba3_math.h"
+
+namespace ssmk {
+
+struct Mamba3Dims {
+  int64_t batch, seqlen, nheads, ngroups, rank, headdim_qk, headdim_v, nangles, chunk;
+  bool mimo;  // mixing weights given (else R = 1 and v, z, out are not mixed)
+  SSMK_HOST_DEVICE int64_t tasks() const { return batch * nheads; }
+  SSMK_HOST_DEVICE int64_t nchunks() const { return (seqlen + chunk - 1) / chunk; }
+};
+
+template <typename T>
+struct Mamba3Inputs : Mamba3Dims {
+  using acc = acc_t<T>;
+  View<const T, 5> q, k;   // [B, L, R, G, N]
+  View<const T, 4> v;      // [B, L, H, P]
+  View<const T, 4> z;      // [B, L, H, P], or data nullptr
+  const acc* adt;          // [B, H, L]
+  const acc* dt;           // [B, H, L]
+  const acc* trap;         // [B, H, L] (before the sigmoid)
+  const acc* angles;       // [B, L, H, A] or nullptr (A = 0)
+  const acc* q_bias;       // [H, R, N] or nullptr
+  const acc* k_bias;       // [H, R, N] or nullptr
+  const acc* D;            // [H] or nullptr
+  const acc* mimo_v;       // [H, R, P] (mimo only)
+  const acc* mimo_z;       // [H, R, P] (mimo with z only)
+  const acc* mimo_o;       // [H, R, P] (mimo only)
+  const acc* init_angle;   // [B, H, A] or nullptr (zeros)
+  const acc* init_ssm;     // [B, H, P, N] or nullptr
+  const acc* init_k;       // [B, H, R, N] or nullptr
+  const acc* init_v;       // [B, H, R, P] or nullptr
+};
+
+template <typename T>
+struct Mamba3FwdParams : Mamba3Inputs<T> {
+  using acc = acc_t<T>;
+  T* out;             // [B, L, H, P] contiguous
+  acc* final_angle;   // [B, H, A]
+  acc* final_ssm;     // [B, H, P, N]
+  acc* final_k;       // [B, H, R, N]
+  acc* final_v;       // [B, H, R, P]
+};
+
+// Gradients are written per task (no reduction across tasks in a kernel): the host sums dq, dk
+// over the heads of a group and the per-head parameters' parts over the batch.
+template <typename T>
+struct Mamba3BwdParams : Mamba3Inputs<T> {
+  using acc = acc_t<T>;
+  View<const T, 4> dout;      // [B, L, H, P]
+  const acc* dfinal_angle;    // [B, H, A] or nullptr
+  const acc* dfinal_ssm;      // [B, H, P, N] or nullptr
+  const acc* dfinal_k;        // [B, H, R, N] or nullptr
+  const acc* dfinal_v;        // [B, H, R, P] or nullptr
+  acc* dq;                    // [B, L, R, H, N] per value head
+  acc* dk;                    // [B, L, R, H, N]
+  T* dv;                      // [B, L, H, P] contiguous
+  T* dz;                      // [B, L, H, P] contiguous, or nullptr
+  acc* dadt;                  // [B, H, L]
+  acc* ddt;                   // [B, H, L]
+  acc* dtrap;                 // [B, H, L]
+  acc* dangles;               // [B, L, H, A] or nullptr
+  acc* dq_bias;               // [B, H, R, N] per batch row
+  acc* dk_bias;               // [B, H, R, N]
+  acc* dD;                    // [B, H]
+  acc* dmimo_v;               // [B, H, R, P] (mimo only)
+  acc* dmimo_z;               // [B, H, R, P] (mimo with z only)
+  acc* dmimo_o;               // [B, H, R, P] (mimo only)
+  acc* dinit_angle;           // [B, H, A]
+  acc* dinit_ssm;             // [B, H, P, N]
+  acc* dinit_k;               // [B, H, R, N]
+  acc* dinit_v;               // [B, H, R, P]
+};
+
+// One decode step, updating the states in place; row i of the batch uses state row
+// state_batch_indices[i] (or i), and a negative (or, on CUDA, out-of-range) index writes zeros.
+template <typename T>
+struct Mamba3StepParams {
+  using acc = acc_t<T>;
+  int64_t batch, nheads, ngroups, rank, headdim_qk, headdim_v, nangles, state_batch;
+  bool mimo;
+  View<acc, 3> angle_state;   // [Bs, H, A]
+  View<acc, 4> ssm_state;     // [Bs, H, P, N]
+  View<acc, 4> k_state;       // [Bs, H, R, N]
+  View<acc, 4> v_state;       // [Bs, H, R, P]
+  View<const T, 4> q, k;      // [B, R, G, N]
+  View<const T, 3> v;         // [B, H, P]
+  View<const T, 3> z;         // [B, H, P] or data nullptr
+  const acc* adt;             // [B, H]
+  const acc* dt;              // [B, H]
+  const acc* trap;            // [B, H]
+  const acc* angles;          // [B, H, A] or nullptr
+  const acc* q_bias;          // [H, R, N] or nullptr
+  const acc* k_bias;          // [H, R, N] or nullptr
+  const acc* D;               // [H] or nullptr
+  const acc* mimo_v;          // [H, R, P] (mimo only)
+  const acc* mimo_z;          // [H, R, P] (mimo with z only)
+  const acc* mimo_o;          // [H, R, P] (mimo only)
+  const int64_t* state_batch_indices;  // [B] or nullptr
+  T* out;                     // [B, H, P] contiguous
+};
+
+template <typename T>
+void mamba3_fwd_cpu(const Mamba3FwdParams<T>& p);
+template <typename T>
+void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p);
+template <typename T>
+void mamba3_step_cpu(const Mamba3StepParams<T>& p);
+
+#if defined(SSMK_WITH_CUDA)
+// Launchers (mamba3_cuda.cu): `scratch` holds tasks x {fwd,bwd,step}_scratch(p) elements
+// (mamba3_task.h). They never throw; the host checks launch errors.
+template <typename T>
+void mamba3_fwd_cuda(const Mamba3FwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
+template <typename T>
+void mamba3_bwd_cuda(const Mamba3BwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
+template <typename T>
+void mamba3_step_cuda(const Mamba3StepParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
+#endif
+
+}  // namespace ssmk

@@ -1,0 +1,447 @@
+// mamba3_scan and mamba3_step ops: the argument lists, checks, allocation and params fill shared
+// by both devices.
+#include <string>
+
+#include "common/dispatch.h"
+#include "common/op.h"
+#include "common/output.h"
+#include "mamba3/mamba3.h"
+#include "mamba3/mamba3_task.h"
+
+namespace ssmk {
+namespace {
+
+#define MAMBA3_INPUT_ARGS(X)                                                                                \
+  X(Tensor, q) X(Tensor, k) X(Tensor, v) X(Tensor, adt) X(Tensor, dt) X(Tensor, trap) X(OptTensor, q_bias) \
+  X(OptTensor, k_bias) X(OptTensor, angles) X(OptTensor, D) X(OptTensor, z) X(OptTensor, mimo_v)           \
+  X(OptTensor, mimo_z) X(OptTensor, mimo_o)
+#define MAMBA3_FWD_ARGS(X)                                                                               \
+  MAMBA3_INPUT_ARGS(X) X(OptTensor, initial_angle) X(OptTensor, initial_ssm) X(OptTensor, initial_k) \
+  X(OptTensor, initial_v) X(Int, chunk_size)
+#define MAMBA3_BWD_ARGS(X)                                                                               \
+  MAMBA3_FWD_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_angle) X(OptTensor, dfinal_ssm)                \
+  X(OptTensor, dfinal_k) X(OptTensor, dfinal_v)
+// The four states come first: they are updated in place.
+#define MAMBA3_STEP_ARGS(X)                                                                              \
+  X(MutTensorOf<'a'>, angle_state) X(MutTensorOf<'b'>, ssm_state) X(MutTensorOf<'c'>, k_state)          \
+  X(MutTensorOf<'d'>, v_state) MAMBA3_INPUT_ARGS(X) X(OptTensor, state_batch_indices)
+SSMK_OP_ARGS(Mamba3FwdArgs, MAMBA3_FWD_ARGS)
+SSMK_OP_ARGS(Mamba3BwdArgs, MAMBA3_BWD_ARGS)
+SSMK_OP_ARGS(Mamba3StepArgs, MAMBA3_STEP_ARGS)
+
+// The sizes every check compares against; `seq` is false for the decode step (no L axis).
+struct Shape {
+  int64_t batch, seqlen, nheads, ngroups, rank, dqk, dv, nangles;
+  bool mimo;
+};
+
+void check_param(const std::optional<at::Tensor>& t, at::IntArrayRef expected, const at::Tensor& ref,
+                 const char* name) {
+  if (!t) return;
+  check_floating(*t, name);
+  check_shape(*t, expected, name);
+  check_same_device(*t, ref, name);
+}
+
+// The checks shared by the scan (seq = true: a length axis after batch) and the step.
+template <typename Args>
+Shape check_inputs(const Args& in, bool seq) {
+  const at::Tensor& v = in.v;
+  const char* vdims = seq ? "4 dims (batch, seqlen, nheads, headdim_v)" : "3 dims (batch, nheads, headdim_v)";
+  SSMK_CHECK_VALUE(v.dim() == (seq ? 4 : 3), "v: expected ", vdims, ", got shape ", v.sizes());
+  check_floating(v, "v");
+  Shape s{};
+  s.batch = v.size(0);
+  s.seqlen = seq ? v.size(1) : 1;
+  s.nheads = v.size(seq ? 2 : 1);
+  s.dv = v.size(seq ? 3 : 2);
+  SSMK_CHECK_VALUE(s.seqlen >= 1, "v: expected seqlen >= 1, got ", s.seqlen);
+  SSMK_CHECK_VALUE(s.nheads >= 1 && s.dv >= 1, "v: expected nheads >= 1 and headdim_v >= 1, got shape ", v.sizes());
+  s.mimo = in.mimo_v.has_value();
+  const at::Tensor& q = in.q;
+  const int64_t lead = seq ? 2 : 1;  // axes before the (rank,) heads, dim axes
+  const int64_t qdims = lead + (s.mimo ? 3 : 2);
+  SSMK_CHECK_VALUE(q.dim() == qdims, "q: expected ", qdims, " dims (batch", seq ? ", seqlen" : "",
+                   s.mimo ? ", mimo_rank" : "", ", nheads_qk, headdim_qk)", s.mimo ? " with mimo_v" : "",
+                   ", got shape ", q.sizes());
+  check_dtype(q, v.scalar_type(), "q");
+  check_same_device(q, v, "q");
+  SSMK_CHECK_VALUE(q.size(0) == s.batch && (!seq || q.size(1) == s.seqlen), "q: expected batch=", s.batch,
+                   seq ? " and seqlen=" : "", seq ? std::to_string(s.seqlen) : std::string(), " like v, got shape ",
+                   q.sizes());
+  s.rank = s.mimo ? q.size(lead) : 1;
+  s.ngroups = q.size(-2);
+  s.dqk = q.size(-1);
+  SSMK_CHECK_VALUE(s.rank >= 1 && s.rank <= mamba3::kMaxRank, "q: expected 1 <= mimo_rank <= ", mamba3::kMaxRank,
+                   ", got ", s.rank);
+  SSMK_CHECK_VALUE(s.ngroups >= 1 && s.nheads % s.ngroups == 0, "q: expected nheads_qk dividing nheads=", s.nheads,
+                   ", got nheads_qk=", s.ngroups);
+  SSMK_CHECK_VALUE(s.dqk >= 2 && s.dqk % 2 == 0, "q: expected an even headdim_qk (rotary pairs), got ", s.dqk);
+  check_shape(in.k, q.sizes(), "k");
+  check_dtype(in.k, v.scalar_type(), "k");
+  check_same_device(in.k, v, "k");
+  const std::vector<int64_t> step_shape =
+      seq ? std::vector<int64_t>{s.batch, s.nheads, s.seqlen} : std::vector<int64_t>{s.batch, s.nheads};
+  check_param(in.adt, step_shape, v, "adt");
+  check_param(in.dt, step_shape, v, "dt");
+  check_param(in.trap, step_shape, v, "trap");
+  const std::vector<int64_t> bias_shape =
+      s.mimo ? std::vector<int64_t>{s.nheads, s.rank, s.dqk} : std::vector<int64_t>{s.nheads, s.dqk};
+  check_param(in.q_bias, bias_shape, v, "q_bias");
+  check_param(in.k_bias, bias_shape, v, "k_bias");
+  s.nangles = 0;
+  if (in.angles) {
+    const at::Tensor& a = *in.angles;
+    check_floating(a, "angles");
+    check_same_device(a, v, "angles");
+    SSMK_CHECK_VALUE(a.dim() == lead + 2 && a.size(0) == s.batch && (!seq || a.size(1) == s.seqlen) &&
+                         a.size(lead) == s.nheads,
+                     "angles: expected shape (batch=", s.batch, seq ? ", seqlen=" : "",
+                     seq ? std::to_string(s.seqlen) : std::string(), ", nheads=", s.nheads, ", pairs), got ",
+                     a.sizes());
+    s.nangles = a.size(-1);
+    SSMK_CHECK_VALUE(2 * s.nangles <= s.dqk, "angles: expected at most headdim_qk / 2 = ", s.dqk / 2,
+                     " rotary pairs, got ", s.nangles);
+  }
+  check_param(in.D, {s.nheads}, v, "D");
+  if (in.z) {
+    check_shape(*in.z, v.sizes(), "z");
+    check_dtype(*in.z, v.scalar_type(), "z");
+    check_same_device(*in.z, v, "z");
+  }
+  const std::vector<int64_t> mix = {s.nheads, s.rank, s.dv};
+  if (s.mimo) {
+    check_param(in.mimo_v, mix, v, "mimo_v");
+    SSMK_CHECK_VALUE(in.mimo_o.has_value(), "mimo_o: expected the output mixing weights with mimo_v, got None");
+    check_param(in.mimo_o, mix, v, "mimo_o");
+    SSMK_CHECK_VALUE(in.mimo_z.has_value() == in.z.has_value(), "mimo_z: expected ",
+                     in.z ? "the gate mixing weights with z and mimo_v" : "None without z", ", got ",
+                     in.mimo_z ? "a tensor" : "None");
+    check_param(in.mimo_z, mix, v, "mimo_z");
+  } else {
+    SSMK_CHECK_VALUE(!in.mimo_o && !in.mimo_z, in.mimo_o ? "mimo_o" : "mimo_z",
+                     ": expected None without mimo_v (SISO), got a tensor");
+  }
+  return s;
+}
+
+// State shapes: angle [B, H, A], ssm [B, H, P, N], k [B, H, (R,) N], v [B, H, (R,) P].
+std::vector<int64_t> angle_state_shape(const Shape& s, int64_t b) { return {b, s.nheads, s.nangles}; }
+std::vector<int64_t> ssm_state_shape(const Shape& s, int64_t b) { return {b, s.nheads, s.dv, s.dqk}; }
+std::vector<int64_t> k_state_shape(const Shape& s, int64_t b) {
+  return s.mimo ? std::vector<int64_t>{b, s.nheads, s.rank, s.dqk} : std::vector<int64_t>{b, s.nheads, s.dqk};
+}
+std::vector<int64_t> v_state_shape(const Shape& s, int64_t b) {
+  return s.mimo ? std::vector<int64_t>{b, s.nheads, s.rank, s.dv} : std::vector<int64_t>{b, s.nheads, s.dv};
+}
+
+template <typename Args>
+void check_initial(const Args& in, const Shape& s) {
+  check_param(in.initial_angle, angle_state_shape(s, s.batch), in.v, "initial_angle");
+  check_param(in.initial_ssm, ssm_state_shape(s, s.batch), in.v, "initial_ssm");
+  check_param(in.initial_k, k_state_shape(s, s.batch), in.v, "initial_k");
+  check_param(in.initial_v, v_state_shape(s, s.batch), in.v, "initial_v");
+  SSMK_CHECK_VALUE(in.chunk_size >= 1 && in.chunk_size <= mamba3::kMaxChunk, "chunk_size: expected 1 <= chunk_size <= ",
+                   mamba3::kMaxChunk, ", got ", in.chunk_size);
+}
+
+// A contiguous accumulation-dtype copy (or view) of an optional input; undefined when absent.
+at::Tensor acc_copy(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t ? t->to(acc).contiguous() : at::Tensor();
+}
+template <typename A>
+const A* opt(const at::Tensor& t) {
+  return t.defined() ? static_cast<const A*>(t.data_ptr()) : nullptr;
+}
+
+// The accumulation-dtype buffers of the small inputs (kept alive while the kernel runs).
+struct AccInputs {
+  at::Tensor adt, dt, trap, angles, q_bias, k_bias, D, mimo_v, mimo_z, mimo_o;
+  at::Tensor init_angle, init_ssm, init_k, init_v;
+};
+
+template <typename Args>
+AccInputs acc_inputs(const Args& in, at::ScalarType acc) {
+  AccInputs a;
+  a.adt = in.adt.to(acc).contiguous();
+  a.dt = in.dt.to(acc).contiguous();
+  a.trap = in.trap.to(acc).contiguous();
+  a.angles = acc_copy(in.angles, acc);
+  a.q_bias = acc_copy(in.q_bias, acc);
+  a.k_bias = acc_copy(in.k_bias, acc);
+  a.D = acc_copy(in.D, acc);
+  a.mimo_v = acc_copy(in.mimo_v, acc);
+  a.mimo_z = acc_copy(in.mimo_z, acc);
+  a.mimo_o = acc_copy(in.mimo_o, acc);
+  return a;
+}
+
+template <typename T, typename Args>
+void fill_inputs(Mamba3Inputs<T>& p, const Args& in, const Shape& s, const AccInputs& a) {
+  using acc = acc_t<T>;
+  p.batch = s.batch;
+  p.seqlen = s.seqlen;
+  p.nheads = s.nheads;
+  p.ngroups = s.ngroups;
+  p.rank = s.rank;
+  p.headdim_qk = s.dqk;
+  p.headdim_v = s.dv;
+  p.nangles = s.nangles;
+  p.chunk = in.chunk_size;
+  p.mimo = s.mimo;
+  p.q = view<const T, 5>(s.mimo ? in.q : in.q.unsqueeze(2));
+  p.k = view<const T, 5>(s.mimo ? in.k : in.k.unsqueeze(2));
+  p.v = view<const T, 4>(in.v);
+  p.z = view<const T, 4>(in.z);
+  p.adt = opt<acc>(a.adt);
+  p.dt = opt<acc>(a.dt);
+  p.trap = opt<acc>(a.trap);
+  p.angles = opt<acc>(a.angles);
+  p.q_bias = opt<acc>(a.q_bias);
+  p.k_bias = opt<acc>(a.k_bias);
+  p.D = opt<acc>(a.D);
+  p.mimo_v = opt<acc>(a.mimo_v);
+  p.mimo_z = opt<acc>(a.mimo_z);
+  p.mimo_o = opt<acc>(a.mimo_o);
+  p.init_angle = opt<acc>(a.init_angle);
+  p.init_ssm = opt<acc>(a.init_ssm);
+  p.init_k = opt<acc>(a.init_k);
+  p.init_v = opt<acc>(a.init_v);
+}
+
+template <typename Args>
+void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
+  a.init_angle = acc_copy(in.initial_angle, acc);
+  a.init_ssm = acc_copy(in.initial_ssm, acc);
+  a.init_k = acc_copy(in.initial_k, acc);
+  a.init_v = acc_copy(in.initial_v, acc);
+}
+
+// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` threads.
+[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task) {
+  check_cuda_grid(ceil_div(tasks, 32), "v");
+  return at::empty({tasks * per_task}, ref.options().dtype(acc_dtype(ref.scalar_type())));
+}
+
+using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
+  const Shape s = check_inputs(in, true);
+  check_initial(in, s);
+  const auto dtype = in.v.scalar_type();
+  const auto acc = acc_dtype(dtype);
+  const auto aopts = in.v.options().dtype(acc);
+  at::Tensor out = new_output(in.v.sizes(), in.v.options());
+  at::Tensor final_angle = new_output(angle_state_shape(s, s.batch), aopts);
+  at::Tensor final_ssm = new_output(ssm_state_shape(s, s.batch), aopts);
+  at::Tensor final_k = new_output(k_state_shape(s, s.batch), aopts);
+  at::Tensor final_v = new_output(v_state_shape(s, s.batch), aopts);
+  if (s.batch == 0) return {out, final_angle, final_ssm, final_k, final_v};
+  AccInputs a = acc_inputs(in, acc);
+  acc_initial(a, in, acc);
+  SSMK_DISPATCH_FLOAT(dtype, "mamba3_scan_fwd", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    Mamba3FwdParams<T> p{};
+    fill_inputs(p, in, s, a);
+    p.out = ptr<T>(out);
+    p.final_angle = ptr<A>(final_angle);
+    p.final_ssm = ptr<A>(final_ssm);
+    p.final_k = ptr<A>(final_k);
+    p.final_v = ptr<A>(final_v);
+    launch(in.v, [&] { mamba3_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
+           }));
+  });
+  return {out, final_angle, final_ssm, final_k, final_v};
+}
+
+// The gradient of an optional input from its accumulation-dtype value, or an empty one.
+at::Tensor grad_as(const at::Tensor& g, const std::optional<at::Tensor>& input, const at::Tensor& ref) {
+  return input ? g.reshape(input->sizes()).to(input->scalar_type()) : at::empty({0}, ref.options());
+}
+
+using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
+  const Shape s = check_inputs(in, true);
+  check_initial(in, s);
+  check_shape(in.dout, in.v.sizes(), "dout");
+  check_floating(in.dout, "dout");
+  check_same_device(in.dout, in.v, "dout");
+  check_param(in.dfinal_angle, angle_state_shape(s, s.batch), in.v, "dfinal_angle");
+  check_param(in.dfinal_ssm, ssm_state_shape(s, s.batch), in.v, "dfinal_ssm");
+  check_param(in.dfinal_k, k_state_shape(s, s.batch), in.v, "dfinal_k");
+  check_param(in.dfinal_v, v_state_shape(s, s.batch), in.v, "dfinal_v");
+  const auto dtype = in.v.scalar_type();
+  const auto acc = acc_dtype(dtype);
+  const auto aopts = in.v.options().dtype(acc);
+  const int64_t Bn = s.batch, L = s.seqlen, H = s.nheads, R = s.rank, N = s.dqk, P = s.dv, A = s.nangles;
+  const at::Tensor dout = in.dout.to(dtype);
+  AccInputs a = acc_inputs(in, acc);
+  acc_initial(a, in, acc);
+  const at::Tensor dfinal_angle = acc_copy(in.dfinal_angle, acc), dfinal_ssm = acc_copy(in.dfinal_ssm, acc);
+  const at::Tensor dfinal_k = acc_copy(in.dfinal_k, acc), dfinal_v = acc_copy(in.dfinal_v, acc);
+
+  at::Tensor dq = at::empty({Bn, L, R, H, N}, aopts), dk = at::empty({Bn, L, R, H, N}, aopts);
+  at::Tensor dv = new_output(in.v.sizes(), in.v.options());
+  at::Tensor dz = new_grad(in.z, in.v);
+  at::Tensor dadt = at::empty({Bn, H, L}, aopts), ddt = at::empty({Bn, H, L}, aopts);
+  at::Tensor dtrap = at::empty({Bn, H, L}, aopts);
+  at::Tensor dangles = at::empty({Bn, L, H, A}, aopts);
+  at::Tensor dq_bias = at::empty({Bn, H, R, N}, aopts), dk_bias = at::empty({Bn, H, R, N}, aopts);
+  at::Tensor dD = at::empty({Bn, H}, aopts);
+  at::Tensor dmimo_v = at::empty({Bn, H, R, P}, aopts), dmimo_z = at::empty({Bn, H, R, P}, aopts);
+  at::Tensor dmimo_o = at::empty({Bn, H, R, P}, aopts);
+  at::Tensor dinit_angle = at::empty({Bn, H, A}, aopts), dinit_ssm = at::empty({Bn, H, P, N}, aopts);
+  at::Tensor dinit_k = at::empty({Bn, H, R, N}, aopts), dinit_v = at::empty({Bn, H, R, P}, aopts);
+  if (Bn > 0) {
+    SSMK_DISPATCH_FLOAT(dtype, "mamba3_scan_bwd", [&] {
+      using T = scalar_t;
+      using Ac = acc_t<T>;
+      Mamba3BwdParams<T> p{};
+      fill_inputs(p, in, s, a);
+      p.dout = view<const T, 4>(dout);
+      p.dfinal_angle = opt<Ac>(dfinal_angle);
+      p.dfinal_ssm = opt<Ac>(dfinal_ssm);
+      p.dfinal_k = opt<Ac>(dfinal_k);
+      p.dfinal_v = opt<Ac>(dfinal_v);
+      p.dq = ptr<Ac>(dq);
+      p.dk = ptr<Ac>(dk);
+      p.dv = ptr<T>(dv);
+      p.dz = in.z ? ptr<T>(dz) : nullptr;
+      p.dadt = ptr<Ac>(dadt);
+      p.ddt = ptr<Ac>(ddt);
+      p.dtrap = ptr<Ac>(dtrap);
+      p.dangles = A > 0 ? ptr<Ac>(dangles) : nullptr;
+      p.dq_bias = ptr<Ac>(dq_bias);
+      p.dk_bias = ptr<Ac>(dk_bias);
+      p.dD = ptr<Ac>(dD);
+      p.dmimo_v = ptr<Ac>(dmimo_v);
+      p.dmimo_z = in.mimo_z ? ptr<Ac>(dmimo_z) : nullptr;
+      p.dmimo_o = ptr<Ac>(dmimo_o);
+      p.dinit_angle = ptr<Ac>(dinit_angle);
+      p.dinit_ssm = ptr<Ac>(dinit_ssm);
+      p.dinit_k = ptr<Ac>(dinit_k);
+      p.dinit_v = ptr<Ac>(dinit_v);
+      launch(in.v, [&] { mamba3_bwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+               mamba3_bwd_cuda(p, ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p))), ctx);
+             }));
+    });
+  } else {
+    for (at::Tensor* t : {&dq, &dk, &dadt, &ddt, &dtrap, &dangles, &dq_bias, &dk_bias, &dD, &dmimo_v, &dmimo_z,
+                          &dmimo_o, &dinit_angle, &dinit_ssm, &dinit_k, &dinit_v}) {
+      t->zero_();
+    }
+  }
+  // The sums over the heads of a query/key group and over the batch, in a fixed order.
+  const int64_t G = s.ngroups;
+  auto group_sum = [&](const at::Tensor& g, const at::Tensor& input) {
+    at::Tensor r = g.view({Bn, L, R, G, H / G, N}).sum(4);
+    return r.reshape(input.sizes()).to(input.scalar_type());
+  };
+  return {group_sum(dq, in.q),
+          group_sum(dk, in.k),
+          dv,
+          dadt.to(in.adt.scalar_type()),
+          ddt.to(in.dt.scalar_type()),
+          dtrap.to(in.trap.scalar_type()),
+          grad_as(dq_bias.sum(0), in.q_bias, in.v),
+          grad_as(dk_bias.sum(0), in.k_bias, in.v),
+          grad_as(dangles, in.angles, in.v),
+          grad_as(dD.sum(0), in.D, in.v),
+          dz,
+          grad_as(dmimo_v.sum(0), in.mimo_v, in.v),
+          grad_as(dmimo_z.sum(0), in.mimo_z, in.v),
+          grad_as(dmimo_o.sum(0), in.mimo_o, in.v),
+          grad_as(dinit_angle, in.initial_angle, in.v),
+          grad_as(dinit_ssm, in.initial_ssm, in.v),
+          grad_as(dinit_k, in.initial_k, in.v),
+          grad_as(dinit_v, in.initial_v, in.v)};
+}
+
+void check_state(const at::Tensor& t, std::vector<int64_t> expected, at::ScalarType acc, const at::Tensor& ref,
+                 const char* name) {
+  check_shape(t, expected, name);
+  SSMK_CHECK_TYPE(t.scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t.scalar_type());
+  check_same_device(t, ref, name);
+}
+
+at::Tensor mamba3_step(const Mamba3StepArgs& in) {
+  const Shape s = check_inputs(in, false);
+  const auto dtype = in.v.scalar_type();
+  const auto acc = acc_dtype(dtype);
+  const int64_t Bs = in.ssm_state.dim() >= 1 ? in.ssm_state.size(0) : 0;
+  check_state(in.angle_state, angle_state_shape(s, Bs), acc, in.v, "angle_state");
+  check_state(in.ssm_state, ssm_state_shape(s, Bs), acc, in.v, "ssm_state");
+  check_state(in.k_state, k_state_shape(s, Bs), acc, in.v, "k_state");
+  check_state(in.v_state, v_state_shape(s, Bs), acc, in.v, "v_state");
+  at::Tensor idx;
+  if (in.state_batch_indices) {
+    const at::Tensor& i = *in.state_batch_indices;
+    check_shape(i, {s.batch}, "state_batch_indices");
+    SSMK_CHECK_TYPE(i.scalar_type() == at::kInt || i.scalar_type() == at::kLong,
+                    "state_batch_indices: expected dtype int32 or int64, got ", i.scalar_type());
+    check_same_device(i, in.v, "state_batch_indices");
+    if (i.is_cpu() && i.numel() > 0) {
+      const int64_t hi = i.max().item<int64_t>();
+      SSMK_CHECK_VALUE(hi < Bs, "state_batch_indices: expected values < state batch ", Bs, ", got ", hi);
+    }
+    idx = i.to(at::kLong).contiguous();
+  } else {
+    SSMK_CHECK_VALUE(Bs == s.batch, "ssm_state: expected batch ", s.batch, " like v, got ", Bs);
+  }
+  at::Tensor out = new_output(in.v.sizes(), in.v.options());
+  if (s.batch == 0) return out;
+  const AccInputs a = acc_inputs(in, acc);
+  SSMK_DISPATCH_FLOAT(dtype, "mamba3_step", [&] {
+    using T = scalar_t;
+    using Ac = acc_t<T>;
+    Mamba3StepParams<T> p{};
+    p.batch = s.batch;
+    p.nheads = s.nheads;
+    p.ngroups = s.ngroups;
+    p.rank = s.rank;
+    p.headdim_qk = s.dqk;
+    p.headdim_v = s.dv;
+    p.nangles = s.nangles;
+    p.state_batch = Bs;
+    p.mimo = s.mimo;
+    p.angle_state = view<Ac, 3>(in.angle_state);
+    p.ssm_state = view<Ac, 4>(in.ssm_state);
+    p.k_state = view<Ac, 4>(s.mimo ? in.k_state : in.k_state.unsqueeze(2));
+    p.v_state = view<Ac, 4>(s.mimo ? in.v_state : in.v_state.unsqueeze(2));
+    p.q = view<const T, 4>(s.mimo ? in.q : in.q.unsqueeze(1));
+    p.k = view<const T, 4>(s.mimo ? in.k : in.k.unsqueeze(1));
+    p.v = view<const T, 3>(in.v);
+    p.z = view<const T, 3>(in.z);
+    p.adt = opt<Ac>(a.adt);
+    p.dt = opt<Ac>(a.dt);
+    p.trap = opt<Ac>(a.trap);
+    p.angles = opt<Ac>(a.angles);
+    p.q_bias = opt<Ac>(a.q_bias);
+    p.k_bias = opt<Ac>(a.k_bias);
+    p.D = opt<Ac>(a.D);
+    p.mimo_v = opt<Ac>(a.mimo_v);
+    p.mimo_z = opt<Ac>(a.mimo_z);
+    p.mimo_o = opt<Ac>(a.mimo_o);
+    p.state_batch_indices = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+    p.out = ptr<T>(out);
+    launch(in.v, [&] { mamba3_step_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+             mamba3_step_cuda(p, ptr<Ac>(cuda_scratch(in.v, p.batch * p.nheads, mamba3::step_scratch(p))), ctx);
+           }));
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace ssmk
+
+SSMK_OP(mamba3_scan_fwd, Mamba3FwdArgs, "(Tensor out, Tensor final_angle, Tensor final_ssm, Tensor final_k, Tensor final_v)")
+SSMK_OP(mamba3_scan_bwd, Mamba3BwdArgs,
+        "(Tensor dq, Tensor dk, Tensor dv, Tensor dadt, Tensor ddt, Tensor dtrap, Tensor dq_bias, Tensor dk_bias, "
+        "Tensor dangles, Tensor dD, Tensor dz, Tensor dmimo_v, Tensor dmimo_z, Tensor dmimo_o, Tensor dinitial_angle, "
+        "Tensor dinitial_ssm, Tensor dinitial_k, Tensor dinitial_v)")
+SSMK_OP(mamba3_step, Mamba3StepArgs, "Tensor")

@@ -1,0 +1,683 @@
+// The per-task kernels of mamba3_scan and mamba3_step, shared verbatim by the CPU kernels
+// (mamba3_cpu.cpp: at::parallel_for over tasks) and the CUDA kernels (mamba3_cuda.cu: one thread
+// per task). One task is one (batch, value head): the sequence in chunks of p.chunk steps
+// (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys, its
+// product with the mixed values, the inter-chunk term from the carried state and the state
+// update. Inner loops run over contiguous head-dim rows (vectorised on the CPU). Each task works
+// in its own scratch area (fwd_scratch / bwd_scratch / step_scratch elements); the backward
+// recomputes the chunk states in a forward pass, then walks the chunks in reverse.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+#include "common/math.h"
+#include "mamba3/mamba3.h"
+
+namespace ssmk::mamba3 {
+
+// ssmk::fast_exp: vectorisable on the CPU (relative error < 3e-7 in float), expf on the GPU.
+template <typename acc>
+SSMK_MATH_INLINE acc exp_(acc v) {
+  return ssmk::fast_exp(v);
+}
+template <typename acc>
+SSMK_MATH_INLINE acc cos_(acc v) {
+  using std::cos;
+  return cos(v);
+}
+template <typename acc>
+SSMK_MATH_INLINE acc sin_(acc v) {
+  using std::sin;
+  return sin(v);
+}
+template <typename acc>
+SSMK_MATH_INLINE void fill_range(acc* first, acc* last, acc v) {
+  for (; first != last; ++first) *first = v;
+}
+template <typename acc>
+SSMK_MATH_INLINE void fill_n(acc* first, int64_t n, acc v) {
+  for (int64_t i = 0; i < n; ++i) first[i] = v;
+}
+template <typename acc>
+SSMK_MATH_INLINE void copy_range(const acc* first, const acc* last, acc* out) {
+  for (; first != last; ++first, ++out) *out = *first;
+}
+template <typename acc>
+SSMK_MATH_INLINE void copy_n(const acc* first, int64_t n, acc* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = first[i];
+}
+
+template <typename acc>
+SSMK_MATH_INLINE acc dot(const acc* a, const acc* b, int64_t n) {
+  acc s = 0;
+#if !defined(__CUDACC__)
+#pragma omp simd reduction(+ : s)
+#endif
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename acc>
+SSMK_MATH_INLINE void axpy(acc* y, acc a, const acc* x, int64_t n) {
+#if !defined(__CUDACC__)
+#pragma omp simd
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// One task's chunk buffers (rows i = t R + r of the chunk), carved from a scratch area of
+// Work::size(d) elements.
+template <typename acc>
+struct Work {
+  int64_t Q, R, N, P, A;
+  acc *q, *k, *x;            // [Q R, N], [Q R, N], [Q R, P]: biased rotated q, k; mixed v
+  acc *cs, *sn;              // [Q, A] cos, sin of the angle at each step
+  acc *lam, *dtv, *gam, *w, *acs, *drow;  // [Q]
+  acc *cb, *m;               // [Q R, Q R] q_i . k_j and the mask e^{Acs_t - Acs_s} c_ts
+  acc *y, *dy, *dx, *dq, *dk;  // [Q R, P] / [Q R, N]
+  static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d) {
+    const int64_t QR = d.chunk * d.rank;
+    return QR * (4 * d.headdim_qk + 4 * d.headdim_v) + d.chunk * (2 * d.nangles + 6) + 2 * QR * QR;
+  }
+  SSMK_HOST_DEVICE Work(const Mamba3Dims& d, acc* s)
+      : Q(d.chunk), R(d.rank), N(d.headdim_qk), P(d.headdim_v), A(d.nangles) {
+    const int64_t QR = Q * R;
+    q = s; s += QR * N;
+    k = s; s += QR * N;
+    x = s; s += QR * P;
+    cs = s; s += Q * A;
+    sn = s; s += Q * A;
+    lam = s; s += Q;
+    dtv = s; s += Q;
+    gam = s; s += Q;
+    w = s; s += Q;
+    acs = s; s += Q;
+    drow = s; s += Q;
+    cb = s; s += QR * QR;
+    m = s; s += QR * QR;
+    y = s; s += QR * P;
+    dy = s; s += QR * P;
+    dx = s; s += QR * P;
+    dq = s; s += QR * N;
+    dk = s;
+  }
+};
+
+// Per-step coefficients and the rotated, biased q and k and the mixed v of steps t0 .. t0+n-1;
+// theta [A] carries the angle across chunks.
+template <typename T>
+SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                acc_t<T>* theta, Work<acc_t<T>>& wk) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  const int64_t g = h / (H / p.ngroups);
+  const int64_t row = (b * H + h) * L;
+  acc cum = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t l = t0 + t;
+    const acc dt = p.dt[row + l];
+    const acc lam = ssmk::sigmoid(p.trap[row + l]);
+    wk.dtv[t] = dt;
+    wk.lam[t] = lam;
+    wk.gam[t] = lam * dt;
+    const acc sigma = l + 1 < L ? (acc(1) - ssmk::sigmoid(p.trap[row + l + 1])) * p.dt[row + l + 1] : acc(0);
+    wk.w[t] = wk.gam[t] + sigma;
+    cum += p.adt[row + l];
+    wk.acs[t] = cum;
+    acc* cs = wk.cs + t * A;
+    acc* sn = wk.sn + t * A;
+    if (A > 0) {
+      const acc* ang = p.angles + ((b * L + l) * H + h) * A;
+      for (int64_t j = 0; j < A; ++j) {
+        theta[j] = wrap_angle(theta[j] + angle_step(ang[j], dt));
+        cs[j] = cos_(theta[j]);
+        sn[j] = sin_(theta[j]);
+      }
+    }
+    const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = t * R + r;
+      acc* qi = wk.q + i * N;
+      acc* ki = wk.k + i * N;
+      const T* qs = p.q.data + b * p.q.stride[0] + l * p.q.stride[1] + r * p.q.stride[2] + g * p.q.stride[3];
+      const T* ks = p.k.data + b * p.k.stride[0] + l * p.k.stride[1] + r * p.k.stride[2] + g * p.k.stride[3];
+      for (int64_t c = 0; c < N; ++c) {
+        qi[c] = static_cast<acc>(qs[c * p.q.stride[4]]);
+        ki[c] = static_cast<acc>(ks[c * p.k.stride[4]]);
+      }
+      if (p.q_bias) axpy(qi, acc(1), p.q_bias + (h * R + r) * N, N);
+      if (p.k_bias) axpy(ki, acc(1), p.k_bias + (h * R + r) * N, N);
+      rotate_pairs(qi, cs, sn, A);
+      rotate_pairs(ki, cs, sn, A);
+      acc* xi = wk.x + i * P;
+      for (int64_t c = 0; c < P; ++c) xi[c] = static_cast<acc>(vr[c * p.v.stride[3]]);
+      if (p.mimo) {
+        const acc* mv = p.mimo_v + (h * R + r) * P;
+        for (int64_t c = 0; c < P; ++c) xi[c] *= mv[c];
+      }
+    }
+  }
+}
+
+// cb[i, j] = q_i . k_j and m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t; the
+// mask of a step's row is computed once per step, in a loop the compiler vectorises.
+template <typename acc>
+SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n) {
+  const int64_t R = wk.R, N = wk.N, rows = n * R, ld = wk.Q * R;
+  acc* drow = wk.drow;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t ti = i / R;
+    if (i % R == 0) {
+      const acc at = wk.acs[ti];
+#if !defined(__CUDACC__)
+#pragma omp simd
+#endif
+      for (int64_t tj = 0; tj < ti; ++tj) drow[tj] = exp_(at - wk.acs[tj]) * wk.w[tj];
+      drow[ti] = wk.gam[ti];
+    }
+    const acc* qi = wk.q + i * N;
+    for (int64_t j = 0; j < (ti + 1) * R; ++j) {
+      wk.cb[i * ld + j] = dot(qi, wk.k + j * N, N);
+      wk.m[i * ld + j] = drow[j / R];
+    }
+  }
+}
+
+// y_i = sum_j cb m x_j + e^{Acs_t} H q_i + D x_i (before the gate), for H the state before the chunk.
+template <typename acc>
+SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc D) {
+  const int64_t R = wk.R, N = wk.N, P = wk.P, rows = n * R, ld = wk.Q * R;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t ti = i / R;
+    acc* yi = wk.y + i * P;
+    const acc* xi = wk.x + i * P;
+    const acc* qi = wk.q + i * N;
+    const acc ri = exp_(wk.acs[ti]);
+    for (int64_t c = 0; c < P; ++c) yi[c] = ri * dot(H + c * N, qi, N) + D * xi[c];
+    for (int64_t j = 0; j < (ti + 1) * R; ++j) axpy(yi, wk.cb[i * ld + j] * wk.m[i * ld + j], wk.x + j * P, P);
+  }
+}
+
+// H <- e^{Acs_last} H + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T.
+template <typename acc>
+SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, acc* H) {
+  const int64_t R = wk.R, N = wk.N, P = wk.P;
+  const acc last = wk.acs[n - 1], kd = exp_(last);
+#if !defined(__CUDACC__)
+#pragma omp simd
+#endif
+  for (int64_t c = 0; c < P * N; ++c) H[c] *= kd;
+  for (int64_t j = 0; j < n * R; ++j) {
+    const int64_t tj = j / R;
+    const acc e = exp_(last - wk.acs[tj]) * wk.w[tj];
+    const acc* xj = wk.x + j * P;
+    const acc* kj = wk.k + j * N;
+    for (int64_t c = 0; c < P; ++c) axpy(H + c * N, e * xj[c], kj, N);
+  }
+}
+
+// The state before step 0: S_init + (1 - lambda_0) dt_0 sum_r v_init_r k_init_r^T, and the angle.
+template <typename T>
+SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t b, int64_t h, acc_t<T>* H, acc_t<T>* theta) {
+  using acc = acc_t<T>;
+  const int64_t bh = b * p.nheads + h, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  if (p.init_ssm) {
+    copy_range(p.init_ssm + bh * P * N, p.init_ssm + (bh + 1) * P * N, H);
+  } else {
+    fill_range(H, H + P * N, acc(0));
+  }
+  for (int64_t j = 0; j < A; ++j) theta[j] = p.init_angle ? p.init_angle[bh * A + j] : acc(0);
+  if (p.init_k && p.init_v) {
+    const int64_t row = bh * p.seqlen;
+    const acc rho = (acc(1) - ssmk::sigmoid(p.trap[row])) * p.dt[row];
+    for (int64_t r = 0; r < R; ++r) {
+      const acc* kr = p.init_k + (bh * R + r) * N;
+      const acc* vr = p.init_v + (bh * R + r) * P;
+      for (int64_t c = 0; c < P; ++c) axpy(H + c * N, rho * vr[c], kr, N);
+    }
+  }
+}
+
+// Scratch elements of one forward task.
+SSMK_HOST_DEVICE int64_t fwd_scratch(const Mamba3Dims& d) {
+  return Work<float>::size(d) + d.headdim_v * d.headdim_qk + d.nangles + d.headdim_v;
+}
+
+template <typename T>
+SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<T>* scratch) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
+  Work<acc> wk(p, scratch);
+  acc* S = scratch + Work<acc>::size(p);
+  acc* theta = S + P * N;
+  acc* o = theta + A;
+  {
+    const int64_t b = task / H, h = task % H;
+    initial_state(p, b, h, S, theta);
+    const acc D = p.D ? p.D[h] : acc(0);
+    int64_t n = 0;
+    for (int64_t t0 = 0; t0 < L; t0 += Q) {
+      n = Q < L - t0 ? Q : L - t0;
+      load_chunk(p, b, h, t0, n, theta, wk);
+      chunk_products(wk, n);
+      chunk_outputs(wk, n, S, D);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t l = t0 + t;
+        const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
+        fill_n(o, P, acc(0));
+        for (int64_t r = 0; r < R; ++r) {
+          const acc* yi = wk.y + (t * R + r) * P;
+          const acc* mz = p.mimo ? p.mimo_z + (h * R + r) * P : nullptr;
+          const acc* mo = p.mimo ? p.mimo_o + (h * R + r) * P : nullptr;
+          for (int64_t c = 0; c < P; ++c) {
+            acc yv = yi[c];
+            if (zr) {
+              acc zv = static_cast<acc>(zr[c * p.z.stride[3]]);
+              if (mz) zv *= mz[c];
+              yv *= ssmk::silu(zv);
+            }
+            o[c] += mo ? yv * mo[c] : yv;
+          }
+        }
+        T* out = p.out + ((b * L + l) * H + h) * P;
+        for (int64_t c = 0; c < P; ++c) out[c] = static_cast<T>(o[c]);
+      }
+      chunk_state(wk, n, S);
+    }
+    const int64_t bh = b * H + h;
+    copy_n(S, P * N, p.final_ssm + bh * P * N);
+    copy_n(theta, A, p.final_angle + bh * A);
+    copy_n(wk.k + (n - 1) * R * N, R * N, p.final_k + bh * R * N);
+    copy_n(wk.x + (n - 1) * R * P, R * P, p.final_v + bh * R * P);
+  }
+}
+
+// Scratch elements of one backward task (the chunk states are kept: nchunks P N).
+SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
+  const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank;
+  return Work<float>::size(d) + (nc + 2) * P * N + (nc + 2) * A + 3 * d.chunk + d.seqlen + d.chunk * A +
+         2 * R * N + 3 * R * P + 2 * P;
+}
+
+template <typename T>
+SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<T>* scratch) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
+  const int64_t nc = p.nchunks(), ld = Q * R;
+  Work<acc> wk(p, scratch);
+  acc* s = scratch + Work<acc>::size(p);
+  acc* states = s; s += nc * P * N;
+  acc* dS = s; s += P * N;
+  acc* dS_prev = s; s += P * N;
+  acc* thetas = s; s += nc * A;
+  acc* theta = s; s += A;
+  acc* carry = s; s += A;
+  acc* dacs = s; s += Q;
+  acc* dw = s; s += Q;
+  acc* dgamma = s; s += Q;
+  acc* dlam = s; s += L;
+  acc* dtheta = s; s += Q * A;
+  acc* dqb = s; s += R * N;
+  acc* dkb = s; s += R * N;
+  acc* dmv = s; s += R * P;
+  acc* dmz = s; s += R * P;
+  acc* dmo = s; s += R * P;
+  acc* dzacc = s; s += P;
+  acc* dvacc = s;
+  {
+    const int64_t b = task / H, h = task % H, bh = b * H + h, row = bh * L;
+    const acc D = p.D ? p.D[h] : acc(0);
+    // The state (and the angle) before every chunk.
+    initial_state(p, b, h, states, theta);
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t t0 = c * Q, n = Q < L - t0 ? Q : L - t0;
+      copy_range(theta, (theta + A), thetas + c * A);
+      load_chunk(p, b, h, t0, n, theta, wk);
+      if (c + 1 < nc) {
+        copy_range(states + c * P * N, states + (c + 1) * P * N, states + (c + 1) * P * N);
+        chunk_state(wk, n, states + (c + 1) * P * N);
+      }
+    }
+    if (p.dfinal_ssm) {
+      copy_range(p.dfinal_ssm + bh * P * N, p.dfinal_ssm + (bh + 1) * P * N, dS);
+    } else {
+      fill_range(dS, (dS + P * N), acc(0));
+    }
+    for (int64_t j = 0; j < A; ++j) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
+    fill_range(dlam, (dlam + L), acc(0));
+    fill_range(p.ddt + row, p.ddt + row + L, acc(0));
+    fill_range(dqb, (dqb + R * N), acc(0));
+    fill_range(dkb, (dkb + R * N), acc(0));
+    fill_range(dmv, (dmv + R * P), acc(0));
+    fill_range(dmz, (dmz + R * P), acc(0));
+    fill_range(dmo, (dmo + R * P), acc(0));
+    acc dD = 0;
+    for (int64_t c = nc - 1; c >= 0; --c) {
+      const int64_t t0 = c * Q, n = Q < L - t0 ? Q : L - t0, rows = n * R;
+      const acc* S = states + c * P * N;
+      copy_range(thetas + c * A, thetas + (c + 1) * A, theta);
+      load_chunk(p, b, h, t0, n, theta, wk);
+      chunk_products(wk, n);
+      chunk_outputs(wk, n, S, D);
+      // The gate and the output mixing: dy (gradient of y before the gate), dz, dmimo_z, dmimo_o.
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t l = t0 + t;
+        const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
+        const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
+        fill_range(dzacc, (dzacc + P), acc(0));
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t i = t * R + r;
+          const acc* yi = wk.y + i * P;
+          acc* dyi = wk.dy + i * P;
+          const acc* mz = p.mimo && zr ? p.mimo_z + (h * R + r) * P : nullptr;
+          const acc* mo = p.mimo ? p.mimo_o + (h * R + r) * P : nullptr;
+          for (int64_t cc = 0; cc < P; ++cc) {
+            const acc gout = static_cast<acc>(go[cc * p.dout.stride[3]]);
+            acc g = mo ? gout * mo[cc] : gout;
+            acc gated = yi[cc];
+            if (zr) {
+              const acc zraw = static_cast<acc>(zr[cc * p.z.stride[3]]);
+              const acc zv = mz ? zraw * mz[cc] : zraw;
+              const acc sz = ssmk::silu(zv);
+              const acc dzv = g * yi[cc] * ssmk::silu_grad(zv);
+              if (mz) {
+                dzacc[cc] += dzv * mz[cc];
+                dmz[r * P + cc] += dzv * zraw;
+              } else {
+                dzacc[cc] += dzv;
+              }
+              gated *= sz;
+              g *= sz;
+            }
+            if (mo) dmo[r * P + cc] += gout * gated;
+            dyi[cc] = g;
+          }
+          const acc* xi = wk.x + i * P;
+          dD += dot(dyi, xi, P);
+          acc* dxi = wk.dx + i * P;
+          for (int64_t cc = 0; cc < P; ++cc) dxi[cc] = D * dyi[cc];
+        }
+        if (p.dz) {
+          T* dzr = p.dz + ((b * L + l) * H + h) * P;
+          for (int64_t cc = 0; cc < P; ++cc) dzr[cc] = static_cast<T>(dzacc[cc]);
+        }
+      }
+      fill_range(wk.dq, wk.dq + rows * N, acc(0));
+      fill_range(wk.dk, wk.dk + rows * N, acc(0));
+      if (c == nc - 1) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t i = (n - 1) * R + r;
+          if (p.dfinal_k) axpy(wk.dk + i * N, acc(1), p.dfinal_k + (bh * R + r) * N, N);
+          if (p.dfinal_v) axpy(wk.dx + i * P, acc(1), p.dfinal_v + (bh * R + r) * P, P);
+        }
+      }
+      fill_range(dacs, (dacs + Q), acc(0));
+      fill_range(dw, (dw + Q), acc(0));
+      fill_range(dgamma, (dgamma + Q), acc(0));
+      // Intra-chunk products: d q_i, d k_j, d x_j, d Acs and the mask coefficients.
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t ti = i / R;
+        const acc* dyi = wk.dy + i * P;
+        const acc* qi = wk.q + i * N;
+        acc* dqi = wk.dq + i * N;
+        for (int64_t j = 0; j < (ti + 1) * R; ++j) {
+          const int64_t tj = j / R;
+          const acc dxy = dot(dyi, wk.x + j * P, P);
+          const acc cbm = wk.cb[i * ld + j], mm = wk.m[i * ld + j];
+          axpy(dqi, dxy * mm, wk.k + j * N, N);
+          axpy(wk.dk + j * N, dxy * mm, qi, N);
+          axpy(wk.dx + j * P, cbm * mm, dyi, P);
+          const acc pij = cbm * dxy, wij = pij * mm;
+          dacs[ti] += wij;
+          dacs[tj] -= wij;
+          if (tj < ti) {
+            dw[tj] += pij * exp_(wk.acs[ti] - wk.acs[tj]);
+          } else {
+            dgamma[ti] += pij;  // the diagonal's coefficient is gamma_t (no decay)
+          }
+        }
+      }
+      // The inter-chunk term e^{Acs_t} S q_i.
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t ti = i / R;
+        const acc ri = exp_(wk.acs[ti]);
+        const acc* dyi = wk.dy + i * P;
+        const acc* qi = wk.q + i * N;
+        acc* dqi = wk.dq + i * N;
+        acc s = 0;
+        for (int64_t cc = 0; cc < P; ++cc) {
+          s += dyi[cc] * dot(S + cc * N, qi, N);
+          axpy(dqi, ri * dyi[cc], S + cc * N, N);
+        }
+        dacs[ti] += ri * s;
+      }
+      // The state update into the next chunk, whose gradient is dS.
+      const acc last = wk.acs[n - 1], kd = exp_(last);
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t tj = j / R;
+        const acc e = exp_(last - wk.acs[tj]);
+        const acc ew = e * wk.w[tj];
+        const acc* kj = wk.k + j * N;
+        const acc* xj = wk.x + j * P;
+        acc* dxj = wk.dx + j * P;
+        acc* dkj = wk.dk + j * N;
+        acc E = 0;
+        for (int64_t cc = 0; cc < P; ++cc) {
+          const acc dsk = dot(dS + cc * N, kj, N);
+          E += xj[cc] * dsk;
+          dxj[cc] += ew * dsk;
+          axpy(dkj, ew * xj[cc], dS + cc * N, N);
+        }
+        dw[tj] += e * E;
+        dacs[n - 1] += ew * E;
+        dacs[tj] -= ew * E;
+      }
+      dacs[n - 1] += kd * dot(dS, S, P * N);
+      for (int64_t cc = 0; cc < P * N; ++cc) dS_prev[cc] = kd * dS[cc];
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc ri = exp_(wk.acs[i / R]);
+        const acc* dyi = wk.dy + i * P;
+        const acc* qi = wk.q + i * N;
+        for (int64_t cc = 0; cc < P; ++cc) axpy(dS_prev + cc * N, ri * dyi[cc], qi, N);
+      }
+      {
+        acc* tmp = dS;
+        dS = dS_prev;
+        dS_prev = tmp;
+      }
+      // d adt: the reverse cumulative sum of d Acs within the chunk.
+      acc run = 0;
+      for (int64_t t = n - 1; t >= 0; --t) {
+        run += dacs[t];
+        p.dadt[row + t0 + t] = run;
+      }
+      // w = gamma + sigma; gamma_t = lambda_t dt_t; sigma_t = (1 - lambda_{t+1}) dt_{t+1}.
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t l = t0 + t;
+        const acc dg = dgamma[t] + dw[t];
+        p.ddt[row + l] += wk.lam[t] * dg;
+        dlam[l] += wk.dtv[t] * dg;
+        if (l + 1 < L) {
+          const acc lam1 = ssmk::sigmoid(p.trap[row + l + 1]);
+          p.ddt[row + l + 1] += (acc(1) - lam1) * dw[t];
+          dlam[l + 1] -= p.dt[row + l + 1] * dw[t];
+        }
+      }
+      // v mixing, the rotations, and the angle recurrence in reverse.
+      fill_range(dtheta, (dtheta + Q * A), acc(0));
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t l = t0 + t;
+        const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
+        fill_range(dvacc, (dvacc + P), acc(0));
+        const acc* cs = wk.cs + t * A;
+        const acc* sn = wk.sn + t * A;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t i = t * R + r;
+          const acc* dxi = wk.dx + i * P;
+          if (p.mimo) {
+            const acc* mv = p.mimo_v + (h * R + r) * P;
+            for (int64_t cc = 0; cc < P; ++cc) {
+              dvacc[cc] += dxi[cc] * mv[cc];
+              dmv[r * P + cc] += dxi[cc] * static_cast<acc>(vr[cc * p.v.stride[3]]);
+            }
+          } else {
+            axpy(dvacc, acc(1), dxi, P);
+          }
+          acc* dqi = wk.dq + i * N;
+          acc* dki = wk.dk + i * N;
+          rotate_pairs_bwd(dqi, wk.q + i * N, cs, sn, A, dtheta + t * A);
+          rotate_pairs_bwd(dki, wk.k + i * N, cs, sn, A, dtheta + t * A);
+          axpy(dqb + r * N, acc(1), dqi, N);
+          axpy(dkb + r * N, acc(1), dki, N);
+          acc* dqo = p.dq + (((b * L + l) * R + r) * H + h) * N;
+          acc* dko = p.dk + (((b * L + l) * R + r) * H + h) * N;
+          copy_range(dqi, dqi + N, dqo);
+          copy_range(dki, dki + N, dko);
+        }
+        T* dvo = p.dv + ((b * L + l) * H + h) * P;
+        for (int64_t cc = 0; cc < P; ++cc) dvo[cc] = static_cast<T>(dvacc[cc]);
+      }
+      for (int64_t t = n - 1; t >= 0 && A > 0; --t) {
+        const int64_t l = t0 + t;
+        const acc* ang = p.angles + ((b * L + l) * H + h) * A;
+        acc* dang = p.dangles + ((b * L + l) * H + h) * A;
+        const acc dt = wk.dtv[t];
+        acc ddt = 0;
+        for (int64_t j = 0; j < A; ++j) {
+          carry[j] += dtheta[t * A + j];
+          dang[j] = carry[j] * angle_step_draw(ang[j], dt);
+          ddt += carry[j] * angle_step(ang[j], acc(1));
+        }
+        p.ddt[row + l] += ddt;
+      }
+    }
+    // The initial state: S_init + rho sum_r v_init_r k_init_r^T, rho = (1 - lambda_0) dt_0.
+    copy_range(dS, (dS + P * N), p.dinit_ssm + bh * P * N);
+    copy_range(carry, (carry + A), p.dinit_angle + bh * A);
+    {
+      const acc lam0 = ssmk::sigmoid(p.trap[row]), dt0 = p.dt[row];
+      const acc rho = (acc(1) - lam0) * dt0;
+      acc drho = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const acc* kr = p.init_k ? p.init_k + (bh * R + r) * N : nullptr;
+        const acc* vr = p.init_v ? p.init_v + (bh * R + r) * P : nullptr;
+        acc* dkr = p.dinit_k + (bh * R + r) * N;
+        acc* dvr = p.dinit_v + (bh * R + r) * P;
+        fill_range(dkr, dkr + N, acc(0));
+        for (int64_t cc = 0; cc < P; ++cc) {
+          const acc dsk = kr ? dot(dS + cc * N, kr, N) : acc(0);
+          dvr[cc] = rho * dsk;
+          if (vr) {
+            drho += vr[cc] * dsk;
+            axpy(dkr, rho * vr[cc], dS + cc * N, N);
+          }
+        }
+      }
+      p.ddt[row] += (acc(1) - lam0) * drho;
+      dlam[0] -= dt0 * drho;
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const acc lam = ssmk::sigmoid(p.trap[row + l]);
+      p.dtrap[row + l] = dlam[l] * lam * (acc(1) - lam);
+    }
+    copy_range(dqb, (dqb + R * N), p.dq_bias + bh * R * N);
+    copy_range(dkb, (dkb + R * N), p.dk_bias + bh * R * N);
+    p.dD[bh] = dD;
+    if (p.mimo) {
+      copy_range(dmv, (dmv + R * P), p.dmimo_v + bh * R * P);
+      copy_range(dmo, (dmo + R * P), p.dmimo_o + bh * R * P);
+      if (p.dmimo_z) copy_range(dmz, (dmz + R * P), p.dmimo_z + bh * R * P);
+    }
+  }
+}
+
+// Scratch elements of one decode-step task.
+template <typename Params>
+SSMK_HOST_DEVICE int64_t step_scratch(const Params& p) {
+  return 2 * p.rank * p.headdim_qk + p.rank * p.headdim_v + 2 * p.nangles + p.headdim_v;
+}
+
+template <typename T>
+SSMK_MATH_INLINE void step_task(const Mamba3StepParams<T>& p, int64_t task, acc_t<T>* scratch) {
+  using acc = acc_t<T>;
+  const int64_t H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  acc* q = scratch;
+  acc* k = q + R * N;
+  acc* x = k + R * N;
+  acc* cs = x + R * P;
+  acc* sn = cs + A;
+  acc* o = sn + A;
+  {
+    const int64_t b = task / H, h = task % H, g = h / (H / p.ngroups);
+    T* out = p.out + (b * H + h) * P;
+    const int64_t si = p.state_batch_indices ? p.state_batch_indices[b] : b;
+    if (si < 0 || si >= p.state_batch) {
+      for (int64_t c = 0; c < P; ++c) out[c] = T(0);
+      return;
+    }
+    const acc dt = p.dt[b * H + h], adt = p.adt[b * H + h];
+    const acc lam = ssmk::sigmoid(p.trap[b * H + h]);
+    const acc alpha = exp_(adt), beta = (acc(1) - lam) * dt * alpha, gamma = lam * dt;
+    acc* theta = p.angle_state.data + si * p.angle_state.stride[0] + h * p.angle_state.stride[1];
+    for (int64_t j = 0; j < A; ++j) {
+      acc& th = theta[j * p.angle_state.stride[2]];
+      th = wrap_angle(th + angle_step(p.angles[(b * H + h) * A + j], dt));
+      cs[j] = cos_(th);
+      sn[j] = sin_(th);
+    }
+    const T* vr = p.v.data + b * p.v.stride[0] + h * p.v.stride[1];
+    for (int64_t r = 0; r < R; ++r) {
+      const T* qs = p.q.data + b * p.q.stride[0] + r * p.q.stride[1] + g * p.q.stride[2];
+      const T* ks = p.k.data + b * p.k.stride[0] + r * p.k.stride[1] + g * p.k.stride[2];
+      acc* qr = q + r * N;
+      acc* kr = k + r * N;
+      for (int64_t c = 0; c < N; ++c) {
+        qr[c] = static_cast<acc>(qs[c * p.q.stride[3]]) + (p.q_bias ? p.q_bias[(h * R + r) * N + c] : acc(0));
+        kr[c] = static_cast<acc>(ks[c * p.k.stride[3]]) + (p.k_bias ? p.k_bias[(h * R + r) * N + c] : acc(0));
+      }
+      rotate_pairs(qr, cs, sn, A);
+      rotate_pairs(kr, cs, sn, A);
+      for (int64_t c = 0; c < P; ++c) {
+        const acc v = static_cast<acc>(vr[c * p.v.stride[2]]);
+        x[r * P + c] = p.mimo ? v * p.mimo_v[(h * R + r) * P + c] : v;
+      }
+    }
+    acc* S = p.ssm_state.data + si * p.ssm_state.stride[0] + h * p.ssm_state.stride[1];
+    acc* ks = p.k_state.data + si * p.k_state.stride[0] + h * p.k_state.stride[1];
+    acc* vs = p.v_state.data + si * p.v_state.stride[0] + h * p.v_state.stride[1];
+    const int64_t sp = p.ssm_state.stride[2], sn_ = p.ssm_state.stride[3];
+    for (int64_t c = 0; c < P; ++c) {
+      for (int64_t e = 0; e < N; ++e) {
+        acc prev = 0, cur = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          prev += vs[r * p.v_state.stride[2] + c * p.v_state.stride[3]] * ks[r * p.k_state.stride[2] + e * p.k_state.stride[3]];
+          cur += x[r * P + c] * k[r * N + e];
+        }
+        acc& s = S[c * sp + e * sn_];
+        s = alpha * s + beta * prev + gamma * cur;
+      }
+    }
+    const acc D = p.D ? p.D[h] : acc(0);
+    const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + h * p.z.stride[1] : nullptr;
+    fill_range(o, (o + P), acc(0));
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t c = 0; c < P; ++c) {
+        acc y = D * x[r * P + c];
+        for (int64_t e = 0; e < N; ++e) y += S[c * sp + e * sn_] * q[r * N + e];
+        if (zr) {
+          acc zv = static_cast<acc>(zr[c * p.z.stride[2]]);
+          if (p.mimo) zv *= p.mimo_z[(h * R + r) * P + c];
+          y *= ssmk::silu(zv);
+        }
+        o[c] += p.mimo ? y * p.mimo_o[(h * R + r) * P + c] : y;
+      }
+      for (int64_t e = 0; e < N; ++e) ks[r * p.k_state.stride[2] + e * p.k_state.stride[3]] = k[r * N + e];
+      for (int64_t c = 0; c < P; ++c) vs[r * p.v_state.stride[2] + c * p.v_state.stride[3]] = x[r * P + c];
+    }
+    for (int64_t c = 0; c < P; ++c) out[c] = static_cast<T>(o[c]);
+  }
+}
+
+}  // namespace ssmk::mamba3
