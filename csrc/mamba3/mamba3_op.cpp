@@ -411,8 +411,8 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     p.mimo = s.mimo;
     p.angle_state = view<Ac, 3>(in.angle_state);
     p.ssm_state = view<Ac, 4>(in.ssm_state);
-    p.k_state = view<Ac, 4>(s.mimo ? in.k_state : in.k_state.unsqueeze(2));
-    p.v_state = view<Ac, 4>(s.mimo ? in.v_state : in.v_state.unsqueeze(2));
+    p.k_state = view<Ac, 4>(s.mimo ? at::Tensor(in.k_state) : in.k_state.unsqueeze(2));
+    p.v_state = view<Ac, 4>(s.mimo ? at::Tensor(in.v_state) : in.v_state.unsqueeze(2));
     p.q = view<const T, 4>(s.mimo ? in.q : in.q.unsqueeze(1));
     p.k = view<const T, 4>(s.mimo ? in.k : in.k.unsqueeze(1));
     p.v = view<const T, 3>(in.v);
