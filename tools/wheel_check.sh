@@ -49,8 +49,12 @@ timed "sdist" sdist
 SRC=$(echo "$WORK"/src/*/)
 
 build_wheel() {
-  (cd "$SRC" && "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" . > "$WORK/wheel-build.log" 2>&1) \
-    || { tail -n 60 "$WORK/wheel-build.log"; return 1; }
+  # The CPU seconds too: on a shared machine the wall time says little about the build itself.
+  local cpu_time=()
+  [ -x /usr/bin/time ] && cpu_time=(/usr/bin/time -f "wheel-check: build used %U s user + %S s system CPU" -o "$WORK/build-time.txt")
+  (cd "$SRC" && "${cpu_time[@]}" "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" . \
+    > "$WORK/wheel-build.log" 2>&1) || { tail -n 60 "$WORK/wheel-build.log"; return 1; }
+  [ -f "$WORK/build-time.txt" ] && cat "$WORK/build-time.txt"
   if grep -E -- "-march=native|-mavx|-mfma|-msse4|-mtune=native" "$WORK/wheel-build.log"; then
     echo "wheel-check: the build used machine-specific flags (above)"; return 1
   fi
