@@ -13,7 +13,8 @@
 #      info`, a one-op `ssm-kernels bench`;
 #   5. `pip uninstall` leaves the environment exactly as before the install (file list compared).
 #
-# usage: tools/wheel_check.sh            (PYTHON: an interpreter with torch, setuptools, wheel,
+# usage: [WHEEL=ssm_kernels-*.whl] tools/wheel_check.sh
+#                                        (PYTHON: an interpreter with torch, setuptools, wheel,
 #                                         ninja; default .venv/bin/python; WHEEL_CHECK_DIR: the
 #                                         work folder, default build/wheel-check, emptied first)
 set -euo pipefail
@@ -21,6 +22,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 WORK=${WHEEL_CHECK_DIR:-$ROOT/build/wheel-check}
 export SSM_KERNELS_CUDA=0 PIP_NO_INDEX=1 PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
+# WHEEL=path: check that wheel instead of building one (steps 3-5 only).
+PREBUILT=${WHEEL:-}
+[ -z "$PREBUILT" ] || PREBUILT=$(cd "$(dirname "$PREBUILT")" && pwd)/$(basename "$PREBUILT")
 rm -rf "$WORK"
 mkdir -p "$WORK"/sdist "$WORK"/src "$WORK"/dist "$WORK"/run
 t_all=$(date +%s)
@@ -45,6 +49,7 @@ sdist() {
     if [ -n "$missing" ]; then echo "wheel-check: missing from the sdist: $missing"; return 1; fi
   fi
 }
+if [ -z "$PREBUILT" ]; then
 timed "sdist" sdist
 SRC=$(echo "$WORK"/src/*/)
 
@@ -61,6 +66,10 @@ build_wheel() {
 }
 timed "CPU wheel build from the sdist (MAX_JOBS=${MAX_JOBS:-all cores})" build_wheel
 WHEEL=$(echo "$WORK"/dist/ssm_kernels-*.whl)
+else
+  cp "$PREBUILT" "$WORK/dist/"
+  WHEEL=$WORK/dist/$(basename "$PREBUILT")
+fi
 echo "wheel-check: built $(basename "$WHEEL")"
 
 make_venv() {
@@ -76,27 +85,36 @@ from importlib.metadata import PackageNotFoundError, distribution
 # The folder of links: torch, numpy and what they require, each distribution's top-level entries.
 shim = sys.argv[1]
 os.makedirs(shim)
-todo, seen = ["torch", "numpy"], set()
+# A requirement of an extra (torch's cuda-toolkit[cudart,...]) counts when that extra was asked for.
+extras, done = {}, {}
+todo = ["torch", "numpy"]
 while todo:
     name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
-    if name in seen:
+    if done.get(name) == extras.get(name, set()):
         continue
-    seen.add(name)
+    done[name] = set(extras.get(name, set()))
     try:
         dist = distribution(name)
     except PackageNotFoundError:
         continue  # a requirement for another platform or Python
     for req in dist.requires or []:
-        if "extra ==" not in req:
-            todo.append(re.match(r"[A-Za-z0-9_.-]+", req).group(0))
+        extra = re.search(r"extra == ['\"]([^'\"]+)['\"]", req)
+        if extra and extra.group(1) not in done[name]:
+            continue
+        m = re.match(r"([A-Za-z0-9_.-]+)\s*(?:\[([^\]]*)\])?", req)
+        dep = re.sub(r"[-_.]+", "-", m.group(1)).lower()
+        extras.setdefault(dep, set()).update(e.strip() for e in (m.group(2) or "").split(",") if e.strip())
+        todo.append(dep)
     top = {str(f).split("/")[0] for f in dist.files or [] if not str(f).startswith("..")}
     for entry in top - {"__pycache__"}:
         src, dst = dist.locate_file(entry), os.path.join(shim, entry)
         if os.path.exists(src) and not entry.endswith(".pth") and not os.path.lexists(dst):
             os.symlink(src, dst)
-print(f"wheel-check: torch reached through {len(os.listdir(shim))} links ({len(seen)} distributions)")
+print(f"wheel-check: torch reached through {len(os.listdir(shim))} links ({len(done)} distributions)")
 EOF
   echo "$WORK/torch-site" > "$site/_torch_site.pth"
+  # venv's own setuptools (Python < 3.12) would shadow the newer one torch requires.
+  "$WORK/venv/bin/python" -m pip uninstall -q -y setuptools 2> /dev/null || true
   "$WORK/venv/bin/python" -m pip --version > /dev/null
 }
 timed "fresh venv" make_venv
