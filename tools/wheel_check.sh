@@ -72,6 +72,19 @@ else
 fi
 echo "wheel-check: built $(basename "$WHEEL")"
 
+# Portable CPU code: every function with an AVX instruction (VEX/EVEX mnemonic, ymm/zmm register)
+# must be an AVX2 copy of SSMK_CPU_MULTIVERSION (named *_avx2), reached only after the run-time check.
+avx_outside_dispatch() {
+  if ! command -v objdump > /dev/null; then echo "wheel-check: no objdump, AVX check skipped"; return 0; fi
+  "$PY" -m zipfile -e "$WHEEL" "$WORK/wheel-contents"
+  objdump -d --no-show-raw-insn -C "$WORK"/wheel-contents/ssm_kernels/_C*.so | awk '
+    /^[0-9a-f]+ <.*>:$/ { fn = $0; next }
+    /^ +[0-9a-f]+:\t(v[a-z0-9]+|[a-z]+ .*%[yz]mm)/ { n[fn]++ }
+    END { for (f in n) { total++; if (f !~ /_avx2/) { print "AVX outside the dispatch: " f; bad++ } }
+          printf "wheel-check: %d functions use AVX, all AVX2 copies: %s\n", total, bad ? "no" : "yes"; exit bad > 0 }'
+}
+avx_outside_dispatch
+
 make_venv() {
   "$PY" -m venv "$WORK/venv"
   local site
