@@ -4,6 +4,9 @@
 # and, in CI after `make test`:
 #   make test-torch-min   CPU-only build and CPU tests against the oldest torch claimed (pyproject)
 #   make cmake            the libtorch (CMake) build of the library from the same build_config.json
+#   make test-wheel       sdist -> CPU wheel -> fresh venv: every op, info, bench, clean uninstall
+# Packaging (docs/build.md): `make wheel` (dist/, CPU or CUDA as for `make build`), `make sdist`,
+# `make release` (the wheel matrix; needs network).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,7 +26,8 @@ TORCH_MIN_PYTEST_ARGS ?=
 BENCH_ARGS ?=
 export MAX_JOBS
 
-.PHONY: all venv build test test-python test-cpp bench info cmake venv-torch-min build-torch-min test-torch-min clean
+.PHONY: all venv build test test-python test-cpp bench info cmake venv-torch-min build-torch-min test-torch-min clean \
+	wheel sdist test-wheel release
 
 all: test
 
@@ -109,6 +113,22 @@ CMAKE_TORCH_ARGS = -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.u
 cmake: venv
 	cmake -S . -B build/cmake -DSSMK_WITH_CUDA=$(SSMK_CMAKE_CUDA) $(CMAKE_TORCH_ARGS)
 	cmake --build build/cmake -j $(MAX_JOBS)
+
+# A binary wheel of this tree into dist/: CUDA kernels when nvcc is found (SSM_KERNELS_CUDA=0: CPU
+# only), for build_config.json's wheel_cuda_archs that nvcc supports unless TORCH_CUDA_ARCH_LIST is set.
+wheel: venv
+	SSM_KERNELS_BUILD_BASE=build/wheel $(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	@ls -l dist/*.whl
+
+sdist: venv
+	$(PY) setup.py -q egg_info --egg-base build sdist --dist-dir dist
+	@ls -l dist/*.tar.gz
+
+test-wheel: venv
+	PYTHON=$(PY) tools/wheel_check.sh
+
+release:
+	tools/release.sh
 
 clean:
 	rm -rf build python/ssm_kernels/*.so python/ssm_kernels/_build_config.py

@@ -3,7 +3,8 @@
 Environment:
   SSM_KERNELS_CUDA=0/1   force the CUDA kernels off/on (default: on when nvcc is found)
   TORCH_CUDA_ARCH_LIST   archs to build; default: the visible GPU's, else build_config.json's
-                         default_cuda_archs
+                         default_cuda_archs; a wheel (bdist_wheel) builds build_config.json's
+                         wheel_cuda_archs that the installed nvcc supports instead
   SSM_KERNELS_PTXAS_VERBOSE=1  pass -Xptxas -v (register and spill report per kernel)
   SSM_KERNELS_BUILD_BASE setuptools' build folder (default: build); a second build against another
                          torch uses its own so the two never share object files
@@ -12,6 +13,10 @@ Environment:
 Sources, flags and default archs come from build_config.json, which CMakeLists.txt reads too.
 The build writes ssm_kernels/_build_config.py next to the extension (torch version, CUDA on/off,
 archs, CUDA version); `import ssm_kernels` checks it against the running torch before loading _C.
+
+A build says what it was built for in its version and requirements: 0.1.0+torch2.14cpu or
+0.1.0+torch2.14cu130 (torch's CUDA release, whose runtime _C uses), requiring torch==2.14.*. An
+sdist keeps the plain version and torch>=2.11, since the torch is chosen where it is built.
 """
 import glob
 import json
@@ -26,6 +31,11 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "build_config.json")) as f:
     CONFIG = json.load(f)
+# The one version string is ssm_kernels.__version__ (read here without importing the package).
+with open(os.path.join(ROOT, "python", "ssm_kernels", "__init__.py")) as f:
+    BASE_VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+# The oldest torch the sources build against (CI builds and tests it); a built wheel pins its own.
+TORCH_MIN = "2.11"
 
 
 def _find_cuda_home():
@@ -89,9 +99,35 @@ def _extra_cuda_includes():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _nvcc_supported_archs():
+    """The real archs the installed nvcc can compile for, as "9.0"-style names (nvcc lists the plain
+    archs only; their arch-specific "a" variants go with them)."""
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--list-gpu-code"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    archs = set()
+    for m in re.finditer(r"sm_(\d+)(\d)([a-z]?)\b", out):
+        archs.add(f"{m.group(1)}.{m.group(2)}{m.group(3)}")
+    return archs
+
+
+def _wheel_arch_list():
+    """build_config.json's wheel_cuda_archs that the installed nvcc supports (a "+PTX" suffix is
+    kept when the arch itself is supported)."""
+    supported = _nvcc_supported_archs()
+    archs = [a for a in CONFIG["wheel_cuda_archs"] if a.removesuffix("+PTX").rstrip("af") in supported]
+    if not archs:
+        sys.exit(f"nvcc at {CUDA_HOME} supports none of the wheel archs {CONFIG['wheel_cuda_archs']}")
+    return ";".join(archs)
+
+
 def _default_arch_list():
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if BUILDING_WHEEL:
+        return _wheel_arch_list()
     if torch.cuda.is_available():
         archs = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{a}.{b}" + ("a" if a == 9 else "") for a, b in archs)
@@ -144,6 +180,31 @@ class BuildExt(BuildExtension):
 
 
 ARCH_LIST = ""
+# A wheel is built for other machines: its archs never come from the GPU of the building machine.
+BUILDING_WHEEL = "bdist_wheel" in sys.argv[1:]
+BUILDING_SDIST = "sdist" in sys.argv[1:]
+
+
+def torch_major_minor():
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def local_version_tag():
+    """"torch2.14cpu" or "torch2.14cu130": the torch major.minor and, with CUDA kernels, the CUDA
+    release of that torch (the runtime _C links against, none of it shipped with the wheel)."""
+    if not WITH_CUDA:
+        return f"torch{torch_major_minor()}cpu"
+    cuda = torch.version.cuda or _cuda_version()
+    return f"torch{torch_major_minor()}cu{cuda.replace('.', '')}"
+
+
+def package_version():
+    return BASE_VERSION if BUILDING_SDIST else f"{BASE_VERSION}+{local_version_tag()}"
+
+
+def install_requires():
+    torch_req = f"torch>={TORCH_MIN}" if BUILDING_SDIST else f"torch=={torch_major_minor()}.*"
+    return [torch_req, "numpy"]
 
 
 def make_extension():
@@ -186,6 +247,8 @@ def make_extension():
 
 
 setup(
+    version=package_version(),
+    install_requires=install_requires(),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"},

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <string>
 
+#include "common/cpu.h"
 #include "common/output.h"
 
 #ifdef SSMK_PYTHON_MODULE
@@ -35,14 +36,27 @@ std::string build_info() {
 #else
   info += "0;cuda_archs=";
 #endif
-#if defined(__AVX512F__)
-  info += ";cpu_isa=avx512";
-#elif defined(__AVX2__)
-  info += ";cpu_isa=avx2";
-#elif defined(__SSE2__)
-  info += ";cpu_isa=sse2";
+  // cpu_isa: the path the CPU kernels take on this machine, picked at run time (common/cpu.h);
+  // cpu_isa_build: what the compiler may assume everywhere (sse2 for a portable x86-64 build; avx2
+  // or avx512 would mean -march flags that make the library fail on older CPUs).
+  info += ";cpu_isa=";
+#if SSMK_HAVE_AVX2_DISPATCH
+  info += cpu::cpu_has_avx2() ? "avx2" : "sse2";
+#elif defined(__aarch64__)
+  info += "neon";
 #else
-  info += ";cpu_isa=generic";
+  info += "generic";
+#endif
+#if defined(__AVX512F__)
+  info += ";cpu_isa_build=avx512";
+#elif defined(__AVX2__)
+  info += ";cpu_isa_build=avx2";
+#elif defined(__SSE2__)
+  info += ";cpu_isa_build=sse2";
+#elif defined(__aarch64__)
+  info += ";cpu_isa_build=neon";
+#else
+  info += ";cpu_isa_build=generic";
 #endif
 #ifdef _OPENMP
   info += ";openmp=1";

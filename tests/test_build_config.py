@@ -33,7 +33,8 @@ def test_other_minor_raises_import_error(built, running):
     b, r = major_minor(built), major_minor(running)
     assert f"built against torch {b[0]}.{b[1]}" in msg and f"running torch {r[0]}.{r[1]}" in msg
     assert "pip install --no-build-isolation -e ." in msg and "make build" in msg
-    assert "install the torch it was built against" in msg
+    assert f"install the torch it was built against (torch=={b[0]}.{b[1]}.*)" in msg
+    assert f"wheel built for torch {r[0]}.{r[1]}" in msg and f"+torch{r[0]}.{r[1]}cpu" in msg
 
 
 def _import_with_config(config_source):
@@ -94,7 +95,7 @@ def test_build_info_items_are_unambiguous():
     items = raw.split(";")
     assert all("=" in item for item in items), raw
     keys = [item.partition("=")[0] for item in items]
-    assert keys == ["cuda", "cuda_archs", "cpu_isa", "openmp"], raw
+    assert keys == ["cuda", "cuda_archs", "cpu_isa", "cpu_isa_build", "openmp"], raw
     info = ssm_kernels.build_info()
     assert set(keys) <= set(info) and "" not in info
     assert isinstance(info["cuda_archs"], list) and all(";" not in a and a for a in info["cuda_archs"])
@@ -102,13 +103,13 @@ def test_build_info_items_are_unambiguous():
 
 
 @pytest.mark.parametrize("raw,archs", [
-    ("cuda=1;cuda_archs=8.0 9.0a;cpu_isa=avx2;openmp=1", "8.0 9.0a"),
-    ("cuda=1;cuda_archs=8.0;9.0a;cpu_isa=avx2;openmp=1", "8.0 9.0a"),  # an older build's string
-    ("cuda=0;cuda_archs=;cpu_isa=sse2;openmp=0", ""),
+    ("cuda=1;cuda_archs=8.0 9.0a;cpu_isa=avx2;cpu_isa_build=sse2;openmp=1", "8.0 9.0a"),
+    ("cuda=1;cuda_archs=8.0;9.0a;cpu_isa=avx2;cpu_isa_build=sse2;openmp=1", "8.0 9.0a"),  # an older build's
+    ("cuda=0;cuda_archs=;cpu_isa=sse2;cpu_isa_build=sse2;openmp=0", ""),
 ])
 def test_parse_build_info(raw, archs):
     info = ssm_kernels.parse_build_info(raw)
-    assert set(info) == {"cuda", "cuda_archs", "cpu_isa", "openmp"}
+    assert set(info) == {"cuda", "cuda_archs", "cpu_isa", "cpu_isa_build", "openmp"}
     assert info["cuda_archs"] == archs
 
 
@@ -119,3 +120,17 @@ def test_info_shows_the_build_and_running_torch():
     cfg = load_build_config()
     if cfg is not None:
         assert f"built against torch {cfg.TORCH_VERSION};" in line
+
+
+def test_cpu_isa_is_picked_at_run_time_on_a_portable_build():
+    """The CPU kernels' path follows the running CPU (AVX2+FMA when it has both); the compiler was
+    allowed only the baseline ISA, so the library loads on any x86-64 (or aarch64)."""
+    info = ssm_kernels.build_info()
+    assert info["cpu_isa_build"] in ("sse2", "neon"), info
+    with open("/proc/cpuinfo") as f:
+        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    if info["cpu_isa_build"] == "sse2":
+        expected = "avx2" if {"avx2", "fma"} <= set(flags) else "sse2"
+        assert info["cpu_isa"] == expected, (info, expected)
+    out = subprocess.run([sys.executable, "-m", "ssm_kernels", "info"], capture_output=True, text=True, check=True)
+    assert f"CPU kernels: {info['cpu_isa']} path" in out.stdout, out.stdout

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import re
 
-REBUILD_HINT = (
-    "rebuild ssm_kernels against the running torch (`pip install --no-build-isolation -e .` in the "
-    "source tree, or `make build`), or install the torch it was built against"
-)
+def rebuild_hint(built: tuple[int, int], running: tuple[int, int]) -> str:
+    """How to get a build that matches the running torch."""
+    return (
+        f"install the ssm-kernels wheel built for torch {running[0]}.{running[1]} (its version ends in "
+        f"+torch{running[0]}.{running[1]}cpu or +torch{running[0]}.{running[1]}cuNNN, matching torch's CUDA), "
+        "or rebuild ssm_kernels against the running torch (`pip install --no-build-isolation -e .` in the "
+        f"source tree, or `make build`), or install the torch it was built against (torch=={built[0]}.{built[1]}.*)"
+    )
 
 
 def major_minor(version: str) -> tuple[int, int] | None:
@@ -27,7 +31,7 @@ def check_torch_version(built: str, running: str) -> None:
         return
     raise ImportError(
         f"ssm_kernels was built against torch {b[0]}.{b[1]} ({built}), running torch {r[0]}.{r[1]} "
-        f"({running}): {REBUILD_HINT}"
+        f"({running}): {rebuild_hint(b, r)}"
     )
 
 

@@ -58,7 +58,12 @@ def cmd_info() -> int:
     cuda_detail = f" (archs {' '.join(info['cuda_archs'])}" + (
         f", CUDA {info['cuda_version_built']})" if info.get("cuda_version_built") else ")")
     print(f"CUDA kernels built: {'yes' if info['cuda'] else 'no'}" + (cuda_detail if info["cuda"] else ""))
-    print(f"CPU kernels: ISA {info.get('cpu_isa')}, OpenMP {'yes' if info.get('openmp') == '1' else 'no'}")
+    # cpu_isa: the kernels' path on this CPU, picked at run time; cpu_isa_build: what the compiler
+    # was allowed to assume (the baseline for a portable build).
+    aten = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    print(f"CPU kernels: {info.get('cpu_isa')} path (picked at run time; compiled for "
+          f"{info.get('cpu_isa_build', 'unknown')}), OpenMP {'yes' if info.get('openmp') == '1' else 'no'}; "
+          f"torch's own CPU kernels: {aten}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"GPU visible: {gpu}")
     backends = ["cpu"] + (["cuda"] if info["cuda"] and torch.cuda.is_available() else [])
