@@ -13,10 +13,10 @@ using causal_conv1d::kMinWidth;
 
 #define CAUSAL_CONV1D_FWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
-  X(OptTensor, seq_idx) X(Bool, silu)
+  X(OptTensor, seq_idx) X(Bool, silu) X(OptTensor, cu_seqlens)
 #define CAUSAL_CONV1D_BWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
-  X(OptTensor, seq_idx) X(Tensor, dout) X(OptTensor, dfinal_states) X(Bool, silu)
+  X(OptTensor, seq_idx) X(Tensor, dout) X(OptTensor, dfinal_states) X(Bool, silu) X(OptTensor, cu_seqlens)
 // conv_state is written in place: its schema (below) is spelled out, as Tensor(a!).
 #define CAUSAL_CONV1D_UPDATE_ARGS(X)                                        \
   X(Tensor, x) X(Tensor, conv_state) X(Tensor, weight) X(OptTensor, bias) \
@@ -42,23 +42,73 @@ void check_weight_bias(const at::Tensor& x, int64_t D, const at::Tensor& weight,
   }
 }
 
-// The arguments the forward and backward share.
+// The arguments the forward and backward share; returns the packed-sequence layout.
 template <typename Args>
-void check_common(const Args& in) {
+Varlen check_common(const Args& in) {
   SSMK_CHECK_VALUE(in.x.dim() == 3, "x: expected 3 dims (batch, dim, seqlen), got shape ", in.x.sizes());
   check_floating(in.x, "x");
   const int64_t B = in.x.size(0), D = in.x.size(1), L = in.x.size(2);
   SSMK_CHECK_VALUE(L >= 1, "x: expected seqlen >= 1, got ", L);
   check_weight_bias(in.x, D, in.weight, in.bias);
   const int64_t W = in.weight.size(1);
+  const Varlen v = check_cu_seqlens(in.cu_seqlens, in.seq_idx, B, L, in.x);
   if (in.initial_states) {
-    check_shape(*in.initial_states, {B, D, W - 1}, "initial_states");
+    // Packed sequences: one initial state per sequence.
+    check_shape(*in.initial_states, {v.packed() ? v.num_seqs : B, D, W - 1}, "initial_states");
     check_dtype(*in.initial_states, in.x.scalar_type(), "initial_states");
     check_same_device(*in.initial_states, in.x, "initial_states");
   }
   if (in.seq_idx) {
     check_seq_idx(*in.seq_idx, B, L, in.x);
   }
+  return v;
+}
+
+// Packed sequences run as one plain row in which each sequence is preceded by its W-1 history
+// slots (its initial state, or zeros): sequence s occupies [off[s] + s (W-1), off[s + 1] +
+// (s + 1)(W-1)) of the extended row. Taps then never reach another sequence, and the last W-1
+// entries of a sequence's segment are its final state (its initial state filling in when it is
+// shorter than W-1). The maps are built on the device from the offsets; sizes come from shapes.
+struct ConvPacking {
+  int64_t num_seqs = 0, width = 0, ext_len = 0;
+  at::Tensor token_pos;    // [L] int64: extended position of each token
+  at::Tensor history_pos;  // [S * (W-1)] int64: extended positions of the history slots, (s, j) order
+  at::Tensor final_pos;    // [S * (W-1)] int64: extended positions of the final states, (s, j) order
+  at::Tensor source;       // [ext_len] int64: column of cat(x row, history slots) at each position
+
+  // [1, D, ext_len]: the x row with each sequence's history in front of it.
+  at::Tensor extend(const at::Tensor& x, const std::optional<at::Tensor>& init) const {
+    const int64_t D = x.size(1), W1 = width - 1;
+    const at::Tensor hist = init ? init->permute({1, 0, 2}).reshape({D, num_seqs * W1})
+                                 : at::zeros({D, num_seqs * W1}, x.options());
+    return at::cat({x.select(0, 0), hist}, 1).index_select(1, source).unsqueeze(0);
+  }
+  // [1, D, ext_len] -> [S, D, W-1] at `pos` ((s, j) order).
+  at::Tensor per_sequence(const at::Tensor& ext, const at::Tensor& pos) const {
+    const int64_t D = ext.size(1);
+    return ext.select(0, 0).index_select(1, pos).view({D, num_seqs, width - 1}).permute({1, 0, 2}).contiguous();
+  }
+};
+
+ConvPacking make_conv_packing(const Varlen& v, int64_t L, int64_t W) {
+  ConvPacking k;
+  const at::Tensor& off = v.offsets;
+  const int64_t S = v.num_seqs, W1 = W - 1;
+  k.num_seqs = S;
+  k.width = W;
+  k.ext_len = L + S * W1;
+  const auto opts = off.options();
+  const at::Tensor tokens = at::arange(L, opts);
+  const at::Tensor seq = at::searchsorted(off, tokens, /*out_int32=*/false, /*right=*/true) - 1;
+  k.token_pos = tokens + (seq + 1) * W1;
+  const at::Tensor seqs = at::arange(S, opts).unsqueeze(1);  // [S, 1]
+  const at::Tensor j = at::arange(W1, opts).unsqueeze(0);    // [1, W-1]
+  k.history_pos = (off.narrow(0, 0, S).unsqueeze(1) + seqs * W1 + j).reshape({-1});
+  k.final_pos = (off.narrow(0, 1, S).unsqueeze(1) + seqs * W1 + j).reshape({-1});
+  k.source = at::empty({k.ext_len}, opts)
+                 .index_copy_(0, k.token_pos, tokens)
+                 .index_copy_(0, k.history_pos, at::arange(L, L + S * W1, opts));
+  return k;
 }
 
 // The kernels read the weight and bias contiguous, in the accumulation dtype.
@@ -90,7 +140,16 @@ void fill_common(CausalConv1dCommon<T>& p, const Args& in, const at::Tensor& w,
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const CausalConv1dFwdArgs& in) {
-  check_common(in);
+  const Varlen v = check_common(in);
+  if (v.packed()) {
+    const ConvPacking k = make_conv_packing(v, in.x.size(2), in.weight.size(1));
+    CausalConv1dFwdArgs ext = in;
+    ext.x = k.extend(in.x, in.initial_states);
+    ext.initial_states = std::nullopt;
+    ext.cu_seqlens = std::nullopt;
+    const auto [out_ext, unused] = causal_conv1d_fwd(ext);
+    return {out_ext.index_select(2, k.token_pos), k.per_sequence(ext.x, k.final_pos)};
+  }
   const int64_t B = in.x.size(0), D = in.x.size(1), L = in.x.size(2), W = in.weight.size(1);
   const at::Tensor w = weight_acc(in.weight, in.x);
   const auto b = bias_acc(in.bias, in.x);
@@ -111,13 +170,32 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const CausalConv1dFwdArgs& 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(const CausalConv1dBwdArgs& in) {
-  check_common(in);
+  const Varlen v = check_common(in);
   const int64_t B = in.x.size(0), D = in.x.size(1), L = in.x.size(2), W = in.weight.size(1);
   check_shape(in.dout, {B, D, L}, "dout");
   check_same_device(in.dout, in.x, "dout");
   if (in.dfinal_states) {
-    check_shape(*in.dfinal_states, {B, D, W - 1}, "dfinal_states");
+    check_shape(*in.dfinal_states, {v.packed() ? v.num_seqs : B, D, W - 1}, "dfinal_states");
     check_same_device(*in.dfinal_states, in.x, "dfinal_states");
+  }
+  if (v.packed()) {
+    // The plain backward on the extended row; the final states' gradients land on their slots,
+    // and the history slots' gradients are the initial states'.
+    const ConvPacking k = make_conv_packing(v, L, W);
+    CausalConv1dBwdArgs ext = in;
+    ext.x = k.extend(in.x, in.initial_states);
+    ext.initial_states = std::nullopt;
+    ext.cu_seqlens = std::nullopt;
+    ext.dfinal_states = std::nullopt;
+    ext.dout = at::zeros({1, D, k.ext_len}, in.x.options()).index_copy_(2, k.token_pos, in.dout.to(in.x.scalar_type()));
+    auto [dx_ext, dweight, dbias, unused] = causal_conv1d_bwd(ext);
+    if (in.dfinal_states) {
+      const at::Tensor dfin = in.dfinal_states->to(in.x.scalar_type()).permute({1, 0, 2}).reshape({D, -1});
+      dx_ext.select(0, 0).index_add_(1, k.final_pos, dfin);
+    }
+    at::Tensor dx = dx_ext.index_select(2, k.token_pos);
+    at::Tensor dinit = in.initial_states ? k.per_sequence(dx_ext, k.history_pos) : new_grad({}, in.x);
+    return {dx, dweight, dbias, dinit};
   }
   // Gradients arrive in whatever dtype autograd produced; the kernels read them in x's dtype.
   const auto dtype = in.x.scalar_type();

@@ -3,6 +3,7 @@ Towards Larger Convolutional Language Models"), on causal_conv1d and fftconv."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -45,6 +46,12 @@ class LongConv(nn.Module):
 
     Shapes:
         u [B, L, d_model] with L <= l_max -> [B, L, d_model]
+
+    Packed sequences: ``forward(u, cu_seqlens=...)`` with u [1, L, d_model] and cu_seqlens
+    [num_seqs + 1] int32/int64 runs each sequence as if alone (the short and the long convolution
+    restart at each sequence's first token). Each sequence must be at most l_max long (not
+    checked, which would synchronise with the device: taps past l_max do not exist), while the
+    total L may exceed l_max.
 
     Raises:
         ValueError naming the argument: non-positive sizes, short_filter_order outside [2, 8],
@@ -113,18 +120,18 @@ class LongConv(nn.Module):
         decay = torch.exp(-self.pos_t[:, :L] * self.deltas.abs())  # [1, L, D]
         return (h * (decay + self.shift))[0].transpose(0, 1)  # [D, L]
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         seqlen = u.shape[1]
-        if seqlen > self.l_max:
+        if cu_seqlens is None and seqlen > self.l_max:
             raise ValueError(f"u: expected seqlen <= l_max={self.l_max}, got {seqlen}")
         uc = ssm_kernels.causal_conv1d(self.in_proj(u).transpose(1, 2), self.short_filter.weight.squeeze(1),
-                                       self.short_filter.bias)  # [B, 3D, L]
+                                       self.short_filter.bias, cu_seqlens=cu_seqlens)  # [B, 3D, L]
         x0, x1, v = uc.split(self.d_model, dim=1)
         kdtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-        y = ssm_kernels.fftconv(v, self.filter(seqlen).to(kdtype), D=self.bias.to(kdtype),
-                                pregate=x1, postgate=x0)  # [B, D, L]
+        y = ssm_kernels.fftconv(v, self.filter(min(seqlen, self.l_max)).to(kdtype), D=self.bias.to(kdtype),
+                                pregate=x1, postgate=x0, cu_seqlens=cu_seqlens)  # [B, D, L]
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:
