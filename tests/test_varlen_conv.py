@@ -3,6 +3,7 @@ on each sequence alone: outputs, per-sequence final states, every gradient, and 
 that continues each sequence from its final state."""
 import pytest
 import torch
+import torch._dynamo.testing
 
 import ssm_kernels
 from ssm_kernels import reference
@@ -33,10 +34,11 @@ def make_case(lens, dim, width, dtype, device, *, bias=True, init=False, layout=
         x = make_channel_last(make_tensor((1, dim, L), dtype, device))
     else:
         x = make_tensor((1, dim, L), dtype, device, strided=layout == "strided")
+    param = F64 if dtype == F64 else F32
     return {
         "x": x,
-        "weight": make_tensor((dim, width), F32, device, scale=width**-0.5),
-        "bias": make_tensor((dim,), F32, device) if bias else None,
+        "weight": make_tensor((dim, width), param, device, scale=width**-0.5),
+        "bias": make_tensor((dim,), param, device) if bias else None,
         "initial_states": make_tensor((len(lens), dim, width - 1), dtype, device) if init else None,
         "cu_seqlens": offsets(lens, device, index_dtype),
     }

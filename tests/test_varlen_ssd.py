@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import ssm_kernels
 from ssm_kernels import reference
@@ -29,11 +30,12 @@ def offsets(lens, device, dtype=torch.int32):
 def make_inputs(lens, chunk, dtype, device, *, heads=4, headdim=8, dstate=16, groups=2, z=False, D=False,
                 dt_bias=False, softplus=False, limit=False, init=False, strided=False, index_dtype=torch.int32):
     L, S = sum(lens), len(lens)
+    param = F64 if dtype == F64 else F32
     inp = {
         "x": make_tensor((1, L, heads, headdim), dtype, device, strided=strided),
         "dt": make_tensor((1, L, heads), dtype, device, strided=strided,
                           low=-4.0 if softplus else 0.005, high=-1.0 if softplus else 0.15),
-        "A": -make_tensor((heads,), F32, device, low=0.2, high=2.0),
+        "A": -make_tensor((heads,), param, device, low=0.2, high=2.0),
         "B": make_tensor((1, L, groups, dstate), dtype, device, strided=strided, scale=dstate**-0.5),
         "C": make_tensor((1, L, groups, dstate), dtype, device, strided=strided),
         "chunk_size": chunk,
@@ -41,16 +43,15 @@ def make_inputs(lens, chunk, dtype, device, *, heads=4, headdim=8, dstate=16, gr
         "cu_seqlens": offsets(lens, device, index_dtype),
     }
     if D:
-        inp["D"] = make_tensor((heads, headdim), F32, device)
+        inp["D"] = make_tensor((heads, headdim), param, device)
     if z:
         inp["z"] = make_tensor((1, L, heads, headdim), dtype, device, strided=strided)
     if dt_bias:
-        inp["dt_bias"] = make_tensor((heads,), F32, device, low=-0.3, high=0.3) * (1.0 if softplus else 0.1)
+        inp["dt_bias"] = make_tensor((heads,), param, device, low=-0.3, high=0.3) * (1.0 if softplus else 0.1)
     if limit:
         inp["dt_limit"] = (0.05, 0.2) if softplus else (0.03, 0.12)
     if init:
-        state_dtype = F64 if dtype == F64 else F32
-        inp["initial_states"] = make_tensor((S, heads, headdim, dstate), state_dtype, device)
+        inp["initial_states"] = make_tensor((S, heads, headdim, dstate), param, device)
     return inp
 
 
