@@ -16,6 +16,7 @@ from ssm_kernels.testing import (
     grads,
     make_channel_last,
     make_tensor,
+    rel_error,
     run_opcheck,
 )
 
@@ -304,9 +305,14 @@ def test_varlen_fftconv_no_leakage_and_deterministic(device):
     out2, g2 = run(other)
     keep = torch.ones(sum(lens), dtype=torch.bool, device=device)
     keep[a:b] = False
-    assert torch.equal(out1[..., keep], out2[..., keep])
+    # One FFT spans the whole row, so the other sequences see the change as FFT rounding only
+    # (not bitwise): their outputs and gradients move within float32 rounding, while the changed
+    # sequence's move by O(1).
+    assert rel_error(out1[..., ~keep], out2[..., ~keep]) > 1e-2
+    assert_close(out2[..., keep], out1[..., keep], F32, "outputs of the unchanged sequences")
     for name in ("u", "pregate", "postgate"):
-        assert torch.equal(g1[names.index(name)][..., keep], g2[names.index(name)][..., keep]), name
+        i = names.index(name)
+        assert_close(g2[i][..., keep], g1[i][..., keep], F32, f"grad {name} of the unchanged sequences")
 
 
 def test_varlen_fftconv_opcheck_and_compile(device):
