@@ -24,6 +24,15 @@ F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat1
 NAMES = ("x", "weight", "bias", "initial_states")
 
 
+@pytest.fixture(params=["segments", "extended-row"])
+def conv_path(request):
+    """Packed causal_conv1d through the CPU kernels' segments, or through the extended row that
+    CUDA runs (forced on the CPU by a test switch)."""
+    previous = torch.ops.ssm_kernels_test.set_causal_conv1d_packed_extended_row(request.param == "extended-row")
+    yield request.param
+    torch.ops.ssm_kernels_test.set_causal_conv1d_packed_extended_row(previous)
+
+
 def offsets(lens, device, dtype=torch.int32):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
 
@@ -93,7 +102,7 @@ CASES = [
 
 @pytest.mark.parametrize("lens,width,dtype,opts,activation", CASES,
                          ids=[f"{'-'.join(map(str, c[0]))}-W{c[1]}-{dtype_id(c[2])}" for c in CASES])
-def test_varlen_conv_matches_each_sequence_alone(lens, width, dtype, opts, activation, device):
+def test_varlen_conv_matches_each_sequence_alone(lens, width, dtype, opts, activation, device, conv_path):
     compare(make_case(lens, 6, width, dtype, device, **opts), activation, dtype)
 
 
@@ -101,7 +110,7 @@ def test_varlen_conv_int64_offsets(device):
     compare(make_case([4, 0, 11], 3, 4, F32, device, init=True, index_dtype=torch.int64), "silu", F32)
 
 
-def test_varlen_conv_strided_equals_contiguous(device):
+def test_varlen_conv_strided_equals_contiguous(device, conv_path):
     case = make_case([9, 0, 2, 30], 5, 4, F32, device, init=True, layout="strided")
     contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     l1, out1, fin1 = run_ours(case, "silu")
@@ -113,7 +122,7 @@ def test_varlen_conv_strided_equals_contiguous(device):
         assert torch.equal(a, b), name
 
 
-def test_varlen_conv_no_leakage_and_deterministic(device):
+def test_varlen_conv_no_leakage_and_deterministic(device, conv_path):
     lens = [10, 2, 25, 7]
     case = make_case(lens, 4, 4, F32, device, init=True)
     l1, out1, fin1 = run_ours(case, "silu")
@@ -142,7 +151,7 @@ def test_varlen_conv_no_leakage_and_deterministic(device):
         assert torch.equal(t1, t3), name
 
 
-def test_varlen_conv_decode_continues_each_sequence(device):
+def test_varlen_conv_decode_continues_each_sequence(device, conv_path):
     """A packed prefill's final states, given to causal_conv1d_update through conv_state_indices,
     continue every sequence as if it had been run in one piece."""
     lens, width, dim = [6, 0, 2, 13], 4, 5
@@ -166,7 +175,7 @@ def _op_args(case):
     return (case["x"], case["weight"], case["bias"], case["initial_states"], None, True, case["cu_seqlens"])
 
 
-def test_varlen_conv_opcheck(device):
+def test_varlen_conv_opcheck(device, conv_path):
     case = make_case([5, 0, 1, 12], 3, 4, F32, device, init=True)
     args = tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _op_args(case))
     run_opcheck(torch.ops.ssm_kernels.causal_conv1d_fwd.default, args)
@@ -198,7 +207,7 @@ def test_varlen_conv_compile_no_recompile_on_new_lengths(device):
     assert counter.frame_count == 1
 
 
-def test_varlen_conv_bad_inputs(device):
+def test_varlen_conv_bad_inputs(device, conv_path):
     case = make_case([10, 0, 30], 3, 4, F32, device, init=True)
     base = {k: case[k] for k in ("x", "weight", "cu_seqlens")}
 

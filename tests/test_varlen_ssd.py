@@ -187,8 +187,7 @@ def test_varlen_ssd_gradients_reproducible(device):
 def _op_args(inp):
     lo, hi = inp.get("dt_limit", (0.0, math.inf))
     return (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["chunk_size"], inp.get("D"), inp.get("z"),
-            inp.get("dt_bias"), inp["dt_softplus"], [lo, hi], inp.get("initial_states"), None,
-            inp["cu_seqlens"])
+            inp.get("dt_bias"), inp["dt_softplus"], [lo, hi], inp.get("initial_states"), None)
 
 
 def test_varlen_ssd_opcheck(device):
@@ -196,10 +195,10 @@ def test_varlen_ssd_opcheck(device):
                       dt_bias=True, softplus=True, init=True)
     args = tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in _op_args(inp))
-    run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args)
+    run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args + (inp["cu_seqlens"],))
     dout = torch.randn_like(inp["x"])
     dfinal = torch.randn(4, 2, 4, 4, device=device)
-    run_opcheck(torch.ops.ssm_kernels.ssd_scan_bwd.default, tuple(_op_args(inp)) + (dout, dfinal))
+    run_opcheck(torch.ops.ssm_kernels.ssd_scan_bwd.default, _op_args(inp) + (dout, dfinal, inp["cu_seqlens"]))
 
 
 def test_varlen_ssd_compile_no_recompile_on_new_lengths(device):
@@ -247,4 +246,5 @@ def test_varlen_ssd_bad_inputs(device):
     assert final.shape == (3, 4, 8, 16)
     with pytest.raises(ValueError, match="dfinal_states"):
         torch.ops.ssm_kernels.ssd_scan_bwd(
-            *_op_args({**inp, "initial_states": None}), torch.ones_like(inp["x"]), torch.zeros(2, 4, 8, 16, device=device))
+            *_op_args({**inp, "initial_states": None}), torch.ones_like(inp["x"]), torch.zeros(2, 4, 8, 16, device=device),
+            inp["cu_seqlens"])

@@ -5,18 +5,33 @@
 #include "common/output.h"
 #include "common/varlen.h"
 
+#include <atomic>
+
 namespace ssmk {
 namespace {
+
+// Packed sequences: the CPU kernels walk each sequence as a segment of the row (offsets read on
+// the host). CUDA runs the extended row below (offsets only read on the device); a test switch
+// runs the CPU through it too, so the CUDA path's host logic is tested without a GPU.
+std::atomic<bool>& extended_row_on_cpu() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+bool set_packed_extended_row(bool enable) { return extended_row_on_cpu().exchange(enable); }
+
+bool packed_via_extended_row(const at::Tensor& x) {
+  return !x.is_cpu() || extended_row_on_cpu().load(std::memory_order_relaxed);
+}
 
 using causal_conv1d::kMaxWidth;
 using causal_conv1d::kMinWidth;
 
 #define CAUSAL_CONV1D_FWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
-  X(OptTensor, seq_idx) X(Bool, silu) X(OptTensor, cu_seqlens)
+  X(OptTensor, seq_idx) X(Bool, silu) X(OptTensorDefaultNone, cu_seqlens)
 #define CAUSAL_CONV1D_BWD_ARGS(X)                                                  \
   X(Tensor, x) X(Tensor, weight) X(OptTensor, bias) X(OptTensor, initial_states) \
-  X(OptTensor, seq_idx) X(Tensor, dout) X(OptTensor, dfinal_states) X(Bool, silu) X(OptTensor, cu_seqlens)
+  X(OptTensor, seq_idx) X(Tensor, dout) X(OptTensor, dfinal_states) X(Bool, silu) X(OptTensorDefaultNone, cu_seqlens)
 // conv_state is written in place: its schema (below) is spelled out, as Tensor(a!).
 #define CAUSAL_CONV1D_UPDATE_ARGS(X)                                        \
   X(Tensor, x) X(Tensor, conv_state) X(Tensor, weight) X(OptTensor, bias) \
@@ -126,7 +141,7 @@ std::optional<at::Tensor> bias_acc(const std::optional<at::Tensor>& bias, const 
 
 template <typename T, typename Args>
 void fill_common(CausalConv1dCommon<T>& p, const Args& in, const at::Tensor& w,
-                 const std::optional<at::Tensor>& b) {
+                 const std::optional<at::Tensor>& b, const Varlen& v) {
   p.batch = in.x.size(0);
   p.dim = in.x.size(1);
   p.seqlen = in.x.size(2);
@@ -137,11 +152,13 @@ void fill_common(CausalConv1dCommon<T>& p, const Args& in, const at::Tensor& w,
   p.bias = ptr<acc_t<T>>(b);
   p.initial_states = view<const T, 3>(in.initial_states);
   p.seq_idx = view<const int32_t, 2>(in.seq_idx);
+  p.offsets = v.packed() ? v.offsets.data_ptr<int64_t>() : nullptr;  // CPU only (see above)
+  p.num_seqs = v.num_seqs;
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const CausalConv1dFwdArgs& in) {
   const Varlen v = check_common(in);
-  if (v.packed()) {
+  if (v.packed() && packed_via_extended_row(in.x)) {
     const ConvPacking k = make_conv_packing(v, in.x.size(2), in.weight.size(1));
     CausalConv1dFwdArgs ext = in;
     ext.x = k.extend(in.x, in.initial_states);
@@ -154,11 +171,11 @@ std::tuple<at::Tensor, at::Tensor> causal_conv1d_fwd(const CausalConv1dFwdArgs& 
   const at::Tensor w = weight_acc(in.weight, in.x);
   const auto b = bias_acc(in.bias, in.x);
   at::Tensor out = new_output({B, D, L}, in.x.options());
-  at::Tensor final_states = new_output({B, D, W - 1}, in.x.options());
+  at::Tensor final_states = new_output({v.packed() ? v.num_seqs : B, D, W - 1}, in.x.options());
   SSMK_DISPATCH_FLOAT(in.x.scalar_type(), "causal_conv1d_fwd", [&] {
     using T = scalar_t;
     CausalConv1dFwdParams<T> p{};
-    fill_common(p, in, w, b);
+    fill_common(p, in, w, b, v);
     p.out = ptr<T>(out);
     p.final_states = ptr<T>(final_states);
     launch(in.x, [&] { causal_conv1d_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
@@ -178,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(con
     check_shape(*in.dfinal_states, {v.packed() ? v.num_seqs : B, D, W - 1}, "dfinal_states");
     check_same_device(*in.dfinal_states, in.x, "dfinal_states");
   }
-  if (v.packed()) {
+  if (v.packed() && packed_via_extended_row(in.x)) {
     // The plain backward on the extended row; the final states' gradients land on their slots,
     // and the history slots' gradients are the initial states'.
     const ConvPacking k = make_conv_packing(v, L, W);
@@ -209,11 +226,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> causal_conv1d_bwd(con
   at::Tensor dweight = new_output({D, W}, in.x.options().dtype(acc));
   // The kernels always write the bias and initial-state gradients; returned only for given inputs.
   at::Tensor dbias = new_output({D}, in.x.options().dtype(acc));
-  at::Tensor dinit = new_output({B, D, W - 1}, in.x.options());
+  at::Tensor dinit = new_output({v.packed() ? v.num_seqs : B, D, W - 1}, in.x.options());
   SSMK_DISPATCH_FLOAT(dtype, "causal_conv1d_bwd", [&] {
     using T = scalar_t;
     CausalConv1dBwdParams<T> p{};
-    fill_common(p, in, w, b);
+    fill_common(p, in, w, b, v);
     p.dout = view<const T, 3>(dout);
     p.dfinal_states = view<const T, 3>(dfinal);
     p.dx = ptr<T>(dx);
@@ -312,3 +329,8 @@ TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {
 }
 
 SSMK_IMPL_CPU_AND_CUDA(ssmk::register_kernels)
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
+  // Packed causal_conv1d on the CPU through the CUDA path's extended row; returns the old value.
+  m.def("set_causal_conv1d_packed_extended_row(bool enable) -> bool", &ssmk::set_packed_extended_row);
+}

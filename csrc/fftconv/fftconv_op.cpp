@@ -11,7 +11,7 @@ namespace {
 // activation: 0 (none), 1 (gelu, erf form) or 2 (silu).
 #define FFTCONV_FWD_ARGS(X)                                                                          \
   X(Tensor, u) X(Tensor, k) X(OptTensor, D) X(OptTensor, k_rev) X(OptTensor, pregate) X(OptTensor, postgate) \
-  X(Int, activation) X(OptTensor, cu_seqlens)
+  X(Int, activation) X(OptTensorDefaultNone, cu_seqlens)
 #define FFTCONV_BWD_ARGS(X) X(Tensor, dout) FFTCONV_FWD_ARGS(X)
 SSMK_OP_ARGS(FftconvFwdArgs, FFTCONV_FWD_ARGS)
 SSMK_OP_ARGS(FftconvBwdArgs, FFTCONV_BWD_ARGS)

@@ -14,11 +14,14 @@ namespace {
 using cuda::Triangle;
 
 // dt_limit = (lo, hi) clamps dt only when it differs from (0, inf).
-#define SSD_SCAN_FWD_ARGS(X)                                                                          \
+#define SSD_SCAN_INPUT_ARGS(X)                                                                        \
   X(Tensor, x) X(Tensor, dt) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(Int, chunk_size) X(OptTensor, D) \
   X(OptTensor, z) X(OptTensor, dt_bias) X(Bool, dt_softplus) X(FloatList, dt_limit)                    \
-  X(OptTensor, initial_states) X(OptTensor, seq_idx) X(OptTensor, cu_seqlens)
-#define SSD_SCAN_BWD_ARGS(X) SSD_SCAN_FWD_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_states)
+  X(OptTensor, initial_states) X(OptTensor, seq_idx)
+// cu_seqlens (default None) comes last in both lists.
+#define SSD_SCAN_FWD_ARGS(X) SSD_SCAN_INPUT_ARGS(X) X(OptTensorDefaultNone, cu_seqlens)
+#define SSD_SCAN_BWD_ARGS(X) \
+  SSD_SCAN_INPUT_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_states) X(OptTensorDefaultNone, cu_seqlens)
 SSMK_OP_ARGS(SsdScanFwdArgs, SSD_SCAN_FWD_ARGS)
 SSMK_OP_ARGS(SsdScanBwdArgs, SSD_SCAN_BWD_ARGS)
 
