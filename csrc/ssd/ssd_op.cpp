@@ -106,14 +106,20 @@ struct Packing {
   int64_t padded_len = 0;
   bool packed() const { return num_seqs > 0; }
 
-  // [1, L, ...] -> [1, padded_len, ...] (zeros on padding), contiguous.
+  // [1, L, ...] -> [1, padded_len, ...] (zeros on padding), contiguous. Moved as whole rows of
+  // a [positions, rest] matrix (one contiguous copy per position).
   at::Tensor align(const at::Tensor& t) const {
     std::vector<int64_t> sizes = t.sizes().vec();
     sizes[1] = padded_len;
-    return at::zeros(sizes, t.options()).index_copy_(1, pos, t);
+    const at::Tensor rows = t.select(0, 0).reshape({t.size(1), -1});
+    return at::zeros({padded_len, rows.size(1)}, t.options()).index_copy_(0, pos, rows).view(sizes);
   }
   // [1, padded_len, ...] -> [1, L, ...], contiguous.
-  at::Tensor unalign(const at::Tensor& t) const { return t.index_select(1, pos); }
+  at::Tensor unalign(const at::Tensor& t) const {
+    std::vector<int64_t> sizes = t.sizes().vec();
+    sizes[1] = pos.size(0);
+    return t.select(0, 0).reshape({t.size(1), -1}).index_select(0, pos).view(sizes);
+  }
 };
 
 Packing make_packing(const Varlen& v, int64_t L, int64_t Q) {
