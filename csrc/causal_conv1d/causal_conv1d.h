@@ -22,6 +22,11 @@ struct CausalConv1dCommon {
   const acc* bias;                       // [D], or nullptr
   View<const T, 3> initial_states;       // [B, D, W-1], or data nullptr (zeros)
   View<const int32_t, 2> seq_idx;        // [B, L], or data nullptr
+  // Packed sequences on the CPU (batch 1): [num_seqs + 1] offsets in host memory, or nullptr.
+  // Each sequence then runs as its own row segment, with initial/final states (and their
+  // gradients) [num_seqs, D, W-1].
+  const int64_t* offsets;
+  int64_t num_seqs;
 };
 
 template <typename T>

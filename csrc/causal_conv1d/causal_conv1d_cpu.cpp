@@ -18,17 +18,34 @@ using causal_conv1d::activation;
 using causal_conv1d::activation_backward;
 using causal_conv1d::same_sequence;
 
-// buf[0 .. W-2] = history before position 0 (initial states or zeros), buf[W-1 + t] = x[t].
+// One stretch of a row run as a whole sequence: row b's positions [start, start + len), with the
+// initial/final states (and their gradients) of slot `state`. A row is one segment; with packed
+// sequences (batch 1) each sequence is one.
+struct Segment {
+  int64_t b, start, len, state;
+};
+
+template <typename Params>
+int64_t num_segments(const Params& p) {
+  return p.offsets ? p.num_seqs : p.batch;
+}
+template <typename Params>
+Segment segment(const Params& p, int64_t i) {
+  if (!p.offsets) return {i, 0, p.seqlen, i};
+  return {0, p.offsets[i], p.offsets[i + 1] - p.offsets[i], i};
+}
+
+// buf[0 .. W-2] = history before the segment (initial states or zeros), buf[W-1 + t] = x[t].
 template <typename input_t, typename acc_t>
-SSMK_CPU_INLINE void load_row(const CausalConv1dCommon<input_t>& p, int64_t b, int64_t d, acc_t* buf) {
-  const int64_t W = p.width, L = p.seqlen;
+SSMK_CPU_INLINE void load_row(const CausalConv1dCommon<input_t>& p, const Segment& sg, int64_t d, acc_t* buf) {
+  const int64_t W = p.width, L = sg.len;
   const auto* init = p.initial_states.data;
   for (int64_t j = 0; j < W - 1; ++j) {
-    buf[j] = init ? static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
+    buf[j] = init ? static_cast<acc_t>(init[sg.state * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
                                             j * p.initial_states.stride[2]])
                   : acc_t(0);
   }
-  const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
+  const auto* x = p.x.data + sg.b * p.x.stride[0] + d * p.x.stride[1] + sg.start * p.x.stride[2];
   acc_t* row = buf + (W - 1);
   if (p.x.stride[2] == 1) {
     for (int64_t t = 0; t < L; ++t) row[t] = static_cast<acc_t>(x[t]);
@@ -39,9 +56,9 @@ SSMK_CPU_INLINE void load_row(const CausalConv1dCommon<input_t>& p, int64_t b, i
 
 // pre[t] = bias + sum_k w[k] * buf[t + k]  (the pre-activation output), for t in [0, L).
 template <typename input_t, typename acc_t>
-SSMK_CPU_INLINE void conv_row(const CausalConv1dCommon<input_t>& p, int64_t b, const acc_t* w, acc_t bias, const acc_t* buf,
-              acc_t* pre) {
-  const int64_t W = p.width, L = p.seqlen;
+SSMK_CPU_INLINE void conv_row(const CausalConv1dCommon<input_t>& p, const Segment& sg, const acc_t* w, acc_t bias,
+                              const acc_t* buf, acc_t* pre) {
+  const int64_t W = p.width, L = sg.len, b = sg.b;
   if (!p.seq_idx.data) {
     for (int64_t t = 0; t < L; ++t) pre[t] = bias;
     for (int64_t k = 0; k < W; ++k) {
@@ -110,70 +127,74 @@ template <typename input_t>
 SSMK_CPU_INLINE void fwd_rows(const CausalConv1dFwdParams<input_t>& p, int64_t begin, int64_t end) {
   using acc_t = ssmk::acc_t<input_t>;
   constexpr int64_t kChunk = causal_conv1d::kChunkSize;
-  const int64_t W = p.width, L = p.seqlen;
+  const int64_t W = p.width;
   const auto* weight = p.weight;
   const auto* bias = p.bias;
-  const auto* init = p.initial_states.data;
+  const auto* init_base = p.initial_states.data;
+  const int64_t segments = p.offsets ? p.num_seqs : 1;
   {
     acc_t buf[kChunk + causal_conv1d::kMaxWidth - 1];
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / p.dim, d = r % p.dim;
+      const int64_t d = r % p.dim;
       const acc_t* w = weight + d * W;
       const acc_t bias_d = bias ? bias[d] : acc_t(0);
-      const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1];
-      const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
-      auto* out = p.out + r * L;
-      for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
-        const int64_t n = std::min(kChunk, L - t0);
-        input_t* o = out + t0;
-        if (!seq && p.x.stride[2] == 1 && t0 >= W - 1) {
-          // contiguous row, no history in this chunk: read the input in place
-          const input_t* src = x + (t0 - (W - 1));
-          conv_chunk_any_width(W, src, w, bias_d, p.silu, o, n);
-          continue;
-        }
-        // buf[i] = input at position t0 - (W-1) + i
-        const int64_t first = t0 >= W - 1 ? 0 : W - 1 - t0;  // slots before position 0
-        if (p.x.stride[2] == 1) {
-          const input_t* src = x + (t0 - (W - 1) + first);
+      for (int64_t si = 0; si < segments; ++si) {
+        const Segment sg = p.offsets ? segment(p, si) : segment(p, r / p.dim);
+        const int64_t b = sg.b, L = sg.len;
+        const auto* x = p.x.data + b * p.x.stride[0] + d * p.x.stride[1] + sg.start * p.x.stride[2];
+        const auto* init = init_base ? init_base + sg.state * p.initial_states.stride[0] + d * p.initial_states.stride[1]
+                                     : nullptr;
+        const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
+        auto* out = p.out + r * p.seqlen + sg.start;
+        for (int64_t t0 = 0; t0 < L; t0 += kChunk) {
+          const int64_t n = std::min(kChunk, L - t0);
+          input_t* o = out + t0;
+          if (!seq && p.x.stride[2] == 1 && t0 >= W - 1) {
+            // contiguous row, no history in this chunk: read the input in place
+            const input_t* src = x + (t0 - (W - 1));
+            conv_chunk_any_width(W, src, w, bias_d, p.silu, o, n);
+            continue;
+          }
+          // buf[i] = input at position t0 - (W-1) + i
+          const int64_t first = t0 >= W - 1 ? 0 : W - 1 - t0;  // slots before position 0
+          if (p.x.stride[2] == 1) {
+            const input_t* src = x + (t0 - (W - 1) + first);
 #pragma omp simd
-          for (int64_t i = first; i < n + W - 1; ++i) buf[i] = static_cast<acc_t>(src[i - first]);
-        } else {
-          for (int64_t i = first; i < n + W - 1; ++i)
-            buf[i] = static_cast<acc_t>(x[(t0 - (W - 1) + i) * p.x.stride[2]]);
-        }
-        for (int64_t i = 0; i < first; ++i) {  // history: position i - (W-1) < 0
-          buf[i] = init ? static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
-                                                  i * p.initial_states.stride[2]])
-                        : acc_t(0);
-        }
-        if (!seq) {
-          conv_chunk_any_width(W, buf, w, bias_d, p.silu, o, n);
-        } else {
-          for (int64_t j = 0; j < n; ++j) {
-            acc_t acc = bias_d;
-            for (int64_t k = 0; k < W; ++k) {
-              const int64_t pos = causal_conv1d::tap_position(t0 + j, static_cast<int>(k), static_cast<int>(W));
-              if (same_sequence(seq, p.seq_idx.stride[1], t0 + j, pos)) acc += w[k] * buf[j + k];
+            for (int64_t i = first; i < n + W - 1; ++i) buf[i] = static_cast<acc_t>(src[i - first]);
+          } else {
+            for (int64_t i = first; i < n + W - 1; ++i)
+              buf[i] = static_cast<acc_t>(x[(t0 - (W - 1) + i) * p.x.stride[2]]);
+          }
+          for (int64_t i = 0; i < first; ++i) {  // history: position i - (W-1) < 0
+            buf[i] = init ? static_cast<acc_t>(init[i * p.initial_states.stride[2]]) : acc_t(0);
+          }
+          if (!seq) {
+            conv_chunk_any_width(W, buf, w, bias_d, p.silu, o, n);
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              acc_t acc = bias_d;
+              for (int64_t k = 0; k < W; ++k) {
+                const int64_t pos = causal_conv1d::tap_position(t0 + j, static_cast<int>(k), static_cast<int>(W));
+                if (same_sequence(seq, p.seq_idx.stride[1], t0 + j, pos)) acc += w[k] * buf[j + k];
+              }
+              o[j] = static_cast<input_t>(activation(acc, p.silu));
             }
-            o[j] = static_cast<input_t>(activation(acc, p.silu));
           }
         }
-      }
-      // final_states[j] = input at position L - (W-1) + j; with seq_idx, entries from another
-      // sequence than the last position's are zero.
-      auto* fin = p.final_states + r * (W - 1);
-      for (int64_t j = 0; j < W - 1; ++j) {
-        const int64_t pos = L - (W - 1) + j;
-        const bool keep = !seq || same_sequence(seq, p.seq_idx.stride[1], L - 1, pos);
-        acc_t v = 0;
-        if (keep) {
-          v = pos >= 0 ? static_cast<acc_t>(x[pos * p.x.stride[2]])
-              : init   ? static_cast<acc_t>(init[b * p.initial_states.stride[0] + d * p.initial_states.stride[1] +
-                                                 (W - 1 + pos) * p.initial_states.stride[2]])
-                       : acc_t(0);
+        // final_states[j] = input at position L - (W-1) + j (the initial state before the
+        // segment); with seq_idx, entries from another sequence than the last position's are zero.
+        auto* fin = p.final_states + (sg.state * p.dim + d) * (W - 1);
+        for (int64_t j = 0; j < W - 1; ++j) {
+          const int64_t pos = L - (W - 1) + j;
+          const bool keep = !seq || same_sequence(seq, p.seq_idx.stride[1], L - 1, pos);
+          acc_t v = 0;
+          if (keep) {
+            v = pos >= 0 ? static_cast<acc_t>(x[pos * p.x.stride[2]])
+                : init   ? static_cast<acc_t>(init[(W - 1 + pos) * p.initial_states.stride[2]])
+                         : acc_t(0);
+          }
+          fin[j] = static_cast<input_t>(v);
         }
-        fin[j] = static_cast<input_t>(v);
       }
     }
   }
@@ -194,24 +215,26 @@ void fwd_kernel(const CausalConv1dFwdParams<input_t>& p) {
 template <typename input_t>
 SSMK_CPU_INLINE void bwd_channels(const CausalConv1dBwdParams<input_t>& p, int64_t begin, int64_t end) {
   using acc_t = ssmk::acc_t<input_t>;
-  const int64_t W = p.width, L = p.seqlen;
+  const int64_t W = p.width, L_row = p.seqlen;
   const auto* weight = p.weight;
   const auto* bias = p.bias;
   const auto* dout_base = p.dout.data;
   const auto* dfinal = p.dfinal_states.data;
   {
     // g is stored with W-1 leading zeros so dbuf[i] = sum_k w[k] * gpad[i - k + W - 1].
-    std::vector<acc_t> buf(W - 1 + L), pre(L), gpad(L + 2 * (W - 1)), dbuf(W - 1 + L);
+    std::vector<acc_t> buf(W - 1 + L_row), pre(L_row), gpad(L_row + 2 * (W - 1)), dbuf(W - 1 + L_row);
     acc_t* g = gpad.data() + (W - 1);
     for (int64_t d = begin; d < end; ++d) {
       const acc_t* w = weight + d * W;
       acc_t dw[causal_conv1d::kMaxWidth] = {};
       acc_t db = 0;
-      for (int64_t b = 0; b < p.batch; ++b) {
+      for (int64_t si = 0; si < num_segments(p); ++si) {
+        const Segment sg = segment(p, si);
+        const int64_t b = sg.b, L = sg.len;
         const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
-        load_row<input_t>(p, b, d, buf.data());
-        conv_row(p, b, w, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
-        const input_t* dout = dout_base + b * p.dout.stride[0] + d * p.dout.stride[1];
+        load_row<input_t>(p, sg, d, buf.data());
+        conv_row(p, sg, w, bias ? bias[d] : acc_t(0), buf.data(), pre.data());
+        const input_t* dout = dout_base + b * p.dout.stride[0] + d * p.dout.stride[1] + sg.start * p.dout.stride[2];
         if (p.dout.stride[2] == 1) {
 #pragma omp simd
           for (int64_t t = 0; t < L; ++t) g[t] = static_cast<acc_t>(dout[t]);
@@ -223,10 +246,11 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dBwdParams<input_t>& p, int64
           for (int64_t t = 0; t < L; ++t) g[t] = activation_backward(pre[t], g[t], true);
         }
         std::fill(gpad.begin(), gpad.begin() + (W - 1), acc_t(0));
-        std::fill(gpad.begin() + (W - 1) + L, gpad.end(), acc_t(0));
+        // only this segment's part of the buffers: a packed row has many segments
+        std::fill(gpad.begin() + (W - 1) + L, gpad.begin() + 2 * (W - 1) + L, acc_t(0));
 
         if (!seq) {
-          std::fill(dbuf.begin(), dbuf.end(), acc_t(0));
+          std::fill(dbuf.begin(), dbuf.begin() + (W - 1) + L, acc_t(0));
           for (int64_t k = 0; k < W; ++k) {
             const acc_t wk = w[k];
             const acc_t* src = gpad.data() + (W - 1) - k;
@@ -266,13 +290,13 @@ SSMK_CPU_INLINE void bwd_channels(const CausalConv1dBwdParams<input_t>& p, int64
           for (int64_t j = 0; j < W - 1; ++j) {
             const int64_t pos = L - (W - 1) + j;
             if (seq && !same_sequence(seq, p.seq_idx.stride[1], L - 1, pos)) continue;
-            dbuf[L + j] += static_cast<acc_t>(dfinal[b * p.dfinal_states.stride[0] +
+            dbuf[L + j] += static_cast<acc_t>(dfinal[sg.state * p.dfinal_states.stride[0] +
                                                      d * p.dfinal_states.stride[1] + j * p.dfinal_states.stride[2]]);
           }
         }
-        auto* dinit = p.dinitial_states + (b * p.dim + d) * (W - 1);
+        auto* dinit = p.dinitial_states + (sg.state * p.dim + d) * (W - 1);
         for (int64_t j = 0; j < W - 1; ++j) dinit[j] = static_cast<input_t>(dbuf[j]);
-        auto* dx = p.dx + (b * p.dim + d) * L;
+        auto* dx = p.dx + (b * p.dim + d) * L_row + sg.start;
         for (int64_t t = 0; t < L; ++t) dx[t] = static_cast<input_t>(dbuf[W - 1 + t]);
       }
       auto* dweight = p.dweight + d * W;

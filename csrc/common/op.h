@@ -48,6 +48,12 @@ using Int = int64_t;                       // int
 using Float = double;                      // float
 using Dtype = at::ScalarType;              // ScalarType
 using FloatList = std::vector<double>;     // float[]
+// Tensor? x=None: an optional tensor added after an op's first arguments, so that calls passing
+// the earlier ones positionally keep working. Only at the end of an argument list.
+struct OptTensorDefaultNone : std::optional<at::Tensor> {
+  using std::optional<at::Tensor>::optional;
+  using std::optional<at::Tensor>::operator=;
+};
 
 // Arg<T>: the schema spelling of an argument type, and how its value leaves the dispatcher's stack.
 template <typename T>
@@ -72,9 +78,23 @@ struct Arg<MutTensorOf<Alias>> {
   static MutTensorOf<Alias> take(c10::IValue& v) { return MutTensorOf<Alias>{std::move(v).toTensor()}; }
 };
 
+template <>
+struct Arg<OptTensorDefaultNone> {
+  static constexpr const char* kSchema = "Tensor?";
+  static OptTensorDefaultNone take(c10::IValue& v) {
+    OptTensorDefaultNone t;
+    t = std::move(v).toOptional<at::Tensor>();
+    return t;
+  }
+};
+
 template <typename T>
 std::string schema_arg(const char* name) {
   return std::string(", ") + Arg<T>::kSchema + " " + name;
+}
+template <>
+inline std::string schema_arg<OptTensorDefaultNone>(const char* name) {
+  return std::string(", Tensor? ") + name + "=None";
 }
 
 inline void push(torch::jit::Stack& stack, at::Tensor t) { stack.emplace_back(std::move(t)); }

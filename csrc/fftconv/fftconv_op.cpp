@@ -2,6 +2,7 @@
 #include "common/dispatch.h"
 #include "common/op.h"
 #include "common/output.h"
+#include "common/varlen.h"
 #include "fftconv/fftconv.h"
 
 namespace ssmk {
@@ -10,7 +11,7 @@ namespace {
 // activation: 0 (none), 1 (gelu, erf form) or 2 (silu).
 #define FFTCONV_FWD_ARGS(X)                                                                          \
   X(Tensor, u) X(Tensor, k) X(OptTensor, D) X(OptTensor, k_rev) X(OptTensor, pregate) X(OptTensor, postgate) \
-  X(Int, activation)
+  X(Int, activation) X(OptTensorDefaultNone, cu_seqlens)
 #define FFTCONV_BWD_ARGS(X) X(Tensor, dout) FFTCONV_FWD_ARGS(X)
 SSMK_OP_ARGS(FftconvFwdArgs, FFTCONV_FWD_ARGS)
 SSMK_OP_ARGS(FftconvBwdArgs, FFTCONV_BWD_ARGS)
@@ -30,8 +31,9 @@ void check_kernel(const at::Tensor& k, const at::Tensor& u, const char* name) {
   check_param(k, u, name);
 }
 
+// Returns the packed-sequence layout.
 template <typename Args>
-void check_args(const Args& in) {
+Varlen check_args(const Args& in) {
   const at::Tensor& u = in.u;
   SSMK_CHECK_VALUE(u.dim() == 3, "u: expected 3 dims (batch, dim, seqlen), got shape ", u.sizes());
   check_floating(u, "u");
@@ -52,6 +54,49 @@ void check_args(const Args& in) {
   SSMK_CHECK_VALUE(in.activation == fftconv::kActNone || in.activation == fftconv::kActGelu ||
                        in.activation == fftconv::kActSilu,
                    "activation: expected 0 (none), 1 (gelu) or 2 (silu), got ", in.activation);
+  return check_cu_seqlens(in.cu_seqlens, std::nullopt, u.size(0), u.size(2), u);
+}
+
+// Packed sequences run as one plain row with a gap of zeros between consecutive sequences, as
+// long as the taps that reach an output: kc - 1 for the causal taps and kr - 1 for the
+// anti-causal ones (a kernel longer than seqlen uses its first seqlen taps, so these are at most
+// seqlen - 1). No tap then reaches another sequence, and each sequence's convolution starts at its
+// first token. The token positions come from the offsets on the device; sizes from shapes only.
+struct FftPacking {
+  int64_t ext_len = 0, kc = 0, kr = 0;
+  at::Tensor token_pos;  // [L] int64: position of each token in the row with gaps
+
+  // [1, D, L] -> [1, D, ext_len], zeros in the gaps.
+  at::Tensor extend(const at::Tensor& t) const {
+    return at::zeros({1, t.size(1), ext_len}, t.options()).index_copy_(2, token_pos, t);
+  }
+  at::Tensor unextend(const at::Tensor& t) const { return t.index_select(2, token_pos); }
+  // The arguments on the row with gaps (kernels cut to the taps that reach an output).
+  template <typename Args>
+  Args extended(const Args& in) const {
+    Args e = in;
+    e.u = extend(in.u);
+    if (in.pregate) e.pregate = extend(*in.pregate);
+    if (in.postgate) e.postgate = extend(*in.postgate);
+    e.k = in.k.narrow(1, 0, kc);
+    if (in.k_rev) e.k_rev = in.k_rev->narrow(1, 0, kr);
+    e.cu_seqlens = std::nullopt;
+    return e;
+  }
+};
+
+template <typename Args>
+FftPacking make_fft_packing(const Varlen& v, const Args& in) {
+  FftPacking k;
+  const int64_t L = in.u.size(2);
+  k.kc = fftconv::taps(in.k.size(1), L);
+  k.kr = in.k_rev ? fftconv::taps(in.k_rev->size(1), L) : 1;
+  const int64_t gap = (k.kc - 1) + (k.kr - 1);
+  k.ext_len = L + (v.num_seqs - 1) * gap;
+  const at::Tensor tokens = at::arange(L, v.offsets.options());
+  const at::Tensor seq = at::searchsorted(v.offsets, tokens, /*out_int32=*/false, /*right=*/true) - 1;
+  k.token_pos = tokens + seq * gap;
+  return k;
 }
 
 // The parameters (k, k_rev, D) in the accumulation dtype, contiguous.
@@ -94,7 +139,11 @@ void plan_cpu(FftconvCommon<T>& p) {
 }
 
 at::Tensor fftconv_fwd(const FftconvFwdArgs& in) {
-  check_args(in);
+  const Varlen v = check_args(in);
+  if (v.packed()) {
+    const FftPacking k = make_fft_packing(v, in);
+    return k.unextend(fftconv_fwd(k.extended(in)));
+  }
   at::Tensor out = new_output(in.u.sizes(), in.u.options());
   if (in.u.numel() == 0) return out;
   const AccParams a(in);
@@ -114,9 +163,22 @@ at::Tensor fftconv_fwd(const FftconvFwdArgs& in) {
 // (du, dk, dD, dk_rev, dpregate, dpostgate); the gradient of an absent argument is empty (0,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fftconv_bwd(
     const FftconvBwdArgs& in) {
-  check_args(in);
+  const Varlen v = check_args(in);
   check_shape(in.dout, in.u.sizes(), "dout");
   check_same_device(in.dout, in.u, "dout");
+  if (v.packed()) {
+    // Gaps have zero output gradients; the taps cut away reach no output (zero gradients).
+    const FftPacking k = make_fft_packing(v, in);
+    FftconvBwdArgs e = k.extended(in);
+    e.dout = k.extend(in.dout.to(in.u.scalar_type()));
+    auto [du, dk, dD, dk_rev, dpregate, dpostgate] = fftconv_bwd(e);
+    if (dk.size(1) < in.k.size(1)) dk = at::constant_pad_nd(dk, {0, in.k.size(1) - dk.size(1)});
+    if (in.k_rev && dk_rev.size(1) < in.k_rev->size(1)) {
+      dk_rev = at::constant_pad_nd(dk_rev, {0, in.k_rev->size(1) - dk_rev.size(1)});
+    }
+    return {k.unextend(du), dk, dD, dk_rev, in.pregate ? k.unextend(dpregate) : dpregate,
+            in.postgate ? k.unextend(dpostgate) : dpostgate};
+  }
   const auto acc = acc_dtype(in.u.scalar_type());
   // dout arrives in whatever dtype autograd produced; the kernels read it in u's dtype.
   const at::Tensor dout = in.dout.to(in.u.scalar_type());

@@ -52,6 +52,9 @@ struct SsdPrepParams : SsdDims, SsdDtParams<T> {
   acc* e;              // [B, nc, H, Q] e^{Acs_last - Acs_s}, masked to the last position's sequence
   acc* r;              // [B, nc, H, Q] e^{Acs_t}, masked to the previous chunk's last sequence
   acc* kdecay;         // [B, nc, H] e^{Acs_last}, 0 when the chunk starts a new sequence
+  // Packed sequences (batch 1): [nc * Q], 0 on the padding between sequences (dt taken as 0
+  // there), or nullptr.
+  const uint8_t* valid;
 };
 
 // What GL = CB masked and decayed, (C_t . B_s) e^{Acs_t - Acs_s}, is rebuilt from.
@@ -68,22 +71,39 @@ struct SsdWsumParams : SsdGlParams<Acc> {
   Acc* dacs;  // [B, nc, H, Q] intra-chunk part of d loss / d Acs
 };
 
-// The scan across chunks, per (batch, head).
+// The scan across chunks, per (batch, head). With packed sequences (chunk_seq given, batch 1)
+// every chunk holds one sequence's tokens: the state restarts from that sequence's initial state
+// at its first chunk, and its final state is the state after its last chunk.
 template <typename Acc>
 struct SsdScanParams : SsdDims {
   const Acc* kdecay;  // [B, nc, H]
-  const Acc* init;    // [B, H, P, N] or nullptr
+  const Acc* init;    // [B, H, P, N] ([num_seqs, H, P, N] packed) or nullptr
   Acc* states;        // [B, nc, H, P, N] in: chunk states S_c; out: state before chunk c
-  Acc* final_states;  // [B, H, P, N]
+  Acc* final_states;  // [B, H, P, N] ([num_seqs, H, P, N] packed)
+  const int32_t* chunk_seq;  // [nc] sequence of each chunk (num_seqs past the last one), or nullptr
+  int64_t num_seqs;
 };
+
+namespace ssd {
+
+// Packed scan: does chunk c start (end) its sequence? Chunks past the last sequence hold
+// chunk_seq == num_seqs, a sequence with no states.
+SSMK_HOST_DEVICE bool starts_sequence(const int32_t* chunk_seq, int64_t c) {
+  return c == 0 || chunk_seq[c - 1] != chunk_seq[c];
+}
+SSMK_HOST_DEVICE bool ends_sequence(const int32_t* chunk_seq, int64_t c, int64_t nc) {
+  return c == nc - 1 || chunk_seq[c + 1] != chunk_seq[c];
+}
+
+}  // namespace ssd
 
 // The scan, then the reverse scan of the state gradients.
 template <typename Acc>
 struct SsdScanBwdParams : SsdScanParams<Acc> {
-  const Acc* dfinal;  // [B, H, P, N] or nullptr
+  const Acc* dfinal;  // [B, H, P, N] ([num_seqs, H, P, N] packed) or nullptr
   Acc* dstates;       // [B, nc, H, P, N] in: d loss / d H_{c-1} through chunk c's outputs;
                       // out: d loss / d H_c (state at the end of chunk c)
-  Acc* dinit;         // [B, H, P, N]
+  Acc* dinit;         // [B, H, P, N] ([num_seqs, H, P, N] packed)
   Acc* ddecay;        // [B, nc, H, nsplit] partial sums of d loss / d Acs_last via kdecay
   int64_t nsplit;
 };

@@ -71,18 +71,28 @@ SSMK_CPU_MULTIVERSION(build_gl_tasks, (typename acc_t), (acc_t),
 template <typename acc_t, typename Params>
 SSMK_CPU_INLINE void scan_rows(const Params& p, int64_t begin, int64_t end) {
   constexpr bool kBackward = std::is_same_v<Params, SsdScanBwdParams<acc_t>>;
-  const int64_t PN = p.headdim * p.dstate, nc = p.nchunks, H = p.nheads;
+  const int64_t PN = p.headdim * p.dstate, nc = p.nchunks, H = p.nheads, S = p.num_seqs;
   std::vector<acc_t> run(PN);
   const acc_t* init = p.init;
   const acc_t* kdecay = p.kdecay;
+  const int32_t* cs = p.chunk_seq;
+  // (sequence, head) slot of a per-sequence state, for packed sequences.
+  auto seq_slot = [&](int64_t s, int64_t h) { return (s * H + h) * PN; };
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / H, h = bh % H;
-    if (init) {
+    if (init && !cs) {
       std::copy(init + bh * PN, init + (bh + 1) * PN, run.begin());
     } else {
       std::fill(run.begin(), run.end(), acc_t(0));
     }
     for (int64_t c = 0; c < nc; ++c) {
+      if (cs && ssd::starts_sequence(cs, c)) {
+        if (init && cs[c] < S) {
+          std::copy(init + seq_slot(cs[c], h), init + seq_slot(cs[c], h) + PN, run.begin());
+        } else {
+          std::fill(run.begin(), run.end(), acc_t(0));
+        }
+      }
       acc_t* st = p.states + ((b * nc + c) * H + h) * PN;
       const acc_t kd = kdecay[(b * nc + c) * H + h];
 #pragma omp simd
@@ -91,16 +101,26 @@ SSMK_CPU_INLINE void scan_rows(const Params& p, int64_t begin, int64_t end) {
         st[j] = run[j];
         run[j] = kd * run[j] + s;
       }
+      if (cs && cs[c] < S && ssd::ends_sequence(cs, c, nc)) {
+        std::copy(run.begin(), run.end(), p.final_states + seq_slot(cs[c], h));
+      }
     }
-    std::copy(run.begin(), run.end(), p.final_states + bh * PN);
+    if (!cs) std::copy(run.begin(), run.end(), p.final_states + bh * PN);
     if constexpr (kBackward) {
       const acc_t* dfinal = p.dfinal;
-      if (dfinal) {
+      if (dfinal && !cs) {
         std::copy(dfinal + bh * PN, dfinal + (bh + 1) * PN, run.begin());
       } else {
         std::fill(run.begin(), run.end(), acc_t(0));
       }
       for (int64_t c = nc - 1; c >= 0; --c) {
+        if (cs && ssd::ends_sequence(cs, c, nc)) {
+          if (dfinal && cs[c] < S) {
+            std::copy(dfinal + seq_slot(cs[c], h), dfinal + seq_slot(cs[c], h) + PN, run.begin());
+          } else {
+            std::fill(run.begin(), run.end(), acc_t(0));
+          }
+        }
         const int64_t idx = (b * nc + c) * H + h;
         acc_t* ds = p.dstates + idx * PN;
         const acc_t* hp = p.states + idx * PN;
@@ -114,8 +134,11 @@ SSMK_CPU_INLINE void scan_rows(const Params& p, int64_t begin, int64_t end) {
           run[j] = in + kd * run[j];
         }
         p.ddecay[idx] = kd * dot;
+        if (cs && cs[c] < S && ssd::starts_sequence(cs, c)) {
+          std::copy(run.begin(), run.end(), p.dinit + seq_slot(cs[c], h));
+        }
       }
-      std::copy(run.begin(), run.end(), p.dinit + bh * PN);
+      if (!cs) std::copy(run.begin(), run.end(), p.dinit + bh * PN);
     }
   }
 }

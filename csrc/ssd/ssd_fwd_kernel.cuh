@@ -57,22 +57,32 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const Params p) {
   const bool active = j < PN;
   const acc_t* kdecay = p.kdecay;
   acc_t* states = p.states;
-  acc_t run = active && p.init ? p.init[bh * PN + j] : acc_t(0);
+  // Packed sequences (chunk_seq): per-sequence states at (s * H + h); see SsdScanParams.
+  const int32_t* cs = p.chunk_seq;
+  const int64_t S = p.num_seqs;
+  acc_t run = active && p.init && !cs ? p.init[bh * PN + j] : acc_t(0);
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t idx = (b * nc + c) * H + h;
+    if (cs && starts_sequence(cs, c)) {
+      run = active && p.init && cs[c] < S ? p.init[(cs[c] * H + h) * PN + j] : acc_t(0);
+    }
     const acc_t kd = kdecay[idx];
     if (active) {
       const acc_t s = states[idx * PN + j];
       states[idx * PN + j] = run;
       run = kd * run + s;
+      if (cs && cs[c] < S && ends_sequence(cs, c, nc)) p.final_states[(cs[c] * H + h) * PN + j] = run;
     }
   }
-  if (active) p.final_states[bh * PN + j] = run;
+  if (active && !cs) p.final_states[bh * PN + j] = run;
   if constexpr (kBackward) {
     acc_t* dstates = p.dstates;
-    acc_t g = active && p.dfinal ? p.dfinal[bh * PN + j] : acc_t(0);
+    acc_t g = active && p.dfinal && !cs ? p.dfinal[bh * PN + j] : acc_t(0);
     for (int64_t c = nc - 1; c >= 0; --c) {
       const int64_t idx = (b * nc + c) * H + h;
+      if (cs && ends_sequence(cs, c, nc)) {
+        g = active && p.dfinal && cs[c] < S ? p.dfinal[(cs[c] * H + h) * PN + j] : acc_t(0);
+      }
       const acc_t kd = kdecay[idx];
       acc_t dot = 0;
       if (active) {
@@ -80,11 +90,12 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(const Params p) {
         dstates[idx * PN + j] = g;
         dot = g * states[idx * PN + j];
         g = in + kd * g;
+        if (cs && cs[c] < S && starts_sequence(cs, c)) p.dinit[(cs[c] * H + h) * PN + j] = g;
       }
       dot = ssmk::cuda::block_reduce_sum<kThreads>(dot, scratch);
       if (threadIdx.x == 0) p.ddecay[idx * p.nsplit + blockIdx.y] = kd * dot;
     }
-    if (active) p.dinit[bh * PN + j] = g;
+    if (active && !cs) p.dinit[bh * PN + j] = g;
   }
 }
 

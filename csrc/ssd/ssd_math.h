@@ -91,7 +91,8 @@ SSMK_HOST_DEVICE void prep_task(const Params& p, int64_t i) {
     // (or Acs_t itself in the chunk's first sequence), so this changes nothing but rounding,
     // and it keeps one sequence's dt out of another's results and gradients bit for bit.
     if (sg && t > 0 && sg[t] != sg[t - 1]) cum = 0;
-    const acc_t v = t < nvalid ? dt_process(static_cast<acc_t>(dt_row[(c * Q + t) * p.dt.stride[1]]), bias,
+    const bool real = t < nvalid && (p.valid == nullptr || p.valid[c * Q + t] != 0);
+    const acc_t v = real ? dt_process(static_cast<acc_t>(dt_row[(c * Q + t) * p.dt.stride[1]]), bias,
                                             p.softplus, p.clamp, lo, hi)
                                : acc_t(0);
     dtv[t] = v;

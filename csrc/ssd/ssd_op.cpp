@@ -14,19 +14,22 @@ namespace {
 using cuda::Triangle;
 
 // dt_limit = (lo, hi) clamps dt only when it differs from (0, inf).
-#define SSD_SCAN_FWD_ARGS(X)                                                                          \
+#define SSD_SCAN_INPUT_ARGS(X)                                                                        \
   X(Tensor, x) X(Tensor, dt) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(Int, chunk_size) X(OptTensor, D) \
   X(OptTensor, z) X(OptTensor, dt_bias) X(Bool, dt_softplus) X(FloatList, dt_limit)                    \
   X(OptTensor, initial_states) X(OptTensor, seq_idx)
-#define SSD_SCAN_BWD_ARGS(X) SSD_SCAN_FWD_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_states)
+// cu_seqlens (default None) comes last in both lists.
+#define SSD_SCAN_FWD_ARGS(X) SSD_SCAN_INPUT_ARGS(X) X(OptTensorDefaultNone, cu_seqlens)
+#define SSD_SCAN_BWD_ARGS(X) \
+  SSD_SCAN_INPUT_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_states) X(OptTensorDefaultNone, cu_seqlens)
 SSMK_OP_ARGS(SsdScanFwdArgs, SSD_SCAN_FWD_ARGS)
 SSMK_OP_ARGS(SsdScanBwdArgs, SSD_SCAN_BWD_ARGS)
 
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
-// The forward's arguments (the backward has them all).
+// The forward's arguments (the backward has them all); returns the packed-sequence layout.
 template <typename Args>
-void check_inputs(const Args& in) {
+Varlen check_inputs(const Args& in) {
   const at::Tensor& x = in.x;
   SSMK_CHECK_VALUE(x.dim() == 4, "x: expected 4 dims (batch, seqlen, nheads, headdim), got shape ", x.sizes());
   check_floating(x, "x");
@@ -75,14 +78,82 @@ void check_inputs(const Args& in) {
   const double lo = in.dt_limit[0], hi = in.dt_limit[1];
   SSMK_CHECK_VALUE(!(lo > hi) && !std::isnan(lo) && !std::isnan(hi), "dt_limit: expected lo <= hi, got (", lo,
                    ", ", hi, ")");
+  const Varlen v = check_cu_seqlens(in.cu_seqlens, in.seq_idx, Bn, L, x);
   if (in.initial_states) {
     check_floating(*in.initial_states, "initial_states");
-    check_shape(*in.initial_states, {Bn, H, P, N}, "initial_states");
+    // Packed sequences: one initial state per sequence.
+    check_shape(*in.initial_states, {v.packed() ? v.num_seqs : Bn, H, P, N}, "initial_states");
     check_same_device(*in.initial_states, x, "initial_states");
   }
   if (in.seq_idx) {
     check_seq_idx(*in.seq_idx, Bn, L, x);
   }
+  return v;
+}
+
+// Packed sequences run on a chunk-aligned copy of the row: each sequence starts at a chunk
+// boundary and the rest of its last chunk is padding (dt = 0 there, so the state passes through
+// unchanged and the state after the chunk is the state at the sequence's last token). Every chunk
+// then holds one sequence: no masking inside chunks, and the scan restarts each sequence from
+// its own initial state and stops at its last chunk. An empty sequence gets one padding chunk
+// (its final state is its initial state). All of it is built on the device from the offsets,
+// with sizes known from shapes only: ceil(L / Q) + num_seqs chunks bound the aligned length.
+struct Packing {
+  int64_t num_seqs = 0;
+  at::Tensor pos;        // [L] int64: aligned position of each token
+  at::Tensor valid;      // [nc * Q] uint8: 1 at a token, 0 on padding
+  at::Tensor chunk_seq;  // [nc] int32: sequence of each chunk, num_seqs past the last one
+  int64_t padded_len = 0;
+  bool packed() const { return num_seqs > 0; }
+
+  // [1, L, ...] -> [1, padded_len, ...] (zeros on padding), contiguous. Moved as whole rows of
+  // a [positions, rest] matrix (one contiguous copy per position).
+  at::Tensor align(const at::Tensor& t) const {
+    std::vector<int64_t> sizes = t.sizes().vec();
+    sizes[1] = padded_len;
+    const at::Tensor rows = t.select(0, 0).reshape({t.size(1), -1});
+    return at::zeros({padded_len, rows.size(1)}, t.options()).index_copy_(0, pos, rows).view(sizes);
+  }
+  // [1, padded_len, ...] -> [1, L, ...], contiguous.
+  at::Tensor unalign(const at::Tensor& t) const {
+    std::vector<int64_t> sizes = t.sizes().vec();
+    sizes[1] = pos.size(0);
+    return t.select(0, 0).reshape({t.size(1), -1}).index_select(0, pos).view(sizes);
+  }
+};
+
+Packing make_packing(const Varlen& v, int64_t L, int64_t Q) {
+  Packing k;
+  if (!v.packed()) return k;
+  const at::Tensor& off = v.offsets;  // [S + 1] int64
+  const int64_t S = v.num_seqs;
+  const int64_t nc = (L + Q - 1) / Q + S;
+  k.num_seqs = S;
+  k.padded_len = nc * Q;
+  const at::Tensor lens = off.narrow(0, 1, S) - off.narrow(0, 0, S);
+  const at::Tensor nchunks = at::clamp_min(at::floor_divide(lens + (Q - 1), Q), 1);
+  const at::Tensor chunk_start = at::cat({at::zeros({1}, off.options()), at::cumsum(nchunks, 0)});  // [S + 1]
+  const at::Tensor tokens = at::arange(L, off.options());
+  const at::Tensor seq = at::searchsorted(off, tokens, /*out_int32=*/false, /*right=*/true) - 1;
+  k.pos = chunk_start.index_select(0, seq) * Q + tokens - off.index_select(0, seq);
+  k.valid = at::zeros({k.padded_len}, off.options().dtype(at::kByte))
+                .index_fill_(0, k.pos, 1);
+  const at::Tensor chunks = at::arange(nc, off.options());
+  k.chunk_seq = at::clamp_max(at::searchsorted(chunk_start, chunks, false, true) - 1, S).to(at::kInt);
+  return k;
+}
+
+// The arguments with x, dt, B, C, z (and the backward's dout) on the aligned row; no cu_seqlens.
+template <typename Args>
+Args aligned_args(const Args& in, const Packing& k) {
+  Args a = in;
+  a.x = k.align(in.x);
+  a.dt = k.align(in.dt);
+  a.B = k.align(in.B);
+  a.C = k.align(in.C);
+  if (in.z) a.z = k.align(*in.z);
+  a.cu_seqlens = std::nullopt;
+  return a;
 }
 
 template <typename Args>
@@ -125,6 +196,7 @@ struct Prepared {
   at::Tensor xdt;                        // [B, nc, H, Q, P] dt x
   at::Tensor xwT;                        // [B, nc, H, P, Q] (e dt x)^T
   at::Tensor states;                     // [B * nc * G, Hg * P, N] chunk states S_c
+  const Packing* packing;                // packed sequences (on the aligned row), or not packed
 };
 
 template <typename T, typename Args>
@@ -158,11 +230,12 @@ SsdGlParams<acc_t<T>> gl_params(const Prepared& s) {
 // Stages 1-4 of the decomposition up to (not including) the scan across chunks. GL itself is never
 // stored: the stages that use it (intra, intra_dcb) rebuild it from CB and Acs.
 template <typename T, typename Args, typename Stages>
-Prepared prepare(const Args& in, const Stages& st) {
+Prepared prepare(const Args& in, const Packing& packing, const Stages& st) {
   using acc = acc_t<T>;
   const auto acc_type = acc_dtype(in.x.scalar_type());
   const auto opts = in.x.options().dtype(acc_type);
   Prepared s;
+  s.packing = &packing;
   s.d = dims_of(in);
   const SsdDims& d = s.d;
   const int64_t Bn = d.batch, L = d.seqlen, H = d.nheads, P = d.headdim, G = d.ngroups, N = d.dstate;
@@ -190,6 +263,7 @@ Prepared prepare(const Args& in, const Stages& st) {
   p.e = ptr<acc>(s.e);
   p.r = ptr<acc>(s.r);
   p.kdecay = ptr<acc>(s.kdecay);
+  p.valid = packing.packed() ? packing.valid.data_ptr<uint8_t>() : nullptr;
   st.prep(p);
 
   s.Bc = pack_chunks(in.B, nc, Q, acc_type);
@@ -214,7 +288,13 @@ void fill_scan(SsdScanParams<Acc>& p, const Prepared& s, const at::Tensor& final
   p.init = opt_ptr<Acc>(s.init);
   p.states = ptr<Acc>(s.states);
   p.final_states = ptr<Acc>(final_states);
+  const Packing& k = *s.packing;
+  p.chunk_seq = k.packed() ? k.chunk_seq.data_ptr<int32_t>() : nullptr;
+  p.num_seqs = k.num_seqs;
 }
+
+// [batch, H, P, N] per row, [num_seqs, H, P, N] for packed sequences.
+int64_t state_count(const Prepared& s) { return s.packing->packed() ? s.packing->num_seqs : s.d.batch; }
 
 // y_inter^T per head: H_{c-1} (P x N) @ C^T (N x Q), heads of a group stacked along P.
 template <typename Stages>
@@ -225,12 +305,12 @@ at::Tensor inter_outputs(const Prepared& s, const Stages& st) {
 }
 
 template <typename T, typename Stages>
-std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Stages& st) {
+std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Packing& packing, const Stages& st) {
   using acc = acc_t<T>;
-  const Prepared s = prepare<T>(in, st);
+  const Prepared s = prepare<T>(in, packing, st);
   const SsdDims& d = s.d;
   at::Tensor final_states =
-      new_output({d.batch, d.nheads, d.headdim, d.dstate}, in.x.options().dtype(acc_dtype(in.x.scalar_type())));
+      new_output({state_count(s), d.nheads, d.headdim, d.dstate}, in.x.options().dtype(acc_dtype(in.x.scalar_type())));
   SsdScanParams<acc> sp{};
   fill_scan(sp, s, final_states);
   st.scan(sp);
@@ -248,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Stage
   p.y_interT = ptr<acc>(y_interT);
   p.out = ptr<T>(out);
   st.epilogue(p);
+  if (packing.packed()) out = packing.unalign(out);
   return {out, final_states};
 }
 
@@ -255,12 +336,12 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
                              at::Tensor, at::Tensor>;
 
 template <typename T, typename Stages>
-BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Stages& st) {
+BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packing& packing, const Stages& st) {
   using acc = acc_t<T>;
   const at::Tensor& x = in.x;
   const auto acc_type = acc_dtype(x.scalar_type());
   const auto opts = x.options().dtype(acc_type);
-  const Prepared s = prepare<T>(in, st);
+  const Prepared s = prepare<T>(in, packing, st);
   const SsdDims& d = s.d;
   const int64_t Bn = d.batch, L = d.seqlen, H = d.nheads, P = d.headdim, G = d.ngroups, N = d.dstate;
   const int64_t Q = d.chunk, nc = d.nchunks, Hg = H / G, BncG = Bn * nc * G;
@@ -275,8 +356,8 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Stages
   at::Tensor dfinal;
   if (in.dfinal_states) dfinal = in.dfinal_states->to(acc_type).contiguous();
 
-  at::Tensor final_states = at::empty({Bn, H, P, N}, opts);
-  at::Tensor dinit = new_output({Bn, H, P, N}, opts);
+  at::Tensor final_states = at::empty({state_count(s), H, P, N}, opts);
+  at::Tensor dinit = new_output({state_count(s), H, P, N}, opts);
   const int64_t nsplit = st.scan_splits(d);
   at::Tensor ddecay = at::empty({Bn, nc, H, nsplit}, opts);
   SsdScanBwdParams<acc> sp{};
@@ -342,6 +423,11 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Stages
   p.dA_part = ptr<acc>(dA_part);
   p.dD_part = in.D ? ptr<acc>(dD_part) : nullptr;
   st.final(p);
+  if (packing.packed()) {  // back to the packed row; padding positions drop out of every sum below
+    dx = packing.unalign(dx);
+    ddt = packing.unalign(ddt);
+    if (in.z) dz = packing.unalign(dz);
+  }
 
   // Reductions over batch and chunks in a fixed order (deterministic); each gradient in its
   // input's dtype, an empty one for an absent optional input.
@@ -355,41 +441,53 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Stages
   at::Tensor ddt_bias =
       in.dt_bias ? ddt.sum(at::IntArrayRef{0, 1}).to(in.dt_bias->scalar_type()) : new_grad({}, x);
   at::Tensor dinit_out = in.initial_states ? dinit.to(in.initial_states->scalar_type()) : new_grad({}, x);
-  const at::Tensor dB_out = unpack_chunks(dB.view({Bn, nc, G, Q, N}), L, in.B.scalar_type());
-  const at::Tensor dC_out = unpack_chunks(dC.view({Bn, nc, G, Q, N}), L, in.C.scalar_type());
+  at::Tensor dB_out = unpack_chunks(dB.view({Bn, nc, G, Q, N}), L, in.B.scalar_type());
+  at::Tensor dC_out = unpack_chunks(dC.view({Bn, nc, G, Q, N}), L, in.C.scalar_type());
+  if (packing.packed()) {
+    dB_out = packing.unalign(dB_out);
+    dC_out = packing.unalign(dC_out);
+  }
+
   return {dx, ddt.to(in.dt.scalar_type()), dA, dB_out, dC_out, dD, dz, ddt_bias, dinit_out};
 }
 
-std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd(const SsdScanFwdArgs& in) {
-  check_inputs(in);
+std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd(const SsdScanFwdArgs& in_args) {
+  const Varlen v = check_inputs(in_args);
+  const Packing packing = make_packing(v, in_args.x.size(1), in_args.chunk_size);
+  const SsdScanFwdArgs in = packing.packed() ? aligned_args(in_args, packing) : in_args;
   std::tuple<at::Tensor, at::Tensor> result;
   SSMK_DISPATCH_FLOAT(in.x.scalar_type(), "ssd_scan_fwd", [&] {
     using T = scalar_t;
-    launch(in.x, [&] { result = run_fwd<T>(in, SsdCpuStages<T>{}); } SSMK_CUDA([&](const CudaContext& ctx) {
-             result = run_fwd<T>(in, SsdCudaStages<T>{ctx});
+    launch(in.x, [&] { result = run_fwd<T>(in, packing, SsdCpuStages<T>{}); } SSMK_CUDA([&](const CudaContext& ctx) {
+             result = run_fwd<T>(in, packing, SsdCudaStages<T>{ctx});
            }));
   });
   return result;
 }
 
-BwdResult ssd_scan_bwd(const SsdScanBwdArgs& in) {
-  check_inputs(in);
-  const at::Tensor& x = in.x;
-  check_shape(in.dout, x.sizes(), "dout");
-  check_floating(in.dout, "dout");
-  check_same_device(in.dout, x, "dout");
-  if (in.dfinal_states) {
-    check_shape(*in.dfinal_states, {x.size(0), x.size(2), x.size(3), in.B.size(3)}, "dfinal_states");
-    check_floating(*in.dfinal_states, "dfinal_states");
-    check_same_device(*in.dfinal_states, x, "dfinal_states");
+BwdResult ssd_scan_bwd(const SsdScanBwdArgs& in_args) {
+  const Varlen v = check_inputs(in_args);
+  const at::Tensor& x_in = in_args.x;
+  check_shape(in_args.dout, x_in.sizes(), "dout");
+  check_floating(in_args.dout, "dout");
+  check_same_device(in_args.dout, x_in, "dout");
+  if (in_args.dfinal_states) {
+    check_shape(*in_args.dfinal_states, {v.packed() ? v.num_seqs : x_in.size(0), x_in.size(2), x_in.size(3),
+                                         in_args.B.size(3)}, "dfinal_states");
+    check_floating(*in_args.dfinal_states, "dfinal_states");
+    check_same_device(*in_args.dfinal_states, x_in, "dfinal_states");
   }
+  const Packing packing = make_packing(v, x_in.size(1), in_args.chunk_size);
+  const SsdScanBwdArgs in = packing.packed() ? aligned_args(in_args, packing) : in_args;
+  const at::Tensor& x = in.x;
   // dout arrives in whatever dtype autograd produced; the kernels read it in x's dtype.
-  const at::Tensor dout = in.dout.to(x.scalar_type());
+  at::Tensor dout = in_args.dout.to(x.scalar_type());
+  if (packing.packed()) dout = packing.align(dout);
   BwdResult result;
   SSMK_DISPATCH_FLOAT(x.scalar_type(), "ssd_scan_bwd", [&] {
     using T = scalar_t;
-    launch(x, [&] { result = run_bwd<T>(in, dout, SsdCpuStages<T>{}); } SSMK_CUDA([&](const CudaContext& ctx) {
-             result = run_bwd<T>(in, dout, SsdCudaStages<T>{ctx});
+    launch(x, [&] { result = run_bwd<T>(in, dout, packing, SsdCpuStages<T>{}); } SSMK_CUDA([&](const CudaContext& ctx) {
+             result = run_bwd<T>(in, dout, packing, SsdCudaStages<T>{ctx});
            }));
   });
   return result;

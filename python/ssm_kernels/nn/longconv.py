@@ -3,6 +3,7 @@ Towards Larger Convolutional Language Models"), on causal_conv1d and fftconv."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,12 @@ class LongConv(nn.Module):
 
     context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
     sequence, in rank order (``ssm_kernels.distributed``; the filter then has l_max taps).
+
+    Packed sequences: ``forward(u, cu_seqlens=...)`` with u [1, L, d_model] and cu_seqlens
+    [num_seqs + 1] int32/int64 runs each sequence as if alone (the short and the long convolution
+    restart at each sequence's first token). Each sequence must be at most l_max long (not
+    checked, which would synchronise with the device: taps past l_max do not exist), while the
+    total L may exceed l_max.
 
     Raises:
         ValueError naming the argument: non-positive sizes, short_filter_order outside [2, 8],
@@ -118,24 +125,27 @@ class LongConv(nn.Module):
         decay = torch.exp(-self.pos_t[:, :L] * self.deltas.abs())  # [1, L, D]
         return (h * (decay + self.shift))[0].transpose(0, 1)  # [D, L]
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.context_parallel_group is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group yet")
             check_pieces(self.context_parallel_group, "LongConv", u=u)
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         seqlen = u.shape[1]
-        if seqlen > self.l_max:
+        if cu_seqlens is None and seqlen > self.l_max:
             raise ValueError(f"u: expected seqlen <= l_max={self.l_max}, got {seqlen}")
-        conv1d, fftconv, taps = ssm_kernels.causal_conv1d, ssm_kernels.fftconv, seqlen
+        conv1d, fftconv, taps = ssm_kernels.causal_conv1d, ssm_kernels.fftconv, min(seqlen, self.l_max)
+        packing = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if self.context_parallel_group is not None:
             conv1d, fftconv = context_parallel_ops(self.context_parallel_group, "causal_conv1d", "fftconv")
             taps = self.l_max  # the global length is not known here; taps past it are never used
         uc = conv1d(self.in_proj(u).transpose(1, 2), self.short_filter.weight.squeeze(1),
-                    self.short_filter.bias)  # [B, 3D, L]
+                    self.short_filter.bias, **packing)  # [B, 3D, L]
         x0, x1, v = uc.split(self.d_model, dim=1)
         kdtype = torch.float64 if u.dtype == torch.float64 else torch.float32
         y = fftconv(v, self.filter(taps).to(kdtype), D=self.bias.to(kdtype),
-                    pregate=x1, postgate=x0)  # [B, D, L]
+                    pregate=x1, postgate=x0, **packing)  # [B, D, L]
         return self.out_proj(y.transpose(1, 2))
 
     def extra_repr(self) -> str:

@@ -26,10 +26,20 @@ from .norm import RMSNormGated
 MIN_CHUNK, MAX_CHUNK = 16, 256  # the chunk sizes ssd_scan supports
 
 
-def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """[1, L] int32 sequence index of each packed position, from cumulative lengths [S + 1]."""
-    pos = torch.arange(seqlen, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True).to(torch.int32)[None]
+def packed_conv_state_after(conv_state: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The last S conv inputs of each packed sequence of x [1, D, L] that follows its row of
+    conv_state [num_seqs, D, S] (which fills in for a sequence shorter than S): [num_seqs, D, S]."""
+    num_seqs, dim, state_len = conv_state.shape
+    seqlen = x.shape[-1]
+    off = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    start, end = off[:-1, None], off[1:, None]  # [S, 1]
+    pos = end - state_len + torch.arange(state_len, device=x.device)  # [S, state_len]
+    own = torch.arange(num_seqs, device=x.device)[:, None] * state_len
+    # columns of cat(x row, the states' slots): a token of the sequence, or its state's slot
+    src = torch.where(pos >= start, pos, seqlen + own + state_len + pos - start)
+    slots = conv_state.to(x.dtype).permute(1, 0, 2).reshape(dim, num_seqs * state_len)
+    table = torch.cat([x[0], slots], dim=-1)  # [D, L + S * state_len]
+    return table[:, src.reshape(-1)].view(dim, num_seqs, state_len).permute(1, 0, 2)
 
 
 class Mamba2(nn.Module):
@@ -62,11 +72,14 @@ class Mamba2(nn.Module):
     Forward:
         u [B, L, d_model] (or [B * L, d_model] with ``seqlen=L``) -> out of the same shape.
         ``seq_idx`` [B, L] int32, non-decreasing: packed variable-length sequences (the conv and
-        the scan never cross a change of index); ``cu_seqlens`` [S + 1] (with batch 1) is
-        turned into seq_idx. ``conv_state`` [B, conv_dim, S >= d_conv-1] and ``ssm_state``
-        [B, nheads, headdim, d_state] continue a sequence; ``return_final_states=True`` returns
-        ``(out, conv_state, ssm_state)`` after the last position. ``inference_params`` follows
-        mamba_ssm's generation protocol.
+        the scan never cross a change of index). ``cu_seqlens`` [num_seqs + 1] int32/int64
+        (batch 1, not with seq_idx): packed sequences, each run as if alone; the states are then
+        per sequence, ``conv_state`` [num_seqs, conv_dim, >= d_conv-1] and ``ssm_state``
+        [num_seqs, nheads, headdim, d_state], in and out. ``conv_state`` [B, conv_dim,
+        S >= d_conv-1] and ``ssm_state`` [B, nheads, headdim, d_state] continue a sequence;
+        ``return_final_states=True`` returns ``(out, conv_state, ssm_state)`` after the last
+        position (of each sequence). ``inference_params`` follows mamba_ssm's generation
+        protocol (with cu_seqlens, the cache holds one row per sequence).
 
     Decoding: ``allocate_inference_cache`` gives zero ``conv_state`` [B, conv_dim, d_conv] and
     ``ssm_state`` [B, nheads, headdim, d_state] (float32; float64 for a float64 layer);
@@ -175,6 +188,8 @@ class Mamba2(nn.Module):
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
                 return_final_states: bool = False):
         if self.context_parallel_group is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group yet")
             check_pieces(self.context_parallel_group, "Mamba2", u=u)
         flat = seqlen is not None
         if flat:
@@ -185,25 +200,31 @@ class Mamba2(nn.Module):
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         batch, length, _ = u.shape
         if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor):
+                raise TypeError(f"cu_seqlens: expected a torch.Tensor, got {type(cu_seqlens).__name__}")
             if batch != 1:
                 raise ValueError(f"cu_seqlens: expected batch 1 (packed sequences), got batch {batch}")
-            if seq_idx is None:
-                seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, length)
+            if seq_idx is not None:
+                raise ValueError("cu_seqlens: expected at most one of cu_seqlens and seq_idx, got both")
+            if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+                raise ValueError(f"cu_seqlens: expected shape (num_seqs + 1,), got {tuple(cu_seqlens.shape)}")
         if seq_idx is not None and tuple(seq_idx.shape) != (batch, length):
             raise ValueError(f"seq_idx: expected shape ({batch}, {length}), got {tuple(seq_idx.shape)}")
 
         if inference_params is not None:
-            cache_conv, cache_ssm = states_from_cache(self, inference_params, batch)
+            rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+            cache_conv, cache_ssm = states_from_cache(self, inference_params, rows)
             if inference_params.seqlen_offset > 0:
                 out, _, _ = self.step(u, cache_conv, cache_ssm)
             else:
-                out, new_conv, new_ssm = self._forward(u, seq_idx, torch.zeros_like(cache_conv), None, True)
+                out, new_conv, new_ssm = self._forward(u, seq_idx, torch.zeros_like(cache_conv), None, True,
+                                                       cu_seqlens)
                 with torch.no_grad():
                     cache_conv.copy_(new_conv)
                     cache_ssm.copy_(new_ssm)
             return out.reshape(batch * length, -1) if flat else out
 
-        out, new_conv, new_ssm = self._forward(u, seq_idx, conv_state, ssm_state, return_final_states)
+        out, new_conv, new_ssm = self._forward(u, seq_idx, conv_state, ssm_state, return_final_states, cu_seqlens)
         if flat:
             out = out.reshape(batch * length, -1)
         return (out, new_conv, new_ssm) if return_final_states else out
@@ -217,20 +238,22 @@ class Mamba2(nn.Module):
         if ssm_state is not None and tuple(ssm_state.shape) != want:
             raise ValueError(f"ssm_state: expected shape {want}, got {tuple(ssm_state.shape)}")
 
-    def _forward(self, u, seq_idx, conv_state, ssm_state, want_states):
+    def _forward(self, u, seq_idx, conv_state, ssm_state, want_states, cu_seqlens=None):
         batch, length, _ = u.shape
-        self._check_states(batch, conv_state, ssm_state)
+        rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1  # states: per row or per sequence
+        self._check_states(rows, conv_state, ssm_state)
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
         xBC = xBC.transpose(1, 2)  # [B, conv_dim, L] (channel-last view)
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(xBC.dtype)
         conv1d, ssd_scan = ssm_kernels.causal_conv1d, ssm_kernels.ssd_scan
+        packing = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if self.context_parallel_group is not None:
             conv1d, ssd_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d", "ssd_scan")
         xBC_c, final_conv = conv1d(
             xBC, self._conv_weight(), self.conv1d.bias, "silu", initial_states=init_conv,
-            return_final_states=True, seq_idx=seq_idx)
+            return_final_states=True, seq_idx=seq_idx, **packing)
         x, B, C = torch.split(xBC_c.transpose(1, 2), [self.d_ssm, G * N, G * N], dim=-1)  # [B, L, *]
         sd = state_dtype(x.dtype)
         A = -torch.exp(self.A_log.to(sd))  # [H]
@@ -240,12 +263,14 @@ class Mamba2(nn.Module):
             z=None if self.rmsnorm else z.unflatten(-1, (H, P)), dt_bias=self.dt_bias.to(sd),
             dt_softplus=True, dt_limit=self.dt_limit,
             initial_states=None if ssm_state is None else ssm_state.to(sd), seq_idx=seq_idx,
-            return_final_states=True)
+            return_final_states=True, **packing)
         out = self._finish(y.flatten(-2), z, z0, x0)  # [B, L, d_model]
         if not want_states:
             return out, None, None
         if conv_state is None:
-            conv_state = xBC.new_zeros(batch, self.conv_dim, width)
+            conv_state = xBC.new_zeros(rows, self.conv_dim, width)
+        if cu_seqlens is not None:
+            return out, packed_conv_state_after(conv_state, xBC, cu_seqlens), last_state
         return out, conv_state_after(conv_state, xBC, final_conv, seq_idx), last_state
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):

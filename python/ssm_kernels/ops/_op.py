@@ -171,12 +171,14 @@ def fake(name: str):
     def decorate(fn):
         params = list(inspect.signature(fn).parameters)
         names = [a.name for a in _schema(name).arguments]
+        # trailing arguments with a default (Tensor? x=None) may be left out of a call
+        defaults = {a.name: a.default_value for a in _schema(name).arguments if a.has_default_value()}
         for p in params:
             if p not in names:
                 raise RuntimeError(f"fake of {name}: {p} is not an argument of the op")
 
         def impl(*args, **kwargs):
-            values = dict(zip(names, args), **kwargs)
+            values = {**defaults, **dict(zip(names, args)), **kwargs}
             return fn(**{p: values[p] for p in params})
 
         torch.library.register_fake(f"ssm_kernels::{name}", impl)

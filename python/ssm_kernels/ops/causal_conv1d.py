@@ -18,6 +18,7 @@ def causal_conv1d(
     initial_states: Optional[torch.Tensor] = None,
     return_final_states: bool = False,
     seq_idx: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Causal depthwise 1D convolution with optional SiLU.
 
@@ -33,12 +34,19 @@ def causal_conv1d(
             sequence later (with seq_idx, entries from another sequence than the last are zero).
         seq_idx: [B, L] int32; taps never cross a change of sequence, and initial_states feed
             only the first sequence of each row.
+        cu_seqlens: [num_seqs + 1] int32/int64 offsets of packed sequences in the one row
+            (batch 1); taps never cross a sequence start. initial_states is then
+            [num_seqs, D, W-1] (the W-1 inputs before each sequence), and final_states
+            [num_seqs, D, W-1]: each sequence's last W-1 inputs, its initial state (or zeros)
+            filling in for a sequence shorter than W-1. Not together with seq_idx.
 
     Returns:
         out [B, D, L] in x's dtype, or (out, final_states).
 
     Raises:
-        TypeError/ValueError naming the argument for a wrong type, dtype, shape, device or width.
+        TypeError/ValueError naming the argument for a wrong type, dtype, shape, device or width,
+        and for cu_seqlens not starting at 0, decreasing, not ending at seqlen, batch > 1 with
+        cu_seqlens, or both cu_seqlens and seq_idx.
 
     Example:
         >>> x = torch.randn(2, 64, 100)
@@ -48,7 +56,7 @@ def causal_conv1d(
     _op.check_choice("activation", activation, ACTIVATIONS)
     out, final_states = _op.call(
         "causal_conv1d_fwd", x=x, weight=weight, bias=bias, initial_states=initial_states, seq_idx=seq_idx,
-        silu=activation is not None,
+        silu=activation is not None, cu_seqlens=cu_seqlens,
     )
     return (out, final_states) if return_final_states else out
 
@@ -94,10 +102,11 @@ def causal_conv1d_update(
 
 
 @_op.fake("causal_conv1d_fwd")
-def _(x, weight):
+def _(x, weight, cu_seqlens):
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    return x.new_empty((batch, dim, seqlen)), x.new_empty((batch, dim, width - 1))
+    states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return x.new_empty((batch, dim, seqlen)), x.new_empty((states, dim, width - 1))
 
 
 @_op.fake("causal_conv1d_update")

@@ -19,6 +19,7 @@ def fftconv(
     pregate: Optional[torch.Tensor] = None,
     postgate: Optional[torch.Tensor] = None,
     activation: Optional[str] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Long depthwise convolution through FFTs, with fused skip, gates and activation.
 
@@ -37,13 +38,19 @@ def fftconv(
         k_rev: [D, K_rev] anti-causal taps (k_rev[0] at lag 0), or None.
         pregate, postgate: [B, D, L] in u's dtype, any strides, or None.
         activation: None, "gelu" (exact, erf form) or "silu".
+        cu_seqlens: [num_seqs + 1] int32/int64 offsets of packed sequences in the one row
+            (batch 1): each sequence is convolved as if alone (its convolution starts at its first
+            token; no tap, causal or anti-causal, crosses a sequence boundary). The row is run
+            with a gap of min(K, L) - 1 (+ min(K_rev, L) - 1) zeros between sequences, so a
+            kernel as long as the row costs about num_seqs times the FFT work of the row.
 
     Returns:
         out: [B, D, L] in u's dtype. Differentiable in u, k, D, k_rev, pregate and postgate.
 
     Raises:
         TypeError/ValueError naming the argument for a wrong type, dtype, shape or device, or an
-        unknown activation.
+        unknown activation; cu_seqlens not starting at 0, decreasing, not ending at seqlen, or
+        with batch > 1.
 
     Example:
         >>> u = torch.randn(2, 64, 1000)
@@ -52,7 +59,7 @@ def fftconv(
     """
     _op.check_choice("activation", activation, list(ACTIVATIONS))
     return _op.call("fftconv_fwd", u=u, k=k, D=D, k_rev=k_rev, pregate=pregate, postgate=postgate,
-                    activation=ACTIVATIONS[activation])
+                    activation=ACTIVATIONS[activation], cu_seqlens=cu_seqlens)
 
 
 @_op.fake("fftconv_fwd")

@@ -23,6 +23,7 @@ def ssd_scan(
     initial_states: Optional[torch.Tensor] = None,
     seq_idx: Optional[torch.Tensor] = None,
     return_final_states: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Mamba-2 SSD scan, computed chunk by chunk (the state-space-duality algorithm).
 
@@ -44,6 +45,11 @@ def ssd_scan(
         initial_states: [B, H, P, N] float32 (float64 with float64 inputs); differentiable.
         seq_idx: [B, L] int32, non-decreasing along L (packed variable-length sequences).
         return_final_states: also return H_L, [B, H, P, N] float32; gradients through it flow.
+        cu_seqlens: [num_seqs + 1] int32/int64 offsets of packed sequences in the one row
+            (batch 1): sequence s is tokens cu_seqlens[s] .. cu_seqlens[s + 1] - 1, and starts from
+            initial_states[s] (then [num_seqs, H, P, N]) or zero. final_states is then
+            [num_seqs, H, P, N], the state at each sequence's last token (an empty sequence's is
+            its initial state). Not together with seq_idx.
 
     Returns:
         y [B, L, H, P] in x's dtype, or (y, final_states).
@@ -51,7 +57,9 @@ def ssd_scan(
     Raises:
         TypeError/ValueError naming the argument for a wrong type, dtype, shape, device or value
         (chunk_size not a power of two in range, groups not dividing nheads, dt_limit not a
-        (lo, hi) pair with lo <= hi, seq_idx decreasing). The seq_idx order is checked for CPU
+        (lo, hi) pair with lo <= hi, seq_idx decreasing, cu_seqlens not starting at 0,
+        decreasing or not ending at seqlen, batch > 1 with cu_seqlens, both cu_seqlens and
+        seq_idx). The seq_idx order is checked for CPU
         tensors only (reading CUDA values would synchronise): on CUDA a decreasing seq_idx gives
         unspecified values, but never an out-of-bounds access.
 
@@ -65,6 +73,7 @@ def ssd_scan(
     out, final_states = _op.call(
         "ssd_scan_fwd", x=x, dt=dt, A=A, B=B, C=C, chunk_size=chunk_size, D=D, z=z, dt_bias=dt_bias,
         dt_softplus=dt_softplus, dt_limit=dt_limit, initial_states=initial_states, seq_idx=seq_idx,
+        cu_seqlens=cu_seqlens,
     )
     return (out, final_states) if return_final_states else out
 
@@ -74,9 +83,10 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @_op.fake("ssd_scan_fwd")
-def _(x, B):
+def _(x, B, cu_seqlens):
     batch, seqlen, nheads, headdim = x.shape
-    return x.new_empty(x.shape), x.new_empty((batch, nheads, headdim, B.shape[3]), dtype=_acc_dtype(x))
+    states = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return x.new_empty(x.shape), x.new_empty((states, nheads, headdim, B.shape[3]), dtype=_acc_dtype(x))
 
 
 _op.register("ssd_scan_fwd", "ssd_scan_bwd")

@@ -12,6 +12,7 @@ from . import mamba3  # noqa: F401  (registers)
 from . import s4_kernels  # noqa: F401  (registers)
 from . import selective_scan  # noqa: F401  (registers)
 from . import ssd  # noqa: F401  (registers)
+from . import varlen  # noqa: F401  (registers)
 from .registry import REGISTRY, BenchOp, register
 
 __all__ = ["REGISTRY", "BenchOp", "register"]

@@ -1,0 +1,243 @@
+"""Packed variable-length sequences (cu_seqlens) for ssd_scan, causal_conv1d and fftconv.
+
+Each row times the packed call on `seqs` sequences with lengths drawn in [minlen, maxlen] (a fixed
+seed: the same lengths on every device) against two ways to get the same work done with the same
+kernels: `single-seq`, one sequence of the same total length T (the cost floor: the target is
+packed <= 1.1x of it), and `padded`, the sequences padded to the longest into a batch and the
+outputs gathered back (masking the padding) (the target: packed faster by at least the padding
+ratio, batch * longest / T, printed in the shape as `pad`).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+import ssm_kernels
+from ssm_kernels import reference
+
+from .registry import BenchOp, register
+
+
+def lengths(shape) -> list[int]:
+    rng = random.Random(shape.get("seed", 0))
+    return [rng.randint(shape["minlen"], shape["maxlen"]) for _ in range(shape["seqs"])]
+
+
+def _offsets(lens, device) -> torch.Tensor:
+    total, out = 0, [0]
+    for n in lens:
+        total += n
+        out.append(total)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def _pad_index(lens, device):
+    """(gather [S * longest] into cat(row, one zero slot), positions [T] of the tokens in the
+    padded batch): the padding layout, built once (host lengths known to the baseline)."""
+    longest, total = max(lens), sum(lens)
+    gather, keep, start = [], [], 0
+    for s, n in enumerate(lens):
+        gather += list(range(start, start + n)) + [total] * (longest - n)
+        keep += [s * longest + i for i in range(n)]
+        start += n
+    return (torch.tensor(gather, dtype=torch.int64, device=device),
+            torch.tensor(keep, dtype=torch.int64, device=device))
+
+
+def _to_padded(t, gather, seqs, dim):
+    """[1, T, ...] (dim=1) or [1, D, T] (dim=2) -> the padded batch, zeros on padding."""
+    row = t[0] if dim == 1 else t[0].transpose(0, 1)  # [T, ...]
+    row = torch.cat([row, row.new_zeros((1,) + row.shape[1:])])[gather]  # [S * longest, ...]
+    padded = row.view((seqs, -1) + row.shape[1:])
+    return padded if dim == 1 else padded.transpose(1, 2)
+
+
+def _from_padded(t, keep, dim):
+    """The padded batch's outputs at the tokens, back to [1, T, ...] / [1, D, T]."""
+    if dim == 1:
+        return t.reshape((-1,) + t.shape[2:])[keep][None]
+    return t.transpose(1, 2).reshape((-1, t.shape[1]))[keep].transpose(0, 1)[None]
+
+
+def _packed_extras(shape, device):
+    lens = lengths(shape)
+    gather, keep = _pad_index(lens, device)
+    return lens, {"cu_seqlens": _offsets(lens, device), "pad_gather": gather, "pad_keep": keep}
+
+
+def _pad_ratio(shape) -> float:
+    lens = lengths(shape)
+    return len(lens) * max(lens) / sum(lens)
+
+
+def _strip(inp):
+    return {k: v for k, v in inp.items() if not k.startswith("pad_")}
+
+
+def _reference_each(fn, inp, token_keys, dim, *, init_key=None):
+    """fn (a float64 reference) on each packed sequence alone, outputs concatenated."""
+    off = inp["cu_seqlens"].tolist()
+    base = {k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}
+    outs = []
+    for s in range(len(off) - 1):
+        piece = dict(base)
+        for k in token_keys:
+            if base.get(k) is not None:
+                piece[k] = base[k].narrow(dim, off[s], off[s + 1] - off[s])
+        outs.append(fn(piece))
+    return torch.cat(outs, dim)
+
+
+# ssd_scan --------------------------------------------------------------------------------------
+
+SSD_TOKENS = ("x", "dt", "B", "C")
+
+
+def _ssd_inputs(shape, device, dtype):
+    lens, extras = _packed_extras(shape, device)
+    T, h, p, g, n = sum(lens), shape["nheads"], shape["headdim"], shape["groups"], shape["dstate"]
+    return {
+        "x": torch.randn(1, T, h, p, device=device, dtype=dtype),
+        "dt": (torch.rand(1, T, h, device=device) * 0.1 + 0.001).to(dtype),
+        "A": -torch.rand(h, device=device) * 2.0 - 0.1,
+        "B": (torch.randn(1, T, g, n, device=device) * n**-0.5).to(dtype),
+        "C": torch.randn(1, T, g, n, device=device, dtype=dtype),
+        "chunk_size": shape["chunk"],
+        **extras,
+    }
+
+
+def _ssd_padded(inp):
+    seqs = inp["cu_seqlens"].shape[0] - 1
+    args = {k: _to_padded(inp[k], inp["pad_gather"], seqs, 1) for k in SSD_TOKENS}
+    y = ssm_kernels.ssd_scan(**args, A=inp["A"], chunk_size=inp["chunk_size"])
+    return _from_padded(y, inp["pad_keep"], 1)
+
+
+def _ssd_flops(s):
+    T = sum(lengths(s))
+    return 2.0 * T * (s["groups"] * s["chunk"] * s["dstate"] + s["nheads"] * (s["chunk"] * s["headdim"] + 2 * s["headdim"] * s["dstate"]))
+
+
+def _ssd_bytes(s, dtype):
+    elem = torch.empty((), dtype=dtype).element_size()
+    T = sum(lengths(s))
+    return elem * T * (2 * s["nheads"] * s["headdim"] + s["nheads"] + 2 * s["groups"] * s["dstate"])
+
+
+def _with_pad(shapes):
+    return [{**s, "pad": round(_pad_ratio(s), 2)} for s in shapes]
+
+
+register(
+    BenchOp(
+        name="ssd-packed",
+        shapes={
+            "cpu": _with_pad([{"seqs": 4, "minlen": 64, "maxlen": 1024, "nheads": 8, "headdim": 64, "dstate": 64,
+                               "groups": 1, "chunk": 64}]),
+            "cuda": _with_pad([{"seqs": 16, "minlen": 64, "maxlen": 4096, "nheads": 32, "headdim": 64,
+                                "dstate": 128, "groups": 1, "chunk": 256}]),
+        },
+        make_inputs=_ssd_inputs,
+        ours=lambda inp: ssm_kernels.ssd_scan(**_strip(inp)),
+        reference=lambda inp: _reference_each(lambda a: reference.ssd_scan(**a), inp, SSD_TOKENS, 1),
+        baselines={
+            "single-seq": lambda inp: ssm_kernels.ssd_scan(**{k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}),
+            "padded": _ssd_padded,
+        },
+        flops=_ssd_flops,
+        bytes=_ssd_bytes,
+        grad_inputs=("x", "dt", "A", "B", "C"),
+        reference_shape=lambda s: {**s, "seqs": min(s["seqs"], 3), "maxlen": min(s["maxlen"], 200),
+                                   "minlen": min(s["minlen"], 100), "nheads": min(s["nheads"], 4)},
+        check_shape=lambda s: {**s, "seqs": min(s["seqs"], 3), "maxlen": min(s["maxlen"], 600),
+                               "nheads": min(s["nheads"], 8)},
+    )
+)
+
+
+# causal_conv1d ---------------------------------------------------------------------------------
+
+def _conv_inputs(shape, device, dtype):
+    lens, extras = _packed_extras(shape, device)
+    d, w = shape["dim"], shape["width"]
+    return {
+        "x": torch.randn(1, d, sum(lens), device=device, dtype=dtype),
+        "weight": torch.randn(d, w, device=device) / w**0.5,
+        "bias": torch.randn(d, device=device),
+        "activation": "silu",
+        **extras,
+    }
+
+
+def _conv_padded(inp):
+    seqs = inp["cu_seqlens"].shape[0] - 1
+    x = _to_padded(inp["x"], inp["pad_gather"], seqs, 2)
+    y = ssm_kernels.causal_conv1d(x, inp["weight"], inp["bias"], "silu")
+    return _from_padded(y, inp["pad_keep"], 2)
+
+
+register(
+    BenchOp(
+        name="causal_conv1d-packed",
+        shapes={
+            "cpu": _with_pad([{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 512, "width": 4}]),
+            "cuda": _with_pad([{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 4096, "width": 4}]),
+        },
+        make_inputs=_conv_inputs,
+        ours=lambda inp: ssm_kernels.causal_conv1d(**_strip(inp)),
+        reference=lambda inp: _reference_each(lambda a: reference.causal_conv1d(**a), inp, ("x",), 2),
+        baselines={
+            "single-seq": lambda inp: ssm_kernels.causal_conv1d(
+                **{k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}),
+            "padded": _conv_padded,
+        },
+        flops=lambda s: 2.0 * s["dim"] * sum(lengths(s)) * s["width"],
+        bytes=lambda s, dtype: 2 * s["dim"] * sum(lengths(s)) * torch.empty((), dtype=dtype).element_size(),
+        grad_inputs=("x", "weight", "bias"),
+        check_shape=lambda s: {**s, "dim": min(s["dim"], 256)},
+    )
+)
+
+
+# fftconv ---------------------------------------------------------------------------------------
+
+def _fft_inputs(shape, device, dtype):
+    lens, extras = _packed_extras(shape, device)
+    d, k = shape["dim"], shape["klen"]
+    return {
+        "u": torch.randn(1, d, sum(lens), device=device, dtype=dtype),
+        "k": torch.randn(d, k, device=device) / k,
+        "D": torch.randn(d, device=device),
+        **extras,
+    }
+
+
+def _fft_padded(inp):
+    seqs = inp["cu_seqlens"].shape[0] - 1
+    u = _to_padded(inp["u"], inp["pad_gather"], seqs, 2)
+    return _from_padded(ssm_kernels.fftconv(u, inp["k"], inp["D"]), inp["pad_keep"], 2)
+
+
+register(
+    BenchOp(
+        name="fftconv-packed",
+        shapes={
+            "cpu": _with_pad([{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 64, "klen": 256}]),
+            "cuda": _with_pad([{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 768, "klen": 256}]),
+        },
+        make_inputs=_fft_inputs,
+        ours=lambda inp: ssm_kernels.fftconv(**_strip(inp)),
+        reference=lambda inp: _reference_each(lambda a: reference.fftconv(**a), inp, ("u",), 2),
+        baselines={
+            "single-seq": lambda inp: ssm_kernels.fftconv(**{k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}),
+            "padded": _fft_padded,
+        },
+        flops=lambda s: 0.0,
+        bytes=lambda s, dtype: 2 * s["dim"] * sum(lengths(s)) * torch.empty((), dtype=dtype).element_size(),
+        grad_inputs=("u", "k", "D"),
+        reference_shape=lambda s: {**s, "dim": min(s["dim"], 8)},
+        check_shape=lambda s: {**s, "dim": min(s["dim"], 16), "seqs": min(s["seqs"], 4)},
+    )
+)
