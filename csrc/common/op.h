@@ -55,46 +55,37 @@ struct OptTensorDefaultNone : std::optional<at::Tensor> {
   using std::optional<at::Tensor>::operator=;
 };
 
-// Arg<T>: the schema spelling of an argument type, and how its value leaves the dispatcher's stack.
+// Arg<T>: the schema spelling of an argument type (and its default), and how its value leaves the
+// dispatcher's stack.
 template <typename T>
 struct Arg;
-#define SSMK_OP_ARG_TYPE(TYPE, SCHEMA, TAKE)                   \
-  template <>                                                  \
-  struct Arg<TYPE> {                                           \
-    static constexpr const char* kSchema = SCHEMA;             \
-    static TYPE take(c10::IValue& v) { return TAKE; }          \
+#define SSMK_OP_ARG_TYPE(TYPE, SCHEMA, DEFAULT, TAKE)  \
+  template <>                                          \
+  struct Arg<TYPE> {                                   \
+    static constexpr const char* kSchema = SCHEMA;     \
+    static constexpr const char* kDefault = DEFAULT;   \
+    static TYPE take(c10::IValue& v) { return TAKE; }  \
   };
-SSMK_OP_ARG_TYPE(Tensor, "Tensor", std::move(v).toTensor())
-SSMK_OP_ARG_TYPE(OptTensor, "Tensor?", std::move(v).toOptional<at::Tensor>())
-SSMK_OP_ARG_TYPE(Bool, "bool", v.toBool())
-SSMK_OP_ARG_TYPE(Int, "int", v.toInt())
-SSMK_OP_ARG_TYPE(Float, "float", v.toDouble())
-SSMK_OP_ARG_TYPE(Dtype, "ScalarType", v.toScalarType())
-SSMK_OP_ARG_TYPE(FloatList, "float[]", v.toDoubleVector())
+SSMK_OP_ARG_TYPE(Tensor, "Tensor", "", std::move(v).toTensor())
+SSMK_OP_ARG_TYPE(OptTensor, "Tensor?", "", std::move(v).toOptional<at::Tensor>())
+SSMK_OP_ARG_TYPE(OptTensorDefaultNone, "Tensor?", "=None",
+                 [&] { OptTensorDefaultNone t; t = std::move(v).toOptional<at::Tensor>(); return t; }())
+SSMK_OP_ARG_TYPE(Bool, "bool", "", v.toBool())
+SSMK_OP_ARG_TYPE(Int, "int", "", v.toInt())
+SSMK_OP_ARG_TYPE(Float, "float", "", v.toDouble())
+SSMK_OP_ARG_TYPE(Dtype, "ScalarType", "", v.toScalarType())
+SSMK_OP_ARG_TYPE(FloatList, "float[]", "", v.toDoubleVector())
 #undef SSMK_OP_ARG_TYPE
 template <char Alias>
 struct Arg<MutTensorOf<Alias>> {
   static constexpr char kSchema[] = {'T', 'e', 'n', 's', 'o', 'r', '(', Alias, '!', ')', '\0'};
+  static constexpr const char* kDefault = "";
   static MutTensorOf<Alias> take(c10::IValue& v) { return MutTensorOf<Alias>{std::move(v).toTensor()}; }
-};
-
-template <>
-struct Arg<OptTensorDefaultNone> {
-  static constexpr const char* kSchema = "Tensor?";
-  static OptTensorDefaultNone take(c10::IValue& v) {
-    OptTensorDefaultNone t;
-    t = std::move(v).toOptional<at::Tensor>();
-    return t;
-  }
 };
 
 template <typename T>
 std::string schema_arg(const char* name) {
-  return std::string(", ") + Arg<T>::kSchema + " " + name;
-}
-template <>
-inline std::string schema_arg<OptTensorDefaultNone>(const char* name) {
-  return std::string(", Tensor? ") + name + "=None";
+  return std::string(", ") + Arg<T>::kSchema + " " + name + Arg<T>::kDefault;
 }
 
 inline void push(torch::jit::Stack& stack, at::Tensor t) { stack.emplace_back(std::move(t)); }
