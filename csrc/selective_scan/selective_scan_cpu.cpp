@@ -12,7 +12,9 @@
 // Packed sequences (cu_seqlens or seq_idx): a row is still walked in its chunks, token by token;
 // where a sequence starts the state is reloaded (its own initial state, or zero) and where one
 // ends its state is written out (common/packed_seqs.h), so one task never mixes two sequences'
-// states and the cost per token is one comparison. The backward's reverse recurrence restarts
+// states and the cost per token is one comparison. The forward with cu_seqlens splits the work
+// over (channel, sequence) instead of rows, balanced by tokens (fwd_sequences), so that a few
+// channels still keep every thread busy; each step computes exactly what the row walk would. The backward's reverse recurrence restarts
 // from the final-state gradient where a sequence ends and writes the initial-state gradient where
 // it starts.
 #include <ATen/Parallel.h>
@@ -151,13 +153,9 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p
     const int64_t z_off = b * p.z.stride[0] + d * p.z.stride[1];
     input_t* out = p.out + r * L;
     auto* ckpt = p.checkpoints + r * nc * N;
-    const bool packed = p.seqs.packed(), bounded = p.seqs.any();
+    const bool bounded = p.seqs.any();
     int64_t hint = 0;
-    if (packed) {
-      std::fill(h.begin(), h.end(), acc_t(0));
-    } else {
-      load_initial<acc_t, kComplex>(p.initial_state, N, b, d, h.data());
-    }
+    load_initial<acc_t, kComplex>(p.initial_state, N, b, d, h.data());
     for (int64_t c = 0; c < nc; ++c) {
       store_state<acc_t, kComplex>(h.data(), N, ckpt + c * N);
       const int64_t t0 = c * kChunkSize;
@@ -183,7 +181,6 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p
         if (tb.start) load_sequence_state<acc_t, kComplex>(p.initial_state, N, tb.seq, d, h.data());
         yb[i] = kScale * scan_step<acc_t, kComplex, false>(N, dtb[i], dtb[i] * ub[i], A, Bbase + t * lay.B.step,
                                                            Cbase + t * lay.C.step, h.data(), nullptr, nullptr);
-        if (tb.end && tb.seq >= 0) store_state<acc_t, kComplex>(h.data(), N, p.last_state + (tb.seq * p.dim + d) * N);
       }
       if (p.z.data) {
         for (int64_t i = 0; i < n; ++i) zb[i] = load<acc_t>(p.z.data, z_off + (t0 + i) * p.z.stride[2]);
@@ -194,10 +191,84 @@ SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p
         for (int64_t i = 0; i < n; ++i) out[t0 + i] = static_cast<input_t>(selective_scan::epilogue(yb[i], ub[i], Dd, acc_t(0), false));
       }
     }
-    if (!packed) store_state<acc_t, kComplex>(h.data(), N, p.last_state + r * N);
+    store_state<acc_t, kComplex>(h.data(), N, p.last_state + r * N);
   }
 }
 SSMK_CPU_MULTIVERSION(fwd_rows, (typename input_t, bool kComplex), (input_t, kComplex),
+                      (const SelectiveScanFwdParams<input_t, kComplex>& p,
+                       const SelectiveScanCpuLayout<acc_t<input_t>>& lay, int64_t begin, int64_t end),
+                      (p, lay, begin, end))
+
+// The forward with cu_seqlens (batch 1) over [begin, end) of the flattened (channel, token) index:
+// every non-empty sequence whose first token lies there, run alone for its channel. Each step
+// computes exactly what fwd_rows' walk of the row does (same chunk-relative passes, the state
+// reloaded where the sequence starts), and the checkpoint before chunk c, the row walk's state
+// after token c*K - 1, is written by the sequence holding that token (zeros before the row), so
+// the results do not depend on how the range is split.
+template <typename input_t, bool kComplex>
+SSMK_CPU_INLINE void fwd_sequences(const SelectiveScanFwdParams<input_t, kComplex>& p,
+                                   const SelectiveScanCpuLayout<acc_t<input_t>>& lay, int64_t begin, int64_t end) {
+  using acc_t = ssmk::acc_t<input_t>;
+  const int64_t N = p.dstate, L = p.seqlen, nw = lay.nw, nc = p.n_chunks, S = p.seqs.num_seqs;
+  constexpr acc_t kScale = kComplex ? acc_t(2) : acc_t(1);
+  const int64_t* offsets = p.seqs.offsets;
+  std::vector<acc_t> h(nw), ubuf(kChunkSize), dtbuf(kChunkSize), ybuf(kChunkSize), zbuf(kChunkSize);
+  for (int64_t d = begin / L; d * L < end; ++d) {
+    const int64_t lo = std::max<int64_t>(begin - d * L, 0), hi = std::min<int64_t>(end - d * L, L);
+    const acc_t* A = lay.A + d * nw;
+    const acc_t* Bbase = lay.B.row(p.dim, L, 0, d, nw);
+    const acc_t* Cbase = lay.C.row(p.dim, L, 0, d, nw);
+    const acc_t Dd = p.D ? p.D[d] : acc_t(0), bias_d = p.delta_bias ? p.delta_bias[d] : acc_t(0);
+    const int64_t u_off = d * p.u.stride[1], dl_off = d * p.delta.stride[1], z_off = d * p.z.stride[1];
+    input_t* out = p.out + d * L;
+    auto* ckpt = p.checkpoints + d * nc * N;
+    for (int64_t s = std::lower_bound(offsets, offsets + S, lo) - offsets; s < S && offsets[s] < hi; ++s) {
+      const int64_t first = offsets[s], last = offsets[s + 1];
+      if (first >= last) continue;  // empty: the host wrote its final state
+      if (first == 0) {
+        std::fill(h.begin(), h.end(), acc_t(0));
+        store_state<acc_t, kComplex>(h.data(), N, ckpt);
+      }
+      load_sequence_state<acc_t, kComplex>(p.initial_state, N, s, d, h.data());
+      for (int64_t c = first / kChunkSize; c * kChunkSize < last; ++c) {
+        const int64_t t0 = c * kChunkSize;
+        if (t0 > first) store_state<acc_t, kComplex>(h.data(), N, ckpt + c * N);
+        const int64_t i0 = std::max(first, t0) - t0, i1 = std::min(last, t0 + kChunkSize) - t0;
+        acc_t* SSMK_RESTRICT ub = ubuf.data();
+        acc_t* SSMK_RESTRICT dtb = dtbuf.data();
+        acc_t* SSMK_RESTRICT yb = ybuf.data();
+        acc_t* SSMK_RESTRICT zb = zbuf.data();
+        for (int64_t i = i0; i < i1; ++i) {
+          ub[i] = load<acc_t>(p.u.data, u_off + (t0 + i) * p.u.stride[2]);
+          dtb[i] = load<acc_t>(p.delta.data, dl_off + (t0 + i) * p.delta.stride[2]);
+        }
+        if (p.delta_softplus) {
+#pragma omp simd
+          for (int64_t i = i0; i < i1; ++i) dtb[i] = selective_scan::delta_transform(dtb[i], bias_d, true);
+        } else {
+#pragma omp simd
+          for (int64_t i = i0; i < i1; ++i) dtb[i] = selective_scan::delta_transform(dtb[i], bias_d, false);
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t t = t0 + i;
+          yb[i] = kScale * scan_step<acc_t, kComplex, false>(N, dtb[i], dtb[i] * ub[i], A, Bbase + t * lay.B.step,
+                                                             Cbase + t * lay.C.step, h.data(), nullptr, nullptr);
+        }
+        if (p.z.data) {
+          for (int64_t i = i0; i < i1; ++i) zb[i] = load<acc_t>(p.z.data, z_off + (t0 + i) * p.z.stride[2]);
+#pragma omp simd
+          for (int64_t i = i0; i < i1; ++i) out[t0 + i] = static_cast<input_t>(selective_scan::epilogue(yb[i], ub[i], Dd, zb[i], true));
+        } else {
+#pragma omp simd
+          for (int64_t i = i0; i < i1; ++i) out[t0 + i] = static_cast<input_t>(selective_scan::epilogue(yb[i], ub[i], Dd, acc_t(0), false));
+        }
+      }
+      if (last % kChunkSize == 0 && last < L) store_state<acc_t, kComplex>(h.data(), N, ckpt + (last / kChunkSize) * N);
+      store_state<acc_t, kComplex>(h.data(), N, p.last_state + (s * p.dim + d) * N);
+    }
+  }
+}
+SSMK_CPU_MULTIVERSION(fwd_sequences, (typename input_t, bool kComplex), (input_t, kComplex),
                       (const SelectiveScanFwdParams<input_t, kComplex>& p,
                        const SelectiveScanCpuLayout<acc_t<input_t>>& lay, int64_t begin, int64_t end),
                       (p, lay, begin, end))
@@ -460,6 +531,13 @@ SSMK_CPU_MULTIVERSION(update_rows, (typename input_t), (input_t),
 
 template <typename T, bool kComplex>
 void selective_scan_fwd_cpu(const SelectiveScanFwdParams<T, kComplex>& p, const SelectiveScanCpuLayout<acc_t<T>>& lay) {
+  if (p.seqs.packed()) {
+    // Split by tokens of (channel, token): the threads get equal shares even for a few channels.
+    at::parallel_for(0, p.dim * p.seqlen, kChunkSize, [&](int64_t begin, int64_t end) {
+      fwd_sequences_dispatch<T, kComplex>(p, lay, begin, end);
+    });
+    return;
+  }
   at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
     fwd_rows_dispatch<T, kComplex>(p, lay, begin, end);
   });
