@@ -20,22 +20,28 @@ struct Mamba3Dims {
   SSMK_HOST_DEVICE int64_t nchunks() const { return (seqlen + chunk - 1) / chunk; }
 };
 
+// The per-step and per-head coefficients, contiguous in the accumulation dtype. Layouts of the
+// scan; the step's drop the L axis (adt, dt, trap [B, H], angles [B, H, A]).
+template <typename Acc>
+struct Mamba3Coeffs {
+  const Acc* adt;          // [B, H, L]
+  const Acc* dt;           // [B, H, L]
+  const Acc* trap;         // [B, H, L] (before the sigmoid)
+  const Acc* angles;       // [B, L, H, A] or nullptr (A = 0)
+  const Acc* q_bias;       // [H, R, N] or nullptr
+  const Acc* k_bias;       // [H, R, N] or nullptr
+  const Acc* D;            // [H] or nullptr
+  const Acc* mimo_v;       // [H, R, P] (mimo only)
+  const Acc* mimo_z;       // [H, R, P] (mimo with z only)
+  const Acc* mimo_o;       // [H, R, P] (mimo only)
+};
+
 template <typename T>
-struct Mamba3Inputs : Mamba3Dims {
+struct Mamba3Inputs : Mamba3Dims, Mamba3Coeffs<acc_t<T>> {
   using acc = acc_t<T>;
   View<const T, 5> q, k;   // [B, L, R, G, N]
   View<const T, 4> v;      // [B, L, H, P]
   View<const T, 4> z;      // [B, L, H, P], or data nullptr
-  const acc* adt;          // [B, H, L]
-  const acc* dt;           // [B, H, L]
-  const acc* trap;         // [B, H, L] (before the sigmoid)
-  const acc* angles;       // [B, L, H, A] or nullptr (A = 0)
-  const acc* q_bias;       // [H, R, N] or nullptr
-  const acc* k_bias;       // [H, R, N] or nullptr
-  const acc* D;            // [H] or nullptr
-  const acc* mimo_v;       // [H, R, P] (mimo only)
-  const acc* mimo_z;       // [H, R, P] (mimo with z only)
-  const acc* mimo_o;       // [H, R, P] (mimo only)
   const acc* init_angle;   // [B, H, A] or nullptr (zeros)
   const acc* init_ssm;     // [B, H, P, N] or nullptr
   const acc* init_k;       // [B, H, R, N] or nullptr
@@ -85,7 +91,7 @@ struct Mamba3BwdParams : Mamba3Inputs<T> {
 // One decode step, updating the states in place; row i of the batch uses state row
 // state_batch_indices[i] (or i), and a negative (or, on CUDA, out-of-range) index writes zeros.
 template <typename T>
-struct Mamba3StepParams {
+struct Mamba3StepParams : Mamba3Coeffs<acc_t<T>> {
   using acc = acc_t<T>;
   int64_t batch, nheads, ngroups, rank, headdim_qk, headdim_v, nangles, state_batch;
   bool mimo;
@@ -96,16 +102,6 @@ struct Mamba3StepParams {
   View<const T, 4> q, k;      // [B, R, G, N]
   View<const T, 3> v;         // [B, H, P]
   View<const T, 3> z;         // [B, H, P] or data nullptr
-  const acc* adt;             // [B, H]
-  const acc* dt;              // [B, H]
-  const acc* trap;            // [B, H]
-  const acc* angles;          // [B, H, A] or nullptr
-  const acc* q_bias;          // [H, R, N] or nullptr
-  const acc* k_bias;          // [H, R, N] or nullptr
-  const acc* D;               // [H] or nullptr
-  const acc* mimo_v;          // [H, R, P] (mimo only)
-  const acc* mimo_z;          // [H, R, P] (mimo with z only)
-  const acc* mimo_o;          // [H, R, P] (mimo only)
   const int64_t* state_batch_indices;  // [B] or nullptr
   T* out;                     // [B, H, P] contiguous
 };

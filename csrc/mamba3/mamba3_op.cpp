@@ -176,6 +176,21 @@ AccInputs acc_inputs(const Args& in, at::ScalarType acc) {
   return a;
 }
 
+// The coefficients of the scan and of the step alike.
+template <typename Acc>
+void fill_coeffs(Mamba3Coeffs<Acc>& p, const AccInputs& a) {
+  p.adt = opt<Acc>(a.adt);
+  p.dt = opt<Acc>(a.dt);
+  p.trap = opt<Acc>(a.trap);
+  p.angles = opt<Acc>(a.angles);
+  p.q_bias = opt<Acc>(a.q_bias);
+  p.k_bias = opt<Acc>(a.k_bias);
+  p.D = opt<Acc>(a.D);
+  p.mimo_v = opt<Acc>(a.mimo_v);
+  p.mimo_z = opt<Acc>(a.mimo_z);
+  p.mimo_o = opt<Acc>(a.mimo_o);
+}
+
 template <typename T, typename Args>
 void fill_inputs(Mamba3Inputs<T>& p, const Args& in, const Shape& s, const AccInputs& a) {
   using acc = acc_t<T>;
@@ -193,16 +208,7 @@ void fill_inputs(Mamba3Inputs<T>& p, const Args& in, const Shape& s, const AccIn
   p.k = view<const T, 5>(s.mimo ? in.k : in.k.unsqueeze(2));
   p.v = view<const T, 4>(in.v);
   p.z = view<const T, 4>(in.z);
-  p.adt = opt<acc>(a.adt);
-  p.dt = opt<acc>(a.dt);
-  p.trap = opt<acc>(a.trap);
-  p.angles = opt<acc>(a.angles);
-  p.q_bias = opt<acc>(a.q_bias);
-  p.k_bias = opt<acc>(a.k_bias);
-  p.D = opt<acc>(a.D);
-  p.mimo_v = opt<acc>(a.mimo_v);
-  p.mimo_z = opt<acc>(a.mimo_z);
-  p.mimo_o = opt<acc>(a.mimo_o);
+  fill_coeffs(p, a);
   p.init_angle = opt<acc>(a.init_angle);
   p.init_ssm = opt<acc>(a.init_ssm);
   p.init_k = opt<acc>(a.init_k);
@@ -417,16 +423,7 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     p.k = view<const T, 4>(s.mimo ? in.k : in.k.unsqueeze(1));
     p.v = view<const T, 3>(in.v);
     p.z = view<const T, 3>(in.z);
-    p.adt = opt<Ac>(a.adt);
-    p.dt = opt<Ac>(a.dt);
-    p.trap = opt<Ac>(a.trap);
-    p.angles = opt<Ac>(a.angles);
-    p.q_bias = opt<Ac>(a.q_bias);
-    p.k_bias = opt<Ac>(a.k_bias);
-    p.D = opt<Ac>(a.D);
-    p.mimo_v = opt<Ac>(a.mimo_v);
-    p.mimo_z = opt<Ac>(a.mimo_z);
-    p.mimo_o = opt<Ac>(a.mimo_o);
+    fill_coeffs(p, a);
     p.state_batch_indices = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
     p.out = ptr<T>(out);
     launch(in.v, [&] { mamba3_step_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
