@@ -184,6 +184,28 @@ def assert_deterministic(run: Callable[[], Sequence[torch.Tensor]]) -> None:
         assert torch.equal(a, c), f"result {i} differs on one thread"
 
 
+def assert_rejects_bad_cu_seqlens(call: Callable, cu_seqlens: torch.Tensor, batch2: dict,
+                                  takes_seq_idx: bool = True) -> None:
+    """call(**overrides) raises, naming cu_seqlens, for offsets that do not start at 0, decrease, do
+    not end at seqlen, have a float dtype or sit on another device, for inputs of batch 2
+    (`batch2`: the overrides that double the batch), and for seq_idx given too (where the op takes
+    it). cu_seqlens: the
+    valid offsets of a call with total length 40."""
+    cu, device = cu_seqlens, cu_seqlens.device
+    assert int(cu[-1]) == 40, "the bad offsets below are written for seqlen 40"
+    assert_raises_naming(ValueError, "cu_seqlens", call, cu_seqlens=cu + 1)
+    assert_raises_naming(ValueError, "cu_seqlens", call,
+                         cu_seqlens=torch.tensor([0, 20, 10, 40], dtype=torch.int32, device=device))
+    assert_raises_naming(ValueError, "cu_seqlens", call,
+                         cu_seqlens=torch.tensor([0, 10, 39], dtype=torch.int32, device=device))
+    assert_raises_naming(TypeError, "cu_seqlens", call, cu_seqlens=cu.float())
+    if device.type == "cpu":
+        assert_raises_naming(ValueError, "cu_seqlens", call, cu_seqlens=cu.to("meta"))
+    assert_raises_naming(ValueError, "cu_seqlens", call, **batch2)
+    if takes_seq_idx:
+        assert_raises_naming(ValueError, "cu_seqlens", call, seq_idx=torch.zeros(1, 40, dtype=torch.int32, device=device))
+
+
 def assert_raises_naming(exc_types, argname: str, fn: Callable, *args, **kwargs) -> str:
     """fn(*args, **kwargs) raises one of exc_types with a message naming `argname`."""
     try:
