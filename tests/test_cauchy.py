@@ -49,10 +49,7 @@ CASES = [
 
 
 def case_id(c):
-    N, L, batch, bcast, dtype, sym, strided = c
-    b = "x".join(map(str, batch)) or "scalar"
-    return f"N{N}-L{L}-B{b}-{bcast}-{testing.dtype_id(dtype)}-{'sym' if sym else 'nosym'}" + (
-        "-strided" if strided else "")
+    return testing.broadcast_case_id(*c)
 
 
 def make_case(N, L, batch, bcast, dtype, strided, device):

@@ -36,16 +36,8 @@ def lay_out(t, layout):
 
 
 def make_inputs(lead, L, dtype, device, init, layout="contig"):
-    """Decays |a| in [0.5, 1) with random signs (phases when complex), b ~ N(0, 1)."""
-    shape = tuple(lead) + (L,)
-    mag = torch.rand(shape, dtype=f64, device=device) * 0.5 + 0.5
-    if dtype.is_complex:
-        a = mag * torch.exp(1j * torch.randn(shape, dtype=f64, device=device))
-        b = torch.complex(torch.randn(shape, dtype=f64, device=device), torch.randn(shape, dtype=f64, device=device))
-    else:
-        a = torch.where(torch.rand(shape, dtype=f64, device=device) < 0.2, -mag, mag)
-        b = torch.randn(shape, dtype=f64, device=device)
-    a, b = lay_out(a.to(dtype), layout), lay_out(b.to(dtype), layout)
+    a, b = testing.make_decays(tuple(lead) + (L,), dtype, device)
+    a, b = lay_out(a, layout), lay_out(b, layout)
     h0 = None
     if init:
         h0 = torch.randn(tuple(lead), dtype=wide(dtype), device=device).to(acc_dtype(dtype))

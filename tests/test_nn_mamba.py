@@ -146,10 +146,7 @@ def test_mamba_matches_hf_mamba_mixer():
                                    use_conv_bias=True, use_bias=True, num_hidden_layers=1)
     hf = MambaMixer(cfg, layer_idx=0).eval()
     m = Mamba(24, d_state=8, d_conv=4, expand=2, dt_rank=3, conv_bias=True, bias=True)
-    m.load_state_dict(hf.state_dict(), strict=True)
-    x = testing.make_tensor((2, 19, 24), F32)
-    with torch.no_grad():
-        testing.assert_close(m(x), hf(x), F32, name="vs MambaMixer")
+    testing.check_loads_peer_weights(m, hf, testing.make_tensor((2, 19, 24), F32), "MambaMixer")
 
 
 @pytest.mark.parametrize("kwargs,name", [

@@ -192,10 +192,7 @@ def test_mamba2_matches_hf_mamba2_mixer():
                                     num_hidden_layers=1, layer_norm_epsilon=1e-5)
     hf = Mamba2Mixer(cfg, layer_idx=0).eval()
     m = Mamba2(32, d_state=8, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=16)
-    m.load_state_dict(hf.state_dict(), strict=True)
-    x = testing.make_tensor((2, 37, 32), F32)
-    with torch.no_grad():
-        testing.assert_close(m(x), hf(x), F32, name="vs Mamba2Mixer")
+    testing.check_loads_peer_weights(m, hf, testing.make_tensor((2, 37, 32), F32), "Mamba2Mixer")
 
 
 @pytest.mark.parametrize("kwargs,name", [

@@ -103,9 +103,7 @@ def test_selective_scan_matches_reference(case, device):
     assert last.dtype == (torch.complex64 if case[3] else torch.float32)
     assert_close(out, rout, dtype, "out")
     assert_close(last, rlast, dtype, "last_state")
-    for name in g:
-        assert g[name].dtype == inp[name].dtype and g[name].shape == inp[name].shape, name
-        assert_close(g[name], rg[name], dtype, f"d{name}")
+    testing.assert_grads_close(g, rg, inp, dtype)
 
 
 def test_selective_scan_checkpoints_are_per_chunk(device):

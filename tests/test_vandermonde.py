@@ -46,10 +46,7 @@ CASES = [
 
 
 def case_id(c):
-    N, L, batch, bcast, dtype, sym, strided, _ = c
-    b = "x".join(map(str, batch)) or "scalar"
-    return f"N{N}-L{L}-B{b}-{bcast}-{testing.dtype_id(dtype)}-{'sym' if sym else 'nosym'}" + (
-        "-strided" if strided else "")
+    return testing.broadcast_case_id(*c[:7])
 
 
 def make_vx(N, batch, bcast, dtype, strided, dt_max, device):

@@ -7,7 +7,8 @@ import ssm_kernels
 from ssm_kernels import reference, testing
 from ssm_kernels.nn import S5, Mamba
 from ssm_kernels.ops.selective_scan import CHUNK_SIZE
-from ssm_kernels.testing import assert_close, assert_raises_naming, clone_leaf, dtype_id, make_tensor
+from ssm_kernels.testing import (assert_close, assert_grads_close, assert_raises_naming, clone_leaf, dtype_id, make_decays,
+                                 make_tensor)
 
 F32, F16, BF16, F64, C64 = torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64
 
@@ -131,9 +132,7 @@ def test_selective_scan_packed_matches_reference(case, device):
     assert last.shape == (len(lengths), 3, 4) and last.dtype == state_dtype(dtype, cplx)
     assert_close(out, rout, dtype, "out")
     assert_close(last, rlast, dtype, "last_state")
-    for name in g:
-        assert g[name].shape == inp[name].shape and g[name].dtype == inp[name].dtype, name
-        assert_close(g[name], rg[name], dtype, f"d{name}")
+    assert_grads_close(g, rg, inp, dtype)
 
 
 def test_selective_scan_packed_long_sequences_across_chunks(device):
@@ -306,15 +305,7 @@ def test_selective_scan_packed_batch_above_one_raises(device):
 # ----------------------------------------------------------------------------- linear_scan
 
 def ls_inputs(lead, T, dtype, layout="contig", device="cpu", S=None):
-    shape = (1, *lead, T)
-    mag = torch.rand(shape, dtype=F64, device=device) * 0.5 + 0.5
-    if dtype.is_complex:
-        a = mag * torch.exp(1j * torch.randn(shape, dtype=F64, device=device))
-        b = torch.complex(torch.randn(shape, dtype=F64, device=device), torch.randn(shape, dtype=F64, device=device))
-    else:
-        a = torch.where(torch.rand(shape, dtype=F64, device=device) < 0.2, -mag, mag)
-        b = torch.randn(shape, dtype=F64, device=device)
-    a, b = a.to(dtype), b.to(dtype)
+    a, b = make_decays((1, *lead, T), dtype, device)
     if layout == "strided":
         a = torch.stack([a, a], -1).flatten(-2)[..., ::2]
         b = torch.stack([b, b], -1).flatten(-2)[..., ::2]

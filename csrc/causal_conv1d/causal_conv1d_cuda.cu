@@ -42,10 +42,7 @@ void causal_conv1d_update_cuda(const CausalConv1dUpdateParams<T, S>& p, const Cu
 #define SSMK_INSTANTIATE(T)                                                                          \
   template void causal_conv1d_fwd_cuda<T>(const CausalConv1dFwdParams<T>&, const CudaContext&);      \
   template void causal_conv1d_bwd_cuda<T>(const CausalConv1dBwdParams<T>&, acc_t<T>*, const CudaContext&); \
-  SSMK_INSTANTIATE_UPDATE(T, float)                                                                  \
-  SSMK_INSTANTIATE_UPDATE(T, double)                                                                 \
-  SSMK_INSTANTIATE_UPDATE(T, c10::Half)                                                              \
-  SSMK_INSTANTIATE_UPDATE(T, c10::BFloat16)
+  SSMK_FLOAT_TYPES_WITH(SSMK_INSTANTIATE_UPDATE, T)
 SSMK_FLOAT_TYPES(SSMK_INSTANTIATE)
 #undef SSMK_INSTANTIATE
 #undef SSMK_INSTANTIATE_UPDATE

@@ -29,9 +29,21 @@ struct Acc<c10::complex<T>> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
+// The complex conjugate, and the identity for real types, so kernels write one formula for both.
+template <typename T>
+SSMK_MATH_INLINE T conj_of(T x) {
+  return x;
+}
+template <typename T>
+SSMK_MATH_INLINE c10::complex<T> conj_of(c10::complex<T> x) {
+  return c10::complex<T>(x.real(), -x.imag());
+}
+
 // The element types of each dispatch set (common/dispatch.h), as X-macros for the explicit
 // instantiations beside the kernels: SSMK_FLOAT_TYPES(INSTANTIATE).
 #define SSMK_FLOAT_TYPES(M) M(float) M(double) M(c10::Half) M(c10::BFloat16)
+// Pairs (A, S) for every S of the float set: the second type of a two-type kernel.
+#define SSMK_FLOAT_TYPES_WITH(M, A) M(A, float) M(A, double) M(A, c10::Half) M(A, c10::BFloat16)
 #define SSMK_COMPLEX_TYPES(M) M(c10::complex<float>) M(c10::complex<double>)
 #define SSMK_FLOAT_AND_COMPLEX_TYPES(M) SSMK_FLOAT_TYPES(M) SSMK_COMPLEX_TYPES(M)
 

@@ -36,7 +36,6 @@ namespace ssmk {
 namespace {
 
 using linear_scan::Affine;
-using linear_scan::conj_if_complex;
 using linear_scan::kChunk;
 using linear_scan::kFewRows;
 using linear_scan::scan_acc_t;
@@ -141,8 +140,8 @@ struct BwdRows {
   SSMK_CPU_INLINE void at(int g, int64_t j) {
     s[g] = linear_scan::step(coef[g], s[g], static_cast<acc_t>(g_in[g][j * gs]));
     db[g][j * os] = static_cast<in_t>(s[g]);
-    da[g][j * os] = static_cast<in_t>(s[g] * conj_if_complex(static_cast<acc_t>(h[g][(j + 1) * hs])));
-    coef[g] = conj_if_complex(static_cast<acc_t>(a[g][j * as]));
+    da[g][j * os] = static_cast<in_t>(s[g] * conj_of(static_cast<acc_t>(h[g][(j + 1) * hs])));
+    coef[g] = conj_of(static_cast<acc_t>(a[g][j * as]));
   }
 };
 
@@ -171,7 +170,7 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0,
     rows.da[g] = p.da + r * L + walk_start(desc, L, 1) + u0 * rows.os;
     rows.db[g] = p.db + r * L + walk_start(desc, L, 1) + u0 * rows.os;
     rows.s[g] = state[g];
-    rows.coef[g] = fresh ? acc_t(1) : conj_if_complex(static_cast<acc_t>(rows.a[g][-rows.as]));
+    rows.coef[g] = fresh ? acc_t(1) : conj_of(static_cast<acc_t>(rows.a[g][-rows.as]));
   }
   // The sequence's first position reads the initial state instead of h: peel it off the walk.
   const int64_t n = u1 - u0;
@@ -183,8 +182,8 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0,
       acc_t& s = state[g];
       s = linear_scan::step(rows.coef[g], s, static_cast<acc_t>(rows.g_in[g][j * rows.gs]));
       rows.db[g][j * rows.os] = static_cast<in_t>(s);
-      rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_if_complex(h0[g]));
-      s = conj_if_complex(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
+      rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_of(h0[g]));
+      s = conj_of(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
     }
   }
 }
@@ -210,11 +209,11 @@ SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const ParamsOf<in_t, kBwd>& 
   } else {
     const int64_t gs = walk_step(desc, p.dh.stride[1]);
     const in_t* g = p.dh.data + r * p.dh.stride[0] + walk_start(desc, L, p.dh.stride[1]) + u0 * gs;
-    acc_t coef = u0 == 0 ? acc_t(1) : conj_if_complex(static_cast<acc_t>(a[-as]));
+    acc_t coef = u0 == 0 ? acc_t(1) : conj_of(static_cast<acc_t>(a[-as]));
     for (int64_t i = 0; i < u1 - u0; ++i) {
       B = linear_scan::step(coef, B, static_cast<acc_t>(g[i * gs]));
       A = coef * A;
-      coef = conj_if_complex(static_cast<acc_t>(a[i * as]));
+      coef = conj_of(static_cast<acc_t>(a[i * as]));
     }
   }
   return Affine<acc_t>{A, B};

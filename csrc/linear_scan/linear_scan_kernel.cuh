@@ -278,9 +278,9 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   to_walk_order(g, desc);
   to_walk_order(h, desc);
   acc_t coef[kItems];
-  coef[0] = conj_if_complex(a_prev);
+  coef[0] = conj_of(a_prev);
 #pragma unroll
-  for (int k = 1; k < kItems; ++k) coef[k] = conj_if_complex(a[k - 1]);
+  for (int k = 1; k < kItems; ++k) coef[k] = conj_of(a[k - 1]);
   // hp[k]: the forward's state before item k (the sequence's initial state where it starts).
   acc_t hp[kItems];
 #pragma unroll
@@ -310,10 +310,10 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   for (int k = 0; k < kItems; ++k) {
     s = step(coef[k], s, g[k]);
     db[k] = s;
-    da[k] = s * conj_if_complex(hp[k]);
+    da[k] = s * conj_of(hp[k]);
     const int64_t t = desc ? p0 + kItems - 1 - k : p0 + k;
-    if (!packed && t == t_last) p.dinitial_state[row] = conj_if_complex(a[k]) * s;
-    if (bounded && wend[k] && seq[k] >= 0) p.dinitial_state[seq[k] * p.rows + row] = conj_if_complex(a[k]) * s;
+    if (!packed && t == t_last) p.dinitial_state[row] = conj_of(a[k]) * s;
+    if (bounded && wend[k] && seq[k] >= 0) p.dinitial_state[seq[k] * p.rows + row] = conj_of(a[k]) * s;
   }
   to_walk_order(da, desc);
   to_walk_order(db, desc);

@@ -34,15 +34,6 @@ template <typename T>
 using scan_acc_t = ::ssmk::acc_t<T>;
 
 template <typename T>
-SSMK_HOST_DEVICE T conj_if_complex(T x) {
-  return x;
-}
-template <typename T>
-SSMK_HOST_DEVICE c10::complex<T> conj_if_complex(c10::complex<T> x) {
-  return c10::complex<T>(x.real(), -x.imag());
-}
-
-template <typename T>
 SSMK_HOST_DEVICE T one() {
   return T(1);
 }

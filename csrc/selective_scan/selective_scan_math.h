@@ -46,15 +46,6 @@ SSMK_MATH_INLINE T real_part(c10::complex<T> x) {
   return x.real();
 }
 
-template <typename T>
-SSMK_MATH_INLINE T conj_of(T x) {
-  return x;
-}
-template <typename T>
-SSMK_MATH_INLINE c10::complex<T> conj_of(c10::complex<T> x) {
-  return c10::complex<T>(x.real(), -x.imag());
-}
-
 // Re(conj(x) * y): the real inner product, i.e. how a real scalar s enters through x * s.
 template <typename T>
 SSMK_MATH_INLINE T real_dot(T x, T y) {

@@ -104,6 +104,20 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype, device="cpu", *, strid
     return t
 
 
+def make_decays(shape: Sequence[int], dtype: torch.dtype, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of a linear recurrence h_t = a_t h_{t-1} + b_t, drawn in float64 then cast: decays
+    |a| in [0.5, 1) with random signs (random phases when complex), b ~ N(0, 1)."""
+    f64 = torch.float64
+    mag = torch.rand(shape, dtype=f64, device=device) * 0.5 + 0.5
+    if dtype.is_complex:
+        a = mag * torch.exp(1j * torch.randn(shape, dtype=f64, device=device))
+        b = torch.complex(torch.randn(shape, dtype=f64, device=device), torch.randn(shape, dtype=f64, device=device))
+    else:
+        a = torch.where(torch.rand(shape, dtype=f64, device=device) < 0.2, -mag, mag)
+        b = torch.randn(shape, dtype=f64, device=device)
+    return a.to(dtype), b.to(dtype)
+
+
 def make_channel_last(t: torch.Tensor) -> torch.Tensor:
     """Same values, (B, D, L) view of a (B, L, D) contiguous buffer."""
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -139,6 +153,13 @@ def grads(outputs: Iterable[torch.Tensor], inputs: Sequence[Optional[torch.Tenso
     got = torch.autograd.grad(total, wanted, allow_unused=True)
     it = iter(got)
     return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def assert_grads_close(grads: dict, expected: dict, inputs: dict, dtype: torch.dtype) -> None:
+    """Each gradient has its input's shape and dtype and is close to the expected one."""
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape and g.dtype == inputs[name].dtype, name
+        assert_close(g, expected[name], dtype, f"d{name}")
 
 
 def run_opcheck(op, args: tuple, kwargs: Optional[dict] = None) -> None:
@@ -240,6 +261,13 @@ def check_module_matches_reference(module: torch.nn.Module, x: torch.Tensor, ref
     assert_close(x.grad, x64.grad, x.dtype, name="grad input")
 
 
+def check_loads_peer_weights(module: torch.nn.Module, peer: torch.nn.Module, x: torch.Tensor, name: str) -> None:
+    """module takes peer's state_dict as it is (strict) and then computes what peer computes."""
+    module.load_state_dict(peer.state_dict(), strict=True)
+    with torch.no_grad():
+        assert_close(module(x), peer(x), x.dtype, name=f"vs {name}")
+
+
 def check_two_pieces_equal_one_pass(module: torch.nn.Module, x: torch.Tensor, split: int,
                                     dtype: torch.dtype = torch.float32) -> None:
     """A Mamba-style block run on x[:, :split] then x[:, split:] with the carried (conv, ssm)
@@ -278,6 +306,14 @@ def broadcast_pair_shapes(batch: Sequence[int], pattern: str, N: int) -> tuple[t
         ob = tuple(s if i == 0 else 1 for i, s in enumerate(batch))
         return (*vb, 1), (*ob, N)
     raise ValueError(f"pattern: unknown broadcast pattern {pattern!r}")
+
+
+def broadcast_case_id(N: int, L: int, batch: Sequence[int], pattern: str, dtype: torch.dtype, symmetric: bool,
+                      strided: bool) -> str:
+    """Test id of an S4 kernel case (cauchy, log_vandermonde)."""
+    b = "x".join(map(str, batch)) or "scalar"
+    return (f"N{N}-L{L}-B{b}-{pattern}-{dtype_id(dtype)}-{'sym' if symmetric else 'nosym'}"
+            + ("-strided" if strided else ""))
 
 
 @dataclasses.dataclass

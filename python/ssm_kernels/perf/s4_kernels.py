@@ -8,6 +8,22 @@ import torch
 from .registry import BenchOp, peer, register
 
 
+def _register_s4(name, shapes, make_inputs, torch_fn, keops_fn, flops, bytes, grad_inputs):
+    """Registers an S4 kernel in complex64, checked against the float64 reference on at most 64
+    rows, with the broadcast PyTorch baseline and pykeops's when it is importable."""
+    baselines = {"torch": torch_fn}
+    pk = peer("pykeops.torch")
+    if pk is not None:
+        baselines["pykeops"] = keops_fn(pk)
+
+    def few_rows(s):
+        return {**s, "batch": min(s["batch"], 64)}
+
+    register(BenchOp(name=name, shapes=shapes, make_inputs=make_inputs, baselines=baselines, flops=flops,
+                     bytes=bytes, dtypes={"cpu": torch.complex64, "cuda": torch.complex64},
+                     grad_inputs=grad_inputs, reference_shape=few_rows, check_shape=few_rows))
+
+
 def _cauchy_inputs(shape, device, dtype):
     b, n, l = shape["batch"], shape["N"], shape["L"]
     real = torch.float32 if dtype == torch.complex64 else torch.float64
@@ -44,37 +60,22 @@ def _cauchy_keops(keops):
     return run
 
 
-def _cauchy_baselines():
-    out = {"torch": _cauchy_torch}
-    pk = peer("pykeops.torch")
-    if pk is not None:
-        out["pykeops"] = _cauchy_keops(pk)
-    return out
-
-
 def _cauchy_bytes(shape, dtype):
     elem = torch.empty((), dtype=dtype).element_size()
     b, n, l = shape["batch"], shape["N"], shape["L"]
     return (2 * b * n + l + b * l) * elem
 
 
-register(
-    BenchOp(
-        name="cauchy",
-        shapes={
-            "cpu": [{"batch": 256, "N": 64, "L": 2048}],
-            "cuda": [{"batch": 1024, "N": 64, "L": 16384}],
-        },
-        make_inputs=_cauchy_inputs,
-        baselines=_cauchy_baselines(),
-        # per (b, n, l): the two conjugate terms, 16 + 14 real FLOPs with one division each
-        flops=lambda s: 30.0 * s["batch"] * s["N"] * s["L"],
-        bytes=_cauchy_bytes,
-        dtypes={"cpu": torch.complex64, "cuda": torch.complex64},
-        grad_inputs=("v", "w"),
-        reference_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
-        check_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
-    )
+_register_s4(
+    "cauchy",
+    shapes={"cpu": [{"batch": 256, "N": 64, "L": 2048}], "cuda": [{"batch": 1024, "N": 64, "L": 16384}]},
+    make_inputs=_cauchy_inputs,
+    torch_fn=_cauchy_torch,
+    keops_fn=_cauchy_keops,
+    # per (b, n, l): the two conjugate terms, 16 + 14 real FLOPs with one division each
+    flops=lambda s: 30.0 * s["batch"] * s["N"] * s["L"],
+    bytes=_cauchy_bytes,
+    grad_inputs=("v", "w"),
 )
 
 
@@ -108,35 +109,20 @@ def _vand_keops(keops):
     return run
 
 
-def _vand_baselines():
-    out = {"torch": _vand_torch}
-    pk = peer("pykeops.torch")
-    if pk is not None:
-        out["pykeops"] = _vand_keops(pk)
-    return out
-
-
 def _vand_bytes(shape, dtype):
     elem = torch.empty((), dtype=dtype).element_size()
     b, n, l = shape["batch"], shape["N"], shape["L"]
     return 2 * b * n * elem + b * l * elem // 2
 
 
-register(
-    BenchOp(
-        name="log_vandermonde",
-        shapes={
-            "cpu": [{"batch": 768, "N": 32, "L": 4096}],
-            "cuda": [{"batch": 1024, "N": 64, "L": 16384}],
-        },
-        make_inputs=_vand_inputs,
-        baselines=_vand_baselines(),
-        # per (b, n, l): one complex multiply-add (the powers come from a table)
-        flops=lambda s: 8.0 * s["batch"] * s["N"] * s["L"],
-        bytes=_vand_bytes,
-        dtypes={"cpu": torch.complex64, "cuda": torch.complex64},
-        grad_inputs=("v", "x"),
-        reference_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
-        check_shape=lambda s: {**s, "batch": min(s["batch"], 64)},
-    )
+_register_s4(
+    "log_vandermonde",
+    shapes={"cpu": [{"batch": 768, "N": 32, "L": 4096}], "cuda": [{"batch": 1024, "N": 64, "L": 16384}]},
+    make_inputs=_vand_inputs,
+    torch_fn=_vand_torch,
+    keops_fn=_vand_keops,
+    # per (b, n, l): one complex multiply-add (the powers come from a table)
+    flops=lambda s: 8.0 * s["batch"] * s["N"] * s["L"],
+    bytes=_vand_bytes,
+    grad_inputs=("v", "x"),
 )

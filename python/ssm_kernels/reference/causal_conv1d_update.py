@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from ._state_rows import gather_state_rows, scatter_state_rows
+
 
 def _activate(y, activation):
     return y if activation is None else F.silu(y)
@@ -43,13 +45,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     width = weight.shape[1]
     state_len = conv_state.shape[-1]
 
-    if conv_state_indices is None:
-        rows = list(range(batch))
-    else:
-        rows = [int(i) for i in conv_state_indices.tolist()]
-    valid = torch.tensor([r >= 0 for r in rows], device=x.device)  # [B]
-    state = conv_state.detach()[torch.tensor([max(r, 0) for r in rows], device=conv_state.device)]
-    state = state.to(device=x.device, dtype=torch.float64)  # [B, D, S]
+    rows, valid, state = gather_state_rows(conv_state, conv_state_indices, batch, x.device)  # state [B, D, S]
 
     outs = []
     for t in range(seqlen):
@@ -63,8 +59,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None,
     out = torch.stack(outs, dim=-1)  # [B, D, L]
     out = torch.where(valid[:, None, None], out, torch.zeros_like(out))
 
-    with torch.no_grad():
-        for i, r in enumerate(rows):
-            if r >= 0:
-                conv_state[r].copy_(state[i])
+    scatter_state_rows(conv_state, rows, state)
     return out.squeeze(-1) if squeeze else out

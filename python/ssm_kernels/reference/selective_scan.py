@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from ._state_rows import gather_state_rows, scatter_state_rows
+
 
 def _as_real(t):
     return None if t is None else t.to(torch.float64)
@@ -125,13 +127,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     B = _as_real(B).repeat_interleave(nheads // B.shape[1], dim=1)  # [B, H, N]
     C = _as_real(C).repeat_interleave(nheads // C.shape[1], dim=1)  # [B, H, N]
 
-    if state_batch_indices is None:
-        rows = list(range(batch))
-    else:
-        rows = [int(i) for i in state_batch_indices.tolist()]
-    valid = torch.tensor([r >= 0 for r in rows], device=x.device)  # [B]
-    h = state.detach()[torch.tensor([max(r, 0) for r in rows], device=state.device)]
-    h = h.to(device=x.device, dtype=torch.float64)  # [B, H, P, N]
+    rows, valid, h = gather_state_rows(state, state_batch_indices, batch, x.device)  # h [B, H, P, N]
 
     if dt_bias is not None:
         dt = dt + _as_real(dt_bias)
@@ -145,8 +141,5 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         out = out * F.silu(_as_real(z))
     out = torch.where(valid[:, None, None], out, torch.zeros_like(out))
 
-    with torch.no_grad():
-        for i, r in enumerate(rows):
-            if r >= 0:
-                state[r].copy_(h[i])
+    scatter_state_rows(state, rows, h)
     return out
