@@ -14,9 +14,27 @@
 #include "ssd/ssd_host.h"
 
 namespace ssmk {
+
+std::atomic<bool>& ssd_emulate_cuda_rounding() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
 namespace {
 
 using ssd::ssd_exp;
+
+// What the CUDA tensor cores read of a float32 operand: with the emulation on and 16-bit inputs,
+// the operand rounded to T (kInput); otherwise the operand itself.
+template <typename T>
+at::Tensor cuda_operand(const at::Tensor& a, GemmOperands ops = GemmOperands::kInput) {
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    if (ops == GemmOperands::kInput && ssd_emulate_cuda_rounding().load(std::memory_order_relaxed)) {
+      return a.to(c10::CppTypeToScalarType<T>::value).to(a.scalar_type());
+    }
+  }
+  return a;
+}
 
 struct Task {
   int64_t b, c, h, index;  // index = (b * nc + c) * H + h
@@ -374,15 +392,15 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::T
 
 // The CPU multiplies in the accumulation dtype (mm_tri: the GPU's row blocking).
 template <typename T>
-at::Tensor SsdCpuStages<T>::gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri) const {
+at::Tensor SsdCpuStages<T>::gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri, GemmOperands ops) const {
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  cpu_gemm(out, a, b, tri, false);
+  cpu_gemm(out, cuda_operand<T>(a, ops), cuda_operand<T>(b, ops), tri, false);
   return out;
 }
 
 template <typename T>
-void SsdCpuStages<T>::gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
-  cpu_gemm(out, a, b, cuda::Triangle::kNone, true);
+void SsdCpuStages<T>::gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, GemmOperands ops) const {
+  cpu_gemm(out, cuda_operand<T>(a, ops), cuda_operand<T>(b, ops), cuda::Triangle::kNone, true);
 }
 
 template <typename T>
@@ -397,12 +415,13 @@ template <typename T>
 at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& rhs, bool transposed) const {
   const int64_t Q = p.chunk, P = p.headdim;
   at::Tensor out = at::empty({p.tasks(), Q, P}, rhs.options());
-  const at::Tensor r3 = rhs.detach().view({p.tasks(), Q, P});
+  const at::Tensor r3 = cuda_operand<T>(rhs.detach().view({p.tasks(), Q, P}));
   at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor gl = at::empty({Q, Q}, rhs.options());
     for (int64_t i = begin; i < end; ++i) {
       build_gl_tasks_dispatch<acc>(p, i, i + 1, gl.data_ptr<acc>());
-      mm_tri(out.select(0, i), transposed ? gl.t() : gl, r3.select(0, i),
+      const at::Tensor glr = cuda_operand<T>(gl);
+      mm_tri(out.select(0, i), transposed ? glr.t() : glr, r3.select(0, i),
              transposed ? cuda::Triangle::kUpperA : cuda::Triangle::kLowerA);
     }
   });
@@ -432,8 +451,8 @@ at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Ten
   const int64_t Q = p.chunk, P = p.headdim, G = p.ngroups, Hg = p.nheads / G;
   const int64_t groups = p.batch * p.nchunks * G;
   at::Tensor dcb = at::empty({groups, Q, Q}, dy.options());
-  const at::Tensor dy3 = dy.detach().view({p.tasks(), Q, P});
-  const at::Tensor x3 = xdt.detach().view({p.tasks(), Q, P});
+  const at::Tensor dy3 = cuda_operand<T>(dy.detach().view({p.tasks(), Q, P}), ssd::kBwdOperands);
+  const at::Tensor x3 = cuda_operand<T>(xdt.detach().view({p.tasks(), Q, P}), ssd::kBwdOperands);
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     at::Tensor dgl = at::empty({Q, Q}, dy.options());
     for (int64_t bg = begin; bg < end; ++bg) {

@@ -65,18 +65,29 @@ void tensor_core_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
+// kFloat32 multiplies as float32 inputs do (3xTF32); float64 stays on cuBLAS.
+template <typename T>
+void stage_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri, bool accumulate,
+                GemmOperands ops, const CudaContext& ctx) {
+  if (ops == GemmOperands::kFloat32 && !std::is_same_v<T, double>) {
+    tensor_core_gemm<float>(out, a, b, tri, accumulate, ctx);
+  } else {
+    tensor_core_gemm<T>(out, a, b, tri, accumulate, ctx);
+  }
+}
+
 }  // namespace
 
 template <typename T>
-at::Tensor SsdCudaStages<T>::gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri) const {
+at::Tensor SsdCudaStages<T>::gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri, GemmOperands ops) const {
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(2)}, a.options());
-  tensor_core_gemm<T>(out, a, b, tri, false, ctx);
+  stage_gemm<T>(out, a, b, tri, false, ops, ctx);
   return out;
 }
 
 template <typename T>
-void SsdCudaStages<T>::gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const {
-  tensor_core_gemm<T>(out, a, b, cuda::Triangle::kNone, true, ctx);
+void SsdCudaStages<T>::gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, GemmOperands ops) const {
+  stage_gemm<T>(out, a, b, cuda::Triangle::kNone, true, ops, ctx);
 }
 
 template <typename T>
@@ -126,7 +137,7 @@ at::Tensor SsdCudaStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Te
   const int64_t Q = p.chunk, P = p.headdim, Hg = p.nheads / p.ngroups;
   const int64_t groups = p.batch * p.nchunks * p.ngroups;
   at::Tensor dgl = gemm(dy.view({p.tasks(), Q, P}), xdt.view({p.tasks(), Q, P}).transpose(1, 2),
-                        cuda::Triangle::kLowerOut);
+                        cuda::Triangle::kLowerOut, ssd::kBwdOperands);
   ssd_wsum_cuda(p, dgl.data_ptr<acc>(), ctx);
   return Hg == 1 ? dgl.view({groups, Q, Q}) : dgl.view({groups, Hg, Q, Q}).sum(1);
 }

@@ -8,28 +8,54 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+
 #include "common/cuda/batched_gemm_params.h"
 #include "ssd/ssd.h"
 
 namespace ssmk {
 
+// The operands of a stage GEMM: kInput rounds them to the input dtype's tensor-core precision on
+// CUDA (16-bit inputs: bf16/fp16 operands, float32 accumulation); kFloat32 keeps float32 operands
+// (3xTF32) for the products whose rounding a gradient cannot absorb (docs/ssd.md, precision).
+enum class GemmOperands { kInput, kFloat32 };
+
+// Test switch: the CPU stages round GEMM operands where the CUDA stages do (16-bit inputs only),
+// so that CPU tests see the GPU's rounding points. Off by default; set by the test hook
+// ssm_kernels_test::ssd_emulate_cuda_rounding.
+std::atomic<bool>& ssd_emulate_cuda_rounding();
+
+namespace ssd {
+// The backward's products that d A depends on (states, y_inter, d states, zT and dGL) enter sums
+// whose terms largely cancel. Rounded to bf16, their operands alone gave d A relative errors of
+// 2e-3 to 1.6e-2 (the CUDA run, and the CPU emulation of its rounding in tests/test_ssd.py);
+// with float32 operands the error is that of float32. The forward keeps the input precision.
+inline constexpr GemmOperands kBwdOperands = GemmOperands::kFloat32;
+}  // namespace ssd
+
+// The stages, declared once for both devices.
+#define SSMK_SSD_STAGES(T)                                                                                   \
+  using acc = acc_t<T>;                                                                                      \
+  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri = cuda::Triangle::kNone,        \
+                  GemmOperands ops = GemmOperands::kInput) const;                                            \
+  void gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,                                   \
+                GemmOperands ops = GemmOperands::kInput) const;                                              \
+  void prep(const SsdPrepParams<T>& p) const;                                                                \
+  /* GL @ rhs (transposed = false: y_intra = GL (dt x)) or GL^T @ rhs (true: d(dt x) = GL^T dY), */          \
+  /* rhs [B, nc, H, Q, P] -> [tasks, Q, P]. */                                                               \
+  at::Tensor intra(const SsdGlParams<acc>& p, const at::Tensor& rhs, bool transposed) const;                 \
+  void scan(const SsdScanParams<acc>& p) const;                                                              \
+  void scan(const SsdScanBwdParams<acc>& p) const;                                                           \
+  void epilogue(const SsdFwdParams<T>& p) const;                                                             \
+  /* dCB [B * nc * G, Q, Q] (dGL * decay summed over each group's heads), and p.dacs. */                     \
+  at::Tensor intra_dcb(const SsdWsumParams<acc>& p, const at::Tensor& dy, const at::Tensor& xdt) const;      \
+  void final(const SsdBwdParams<T>& p) const;
+
 // CPU: BLAS GEMMs with the GPU GEMM's row blocking, and the stage loops (ssd_cpu.cpp).
 template <typename T>
 struct SsdCpuStages {
-  using acc = acc_t<T>;
+  SSMK_SSD_STAGES(T)
   int64_t scan_splits(const SsdDims&) const { return 1; }
-  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri = cuda::Triangle::kNone) const;
-  void gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const;
-  void prep(const SsdPrepParams<T>& p) const;
-  // GL @ rhs (transposed = false: y_intra = GL (dt x)) or GL^T @ rhs (true: d(dt x) = GL^T dY),
-  // rhs [B, nc, H, Q, P] -> [tasks, Q, P].
-  at::Tensor intra(const SsdGlParams<acc>& p, const at::Tensor& rhs, bool transposed) const;
-  void scan(const SsdScanParams<acc>& p) const;
-  void scan(const SsdScanBwdParams<acc>& p) const;
-  void epilogue(const SsdFwdParams<T>& p) const;
-  // dCB [B * nc * G, Q, Q] (dGL * decay summed over each group's heads), and p.dacs.
-  at::Tensor intra_dcb(const SsdWsumParams<acc>& p, const at::Tensor& dy, const at::Tensor& xdt) const;
-  void final(const SsdBwdParams<T>& p) const;
 };
 
 #ifdef SSMK_WITH_CUDA
@@ -37,19 +63,12 @@ struct SsdCpuStages {
 // offsets) and the stage kernels, on ctx's stream (ssd_cuda_host.cpp).
 template <typename T>
 struct SsdCudaStages {
-  using acc = acc_t<T>;
+  SSMK_SSD_STAGES(T)
   CudaContext ctx;
   int64_t scan_splits(const SsdDims& d) const { return ssd::cuda_scan_splits(d); }
-  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, cuda::Triangle tri = cuda::Triangle::kNone) const;
-  void gemm_add(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) const;
-  void prep(const SsdPrepParams<T>& p) const;
-  at::Tensor intra(const SsdGlParams<acc>& p, const at::Tensor& rhs, bool transposed) const;
-  void scan(const SsdScanParams<acc>& p) const;
-  void scan(const SsdScanBwdParams<acc>& p) const;
-  void epilogue(const SsdFwdParams<T>& p) const;
-  at::Tensor intra_dcb(const SsdWsumParams<acc>& p, const at::Tensor& dy, const at::Tensor& xdt) const;
-  void final(const SsdBwdParams<T>& p) const;
 };
 #endif
+
+#undef SSMK_SSD_STAGES
 
 }  // namespace ssmk

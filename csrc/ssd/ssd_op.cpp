@@ -230,7 +230,7 @@ SsdGlParams<acc_t<T>> gl_params(const Prepared& s) {
 // Stages 1-4 of the decomposition up to (not including) the scan across chunks. GL itself is never
 // stored: the stages that use it (intra, intra_dcb) rebuild it from CB and Acs.
 template <typename T, typename Args, typename Stages>
-Prepared prepare(const Args& in, const Packing& packing, const Stages& st) {
+Prepared prepare(const Args& in, const Packing& packing, const Stages& st, GemmOperands ops) {
   using acc = acc_t<T>;
   const auto acc_type = acc_dtype(in.x.scalar_type());
   const auto opts = in.x.options().dtype(acc_type);
@@ -276,7 +276,7 @@ Prepared prepare(const Args& in, const Packing& packing, const Stages& st) {
   s.xdt = pack_chunks(in.x, nc, Q, acc_type) * s.dtv.unsqueeze(-1);
   s.xwT = (s.xdt * s.e.unsqueeze(-1)).transpose(-1, -2).contiguous();
   // S_c = sum_s e_s dt_s x_s B_s^T, heads of a group stacked along P.
-  s.states = st.gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg);
+  s.states = st.gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg, Triangle::kNone, ops);
   return s;
 }
 
@@ -298,16 +298,17 @@ int64_t state_count(const Prepared& s) { return s.packing->packed() ? s.packing-
 
 // y_inter^T per head: H_{c-1} (P x N) @ C^T (N x Q), heads of a group stacked along P.
 template <typename Stages>
-at::Tensor inter_outputs(const Prepared& s, const Stages& st) {
+at::Tensor inter_outputs(const Prepared& s, const Stages& st, GemmOperands ops) {
   const SsdDims& d = s.d;
   const int64_t BncG = d.batch * d.nchunks * d.ngroups, Hg = d.nheads / d.ngroups;
-  return st.gemm(s.states.view({BncG, Hg * d.headdim, d.dstate}), s.Cc.view({BncG, d.chunk, d.dstate}).transpose(1, 2));
+  return st.gemm(s.states.view({BncG, Hg * d.headdim, d.dstate}), s.Cc.view({BncG, d.chunk, d.dstate}).transpose(1, 2),
+                 Triangle::kNone, ops);
 }
 
 template <typename T, typename Stages>
 std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Packing& packing, const Stages& st) {
   using acc = acc_t<T>;
-  const Prepared s = prepare<T>(in, packing, st);
+  const Prepared s = prepare<T>(in, packing, st, GemmOperands::kInput);
   const SsdDims& d = s.d;
   at::Tensor final_states =
       new_output({state_count(s), d.nheads, d.headdim, d.dstate}, in.x.options().dtype(acc_dtype(in.x.scalar_type())));
@@ -316,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Packi
   st.scan(sp);
 
   const at::Tensor y_intra = st.intra(gl_params<T>(s), s.xdt, false);
-  const at::Tensor y_interT = inter_outputs(s, st);
+  const at::Tensor y_interT = inter_outputs(s, st, GemmOperands::kInput);
   at::Tensor out = new_output(in.x.sizes(), in.x.options());
   SsdFwdParams<T> p{};
   static_cast<SsdDims&>(p) = d;
@@ -341,7 +342,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   const at::Tensor& x = in.x;
   const auto acc_type = acc_dtype(x.scalar_type());
   const auto opts = x.options().dtype(acc_type);
-  const Prepared s = prepare<T>(in, packing, st);
+  const Prepared s = prepare<T>(in, packing, st, ssd::kBwdOperands);
   const SsdDims& d = s.d;
   const int64_t Bn = d.batch, L = d.seqlen, H = d.nheads, P = d.headdim, G = d.ngroups, N = d.dstate;
   const int64_t Q = d.chunk, nc = d.nchunks, Hg = H / G, BncG = Bn * nc * G;
@@ -352,7 +353,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   const at::Tensor dy = pack_chunks(dy_l, nc, Q, acc_type);                            // [B, nc, H, Q, P]
   const at::Tensor dyrT = (dy * s.r.unsqueeze(-1)).transpose(-1, -2).contiguous();  // [B, nc, H, P, Q]
   // d loss / d H_{c-1} through chunk c's inter-chunk outputs: (r dy)^T C.
-  at::Tensor dstates = st.gemm(dyrT.view({BncG, Hg * P, Q}), s.Cc.view({BncG, Q, N}));
+  at::Tensor dstates = st.gemm(dyrT.view({BncG, Hg * P, Q}), s.Cc.view({BncG, Q, N}), Triangle::kNone, ssd::kBwdOperands);
   at::Tensor dfinal;
   if (in.dfinal_states) dfinal = in.dfinal_states->to(acc_type).contiguous();
 
@@ -369,7 +370,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   sp.nsplit = nsplit;
   st.scan(sp);  // states -> H_{c-1}, dstates -> d H_c
 
-  const at::Tensor y_interT = inter_outputs(s, st);
+  const at::Tensor y_interT = inter_outputs(s, st, ssd::kBwdOperands);
   const SsdGlParams<acc> gl = gl_params<T>(s);
   at::Tensor y_intra;
   if (in.z) y_intra = st.intra(gl, s.xdt, false);  // only the z gate's gradient needs y
@@ -389,7 +390,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   st.gemm_add(dC, dyrT.view({BncG, Hg * P, Q}).transpose(1, 2), states_g);
   at::Tensor dB = st.gemm(dcb.transpose(1, 2), Cg, Triangle::kUpperA);
   st.gemm_add(dB, s.xwT.view({BncG, Hg * P, Q}).transpose(1, 2), dstates_g);
-  const at::Tensor zT = st.gemm(dstates_g, Bg.transpose(1, 2));  // [B, nc, H, P, Q]
+  const at::Tensor zT = st.gemm(dstates_g, Bg.transpose(1, 2), Triangle::kNone, ssd::kBwdOperands);  // [B, nc, H, P, Q]
 
   at::Tensor dx = new_output(x.sizes(), x.options());
   at::Tensor ddt = at::empty({Bn, L, H}, opts);

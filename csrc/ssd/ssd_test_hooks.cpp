@@ -1,7 +1,8 @@
 // Test hook ssm_kernels_test::ssd_gemm: the batched GEMM of a device's ssd_scan stages on its own,
 // out = a @ b (or acc + a @ b) for [batch, M, K] x [batch, K, N] views of any strides in the
 // accumulation dtype of in_dtype; in_dtype picks the tensor-core operand precision on CUDA; tri
-// is a cuda::Triangle zero structure (0..3).
+// is a cuda::Triangle zero structure (0..3). And ssm_kernels_test::ssd_emulate_cuda_rounding:
+// the CPU stages round GEMM operands where the CUDA stages do (returns the previous setting).
 #include "common/dispatch.h"
 #include "common/op.h"
 #include "ssd/ssd_host.h"
@@ -45,6 +46,8 @@ at::Tensor run(const SsdGemmArgs& in, const Stages& st) {
   return st.gemm(in.a, in.b, static_cast<cuda::Triangle>(in.tri));
 }
 
+bool set_emulate_cuda_rounding(bool enable) { return ssd_emulate_cuda_rounding().exchange(enable); }
+
 at::Tensor ssd_gemm(const SsdGemmArgs& in) {
   check_args(in);
   at::Tensor out;
@@ -62,6 +65,7 @@ at::Tensor ssd_gemm(const SsdGemmArgs& in) {
 
 TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
   ssmk::op::define<ssmk::SsdGemmArgs>(m, "ssd_gemm", "Tensor");
+  m.def("ssd_emulate_cuda_rounding(bool enable) -> bool", &ssmk::set_emulate_cuda_rounding);
 }
 
 TORCH_LIBRARY_IMPL(ssm_kernels_test, CPU, m) {
