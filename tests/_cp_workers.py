@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import sys
 import traceback
@@ -32,7 +33,9 @@ def run(rank, world, store_path, result_dir, body, args):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
     try:
-        result = globals()[body](rank, world, *args)
+        module, _, name = body.rpartition(":")  # "module:function" runs a body of another workers file
+        fn = getattr(importlib.import_module(module), name) if module else globals()[body]
+        result = fn(rank, world, *args)
         text = "ok" if result is None else repr(result)
     except BaseException:  # noqa: BLE001 - reported to the parent test
         text = "FAIL\n" + traceback.format_exc()
