@@ -260,6 +260,8 @@ def error_checks(rank, world):
         "cu_seqlens   ": lambda: cp.ssd_scan(torch.randn(1, 6, 2, 4), torch.rand(1, 6, 2), -torch.rand(2),
                                              torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8),
                                              seq_idx=good, cu_seqlens=torch.tensor([0, T])),
+        "return_final_states": lambda: Mamba2(8, d_state=4, headdim=4, context_parallel_group=dist.group.WORLD)(
+            torch.randn(1, 6, 8), cu_seqlens=torch.tensor([0, T]), return_final_states=True),
     }
     messages = {}
     for name, call in cases.items():
