@@ -184,7 +184,7 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.
                                                          _COMPLEX if a.is_complex() else _REAL)},
         starts_at_end=bool(reverse))
     acc = _linear_acc_dtype(a.dtype)
-    pk = _packing.setup("linear_scan", layout, seq_idx, cu_seqlens, a.shape[0] if a.dim() > 1 else 1)
+    pk = _packing.setup("linear_scan", layout, seq_idx, cu_seqlens, a.shape[0] if a.dim() > 1 else 1, a.device)
     if pk is not None:
         packing = _packing_kwargs(pk, a.device)
 
@@ -254,7 +254,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             dt = F.softplus(dt)
         return torch.exp(dt.sum(-1)[..., None] * A.to(sd))  # [B, D, N]
 
-    pk = _packing.setup("selective_scan", layout, seq_idx, cu_seqlens, u.shape[0])
+    pk = _packing.setup("selective_scan", layout, seq_idx, cu_seqlens, u.shape[0], u.device)
     if pk is not None:
         packing = _packing_kwargs(pk, u.device)
 
@@ -335,7 +335,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         xw = (x.to(acc) * weight[..., None]).view(batch, seqlen, groups, nheads // groups, headdim)
         return torch.einsum("blgrp,blgn->bgrpn", xw, B.to(acc)).reshape(batch, nheads, headdim, dstate)
 
-    pk = _packing.setup("ssd_scan", layout, seq_idx, cu_seqlens, x.shape[0])
+    pk = _packing.setup("ssd_scan", layout, seq_idx, cu_seqlens, x.shape[0], x.device)
     if pk is not None:
         packing = _packing_kwargs(pk, x.device)
         p = layout.position
@@ -424,7 +424,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     halo = width[0] - 1 if width else 0
     init = None if initial_states is None else initial_states.to(x.dtype)
     keep = [halo] + [min(n, halo) for n in layout.lengths[1:]]
-    pk = _packing.setup("causal_conv1d", layout, seq_idx, cu_seqlens, x.shape[0])
+    pk = _packing.setup("causal_conv1d", layout, seq_idx, cu_seqlens, x.shape[0], x.device)
     if pk is not None:
         return _packed_conv1d(layout, pk, x, weight, bias, activation, init, halo, return_final_states)
     if layout.is_first:
@@ -498,7 +498,7 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor] = None, 
         {"activation": activation, "cu_seqlens": _packing.cu_seqlens_code(cu_seqlens)})
     if k_rev is not None:
         raise ValueError("k_rev: anti-causal taps are not supported with context parallelism")
-    pk = _packing.setup("fftconv", layout, None, cu_seqlens, u.shape[0])
+    pk = _packing.setup("fftconv", layout, None, cu_seqlens, u.shape[0], u.device)
     reach = k.shape[1] - 1
     if pk is None:
         starts = [sum(layout.lengths[:p]) for p in range(layout.size)]

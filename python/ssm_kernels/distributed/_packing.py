@@ -102,10 +102,11 @@ class Packing:
         return runs
 
 
-def setup(op: str, layout: _comm.Layout, seq_idx, cu_seqlens, batch: int) -> Optional[Packing]:
+def setup(op: str, layout: _comm.Layout, seq_idx, cu_seqlens, batch: int, device) -> Optional[Packing]:
     """The packing table of a context-parallel call, after _comm.setup has checked that every rank
     passed the same kind, dtype and shape of seq_idx / cu_seqlens (and the same offsets). Every
-    rank raises the same ValueError for bad values, before any other collective."""
+    rank raises the same ValueError for bad values, before any other collective. device: that of
+    the sequence tensors (the local seq_idx derived from cu_seqlens lives there)."""
     if seq_idx is None and cu_seqlens is None:
         return None
     if seq_idx is not None and cu_seqlens is not None:
@@ -134,7 +135,7 @@ def setup(op: str, layout: _comm.Layout, seq_idx, cu_seqlens, batch: int) -> Opt
             tail.append([stop - max(start, offsets[s_last])])
         start = layout.start
         pos = torch.arange(start, start + lengths[layout.position], device=cu_seqlens.device)
-        local = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True).to(torch.int32)[None]
+        local = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True).to(device, torch.int32)[None]
         return Packing(layout, local, offsets, first, last, tail)
     if seq_idx.dtype != torch.int32 or seq_idx.dim() != 2 or seq_idx.shape[0] != batch:
         raise ValueError(f"seq_idx: expected an int32 tensor of shape (batch={batch}, seqlen), got shape "
