@@ -346,7 +346,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         def summary(init0, exit_of):
             # Only the piece's last sequence reaches its end: dt' is zeroed on the other tokens.
             last_ids = torch.tensor(pk.last[p], dtype=pk.seq_idx.dtype, device=x.device)
-            d = discretised_dt() * (pk.seq_idx == last_ids[:, None])[..., None].to(acc)  # [B, L, H]
+            d = _zero_where_not((pk.seq_idx == last_ids[:, None])[..., None], discretised_dt())  # [B, L, H]
             state = zero_start_state(d)
             if pk.per_sequence and not pk.passes(p)[0]:  # the last sequence starts here: its initial state
                 state = state + torch.exp(d.sum(1) * A.to(acc))[..., None, None] * exit_of(init0)
@@ -443,12 +443,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def _packed_conv1d(layout, pk, x, weight, bias, activation, init, halo, return_final_states):
+    """causal_conv1d's halo exchange over packed sequences (see causal_conv1d)."""
     p, n = layout.position, x.shape[-1]
     keep = [min(length, halo) for length in layout.lengths]
     passes = torch.tensor([pk.passes(q) for q in range(layout.size)], dtype=torch.bool,
                           device=x.device)[:, :, None, None]  # [P, B, 1, 1]
     last_ids = torch.tensor(pk.last[p], dtype=pk.seq_idx.dtype, device=x.device)
-    in_last = (pk.seq_idx == last_ids[:, None])[:, None, :].to(x.dtype)  # [B, 1, L_r]
+    in_last = (pk.seq_idx == last_ids[:, None])[:, None, :]  # [B, 1, L_r]
     # What precedes this piece's last sequence when it starts here: its initial state (every
     # piece with cu_seqlens, the first piece's first sequence with seq_idx) or zeros.
     if pk.per_sequence:
@@ -458,7 +459,7 @@ def _packed_conv1d(layout, pk, x, weight, bias, activation, init, halo, return_f
         fill = _zero_where_not(pk.mask([f == l for f, l in zip(pk.first[0], pk.last[0])], init, 3), init)
     else:
         fill = x.new_zeros(x.shape[0], x.shape[1], halo)
-    tail = torch.cat([fill, x * in_last], dim=-1)[..., n:]  # [B, D, W-1]
+    tail = torch.cat([fill, _zero_where_not(in_last, x)], dim=-1)[..., n:]  # [B, D, W-1]
     (before,) = _comm.exchange(_halo_combine(layout.lengths, keep, halo, passes), layout, "causal_conv1d", tail)
     enters = pk.enters(p)
     if pk.per_sequence:
