@@ -242,6 +242,32 @@ def module_checks(rank, world, lengths, cu_seqlens):
             layer.context_parallel_group = None
 
 
+def comm_bytes_check(rank, world):
+    """Packing adds nothing to the exchange of a Mamba2 layer with cu_seqlens (the same summaries
+    and halos at any length and sequence layout) and one [B, 4] int64 all-gather per op with
+    seq_idx."""
+    torch.manual_seed(0)
+    layer = Mamba2(16, d_state=8, headdim=8, chunk_size=16, context_parallel_group=dist.group.WORLD)
+    sent = {}
+    for local_len, cu in ((8, [0, 3, 8 * world]), (40, [0, 40, 41, 41, 40 * world])):
+        for form in ("none", "cu_seqlens", "seq_idx"):
+            x = torch.randn(1, local_len, 16, requires_grad=True)
+            packing = {}
+            if form == "cu_seqlens":
+                packing = {"cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+            elif form == "seq_idx":
+                full = cu_seqlens_to_seq_idx(torch.tensor(cu), local_len * world)
+                packing = {"seq_idx": full[:, rank * local_len:(rank + 1) * local_len]}
+            with cp.comm_stats() as stats:
+                layer(x, **packing).sum().backward()
+            sent[(local_len, form)] = stats.sent
+    for local_len in (8, 40):
+        assert sent[(local_len, "cu_seqlens")] == sent[(local_len, "none")], sent
+        assert sent[(local_len, "seq_idx")] == sent[(local_len, "none")] + 2 * 4 * 8, sent  # conv + scan
+    assert sent[(8, "none")] == sent[(40, "none")], sent
+    return sent[(8, "none")]
+
+
 def error_checks(rank, world):
     """Bad packing raises ValueError on every rank with the same message, and the group stays usable."""
     T = 6 * world

@@ -1,7 +1,8 @@
 """Context parallelism over packed sequences (seq_idx / cu_seqlens) against the single-process
 packed ops, with 2 and 3 gloo processes: sequence boundaries inside pieces, a piece starting
 exactly at a boundary, a sequence over three pieces, empty sequences, per-sequence initial and
-final states, forward and backward, determinism, the modules, and errors raised on every rank."""
+final states, forward and backward, determinism, the modules, the bytes exchanged, and errors
+raised on every rank."""
 import os
 import sys
 
@@ -29,6 +30,7 @@ def test_context_parallel_packed_equals_single_process(world, lengths, order, cu
 
 def test_context_parallel_packed_modules():
     spawn("_cp_packed_workers:module_checks", 2, [9, 11], [0, 4, 4, 9, 15, 20])
+    spawn("_cp_packed_workers:comm_bytes_check", 2)
 
 
 def test_context_parallel_packed_errors_raise_on_every_rank():
