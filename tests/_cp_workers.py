@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import sys
 import traceback
@@ -32,7 +33,9 @@ def run(rank, world, store_path, result_dir, body, args):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
     try:
-        result = globals()[body](rank, world, *args)
+        module, _, name = body.rpartition(":")  # "module:function" runs a body of another workers file
+        fn = getattr(importlib.import_module(module), name) if module else globals()[body]
+        result = fn(rank, world, *args)
         text = "ok" if result is None else repr(result)
     except BaseException:  # noqa: BLE001 - reported to the parent test
         text = "FAIL\n" + traceback.format_exc()
@@ -303,9 +306,9 @@ def comm_bytes_check(world):
     halo = batch * conv_dim * (d_conv - 1) * 4  # float32 conv inputs
     state = batch * nheads * headdim * d_state * 4  # [B, H, P, N] float32
     decay = batch * nheads * 4  # [B, H]
-    meta_conv = (3 + world + 5 * 12 + 1) * 8
-    meta_ssd = (3 + world + 10 * 12 + 3) * 8
-    meta_module = (3 + world + 12) * 8
+    meta_conv = (3 + world + 6 * 12 + 2) * 8
+    meta_ssd = (3 + world + 11 * 12 + 4) * 8
+    meta_module = (3 + world + 3 * 12) * 8
     # forward: metadata, halo, (decay, state); backward: the halo's and the state's gradients
     want = meta_module + meta_conv + 2 * halo + meta_ssd + decay + 2 * state
     assert sent[0] == want, f"sent {sent[0]} bytes, cost model says {want}"
@@ -350,7 +353,7 @@ def error_checks(rank, world):
         "u": lambda: cp.selective_scan(u[..., :0] if other else u, delta[..., :0] if other else delta, A,
                                        Bv[..., :0] if other else Bv, Bv[..., :0] if other else Bv),
         "z": lambda: cp.selective_scan(u, delta, A, Bv, Bv, z=torch.randn(2, 4, 5) if other else None),
-        "seq_idx": lambda: cp.causal_conv1d(x, w, seq_idx=torch.zeros(2, 6, dtype=torch.int32)),
+        "seq_idx": lambda: cp.causal_conv1d(x, w, seq_idx=torch.full((2, 6), world - 1 - rank, dtype=torch.int32)),
         "k_rev": lambda: cp.fftconv(x, w, k_rev=w),
         "u  ": lambda: Mamba2(8, d_state=4, headdim=4, context_parallel_group=dist.group.WORLD)(
             torch.randn(1, 5, 8, dtype=torch.float64 if other else torch.float32)),

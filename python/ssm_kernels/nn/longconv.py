@@ -50,6 +50,7 @@ class LongConv(nn.Module):
 
     context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
     sequence, in rank order (``ssm_kernels.distributed``; the filter then has l_max taps).
+    With packed sequences, cu_seqlens holds the global offsets, the same on every rank.
 
     Packed sequences: ``forward(u, cu_seqlens=...)`` with u [1, L, d_model] and cu_seqlens
     [num_seqs + 1] int32/int64 runs each sequence as if alone (the short and the long convolution
@@ -127,9 +128,7 @@ class LongConv(nn.Module):
 
     def forward(self, u: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.context_parallel_group is not None:
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group yet")
-            check_pieces(self.context_parallel_group, "LongConv", u=u)
+            check_pieces(self.context_parallel_group, "LongConv", u=u, cu_seqlens=cu_seqlens)
         if u.dim() != 3 or u.shape[-1] != self.d_model:
             raise ValueError(f"u: expected shape (batch, seqlen, d_model={self.d_model}), got {tuple(u.shape)}")
         seqlen = u.shape[1]

@@ -119,6 +119,9 @@ class Mamba(nn.Module):
         layer_idx: this layer's key in a mamba_ssm ``inference_params`` cache.
         context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
             sequence, in rank order (``ssm_kernels.distributed``; also settable as an attribute).
+            With packed sequences, seq_idx is this rank's piece of the global seq_idx and
+            cu_seqlens the global offsets, the same on every rank (then without
+            return_final_states).
 
     Forward:
         hidden_states [B, L, d_model] -> out [B, L, d_model] (the dtype of the layer).
@@ -213,9 +216,12 @@ class Mamba(nn.Module):
                 return_final_states: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
                 seq_idx: Optional[torch.Tensor] = None):
         if self.context_parallel_group is not None:
-            if cu_seqlens is not None or seq_idx is not None:
-                raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group yet")
-            check_pieces(self.context_parallel_group, "Mamba", hidden_states=hidden_states)
+            check_pieces(self.context_parallel_group, "Mamba", hidden_states=hidden_states, seq_idx=seq_idx,
+                         cu_seqlens=cu_seqlens)
+            if cu_seqlens is not None and (return_final_states or inference_params is not None):
+                # Per-sequence conv states would need each sequence's last d_conv inputs, which may
+                # lie on several ranks; the scan's per-sequence states come from cp.selective_scan.
+                raise ValueError("return_final_states: not supported with cu_seqlens and context_parallel_group")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected shape (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
@@ -274,11 +280,14 @@ class Mamba(nn.Module):
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(x.dtype)
         conv1d, selective_scan = ssm_kernels.causal_conv1d, ssm_kernels.selective_scan
+        conv_packing = {"seq_idx": conv_seq_idx}
         if self.context_parallel_group is not None:
             conv1d, selective_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d",
                                                           "selective_scan")
+            if cu_seqlens is not None:  # the global offsets: each rank's conv derives its piece's part
+                conv_packing = {"cu_seqlens": cu_seqlens}
         xc, final_conv = conv1d(x, self._conv_weight(), self.conv1d.bias, "silu",
-                                initial_states=init_conv, return_final_states=True, seq_idx=conv_seq_idx)
+                                initial_states=init_conv, return_final_states=True, **conv_packing)
         x_dbl = self.x_proj(xc.transpose(1, 2))  # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [B, D, L]

@@ -68,6 +68,9 @@ class Mamba2(nn.Module):
         kernels are always used), layer_idx, process_group (must be None), sequence_parallel.
         context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
         sequence, in rank order (``ssm_kernels.distributed``; also settable as an attribute).
+        With packed sequences, seq_idx is this rank's piece of the global seq_idx and
+        cu_seqlens the global offsets, the same on every rank (then without
+        return_final_states).
 
     Forward:
         u [B, L, d_model] (or [B * L, d_model] with ``seqlen=L``) -> out of the same shape.
@@ -188,9 +191,11 @@ class Mamba2(nn.Module):
                 conv_state: Optional[torch.Tensor] = None, ssm_state: Optional[torch.Tensor] = None,
                 return_final_states: bool = False):
         if self.context_parallel_group is not None:
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens: packed sequences are not supported with context_parallel_group yet")
-            check_pieces(self.context_parallel_group, "Mamba2", u=u)
+            check_pieces(self.context_parallel_group, "Mamba2", u=u, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+            if cu_seqlens is not None and (return_final_states or inference_params is not None):
+                # Per-sequence conv states would need each sequence's last d_conv inputs, which may
+                # lie on several ranks; the scan's per-sequence states come from cp.ssd_scan.
+                raise ValueError("return_final_states: not supported with cu_seqlens and context_parallel_group")
         flat = seqlen is not None
         if flat:
             if u.dim() != 2 or u.shape[0] % seqlen != 0:
