@@ -18,7 +18,7 @@ from ssm_kernels import testing
 from ssm_kernels.nn import LongConv, Mamba, Mamba2
 from ssm_kernels.packing import cu_seqlens_to_seq_idx
 
-from _cp_workers import Piece, _dot, _rand, _randn, _randn_like
+from _cp_workers import Piece, _dot, _rand, _randn, _randn_like, assert_same_error_on_every_rank
 
 
 def _summed(t):
@@ -292,21 +292,7 @@ def error_checks(rank, world):
         "return_final_states": lambda: Mamba2(8, d_state=4, headdim=4, context_parallel_group=dist.group.WORLD)(
             torch.randn(1, 6, 8), cu_seqlens=torch.tensor([0, T]), return_final_states=True),
     }
-    messages = {}
-    for name, call in cases.items():
-        try:
-            call()
-        except ValueError as e:
-            messages[name] = str(e)
-        else:
-            messages[name] = None
-    everyone = [None] * world
-    dist.all_gather_object(everyone, messages)
-    for name in cases:
-        got = [m[name] for m in everyone]
-        assert got[0] is not None, f"{name.strip()}: no error raised"
-        assert all(g == got[0] for g in got), f"{name.strip()}: messages differ between ranks: {got}"
-        assert got[0].startswith(name.strip() + ":"), f"{name.strip()}: message does not name it: {got[0]}"
+    everyone = assert_same_error_on_every_rank(cases, world)
     y = cp.causal_conv1d(x, w, seq_idx=good)  # the group is still usable
     assert y.shape == x.shape
     return sorted(everyone[0].values())

@@ -358,6 +358,20 @@ def error_checks(rank, world):
         "u  ": lambda: Mamba2(8, d_state=4, headdim=4, context_parallel_group=dist.group.WORLD)(
             torch.randn(1, 5, 8, dtype=torch.float64 if other else torch.float32)),
     }
+    everyone = assert_same_error_on_every_rank(cases, world)
+    if os.environ.get("CP_PRINT_ERRORS"):
+        return sorted(everyone[0].values())
+    # The group is still usable after all these errors: nothing was left half-exchanged.
+    y = cp.causal_conv1d(x, w)
+    assert y.shape == x.shape
+    initial_state_only_grad(rank, world)
+    return None
+
+
+def assert_same_error_on_every_rank(cases: dict, world: int) -> list:
+    """Runs each call; every rank must raise a ValueError with the same message, which starts with
+    the case's name (stripped: names padded with spaces stand for the same argument). Returns the
+    messages of every rank."""
     messages = {}
     for name, call in cases.items():
         try:
@@ -373,13 +387,7 @@ def error_checks(rank, world):
         assert got[0] is not None, f"{name.strip()}: no error raised"
         assert all(g == got[0] for g in got), f"{name.strip()}: messages differ between ranks: {got}"
         assert got[0].startswith(name.strip() + ":"), f"{name.strip()}: message does not name it: {got[0]}"
-    if os.environ.get("CP_PRINT_ERRORS"):
-        return sorted(everyone[0].values())
-    # The group is still usable after all these errors: nothing was left half-exchanged.
-    y = cp.causal_conv1d(x, w)
-    assert y.shape == x.shape
-    initial_state_only_grad(rank, world)
-    return None
+    return everyone
 
 
 class TinyMamba2LM(torch.nn.Module):

@@ -66,11 +66,7 @@ class Mamba2(nn.Module):
         dt_min, dt_max, dt_init_floor, dt_limit (clamp of softplus(dt + dt_bias)), bias,
         conv_bias, chunk_size (a power of two in [16, 256]), use_mem_eff_path (accepted; the
         kernels are always used), layer_idx, process_group (must be None), sequence_parallel.
-        context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
-        sequence, in rank order (``ssm_kernels.distributed``; also settable as an attribute).
-        With packed sequences, seq_idx is this rank's piece of the global seq_idx and
-        cu_seqlens the global offsets, the same on every rank (then without
-        return_final_states).
+        context_parallel_group: as for nn.Mamba (``ssm_kernels.distributed``).
 
     Forward:
         u [B, L, d_model] (or [B * L, d_model] with ``seqlen=L``) -> out of the same shape.
