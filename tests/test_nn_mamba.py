@@ -118,12 +118,7 @@ def expected_mamba_layout(d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto
 def test_mamba_state_dict_layout_loads_strict(kwargs):
     d_model = 40
     shapes = expected_mamba_layout(d_model, **kwargs)
-    m = Mamba(d_model, **kwargs)
-    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == shapes
-    sd = {k: torch.randn(s) for k, s in shapes.items()}
-    m.load_state_dict(sd, strict=True)
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, sd[k]), k
+    testing.check_state_dict_layout(Mamba(d_model, **kwargs), shapes)
 
 
 def test_mamba_initialisation():

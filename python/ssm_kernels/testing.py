@@ -261,6 +261,15 @@ def check_module_matches_reference(module: torch.nn.Module, x: torch.Tensor, ref
     assert_close(x.grad, x64.grad, x.dtype, name="grad input")
 
 
+def check_state_dict_layout(module: torch.nn.Module, shapes: dict) -> None:
+    """module's state_dict has exactly these names and shapes, and loads any tensors of them."""
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == shapes
+    sd = {k: torch.randn(s) for k, s in shapes.items()}
+    module.load_state_dict(sd, strict=True)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
 def check_loads_peer_weights(module: torch.nn.Module, peer: torch.nn.Module, x: torch.Tensor, name: str) -> None:
     """module takes peer's state_dict as it is (strict) and then computes what peer computes."""
     module.load_state_dict(peer.state_dict(), strict=True)
