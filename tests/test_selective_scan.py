@@ -162,7 +162,7 @@ def test_selective_scan_opcheck(device):
                          cinp["initial_state"], None, None))
     out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(*[a.detach() for a in args], True, None, None, None)
     testing.run_opcheck(torch.ops.ssm_kernels.selective_scan_bwd,
-                        (*[a.detach() for a in args], True, None, None, None, ckpt, torch.randn_like(out), torch.randn_like(last)))
+                        (*[a.detach() for a in args], True, None, ckpt, torch.randn_like(out), torch.randn_like(last)))
 
 
 def test_selective_scan_compile(device):
@@ -244,7 +244,7 @@ def test_selective_scan_bad_inputs_direct_op():
         inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None)
     with pytest.raises(ValueError, match="checkpoints"):
         torch.ops.ssm_kernels.selective_scan_bwd(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None,
-                                                 None, False, None, None, None, ckpt[:, :1, :, :], out, None)
+                                                 None, False, None, ckpt[:, :1, :, :], out, None)
 
 
 def test_selective_scan_bwd_absent_optional_grads_are_empty():
@@ -254,7 +254,7 @@ def test_selective_scan_bwd_absent_optional_grads_are_empty():
     out, last, ckpt = torch.ops.ssm_kernels.selective_scan_fwd(
         inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None)
     grads = torch.ops.ssm_kernels.selective_scan_bwd(
-        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, None, None, ckpt,
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], None, None, None, False, None, ckpt,
         torch.randn_like(out), None)
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
     for name, g in (("u", du), ("delta", ddelta), ("A", dA), ("B", dB), ("C", dC)):

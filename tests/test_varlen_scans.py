@@ -462,40 +462,50 @@ def test_linear_scan_packed_bad_input(device):
 
 # ----------------------------------------------------------------------------- modules
 
-def test_mamba_packed_equals_separate_calls(device):
+@pytest.mark.parametrize("with_conv_state", [False, True], ids=["conv0", "conv-state"])
+def test_mamba_packed_equals_separate_calls(with_conv_state, device):
     torch.manual_seed(0)
     layer = Mamba(d_model=16, d_state=4, d_conv=4, expand=2).to(device)
     lengths = [5, 0, 1, 12, 3]
     seqs = [torch.randn(1, n, 16, device=device) for n in lengths]
     ssm0 = torch.randn(len(lengths), layer.d_inner, 4, device=device)
+    # per-sequence conv states (zeros: none given)
+    conv0 = torch.randn(len(lengths), layer.d_inner, 4, device=device) if with_conv_state else None
     x = torch.cat(seqs, dim=1).requires_grad_(True)
     s0 = ssm0.clone().requires_grad_(True)
+    c0 = conv0.clone().requires_grad_(True) if with_conv_state else None
     cu = offsets(lengths, device=device)
-    out, conv, ssm = layer(x, ssm_state=s0, return_final_states=True, cu_seqlens=cu)
+    out, conv, ssm = layer(x, conv_state=c0, ssm_state=s0, return_final_states=True, cu_seqlens=cu)
     g_out, g_conv, g_ssm = torch.randn_like(out), torch.randn_like(conv), torch.randn_like(ssm)
+    leaves = [x, s0] + ([c0] if with_conv_state else [])
     grads = torch.autograd.grad((out * g_out).sum() + (conv * g_conv).sum() + (ssm * g_ssm).sum(),
-                                [x, s0] + list(layer.parameters()))
+                                leaves + list(layer.parameters()))
     xs = [s.clone().requires_grad_(True) for s in seqs]
     s0s = ssm0.clone().requires_grad_(True)
+    c0s = conv0.clone().requires_grad_(True) if with_conv_state else torch.zeros(len(lengths), layer.d_inner, 4,
+                                                                                   device=device)
     total, outs = 0, []
     for i, (n, xi) in enumerate(zip(lengths, xs)):
         t0 = sum(lengths[:i])
         if n == 0:
-            total = total + (s0s[i] * g_ssm[i]).sum()
-            assert torch.equal(conv[i], torch.zeros_like(conv[i]))
+            total = total + (s0s[i] * g_ssm[i]).sum() + (c0s[i] * g_conv[i]).sum()
+            assert torch.equal(conv[i], c0s[i].detach())
             assert_close(ssm[i], ssm0[i], F32, "empty sequence's ssm_state")
             continue
-        o, c, s = layer(xi, ssm_state=s0s[i:i + 1], return_final_states=True)
+        o, c, s = layer(xi, conv_state=c0s[i:i + 1], ssm_state=s0s[i:i + 1], return_final_states=True)
         outs.append(o)
         assert_close(out[:, t0:t0 + n], o, F32, f"out of sequence {i}")
         assert_close(conv[i], c[0], F32, f"conv_state of sequence {i}")
         assert_close(ssm[i], s[0], F32, f"ssm_state of sequence {i}")
         total = total + (o * g_out[:, t0:t0 + n]).sum() + (c[0] * g_conv[i]).sum() + (s[0] * g_ssm[i]).sum()
-    ref = torch.autograd.grad(total, [*xs, s0s] + list(layer.parameters()), allow_unused=True)
+    ref_leaves = [*xs, s0s] + ([c0s] if with_conv_state else [])
+    ref = torch.autograd.grad(total, ref_leaves + list(layer.parameters()), allow_unused=True)
     dx = [r if r is not None else torch.zeros_like(xi) for r, xi in zip(ref[:len(xs)], xs)]  # empty: unused
     assert_close(grads[0], torch.cat(dx, dim=1), F32, "grad hidden_states")
     assert_close(grads[1], ref[len(xs)], F32, "grad ssm_state")
-    for (name, _), g, r in zip(layer.named_parameters(), grads[2:], ref[len(xs) + 1:]):
+    if with_conv_state:
+        assert_close(grads[2], ref[len(xs) + 1], F32, "grad conv_state")
+    for (name, _), g, r in zip(layer.named_parameters(), grads[len(leaves):], ref[len(ref_leaves):]):
         assert_close(g, r, F32, f"grad {name}")
     # The per-sequence states continue decoding like a batch of separate caches.
     step_in = torch.randn(len(lengths), 1, 16, device=device)
@@ -504,7 +514,8 @@ def test_mamba_packed_equals_separate_calls(device):
     for i, xi in enumerate(seqs):
         if lengths[i] == 0:
             continue
-        full = layer(torch.cat([xi, step_in[i:i + 1]], dim=1), ssm_state=ssm0[i:i + 1])
+        full = layer(torch.cat([xi, step_in[i:i + 1]], dim=1), ssm_state=ssm0[i:i + 1],
+                     conv_state=c0s[i:i + 1].detach())
         assert_close(y[i], full[0, -1:], F32, f"decode step of sequence {i}")
 
 
@@ -516,7 +527,7 @@ def test_mamba_packed_bad_input(device):
     assert_raises_naming(ValueError, "ssm_state", layer, x[:1], cu_seqlens=cu,
                          ssm_state=torch.zeros(1, layer.d_inner, 4, device=device))
     assert_raises_naming(ValueError, "conv_state", layer, x[:1], cu_seqlens=cu,
-                         conv_state=torch.zeros(2, layer.d_inner, 4, device=device))
+                         conv_state=torch.zeros(3, layer.d_inner, 4, device=device))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])

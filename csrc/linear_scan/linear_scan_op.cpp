@@ -9,12 +9,12 @@ namespace ssmk {
 namespace {
 
 #define LINEAR_SCAN_FWD_ARGS(X)                                                              \
-  X(Tensor, a) X(Tensor, b) X(OptTensor, initial_state) X(Bool, reverse) X(OptTensor, cu_seqlens) \
-  X(OptTensor, seq_idx)
+  X(Tensor, a) X(Tensor, b) X(OptTensor, initial_state) X(Bool, reverse) X(OptTensorDefaultNone, cu_seqlens) \
+  X(OptTensorDefaultNone, seq_idx)
 // The backward reads the forward's output h instead of b.
 #define LINEAR_SCAN_BWD_ARGS(X)                                                            \
   X(Tensor, a) X(Tensor, h) X(OptTensor, initial_state) X(Tensor, dh) X(OptTensor, dlast_state) \
-  X(Bool, reverse) X(OptTensor, cu_seqlens) X(OptTensor, seq_idx)
+  X(Bool, reverse) X(OptTensorDefaultNone, cu_seqlens) X(OptTensorDefaultNone, seq_idx)
 SSMK_OP_ARGS(LinearScanFwdArgs, LINEAR_SCAN_FWD_ARGS)
 SSMK_OP_ARGS(LinearScanBwdArgs, LINEAR_SCAN_BWD_ARGS)
 

@@ -18,13 +18,15 @@ namespace {
 using selective_scan::kMaxDstate;
 using selective_scan::num_chunks;
 
-#define SELECTIVE_SCAN_FWD_ARGS(X)                                                                  \
+#define SELECTIVE_SCAN_INPUT_ARGS(X)                                                                \
   X(Tensor, u) X(Tensor, delta) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(OptTensor, D) X(OptTensor, z) \
-  X(OptTensor, delta_bias) X(Bool, delta_softplus) X(OptTensor, initial_state) X(OptTensor, cu_seqlens) \
-  X(OptTensor, seq_idx)
+  X(OptTensor, delta_bias) X(Bool, delta_softplus) X(OptTensor, initial_state)
+#define SELECTIVE_SCAN_PACKING_ARGS(X) X(OptTensorDefaultNone, cu_seqlens) X(OptTensorDefaultNone, seq_idx)
+#define SELECTIVE_SCAN_FWD_ARGS(X) SELECTIVE_SCAN_INPUT_ARGS(X) SELECTIVE_SCAN_PACKING_ARGS(X)
 // The backward also reads the forward's checkpoints and the gradients of out and last_state.
-#define SELECTIVE_SCAN_BWD_ARGS(X) \
-  SELECTIVE_SCAN_FWD_ARGS(X) X(Tensor, checkpoints) X(Tensor, dout) X(OptTensor, dlast_state)
+#define SELECTIVE_SCAN_BWD_ARGS(X)                                                                  \
+  SELECTIVE_SCAN_INPUT_ARGS(X) X(Tensor, checkpoints) X(Tensor, dout) X(OptTensor, dlast_state) \
+  SELECTIVE_SCAN_PACKING_ARGS(X)
 // state is updated in place.
 #define SELECTIVE_STATE_UPDATE_ARGS(X)                                                            \
   X(MutTensor, state) X(Tensor, x) X(Tensor, dt) X(Tensor, A) X(Tensor, B) X(Tensor, C) X(OptTensor, D) \

@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ssm_kernels
-from ssm_kernels.packing import cu_seqlens_to_seq_idx
 
 from ..distributed import check_pieces, context_parallel_ops
 
@@ -70,15 +69,20 @@ def conv_state_after(conv_state: torch.Tensor, x: torch.Tensor, final_states: to
     return torch.cat([history, final_states], dim=-1)
 
 
-def packed_conv_states(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
-    """The last `width` conv inputs of every packed sequence of x [1, D, T]: [S, D, width], zero
-    before the sequence's start (its conv started from zeros). Gathered on the device."""
-    starts = cu_seqlens[:-1].to(torch.int64)[:, None]  # [S, 1]
-    ends = cu_seqlens[1:].to(torch.int64)[:, None]
-    pos = ends - width + torch.arange(width, device=x.device)  # [S, W]
-    inside = (pos >= starts).to(x.dtype)
-    taps = x[0][:, pos.clamp(min=0)]  # [D, S, W]
-    return taps.permute(1, 0, 2) * inside[:, None, :]
+def packed_conv_state_after(conv_state: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The last S conv inputs of each packed sequence of x [1, D, L] that follows its row of
+    conv_state [num_seqs, D, S] (which fills in for a sequence shorter than S): [num_seqs, D, S]."""
+    num_seqs, dim, state_len = conv_state.shape
+    seqlen = x.shape[-1]
+    off = cu_seqlens.to(device=x.device, dtype=torch.int64)
+    start, end = off[:-1, None], off[1:, None]  # [S, 1]
+    pos = end - state_len + torch.arange(state_len, device=x.device)  # [S, state_len]
+    own = torch.arange(num_seqs, device=x.device)[:, None] * state_len
+    # columns of cat(x row, the states' slots): a token of the sequence, or its state's slot
+    src = torch.where(pos >= start, pos, seqlen + own + state_len + pos - start)
+    slots = conv_state.to(x.dtype).permute(1, 0, 2).reshape(dim, num_seqs * state_len)
+    table = torch.cat([x[0], slots], dim=-1)  # [D, L + S * state_len]
+    return table[:, src.reshape(-1)].view(dim, num_seqs, state_len).permute(1, 0, 2)
 
 
 def states_from_cache(module: nn.Module, inference_params, batch_size: int):
@@ -135,8 +139,8 @@ class Mamba(nn.Module):
     sequence hidden_states[:, cu_seqlens[s]:cu_seqlens[s + 1]] on its own, as separate calls
     would; ``ssm_state`` is then per sequence [S, d_inner, d_state] and the returned states are
     ``conv_state`` [S, d_inner, d_conv] and ``ssm_state`` [S, d_inner, d_state] (ready for
-    ``step`` on a batch of S). An initial ``conv_state`` is not accepted with cu_seqlens (each
-    sequence's conv starts from zeros). ``seq_idx`` [B, L] int32 (non-decreasing) instead
+    ``step`` on a batch of S); an initial ``conv_state`` is then per sequence too,
+    [S, d_inner, S_conv >= d_conv-1]. ``seq_idx`` [B, L] int32 (non-decreasing) instead
     restarts the conv and the scan where the index changes, with the states of each row's first
     and last sequence as without it.
 
@@ -254,8 +258,6 @@ class Mamba(nn.Module):
             raise ValueError("cu_seqlens: expected at most one of cu_seqlens and seq_idx, got both")
         if batch != 1:
             raise ValueError(f"cu_seqlens: expected batch 1 (sequences packed into one row), got batch {batch}")
-        if conv_state is not None:
-            raise ValueError("conv_state: not supported with cu_seqlens (each sequence's conv starts from zeros)")
         return cu_seqlens.shape[0] - 1
 
     def _check_states(self, batch: int, conv_state, ssm_state) -> None:
@@ -271,8 +273,6 @@ class Mamba(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         state_batch = self._check_packing(batch, cu_seqlens, seq_idx, conv_state)
         self._check_states(state_batch, conv_state, ssm_state)
-        # The conv takes seq_idx (derived on the device from cu_seqlens); the scan takes either.
-        conv_seq_idx = cu_seqlens_to_seq_idx(cu_seqlens, seqlen) if cu_seqlens is not None else seq_idx
         xz = self.in_proj(hidden_states)  # [B, L, 2D]
         x, z = xz.chunk(2, dim=-1)
         x = x.transpose(1, 2)  # [B, D, L] (channel-last view)
@@ -280,14 +280,12 @@ class Mamba(nn.Module):
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(x.dtype)
         conv1d, selective_scan = ssm_kernels.causal_conv1d, ssm_kernels.selective_scan
-        conv_packing = {"seq_idx": conv_seq_idx}
         if self.context_parallel_group is not None:
             conv1d, selective_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d",
                                                           "selective_scan")
-            if cu_seqlens is not None:  # the global offsets: each rank's conv derives its piece's part
-                conv_packing = {"cu_seqlens": cu_seqlens}
+        packing = {k: v for k, v in (("cu_seqlens", cu_seqlens), ("seq_idx", seq_idx)) if v is not None}
         xc, final_conv = conv1d(x, self._conv_weight(), self.conv1d.bias, "silu",
-                                initial_states=init_conv, return_final_states=True, **conv_packing)
+                                initial_states=init_conv, return_final_states=True, **packing)
         x_dbl = self.x_proj(xc.transpose(1, 2))  # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # [B, D, L]
@@ -296,15 +294,14 @@ class Mamba(nn.Module):
         y, last_state = selective_scan(
             xc, dt, A.to(sd), B.transpose(1, 2), C.transpose(1, 2), D=self.D.to(sd), z=z,
             delta_bias=self.dt_proj.bias.to(sd), delta_softplus=True,
-            initial_state=None if ssm_state is None else ssm_state.to(sd), return_last_state=True,
-            **{k: v for k, v in (("cu_seqlens", cu_seqlens), ("seq_idx", seq_idx)) if v is not None})
+            initial_state=None if ssm_state is None else ssm_state.to(sd), return_last_state=True, **packing)
         out = self.out_proj(y.transpose(1, 2))  # [B, L, d_model]
         if not want_states:
             return out, None, None
-        if cu_seqlens is not None:
-            return out, packed_conv_states(x, cu_seqlens, width), last_state
         if conv_state is None:
-            conv_state = x.new_zeros(batch, self.d_inner, width)
+            conv_state = x.new_zeros(state_batch, self.d_inner, width)
+        if cu_seqlens is not None:
+            return out, packed_conv_state_after(conv_state, x, cu_seqlens), last_state
         return out, conv_state_after(conv_state, x, final_conv, seq_idx), last_state
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):

@@ -17,6 +17,7 @@ from .mamba import (
     check_dt_range,
     check_positive_int,
     conv_state_after,
+    packed_conv_state_after,
     inverse_softplus_dt,
     state_dtype,
     states_from_cache,
@@ -24,22 +25,6 @@ from .mamba import (
 from .norm import RMSNormGated
 
 MIN_CHUNK, MAX_CHUNK = 16, 256  # the chunk sizes ssd_scan supports
-
-
-def packed_conv_state_after(conv_state: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The last S conv inputs of each packed sequence of x [1, D, L] that follows its row of
-    conv_state [num_seqs, D, S] (which fills in for a sequence shorter than S): [num_seqs, D, S]."""
-    num_seqs, dim, state_len = conv_state.shape
-    seqlen = x.shape[-1]
-    off = cu_seqlens.to(device=x.device, dtype=torch.int64)
-    start, end = off[:-1, None], off[1:, None]  # [S, 1]
-    pos = end - state_len + torch.arange(state_len, device=x.device)  # [S, state_len]
-    own = torch.arange(num_seqs, device=x.device)[:, None] * state_len
-    # columns of cat(x row, the states' slots): a token of the sequence, or its state's slot
-    src = torch.where(pos >= start, pos, seqlen + own + state_len + pos - start)
-    slots = conv_state.to(x.dtype).permute(1, 0, 2).reshape(dim, num_seqs * state_len)
-    table = torch.cat([x[0], slots], dim=-1)  # [D, L + S * state_len]
-    return table[:, src.reshape(-1)].view(dim, num_seqs, state_len).permute(1, 0, 2)
 
 
 class Mamba2(nn.Module):
