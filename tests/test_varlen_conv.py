@@ -334,6 +334,28 @@ def test_varlen_fftconv_no_leakage_and_deterministic(device, fft_path):
             assert_close(g2[i][..., keep], g1[i][..., keep], F32, f"grad {names[i]} of the unchanged sequences")
 
 
+def test_varlen_fftconv_strided_equals_contiguous(device, fft_path):
+    case = fftconv_case([9, 0, 30, 2, 70], 3, 12, F32, device, k_rev=3, gates=True)
+    tokens = ("u", "pregate", "postgate")
+    results = []
+    for strided in (True, False):
+        leaves = {k: (clone_leaf(v) if k in FFT_NAMES else v) for k, v in case.items()}
+        args = dict(leaves)
+        if strided:
+            for name in tokens:
+                # every other element of a leaf's last axis: the kernels read the view's strides
+                leaves[name] = clone_leaf(torch.stack([case[name], torch.zeros_like(case[name])], -1))
+                args[name] = leaves[name][..., 0]
+                assert not args[name].is_contiguous()
+        out = ssm_kernels.fftconv(**args, activation="silu")
+        g = grads([out], [leaves[n] for n in FFT_NAMES], [torch.ones_like(out)])
+        results.append((out, [x[..., 0] if strided and n in tokens else x for n, x in zip(FFT_NAMES, g)]))
+    (out1, g1), (out2, g2) = results
+    assert torch.equal(out1, out2)
+    for name, a, b in zip(FFT_NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
 def test_varlen_fftconv_opcheck_and_compile(device):
     case = fftconv_case([5, 0, 9, 12], 3, 30, F32, device, k_rev=4, gates=True)
     args = (case["u"], case["k"], case["D"], case["k_rev"], case["pregate"], case["postgate"], 1, case["cu_seqlens"])

@@ -6,7 +6,9 @@
 // memory once. Blocks are independent (at::parallel_for); the backward groups rows by channel so
 // that dH and dD are summed over the batch in a fixed order (deterministic). Power-of-two lengths
 // up to 2^16 take the hand-written FFT (fftconv_fft.h) instead, row by row (see cpu_plan); its
-// row transforms also serve the test hooks (fftconv_test_hooks.cpp).
+// row transforms also serve the test hooks (fftconv_test_hooks.cpp). Packed sequences
+// (cu_seqlens) run each sequence as its own convolution at its own length, the sequences of one
+// length as the batch rows of the same blocks (run_packed).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
