@@ -33,6 +33,15 @@ def conv_path(request):
     torch.ops.ssm_kernels_test.set_causal_conv1d_packed_extended_row(previous)
 
 
+@pytest.fixture(params=["per-sequence", "gapped-row"])
+def fft_path(request):
+    """Packed fftconv through the CPU kernels' per-sequence convolutions, or through the row with
+    gaps that CUDA runs (forced on the CPU by a test switch)."""
+    previous = torch.ops.ssm_kernels_test.set_fftconv_packed_gapped_row(request.param == "gapped-row")
+    yield request.param
+    torch.ops.ssm_kernels_test.set_fftconv_packed_gapped_row(previous)
+
+
 def offsets(lens, device, dtype=torch.int32):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
 
@@ -255,19 +264,21 @@ def fftconv_reference_packed(u, k, D, k_rev, pregate, postgate, cu_seqlens, acti
     return torch.cat(outs, -1)
 
 
-# kernels shorter and longer than the sequences and than the row, with and without k_rev and gates
+# kernels shorter and longer than the sequences and than the row, with and without k_rev and gates;
+# the last case's sequences take both CPU FFTs (hand-written powers of two, ATen's 1080 and 1125)
 FFT_CASES = [
     ([5, 0, 1, 40, 17, 0], 8, F32, dict(gates=True), "gelu"),
     ([30, 2, 0, 11], 64, F32, dict(k_rev=5), None),
     ([0, 33, 1, 20], 100, F16, dict(gates=True, k_rev=3), "silu"),
     ([9, 9, 40], 16, BF16, dict(D=False), None),
     ([12, 1, 25], 7, F64, dict(gates=True, k_rev=4), "silu"),
+    ([1030, 5, 0, 300, 1100, 2, 1040], 9, F32, dict(gates=True, k_rev=4), "gelu"),
 ]
 
 
 @pytest.mark.parametrize("lens,klen,dtype,opts,activation", FFT_CASES,
                          ids=[f"{'-'.join(map(str, c[0]))}-K{c[1]}-{dtype_id(c[2])}" for c in FFT_CASES])
-def test_varlen_fftconv_matches_each_sequence_alone(lens, klen, dtype, opts, activation, device):
+def test_varlen_fftconv_matches_each_sequence_alone(lens, klen, dtype, opts, activation, device, fft_path):
     case = fftconv_case(lens, 5, klen, dtype, device, **opts)
     names = [n for n in FFT_NAMES if case[n] is not None]
     ours_in = {k: (clone_leaf(v) if k in names else v) for k, v in case.items()}
@@ -284,8 +295,8 @@ def test_varlen_fftconv_matches_each_sequence_alone(lens, klen, dtype, opts, act
         assert_close(a, e, dtype, f"grad {name}")
 
 
-def test_varlen_fftconv_no_leakage_and_deterministic(device):
-    lens = [10, 2, 25, 7]
+def test_varlen_fftconv_no_leakage_and_deterministic(device, fft_path):
+    lens = [10, 2, 25, 7, 600]
     case = fftconv_case(lens, 4, 50, F32, device, k_rev=6, gates=True, index_dtype=torch.int64)
     names = list(FFT_NAMES)
 
@@ -295,27 +306,51 @@ def test_varlen_fftconv_no_leakage_and_deterministic(device):
         return out, grads([out], [leaves[n] for n in names], [g_out])
 
     g_out = torch.randn(1, 4, sum(lens), device=device)
+    testing.assert_deterministic(lambda: (lambda out, g: [out, *g])(*run(case)))
     out1, g1 = run(case)
-    out1b, g1b = run(case)
-    assert torch.equal(out1, out1b)
-    for name, a, b in zip(names, g1, g1b):
-        assert torch.equal(a, b), name
     other = dict(case)
-    a, b = 12, 37
+    a, b = 12, 37  # the third sequence
     for name in ("u", "pregate", "postgate"):
         other[name] = case[name].clone()
         other[name][..., a:b] += 1.0
     out2, g2 = run(other)
     keep = torch.ones(sum(lens), dtype=torch.bool, device=device)
     keep[a:b] = False
-    # One FFT spans the whole row, so the other sequences see the change as FFT rounding only
-    # (not bitwise): their outputs and gradients move within float32 rounding, while the changed
-    # sequence's move by O(1).
     assert rel_error(out1[..., ~keep], out2[..., ~keep]) > 1e-2
-    assert_close(out2[..., keep], out1[..., keep], F32, "outputs of the unchanged sequences")
-    for name in ("u", "pregate", "postgate"):
-        i = names.index(name)
-        assert_close(g2[i][..., keep], g1[i][..., keep], F32, f"grad {name} of the unchanged sequences")
+    token_grads = [names.index(name) for name in ("u", "pregate", "postgate")]
+    if device == "cpu" and fft_path == "per-sequence":
+        # Each sequence is its own FFT: the others' outputs and input gradients are bitwise unchanged.
+        assert torch.equal(out2[..., keep], out1[..., keep])
+        for i in token_grads:
+            assert torch.equal(g2[i][..., keep], g1[i][..., keep]), names[i]
+    else:
+        # One FFT spans the whole row with gaps, so the other sequences see the change as FFT
+        # rounding only (not bitwise): within float32 rounding.
+        assert_close(out2[..., keep], out1[..., keep], F32, "outputs of the unchanged sequences")
+        for i in token_grads:
+            assert_close(g2[i][..., keep], g1[i][..., keep], F32, f"grad {names[i]} of the unchanged sequences")
+
+
+def test_varlen_fftconv_strided_equals_contiguous(device, fft_path):
+    case = fftconv_case([9, 0, 30, 2, 70], 3, 12, F32, device, k_rev=3, gates=True)
+    tokens = ("u", "pregate", "postgate")
+    results = []
+    for strided in (True, False):
+        leaves = {k: (clone_leaf(v) if k in FFT_NAMES else v) for k, v in case.items()}
+        args = dict(leaves)
+        if strided:
+            for name in tokens:
+                # every other element of a leaf's last axis: the kernels read the view's strides
+                leaves[name] = clone_leaf(torch.stack([case[name], torch.zeros_like(case[name])], -1))
+                args[name] = leaves[name][..., 0]
+                assert not args[name].is_contiguous()
+        out = ssm_kernels.fftconv(**args, activation="silu")
+        g = grads([out], [leaves[n] for n in FFT_NAMES], [torch.ones_like(out)])
+        results.append((out, [x[..., 0] if strided and n in tokens else x for n, x in zip(FFT_NAMES, g)]))
+    (out1, g1), (out2, g2) = results
+    assert torch.equal(out1, out2)
+    for name, a, b in zip(FFT_NAMES, g1, g2):
+        assert torch.equal(a, b), name
 
 
 def test_varlen_fftconv_opcheck_and_compile(device):

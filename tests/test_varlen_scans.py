@@ -195,11 +195,8 @@ def test_selective_scan_packed_no_leakage_and_deterministic(device):
     lengths = [30, 1, 0, 2100, 17]
     inp = ss_inputs(lengths, F32, bk="grp", ck="var", groups=3, dim=6, device=device)
     cu = offsets(lengths, device=device)
+    testing.assert_deterministic(lambda: (lambda out, last, g: [out, last, *g.values()])(*ss_run(inp, cu, None)))
     out, last, g = ss_run(inp, cu, None)
-    out2, last2, g2 = ss_run(inp, cu, None)
-    assert torch.equal(out, out2) and torch.equal(last, last2)
-    for name in g:
-        assert torch.equal(g[name], g2[name]), f"d{name} not bitwise reproducible"
     # Perturb sequence 3 (tokens 31..2131) and its initial state: nothing else moves.
     t0, t1 = 31, 2131
     pert = dict(inp)

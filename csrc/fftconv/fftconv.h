@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/packed_seqs.h"
 #include "common/types.h"
 #include "fftconv/fftconv_math.h"
 
@@ -35,6 +36,14 @@ struct FftconvCommon {
   // [D, F] complex as (re, im) pairs: H = rfft(h, n), for the CUDA multi-pass path (set by its
   // host driver); the other paths build the spectra themselves from k and k_rev.
   const acc* kf;
+  // CPU, cu_seqlens (batch 1): the offsets (host memory); each sequence is then its own
+  // convolution (fftconv_cpu.cpp). CUDA runs packed rows as one plain row with gaps (the op).
+  PackedSeqs seqs;
+  // Set by fftconv_cpu.cpp only, for the sequences of one FFT length run as the batch rows of the
+  // plain kernels: batch row b is tokens [seq_start[b], seq_start[b] + seq_len[b]) of row 0
+  // (seqlen stays the row's length); nullptr otherwise.
+  const int64_t* seq_start;
+  const int64_t* seq_len;
 };
 
 template <typename T>

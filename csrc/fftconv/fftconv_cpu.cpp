@@ -6,12 +6,17 @@
 // memory once. Blocks are independent (at::parallel_for); the backward groups rows by channel so
 // that dH and dD are summed over the batch in a fixed order (deterministic). Power-of-two lengths
 // up to 2^16 take the hand-written FFT (fftconv_fft.h) instead, row by row (see cpu_plan); its
-// row transforms also serve the test hooks (fftconv_test_hooks.cpp).
+// row transforms also serve the test hooks (fftconv_test_hooks.cpp). Packed sequences
+// (cu_seqlens) run each sequence as its own convolution at its own length, the sequences of one
+// length as the batch rows of the same blocks (run_packed).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <optional>
 #include <vector>
 
 #include "common/cpu.h"
@@ -37,23 +42,41 @@ struct Rows {
   const int64_t* d = nullptr;
 };
 
-template <typename input_t>
-SSMK_CPU_INLINE const input_t* row_ptr(const View<const input_t, 3>& v, int64_t b, int64_t d) {
-  return v.data + b * v.stride[0] + d * v.stride[1];
+// The tokens of batch row b: a whole row of the batch, or, for a group of packed sequences
+// (p.seq_start), the group's b-th sequence in row 0.
+struct Span {
+  int64_t row, t0, len;
+};
+
+template <typename T>
+SSMK_CPU_INLINE Span row_span(const FftconvCommon<T>& p, int64_t b) {
+  return p.seq_start ? Span{0, p.seq_start[b], p.seq_len[b]} : Span{b, 0, p.seqlen};
 }
 
-// buf[i, t] = u * pregate for t < L, 0 for L <= t < n.   buf: [count, n]
+template <typename input_t>
+SSMK_CPU_INLINE const input_t* row_ptr(const View<const input_t, 3>& v, Span s, int64_t d) {
+  return v.data + s.row * v.stride[0] + d * v.stride[1] + s.t0 * v.stride[2];
+}
+
+// Where (span, channel d) starts in a contiguous [B, D, L] output.
+template <typename T>
+SSMK_CPU_INLINE int64_t out_offset(const FftconvCommon<T>& p, Span s, int64_t d) {
+  return (s.row * p.dim + d) * p.seqlen + s.t0;
+}
+
+// buf[i, t] = u * pregate for t < L, 0 for L <= t < n (L: the row's tokens).   buf: [count, n]
 template <typename input_t>
 SSMK_CPU_INLINE void load_v_rows(const FftconvCommon<input_t>& p, Rows rows, acc_type<input_t>* buf) {
   using acc_t = acc_type<input_t>;
-  const int64_t L = p.seqlen, n = p.fft_size;
+  const int64_t n = p.fft_size;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const int64_t b = rows.b[i], d = rows.d[i];
+    const Span sp = row_span(p, rows.b[i]);
+    const int64_t d = rows.d[i], L = sp.len;
     acc_t* v = buf + i * n;
-    const input_t* u = row_ptr(p.u, b, d);
+    const input_t* u = row_ptr(p.u, sp, d);
     const int64_t su = p.u.stride[2];
     if (p.pregate.data) {
-      const input_t* g = row_ptr(p.pregate, b, d);
+      const input_t* g = row_ptr(p.pregate, sp, d);
       const int64_t sg = p.pregate.stride[2];
       if (su == 1 && sg == 1) {
 #pragma omp simd
@@ -123,19 +146,28 @@ void load_kernel_rows(const FftconvCommon<input_t>& p, int64_t d0, int64_t count
 }
 
 // dk / dk_rev rows of channels [d0, d0 + count) from dh = irfft(dH): the inverse index map of
-// load_kernel_rows; taps past L get zero.
+// load_kernel_rows; taps past kc / kr get zero. With `add` (a later group of packed sequences)
+// the taps are added to the rows instead.
 template <typename input_t>
 void store_kernel_grad_rows(const FftconvBwdParams<input_t>& p, int64_t d0, int64_t count,
-                            const acc_type<input_t>* dh_buf) {
+                            const acc_type<input_t>* dh_buf, bool add) {
   using acc_t = acc_type<input_t>;
   const int64_t n = p.fft_size;
   for (int64_t i = 0; i < count; ++i) {
     const acc_t* dh = dh_buf + i * n;
     acc_t* dk = p.dk + (d0 + i) * p.klen;
+    acc_t* dr = p.dk_rev ? p.dk_rev + (d0 + i) * p.klen_rev : nullptr;
+    if (add) {
+      for (int64_t s = 0; s < p.kc; ++s) dk[s] += dh[s];
+      if (dr) {
+        dr[0] += dh[0];
+        for (int64_t s = 1; s < p.kr; ++s) dr[s] += dh[n - s];
+      }
+      continue;
+    }
     std::copy(dh, dh + p.kc, dk);
     std::fill(dk + p.kc, dk + p.klen, acc_t(0));
-    if (p.dk_rev) {
-      acc_t* dr = p.dk_rev + (d0 + i) * p.klen_rev;
+    if (dr) {
       dr[0] = dh[0];
       for (int64_t s = 1; s < p.kr; ++s) dr[s] = dh[n - s];
       std::fill(dr + p.kr, dr + p.klen_rev, acc_t(0));
@@ -147,16 +179,17 @@ void store_kernel_grad_rows(const FftconvBwdParams<input_t>& p, int64_t d0, int6
 template <typename input_t>
 SSMK_CPU_INLINE void epilogue_rows(const FftconvFwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c) {
   using acc_t = acc_type<input_t>;
-  const int64_t L = p.seqlen, n = p.fft_size;
+  const int64_t n = p.fft_size;
   const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const int64_t b = rows.b[i], d = rows.d[i];
+    const Span sp = row_span(p, rows.b[i]);
+    const int64_t d = rows.d[i], L = sp.len;
     const acc_t* ci = c + i * n;
-    input_t* out = p.out + (b * p.dim + d) * L;
+    input_t* out = p.out + out_offset(p, sp, d);
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    const input_t* u = row_ptr(p.u, b, d);
-    const input_t* g = p.pregate.data ? row_ptr(p.pregate, b, d) : nullptr;
-    const input_t* q = p.postgate.data ? row_ptr(p.postgate, b, d) : nullptr;
+    const input_t* u = row_ptr(p.u, sp, d);
+    const input_t* g = p.pregate.data ? row_ptr(p.pregate, sp, d) : nullptr;
+    const input_t* q = p.postgate.data ? row_ptr(p.postgate, sp, d) : nullptr;
     const int64_t su = p.u.stride[2], sg = p.pregate.stride[2], sq = p.postgate.stride[2];
     if (!g && !q && p.activation == kActNone && su == 1) {
       // The common S4/H3 case: out = c + D u.
@@ -181,18 +214,19 @@ template <typename input_t>
 SSMK_CPU_INLINE void grad_pre_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c,
                                    acc_type<input_t>* gbuf, acc_type<input_t>* row_dD) {
   using acc_t = acc_type<input_t>;
-  const int64_t L = p.seqlen, n = p.fft_size;
+  const int64_t n = p.fft_size;
   const acc_t* Dp = p.D;
   const bool need_c = p.activation != kActNone || p.postgate.data;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const int64_t b = rows.b[i], d = rows.d[i];
+    const Span sp = row_span(p, rows.b[i]);
+    const int64_t d = rows.d[i], L = sp.len;
     acc_t* gp = gbuf + i * n;
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    const input_t* u = row_ptr(p.u, b, d);
-    const input_t* g = p.pregate.data ? row_ptr(p.pregate, b, d) : nullptr;
-    const input_t* q = p.postgate.data ? row_ptr(p.postgate, b, d) : nullptr;
-    const input_t* go = row_ptr(p.dout, b, d);
-    input_t* dq = p.dpostgate ? p.dpostgate + (b * p.dim + d) * L : nullptr;
+    const input_t* u = row_ptr(p.u, sp, d);
+    const input_t* g = p.pregate.data ? row_ptr(p.pregate, sp, d) : nullptr;
+    const input_t* q = p.postgate.data ? row_ptr(p.postgate, sp, d) : nullptr;
+    const input_t* go = row_ptr(p.dout, sp, d);
+    input_t* dq = p.dpostgate ? p.dpostgate + out_offset(p, sp, d) : nullptr;
     const int64_t su = p.u.stride[2], sg = p.pregate.stride[2], sq = p.postgate.stride[2], so = p.dout.stride[2];
     acc_t sum = 0;
     if (!need_c) {
@@ -230,22 +264,23 @@ template <typename input_t>
 SSMK_CPU_INLINE void grad_input_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* conv,
                                      const acc_type<input_t>* gbuf) {
   using acc_t = acc_type<input_t>;
-  const int64_t L = p.seqlen, n = p.fft_size;
+  const int64_t n = p.fft_size;
   const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const int64_t b = rows.b[i], d = rows.d[i];
+    const Span sp = row_span(p, rows.b[i]);
+    const int64_t d = rows.d[i], L = sp.len;
     const acc_t* ci = conv + i * n;
     const acc_t* gp = gbuf + i * n;
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    input_t* du = p.du + (b * p.dim + d) * L;
+    input_t* du = p.du + out_offset(p, sp, d);
     if (!p.pregate.data) {
 #pragma omp simd
       for (int64_t t = 0; t < L; ++t) du[t] = static_cast<input_t>(ci[t] + Dd * gp[t]);
       continue;
     }
-    const input_t* u = row_ptr(p.u, b, d);
-    const input_t* g = row_ptr(p.pregate, b, d);
-    input_t* dg = p.dpregate + (b * p.dim + d) * L;
+    const input_t* u = row_ptr(p.u, sp, d);
+    const input_t* g = row_ptr(p.pregate, sp, d);
+    input_t* dg = p.dpregate + out_offset(p, sp, d);
     const int64_t su = p.u.stride[2], sg = p.pregate.stride[2];
     for (int64_t t = 0; t < L; ++t) {
       const acc_t dv = ci[t] + Dd * gp[t];
@@ -285,18 +320,20 @@ SSMK_CPU_MULTIVERSION(accumulate_dkf_rows, (typename input_t), (input_t),
                       (p, rows, dkf, d0, G, V))
 
 // Per-thread FFT workspaces: real [R, n] and complex [R, F] buffers, and their batched FFTs.
+// bind() shapes them for a length and row capacities, reusing the memory of earlier binds (the
+// packed sequences' groups have different lengths).
 template <typename acc_t>
 struct Workspace {
-  int64_t n;
-  std::vector<at::Tensor> real, cplx;
+  int64_t n = 0;
+  std::vector<at::Tensor> real, cplx, real_mem, cplx_mem;
 
   // real_rows[i] / cplx_rows[i]: the row capacity of each buffer.
-  Workspace(int64_t n_, std::initializer_list<int64_t> real_rows, std::initializer_list<int64_t> cplx_rows)
-      : n(n_) {
+  void bind(int64_t n_, std::initializer_list<int64_t> real_rows, std::initializer_list<int64_t> cplx_rows) {
+    n = n_;
     const auto r = c10::CppTypeToScalarType<acc_t>::value;
     const auto c = r == at::kDouble ? at::kComplexDouble : at::kComplexFloat;
-    for (int64_t rows : real_rows) real.push_back(at::empty({rows, n}, at::TensorOptions().dtype(r)));
-    for (int64_t rows : cplx_rows) cplx.push_back(at::empty({rows, n / 2 + 1}, at::TensorOptions().dtype(c)));
+    fit(real, real_mem, real_rows, n, r);
+    fit(cplx, cplx_mem, cplx_rows, n / 2 + 1, c);
   }
   acc_t* r(int i) { return real[i].template data_ptr<acc_t>(); }
   acc_t* c(int i) { return reinterpret_cast<acc_t*>(cplx[i].data_ptr()); }
@@ -309,6 +346,21 @@ struct Workspace {
   void irfft(int ci, int ri, int64_t count) {
     at::Tensor out = real[ri].narrow(0, 0, count);
     at::_fft_c2r_out(out, cplx[ci].narrow(0, 0, count), {1}, /*normalization=by_n*/ 2, n);
+  }
+
+ private:
+  static void fit(std::vector<at::Tensor>& views, std::vector<at::Tensor>& mem, std::initializer_list<int64_t> rows,
+                  int64_t cols, at::ScalarType dtype) {
+    views.resize(rows.size());
+    mem.resize(std::max(mem.size(), rows.size()));
+    size_t i = 0;
+    for (int64_t count : rows) {
+      if (!mem[i].defined() || mem[i].numel() < count * cols) {
+        mem[i] = at::empty({count * cols}, at::TensorOptions().dtype(dtype));
+      }
+      views[i] = mem[i].narrow(0, 0, count * cols).view({count, cols});
+      ++i;
+    }
   }
 };
 
@@ -337,69 +389,66 @@ Rows block_rows(const FftconvCommon<T>& p, int64_t d0, int64_t q0, int64_t count
   return Rows{count, bs, ds};
 }
 
-// Workspaces: real 0 = v, then c; real 1 = h; complex 0 = V, then V H; complex 1 = H.
-template <typename input_t>
-void fwd_kernel(const FftconvFwdParams<input_t>& p) {
-  using acc_t = acc_type<input_t>;
-  const Blocking blk(p);
-  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(p.fft_size, {blk.cap, blk.chans}, {blk.cap, blk.chans});
-    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
-      load_kernel_rows(p, d0, nch, ws.r(1));
-      ws.rfft(1, 1, nch);
-      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
-        load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
-        ws.rfft(0, 0, rows.count);
-        mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(1), d0, ws.c(0), ws.c(0));
-        ws.irfft(0, 0, rows.count);
-        epilogue_rows_dispatch<input_t>(p, rows, ws.r(0));
-      }
-    }
-  });
+// Forward of the block of channels [d0, d0 + nch) (nch <= blk.chans), ATen's FFT. Workspaces:
+// real 0 = v, then c; real 1 = h; complex 0 = V, then V H; complex 1 = H.
+template <typename acc_t>
+void bind_fwd(Workspace<acc_t>& ws, int64_t n, const Blocking& blk) {
+  ws.bind(n, {blk.cap, blk.chans}, {blk.cap, blk.chans});
 }
 
-// Workspaces: real 0 = v, then c, then the du convolution; real 1 = gpre; real 2 = h, then dh;
-// complex 0 = V; complex 1 = V H, then G, then G conj(H); complex 2 = H; complex 3 = dH.
 template <typename input_t>
-void bwd_kernel(const FftconvBwdParams<input_t>& p) {
+void fwd_block(const FftconvFwdParams<input_t>& p, const Blocking& blk, Workspace<acc_type<input_t>>& ws,
+               int64_t* bs, int64_t* ds, int64_t d0, int64_t nch) {
+  load_kernel_rows(p, d0, nch, ws.r(1));
+  ws.rfft(1, 1, nch);
+  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
+    load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
+    ws.rfft(0, 0, rows.count);
+    mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(1), d0, ws.c(0), ws.c(0));
+    ws.irfft(0, 0, rows.count);
+    epilogue_rows_dispatch<input_t>(p, rows, ws.r(0));
+  }
+}
+
+// Backward of a block, ATen's FFT; `add`: add to dk / dk_rev / dD instead of writing them (a later
+// group of packed sequences). Workspaces: real 0 = v, then c, then the du convolution; real 1 =
+// gpre; real 2 = h, then dh; complex 0 = V; complex 1 = V H, then G, then G conj(H); complex 2 = H;
+// complex 3 = dH.
+template <typename acc_t>
+void bind_bwd(Workspace<acc_t>& ws, int64_t n, const Blocking& blk) {
+  ws.bind(n, {blk.cap, blk.cap, blk.chans}, {blk.cap, blk.cap, blk.chans, blk.chans});
+}
+
+template <typename input_t>
+void bwd_block(const FftconvBwdParams<input_t>& p, const Blocking& blk, Workspace<acc_type<input_t>>& ws,
+               int64_t* bs, int64_t* ds, acc_type<input_t>* row_dD, int64_t d0, int64_t nch, bool add) {
   using acc_t = acc_type<input_t>;
-  const Blocking blk(p);
   const bool need_c = p.activation != kActNone || p.postgate.data;
-  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
-    Workspace<acc_t> ws(p.fft_size, {blk.cap, blk.cap, blk.chans}, {blk.cap, blk.cap, blk.chans, blk.chans});
-    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
-    std::vector<acc_t> row_dD(blk.cap);
-    acc_t* dD = p.dD;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
-      load_kernel_rows(p, d0, nch, ws.r(2));
-      ws.rfft(2, 2, nch);
-      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
-        load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
-        ws.rfft(0, 0, rows.count);
-        if (need_c) {
-          mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(2), d0, ws.c(0), ws.c(1));
-          ws.irfft(1, 0, rows.count);
-        }
-        grad_pre_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1), row_dD.data());
-        if (dD) {
-          for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 ? acc_t(0) : dD[ds[i]]) + row_dD[i];
-        }
-        ws.rfft(1, 1, rows.count);
-        accumulate_dkf_rows_dispatch<input_t>(p, rows, ws.c(3), d0, ws.c(1), ws.c(0));
-        mul_spectrum_rows_dispatch<input_t, true>(p, rows, ws.c(2), d0, ws.c(1), ws.c(1));
-        ws.irfft(1, 0, rows.count);
-        grad_input_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1));
-      }
-      // dh = irfft(dH): the circular correlation sum_b sum_t g_b[t] v_b[(t - j) mod n].
-      ws.irfft(3, 2, nch);
-      store_kernel_grad_rows(p, d0, nch, ws.r(2));
+  acc_t* dD = p.dD;
+  load_kernel_rows(p, d0, nch, ws.r(2));
+  ws.rfft(2, 2, nch);
+  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
+    load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
+    ws.rfft(0, 0, rows.count);
+    if (need_c) {
+      mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(2), d0, ws.c(0), ws.c(1));
+      ws.irfft(1, 0, rows.count);
     }
-  });
+    grad_pre_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1), row_dD);
+    if (dD) {
+      for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 && !add ? acc_t(0) : dD[ds[i]]) + row_dD[i];
+    }
+    ws.rfft(1, 1, rows.count);
+    accumulate_dkf_rows_dispatch<input_t>(p, rows, ws.c(3), d0, ws.c(1), ws.c(0));
+    mul_spectrum_rows_dispatch<input_t, true>(p, rows, ws.c(2), d0, ws.c(1), ws.c(1));
+    ws.irfft(1, 0, rows.count);
+    grad_input_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1));
+  }
+  // dh = irfft(dH): the circular correlation sum_b sum_t g_b[t] v_b[(t - j) mod n].
+  ws.irfft(3, 2, nch);
+  store_kernel_grad_rows(p, d0, nch, ws.r(2), add);
 }
 
 // ---- The hand-written power-of-two path (fftconv_fft.h), one row at a time. ----
@@ -513,85 +562,92 @@ void block_spectra(const FftconvCommon<input_t>& p, const fft::Twiddles<acc_t>& 
   }
 }
 
-// Forward, hand path: blocks of channels as in fwd_kernel; per row one forward and one inverse
-// m-point complex FFT.
-template <typename input_t>
-void fwd_kernel_hand(const FftconvFwdParams<input_t>& p) {
-  using acc_t = acc_type<input_t>;
-  const int64_t n = p.fft_size, m = n / 2, F = m + 1, L = p.seqlen;
-  const TwiddleTable<acc_t> tt(m);
-  const Blocking blk(p);
-  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> real(blk.cap * n), hs(2 * blk.chans * F), zbuf(4 * fft::buffer_size(m));
-    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
-      block_spectra(p, tt.tw, d0, nch, real.data(), zbuf.data(), hs.data());
-      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
-        load_v_rows_dispatch<input_t>(p, rows, real.data());
-        for (int64_t i = 0; i < rows.count; ++i) {
-          const acc_t* h = hs.data() + 2 * (ds[i] - d0) * F;
-          row_conv_dispatch<acc_t>(tt.tw, real.data() + i * n, L, h, h + F, zbuf.data());
-        }
-        epilogue_rows_dispatch<input_t>(p, rows, real.data());
-      }
+// Buffers of the hand path for one thread, grown to the largest block they have served.
+template <typename acc_t>
+struct HandBuffers {
+  std::vector<acc_t> real0, real1, hs, dh, V, G, zbuf;
+
+  static void grow(std::vector<acc_t>& v, int64_t size) {
+    if (static_cast<int64_t>(v.size()) < size) v.resize(size);
+  }
+  void fit(const Blocking& blk, int64_t n, bool bwd) {
+    const int64_t m = n / 2, F = m + 1;
+    grow(real0, blk.cap * n);
+    grow(hs, 2 * blk.chans * F);
+    grow(zbuf, 4 * fft::buffer_size(m));
+    if (bwd) {
+      grow(real1, blk.cap * n);
+      grow(dh, 2 * blk.chans * F);
+      grow(V, 2 * blk.cap * F);
+      grow(G, 2 * F);
     }
-  });
+  }
+};
+
+// Forward of a block, hand path: per row one forward and one inverse m-point complex FFT.
+template <typename input_t, typename acc_t = acc_type<input_t>>
+void fwd_block_hand(const FftconvFwdParams<input_t>& p, const Blocking& blk, const fft::Twiddles<acc_t>& tw,
+                    HandBuffers<acc_t>& buf, int64_t* bs, int64_t* ds, int64_t d0, int64_t nch) {
+  const int64_t n = p.fft_size, F = tw.m + 1;
+  acc_t *real = buf.real0.data(), *hs = buf.hs.data(), *zbuf = buf.zbuf.data();
+  block_spectra(p, tw, d0, nch, real, zbuf, hs);
+  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
+    load_v_rows_dispatch<input_t>(p, rows, real);
+    for (int64_t i = 0; i < rows.count; ++i) {
+      const acc_t* h = hs + 2 * (ds[i] - d0) * F;
+      row_conv_dispatch<acc_t>(tw, real + i * n, row_span(p, bs[i]).len, h, h + F, zbuf);
+    }
+    epilogue_rows_dispatch<input_t>(p, rows, real);
+  }
 }
 
-// Backward, hand path: per row V = rfft(v) (kept), c = irfft(V H) when needed, G = rfft(gpre),
-// dH += G conj(V) (batch order), dv = irfft(G conj(H)); per channel dh = irfft(dH).
-template <typename input_t>
-void bwd_kernel_hand(const FftconvBwdParams<input_t>& p) {
-  using acc_t = acc_type<input_t>;
-  const int64_t n = p.fft_size, m = n / 2, F = m + 1, L = p.seqlen;
-  const TwiddleTable<acc_t> tt(m);
-  const Blocking blk(p);
+// Backward of a block, hand path: per row V = rfft(v) (kept), c = irfft(V H) when needed,
+// G = rfft(gpre), dH += G conj(V) (batch order), dv = irfft(G conj(H)); per channel dh = irfft(dH).
+// `add` as in bwd_block.
+template <typename input_t, typename acc_t = acc_type<input_t>>
+void bwd_block_hand(const FftconvBwdParams<input_t>& p, const Blocking& blk, const fft::Twiddles<acc_t>& tw,
+                    HandBuffers<acc_t>& buf, int64_t* bs, int64_t* ds, acc_t* row_dD, int64_t d0, int64_t nch,
+                    bool add) {
+  const int64_t n = p.fft_size, F = tw.m + 1;
   const bool need_c = p.activation != kActNone || p.postgate.data;
-  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> real0(blk.cap * n), real1(blk.cap * n), hs(2 * blk.chans * F), dh(2 * blk.chans * F),
-        V(2 * blk.cap * F), G(2 * F), zbuf(4 * fft::buffer_size(m)), row_dD(blk.cap);
-    std::vector<int64_t> bs(blk.cap), ds(blk.cap);
-    acc_t* dD = p.dD;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t d0 = j * blk.chans, nch = std::min(p.dim, d0 + blk.chans) - d0;
-      block_spectra(p, tt.tw, d0, nch, real0.data(), zbuf.data(), hs.data());
-      for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-        const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs.data(), ds.data());
-        load_v_rows_dispatch<input_t>(p, rows, real0.data());
-        for (int64_t i = 0; i < rows.count; ++i) {
-          acc_t* x = real0.data() + i * n;
-          acc_t *Vr = V.data() + 2 * i * F, *Vi = Vr + F;
-          row_spectrum_dispatch<acc_t>(tt.tw, x, L, acc_t(1), zbuf.data(), Vr, Vi);
-          if (need_c) {
-            const acc_t* h = hs.data() + 2 * (ds[i] - d0) * F;
-            row_inverse_dispatch<acc_t, false>(tt.tw, Vr, Vi, h, h + F, acc_t(1), zbuf.data(), L, x);
-          }
-        }
-        grad_pre_rows_dispatch<input_t>(p, rows, real0.data(), real1.data(), row_dD.data());
-        if (dD) {
-          for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 ? acc_t(0) : dD[ds[i]]) + row_dD[i];
-        }
-        for (int64_t i = 0; i < rows.count; ++i) {
-          const acc_t *Vr = V.data() + 2 * i * F, *Vi = Vr + F, *h = hs.data() + 2 * (ds[i] - d0) * F;
-          acc_t* S = dh.data() + 2 * (ds[i] - d0) * F;
-          row_spectrum_dispatch<acc_t>(tt.tw, real1.data() + i * n, L, acc_t(1), zbuf.data(), G.data(), G.data() + F);
-          accumulate_dh_dispatch<acc_t>(F, bs[i] == 0, G.data(), G.data() + F, Vr, Vi, S, S + F);
-          row_inverse_dispatch<acc_t, true>(tt.tw, G.data(), G.data() + F, h, h + F, acc_t(1), zbuf.data(), L,
-                                            real0.data() + i * n);
-        }
-        grad_input_rows_dispatch<input_t>(p, rows, real0.data(), real1.data());
-      }
-      // dh = irfft(sum_b G_b conj(V_b)); the spectra carry a factor 4.
-      for (int64_t i = 0; i < nch; ++i) {
-        const acc_t* S = dh.data() + 2 * i * F;
-        row_inverse_dispatch<acc_t, false>(tt.tw, S, S + F, nullptr, nullptr, acc_t(1) / acc_t(4 * n), zbuf.data(),
-                                           n, real0.data());
-        store_kernel_grad_rows(p, d0 + i, 1, real0.data());
+  acc_t *real0 = buf.real0.data(), *real1 = buf.real1.data(), *hs = buf.hs.data(), *dh = buf.dh.data();
+  acc_t *V = buf.V.data(), *G = buf.G.data(), *zbuf = buf.zbuf.data();
+  acc_t* dD = p.dD;
+  block_spectra(p, tw, d0, nch, real0, zbuf, hs);
+  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
+    load_v_rows_dispatch<input_t>(p, rows, real0);
+    for (int64_t i = 0; i < rows.count; ++i) {
+      const int64_t len = row_span(p, bs[i]).len;
+      acc_t* x = real0 + i * n;
+      acc_t *Vr = V + 2 * i * F, *Vi = Vr + F;
+      row_spectrum_dispatch<acc_t>(tw, x, len, acc_t(1), zbuf, Vr, Vi);
+      if (need_c) {
+        const acc_t* h = hs + 2 * (ds[i] - d0) * F;
+        row_inverse_dispatch<acc_t, false>(tw, Vr, Vi, h, h + F, acc_t(1), zbuf, len, x);
       }
     }
-  });
+    grad_pre_rows_dispatch<input_t>(p, rows, real0, real1, row_dD);
+    if (dD) {
+      for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 && !add ? acc_t(0) : dD[ds[i]]) + row_dD[i];
+    }
+    for (int64_t i = 0; i < rows.count; ++i) {
+      const int64_t len = row_span(p, bs[i]).len;
+      const acc_t *Vr = V + 2 * i * F, *Vi = Vr + F, *h = hs + 2 * (ds[i] - d0) * F;
+      acc_t* S = dh + 2 * (ds[i] - d0) * F;
+      row_spectrum_dispatch<acc_t>(tw, real1 + i * n, len, acc_t(1), zbuf, G, G + F);
+      accumulate_dh_dispatch<acc_t>(F, bs[i] == 0, G, G + F, Vr, Vi, S, S + F);
+      row_inverse_dispatch<acc_t, true>(tw, G, G + F, h, h + F, acc_t(1), zbuf, len, real0 + i * n);
+    }
+    grad_input_rows_dispatch<input_t>(p, rows, real0, real1);
+  }
+  // dh = irfft(sum_b G_b conj(V_b)); the spectra carry a factor 4.
+  for (int64_t i = 0; i < nch; ++i) {
+    const acc_t* S = dh + 2 * i * F;
+    row_inverse_dispatch<acc_t, false>(tw, S, S + F, nullptr, nullptr, acc_t(1) / acc_t(4 * n), zbuf, n, real0);
+    store_kernel_grad_rows(p, d0 + i, 1, real0, add);
+  }
 }
 
 // The CPU's FFT length and path, chosen here only: the hand-written power-of-two FFT at the next
@@ -693,21 +749,164 @@ template void hand_irfft_rows<double>(const double*, int64_t, int64_t, bool, dou
 
 }  // namespace fftconv
 
+namespace {
+
+template <typename P>
+constexpr bool kIsBwd = false;
+template <typename T>
+constexpr bool kIsBwd<FftconvBwdParams<T>> = true;
+
+// One thread's scratch for blocks of either path, grown as needed.
+template <typename acc_t>
+struct Scratch {
+  Workspace<acc_t> ws;
+  HandBuffers<acc_t> hand;
+  std::vector<int64_t> bs, ds;
+  std::vector<acc_t> row_dD;
+
+  // For blocks of blk at length n, on the hand path or ATen's.
+  void fit(const Blocking& blk, int64_t n, bool hand_fft, bool bwd) {
+    if (static_cast<int64_t>(bs.size()) < blk.cap) {
+      bs.resize(blk.cap);
+      ds.resize(blk.cap);
+      row_dD.resize(blk.cap);
+    }
+    if (hand_fft) {
+      hand.fit(blk, n, bwd);
+    } else if (bwd) {
+      bind_bwd(ws, n, blk);
+    } else {
+      bind_fwd(ws, n, blk);
+    }
+  }
+};
+
+// The block of channels [d0, d0 + nch); tw: the hand path's twiddles, or null for ATen's FFT.
+template <typename input_t, typename acc_t>
+void run_block(const FftconvFwdParams<input_t>& p, const Blocking& blk, const fft::Twiddles<acc_t>* tw,
+               Scratch<acc_t>& sc, int64_t d0, int64_t nch, bool /*add*/) {
+  if (tw) {
+    fwd_block_hand(p, blk, *tw, sc.hand, sc.bs.data(), sc.ds.data(), d0, nch);
+  } else {
+    fwd_block(p, blk, sc.ws, sc.bs.data(), sc.ds.data(), d0, nch);
+  }
+}
+
+template <typename input_t, typename acc_t>
+void run_block(const FftconvBwdParams<input_t>& p, const Blocking& blk, const fft::Twiddles<acc_t>* tw,
+               Scratch<acc_t>& sc, int64_t d0, int64_t nch, bool add) {
+  if (tw) {
+    bwd_block_hand(p, blk, *tw, sc.hand, sc.bs.data(), sc.ds.data(), sc.row_dD.data(), d0, nch, add);
+  } else {
+    bwd_block(p, blk, sc.ws, sc.bs.data(), sc.ds.data(), sc.row_dD.data(), d0, nch, add);
+  }
+}
+
+// Plain rows: the blocks of channels in parallel.
+template <typename P>
+void run_rows(const P& p) {
+  using acc_t = typename P::acc;
+  std::optional<TwiddleTable<acc_t>> tt;
+  if (hand_path(p.fft_size)) tt.emplace(p.fft_size / 2);
+  const Blocking blk(p);
+  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> sc;
+    sc.fit(blk, p.fft_size, tt.has_value(), kIsBwd<P>);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t d0 = j * blk.chans;
+      run_block(p, blk, tt ? &tt->tw : nullptr, sc, d0, std::min(p.dim, d0 + blk.chans) - d0, false);
+    }
+  });
+}
+
+// Packed sequences (p.seqs): every sequence is its own convolution, at the FFT length cpu_plan
+// picks for it alone (its tokens and the taps that reach them), so its outputs depend on its own
+// inputs only. The sequences of one length form a group, run as the batch rows of the kernels
+// above (params with seq_start / seq_len) with the taps that reach an output of the group's
+// longest: no tap wraps onto a token of any of them, since n >= L_s + taps - 1 for each.
+// Groups in ascending length; empty sequences have no rows.
+template <typename P>
+struct SequenceGroups {
+  using acc_t = typename P::acc;
+  std::vector<P> params;
+  std::vector<std::vector<int64_t>> start, len;
+  std::vector<std::unique_ptr<TwiddleTable<acc_t>>> tables;  // hand path: the length's table
+
+  explicit SequenceGroups(const P& p) {
+    std::map<int64_t, std::vector<int64_t>> by_size;
+    const int64_t* off = p.seqs.offsets;
+    for (int64_t s = 0; s < p.seqs.num_seqs; ++s) {
+      const int64_t L = off[s + 1] - off[s];
+      if (L > 0) by_size[fftconv::cpu_plan(fftconv::min_fft_size(L, p.klen, p.klen_rev)).n].push_back(s);
+    }
+    for (const auto& [n, seqs] : by_size) {
+      std::vector<int64_t> st, ln;
+      for (int64_t s : seqs) {
+        st.push_back(off[s]);
+        ln.push_back(off[s + 1] - off[s]);
+      }
+      const int64_t longest = *std::max_element(ln.begin(), ln.end());
+      P q = p;
+      q.batch = static_cast<int64_t>(seqs.size());
+      q.fft_size = n;
+      q.nfreq = n / 2 + 1;
+      q.kc = fftconv::taps(p.klen, longest);
+      q.kr = fftconv::taps(p.klen_rev, longest);
+      params.push_back(q);
+      start.push_back(std::move(st));
+      len.push_back(std::move(ln));
+      tables.push_back(hand_path(n) ? std::make_unique<TwiddleTable<acc_t>>(n / 2) : nullptr);
+    }
+    for (size_t g = 0; g < params.size(); ++g) {
+      params[g].seq_start = start[g].data();
+      params[g].seq_len = len[g].data();
+    }
+  }
+  const fft::Twiddles<acc_t>* twiddles(size_t g) const { return tables[g] ? &tables[g]->tw : nullptr; }
+};
+
+// Tasks of the packed path: runs of consecutive channels, each through every group in order (the
+// first group writes dk / dk_rev / dD, later ones add: a fixed order), about kPackedTasks of them
+// whatever the thread count, all of equal work.
+constexpr int64_t kPackedTasks = 16;
+
+template <typename P>
+void run_packed(const P& p) {
+  using acc_t = typename P::acc;
+  const SequenceGroups<P> groups(p);
+  const int64_t per_task = (p.dim + kPackedTasks - 1) / kPackedTasks;
+  at::parallel_for(0, (p.dim + per_task - 1) / per_task, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> sc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t d0 = task * per_task, d1 = std::min(p.dim, d0 + per_task);
+      for (size_t g = 0; g < groups.params.size(); ++g) {
+        const P& q = groups.params[g];
+        const Blocking blk(q);
+        const fft::Twiddles<acc_t>* tw = groups.twiddles(g);
+        sc.fit(blk, q.fft_size, tw != nullptr, kIsBwd<P>);
+        for (int64_t d = d0; d < d1; d += blk.chans) run_block(q, blk, tw, sc, d, std::min(blk.chans, d1 - d), g > 0);
+      }
+    }
+  });
+}
+
+}  // namespace
+
 template <typename T>
 void fftconv_fwd_cpu(const FftconvFwdParams<T>& p) {
-  if (hand_path(p.fft_size)) {
-    fwd_kernel_hand<T>(p);
+  if (p.seqs.packed()) {
+    run_packed(p);
   } else {
-    fwd_kernel<T>(p);
+    run_rows(p);
   }
 }
 
 template <typename T>
 void fftconv_bwd_cpu(const FftconvBwdParams<T>& p) {
-  if (hand_path(p.fft_size)) {
-    bwd_kernel_hand<T>(p);
+  if (p.seqs.packed()) {
+    run_packed(p);
   } else {
-    bwd_kernel<T>(p);
+    run_rows(p);
   }
 }
 

@@ -5,8 +5,23 @@
 #include "common/varlen.h"
 #include "fftconv/fftconv.h"
 
+#include <atomic>
+
 namespace ssmk {
 namespace {
+
+// Packed sequences: the CPU kernels run each sequence as its own convolution (offsets read on the
+// host, fftconv_cpu.cpp). CUDA runs the row with gaps below (offsets only read on the device); a
+// test switch runs the CPU through it too, so the CUDA path's host logic is tested without a GPU.
+std::atomic<bool>& gapped_row_on_cpu() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+bool set_packed_gapped_row(bool enable) { return gapped_row_on_cpu().exchange(enable); }
+
+bool packed_via_gapped_row(const at::Tensor& u) {
+  return !u.is_cpu() || gapped_row_on_cpu().load(std::memory_order_relaxed);
+}
 
 // activation: 0 (none), 1 (gelu, erf form) or 2 (silu).
 #define FFTCONV_FWD_ARGS(X)                                                                          \
@@ -57,7 +72,7 @@ Varlen check_args(const Args& in) {
   return check_cu_seqlens(in.cu_seqlens, std::nullopt, u.size(0), u.size(2), u);
 }
 
-// Packed sequences run as one plain row with a gap of zeros between consecutive sequences, as
+// Packed sequences on CUDA run as one plain row with a gap of zeros between consecutive sequences, as
 // long as the taps that reach an output: kc - 1 for the causal taps and kr - 1 for the
 // anti-causal ones (a kernel longer than seqlen uses its first seqlen taps, so these are at most
 // seqlen - 1). No tap then reaches another sequence, and each sequence's convolution starts at its
@@ -113,7 +128,7 @@ struct AccParams {
 };
 
 template <typename T, typename Args>
-void fill_common(FftconvCommon<T>& p, const Args& in, const AccParams& a) {
+void fill_common(FftconvCommon<T>& p, const Args& in, const AccParams& a, const Varlen& v) {
   using acc = acc_t<T>;
   p.batch = in.u.size(0);
   p.dim = in.u.size(1);
@@ -129,6 +144,8 @@ void fill_common(FftconvCommon<T>& p, const Args& in, const AccParams& a) {
   p.klen_rev = a.k_rev ? a.k_rev->size(1) : 0;
   p.kc = fftconv::taps(p.klen, p.seqlen);
   p.kr = fftconv::taps(p.klen_rev, p.seqlen);
+  // The CPU path only (the CUDA path never sees packed rows): offsets in host memory.
+  p.seqs = PackedSeqs{v.packed() ? v.offsets.data_ptr<int64_t>() : nullptr, v.num_seqs, {}};
 }
 
 // The CPU's FFT length (the CUDA host driver picks its own).
@@ -140,7 +157,7 @@ void plan_cpu(FftconvCommon<T>& p) {
 
 at::Tensor fftconv_fwd(const FftconvFwdArgs& in) {
   const Varlen v = check_args(in);
-  if (v.packed()) {
+  if (v.packed() && packed_via_gapped_row(in.u)) {
     const FftPacking k = make_fft_packing(v, in);
     return k.unextend(fftconv_fwd(k.extended(in)));
   }
@@ -150,7 +167,7 @@ at::Tensor fftconv_fwd(const FftconvFwdArgs& in) {
   SSMK_DISPATCH_FLOAT(in.u.scalar_type(), "fftconv_fwd", [&] {
     using T = scalar_t;
     FftconvFwdParams<T> p{};
-    fill_common(p, in, a);
+    fill_common(p, in, a, v);
     p.out = ptr<T>(out);
     launch(in.u, [&] {
       plan_cpu(p);
@@ -166,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Varlen v = check_args(in);
   check_shape(in.dout, in.u.sizes(), "dout");
   check_same_device(in.dout, in.u, "dout");
-  if (v.packed()) {
+  if (v.packed() && packed_via_gapped_row(in.u)) {
     // Gaps have zero output gradients; the taps cut away reach no output (zero gradients).
     const FftPacking k = make_fft_packing(v, in);
     FftconvBwdArgs e = k.extended(in);
@@ -207,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   SSMK_DISPATCH_FLOAT(in.u.scalar_type(), "fftconv_bwd", [&] {
     using T = scalar_t;
     FftconvBwdParams<T> p{};
-    fill_common(p, in, a);
+    fill_common(p, in, a, v);
     p.dout = view<const T, 3>(dout);
     p.du = ptr<T>(du);
     p.dpregate = in.pregate ? ptr<T>(dpregate) : nullptr;
@@ -228,3 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 SSMK_OP(fftconv_fwd, FftconvFwdArgs, "Tensor out")
 SSMK_OP(fftconv_bwd, FftconvBwdArgs, "(Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, Tensor dpregate, Tensor dpostgate)")
+
+TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
+  // Packed fftconv on the CPU through the CUDA path's row with gaps; returns the old value.
+  m.def("set_fftconv_packed_gapped_row(bool enable) -> bool", &ssmk::set_packed_gapped_row);
+}

@@ -16,7 +16,8 @@
 // over (channel, sequence) instead of rows, balanced by tokens (fwd_sequences), so that a few
 // channels still keep every thread busy; each step computes exactly what the row walk would. The backward's reverse recurrence restarts
 // from the final-state gradient where a sequence ends and writes the initial-state gradient where
-// it starts.
+// it starts; with cu_seqlens it is split the same way, over (slice of channels, sequence), each
+// sequence's sums over time kept per sequence and reduced by the host in sequence order.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -273,167 +274,206 @@ SSMK_CPU_MULTIVERSION(fwd_sequences, (typename input_t, bool kComplex), (input_t
                        const SelectiveScanCpuLayout<acc_t<input_t>>& lay, int64_t begin, int64_t end),
                       (p, lay, begin, end))
 
-// Backward of one slice of channels for one batch row (see the op's doc page for the
-// derivation). With K_t = conj(a_t) G_t the gradient that reaches h_{t-1} through step t, and
+// Per-thread buffers of the backward: hs[i] = h after step i of the chunk (hs[-1] = the chunk's
+// checkpoint), as[i] = a of step i; per step of the chunk the sequence starting / ending there.
+template <typename acc_t>
+struct BwdScratch {
+  std::vector<acc_t> hs_buf, as, dts, us, gs, ys, dtg, Kc, dA, dBf, dCf, hrow, h0;
+  std::vector<int64_t> starts, ends;
+  BwdScratch(int64_t K, int64_t nw)
+      : hs_buf((K + 1) * nw), as(K * nw), dts(K), us(K), gs(K), ys(K), dtg(K), Kc(nw), dA(nw), dBf(nw),
+        dCf(nw), hrow(nw), h0(nw), starts(K), ends(K) {}
+};
+
+// Backward of one slice of channels over tokens [first, last) of one batch row: the whole row, or
+// with cu_seqlens one sequence (see the op's doc page for the derivation). With
+// K_t = conj(a_t) G_t the gradient that reaches h_{t-1} through step t, and
 // e_t = s g_t conj(C_t) the gradient of y_t w.r.t. h_t (s = 2 for complex A, else 1):
 //   G_t = K_{t+1} + e_t,   K_t = conj(a_t) G_t,   K_L = dlast_state,   dinitial_state = K_0
 //   dA += dt_t K_t conj(h_{t-1}),  ddt_t = Re(conj(A) K_t conj(h_{t-1})) + u_t Re(conj(B_t) G_t)
 //   dB_t = dt_t u_t G_t,  dC_t = s g_t conj(h_t),  du_t = D g_t + dt_t Re(conj(B_t) G_t)
+// The per-row sums (dA, fixed dB / dC, dD, ddelta_bias) go to row `sums_row` of their buffers:
+// the batch row, or with cu_seqlens the sequence.
 template <typename input_t, bool kComplex>
-SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& p, const SelectiveScanCpuLayout<acc_t<input_t>>& lay,
-                               int64_t begin, int64_t end) {
+SSMK_CPU_INLINE void bwd_task(const SelectiveScanBwdParams<input_t, kComplex>& p,
+                              const SelectiveScanCpuLayout<acc_t<input_t>>& lay, BwdScratch<acc_t<input_t>>& sc,
+                              int64_t b, int64_t slice, int64_t sums_row, int64_t first, int64_t last) {
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t N = p.dstate, L = p.seqlen, nw = lay.nw, nc = p.n_chunks;
-  const int64_t K = std::min<int64_t>(kChunkSize, L);
   constexpr acc_t kScale = kComplex ? acc_t(2) : acc_t(1);
   const acc_t* Aall = lay.A;
   const acc_t* Dv = p.D;
   const acc_t* bias = p.delta_bias;
   const auto& dlast = p.dlast_state;
-  // hs[i] = h after step i of the chunk (hs[-1] = the chunk's checkpoint), as[i] = a of step i.
-  std::vector<acc_t> hs_buf((K + 1) * nw), as(K * nw);
-  std::vector<acc_t> dts(K), us(K), gs(K), ys(K), dtg(K);
-  std::vector<acc_t> Kc(nw), dA(nw), dBf(nw), dCf(nw), hrow(nw), h0(nw);
-  // Per step of the chunk: the sequence starting / ending there (kNoBound: none; -1: seq_idx).
+  // kNoBound: no sequence starts / ends at the step; -1: a seq_idx boundary.
   constexpr int64_t kNoBound = -2;
-  std::vector<int64_t> starts(K), ends(K);
+  std::vector<acc_t>& as = sc.as, &dts = sc.dts, &us = sc.us, &gs = sc.gs, &ys = sc.ys, &dtg = sc.dtg;
+  std::vector<acc_t>& Kc = sc.Kc, &dA = sc.dA, &dBf = sc.dBf, &dCf = sc.dCf, &hrow = sc.hrow, &h0 = sc.h0;
+  std::vector<int64_t>& starts = sc.starts, &ends = sc.ends;
   const bool packed = p.seqs.packed(), bounded = p.seqs.any();
-  acc_t* hs = hs_buf.data() + nw;
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / p.n_slices, s = task % p.n_slices;
-    // Variable B/C partial sums of this slice: [L, NW'] rows (interleaved if complex).
-    acc_t* dBp = p.B.variable ? lay.dB_partial + (s * p.batch + b) * L * nw : nullptr;
-    acc_t* dCp = p.C.variable ? lay.dC_partial + (s * p.batch + b) * L * nw : nullptr;
-    if (dBp) std::fill(dBp, dBp + L * nw, acc_t(0));
-    if (dCp) std::fill(dCp, dCp + L * nw, acc_t(0));
-    for (int64_t d = s * p.slice_channels; d < (s + 1) * p.slice_channels; ++d) {
-      const int64_t r = b * p.dim + d;
-      const acc_t* A = Aall + d * nw;
-      const acc_t* Bbase = lay.B.row(p.dim, L, b, d, nw);
-      const acc_t* Cbase = lay.C.row(p.dim, L, b, d, nw);
-      const acc_t Dd = Dv ? Dv[d] : acc_t(0), bias_d = bias ? bias[d] : acc_t(0);
-      const int64_t u_off = b * p.u.stride[0] + d * p.u.stride[1];
-      const int64_t dl_off = b * p.delta.stride[0] + d * p.delta.stride[1];
-      const int64_t z_off = b * p.z.stride[0] + d * p.z.stride[1];
-      const int64_t do_off = b * p.dout.stride[0] + d * p.dout.stride[1];
-      const auto* ckpt = p.checkpoints + r * nc * N;
-      input_t* du_out = p.du + r * L;
-      input_t* ddelta_out = p.ddelta + r * L;
-      input_t* dz_out = p.dz ? p.dz + r * L : nullptr;
-      if (dlast.data && !packed) {
-        for (int64_t n = 0; n < N; ++n) {
-          const auto v = dlast.data[b * dlast.stride[0] + d * dlast.stride[1] + n * dlast.stride[2]];
-          if constexpr (kComplex) {
-            Kc[n] = v.real();
-            Kc[N + n] = v.imag();
-          } else {
-            Kc[n] = v;
-          }
+  acc_t* hs = sc.hs_buf.data() + nw;
+  // Variable B/C partial sums of this slice: [L, NW'] rows (interleaved if complex), of which
+  // this task owns [first, last).
+  acc_t* dBp = p.B.variable ? lay.dB_partial + (slice * p.batch + b) * L * nw : nullptr;
+  acc_t* dCp = p.C.variable ? lay.dC_partial + (slice * p.batch + b) * L * nw : nullptr;
+  if (dBp) std::fill(dBp + first * nw, dBp + last * nw, acc_t(0));
+  if (dCp) std::fill(dCp + first * nw, dCp + last * nw, acc_t(0));
+  for (int64_t d = slice * p.slice_channels; d < (slice + 1) * p.slice_channels; ++d) {
+    const int64_t r = b * p.dim + d, rs = sums_row * p.dim + d;
+    const acc_t* A = Aall + d * nw;
+    const acc_t* Bbase = lay.B.row(p.dim, L, b, d, nw);
+    const acc_t* Cbase = lay.C.row(p.dim, L, b, d, nw);
+    const acc_t Dd = Dv ? Dv[d] : acc_t(0), bias_d = bias ? bias[d] : acc_t(0);
+    const int64_t u_off = b * p.u.stride[0] + d * p.u.stride[1];
+    const int64_t dl_off = b * p.delta.stride[0] + d * p.delta.stride[1];
+    const int64_t z_off = b * p.z.stride[0] + d * p.z.stride[1];
+    const int64_t do_off = b * p.dout.stride[0] + d * p.dout.stride[1];
+    const auto* ckpt = p.checkpoints + r * nc * N;
+    input_t* du_out = p.du + r * L;
+    input_t* ddelta_out = p.ddelta + r * L;
+    input_t* dz_out = p.dz ? p.dz + r * L : nullptr;
+    if (dlast.data && !packed) {
+      for (int64_t n = 0; n < N; ++n) {
+        const auto v = dlast.data[b * dlast.stride[0] + d * dlast.stride[1] + n * dlast.stride[2]];
+        if constexpr (kComplex) {
+          Kc[n] = v.real();
+          Kc[N + n] = v.imag();
+        } else {
+          Kc[n] = v;
         }
-      } else {
-        std::fill(Kc.begin(), Kc.end(), acc_t(0));
       }
-      std::fill(dA.begin(), dA.end(), acc_t(0));
-      std::fill(dBf.begin(), dBf.end(), acc_t(0));
-      std::fill(dCf.begin(), dCf.end(), acc_t(0));
-      acc_t dD = 0, ddb = 0;
-      for (int64_t c = nc - 1; c >= 0; --c) {
-        const int64_t t0 = c * kChunkSize, len = std::min(kChunkSize, L - t0);
-        load_state<acc_t, kComplex>(ckpt + c * N, N, hs - nw);
-        std::memcpy(hrow.data(), hs - nw, nw * sizeof(acc_t));
-        int64_t hint = packed ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, t0) : 0;
-        // Forward recomputation of the chunk.
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t t = t0 + i;
-          const TokenBounds tb = bounded ? token_bounds(p.seqs, b, t, L, hint) : TokenBounds{false, false, -1};
-          starts[i] = tb.start ? tb.seq : kNoBound;
-          ends[i] = tb.end ? tb.seq : kNoBound;
-          if (tb.start) load_sequence_state<acc_t, kComplex>(p.initial_state, N, tb.seq, d, hrow.data());
-          const acc_t u = load<acc_t>(p.u.data, u_off + t * p.u.stride[2]);
-          const acc_t delta = load<acc_t>(p.delta.data, dl_off + t * p.delta.stride[2]);
-          const acc_t dt = delta_transform(delta, bias_d, p.delta_softplus);
-          const acc_t dout = load<acc_t>(p.dout.data, do_off + t * p.dout.stride[2]);
-          const acc_t zv = p.z.data ? load<acc_t>(p.z.data, z_off + t * p.z.stride[2]) : acc_t(0);
-          dts[i] = dt;
-          us[i] = u;
-          dtg[i] = delta_transform_grad(delta, bias_d, p.delta_softplus);
-          gs[i] = p.z.data ? dout * ssmk::silu(zv) : dout;
-          ys[i] = kScale * scan_step<acc_t, kComplex, true>(N, dt, dt * u, A, Bbase + t * lay.B.step,
-                                                      Cbase + t * lay.C.step, hrow.data(), as.data() + i * nw,
-                                                      hs + i * nw);
-          if (dz_out) {
-            const acc_t o = ys[i] + Dd * u;
-            dz_out[t] = static_cast<input_t>(dout * o * ssmk::silu_grad(zv));
-          }
+    } else {
+      std::fill(Kc.begin(), Kc.end(), acc_t(0));
+    }
+    std::fill(dA.begin(), dA.end(), acc_t(0));
+    std::fill(dBf.begin(), dBf.end(), acc_t(0));
+    std::fill(dCf.begin(), dCf.end(), acc_t(0));
+    acc_t dD = 0, ddb = 0;
+    // The chunks holding [first, last), steps [i0, i1) of each. Where the range starts inside a
+    // chunk, a sequence starts there (its state reloaded): hs[i0 - 1] is never read.
+    for (int64_t c = last > first ? (last - 1) / kChunkSize : -1; c >= 0 && c >= first / kChunkSize; --c) {
+      const int64_t t0 = c * kChunkSize;
+      const int64_t i0 = std::max(first, t0) - t0, i1 = std::min(last, t0 + kChunkSize) - t0;
+      load_state<acc_t, kComplex>(ckpt + c * N, N, hs - nw);
+      std::memcpy(hrow.data(), hs - nw, nw * sizeof(acc_t));
+      int64_t hint = packed ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, t0 + i0) : 0;
+      // Forward recomputation of the chunk.
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = t0 + i;
+        const TokenBounds tb = bounded ? token_bounds(p.seqs, b, t, L, hint) : TokenBounds{false, false, -1};
+        starts[i] = tb.start ? tb.seq : kNoBound;
+        ends[i] = tb.end ? tb.seq : kNoBound;
+        if (tb.start) load_sequence_state<acc_t, kComplex>(p.initial_state, N, tb.seq, d, hrow.data());
+        const acc_t u = load<acc_t>(p.u.data, u_off + t * p.u.stride[2]);
+        const acc_t delta = load<acc_t>(p.delta.data, dl_off + t * p.delta.stride[2]);
+        const acc_t dt = delta_transform(delta, bias_d, p.delta_softplus);
+        const acc_t dout = load<acc_t>(p.dout.data, do_off + t * p.dout.stride[2]);
+        const acc_t zv = p.z.data ? load<acc_t>(p.z.data, z_off + t * p.z.stride[2]) : acc_t(0);
+        dts[i] = dt;
+        us[i] = u;
+        dtg[i] = delta_transform_grad(delta, bias_d, p.delta_softplus);
+        gs[i] = p.z.data ? dout * ssmk::silu(zv) : dout;
+        ys[i] = kScale * scan_step<acc_t, kComplex, true>(N, dt, dt * u, A, Bbase + t * lay.B.step,
+                                                    Cbase + t * lay.C.step, hrow.data(), as.data() + i * nw,
+                                                    hs + i * nw);
+        if (dz_out) {
+          const acc_t o = ys[i] + Dd * u;
+          dz_out[t] = static_cast<input_t>(dout * o * ssmk::silu_grad(zv));
         }
-        // Reverse recurrence over the chunk.
-        for (int64_t i = len - 1; i >= 0; --i) {
-          const int64_t t = t0 + i;
-          const acc_t dt = dts[i], u = us[i], g = gs[i], cg = kScale * g, dtu = dt * u;
-          const acc_t* Bt = Bbase + t * lay.B.step;
-          const acc_t* Ct = Cbase + t * lay.C.step;
-          const acc_t* a = as.data() + i * nw;
-          const acc_t* h = hs + i * nw;
-          const acc_t* hp = hs + (i - 1) * nw;
-          if (ends[i] != kNoBound) load_sequence_state<acc_t, kComplex>(dlast, N, ends[i], d, Kc.data());
-          if (starts[i] != kNoBound) {
-            load_sequence_state<acc_t, kComplex>(p.initial_state, N, starts[i], d, h0.data());
-            hp = h0.data();
-          }
-          acc_t* dBt = dBp ? dBp + t * nw : dBf.data();
-          acc_t* dCt = dCp ? dCp + t * nw : dCf.data();
-          acc_t sA = 0, sB = 0;
-          if constexpr (!kComplex) {
-            acc_t* SSMK_RESTRICT Kr = Kc.data();
-            acc_t* SSMK_RESTRICT dAr = dA.data();
+      }
+      // Reverse recurrence over the chunk.
+      for (int64_t i = i1 - 1; i >= i0; --i) {
+        const int64_t t = t0 + i;
+        const acc_t dt = dts[i], u = us[i], g = gs[i], cg = kScale * g, dtu = dt * u;
+        const acc_t* Bt = Bbase + t * lay.B.step;
+        const acc_t* Ct = Cbase + t * lay.C.step;
+        const acc_t* a = as.data() + i * nw;
+        const acc_t* h = hs + i * nw;
+        const acc_t* hp = hs + (i - 1) * nw;
+        if (ends[i] != kNoBound) load_sequence_state<acc_t, kComplex>(dlast, N, ends[i], d, Kc.data());
+        if (starts[i] != kNoBound) {
+          load_sequence_state<acc_t, kComplex>(p.initial_state, N, starts[i], d, h0.data());
+          hp = h0.data();
+        }
+        acc_t* dBt = dBp ? dBp + t * nw : dBf.data();
+        acc_t* dCt = dCp ? dCp + t * nw : dCf.data();
+        acc_t sA = 0, sB = 0;
+        if constexpr (!kComplex) {
+          acc_t* SSMK_RESTRICT Kr = Kc.data();
+          acc_t* SSMK_RESTRICT dAr = dA.data();
 #pragma omp simd reduction(+ : sA, sB)
-            for (int64_t n = 0; n < N; ++n) {
-              const acc_t G = Kr[n] + cg * Ct[n];
-              dCt[n] += cg * h[n];
-              sB += G * Bt[n];
-              dBt[n] += dtu * G;
-              const acc_t Kn = a[n] * G;
-              Kr[n] = Kn;
-              const acc_t dw = Kn * hp[n];
-              dAr[n] += dt * dw;
-              sA += A[n] * dw;
-            }
-          } else {
-            for (int64_t n = 0; n < N; ++n) {
-              const acc_t Gr = Kc[n] + cg * Ct[n], Gi = Kc[N + n] - cg * Ct[N + n];
-              // Partials of variable B/C are interleaved (re, im); fixed ones split.
-              const int64_t ir = dCp ? 2 * n : n, ii = dCp ? 2 * n + 1 : N + n;
-              dCt[ir] += cg * h[n];
-              dCt[ii] -= cg * h[N + n];
-              sB += Bt[n] * Gr + Bt[N + n] * Gi;
-              const int64_t jr = dBp ? 2 * n : n, ji = dBp ? 2 * n + 1 : N + n;
-              dBt[jr] += dtu * Gr;
-              dBt[ji] += dtu * Gi;
-              const acc_t ar = a[n], ai = a[N + n];
-              const acc_t Kr = ar * Gr + ai * Gi, Ki = ar * Gi - ai * Gr;
-              Kc[n] = Kr;
-              Kc[N + n] = Ki;
-              const acc_t dwr = Kr * hp[n] + Ki * hp[N + n], dwi = Ki * hp[n] - Kr * hp[N + n];
-              dA[n] += dt * dwr;
-              dA[N + n] += dt * dwi;
-              sA += A[n] * dwr + A[N + n] * dwi;
-            }
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t G = Kr[n] + cg * Ct[n];
+            dCt[n] += cg * h[n];
+            sB += G * Bt[n];
+            dBt[n] += dtu * G;
+            const acc_t Kn = a[n] * G;
+            Kr[n] = Kn;
+            const acc_t dw = Kn * hp[n];
+            dAr[n] += dt * dw;
+            sA += A[n] * dw;
           }
-          if (starts[i] >= 0) store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + (starts[i] * p.dim + d) * N);
-          const acc_t ddt = sA + u * sB;
-          const acc_t ddelta = ddt * dtg[i];
-          du_out[t] = static_cast<input_t>(Dd * g + dt * sB);
-          ddelta_out[t] = static_cast<input_t>(ddelta);
-          dD += g * u;
-          ddb += ddelta;
+        } else {
+          for (int64_t n = 0; n < N; ++n) {
+            const acc_t Gr = Kc[n] + cg * Ct[n], Gi = Kc[N + n] - cg * Ct[N + n];
+            // Partials of variable B/C are interleaved (re, im); fixed ones split.
+            const int64_t ir = dCp ? 2 * n : n, ii = dCp ? 2 * n + 1 : N + n;
+            dCt[ir] += cg * h[n];
+            dCt[ii] -= cg * h[N + n];
+            sB += Bt[n] * Gr + Bt[N + n] * Gi;
+            const int64_t jr = dBp ? 2 * n : n, ji = dBp ? 2 * n + 1 : N + n;
+            dBt[jr] += dtu * Gr;
+            dBt[ji] += dtu * Gi;
+            const acc_t ar = a[n], ai = a[N + n];
+            const acc_t Kr = ar * Gr + ai * Gi, Ki = ar * Gi - ai * Gr;
+            Kc[n] = Kr;
+            Kc[N + n] = Ki;
+            const acc_t dwr = Kr * hp[n] + Ki * hp[N + n], dwi = Ki * hp[n] - Kr * hp[N + n];
+            dA[n] += dt * dwr;
+            dA[N + n] += dt * dwi;
+            sA += A[n] * dwr + A[N + n] * dwi;
+          }
         }
+        if (starts[i] >= 0) store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + (starts[i] * p.dim + d) * N);
+        const acc_t ddt = sA + u * sB;
+        const acc_t ddelta = ddt * dtg[i];
+        du_out[t] = static_cast<input_t>(Dd * g + dt * sB);
+        ddelta_out[t] = static_cast<input_t>(ddelta);
+        dD += g * u;
+        ddb += ddelta;
       }
-      if (!packed) store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + r * N);
-      store_state<acc_t, kComplex>(dA.data(), N, p.dA_rows + r * N);
-      if (!p.B.variable) store_state<acc_t, kComplex>(dBf.data(), N, p.dB_rows + r * N);
-      if (!p.C.variable) store_state<acc_t, kComplex>(dCf.data(), N, p.dC_rows + r * N);
-      p.dD_rows[r] = dD;
-      p.ddelta_bias_rows[r] = ddb;
+    }
+    if (!packed) store_state<acc_t, kComplex>(Kc.data(), N, p.dinitial_state + r * N);
+    store_state<acc_t, kComplex>(dA.data(), N, p.dA_rows + rs * N);
+    if (!p.B.variable) store_state<acc_t, kComplex>(dBf.data(), N, p.dB_rows + rs * N);
+    if (!p.C.variable) store_state<acc_t, kComplex>(dCf.data(), N, p.dC_rows + rs * N);
+    p.dD_rows[rs] = dD;
+    p.ddelta_bias_rows[rs] = ddb;
+  }
+}
+
+// Tasks [begin, end) of (batch row, slice) rows; with cu_seqlens (batch 1) instead [begin, end)
+// of the flattened (slice, token) index: every non-empty sequence whose first token lies there,
+// for the slice (as the forward's fwd_sequences splits, so a few slices still keep every thread
+// busy). Empty sequences have no task (the host zeroes their sums).
+template <typename input_t, bool kComplex>
+SSMK_CPU_INLINE void bwd_tasks(const SelectiveScanBwdParams<input_t, kComplex>& p,
+                               const SelectiveScanCpuLayout<acc_t<input_t>>& lay, int64_t begin, int64_t end) {
+  const int64_t L = p.seqlen;
+  BwdScratch<acc_t<input_t>> sc(std::min<int64_t>(kChunkSize, L), lay.nw);
+  if (!p.seqs.packed()) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.n_slices;
+      bwd_task<input_t, kComplex>(p, lay, sc, b, task % p.n_slices, b, 0, L);
+    }
+    return;
+  }
+  const int64_t* offsets = p.seqs.offsets;
+  const int64_t S = p.seqs.num_seqs;
+  for (int64_t slice = begin / L; slice * L < end; ++slice) {
+    const int64_t lo = std::max<int64_t>(begin - slice * L, 0), hi = std::min<int64_t>(end - slice * L, L);
+    for (int64_t q = std::lower_bound(offsets, offsets + S, lo) - offsets; q < S && offsets[q] < hi; ++q) {
+      if (offsets[q] < offsets[q + 1]) bwd_task<input_t, kComplex>(p, lay, sc, 0, slice, q, offsets[q], offsets[q + 1]);
     }
   }
 }
@@ -545,6 +585,13 @@ void selective_scan_fwd_cpu(const SelectiveScanFwdParams<T, kComplex>& p, const 
 
 template <typename T, bool kComplex>
 void selective_scan_bwd_cpu(const SelectiveScanBwdParams<T, kComplex>& p, const SelectiveScanCpuLayout<acc_t<T>>& lay) {
+  if (p.seqs.packed()) {
+    // Split by tokens of (slice, token), as the forward.
+    at::parallel_for(0, p.n_slices * p.seqlen, kChunkSize, [&](int64_t begin, int64_t end) {
+      bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end);
+    });
+    return;
+  }
   at::parallel_for(0, p.batch * p.n_slices, 1, [&](int64_t begin, int64_t end) {
     bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end);
   });

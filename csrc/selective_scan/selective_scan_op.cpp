@@ -275,17 +275,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> selective_scan_fwd(const Selectiv
 }
 
 // Channels per backward slice: a divisor of the group sizes of every variable B/C (a slice never
-// straddles two groups). The largest one that still gives `target` independent tasks, so the
-// partial sums stay small. Depends only on the shapes, so the summation order (and the result) is
-// the same on every run.
-int64_t choose_slice_channels(const Prepared& pr, int64_t target) {
+// straddles two groups). The largest one that still gives `target` independent tasks (`rows` per
+// slice: batch rows, or non-empty packed sequences), so the partial sums stay small. Depends only
+// on the shapes and lengths, so the summation order (and the result) is the same on every run.
+int64_t choose_slice_channels(const Prepared& pr, int64_t rows, int64_t target) {
   const bool bv = pr.B.dim() == 4, cv = pr.C.dim() == 4;
   if (!bv && !cv) return 1;
   int64_t g = pr.dim;
   if (bv) g = std::gcd(g, pr.dim / pr.B.size(1));
   if (cv) g = std::gcd(g, pr.dim / pr.C.size(1));
   for (int64_t cs = g; cs > 1; --cs) {
-    if (g % cs == 0 && pr.batch * (pr.dim / cs) >= target) return cs;
+    if (g % cs == 0 && rows * (pr.dim / cs) >= target) return cs;
   }
   return 1;
 }
@@ -334,10 +334,21 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
   if (in.dlast_state) dlast = in.dlast_state->to(w);
 
   const bool cpu = u.is_cpu();
+  // The CPU splits packed rows over (slice, sequence) tasks with per-sequence sums over time
+  // (rows of the sums buffers); CUDA over batch rows.
+  const bool seq_rows = cpu && v.packed();
+  int64_t task_rows = Bt;
+  if (seq_rows) {
+    const at::Tensor off = v.offsets;  // CPU: read on the host
+    const int64_t* o = off.data_ptr<int64_t>();
+    task_rows = 0;
+    for (int64_t s = 0; s < v.num_seqs; ++s) task_rows += o[s + 1] > o[s] ? 1 : 0;
+  }
+  const int64_t sum_rows = seq_rows ? v.num_seqs : Bt;
   // 64 CPU tasks keep two to a few dozen cores busy while the variable-B/C partials stay small;
   // about a thousand CUDA blocks fill any current GPU several times over while bounding the
   // partials at ~1000 x N x L values.
-  const int64_t slice_channels = choose_slice_channels(pr, cpu ? 64 : 1024);
+  const int64_t slice_channels = choose_slice_channels(pr, task_rows, cpu ? 64 : 1024);
   const int64_t n_slices = Dm / slice_channels;
   const bool b_var = pr.B.dim() == 4, c_var = pr.C.dim() == 4;
 
@@ -345,19 +356,22 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
   at::Tensor du = new_output({Bt, Dm, L}, u.options());
   at::Tensor ddelta = new_output({Bt, Dm, L}, u.options());
   at::Tensor dz = in.z ? new_output({Bt, Dm, L}, u.options()) : new_grad({}, u);
-  // The kernels always write these per-row sums; dD, ddelta_bias and dinitial_state are
-  // returned only for a given input.
-  at::Tensor dA_rows = new_output({Bt, Dm, N}, wopt);
+  // The kernels always write these per-row sums (zeros for the rows of empty sequences); dD,
+  // ddelta_bias and dinitial_state are returned only for a given input.
+  const auto sums = [&](at::IntArrayRef shape, const at::TensorOptions& opt) {
+    return seq_rows ? at::zeros(shape, opt) : new_output(shape, opt);
+  };
+  at::Tensor dA_rows = sums({sum_rows, Dm, N}, wopt);
   at::Tensor dinit = new_output({Bs, Dm, N}, wopt);
   // An empty sequence passes its final state's gradient to its initial state unchanged.
   if (v.packed()) dlast ? dinit.copy_(*dlast) : dinit.zero_();
-  at::Tensor dD_rows = new_output({Bt, Dm}, u.options().dtype(acc));
-  at::Tensor ddb_rows = new_output({Bt, Dm}, u.options().dtype(acc));
+  at::Tensor dD_rows = sums({sum_rows, Dm}, u.options().dtype(acc));
+  at::Tensor ddb_rows = sums({sum_rows, Dm}, u.options().dtype(acc));
   // Fixed B/C: per-row sums [B, D, N] W. Variable: per-slice partials, on the CPU in acc with
   // complex values as (re, im) pairs, read back as W.
   const int64_t nw = pr.is_complex ? 2 * N : N;
   auto bc_buffer = [&](bool variable) {
-    if (!variable) return new_output({Bt, Dm, N}, wopt);
+    if (!variable) return sums({sum_rows, Dm, N}, wopt);
     if (cpu) return new_output({n_slices, Bt, L, nw}, u.options().dtype(acc));
     return new_output({n_slices, Bt, N, L}, wopt);
   };
@@ -405,7 +419,7 @@ BwdResult selective_scan_bwd(const SelectiveScanBwdArgs& in) {
     });
   }
 
-  // The reductions over batch (and over the slices of a group) run in a fixed order.
+  // The reductions over batch or sequences (and over the slices of a group) run in a fixed order.
   const at::Tensor dA = dA_rows.sum(0).to(in.A.scalar_type());
   const at::Tensor dB = b_var ? reduce_partial(partial_as_state(dB_buf), pr, n_slices, pr.B.size(1), cpu, in.B)
                               : dB_buf.sum(0).to(in.B.scalar_type());
