@@ -3,14 +3,13 @@ on each sequence alone: outputs, per-sequence final states, every gradient, and 
 that continues each sequence from its final state."""
 import pytest
 import torch
-import torch._dynamo.testing
 
 import ssm_kernels
 from ssm_kernels import reference, testing
 from ssm_kernels.testing import (
     assert_close,
     assert_raises_naming,
-    check_compile,
+    check_compile_over_lengths,
     clone_leaf,
     dtype_id,
     grads,
@@ -203,17 +202,7 @@ def test_varlen_conv_compile_no_recompile_on_new_lengths(device):
                                          return_final_states=True, cu_seqlens=cu_seqlens)
 
     args = [case[k] for k in ("x", "weight", "bias", "initial_states", "cu_seqlens")]
-    check_compile(fn, *args)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(fn, fullgraph=True, backend=counter)
-    compiled(*args)
-    for lens in ([12, 9, 0, 5], [1, 1, 1, 23]):
-        args[-1] = offsets(lens, device)
-        out, fin = compiled(*args)
-        want_out, want_fin = fn(*args)
-        assert torch.equal(out, want_out) and torch.equal(fin, want_fin)
-    assert counter.frame_count == 1
+    check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
 
 
 def test_varlen_conv_bad_inputs(device, conv_path):
@@ -363,15 +352,7 @@ def test_varlen_fftconv_opcheck_and_compile(device):
         return ssm_kernels.fftconv(u, k, activation="gelu", cu_seqlens=cu_seqlens)
 
     args = [case["u"], case["k"], case["cu_seqlens"]]
-    check_compile(fn, *args)
-    torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(fn, fullgraph=True, backend=counter)
-    compiled(*args)
-    for lens in ([12, 9, 0, 5], [1, 1, 1, 23]):
-        args[-1] = offsets(lens, device)
-        assert torch.equal(compiled(*args), fn(*args))
-    assert counter.frame_count == 1
+    check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
 
 
 def test_varlen_fftconv_bad_inputs(device):

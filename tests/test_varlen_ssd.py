@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-import torch._dynamo.testing
 
 import ssm_kernels
 from ssm_kernels import reference, testing
 from ssm_kernels.testing import (
     assert_close,
     assert_raises_naming,
-    check_compile,
+    check_compile_over_lengths,
     clone_leaf,
     dtype_id,
     grads,
@@ -210,16 +209,7 @@ def test_varlen_ssd_compile_no_recompile_on_new_lengths(device):
                                     cu_seqlens=cu_seqlens, return_final_states=True)
 
     args = [inp[k] for k in ("x", "dt", "A", "B", "C", "z", "initial_states", "cu_seqlens")]
-    check_compile(fn, *args)
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(fn, fullgraph=True, backend=counter)
-    compiled(*args)
-    for lens in ([30, 9, 25, 0], [1, 1, 1, 61]):
-        args[-1] = offsets(lens, device)
-        out, final = compiled(*args)
-        want_out, want_final = fn(*args)
-        assert torch.equal(out, want_out) and torch.equal(final, want_final)
-    assert counter.frame_count == 1
+    check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([30, 9, 25, 0], [1, 1, 1, 61])])
 
 
 def test_varlen_ssd_bad_inputs(device):

@@ -10,18 +10,6 @@
 
 namespace ssmk {
 
-// Accumulation type: float for float/half/bfloat16 inputs, double for double inputs.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_type = typename AccType<T>::type;
-
 #ifndef __CUDA_ARCH__
 // e^x for x in [-87, 88], with no special cases (garbage outside, for callers that select it away):
 // Cody-Waite reduction by ln 2 and the degree-6 polynomial of Cephes' expf. n = round(x / ln 2)

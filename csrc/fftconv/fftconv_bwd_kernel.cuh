@@ -17,9 +17,9 @@ constexpr int kPerThread = 4;
 
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads) fftconv_grad_pre_kernel(FftconvBwdParams<input_t> p, RowMap m, int64_t rows,
-                                                                     int64_t chunks, const acc_type<input_t>* c,
-                                                                     acc_type<input_t>* gbuf, acc_type<input_t>* partial) {
-  using acc_t = acc_type<input_t>;
+                                                                     int64_t chunks, const acc_t<input_t>* c,
+                                                                     acc_t<input_t>* gbuf, acc_t<input_t>* partial) {
+  using acc_t = ssmk::acc_t<input_t>;
   __shared__ acc_t scratch[kThreads / 32];
   const int64_t L = p.seqlen, n = p.fft_size;
   const int64_t q = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
@@ -62,9 +62,9 @@ __global__ void __launch_bounds__(kThreads) fftconv_grad_pre_kernel(FftconvBwdPa
 // dkf[d, f] = sum_{b < B} G[(d - d0) * B + b, f] * conj(V[(d - d0) * B + b, f]).
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads) fftconv_dkf_kernel(FftconvBwdParams<input_t> p, int64_t d0, int64_t nch,
-                                                                const acc_type<input_t>* G,
-                                                                const acc_type<input_t>* V) {
-  using acc_t = acc_type<input_t>;
+                                                                const acc_t<input_t>* G,
+                                                                const acc_t<input_t>* V) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t F = p.nfreq, total = nch * F, B = p.batch;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t dl = i / F, f = i % F;
@@ -85,9 +85,9 @@ __global__ void __launch_bounds__(kThreads) fftconv_dkf_kernel(FftconvBwdParams<
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads) fftconv_grad_input_kernel(FftconvBwdParams<input_t> p, RowMap m,
                                                                        int64_t rows,
-                                                                       const acc_type<input_t>* conv,
-                                                                       const acc_type<input_t>* gbuf) {
-  using acc_t = acc_type<input_t>;
+                                                                       const acc_t<input_t>* conv,
+                                                                       const acc_t<input_t>* gbuf) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
   const acc_t* Dp = p.D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {

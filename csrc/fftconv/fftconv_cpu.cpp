@@ -66,8 +66,8 @@ SSMK_CPU_INLINE int64_t out_offset(const FftconvCommon<T>& p, Span s, int64_t d)
 
 // buf[i, t] = u * pregate for t < L, 0 for L <= t < n (L: the row's tokens).   buf: [count, n]
 template <typename input_t>
-SSMK_CPU_INLINE void load_v_rows(const FftconvCommon<input_t>& p, Rows rows, acc_type<input_t>* buf) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void load_v_rows(const FftconvCommon<input_t>& p, Rows rows, acc_t<input_t>* buf) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   for (int64_t i = 0; i < rows.count; ++i) {
     const Span sp = row_span(p, rows.b[i]);
@@ -94,14 +94,14 @@ SSMK_CPU_INLINE void load_v_rows(const FftconvCommon<input_t>& p, Rows rows, acc
   }
 }
 SSMK_CPU_MULTIVERSION(load_v_rows, (typename input_t), (input_t),
-                      (const FftconvCommon<input_t>& p, Rows rows, acc_type<input_t>* buf), (p, rows, buf))
+                      (const FftconvCommon<input_t>& p, Rows rows, acc_t<input_t>* buf), (p, rows, buf))
 
 // dst[i, f] = src[i, f] * H[d_i - d0, f] (or * conj(H)), complex as interleaved (re, im);
 // kf: [channels of the block, F], the block's kernel spectra.
 template <typename input_t, bool kConj>
-SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvCommon<input_t>& p, Rows rows, const acc_type<input_t>* kf,
-                                       int64_t d0, const acc_type<input_t>* src, acc_type<input_t>* dst) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvCommon<input_t>& p, Rows rows, const acc_t<input_t>* kf,
+                                       int64_t d0, const acc_t<input_t>* src, acc_t<input_t>* dst) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t F = p.nfreq;
   for (int64_t i = 0; i < rows.count; ++i) {
     const acc_t* h = kf + 2 * (rows.d[i] - d0) * F;
@@ -121,14 +121,14 @@ SSMK_CPU_INLINE void mul_spectrum_rows(const FftconvCommon<input_t>& p, Rows row
   }
 }
 SSMK_CPU_MULTIVERSION(mul_spectrum_rows, (typename input_t, bool kConj), (input_t, kConj),
-                      (const FftconvCommon<input_t>& p, Rows rows, const acc_type<input_t>* kf, int64_t d0,
-                       const acc_type<input_t>* src, acc_type<input_t>* dst),
+                      (const FftconvCommon<input_t>& p, Rows rows, const acc_t<input_t>* kf, int64_t d0,
+                       const acc_t<input_t>* src, acc_t<input_t>* dst),
                       (p, rows, kf, d0, src, dst))
 
 // h rows of channels [d0, d0 + count): h[s] = k[s] (s < Kc), h[(n - s) % n] += k_rev[s] (s < Kr).
 template <typename input_t>
-void load_kernel_rows(const FftconvCommon<input_t>& p, int64_t d0, int64_t count, acc_type<input_t>* buf) {
-  using acc_t = acc_type<input_t>;
+void load_kernel_rows(const FftconvCommon<input_t>& p, int64_t d0, int64_t count, acc_t<input_t>* buf) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   const acc_t* k = p.k;
   const acc_t* kr = p.k_rev;
@@ -150,8 +150,8 @@ void load_kernel_rows(const FftconvCommon<input_t>& p, int64_t d0, int64_t count
 // the taps are added to the rows instead.
 template <typename input_t>
 void store_kernel_grad_rows(const FftconvBwdParams<input_t>& p, int64_t d0, int64_t count,
-                            const acc_type<input_t>* dh_buf, bool add) {
-  using acc_t = acc_type<input_t>;
+                            const acc_t<input_t>* dh_buf, bool add) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   for (int64_t i = 0; i < count; ++i) {
     const acc_t* dh = dh_buf + i * n;
@@ -177,8 +177,8 @@ void store_kernel_grad_rows(const FftconvBwdParams<input_t>& p, int64_t d0, int6
 
 // out = act(c + D v) * postgate, with v re-read from u and pregate.   c: [count, n]
 template <typename input_t>
-SSMK_CPU_INLINE void epilogue_rows(const FftconvFwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void epilogue_rows(const FftconvFwdParams<input_t>& p, Rows rows, const acc_t<input_t>* c) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
@@ -206,14 +206,14 @@ SSMK_CPU_INLINE void epilogue_rows(const FftconvFwdParams<input_t>& p, Rows rows
   }
 }
 SSMK_CPU_MULTIVERSION(epilogue_rows, (typename input_t), (input_t),
-                      (const FftconvFwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c), (p, rows, c))
+                      (const FftconvFwdParams<input_t>& p, Rows rows, const acc_t<input_t>* c), (p, rows, c))
 
 // Backward pointwise stage: gpre (zero-padded to n) into gbuf, dpostgate, and per-row sums of
 // gpre * v (for dD) into row_dD. c: [count, n] (read only when an activation or postgate needs it).
 template <typename input_t>
-SSMK_CPU_INLINE void grad_pre_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c,
-                                   acc_type<input_t>* gbuf, acc_type<input_t>* row_dD) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void grad_pre_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_t<input_t>* c,
+                                   acc_t<input_t>* gbuf, acc_t<input_t>* row_dD) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   const acc_t* Dp = p.D;
   const bool need_c = p.activation != kActNone || p.postgate.data;
@@ -255,15 +255,15 @@ SSMK_CPU_INLINE void grad_pre_rows(const FftconvBwdParams<input_t>& p, Rows rows
   }
 }
 SSMK_CPU_MULTIVERSION(grad_pre_rows, (typename input_t), (input_t),
-                      (const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* c,
-                       acc_type<input_t>* gbuf, acc_type<input_t>* row_dD),
+                      (const FftconvBwdParams<input_t>& p, Rows rows, const acc_t<input_t>* c,
+                       acc_t<input_t>* gbuf, acc_t<input_t>* row_dD),
                       (p, rows, c, gbuf, row_dD))
 
 // dv = conv + D * gpre;  du = dv * pregate;  dpregate = dv * u.   conv, gbuf: [count, n]
 template <typename input_t>
-SSMK_CPU_INLINE void grad_input_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* conv,
-                                     const acc_type<input_t>* gbuf) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void grad_input_rows(const FftconvBwdParams<input_t>& p, Rows rows, const acc_t<input_t>* conv,
+                                     const acc_t<input_t>* gbuf) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
@@ -290,15 +290,15 @@ SSMK_CPU_INLINE void grad_input_rows(const FftconvBwdParams<input_t>& p, Rows ro
   }
 }
 SSMK_CPU_MULTIVERSION(grad_input_rows, (typename input_t), (input_t),
-                      (const FftconvBwdParams<input_t>& p, Rows rows, const acc_type<input_t>* conv,
-                       const acc_type<input_t>* gbuf),
+                      (const FftconvBwdParams<input_t>& p, Rows rows, const acc_t<input_t>* conv,
+                       const acc_t<input_t>* gbuf),
                       (p, rows, conv, gbuf))
 
 // dH[d - d0] (+)= G * conj(V), rows in order; the first row of each channel (b == 0) initialises.
 template <typename input_t>
-SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvBwdParams<input_t>& p, Rows rows, acc_type<input_t>* dkf,
-                                         int64_t d0, const acc_type<input_t>* G, const acc_type<input_t>* V) {
-  using acc_t = acc_type<input_t>;
+SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvBwdParams<input_t>& p, Rows rows, acc_t<input_t>* dkf,
+                                         int64_t d0, const acc_t<input_t>* G, const acc_t<input_t>* V) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t F = p.nfreq;
   for (int64_t i = 0; i < rows.count; ++i) {
     acc_t* o = dkf + 2 * (rows.d[i] - d0) * F;
@@ -315,8 +315,8 @@ SSMK_CPU_INLINE void accumulate_dkf_rows(const FftconvBwdParams<input_t>& p, Row
   }
 }
 SSMK_CPU_MULTIVERSION(accumulate_dkf_rows, (typename input_t), (input_t),
-                      (const FftconvBwdParams<input_t>& p, Rows rows, acc_type<input_t>* dkf, int64_t d0,
-                       const acc_type<input_t>* G, const acc_type<input_t>* V),
+                      (const FftconvBwdParams<input_t>& p, Rows rows, acc_t<input_t>* dkf, int64_t d0,
+                       const acc_t<input_t>* G, const acc_t<input_t>* V),
                       (p, rows, dkf, d0, G, V))
 
 // Per-thread FFT workspaces: real [R, n] and complex [R, F] buffers, and their batched FFTs.
@@ -397,7 +397,7 @@ void bind_fwd(Workspace<acc_t>& ws, int64_t n, const Blocking& blk) {
 }
 
 template <typename input_t>
-void fwd_block(const FftconvFwdParams<input_t>& p, const Blocking& blk, Workspace<acc_type<input_t>>& ws,
+void fwd_block(const FftconvFwdParams<input_t>& p, const Blocking& blk, Workspace<acc_t<input_t>>& ws,
                int64_t* bs, int64_t* ds, int64_t d0, int64_t nch) {
   load_kernel_rows(p, d0, nch, ws.r(1));
   ws.rfft(1, 1, nch);
@@ -421,9 +421,9 @@ void bind_bwd(Workspace<acc_t>& ws, int64_t n, const Blocking& blk) {
 }
 
 template <typename input_t>
-void bwd_block(const FftconvBwdParams<input_t>& p, const Blocking& blk, Workspace<acc_type<input_t>>& ws,
-               int64_t* bs, int64_t* ds, acc_type<input_t>* row_dD, int64_t d0, int64_t nch, bool add) {
-  using acc_t = acc_type<input_t>;
+void bwd_block(const FftconvBwdParams<input_t>& p, const Blocking& blk, Workspace<acc_t<input_t>>& ws,
+               int64_t* bs, int64_t* ds, acc_t<input_t>* row_dD, int64_t d0, int64_t nch, bool add) {
+  using acc_t = ssmk::acc_t<input_t>;
   const bool need_c = p.activation != kActNone || p.postgate.data;
   acc_t* dD = p.dD;
   load_kernel_rows(p, d0, nch, ws.r(2));
@@ -552,7 +552,7 @@ SSMK_CPU_MULTIVERSION(accumulate_dh, (typename acc_t), (acc_t),
                       (F, first, Gr, Gi, Vr, Vi, Sr, Si))
 
 // The block's kernel spectra hs[i] = H / (2n) (re then im, F each), from the combined kernels.
-template <typename input_t, typename acc_t = acc_type<input_t>>
+template <typename input_t, typename acc_t = acc_t<input_t>>
 void block_spectra(const FftconvCommon<input_t>& p, const fft::Twiddles<acc_t>& tw, int64_t d0, int64_t nch,
                    acc_t* hrow, acc_t* zbuf, acc_t* hs) {
   const int64_t n = p.fft_size, F = tw.m + 1;
@@ -585,7 +585,7 @@ struct HandBuffers {
 };
 
 // Forward of a block, hand path: per row one forward and one inverse m-point complex FFT.
-template <typename input_t, typename acc_t = acc_type<input_t>>
+template <typename input_t, typename acc_t = acc_t<input_t>>
 void fwd_block_hand(const FftconvFwdParams<input_t>& p, const Blocking& blk, const fft::Twiddles<acc_t>& tw,
                     HandBuffers<acc_t>& buf, int64_t* bs, int64_t* ds, int64_t d0, int64_t nch) {
   const int64_t n = p.fft_size, F = tw.m + 1;
@@ -605,7 +605,7 @@ void fwd_block_hand(const FftconvFwdParams<input_t>& p, const Blocking& blk, con
 // Backward of a block, hand path: per row V = rfft(v) (kept), c = irfft(V H) when needed,
 // G = rfft(gpre), dH += G conj(V) (batch order), dv = irfft(G conj(H)); per channel dh = irfft(dH).
 // `add` as in bwd_block.
-template <typename input_t, typename acc_t = acc_type<input_t>>
+template <typename input_t, typename acc_t = acc_t<input_t>>
 void bwd_block_hand(const FftconvBwdParams<input_t>& p, const Blocking& blk, const fft::Twiddles<acc_t>& tw,
                     HandBuffers<acc_t>& buf, int64_t* bs, int64_t* ds, acc_t* row_dD, int64_t d0, int64_t nch,
                     bool add) {

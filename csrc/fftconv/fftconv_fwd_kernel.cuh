@@ -26,8 +26,8 @@ struct RowMap {
 // vbuf[q, t] = u * pregate (t < L), 0 (L <= t < n).   vbuf: [rows, n]
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvCommon<input_t> p, RowMap m, int64_t rows,
-                                                                   acc_type<input_t>* vbuf) {
-  using acc_t = acc_type<input_t>;
+                                                                   acc_t<input_t>* vbuf) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size, total = rows * n;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t q = i / n, t = i % n;
@@ -47,9 +47,9 @@ __global__ void __launch_bounds__(kThreads) fftconv_load_v_kernel(FftconvCommon<
 // dst[q, f] = src[q, f] * H[d, f] (or * conj(H[d, f])); complex as interleaved (re, im).
 template <typename input_t, bool kConj>
 __global__ void __launch_bounds__(kThreads) fftconv_mul_spectrum_kernel(FftconvCommon<input_t> p, RowMap m,
-                                                                         int64_t rows, const acc_type<input_t>* src,
-                                                                         acc_type<input_t>* dst) {
-  using acc_t = acc_type<input_t>;
+                                                                         int64_t rows, const acc_t<input_t>* src,
+                                                                         acc_t<input_t>* dst) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t F = p.nfreq, total = rows * F;
   const acc_t* kf = p.kf;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
@@ -69,8 +69,8 @@ __global__ void __launch_bounds__(kThreads) fftconv_mul_spectrum_kernel(FftconvC
 // out = act(c + D v) * postgate.   c: [rows, n]
 template <typename input_t>
 __global__ void __launch_bounds__(kThreads) fftconv_epilogue_kernel(FftconvFwdParams<input_t> p, RowMap m,
-                                                                     int64_t rows, const acc_type<input_t>* c) {
-  using acc_t = acc_type<input_t>;
+                                                                     int64_t rows, const acc_t<input_t>* c) {
+  using acc_t = ssmk::acc_t<input_t>;
   const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
   const acc_t* Dp = p.D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {

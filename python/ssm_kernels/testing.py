@@ -178,6 +178,26 @@ def check_compile(fn: Callable, *args, dtype: torch.dtype = torch.float32, **kwa
         assert_close(a, b, dtype, name=f"compiled output {i}")
 
 
+def check_compile_over_lengths(fn: Callable, args: Sequence, new_cu_seqlens: Sequence[torch.Tensor]) -> None:
+    """fn (whose last argument is cu_seqlens) compiles with fullgraph=True and agrees with eager
+    mode; compiled once, it gives eager mode's results bitwise for each of new_cu_seqlens (other
+    lengths, same count) without recompiling."""
+    import torch._dynamo.testing
+
+    check_compile(fn, *args)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    compiled(*args)
+    for cu_seqlens in new_cu_seqlens:
+        call = (*args[:-1], cu_seqlens)
+        got, want = compiled(*call), fn(*call)
+        got = got if isinstance(got, (tuple, list)) else (got,)
+        want = want if isinstance(want, (tuple, list)) else (want,)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert counter.frame_count == 1
+
+
 def check_gradcheck(fn: Callable, inputs: Sequence, **kwargs) -> None:
     assert torch.autograd.gradcheck(fn, tuple(inputs), **kwargs)
 
