@@ -242,6 +242,50 @@ def module_checks(rank, world, lengths, cu_seqlens):
             layer.context_parallel_group = None
 
 
+def module_states_checks(rank, world, lengths, cu_seqlens):
+    """nn.Mamba and nn.Mamba2 with cu_seqlens, per-sequence initial and final (conv, ssm) states,
+    under context parallelism: the rows returned on each rank (each sequence's on the rank holding
+    its end) sum to the single-process states, and the gradients reach the input and the initial
+    states."""
+    piece = Piece(lengths, list(range(world)))
+    gen = torch.Generator().manual_seed(7)
+    T = sum(lengths)
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    torch.manual_seed(0)
+    for name, layer in (("Mamba2", Mamba2(16, d_state=8, headdim=8, chunk_size=16, ngroups=2)),
+                        ("Mamba", Mamba(16, d_state=4, d_conv=4))):
+        _module_states_check(piece, layer, _randn((1, T, 16), gen), cu, gen, name)
+
+
+def _module_states_check(piece, layer, x, cu, gen, name):
+    S = cu.shape[0] - 1
+    ref = layer.allocate_inference_cache(S, 1)
+    conv0, ssm0 = _randn(tuple(ref[0].shape), gen), _randn(tuple(ref[1].shape), gen)
+    g_out = _randn(tuple(x.shape), gen)
+    g_conv, g_ssm = _randn(tuple(conv0.shape), gen), _randn(tuple(ssm0.shape), gen)
+
+    def run(xi, c0, s0, g):
+        out, conv, ssm = layer(xi, cu_seqlens=cu, conv_state=c0, ssm_state=s0, return_final_states=True)
+        return out, conv, ssm, _dot(out, g) + _dot(conv, g_conv) + _dot(ssm, g_ssm)
+
+    layer.context_parallel_group = None
+    leaves = [t.clone().requires_grad_(True) for t in (x, conv0, ssm0)]
+    out_full, conv_full, ssm_full, loss = run(*leaves, g_out)
+    want = torch.autograd.grad(loss, leaves)
+    layer.context_parallel_group = dist.group.WORLD
+    local = [piece.cut(x, 1).clone().requires_grad_(True)] + [t.clone().requires_grad_(True) for t in (conv0, ssm0)]
+    out, conv, ssm, loss = run(*local, piece.cut(g_out, 1))
+    got = torch.autograd.grad(loss, local)
+    layer.context_parallel_group = None
+    label = f"{name} per-sequence states"
+    testing.assert_close(out, piece.cut(out_full, 1), torch.float32, name=f"{label} out")
+    testing.assert_close(_summed(conv), conv_full, torch.float32, name=f"{label} conv_state")
+    testing.assert_close(_summed(ssm), ssm_full, torch.float32, name=f"{label} ssm_state")
+    testing.assert_close(got[0], piece.cut(want[0], 1), torch.float32, name=f"{label} input grad")
+    testing.assert_close(_summed(got[1]), want[1], torch.float32, name=f"{label} conv_state grad")
+    testing.assert_close(_summed(got[2]), want[2], torch.float32, name=f"{label} ssm_state grad")
+
+
 def comm_bytes_check(rank, world):
     """Packing adds nothing to the exchange of a Mamba2 layer with cu_seqlens (the same summaries
     and halos at any length and sequence layout) and one [B, 4] int64 all-gather per op with
@@ -289,7 +333,7 @@ def error_checks(rank, world):
         "cu_seqlens   ": lambda: cp.ssd_scan(torch.randn(1, 6, 2, 4), torch.rand(1, 6, 2), -torch.rand(2),
                                              torch.randn(1, 6, 1, 8), torch.randn(1, 6, 1, 8),
                                              seq_idx=good, cu_seqlens=torch.tensor([0, T])),
-        "return_final_states": lambda: Mamba2(8, d_state=4, headdim=4, context_parallel_group=dist.group.WORLD)(
+        "conv_state": lambda: Mamba2(8, d_state=4, headdim=4, d_conv=8, context_parallel_group=dist.group.WORLD)(
             torch.randn(1, 6, 8), cu_seqlens=torch.tensor([0, T]), return_final_states=True),
     }
     everyone = assert_same_error_on_every_rank(cases, world)

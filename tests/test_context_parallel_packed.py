@@ -31,6 +31,8 @@ def test_context_parallel_packed_equals_single_process(world, lengths, order, cu
 def test_context_parallel_packed_modules():
     spawn("_cp_packed_workers:module_checks", 2, [9, 11], [0, 4, 4, 9, 15, 20])
     spawn("_cp_packed_workers:comm_bytes_check", 2)
+    # a sequence over three pieces, the middle one shorter than the conv window; an empty sequence
+    spawn("_cp_packed_workers:module_states_checks", 3, [5, 2, 9], [0, 3, 12, 12, 16])
 
 
 def test_context_parallel_packed_errors_raise_on_every_rank():

@@ -436,7 +436,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     (before,) = _comm.exchange(_halo_combine(layout.lengths, keep, halo), layout, "causal_conv1d", tail)
     if layout.is_first:
         out, final = ops.causal_conv1d(x, weight, bias, activation, init, True)
-        out = _comm.attach(out, before)
+        # the exchange's backward must run whichever of the two outputs is used
+        out, final = _comm.attach(out, before), _comm.attach(final, before)
     else:
         out, final = ops.causal_conv1d(x, weight, bias, activation, before, True)
     return (out, final) if return_final_states else out
@@ -459,7 +460,11 @@ def _packed_conv1d(layout, pk, x, weight, bias, activation, init, halo, return_f
         fill = _zero_where_not(pk.mask([f == l for f, l in zip(pk.first[0], pk.last[0])], init, 3), init)
     else:
         fill = x.new_zeros(x.shape[0], x.shape[1], halo)
-    tail = torch.cat([fill, _zero_where_not(in_last, x)], dim=-1)[..., n:]  # [B, D, W-1]
+    if pk.per_sequence:  # batch 1: the fill goes right before the last sequence's first token here
+        k = pk.tail[p][0]
+        tail = torch.cat([fill, x[..., n - k:]], dim=-1)[..., fill.shape[-1] + k - halo:]  # [1, D, W-1]
+    else:  # a nonzero fill only where the whole piece is one sequence
+        tail = torch.cat([fill, _zero_where_not(in_last, x)], dim=-1)[..., n:]  # [B, D, W-1]
     (before,) = _comm.exchange(_halo_combine(layout.lengths, keep, halo, passes), layout, "causal_conv1d", tail)
     enters = pk.enters(p)
     if pk.per_sequence:
@@ -470,7 +475,8 @@ def _packed_conv1d(layout, pk, x, weight, bias, activation, init, halo, return_f
         packing = {"seq_idx": pk.seq_idx}
         h0 = init if layout.is_first else _zero_where_not(pk.mask(enters, before, 3), before)
     out, final = ops.causal_conv1d(x, weight, bias, activation, h0, True, **packing)
-    out = _comm.attach(out, before)  # where the halo is not used, its backward must still run
+    # where the halo is not used, its backward must still run, whichever output is used
+    out, final = _comm.attach(out, before), _comm.attach(final, before)
     if pk.per_sequence:
         final = _zero_where_not(pk.mask(pk.owned(), final, 3), final)
     return (out, final) if return_final_states else out

@@ -85,6 +85,19 @@ def packed_conv_state_after(conv_state: torch.Tensor, x: torch.Tensor, cu_seqlen
     return table[:, src.reshape(-1)].view(dim, num_seqs, state_len).permute(1, 0, 2)
 
 
+def conv_with_state_taps(weight: torch.Tensor, conv_state: torch.Tensor, dtype: torch.dtype):
+    """For per-sequence conv states under context parallelism, where a sequence's last inputs may
+    lie on earlier ranks: weight [D, W] widened with zero taps in front to S + 1 (S = conv_state's
+    length), and the initial states conv_state [N, D, S]. The conv's output is unchanged and its
+    final states are then each sequence's last S inputs, gathered by the op's own halo exchange."""
+    state_len = conv_state.shape[-1]
+    if state_len + 1 > MAX_CONV:
+        raise ValueError(f"conv_state: per-sequence states under context parallelism need a state length of at "
+                         f"most {MAX_CONV - 1}, got {state_len}")
+    wide = torch.cat([weight.new_zeros(weight.shape[0], state_len + 1 - weight.shape[1]), weight], dim=1)
+    return wide, conv_state.to(dtype)
+
+
 def states_from_cache(module: nn.Module, inference_params, batch_size: int):
     """mamba_ssm's cache protocol: inference_params.key_value_memory_dict[layer_idx]."""
     if module.layer_idx is None:
@@ -124,8 +137,10 @@ class Mamba(nn.Module):
         context_parallel_group: a torch.distributed group whose ranks each pass one piece of the
             sequence, in rank order (``ssm_kernels.distributed``; also settable as an attribute).
             With packed sequences, seq_idx is this rank's piece of the global seq_idx and
-            cu_seqlens the global offsets, the same on every rank (then without
-            return_final_states).
+            cu_seqlens the global offsets, the same on every rank; the per-sequence states (initial
+            and returned) are then as for the context-parallel ops: each returned row filled on the
+            rank holding the sequence's end and zero on the others (their sum over the group is
+            the single-process result). No inference_params then.
 
     Forward:
         hidden_states [B, L, d_model] -> out [B, L, d_model] (the dtype of the layer).
@@ -222,10 +237,6 @@ class Mamba(nn.Module):
         if self.context_parallel_group is not None:
             check_pieces(self.context_parallel_group, "Mamba", hidden_states=hidden_states, seq_idx=seq_idx,
                          cu_seqlens=cu_seqlens)
-            if cu_seqlens is not None and (return_final_states or inference_params is not None):
-                # Per-sequence conv states would need each sequence's last d_conv inputs, which may
-                # lie on several ranks; the scan's per-sequence states come from cp.selective_scan.
-                raise ValueError("return_final_states: not supported with cu_seqlens and context_parallel_group")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"hidden_states: expected shape (batch, seqlen, d_model={self.d_model}), "
                              f"got {tuple(hidden_states.shape)}")
@@ -279,12 +290,19 @@ class Mamba(nn.Module):
         z = z.transpose(1, 2)  # [B, D, L]
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(x.dtype)
+        weight = self._conv_weight()
+        # With cu_seqlens under context parallelism the conv itself returns the per-sequence states.
+        cp_states = want_states and cu_seqlens is not None and self.context_parallel_group is not None
+        if cp_states:
+            if conv_state is None:
+                conv_state = x.new_zeros(state_batch, self.d_inner, width)
+            weight, init_conv = conv_with_state_taps(weight, conv_state, x.dtype)
         conv1d, selective_scan = ssm_kernels.causal_conv1d, ssm_kernels.selective_scan
         if self.context_parallel_group is not None:
             conv1d, selective_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d",
                                                           "selective_scan")
         packing = {k: v for k, v in (("cu_seqlens", cu_seqlens), ("seq_idx", seq_idx)) if v is not None}
-        xc, final_conv = conv1d(x, self._conv_weight(), self.conv1d.bias, "silu",
+        xc, final_conv = conv1d(x, weight, self.conv1d.bias, "silu",
                                 initial_states=init_conv, return_final_states=True, **packing)
         x_dbl = self.x_proj(xc.transpose(1, 2))  # [B, L, R + 2N]
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -300,6 +318,8 @@ class Mamba(nn.Module):
             return out, None, None
         if conv_state is None:
             conv_state = x.new_zeros(state_batch, self.d_inner, width)
+        if cp_states:
+            return out, final_conv, last_state
         if cu_seqlens is not None:
             return out, packed_conv_state_after(conv_state, x, cu_seqlens), last_state
         return out, conv_state_after(conv_state, x, final_conv, seq_idx), last_state

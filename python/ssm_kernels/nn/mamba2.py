@@ -17,6 +17,7 @@ from .mamba import (
     check_dt_range,
     check_positive_int,
     conv_state_after,
+    conv_with_state_taps,
     packed_conv_state_after,
     inverse_softplus_dt,
     state_dtype,
@@ -173,10 +174,8 @@ class Mamba2(nn.Module):
                 return_final_states: bool = False):
         if self.context_parallel_group is not None:
             check_pieces(self.context_parallel_group, "Mamba2", u=u, seq_idx=seq_idx, cu_seqlens=cu_seqlens)
-            if cu_seqlens is not None and (return_final_states or inference_params is not None):
-                # Per-sequence conv states would need each sequence's last d_conv inputs, which may
-                # lie on several ranks; the scan's per-sequence states come from cp.ssd_scan.
-                raise ValueError("return_final_states: not supported with cu_seqlens and context_parallel_group")
+            if cu_seqlens is not None and inference_params is not None:
+                raise ValueError("inference_params: not supported with cu_seqlens and context_parallel_group")
         flat = seqlen is not None
         if flat:
             if u.dim() != 2 or u.shape[0] % seqlen != 0:
@@ -233,12 +232,19 @@ class Mamba2(nn.Module):
         xBC = xBC.transpose(1, 2)  # [B, conv_dim, L] (channel-last view)
         width = self.d_conv
         init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(xBC.dtype)
+        weight = self._conv_weight()
+        # With cu_seqlens under context parallelism the conv itself returns the per-sequence states.
+        cp_states = want_states and cu_seqlens is not None and self.context_parallel_group is not None
+        if cp_states:
+            if conv_state is None:
+                conv_state = xBC.new_zeros(rows, self.conv_dim, width)
+            weight, init_conv = conv_with_state_taps(weight, conv_state, xBC.dtype)
         conv1d, ssd_scan = ssm_kernels.causal_conv1d, ssm_kernels.ssd_scan
         packing = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if self.context_parallel_group is not None:
             conv1d, ssd_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d", "ssd_scan")
         xBC_c, final_conv = conv1d(
-            xBC, self._conv_weight(), self.conv1d.bias, "silu", initial_states=init_conv,
+            xBC, weight, self.conv1d.bias, "silu", initial_states=init_conv,
             return_final_states=True, seq_idx=seq_idx, **packing)
         x, B, C = torch.split(xBC_c.transpose(1, 2), [self.d_ssm, G * N, G * N], dim=-1)  # [B, L, *]
         sd = state_dtype(x.dtype)
@@ -255,6 +261,8 @@ class Mamba2(nn.Module):
             return out, None, None
         if conv_state is None:
             conv_state = xBC.new_zeros(rows, self.conv_dim, width)
+        if cp_states:
+            return out, final_conv, last_state
         if cu_seqlens is not None:
             return out, packed_conv_state_after(conv_state, xBC, cu_seqlens), last_state
         return out, conv_state_after(conv_state, xBC, final_conv, seq_idx), last_state
