@@ -98,6 +98,32 @@ def conv_with_state_taps(weight: torch.Tensor, conv_state: torch.Tensor, dtype: 
     return wide, conv_state.to(dtype)
 
 
+def conv_inputs(weight: torch.Tensor, conv_state: Optional[torch.Tensor], x: torch.Tensor, rows: int,
+                per_sequence_cp: bool):
+    """The layer conv's weight and initial states for x [B, D, L], and the conv state it continues
+    from. per_sequence_cp: per-sequence states are wanted under context parallelism (see
+    conv_with_state_taps; conv_state then defaults to zeros of the conv's width)."""
+    width = weight.shape[1]
+    if per_sequence_cp:
+        if conv_state is None:
+            conv_state = x.new_zeros(rows, x.shape[1], width)
+        return (*conv_with_state_taps(weight, conv_state, x.dtype), conv_state)
+    init = None if conv_state is None else conv_state[..., -(width - 1):].to(x.dtype)
+    return weight, init, conv_state
+
+
+def conv_state_out(conv_state: Optional[torch.Tensor], x: torch.Tensor, final_conv: torch.Tensor, width: int,
+                   rows: int, cu_seqlens, seq_idx, per_sequence_cp: bool) -> torch.Tensor:
+    """The conv state after x [B, D, L] (see conv_inputs), per sequence with cu_seqlens."""
+    if per_sequence_cp:
+        return final_conv
+    if conv_state is None:
+        conv_state = x.new_zeros(rows, x.shape[1], width)
+    if cu_seqlens is not None:
+        return packed_conv_state_after(conv_state, x, cu_seqlens)
+    return conv_state_after(conv_state, x, final_conv, seq_idx)
+
+
 def states_from_cache(module: nn.Module, inference_params, batch_size: int):
     """mamba_ssm's cache protocol: inference_params.key_value_memory_dict[layer_idx]."""
     if module.layer_idx is None:
@@ -288,15 +314,8 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=-1)
         x = x.transpose(1, 2)  # [B, D, L] (channel-last view)
         z = z.transpose(1, 2)  # [B, D, L]
-        width = self.d_conv
-        init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(x.dtype)
-        weight = self._conv_weight()
-        # With cu_seqlens under context parallelism the conv itself returns the per-sequence states.
         cp_states = want_states and cu_seqlens is not None and self.context_parallel_group is not None
-        if cp_states:
-            if conv_state is None:
-                conv_state = x.new_zeros(state_batch, self.d_inner, width)
-            weight, init_conv = conv_with_state_taps(weight, conv_state, x.dtype)
+        weight, init_conv, conv_state = conv_inputs(self._conv_weight(), conv_state, x, state_batch, cp_states)
         conv1d, selective_scan = ssm_kernels.causal_conv1d, ssm_kernels.selective_scan
         if self.context_parallel_group is not None:
             conv1d, selective_scan = context_parallel_ops(self.context_parallel_group, "causal_conv1d",
@@ -316,13 +335,8 @@ class Mamba(nn.Module):
         out = self.out_proj(y.transpose(1, 2))  # [B, L, d_model]
         if not want_states:
             return out, None, None
-        if conv_state is None:
-            conv_state = x.new_zeros(state_batch, self.d_inner, width)
-        if cp_states:
-            return out, final_conv, last_state
-        if cu_seqlens is not None:
-            return out, packed_conv_state_after(conv_state, x, cu_seqlens), last_state
-        return out, conv_state_after(conv_state, x, final_conv, seq_idx), last_state
+        return out, conv_state_out(conv_state, x, final_conv, self.d_conv, state_batch, cu_seqlens, seq_idx,
+                                   cp_states), last_state
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decode step: hidden_states [B, 1, d_model]; updates conv_state and ssm_state in place."""

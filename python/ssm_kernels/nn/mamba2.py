@@ -16,9 +16,8 @@ from .mamba import (
     check_conv_width,
     check_dt_range,
     check_positive_int,
-    conv_state_after,
-    conv_with_state_taps,
-    packed_conv_state_after,
+    conv_inputs,
+    conv_state_out,
     inverse_softplus_dt,
     state_dtype,
     states_from_cache,
@@ -230,15 +229,8 @@ class Mamba2(nn.Module):
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
         xBC = xBC.transpose(1, 2)  # [B, conv_dim, L] (channel-last view)
-        width = self.d_conv
-        init_conv = None if conv_state is None else conv_state[..., -(width - 1):].to(xBC.dtype)
-        weight = self._conv_weight()
-        # With cu_seqlens under context parallelism the conv itself returns the per-sequence states.
         cp_states = want_states and cu_seqlens is not None and self.context_parallel_group is not None
-        if cp_states:
-            if conv_state is None:
-                conv_state = xBC.new_zeros(rows, self.conv_dim, width)
-            weight, init_conv = conv_with_state_taps(weight, conv_state, xBC.dtype)
+        weight, init_conv, conv_state = conv_inputs(self._conv_weight(), conv_state, xBC, rows, cp_states)
         conv1d, ssd_scan = ssm_kernels.causal_conv1d, ssm_kernels.ssd_scan
         packing = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         if self.context_parallel_group is not None:
@@ -259,13 +251,8 @@ class Mamba2(nn.Module):
         out = self._finish(y.flatten(-2), z, z0, x0)  # [B, L, d_model]
         if not want_states:
             return out, None, None
-        if conv_state is None:
-            conv_state = xBC.new_zeros(rows, self.conv_dim, width)
-        if cp_states:
-            return out, final_conv, last_state
-        if cu_seqlens is not None:
-            return out, packed_conv_state_after(conv_state, xBC, cu_seqlens), last_state
-        return out, conv_state_after(conv_state, xBC, final_conv, seq_idx), last_state
+        return out, conv_state_out(conv_state, xBC, final_conv, self.d_conv, rows, cu_seqlens, seq_idx,
+                                   cp_states), last_state
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decode step: hidden_states [B, 1, d_model]; updates conv_state and ssm_state in place."""
