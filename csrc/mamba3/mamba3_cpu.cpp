@@ -46,6 +46,24 @@ SSMK_CPU_INLINE void sincos_(double x, double& s, double& c) {
   c = std::cos(x);
 }
 
+// A task walks [B, L, H, *] tensors one step, a page or more apart, at a time: a pattern the
+// hardware prefetchers do not follow, so the rows kAhead steps on are requested explicitly.
+constexpr int64_t kAhead = 6;
+template <typename T>
+SSMK_CPU_INLINE void prefetch_row(const T* row, int64_t n) {
+#if defined(__GNUC__)
+  const char* c = reinterpret_cast<const char*>(row);
+  for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 0, 3);
+#endif
+}
+template <typename T>
+SSMK_CPU_INLINE void prefetch_row_w(T* row, int64_t n) {
+#if defined(__GNUC__)
+  char* c = reinterpret_cast<char*>(row);
+  for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 1, 3);
+#endif
+}
+
 // n elements of a strided row of T into acc (the unit-stride case as its own loop, vectorised).
 template <typename T, typename acc>
 SSMK_CPU_INLINE void load_row(const T* src, int64_t stride, int64_t n, acc* dst) {
@@ -61,7 +79,7 @@ SSMK_CPU_INLINE void load_row(const T* src, int64_t stride, int64_t n, acc* dst)
 // A block of up to kBlockChunks chunks of one task in per-thread buffers: rows i = t R + r of
 // chunk c at c Q R + i, the rows past a short last chunk zero (so the batched products over the
 // block's chunks need no special case), and the per-step coefficients at c Q + t.
-constexpr int64_t kBlockChunks = 16;
+constexpr int64_t kBlockChunks = 32;
 
 template <typename acc>
 struct Block {
@@ -118,6 +136,7 @@ struct Block {
     if (A > 0) {
       for (int64_t t = 0; t < n; ++t) {
         const acc* ang = p.angles + ((b * L + t0 + t) * H + h) * A;
+        if (t0 + t + kAhead < L) prefetch_row(ang + kAhead * H * A, A);
         const acc dt = dc[t];
         acc* th = csc + t * A;
 #pragma omp simd
@@ -135,6 +154,19 @@ struct Block {
     for (int64_t t = 0; t < n; ++t) {
       const int64_t l = t0 + t;
       const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
+      if (l + kAhead < L) {
+        if (p.v.stride[3] == 1) prefetch_row(vr + kAhead * p.v.stride[1], P);
+        for (int64_t r = 0; r < R; ++r) {
+          if (p.q.stride[4] == 1) {
+            prefetch_row(p.q.data + b * p.q.stride[0] + (l + kAhead) * p.q.stride[1] + r * p.q.stride[2] +
+                             g * p.q.stride[3], N);
+          }
+          if (p.k.stride[4] == 1) {
+            prefetch_row(p.k.data + b * p.k.stride[0] + (l + kAhead) * p.k.stride[1] + r * p.k.stride[2] +
+                             g * p.k.stride[3], N);
+          }
+        }
+      }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = t * R + r;
         acc* qi = ptr(q, c, N) + i * N;
@@ -273,6 +305,11 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
         const int64_t l = t0 + t;
         const acc ri = bk.ri[c * Q + t];
         const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
+        T* out = p.out + ((b * L + l) * H + h) * P;
+        if (l + kAhead < L) {
+          if (zr && p.z.stride[3] == 1) prefetch_row(zr + kAhead * p.z.stride[1], P);
+          prefetch_row_w(out + kAhead * H * P, P);
+        }
         if (zr) load_row(zr, p.z.stride[3], P, zb);
         std::fill(o, o + P, acc(0));
         for (int64_t r = 0; r < R; ++r) {
@@ -287,7 +324,6 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
 #pragma omp simd
           for (int64_t cc = 0; cc < P; ++cc) o[cc] += (yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc]) * gt[cc] * mo[cc];
         }
-        T* out = p.out + ((b * L + l) * H + h) * P;
         for (int64_t cc = 0; cc < P; ++cc) out[cc] = static_cast<T>(o[cc]);
       }
       if (c0 + c == nc - 1) {
@@ -436,8 +472,13 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
     const int64_t l = t0 + t;
     const acc ri = bk.ri[c * Q + t];
     const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
-    load_row(p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2], p.dout.stride[3], P,
-             gob);
+    const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
+    if (l + kAhead < L) {
+      if (zr && p.z.stride[3] == 1) prefetch_row(zr + kAhead * p.z.stride[1], P);
+      if (p.dout.stride[3] == 1) prefetch_row(go + kAhead * p.dout.stride[1], P);
+      if (p.dz) prefetch_row_w(p.dz + ((b * L + l + kAhead) * H + h) * P, P);
+    }
+    load_row(go, p.dout.stride[3], P, gob);
     if (zr) load_row(zr, p.z.stride[3], P, zb);
     std::fill(dzacc, dzacc + P, acc(0));
     for (int64_t r = 0; r < R; ++r) {
@@ -536,6 +577,14 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
   for (int64_t t = 0; t < n; ++t) {
     const int64_t l = t0 + t;
     const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
+    if (l + kAhead < L) {
+      if (p.mimo && p.v.stride[3] == 1) prefetch_row(vr + kAhead * p.v.stride[1], P);
+      prefetch_row_w(p.dv + ((b * L + l + kAhead) * H + h) * P, P);
+      for (int64_t r = 0; r < R; ++r) {
+        prefetch_row_w(p.dq + (((b * L + l + kAhead) * R + r) * H + h) * N, N);
+        prefetch_row_w(p.dk + (((b * L + l + kAhead) * R + r) * H + h) * N, N);
+      }
+    }
     std::fill(dvacc, dvacc + P, acc(0));
     const acc* cs = bk.cs.data() + (c * Q + t) * A;
     const acc* sn = bk.sn.data() + (c * Q + t) * A;
@@ -568,6 +617,10 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
     const int64_t l = t0 + t;
     const acc* ang = p.angles + ((b * L + l) * H + h) * A;
     acc* dang = p.dangles + ((b * L + l) * H + h) * A;
+    if (l >= kAhead) {
+      prefetch_row(ang - kAhead * H * A, A);
+      prefetch_row_w(dang - kAhead * H * A, A);
+    }
     const acc dt = dtv[t];
     acc ddt = 0;
     // mamba3::angle_step and angle_step_draw with the vectorised tanh.
