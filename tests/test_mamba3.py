@@ -62,6 +62,10 @@ CASES = [
     Case(70, 64, F32, rank=0, groups="H", rope="half", z=True, D=True, bias=True, init=True, nheads=3,
          dqk=10, dv=7),
     Case(9, 1, F64, rank=2, rope="full", z=True, D=True, bias=True, init=True, batch=1),
+    # more chunks than the CPU kernels' block of 32: several blocks, reloaded by the backward
+    Case(67, 2, F32, rank=0, rope="half", z=True, D=True, bias=True, init=True, batch=1, dqk=8, dv=3),
+    Case(69, 2, F32, rank=2, groups="H", rope="full", z=True, D=True, bias=True, init=True, batch=1, nheads=3,
+         dqk=4, dv=3),
 ]
 
 
