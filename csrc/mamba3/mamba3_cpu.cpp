@@ -518,9 +518,11 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
         for (int64_t cc = 0; cc < P; ++cc) {
           const acc yv = yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc];
           const acc gout = gob[cc];
+          // silu and its derivative s (1 + z (1 - s)) from one sigmoid s
           const acc zv = zb[cc] * mz[cc];
-          const acc sz = ssmk::silu(zv);
-          const acc dzv = gout * mo[cc] * yv * ssmk::silu_grad(zv);
+          const acc sg = ssmk::sigmoid(zv);
+          const acc sz = zv * sg;
+          const acc dzv = gout * mo[cc] * yv * (sg * (acc(1) + zv * (acc(1) - sg)));
           dzacc[cc] += dzv * mz[cc];
           dmz[cc] += dzv * zb[cc];
           dmo[cc] += gout * (yv * sz);
