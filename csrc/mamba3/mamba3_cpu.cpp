@@ -102,8 +102,15 @@ SSMK_CPU_INLINE void load_row(const T* src, int64_t stride, int64_t n, acc* dst)
 
 // A block of up to kBlockChunks chunks of one task in per-thread buffers: rows i = t R + r of
 // chunk c at c Q R + i, the rows past a short last chunk zero (so the batched products over the
-// block's chunks need no special case), and the per-step coefficients at c Q + t.
+// block's chunks need no special case), and the per-step coefficients at c Q + t. Long chunks
+// (large Q R) get fewer chunks per block, so a buffer stays near kBlockElems elements.
 constexpr int64_t kBlockChunks = 32;
+constexpr int64_t kBlockElems = int64_t(1) << 18;
+
+inline int64_t block_chunks(const Mamba3Dims& d) {
+  const int64_t QR = d.chunk * d.rank, row = std::max({QR, d.headdim_qk, d.headdim_v});
+  return std::max<int64_t>(1, std::min({kBlockChunks, d.nchunks(), kBlockElems / (QR * row)}));
+}
 
 template <typename acc>
 struct Block {
@@ -114,7 +121,7 @@ struct Block {
   std::vector<int64_t> len;                    // steps of each chunk
   Block(const Mamba3Dims& d, at::ScalarType dtype)
       : Q(d.chunk), R(d.rank), QR(d.chunk * d.rank), N(d.headdim_qk), P(d.headdim_v), A(d.nangles),
-        chunks(std::min<int64_t>(kBlockChunks, d.nchunks())) {
+        chunks(block_chunks(d)) {
     const auto o = at::TensorOptions().dtype(dtype);
     q = at::empty({chunks, QR, N}, o);
     k = at::empty({chunks, QR, N}, o);
