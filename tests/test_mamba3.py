@@ -270,6 +270,17 @@ def test_mamba3_forward_backward(case, device):
         assert_close(a, e, case.dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_mamba3_task_kernels_cpu(case):
+    """The CPU running mamba3_task.h's per-task kernels (the GPU's code) instead of its blocked ones."""
+    switch = torch.ops.ssm_kernels_test.mamba3_cpu_task_kernels
+    previous = switch(True)
+    try:
+        test_mamba3_forward_backward(case, "cpu")
+    finally:
+        switch(previous)
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
 def test_mamba3_chunk_size_and_strides(dtype, device):
     case = Case(37, 8, dtype, rank=2, rope="half", z=True, D=True, bias=True, init=True, dqk=8, dv=6)
