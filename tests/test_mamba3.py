@@ -62,6 +62,12 @@ CASES = [
     Case(70, 64, F32, rank=0, groups="H", rope="half", z=True, D=True, bias=True, init=True, nheads=3,
          dqk=10, dv=7),
     Case(9, 1, F64, rank=2, rope="full", z=True, D=True, bias=True, init=True, batch=1),
+    # more chunks than the CPU kernels' block of 32: several blocks, reloaded by the backward
+    Case(67, 2, F32, rank=0, rope="half", z=True, D=True, bias=True, init=True, batch=1, dqk=8, dv=3),
+    Case(69, 2, F32, rank=2, groups="H", rope="full", z=True, D=True, bias=True, init=True, batch=1, nheads=3,
+         dqk=4, dv=3),
+    # chunks of Q R = 256 rows: blocks of 4 chunks
+    Case(260, 64, F32, rank=4, rope="half", z=True, D=True, bias=True, init=True, batch=1, dqk=8, dv=3),
 ]
 
 
@@ -262,6 +268,17 @@ def test_mamba3_forward_backward(case, device):
         assert a is not None, f"no gradient for {name}"
         assert a.dtype == inp[name].dtype and a.shape == inp[name].shape, name
         assert_close(a, e, case.dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_mamba3_task_kernels_cpu(case):
+    """The CPU running mamba3_task.h's per-task kernels (the GPU's code) instead of its blocked ones."""
+    switch = torch.ops.ssm_kernels_test.mamba3_cpu_task_kernels
+    previous = switch(True)
+    try:
+        test_mamba3_forward_backward(case, "cpu")
+    finally:
+        switch(previous)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)

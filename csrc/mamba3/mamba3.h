@@ -112,6 +112,10 @@ template <typename T>
 void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p);
 template <typename T>
 void mamba3_step_cpu(const Mamba3StepParams<T>& p);
+// Test hook: when on, mamba3_fwd_cpu / mamba3_bwd_cpu run mamba3_task.h's per-task fwd_task /
+// bwd_task (the GPU's code) instead of the blocked CPU kernels, so the CPU tests cover them too.
+// Returns the previous setting.
+bool mamba3_cpu_task_kernels(bool on);
 
 #if defined(SSMK_WITH_CUDA)
 // Launchers (mamba3_cuda.cu): `scratch` holds tasks x {fwd,bwd,step}_scratch(p) elements
