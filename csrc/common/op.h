@@ -13,7 +13,7 @@
 // kernel (CUDA files hold only kernels and their launchers, which never throw).
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 

@@ -3,7 +3,7 @@
 // to write fails the comparison instead of passing by luck.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/aten.h"
 
 #include <atomic>
 #include <optional>

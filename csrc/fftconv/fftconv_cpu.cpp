@@ -7,7 +7,7 @@
 // that dH and dD are summed over the batch in a fixed order (deterministic). Power-of-two lengths
 // up to 2^16 take the hand-written FFT (fftconv_fft.h) instead, row by row (see cpu_plan); its
 // row transforms also serve the test hooks (fftconv_test_hooks.cpp).
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>

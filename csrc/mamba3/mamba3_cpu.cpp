@@ -1,7 +1,7 @@
 // CPU kernels of mamba3_scan and mamba3_step: the per-task kernels of mamba3_task.h over
 // at::parallel_for, each thread with its own scratch area, in AVX2+FMA variants chosen at run
 // time (common/cpu.h).
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
