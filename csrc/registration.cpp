@@ -1,13 +1,17 @@
 // The TORCH_LIBRARY of the project's namespaces. Each op declares its own schema and kernels in
-// its folder (SSMK_OP in <op>_op.cpp, see common/op.h); fake implementations and autograd are registered from Python
-// (python/ssm_kernels/ops/).
+// its folder (SSMK_OP in <op>_op.cpp, see common/op.h), registered through ssmk::op::register_op
+// below; fake implementations and autograd are registered from Python (python/ssm_kernels/ops/).
 #include <torch/library.h>
 
 #include <atomic>
+#include <memory>
 #include <string>
+#include <vector>
+
+#include "common/op_register.h"
 
 #include "common/cpu.h"
-#include "common/output.h"
+#include "common/poison.h"
 
 #ifdef SSMK_PYTHON_MODULE
 #include <Python.h>
@@ -18,6 +22,42 @@
 #endif
 
 namespace ssmk {
+
+std::atomic<bool>& poison_outputs_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+namespace op {
+namespace {
+
+// The dispatcher's boxed kernel for a runtime function pointer.
+struct BoxedOp final : c10::OperatorKernel {
+  explicit BoxedOp(BoxedKernel kernel) : kernel(kernel) {}
+  void operator()(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) { kernel(stack); }
+  BoxedKernel kernel;
+};
+
+}  // namespace
+
+bool register_op(const char* name, const std::string& schema, BoxedKernel kernel, const char* file, int line) {
+  // What TORCH_LIBRARY_FRAGMENT and TORCH_LIBRARY_IMPL do in a static initialiser: the libraries
+  // stay alive as long as the extension, keeping the op registered.
+  static std::vector<std::unique_ptr<torch::Library>> libraries;
+  const auto at_line = static_cast<uint32_t>(line);
+  auto fragment =
+      std::make_unique<torch::Library>(torch::Library::FRAGMENT, "ssm_kernels", std::nullopt, file, at_line);
+  fragment->def(schema.c_str());
+  libraries.push_back(std::move(fragment));
+  for (const c10::DispatchKey key : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA}) {
+    auto impl = std::make_unique<torch::Library>(torch::Library::IMPL, "ssm_kernels", key, file, at_line);
+    impl->impl(name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<BoxedOp>(kernel)));
+    libraries.push_back(std::move(impl));
+  }
+  return true;
+}
+
+}  // namespace op
 
 namespace {
 

@@ -1,7 +1,7 @@
 // causal_conv1d ops: the argument lists, checks, allocation and params fill shared by both devices.
 #include "causal_conv1d/causal_conv1d.h"
 #include "common/dispatch.h"
-#include "common/op.h"
+#include "common/op_library.h"
 #include "common/output.h"
 #include "common/varlen.h"
 

@@ -2,7 +2,7 @@
 // TypeError (SSMK_CHECK_TYPE) and name the argument, the expected and the actual value.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <c10/util/Exception.h>
 
 #include <optional>

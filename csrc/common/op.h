@@ -13,9 +13,7 @@
 // kernel (CUDA files hold only kernels and their launchers, which never throw).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/core/stack.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <string>
@@ -23,7 +21,9 @@
 #include <utility>
 #include <vector>
 
+#include "common/aten.h"
 #include "common/checks.h"
+#include "common/op_register.h"
 #include "common/types.h"
 
 #ifdef SSMK_WITH_CUDA
@@ -95,21 +95,16 @@ void push(torch::jit::Stack& stack, std::tuple<T...> t) {
   std::apply([&](auto&... x) { (stack.emplace_back(std::move(x)), ...); }, t);
 }
 
-// The dispatcher's calling convention: pop the arguments, push the results.
+// Args' boxed kernel (see common/op_register.h).
 template <typename Args, auto Fn>
-void boxed(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+void boxed(torch::jit::Stack* stack) {
   push(*stack, Fn(Args::pop(*stack)));
 }
 
 // name(<Args' schema>) -> returns
 template <typename Args>
-void define(torch::Library& m, const char* name, const char* returns) {
-  m.def((std::string(name) + "(" + Args::schema().substr(2) + ") -> " + returns).c_str());
-}
-
-template <typename Args, auto Fn>
-torch::CppFunction kernel() {
-  return torch::CppFunction::makeFromBoxedFunction<&boxed<Args, Fn>>();
+std::string schema(const char* name, const char* returns) {
+  return std::string(name) + "(" + Args::schema().substr(2) + ") -> " + returns;
 }
 
 }  // namespace op
@@ -190,13 +185,7 @@ void launch(const at::Tensor& ref, Cpu&& cpu, Cuda&& cuda) {
 
 // Defines op NAME, with the schema of the args struct ARGS and the returns RETURNS, and registers
 // the host function ssmk::NAME as its kernel for both devices (one host path, see above).
-#define SSMK_OP(NAME, ARGS, RETURNS)                                                 \
-  TORCH_LIBRARY_FRAGMENT(ssm_kernels, m) {                                           \
-    ::ssmk::op::define<::ssmk::ARGS>(m, #NAME, RETURNS);                             \
-  }                                                                                  \
-  TORCH_LIBRARY_IMPL(ssm_kernels, CPU, m) {                                          \
-    m.impl(#NAME, ::ssmk::op::kernel<::ssmk::ARGS, &::ssmk::NAME>());                \
-  }                                                                                  \
-  TORCH_LIBRARY_IMPL(ssm_kernels, CUDA, m) {                                         \
-    m.impl(#NAME, ::ssmk::op::kernel<::ssmk::ARGS, &::ssmk::NAME>());                \
-  }
+#define SSMK_OP(NAME, ARGS, RETURNS)                                                                   \
+  static const bool ssmk_op_registered_##NAME =                                                       \
+      ::ssmk::op::register_op(#NAME, ::ssmk::op::schema<::ssmk::ARGS>(#NAME, RETURNS),                \
+                              &::ssmk::op::boxed<::ssmk::ARGS, &::ssmk::NAME>, __FILE__, __LINE__);

@@ -3,14 +3,13 @@
 // to write fails the comparison instead of passing by luck.
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <atomic>
+#include <limits>
 #include <optional>
 
-namespace ssmk {
+#include "common/aten.h"
+#include "common/poison.h"
 
-std::atomic<bool>& poison_outputs_flag();
+namespace ssmk {
 
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);

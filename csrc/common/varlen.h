@@ -12,7 +12,7 @@
 // out-of-bounds access.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/aten.h"
 
 #include <cstdlib>
 #include <optional>

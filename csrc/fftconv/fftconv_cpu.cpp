@@ -9,7 +9,7 @@
 // row transforms also serve the test hooks (fftconv_test_hooks.cpp). Packed sequences
 // (cu_seqlens) run each sequence as its own convolution at its own length, the sequences of one
 // length as the batch rows of the same blocks (run_packed).
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -10,7 +10,7 @@
 // use ATen's (cuFFT) transforms.
 #ifdef SSMK_WITH_CUDA
 
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <ATen/cuda/CUDAContext.h>
 
 #include <optional>

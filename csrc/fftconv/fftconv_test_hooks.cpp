@@ -1,7 +1,7 @@
 // fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
 // hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
 // strided: through the CUDA fused kernels' per-index drivers).
-#include "common/op.h"
+#include "common/op_library.h"
 #include "fftconv/fftconv.h"
 
 namespace ssmk {

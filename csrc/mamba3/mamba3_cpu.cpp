@@ -3,7 +3,7 @@
 // run blocks of chunks of one (batch, value head) task through batched BLAS products (the math of
 // mamba3_math.h and of mamba3_task.h's per-task kernels, which the GPU runs); the decode step is
 // mamba3_task.h's step_task.
-#include <ATen/ATen.h>
+#include "common/aten.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -6,7 +6,7 @@
 // kernels on typed params (ssd.h). T is the op's input element type.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "common/aten.h"
 
 #include <atomic>
 

@@ -4,7 +4,7 @@
 // is a cuda::Triangle zero structure (0..3). And ssm_kernels_test::ssd_emulate_cuda_rounding:
 // the CPU stages round GEMM operands where the CUDA stages do (returns the previous setting).
 #include "common/dispatch.h"
-#include "common/op.h"
+#include "common/op_library.h"
 #include "ssd/ssd_host.h"
 
 namespace ssmk {
