@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "common/packed_seqs.h"
@@ -150,5 +151,9 @@ void fused_bwd(const FftconvBwdParams<T>& p, const float* tw, const float* hs, c
 
 }  // namespace fftconv::cuda_launch
 #endif
+
+// Test switch (ssm_kernels_test.set_fftconv_packed_gapped_row): packed sequences on the CPU run
+// through the CUDA path's one row with gaps instead of one convolution per sequence.
+std::atomic<bool>& fftconv_gapped_row_on_cpu();
 
 }  // namespace ssmk

@@ -8,19 +8,19 @@
 #include <atomic>
 
 namespace ssmk {
+
+std::atomic<bool>& fftconv_gapped_row_on_cpu() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
 namespace {
 
 // Packed sequences: the CPU kernels run each sequence as its own convolution (offsets read on the
 // host, fftconv_cpu.cpp). CUDA runs the row with gaps below (offsets only read on the device); a
 // test switch runs the CPU through it too, so the CUDA path's host logic is tested without a GPU.
-std::atomic<bool>& gapped_row_on_cpu() {
-  static std::atomic<bool> flag{false};
-  return flag;
-}
-bool set_packed_gapped_row(bool enable) { return gapped_row_on_cpu().exchange(enable); }
-
 bool packed_via_gapped_row(const at::Tensor& u) {
-  return !u.is_cpu() || gapped_row_on_cpu().load(std::memory_order_relaxed);
+  return !u.is_cpu() || fftconv_gapped_row_on_cpu().load(std::memory_order_relaxed);
 }
 
 // activation: 0 (none), 1 (gelu, erf form) or 2 (silu).
@@ -245,8 +245,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 SSMK_OP(fftconv_fwd, FftconvFwdArgs, "Tensor out")
 SSMK_OP(fftconv_bwd, FftconvBwdArgs, "(Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, Tensor dpregate, Tensor dpostgate)")
-
-TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
-  // Packed fftconv on the CPU through the CUDA path's row with gaps; returns the old value.
-  m.def("set_fftconv_packed_gapped_row(bool enable) -> bool", &ssmk::set_packed_gapped_row);
-}

@@ -60,6 +60,9 @@ at::Tensor fftconv_fft(const FftconvFftArgs& in) {
 }  // namespace ssmk
 
 TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
+  // Packed fftconv on the CPU through the CUDA path's row with gaps; returns the old value.
+  m.def("set_fftconv_packed_gapped_row(bool enable) -> bool",
+        [](bool enable) { return ssmk::fftconv_gapped_row_on_cpu().exchange(enable); });
   ssmk::op::define<ssmk::FftconvCpuPlanArgs>(m, "fftconv_cpu_plan", "int[]");
   ssmk::op::define<ssmk::FftconvFftArgs>(m, "fftconv_fft", "Tensor");
 }

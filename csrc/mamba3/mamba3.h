@@ -116,6 +116,12 @@ void mamba3_step_cpu(const Mamba3StepParams<T>& p);
 // bwd_task (the GPU's code) instead of the blocked CPU kernels, so the CPU tests cover them too.
 // Returns the previous setting.
 bool mamba3_cpu_task_kernels(bool on);
+// Those per-task kernels on the CPU (mamba3_cpu_tasks.cpp; a file of their own, compiled once
+// without AVX2 copies: they only serve that test hook).
+template <typename T>
+void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p);
+template <typename T>
+void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
 // Launchers (mamba3_cuda.cu): `scratch` holds tasks x {fwd,bwd,step}_scratch(p) elements

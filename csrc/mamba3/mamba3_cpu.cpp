@@ -840,24 +840,8 @@ SSMK_CPU_INLINE void bwd_tasks(const Mamba3BwdParams<T>& p, int64_t begin, int64
 SSMK_CPU_MULTIVERSION(bwd_tasks, (typename T), (T), (const Mamba3BwdParams<T>& p, int64_t begin, int64_t end),
                       (p, begin, end))
 
-// The per-task kernels of mamba3_task.h, the code the GPU runs (mamba3_cpu_task_kernels).
+// When on, the scan runs the GPU's per-task kernels instead (mamba3_cpu_tasks.cpp).
 std::atomic<bool> g_task_kernels{false};
-
-template <typename T>
-SSMK_CPU_INLINE void fwd_task_kernels(const Mamba3FwdParams<T>& p, int64_t begin, int64_t end) {
-  std::vector<acc_t<T>> scratch(mamba3::fwd_scratch(p));
-  for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data());
-}
-SSMK_CPU_MULTIVERSION(fwd_task_kernels, (typename T), (T),
-                      (const Mamba3FwdParams<T>& p, int64_t begin, int64_t end), (p, begin, end))
-
-template <typename T>
-SSMK_CPU_INLINE void bwd_task_kernels(const Mamba3BwdParams<T>& p, int64_t begin, int64_t end) {
-  std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
-  for (int64_t task = begin; task < end; ++task) mamba3::bwd_task(p, task, scratch.data());
-}
-SSMK_CPU_MULTIVERSION(bwd_task_kernels, (typename T), (T),
-                      (const Mamba3BwdParams<T>& p, int64_t begin, int64_t end), (p, begin, end))
 
 template <typename T>
 SSMK_CPU_INLINE void step_tasks(const Mamba3StepParams<T>& p, int64_t begin, int64_t end) {
@@ -874,7 +858,7 @@ bool mamba3_cpu_task_kernels(bool on) { return g_task_kernels.exchange(on); }
 template <typename T>
 void mamba3_fwd_cpu(const Mamba3FwdParams<T>& p) {
   if (g_task_kernels) {
-    at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { fwd_task_kernels_dispatch<T>(p, b, e); });
+    mamba3_fwd_task_kernels_cpu(p);
     return;
   }
   at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { fwd_tasks_dispatch<T>(p, b, e); });
@@ -883,7 +867,7 @@ void mamba3_fwd_cpu(const Mamba3FwdParams<T>& p) {
 template <typename T>
 void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p) {
   if (g_task_kernels) {
-    at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { bwd_task_kernels_dispatch<T>(p, b, e); });
+    mamba3_bwd_task_kernels_cpu(p);
     return;
   }
   at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_dispatch<T>(p, b, e); });

@@ -1,0 +1,35 @@
+// mamba3_task.h's per-task kernels (the code the GPU runs, one (batch, value head) task per
+// thread) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check that
+// code as well as the blocked CPU kernels of mamba3_cpu.cpp.
+#include "common/aten.h"
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "mamba3/mamba3_task.h"
+
+namespace ssmk {
+
+template <typename T>
+void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
+  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> scratch(mamba3::fwd_scratch(p));
+    for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data());
+  });
+}
+
+template <typename T>
+void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
+  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
+    for (int64_t task = begin; task < end; ++task) mamba3::bwd_task(p, task, scratch.data());
+  });
+}
+
+#define SSMK_MAMBA3_INSTANTIATE(T)                                               \
+  template void mamba3_fwd_task_kernels_cpu<T>(const Mamba3FwdParams<T>&);     \
+  template void mamba3_bwd_task_kernels_cpu<T>(const Mamba3BwdParams<T>&);
+SSMK_FLOAT_TYPES(SSMK_MAMBA3_INSTANTIATE)
+#undef SSMK_MAMBA3_INSTANTIATE
+
+}  // namespace ssmk
