@@ -584,24 +584,7 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
   acc* dlam = bk.dlam.data();
   acc* dtheta = bk.dtheta.data();
   acc* carry = bk.carry.data();
-  // d adt: the reverse cumulative sum of d Acs within the chunk.
-  acc run = 0;
-  for (int64_t t = n - 1; t >= 0; --t) {
-    run += dacs[t];
-    p.dadt[row + t0 + t] = run;
-  }
-  // w = gamma + sigma; gamma_t = lambda_t dt_t; sigma_t = (1 - lambda_{t+1}) dt_{t+1}.
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t l = t0 + t;
-    const acc dg = dgamma[t] + dw[t];
-    p.ddt[row + l] += lam[t] * dg;
-    dlam[l] += dtv[t] * dg;
-    if (l + 1 < L) {
-      const acc lam1 = ssmk::sigmoid(p.trap[row + l + 1]);
-      p.ddt[row + l + 1] += (acc(1) - lam1) * dw[t];
-      dlam[l + 1] -= p.dt[row + l + 1] * dw[t];
-    }
-  }
+  mamba3::coefficient_grads(p, row, t0, n, dacs, dw, dgamma, lam, dtv, dlam);
   // v mixing, the rotations, and the angle recurrence in reverse.
   std::fill(dtheta, dtheta + Q * A, acc(0));
   const acc* qc = bk.ptr(bk.q, c, N);

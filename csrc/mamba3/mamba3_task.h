@@ -219,6 +219,34 @@ SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, acc* H) {
 }
 
 // The state before step 0: S_init + (1 - lambda_0) dt_0 sum_r v_init_r k_init_r^T, and the angle.
+// A chunk's (steps t0 .. t0+n-1 of row `row`) gradients of the per-step coefficients, given
+// d Acs, d w and d gamma: d adt is the reverse cumulative sum of d Acs within the chunk, and dt
+// and lambda (dlam, indexed by step) get theirs through w = gamma + sigma, gamma_t = lambda_t
+// dt_t, sigma_t = (1 - lambda_{t+1}) dt_{t+1}. Shared by the per-task and the blocked CPU backward.
+template <typename T>
+SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row, int64_t t0, int64_t n,
+                                        const acc_t<T>* dacs, const acc_t<T>* dw, const acc_t<T>* dgamma,
+                                        const acc_t<T>* lam, const acc_t<T>* dtv, acc_t<T>* dlam) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen;
+  acc run = 0;
+  for (int64_t t = n - 1; t >= 0; --t) {
+    run += dacs[t];
+    p.dadt[row + t0 + t] = run;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t l = t0 + t;
+    const acc dg = dgamma[t] + dw[t];
+    p.ddt[row + l] += lam[t] * dg;
+    dlam[l] += dtv[t] * dg;
+    if (l + 1 < L) {
+      const acc lam1 = ssmk::sigmoid(p.trap[row + l + 1]);
+      p.ddt[row + l + 1] += (acc(1) - lam1) * dw[t];
+      dlam[l + 1] -= p.dt[row + l + 1] * dw[t];
+    }
+  }
+}
+
 template <typename T>
 SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t b, int64_t h, acc_t<T>* H, acc_t<T>* theta) {
   using acc = acc_t<T>;
@@ -487,24 +515,7 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
         dS = dS_prev;
         dS_prev = tmp;
       }
-      // d adt: the reverse cumulative sum of d Acs within the chunk.
-      acc run = 0;
-      for (int64_t t = n - 1; t >= 0; --t) {
-        run += dacs[t];
-        p.dadt[row + t0 + t] = run;
-      }
-      // w = gamma + sigma; gamma_t = lambda_t dt_t; sigma_t = (1 - lambda_{t+1}) dt_{t+1}.
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t l = t0 + t;
-        const acc dg = dgamma[t] + dw[t];
-        p.ddt[row + l] += wk.lam[t] * dg;
-        dlam[l] += wk.dtv[t] * dg;
-        if (l + 1 < L) {
-          const acc lam1 = ssmk::sigmoid(p.trap[row + l + 1]);
-          p.ddt[row + l + 1] += (acc(1) - lam1) * dw[t];
-          dlam[l + 1] -= p.dt[row + l + 1] * dw[t];
-        }
-      }
+      coefficient_grads(p, row, t0, n, dacs, dw, dgamma, wk.lam, wk.dtv, dlam);
       // v mixing, the rotations, and the angle recurrence in reverse.
       fill_range(dtheta, (dtheta + Q * A), acc(0));
       for (int64_t t = 0; t < n; ++t) {
