@@ -131,27 +131,40 @@ SSMK_CPU_INLINE acc_t scan_step(int64_t N, acc_t dt, acc_t du, const acc_t* SSMK
   return y;
 }
 
+// What the forward and the backward read of channel d of batch row b: its A row, B and C rows,
+// D and delta bias, and the offsets of its u, delta and z rows.
+template <typename acc_t>
+struct Channel {
+  const acc_t *A, *B, *C;
+  acc_t D, bias;
+  int64_t u_off, delta_off, z_off;
+};
+template <typename Params, typename acc_t>
+SSMK_CPU_INLINE Channel<acc_t> channel_of(const Params& p, const SelectiveScanCpuLayout<acc_t>& lay, int64_t b,
+                                          int64_t d) {
+  const int64_t nw = lay.nw, L = p.seqlen;
+  return {lay.A + d * nw,
+          lay.B.row(p.dim, L, b, d, nw),
+          lay.C.row(p.dim, L, b, d, nw),
+          p.D ? p.D[d] : acc_t(0),
+          p.delta_bias ? p.delta_bias[d] : acc_t(0),
+          b * p.u.stride[0] + d * p.u.stride[1],
+          b * p.delta.stride[0] + d * p.delta.stride[1],
+          b * p.z.stride[0] + d * p.z.stride[1]};
+}
+
 template <typename input_t, bool kComplex>
 SSMK_CPU_INLINE void fwd_rows(const SelectiveScanFwdParams<input_t, kComplex>& p, const SelectiveScanCpuLayout<acc_t<input_t>>& lay,
                               int64_t begin, int64_t end) {
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t N = p.dstate, L = p.seqlen, nw = lay.nw, nc = p.n_chunks;
   constexpr acc_t kScale = kComplex ? acc_t(2) : acc_t(1);
-  const acc_t* Aall = lay.A;
-  const acc_t* Dv = p.D;
-  const acc_t* bias = p.delta_bias;
   // Per chunk: dt and the epilogue are computed in passes vectorised over time; only the
   // recurrence itself walks step by step (vectorised over the state).
   std::vector<acc_t> h(nw), ubuf(kChunkSize), dtbuf(kChunkSize), ybuf(kChunkSize), zbuf(kChunkSize);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / p.dim, d = r % p.dim;
-    const acc_t* A = Aall + d * nw;
-    const acc_t* Bbase = lay.B.row(p.dim, L, b, d, nw);
-    const acc_t* Cbase = lay.C.row(p.dim, L, b, d, nw);
-    const acc_t Dd = Dv ? Dv[d] : acc_t(0), bias_d = bias ? bias[d] : acc_t(0);
-    const int64_t u_off = b * p.u.stride[0] + d * p.u.stride[1];
-    const int64_t dl_off = b * p.delta.stride[0] + d * p.delta.stride[1];
-    const int64_t z_off = b * p.z.stride[0] + d * p.z.stride[1];
+    const auto [A, Bbase, Cbase, Dd, bias_d, u_off, dl_off, z_off] = channel_of(p, lay, b, d);
     input_t* out = p.out + r * L;
     auto* ckpt = p.checkpoints + r * nc * N;
     const bool bounded = p.seqs.any();
@@ -301,9 +314,6 @@ SSMK_CPU_INLINE void bwd_task(const SelectiveScanBwdParams<input_t, kComplex>& p
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t N = p.dstate, L = p.seqlen, nw = lay.nw, nc = p.n_chunks;
   constexpr acc_t kScale = kComplex ? acc_t(2) : acc_t(1);
-  const acc_t* Aall = lay.A;
-  const acc_t* Dv = p.D;
-  const acc_t* bias = p.delta_bias;
   const auto& dlast = p.dlast_state;
   // kNoBound: no sequence starts / ends at the step; -1: a seq_idx boundary.
   constexpr int64_t kNoBound = -2;
@@ -320,13 +330,7 @@ SSMK_CPU_INLINE void bwd_task(const SelectiveScanBwdParams<input_t, kComplex>& p
   if (dCp) std::fill(dCp + first * nw, dCp + last * nw, acc_t(0));
   for (int64_t d = slice * p.slice_channels; d < (slice + 1) * p.slice_channels; ++d) {
     const int64_t r = b * p.dim + d, rs = sums_row * p.dim + d;
-    const acc_t* A = Aall + d * nw;
-    const acc_t* Bbase = lay.B.row(p.dim, L, b, d, nw);
-    const acc_t* Cbase = lay.C.row(p.dim, L, b, d, nw);
-    const acc_t Dd = Dv ? Dv[d] : acc_t(0), bias_d = bias ? bias[d] : acc_t(0);
-    const int64_t u_off = b * p.u.stride[0] + d * p.u.stride[1];
-    const int64_t dl_off = b * p.delta.stride[0] + d * p.delta.stride[1];
-    const int64_t z_off = b * p.z.stride[0] + d * p.z.stride[1];
+    const auto [A, Bbase, Cbase, Dd, bias_d, u_off, dl_off, z_off] = channel_of(p, lay, b, d);
     const int64_t do_off = b * p.dout.stride[0] + d * p.dout.stride[1];
     const auto* ckpt = p.checkpoints + r * nc * N;
     input_t* du_out = p.du + r * L;
