@@ -774,32 +774,8 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     }
     for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, (c0 + c) * Q, bk);
   }
-  // The initial state: S_init + rho sum_r v_init_r k_init_r^T, rho = (1 - lambda_0) dt_0.
-  std::copy(dS, dS + P * N, p.dinit_ssm + bh * P * N);
-  std::copy(carry, carry + A, p.dinit_angle + bh * A);
   acc* dlam = bk.dlam.data();
-  {
-    const acc lam0 = ssmk::sigmoid(p.trap[row]), dt0 = p.dt[row];
-    const acc rho = (acc(1) - lam0) * dt0;
-    acc drho = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const acc* kr = p.init_k ? p.init_k + (bh * R + r) * N : nullptr;
-      const acc* vr = p.init_v ? p.init_v + (bh * R + r) * P : nullptr;
-      acc* dkr = p.dinit_k + (bh * R + r) * N;
-      acc* dvr = p.dinit_v + (bh * R + r) * P;
-      std::fill(dkr, dkr + N, acc(0));
-      for (int64_t cc = 0; cc < P; ++cc) {
-        const acc dsk = kr ? mamba3::dot(dS + cc * N, kr, N) : acc(0);
-        dvr[cc] = rho * dsk;
-        if (vr) {
-          drho += vr[cc] * dsk;
-          mamba3::axpy(dkr, rho * vr[cc], dS + cc * N, N);
-        }
-      }
-    }
-    p.ddt[row] += (acc(1) - lam0) * drho;
-    dlam[0] -= dt0 * drho;
-  }
+  mamba3::initial_state_grads(p, bh, row, dS, carry, dlam);
   for (int64_t l = 0; l < L; ++l) {
     const acc lam = ssmk::sigmoid(p.trap[row + l]);
     p.dtrap[row + l] = dlam[l] * lam * (acc(1) - lam);

@@ -247,6 +247,38 @@ SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row
   }
 }
 
+// The gradients of task bh's initial state (S_init + rho sum_r v_init_r k_init_r^T, rho =
+// (1 - lambda_0) dt_0) from dS (the gradient of the state before step 0) and carry (that of the
+// angle), and those of dt_0 and lambda_0 through rho. Shared by both backward kernels.
+template <typename T>
+SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t bh, int64_t row,
+                                          const acc_t<T>* dS, const acc_t<T>* carry, acc_t<T>* dlam) {
+  using acc = acc_t<T>;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  copy_range(dS, dS + P * N, p.dinit_ssm + bh * P * N);
+  copy_range(carry, carry + A, p.dinit_angle + bh * A);
+  const acc lam0 = ssmk::sigmoid(p.trap[row]), dt0 = p.dt[row];
+  const acc rho = (acc(1) - lam0) * dt0;
+  acc drho = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const acc* kr = p.init_k ? p.init_k + (bh * R + r) * N : nullptr;
+    const acc* vr = p.init_v ? p.init_v + (bh * R + r) * P : nullptr;
+    acc* dkr = p.dinit_k + (bh * R + r) * N;
+    acc* dvr = p.dinit_v + (bh * R + r) * P;
+    fill_range(dkr, dkr + N, acc(0));
+    for (int64_t cc = 0; cc < P; ++cc) {
+      const acc dsk = kr ? dot(dS + cc * N, kr, N) : acc(0);
+      dvr[cc] = rho * dsk;
+      if (vr) {
+        drho += vr[cc] * dsk;
+        axpy(dkr, rho * vr[cc], dS + cc * N, N);
+      }
+    }
+  }
+  p.ddt[row] += (acc(1) - lam0) * drho;
+  dlam[0] -= dt0 * drho;
+}
+
 template <typename T>
 SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t b, int64_t h, acc_t<T>* H, acc_t<T>* theta) {
   using acc = acc_t<T>;
@@ -564,31 +596,7 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
         p.ddt[row + l] += ddt;
       }
     }
-    // The initial state: S_init + rho sum_r v_init_r k_init_r^T, rho = (1 - lambda_0) dt_0.
-    copy_range(dS, (dS + P * N), p.dinit_ssm + bh * P * N);
-    copy_range(carry, (carry + A), p.dinit_angle + bh * A);
-    {
-      const acc lam0 = ssmk::sigmoid(p.trap[row]), dt0 = p.dt[row];
-      const acc rho = (acc(1) - lam0) * dt0;
-      acc drho = 0;
-      for (int64_t r = 0; r < R; ++r) {
-        const acc* kr = p.init_k ? p.init_k + (bh * R + r) * N : nullptr;
-        const acc* vr = p.init_v ? p.init_v + (bh * R + r) * P : nullptr;
-        acc* dkr = p.dinit_k + (bh * R + r) * N;
-        acc* dvr = p.dinit_v + (bh * R + r) * P;
-        fill_range(dkr, dkr + N, acc(0));
-        for (int64_t cc = 0; cc < P; ++cc) {
-          const acc dsk = kr ? dot(dS + cc * N, kr, N) : acc(0);
-          dvr[cc] = rho * dsk;
-          if (vr) {
-            drho += vr[cc] * dsk;
-            axpy(dkr, rho * vr[cc], dS + cc * N, N);
-          }
-        }
-      }
-      p.ddt[row] += (acc(1) - lam0) * drho;
-      dlam[0] -= dt0 * drho;
-    }
+    initial_state_grads(p, bh, row, dS, carry, dlam);
     for (int64_t l = 0; l < L; ++l) {
       const acc lam = ssmk::sigmoid(p.trap[row + l]);
       p.dtrap[row + l] = dlam[l] * lam * (acc(1) - lam);
