@@ -123,6 +123,28 @@ def make_channel_last(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def seq_offsets(lengths: Sequence[int], device="cpu", dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The cu_seqlens of packed sequences of these lengths: [0, l0, l0 + l1, ..., sum]."""
+    ends = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).tolist()
+    return torch.tensor([0] + ends, dtype=dtype, device=device)
+
+
+def each_sequence(fn: Callable[[dict], torch.Tensor], args: dict, cu_seqlens: torch.Tensor,
+                  token_keys: Sequence[str], dim: int) -> torch.Tensor:
+    """fn(args) on each packed sequence alone, the outputs concatenated along `dim`: the tensors
+    named in token_keys (None skipped) are cut along `dim` to the sequence's tokens, the other
+    arguments passed whole. What a packed call must equal."""
+    off = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(off[:-1], off[1:]):
+        piece = dict(args)
+        for k in token_keys:
+            if args.get(k) is not None:
+                piece[k] = args[k].narrow(dim, start, end - start)
+        outs.append(fn(piece))
+    return torch.cat(outs, dim)
+
+
 def clone_leaf(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
     """A detached copy that requires grad (keeps strides); None stays None."""
     if t is None:

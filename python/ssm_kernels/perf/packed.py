@@ -9,6 +9,7 @@ import torch
 import ssm_kernels
 from ssm_kernels import reference
 
+from ..testing import each_sequence, seq_offsets
 from .registry import BenchOp, register
 from .selective_scan import FLOPS_PER_ELEMENT
 
@@ -42,31 +43,50 @@ def _pad(t: torch.Tensor, lengths: list) -> torch.Tensor:
 
 
 def _packing(lengths: list, device) -> dict:
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
     mask = torch.zeros(len(lengths), 1, max(lengths), device=device)
     for s, n in enumerate(lengths):
         mask[s, :, :n] = 1
-    return {"cu_seqlens": cu, "mask": mask}
+    return {"cu_seqlens": seq_offsets(lengths, device), "mask": mask}
 
 
-def _per_sequence(fn, inp: dict, time_keys, lengths: list):
-    """fn on each sequence (tensors in time_keys cut along their last axis); outputs concatenated."""
-    outs, start = [], 0
-    for n in lengths:
-        seq = {k: (v[..., start:start + n] if k in time_keys else v) for k, v in inp.items()}
-        outs.append(fn(seq))
-        start += n
-    return torch.cat(outs, dim=-1)
+def _register_packed(name, function, time_keys, arg_keys, make_row, shapes, grad_inputs, **measures):
+    """Registers the packed-sequence benchmark of `function` on the inputs make_row(shape, device,
+    dtype) of one row of T tokens (time along the last axis of the tensors in time_keys; arg_keys:
+    the op's arguments among them): the packed call (ours), the float64 reference on each sequence
+    alone, and the same kernel on the T tokens as one sequence (`one_seq`) and on the padded batch
+    (`padded`, whose copies `<key>_pad` are made with the inputs, outside the timing)."""
+    op, ref = getattr(ssm_kernels, function), getattr(reference, function)
+
+    def args(inp, suffix=""):
+        return {k: inp[k + suffix] if k in time_keys else inp[k] for k in arg_keys}
+
+    def make_inputs(shape, device, dtype):
+        lengths = draw_lengths(shape["tokens"], shape["max_len"])
+        inp = make_row(shape, device, dtype)
+        inp.update({k + "_pad": _pad(inp[k], lengths) for k in time_keys})
+        inp.update(_packing(lengths, device))
+        return inp
+
+    register(
+        BenchOp(
+            name=name,
+            shapes=shapes,
+            make_inputs=make_inputs,
+            ours=lambda inp: op(**args(inp), cu_seqlens=inp["cu_seqlens"]),
+            reference=lambda inp: each_sequence(lambda s: ref(**s), args(inp), inp["cu_seqlens"], time_keys, -1),
+            baselines={
+                "one_seq": lambda inp: op(**args(inp)),
+                "padded": lambda inp: op(**args(inp, "_pad")) * inp["mask"],
+            },
+            grad_inputs=grad_inputs + tuple(k + "_pad" for k in time_keys),
+            **measures,
+        )
+    )
 
 
-SS_TIME = ("u", "delta", "B", "C", "z")
-SS_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus")
-
-
-def _ss_inputs(shape, device, dtype):
-    lengths = draw_lengths(shape["tokens"], shape["max_len"])
+def _ss_row(shape, device, dtype):
     d, n, T = shape["dim"], shape["dstate"], shape["tokens"]
-    inp = {
+    return {
         "u": torch.randn(1, d, T, device=device, dtype=dtype),
         "delta": (0.5 * torch.randn(1, d, T, device=device)).to(dtype),
         "A": -torch.rand(d, n, device=device) - 0.5,
@@ -77,18 +97,6 @@ def _ss_inputs(shape, device, dtype):
         "delta_bias": torch.rand(d, device=device) - 4.0,
         "delta_softplus": True,
     }
-    inp.update({k + "_pad": _pad(inp[k], lengths) for k in SS_TIME})
-    inp.update(_packing(lengths, device))
-    return inp
-
-
-def _ss_args(inp, suffix=""):
-    return {k: inp[k + suffix] if k in SS_TIME else inp[k] for k in SS_ARGS}
-
-
-def _ss_reference(inp):
-    lengths = (inp["cu_seqlens"][1:] - inp["cu_seqlens"][:-1]).tolist()
-    return _per_sequence(lambda s: reference.selective_scan(**s), _ss_args(inp), SS_TIME, lengths)
 
 
 def _ss_bytes(shape, dtype):
@@ -97,68 +105,46 @@ def _ss_bytes(shape, dtype):
     return (4 * d * T + 2 * n * T) * elem
 
 
-register(
-    BenchOp(
-        name="selective_scan_packed",
-        shapes={
-            "cpu": [{"tokens": 8192, "dim": 768, "dstate": 16, "max_len": 4096}],
-            "cuda": [{"tokens": 32768, "dim": 2048, "dstate": 16, "max_len": 4096}],
-        },
-        make_inputs=_ss_inputs,
-        ours=lambda inp: ssm_kernels.selective_scan(**_ss_args(inp), cu_seqlens=inp["cu_seqlens"]),
-        reference=_ss_reference,
-        baselines={
-            "one_seq": lambda inp: ssm_kernels.selective_scan(**_ss_args(inp)),
-            "padded": lambda inp: ssm_kernels.selective_scan(**_ss_args(inp, "_pad")) * inp["mask"],
-        },
-        flops=lambda s: FLOPS_PER_ELEMENT * s["dim"] * s["tokens"] * s["dstate"],
-        bytes=_ss_bytes,
-        grad_inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias") + tuple(k + "_pad" for k in SS_TIME),
-        reference_shape=lambda s: {**s, "dim": min(s["dim"], 16), "tokens": min(s["tokens"], 600),
-                                   "max_len": min(s["max_len"], 256)},
-        check_shape=lambda s: {**s, "dim": min(s["dim"], 32), "tokens": min(s["tokens"], 8192)},
-    )
+_register_packed(
+    "selective_scan_packed", "selective_scan",
+    time_keys=("u", "delta", "B", "C", "z"),
+    arg_keys=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus"),
+    make_row=_ss_row,
+    shapes={
+        "cpu": [{"tokens": 8192, "dim": 768, "dstate": 16, "max_len": 4096}],
+        "cuda": [{"tokens": 32768, "dim": 2048, "dstate": 16, "max_len": 4096}],
+    },
+    grad_inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias"),
+    flops=lambda s: FLOPS_PER_ELEMENT * s["dim"] * s["tokens"] * s["dstate"],
+    bytes=_ss_bytes,
+    reference_shape=lambda s: {**s, "dim": min(s["dim"], 16), "tokens": min(s["tokens"], 600),
+                               "max_len": min(s["max_len"], 256)},
+    check_shape=lambda s: {**s, "dim": min(s["dim"], 32), "tokens": min(s["tokens"], 8192)},
 )
 
 
-def _ls_inputs(shape, device, dtype):
-    lengths = draw_lengths(shape["tokens"], shape["max_len"])
+def _ls_row(shape, device, dtype):
     d, T = shape["dim"], shape["tokens"]
-    inp = {
+    return {
         "a": (torch.rand(1, d, T, device=device) * 0.5 + 0.5).to(dtype),
         "b": torch.randn(1, d, T, device=device, dtype=dtype),
     }
-    inp.update({k + "_pad": _pad(inp[k], lengths) for k in ("a", "b")})
-    inp.update(_packing(lengths, device))
-    return inp
 
 
-def _ls_reference(inp):
-    lengths = (inp["cu_seqlens"][1:] - inp["cu_seqlens"][:-1]).tolist()
-    return _per_sequence(lambda s: reference.linear_scan(s["a"], s["b"]), {"a": inp["a"], "b": inp["b"]},
-                         ("a", "b"), lengths)
-
-
-register(
-    BenchOp(
-        name="linear_scan_packed",
-        shapes={
-            "cpu": [{"tokens": 16384, "dim": 1024, "max_len": 4096}],
-            "cuda": [{"tokens": 65536, "dim": 4096, "max_len": 4096}],
-        },
-        make_inputs=_ls_inputs,
-        ours=lambda inp: ssm_kernels.linear_scan(inp["a"], inp["b"], cu_seqlens=inp["cu_seqlens"]),
-        reference=_ls_reference,
-        baselines={
-            "one_seq": lambda inp: ssm_kernels.linear_scan(inp["a"], inp["b"]),
-            "padded": lambda inp: ssm_kernels.linear_scan(inp["a_pad"], inp["b_pad"]) * inp["mask"],
-        },
-        flops=lambda s: 2.0 * s["dim"] * s["tokens"],
-        bytes=lambda s, dtype: 3 * s["dim"] * s["tokens"] * torch.empty((), dtype=dtype).element_size(),
-        grad_inputs=("a", "b", "a_pad", "b_pad"),
-        bwd_factor=5.0 / 3.0,
-        reference_shape=lambda s: {**s, "dim": min(s["dim"], 8), "tokens": min(s["tokens"], 4096),
-                                   "max_len": min(s["max_len"], 1024)},
-        check_shape=lambda s: {**s, "dim": min(s["dim"], 64), "tokens": min(s["tokens"], 16384)},
-    )
+_register_packed(
+    "linear_scan_packed", "linear_scan",
+    time_keys=("a", "b"),
+    arg_keys=("a", "b"),
+    make_row=_ls_row,
+    shapes={
+        "cpu": [{"tokens": 16384, "dim": 1024, "max_len": 4096}],
+        "cuda": [{"tokens": 65536, "dim": 4096, "max_len": 4096}],
+    },
+    grad_inputs=("a", "b"),
+    flops=lambda s: 2.0 * s["dim"] * s["tokens"],
+    bytes=lambda s, dtype: 3 * s["dim"] * s["tokens"] * torch.empty((), dtype=dtype).element_size(),
+    bwd_factor=5.0 / 3.0,
+    reference_shape=lambda s: {**s, "dim": min(s["dim"], 8), "tokens": min(s["tokens"], 4096),
+                               "max_len": min(s["max_len"], 1024)},
+    check_shape=lambda s: {**s, "dim": min(s["dim"], 64), "tokens": min(s["tokens"], 16384)},
 )

@@ -16,20 +16,13 @@ import torch
 import ssm_kernels
 from ssm_kernels import reference
 
+from ..testing import each_sequence, seq_offsets
 from .registry import BenchOp, register
 
 
 def lengths(shape) -> list[int]:
     rng = random.Random(shape.get("seed", 0))
     return [rng.randint(shape["minlen"], shape["maxlen"]) for _ in range(shape["seqs"])]
-
-
-def _offsets(lens, device) -> torch.Tensor:
-    total, out = 0, [0]
-    for n in lens:
-        total += n
-        out.append(total)
-    return torch.tensor(out, dtype=torch.int32, device=device)
 
 
 def _pad_index(lens, device):
@@ -63,7 +56,7 @@ def _from_padded(t, keep, dim):
 def _packed_extras(shape, device):
     lens = lengths(shape)
     gather, keep = _pad_index(lens, device)
-    return lens, {"cu_seqlens": _offsets(lens, device), "pad_gather": gather, "pad_keep": keep}
+    return lens, {"cu_seqlens": seq_offsets(lens, device), "pad_gather": gather, "pad_keep": keep}
 
 
 def _pad_ratio(shape) -> float:
@@ -72,26 +65,41 @@ def _pad_ratio(shape) -> float:
 
 
 def _strip(inp):
+    """The op's arguments: the inputs without the padding layout of the `padded` baseline."""
     return {k: v for k, v in inp.items() if not k.startswith("pad_")}
 
 
-def _reference_each(fn, inp, token_keys, dim, *, init_key=None):
-    """fn (a float64 reference) on each packed sequence alone, outputs concatenated."""
-    off = inp["cu_seqlens"].tolist()
-    base = {k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}
-    outs = []
-    for s in range(len(off) - 1):
-        piece = dict(base)
+def _one_sequence(inp):
+    """The op's arguments for the T packed tokens read as one sequence (no cu_seqlens)."""
+    return {k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}
+
+
+def _register_packed(name, function, token_keys, token_dim, shapes, make_inputs, **measures):
+    """Registers the packed-sequence benchmark of `function`: the packed call (ours), the float64
+    reference on each sequence alone, and the two baselines with the same kernel: the T tokens as
+    one sequence (`single-seq`) and the padded batch (`padded`), whose tensors in token_keys carry
+    the tokens along axis token_dim. The shapes get their padding ratio `pad`."""
+    op, ref = getattr(ssm_kernels, function), getattr(reference, function)
+
+    def padded(inp):
+        seqs = inp["cu_seqlens"].shape[0] - 1
+        args = _one_sequence(inp)
         for k in token_keys:
-            if base.get(k) is not None:
-                piece[k] = base[k].narrow(dim, off[s], off[s + 1] - off[s])
-        outs.append(fn(piece))
-    return torch.cat(outs, dim)
+            args[k] = _to_padded(inp[k], inp["pad_gather"], seqs, token_dim)
+        return _from_padded(op(**args), inp["pad_keep"], token_dim)
 
-
-# ssd_scan --------------------------------------------------------------------------------------
-
-SSD_TOKENS = ("x", "dt", "B", "C")
+    register(
+        BenchOp(
+            name=name,
+            shapes={device: [{**s, "pad": round(_pad_ratio(s), 2)} for s in rows] for device, rows in shapes.items()},
+            make_inputs=make_inputs,
+            ours=lambda inp: op(**_strip(inp)),
+            reference=lambda inp: each_sequence(lambda a: ref(**a), _one_sequence(inp), inp["cu_seqlens"],
+                                                 token_keys, token_dim),
+            baselines={"single-seq": lambda inp: op(**_one_sequence(inp)), "padded": padded},
+            **measures,
+        )
+    )
 
 
 def _ssd_inputs(shape, device, dtype):
@@ -108,13 +116,6 @@ def _ssd_inputs(shape, device, dtype):
     }
 
 
-def _ssd_padded(inp):
-    seqs = inp["cu_seqlens"].shape[0] - 1
-    args = {k: _to_padded(inp[k], inp["pad_gather"], seqs, 1) for k in SSD_TOKENS}
-    y = ssm_kernels.ssd_scan(**args, A=inp["A"], chunk_size=inp["chunk_size"])
-    return _from_padded(y, inp["pad_keep"], 1)
-
-
 def _ssd_flops(s):
     T = sum(lengths(s))
     return 2.0 * T * (s["groups"] * s["chunk"] * s["dstate"] + s["nheads"] * (s["chunk"] * s["headdim"] + 2 * s["headdim"] * s["dstate"]))
@@ -126,38 +127,23 @@ def _ssd_bytes(s, dtype):
     return elem * T * (2 * s["nheads"] * s["headdim"] + s["nheads"] + 2 * s["groups"] * s["dstate"])
 
 
-def _with_pad(shapes):
-    return [{**s, "pad": round(_pad_ratio(s), 2)} for s in shapes]
-
-
-register(
-    BenchOp(
-        name="ssd-packed",
-        shapes={
-            "cpu": _with_pad([{"seqs": 4, "minlen": 64, "maxlen": 1024, "nheads": 8, "headdim": 64, "dstate": 64,
-                               "groups": 1, "chunk": 64}]),
-            "cuda": _with_pad([{"seqs": 16, "minlen": 64, "maxlen": 4096, "nheads": 32, "headdim": 64,
-                                "dstate": 128, "groups": 1, "chunk": 256}]),
-        },
-        make_inputs=_ssd_inputs,
-        ours=lambda inp: ssm_kernels.ssd_scan(**_strip(inp)),
-        reference=lambda inp: _reference_each(lambda a: reference.ssd_scan(**a), inp, SSD_TOKENS, 1),
-        baselines={
-            "single-seq": lambda inp: ssm_kernels.ssd_scan(**{k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}),
-            "padded": _ssd_padded,
-        },
-        flops=_ssd_flops,
-        bytes=_ssd_bytes,
-        grad_inputs=("x", "dt", "A", "B", "C"),
-        reference_shape=lambda s: {**s, "seqs": min(s["seqs"], 3), "maxlen": min(s["maxlen"], 200),
-                                   "minlen": min(s["minlen"], 100), "nheads": min(s["nheads"], 4)},
-        check_shape=lambda s: {**s, "seqs": min(s["seqs"], 3), "maxlen": min(s["maxlen"], 600),
-                               "nheads": min(s["nheads"], 8)},
-    )
+_register_packed(
+    "ssd-packed", "ssd_scan", token_keys=("x", "dt", "B", "C"), token_dim=1,
+    shapes={
+        "cpu": [{"seqs": 4, "minlen": 64, "maxlen": 1024, "nheads": 8, "headdim": 64, "dstate": 64, "groups": 1,
+                 "chunk": 64}],
+        "cuda": [{"seqs": 16, "minlen": 64, "maxlen": 4096, "nheads": 32, "headdim": 64, "dstate": 128, "groups": 1,
+                  "chunk": 256}],
+    },
+    make_inputs=_ssd_inputs,
+    flops=_ssd_flops,
+    bytes=_ssd_bytes,
+    grad_inputs=("x", "dt", "A", "B", "C"),
+    reference_shape=lambda s: {**s, "seqs": min(s["seqs"], 3), "maxlen": min(s["maxlen"], 200),
+                               "minlen": min(s["minlen"], 100), "nheads": min(s["nheads"], 4)},
+    check_shape=lambda s: {**s, "seqs": min(s["seqs"], 3), "maxlen": min(s["maxlen"], 600), "nheads": min(s["nheads"], 8)},
 )
 
-
-# causal_conv1d ---------------------------------------------------------------------------------
 
 def _conv_inputs(shape, device, dtype):
     lens, extras = _packed_extras(shape, device)
@@ -171,37 +157,24 @@ def _conv_inputs(shape, device, dtype):
     }
 
 
-def _conv_padded(inp):
-    seqs = inp["cu_seqlens"].shape[0] - 1
-    x = _to_padded(inp["x"], inp["pad_gather"], seqs, 2)
-    y = ssm_kernels.causal_conv1d(x, inp["weight"], inp["bias"], "silu")
-    return _from_padded(y, inp["pad_keep"], 2)
+def _channel_bytes(s, dtype):
+    """Read the [1, D, T] input once and write the output once."""
+    return 2 * s["dim"] * sum(lengths(s)) * torch.empty((), dtype=dtype).element_size()
 
 
-register(
-    BenchOp(
-        name="causal_conv1d-packed",
-        shapes={
-            "cpu": _with_pad([{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 512, "width": 4}]),
-            "cuda": _with_pad([{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 4096, "width": 4}]),
-        },
-        make_inputs=_conv_inputs,
-        ours=lambda inp: ssm_kernels.causal_conv1d(**_strip(inp)),
-        reference=lambda inp: _reference_each(lambda a: reference.causal_conv1d(**a), inp, ("x",), 2),
-        baselines={
-            "single-seq": lambda inp: ssm_kernels.causal_conv1d(
-                **{k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}),
-            "padded": _conv_padded,
-        },
-        flops=lambda s: 2.0 * s["dim"] * sum(lengths(s)) * s["width"],
-        bytes=lambda s, dtype: 2 * s["dim"] * sum(lengths(s)) * torch.empty((), dtype=dtype).element_size(),
-        grad_inputs=("x", "weight", "bias"),
-        check_shape=lambda s: {**s, "dim": min(s["dim"], 256)},
-    )
+_register_packed(
+    "causal_conv1d-packed", "causal_conv1d", token_keys=("x",), token_dim=2,
+    shapes={
+        "cpu": [{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 512, "width": 4}],
+        "cuda": [{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 4096, "width": 4}],
+    },
+    make_inputs=_conv_inputs,
+    flops=lambda s: 2.0 * s["dim"] * sum(lengths(s)) * s["width"],
+    bytes=_channel_bytes,
+    grad_inputs=("x", "weight", "bias"),
+    check_shape=lambda s: {**s, "dim": min(s["dim"], 256)},
 )
 
-
-# fftconv ---------------------------------------------------------------------------------------
 
 def _fft_inputs(shape, device, dtype):
     lens, extras = _packed_extras(shape, device)
@@ -214,30 +187,16 @@ def _fft_inputs(shape, device, dtype):
     }
 
 
-def _fft_padded(inp):
-    seqs = inp["cu_seqlens"].shape[0] - 1
-    u = _to_padded(inp["u"], inp["pad_gather"], seqs, 2)
-    return _from_padded(ssm_kernels.fftconv(u, inp["k"], inp["D"]), inp["pad_keep"], 2)
-
-
-register(
-    BenchOp(
-        name="fftconv-packed",
-        shapes={
-            "cpu": _with_pad([{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 64, "klen": 256}]),
-            "cuda": _with_pad([{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 768, "klen": 256}]),
-        },
-        make_inputs=_fft_inputs,
-        ours=lambda inp: ssm_kernels.fftconv(**_strip(inp)),
-        reference=lambda inp: _reference_each(lambda a: reference.fftconv(**a), inp, ("u",), 2),
-        baselines={
-            "single-seq": lambda inp: ssm_kernels.fftconv(**{k: v for k, v in _strip(inp).items() if k != "cu_seqlens"}),
-            "padded": _fft_padded,
-        },
-        flops=lambda s: 0.0,
-        bytes=lambda s, dtype: 2 * s["dim"] * sum(lengths(s)) * torch.empty((), dtype=dtype).element_size(),
-        grad_inputs=("u", "k", "D"),
-        reference_shape=lambda s: {**s, "dim": min(s["dim"], 8)},
-        check_shape=lambda s: {**s, "dim": min(s["dim"], 16), "seqs": min(s["seqs"], 4)},
-    )
+_register_packed(
+    "fftconv-packed", "fftconv", token_keys=("u",), token_dim=2,
+    shapes={
+        "cpu": [{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 64, "klen": 256}],
+        "cuda": [{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 768, "klen": 256}],
+    },
+    make_inputs=_fft_inputs,
+    flops=lambda s: 0.0,
+    bytes=_channel_bytes,
+    grad_inputs=("u", "k", "D"),
+    reference_shape=lambda s: {**s, "dim": min(s["dim"], 8)},
+    check_shape=lambda s: {**s, "dim": min(s["dim"], 16), "seqs": min(s["seqs"], 4)},
 )
