@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import ssm_kernels
 from ssm_kernels import reference
 
+from .chunked import from_chunks, per_head_chunks, segsum, states_entering_chunks, to_chunks
 from .registry import BenchOp, peer, register
 
 
@@ -31,15 +32,6 @@ def _make_inputs(shape, device, dtype):
     }
 
 
-def _segsum(a):
-    """[..., T] -> [..., T, T]: entry (t, s) = a_{s+1} + ... + a_t for s <= t, -inf above."""
-    T = a.shape[-1]
-    cs = torch.cumsum(a, dim=-1)
-    diff = cs[..., :, None] - cs[..., None, :]
-    keep = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
-    return diff.masked_fill(~keep, float("-inf"))
-
-
 def _rotate(x, theta):
     A = theta.shape[-1]
     x0, x1 = x[..., 0:2 * A:2], x[..., 1:2 * A:2]
@@ -50,9 +42,8 @@ def _rotate(x, theta):
 
 def mamba3_chunked(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, chunk_size):
     """SISO Mamba-3 in chunked einsums (the plain-PyTorch baseline); float32 inside."""
-    batch, seqlen, groups, _ = q.shape
-    nheads, headdim = v.shape[2], v.shape[3]
-    rep = nheads // groups
+    seqlen, groups = q.shape[1], q.shape[2]
+    rep = v.shape[2] // groups
     Q = chunk_size
     dt_ = dt.float().transpose(1, 2)  # [B, L, H]
     lam = torch.sigmoid(trap.float()).transpose(1, 2)
@@ -61,28 +52,19 @@ def mamba3_chunked(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, chunk_s
     kh = _rotate(k.float().repeat_interleave(rep, dim=2) + k_bias.float(), theta)
     gamma = lam * dt_
     w = gamma + F.pad((1 - lam[:, 1:]) * dt_[:, 1:], (0, 0, 0, 1))
-    X = v.float()
-    a = adt.float().transpose(1, 2)  # [B, L, H]
-    pad = (-seqlen) % Q
-    if pad:
-        qh, kh, X = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (qh, kh, X))
-        a, w, gamma = (F.pad(t, (0, 0, 0, pad)) for t in (a, w, gamma))
-    nc = (seqlen + pad) // Q
-    qh, kh, X = (t.reshape(batch, nc, Q, nheads, -1) for t in (qh, kh, X))
-    a, w, gamma = (t.reshape(batch, nc, Q, nheads).permute(0, 3, 1, 2) for t in (a, w, gamma))  # [B, H, nc, Q]
+    X = to_chunks(v.float(), Q)  # [B, nc, Q, H, P]
+    qh, kh = to_chunks(qh, Q), to_chunks(kh, Q)  # [B, nc, Q, H, N]
+    a, w, gamma = (per_head_chunks(t, Q) for t in (adt.float().transpose(1, 2), w, gamma))  # [B, H, nc, Q]
     a_cs = torch.cumsum(a, dim=-1)
     # the mask: decay(t, s) w_s below the diagonal, gamma_t on it
     eye = torch.eye(Q, dtype=torch.bool, device=q.device)
-    mask = torch.exp(_segsum(a)) * torch.where(eye, gamma[..., :, None], w[..., None, :])
+    mask = torch.exp(segsum(a)) * torch.where(eye, gamma[..., :, None], w[..., None, :])
     cb = torch.einsum("bclhn,bcshn->bhcls", qh, kh)
     y = torch.einsum("bhcls,bcshp->bclhp", cb * mask, X)
     to_end = torch.exp(a_cs[..., -1:] - a_cs) * w  # [B, H, nc, Q]
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", kh, to_end, X)
-    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cs[..., -1], (1, 0))))  # [B, H, nc+1, nc+1]
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]
+    states = states_entering_chunks(torch.einsum("bclhn,bhcl,bclhp->bchpn", kh, to_end, X), a_cs)
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", qh, states, torch.exp(a_cs))
-    y = y.reshape(batch, nc * Q, nheads, headdim)[:, :seqlen]
+    y = from_chunks(y, seqlen)
     y = (y + D.float()[:, None] * v.float()) * F.silu(z.float())
     return y.to(v.dtype)
 

@@ -2,9 +2,8 @@
 Listing 1 of Dao & Gu 2024, written here in plain PyTorch, differentiated by autograd) and
 mamba_ssm's Triton mamba_chunk_scan_combined when importable."""
 import torch
-import torch.nn.functional as F
 
-
+from .chunked import from_chunks, per_head_chunks, segsum, states_entering_chunks, to_chunks
 from .registry import BenchOp, peer, register
 
 
@@ -21,47 +20,24 @@ def _make_inputs(shape, device, dtype):
     }
 
 
-def _segsum(a):
-    """[..., T] -> [..., T, T]: entry (i, j) = a_{j+1} + ... + a_i for j <= i, -inf above."""
-    T = a.shape[-1]
-    cs = torch.cumsum(a, dim=-1)
-    diff = cs[..., :, None] - cs[..., None, :]
-    keep = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
-    return diff.masked_fill(~keep, float("-inf"))
-
-
 def ssd_minimal(x, dt, A, B, C, chunk_size):
     """The paper's chunked SSD in einsums (the plain-PyTorch baseline); float32 inside."""
-    batch, seqlen, nheads, headdim = x.shape
+    seqlen, nheads = x.shape[1], x.shape[2]
     rep = nheads // B.shape[2]
-    Q = chunk_size
-    pad = (-seqlen) % Q
-    X = (x.float() * dt.float()[..., None])  # [B, L, H, P]
-    a = dt.float() * A.float()  # [B, L, H]
-    Bh = B.float().repeat_interleave(rep, dim=2)  # [B, L, H, N]
-    Ch = C.float().repeat_interleave(rep, dim=2)
-    if pad:
-        X, Bh, Ch = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, Bh, Ch))
-        a = F.pad(a, (0, 0, 0, pad))
-    nc = (seqlen + pad) // Q
-    X = X.reshape(batch, nc, Q, nheads, -1)
-    Bh = Bh.reshape(batch, nc, Q, nheads, -1)
-    Ch = Ch.reshape(batch, nc, Q, nheads, -1)
-    a = a.reshape(batch, nc, Q, nheads).permute(0, 3, 1, 2)  # [B, H, nc, Q]
+    X = to_chunks(x.float() * dt.float()[..., None], chunk_size)  # [B, nc, Q, H, P]
+    Bh = to_chunks(B.float().repeat_interleave(rep, dim=2), chunk_size)  # [B, nc, Q, H, N]
+    Ch = to_chunks(C.float().repeat_interleave(rep, dim=2), chunk_size)
+    a = per_head_chunks(dt.float() * A.float(), chunk_size)  # [B, H, nc, Q]
     a_cs = torch.cumsum(a, dim=-1)
     # intra-chunk: (C B^T masked by the decays) X
-    decay = torch.exp(_segsum(a))  # [B, H, nc, Q, Q]
+    decay = torch.exp(segsum(a))  # [B, H, nc, Q, Q]
     y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Ch, Bh, decay, X)
     # per-chunk states, then the recurrence across chunks
     to_end = torch.exp(a_cs[..., -1:] - a_cs)  # [B, H, nc, Q]
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, to_end, X)
-    states = torch.cat([torch.zeros_like(states[:, :1]), states], dim=1)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cs[..., -1], (1, 0))))  # [B, H, nc+1, nc+1]
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)[:, :-1]
+    states = states_entering_chunks(torch.einsum("bclhn,bhcl,bclhp->bchpn", Bh, to_end, X), a_cs)
     # inter-chunk: C against the state entering each chunk
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Ch, states, torch.exp(a_cs))
-    y = (y_diag + y_off).reshape(batch, nc * Q, nheads, headdim)[:, :seqlen]
-    return y.to(x.dtype)
+    return from_chunks(y_diag + y_off, seqlen).to(x.dtype)
 
 
 def _baselines():
