@@ -17,6 +17,7 @@ from ssm_kernels.testing import (
     make_tensor,
     rel_error,
     run_opcheck,
+    seq_offsets,
 )
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
@@ -41,10 +42,6 @@ def fft_path(request):
     torch.ops.ssm_kernels_test.set_fftconv_packed_gapped_row(previous)
 
 
-def offsets(lens, device, dtype=torch.int32):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
-
-
 def make_case(lens, dim, width, dtype, device, *, bias=True, init=False, layout="contiguous",
               index_dtype=torch.int32):
     L = sum(lens)
@@ -58,7 +55,7 @@ def make_case(lens, dim, width, dtype, device, *, bias=True, init=False, layout=
         "weight": make_tensor((dim, width), param, device, scale=width**-0.5),
         "bias": make_tensor((dim,), param, device) if bias else None,
         "initial_states": make_tensor((len(lens), dim, width - 1), dtype, device) if init else None,
-        "cu_seqlens": offsets(lens, device, index_dtype),
+        "cu_seqlens": seq_offsets(lens, device, index_dtype),
     }
 
 
@@ -202,7 +199,7 @@ def test_varlen_conv_compile_no_recompile_on_new_lengths(device):
                                          return_final_states=True, cu_seqlens=cu_seqlens)
 
     args = [case[k] for k in ("x", "weight", "bias", "initial_states", "cu_seqlens")]
-    check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
+    check_compile_over_lengths(fn, args, [seq_offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
 
 
 def test_varlen_conv_bad_inputs(device, conv_path):
@@ -231,7 +228,7 @@ def fftconv_case(lens, dim, klen, dtype, device, *, k_rev=None, D=True, gates=Fa
         "k_rev": make_tensor((dim, k_rev), kdtype, device, scale=k_rev**-0.5) if k_rev else None,
         "pregate": make_tensor((1, dim, L), dtype, device) if gates else None,
         "postgate": make_tensor((1, dim, L), dtype, device) if gates else None,
-        "cu_seqlens": offsets(lens, device, index_dtype),
+        "cu_seqlens": seq_offsets(lens, device, index_dtype),
     }
     return case
 
@@ -352,7 +349,7 @@ def test_varlen_fftconv_opcheck_and_compile(device):
         return ssm_kernels.fftconv(u, k, activation="gelu", cu_seqlens=cu_seqlens)
 
     args = [case["u"], case["k"], case["cu_seqlens"]]
-    check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
+    check_compile_over_lengths(fn, args, [seq_offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
 
 
 def test_varlen_fftconv_bad_inputs(device):
