@@ -23,16 +23,10 @@ from tiny_lm import MARKER, TinyLM, selective_copying_batch  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mixer", choices=["mamba", "mamba2", "mamba3"], default="mamba")
+    train_selective_copying.add_task_options(p)
     p.add_argument("--train-steps", type=int, default=200, help="selective-copying training steps first (0: random weights)")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--n-data", type=int, default=4)
-    p.add_argument("--n-tokens", type=int, default=8)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -67,13 +61,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     if args.train_steps > 0:
-        model = train_selective_copying.main([
-            "--mixer", args.mixer, "--steps", str(args.train_steps), "--seq-len", str(args.seq_len),
-            "--n-data", str(args.n_data), "--n-tokens", str(args.n_tokens), "--d-model", str(args.d_model),
-            "--n-layer", str(args.n_layer), "--seed", str(args.seed), "--device", "cpu",
-            "--log-every", str(max(1, args.train_steps // 4))])["model"]
+        model = train_selective_copying.main(train_selective_copying.task_argv(args) + [
+            "--steps", str(args.train_steps), "--device", "cpu", "--log-every", str(max(1, args.train_steps // 4))
+        ])["model"]
     else:
-        model = TinyLM(args.n_tokens + 2, d_model=args.d_model, n_layer=args.n_layer, mixer=args.mixer)
+        model = TinyLM(args.n_tokens + 2, d_model=args.d_model, n_layer=args.n_layer, mixer=args.mixer,
+                       d_state=args.d_state, headdim=args.headdim)
     model.eval()
     gen = torch.Generator().manual_seed(args.seed + 1)
     prompt, data = selective_copying_batch(args.batch_size, args.seq_len, args.n_data, args.n_tokens, gen)

@@ -21,11 +21,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_lm import TinyLM, copying_loss, selective_copying_batch  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_task_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The selective-copying task and the size of the TinyLM that learns it (generate.py takes the
+    same options and trains with them before it generates)."""
     p.add_argument("--mixer", choices=["mamba", "mamba2", "mamba3"], default="mamba")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=32, help="length of the noisy run holding the data tokens")
     p.add_argument("--n-data", type=int, default=4, help="data tokens to copy")
     p.add_argument("--n-tokens", type=int, default=8, help="size of the data vocabulary")
@@ -33,9 +32,23 @@ def parse_args(argv=None):
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--headdim", type=int, default=32, help="Mamba-2 head size")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def task_argv(args: argparse.Namespace) -> list:
+    """The task and model options of args as command-line words for main."""
+    names = vars(add_task_options(argparse.ArgumentParser()).parse_args([]))
+    return [word for name in names for word in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_task_options(p)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
