@@ -176,6 +176,7 @@ def test_gated_rmsnorm_matches_formula():
         testing.assert_close(norm(x), gated_rmsnorm64(x.double(), None, norm.weight.double(), 4, before),
                              F32, name="ungated")
     testing.assert_raises_naming(ValueError, "group_size", RMSNormGated, 12, group_size=5)
+    testing.assert_raises_naming(ValueError, "hidden_size", RMSNormGated, 0)
 
 
 def test_mamba2_matches_hf_mamba2_mixer():
@@ -212,3 +213,4 @@ def test_mamba2_bad_call_arguments():
     testing.assert_raises_naming(ValueError, "seq_idx", m, torch.randn(2, 5, 16), seq_idx=torch.zeros(2, 4, dtype=torch.int32))
     testing.assert_raises_naming(ValueError, "ssm_state", m, torch.randn(2, 5, 16), ssm_state=torch.zeros(2, 4, 8, 7))
     testing.assert_raises_naming(ValueError, "cu_seqlens", m, torch.randn(2, 5, 16), cu_seqlens=torch.tensor([0, 5]))
+    testing.assert_raises_naming(ValueError, "hidden_states", m.step, *(torch.randn(2, 2, 16),) + m.allocate_inference_cache(2, 4))

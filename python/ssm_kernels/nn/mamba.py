@@ -28,6 +28,14 @@ def check_conv_width(d_conv) -> int:
     return d_conv
 
 
+def step_batch(hidden_states: torch.Tensor, d_model: int) -> int:
+    """The batch size of a decode step's hidden_states, which must be [B, 1, d_model]."""
+    if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or hidden_states.shape[2] != d_model:
+        raise ValueError(f"hidden_states: expected shape (batch, 1, d_model={d_model}), "
+                         f"got {tuple(hidden_states.shape)}")
+    return hidden_states.shape[0]
+
+
 def check_dt_range(dt_min, dt_max, dt_init_floor) -> None:
     if not (isinstance(dt_min, (int, float)) and dt_min > 0):
         raise ValueError(f"dt_min: expected a positive float, got {dt_min!r}")
@@ -340,10 +348,7 @@ class Mamba(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decode step: hidden_states [B, 1, d_model]; updates conv_state and ssm_state in place."""
-        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or hidden_states.shape[2] != self.d_model:
-            raise ValueError(f"hidden_states: expected shape (batch, 1, d_model={self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
-        self._check_states(hidden_states.shape[0], conv_state, ssm_state)
+        self._check_states(step_batch(hidden_states, self.d_model), conv_state, ssm_state)
         xz = self.in_proj(hidden_states.squeeze(1))  # [B, 2D]
         x, z = xz.chunk(2, dim=-1)  # [B, D] each
         x = ssm_kernels.causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, "silu")

@@ -21,6 +21,7 @@ from .mamba import (
     inverse_softplus_dt,
     state_dtype,
     states_from_cache,
+    step_batch,
 )
 from .norm import RMSNormGated
 
@@ -256,10 +257,7 @@ class Mamba2(nn.Module):
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decode step: hidden_states [B, 1, d_model]; updates conv_state and ssm_state in place."""
-        if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or hidden_states.shape[2] != self.d_model:
-            raise ValueError(f"hidden_states: expected shape (batch, 1, d_model={self.d_model}), "
-                             f"got {tuple(hidden_states.shape)}")
-        batch = hidden_states.shape[0]
+        batch = step_batch(hidden_states, self.d_model)
         self._check_states(batch, conv_state, ssm_state)
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         z0, x0, z, xBC, dt = self._split(self.in_proj(hidden_states.squeeze(1)))  # [B, *]

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .mamba import check_positive_int
+
 
 class RMSNormGated(nn.Module):
     """RMSNorm with an optional SiLU gate, normalising over groups of channels.
@@ -41,13 +43,11 @@ class RMSNormGated(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5, group_size: Optional[int] = None,
                  norm_before_gate: bool = True, device=None, dtype=None):
         super().__init__()
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
+        self.hidden_size = check_positive_int("hidden_size", hidden_size)
         if group_size is not None and (not isinstance(group_size, int) or group_size < 1
                                        or hidden_size % group_size != 0):
             raise ValueError(f"group_size: expected a positive divisor of hidden_size={hidden_size}, "
                              f"got {group_size!r}")
-        self.hidden_size = hidden_size
         self.eps = eps
         self.group_size = group_size
         self.norm_before_gate = norm_before_gate
