@@ -70,16 +70,9 @@ def test_longconv_filter_decays():
     assert h[-1, 200:].max() < 0.05 * h[-1, :20].max()
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(d_model=0, l_max=8), "d_model"),
-    (dict(d_model=4, l_max=0), "l_max"),
-    (dict(d_model=4, l_max=8, emb_dim=4), "emb_dim"),
-    (dict(d_model=4, l_max=8, emb_dim=1), "emb_dim"),
-    (dict(d_model=4, l_max=8, short_filter_order=9), "short_filter_order"),
-    (dict(d_model=4, l_max=8, filter_order=0), "filter_order"),
-    (dict(d_model=4, l_max=8, target=2.0), "target"),
-    (dict(d_model=4, l_max=8, fast_decay_pct=2.0), "fast_decay_pct"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("kwargs,name", testing.one_bad_argument(
+    dict(d_model=4, l_max=8), d_model=[0], l_max=[0], emb_dim=[4, 1], short_filter_order=[9], filter_order=[0],
+    target=[2.0], fast_decay_pct=[2.0]))
 def test_longconv_bad_constructor_arguments(kwargs, name):
     testing.assert_raises_naming(ValueError, name, LongConv, **kwargs)
 

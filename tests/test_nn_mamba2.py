@@ -191,18 +191,9 @@ def test_mamba2_matches_hf_mamba2_mixer():
     testing.check_loads_peer_weights(m, hf, testing.make_tensor((2, 37, 32), F32), "Mamba2Mixer")
 
 
-@pytest.mark.parametrize("kwargs,name", [
-    (dict(d_model=0), "d_model"),
-    (dict(d_model=16, headdim=12), "headdim"),
-    (dict(d_model=16, headdim=8, ngroups=3), "ngroups"),
-    (dict(d_model=16, headdim=8, d_ssm=48), "d_ssm"),
-    (dict(d_model=16, headdim=8, chunk_size=100), "chunk_size"),
-    (dict(d_model=16, headdim=8, chunk_size=512), "chunk_size"),
-    (dict(d_model=16, headdim=8, d_conv=1), "d_conv"),
-    (dict(d_model=16, headdim=8, A_init_range=(0, 4)), "A_init_range"),
-    (dict(d_model=16, headdim=8, dt_limit=(0.5, 0.1)), "dt_limit"),
-    (dict(d_model=16, headdim=8, process_group=object()), "process_group"),
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("kwargs,name", testing.one_bad_argument(
+    dict(d_model=16, headdim=8), d_model=[0], headdim=[12], ngroups=[3], d_ssm=[48], chunk_size=[100, 512], d_conv=[1],
+    A_init_range=[(0, 4)], dt_limit=[(0.5, 0.1)], process_group=[object()]))
 def test_mamba2_bad_constructor_arguments(kwargs, name):
     testing.assert_raises_naming(ValueError, name, Mamba2, **kwargs)
 

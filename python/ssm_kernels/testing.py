@@ -280,6 +280,19 @@ def assert_raises_naming(exc_types, argname: str, fn: Callable, *args, **kwargs)
     raise AssertionError(f"expected {exc_types} naming {argname!r}, nothing was raised")
 
 
+def one_bad_argument(valid: dict, **bad_values: Sequence) -> list:
+    """pytest params (kwargs, name) of a constructor's argument checks: the arguments `valid`, which
+    build, with the one argument `name` replaced by each of its bad values (the error must name
+    it); ids `name=value`."""
+    import pytest  # only the tests call this; the package does not depend on pytest
+
+    def case_id(name, value):
+        return f"{name}={value!r}" if isinstance(value, (int, float, str, tuple)) else name
+
+    return [pytest.param({**valid, name: value}, name, id=case_id(name, value))
+            for name, values in bad_values.items() for value in values]
+
+
 def params_float64(module: torch.nn.Module, device=None) -> dict:
     """Float64 leaf copies of a module's parameters, by name (on `device`, default their own)."""
     return {n: p.detach().to(device or p.device, torch.float64).requires_grad_(True)
