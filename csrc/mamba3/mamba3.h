@@ -98,7 +98,7 @@ struct Mamba3BwdParams : Mamba3Inputs<T> {
   T* dz;                      // [B, L, H, P] contiguous, or nullptr
   acc* dadt;                  // [B, H, L]
   acc* ddt;                   // [B, H, L]
-  acc* dtrap;                 // [B, H, L] (d lambda until a task's last step)
+  acc* dtrap;                 // [B, H, L] (holds d lambda until its task ends: trap_grads)
   acc* dangles;               // [B, L, H, A] or nullptr
   acc* dq_bias;               // [Bs, H, R, N] per state row
   acc* dk_bias;               // [Bs, H, R, N]

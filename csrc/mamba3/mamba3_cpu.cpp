@@ -674,7 +674,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
   }
   const int64_t Q = p.chunk, QR = bk.QR, nc = (sp.end - sp.start + Q - 1) / Q, C = bk.chunks;
   const int64_t nblocks = (nc + C - 1) / C;
-  const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, t_start = sp.start;
+  const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L;
   acc* S = bk.S.data();
   acc* dS = bk.dS.data();
   acc* theta = bk.theta.data();
@@ -719,7 +719,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     bk.mask(nb, cb, cbm, bk.drow.data());
     at::bmm_out(y, cbm, x);
     at::bmm_out(yi, q, Sb.transpose(1, 2));
-    for (int64_t c = 0; c < nb; ++c) gate_bwd(p, b, h, c, t_start + (c0 + c) * Q, bk, dD);
+    for (int64_t c = 0; c < nb; ++c) gate_bwd(p, b, h, c, sp.start + (c0 + c) * Q, bk, dD);
     if (blk == nblocks - 1) {
       const int64_t c = nb - 1, i0 = (bk.len[c] - 1) * R;
       for (int64_t r = 0; r < R; ++r) {
@@ -781,7 +781,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
         mamba3::axpy(bk.ptr(bk.dk, c, N) + (i0 + r) * N, acc(1), p.dfinal_k + (bh * R + r) * N, N);
       }
     }
-    for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, t_start + (c0 + c) * Q, sp.end, bk);
+    for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, sp.start + (c0 + c) * Q, sp.end, bk);
   }
   mamba3::initial_state_grads(p, bh, row + sp.start, dS, carry);
   mamba3::trap_grads(p, row, sp);

@@ -138,12 +138,14 @@ std::vector<int64_t> v_state_shape(const Shape& s, int64_t b) {
   return s.mimo ? std::vector<int64_t>{b, s.nheads, s.rank, s.dv} : std::vector<int64_t>{b, s.nheads, s.dv};
 }
 
-// The scan's packed sequences (common/varlen.h) and its initial states, [Bs, ...] with Bs the
-// state rows: the batch, or num_seqs with cu_seqlens.
+// The rows of the scan's states: the batch, or one per sequence with cu_seqlens.
+int64_t state_rows(const Shape& s, const Varlen& vl) { return vl.packed() ? vl.num_seqs : s.batch; }
+
+// The scan's packed sequences (common/varlen.h) and its initial states, [state rows, ...].
 template <typename Args>
 Varlen check_initial(const Args& in, const Shape& s) {
   const Varlen vl = check_cu_seqlens(in.cu_seqlens, std::nullopt, s.batch, s.seqlen, in.v);
-  const int64_t Bs = vl.packed() ? vl.num_seqs : s.batch;
+  const int64_t Bs = state_rows(s, vl);
   check_param(in.initial_angle, angle_state_shape(s, Bs), in.v, "initial_angle");
   check_param(in.initial_ssm, ssm_state_shape(s, Bs), in.v, "initial_ssm");
   check_param(in.initial_k, k_state_shape(s, Bs), in.v, "initial_k");
@@ -152,8 +154,6 @@ Varlen check_initial(const Args& in, const Shape& s) {
                    mamba3::kMaxChunk, ", got ", in.chunk_size);
   return vl;
 }
-
-int64_t state_rows(const Shape& s, const Varlen& vl) { return vl.packed() ? vl.num_seqs : s.batch; }
 
 // A contiguous accumulation-dtype copy (or view) of an optional input; undefined when absent.
 at::Tensor acc_copy(const std::optional<at::Tensor>& t, at::ScalarType acc) {

@@ -417,12 +417,12 @@ SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
          2 * P;
 }
 
-// The backward keeps the state (P N elements) before every chunk of a task, in slots of a buffer
-// of bwd_state_slots(d) that bwd_state_slot(d, task) says where a task's start. Without
-// cu_seqlens: nchunks() slots per task. With them, per head floor(L / Q) + num_seqs slots, and
-// sequence s's ceil(len_s / Q) chunks from floor(start_s / Q) + s: they end at most at
+// The backward keeps the state (P N elements) before every chunk of a task, in a buffer of
+// bwd_state_slots(d) slots; a task's first slot is bwd_state_slot(d, task). Without cu_seqlens:
+// nchunks() slots per task. With them: floor(L / Q) + num_seqs slots per head, sequence s's
+// ceil(len_s / Q) chunks from slot floor(start_s / Q) + s. They end at most at
 // floor(end_s / Q) + s + 1, the next sequence's first slot, so the buffer is that of one row of
-// length L plus one slot per sequence (not num_seqs rows).
+// length L plus a slot per sequence (not num_seqs rows of length L).
 SSMK_HOST_DEVICE int64_t bwd_state_slots(const Mamba3Dims& d) {
   return d.cu_seqlens ? d.nheads * (d.seqlen / d.chunk + d.num_seqs) : d.tasks() * d.nchunks();
 }
