@@ -316,3 +316,25 @@ def test_varlen_mamba3_bad_inputs(device):
     values = {k: v for k, v in base.items()}
     values.update(dout=torch.ones_like(out), dfinal_ssm=torch.zeros_like(final[1][:2]))
     assert_raises_naming(ValueError, "dfinal_ssm", bwd, **_op_kwargs(bwd, values))
+
+
+def test_varlen_mamba3_compat_mimo_packed():
+    """compat.mamba3_mimo's cu_seqlens is mamba3_scan's: per-sequence states, empty sequences,
+    and the per-rank outputs (MIMO_Out None) of a packed row."""
+    from ssm_kernels.compat import mamba_ssm as compat
+
+    lens = [6, 0, 11]
+    inp = make_packed(lens, 4, F32, "cpu", init=False, rank=2, rope="half", z=True, D=True, bias=True, dqk=8, dv=4)
+    want, want_final = call(ssm_kernels.mamba3_scan, inp)
+    names = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "mimo_v", "mimo_z", "mimo_o", "angles", "D",
+             "z")
+    args = [inp[n] for n in names]
+    got = compat.mamba3_mimo(*args, chunk_size=4, rotary_dim_divisor=4, dtype=F32, return_state=True,
+                             cu_seqlens=inp["cu_seqlens"])
+    assert torch.equal(got[0], want)
+    for a, e in zip(got[1:], want_final):
+        assert a.shape[0] == len(lens) and torch.equal(a, e)
+    args[10] = None
+    per_rank = compat.mamba3_mimo(*args, chunk_size=4, rotary_dim_divisor=4, dtype=F32, cu_seqlens=inp["cu_seqlens"])
+    assert per_rank.shape == (1, sum(lens), 2, 2, 4)
+    assert_close((per_rank * inp["mimo_o"].transpose(0, 1)).sum(2), want.double(), F32, "per-rank outputs")
