@@ -83,3 +83,59 @@ def test_mamba3_step_and_pieces_match_forward(cfg):
         cache = layer.allocate_inference_cache(3)
         for t in range(3):
             assert_close(layer.step(u[:, t], cache), full[:, t], torch.float32, f"step {t} from zeros")
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_mamba3_packed_equals_each_sequence_alone(cfg):
+    """forward(u, cu_seqlens=...) on packed sequences equals the layer on each sequence alone:
+    outputs, per-sequence final states, and the gradients of u, the initial states and every
+    parameter; the final states continue each sequence through step()."""
+    layer = make(cfg)
+    lens = [5, 0, 9, 1, 6]
+    S, T = len(lens), sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    u = torch.randn(1, T, 16)
+    init = [torch.randn_like(s) for s in layer.allocate_inference_cache(S)]
+    g_out = torch.randn(1, T, 16)
+    g_final = [torch.randn_like(s) for s in init]
+
+    def backward(out, final):
+        ((out * g_out).sum() + sum((f * g).sum() for f, g in zip(final, g_final))).backward()
+
+    u1, init1 = u.clone().requires_grad_(True), [s.clone().requires_grad_(True) for s in init]
+    out, final = layer(u1, initial_states=init1, return_final_states=True, cu_seqlens=cu)
+    assert out.shape == u.shape and [f.shape[0] for f in final] == [S] * 4
+    backward(out, final)
+    packed = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+
+    u2, init2 = u.clone().requires_grad_(True), [s.clone().requires_grad_(True) for s in init]
+    outs, finals = [], []
+    for s, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        rows = [t[s:s + 1] for t in init2]
+        if a == b:
+            outs.append(u2[:, a:b] * 0)
+            finals.append(rows)
+            continue
+        o, f = layer(u2[:, a:b], initial_states=rows, return_final_states=True)
+        outs.append(o)
+        finals.append(f)
+    alone_out = torch.cat(outs, 1)
+    alone_final = [torch.cat(f) for f in zip(*finals)]
+    backward(alone_out, alone_final)
+    assert_close(out, alone_out.double(), torch.float32, "out")
+    for name, a, b in zip(("angle", "ssm", "k", "v"), final, alone_final):
+        assert_close(a, b.double(), torch.float32, f"final {name}")
+    assert_close(u1.grad, u2.grad.double(), torch.float32, "grad u")
+    for name, a, b in zip(("angle", "ssm", "k", "v"), init1, init2):
+        assert_close(a.grad, b.grad.double(), torch.float32, f"grad initial {name}")
+    for name, p in layer.named_parameters():
+        assert_close(packed[name], p.grad.double(), torch.float32, f"grad {name}")
+    with torch.no_grad():
+        states = [f.detach().clone() for f in final]
+        nxt = torch.randn(S, 16)
+        stepped = layer.step(nxt, states)
+        for s in range(S):
+            rows = [f[s:s + 1].detach() for f in final]
+            one = layer(nxt[s:s + 1, None], initial_states=rows)
+            assert_close(stepped[s:s + 1], one[:, 0].double(), torch.float32, f"step of sequence {s}")

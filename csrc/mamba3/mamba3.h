@@ -3,7 +3,9 @@
 // The host (mamba3_op.cpp) normalises SISO inputs to rank R = 1 (q, k [B, L, 1, G, N]) and converts
 // the small per-step and per-head tensors to contiguous accumulation-dtype buffers; q, k, v, z and
 // dout are read through strided views in the input dtype. Both devices run the per-task kernels of
-// mamba3_task.h: one (batch, value head) task at a time, chunk by chunk (mamba3_math.h).
+// mamba3_task.h: one (batch, value head) task at a time, chunk by chunk (mamba3_math.h). With
+// cu_seqlens (batch 1) a task is one (sequence, value head) instead: the sequence's tokens, in
+// chunks from its own first token, from and to its own state rows.
 #pragma once
 
 #include <cstdint>
@@ -13,11 +15,32 @@
 
 namespace ssmk {
 
+// The tokens [start, end) of batch row b that one task scans under value head h. The task's index
+// (state row times nheads plus h) is the row of its initial and final states and of its partial
+// parameter gradients.
+struct Mamba3Span {
+  int64_t b, h, start, end;
+};
+
 struct Mamba3Dims {
   int64_t batch, seqlen, nheads, ngroups, rank, headdim_qk, headdim_v, nangles, chunk;
-  bool mimo;  // mixing weights given (else R = 1 and v, z, out are not mixed)
-  SSMK_HOST_DEVICE int64_t tasks() const { return batch * nheads; }
+  bool mimo;                  // mixing weights given (else R = 1 and v, z, out are not mixed)
+  const int64_t* cu_seqlens;  // [num_seqs + 1] on the kernels' device, or nullptr
+  int64_t num_seqs;           // 0 without cu_seqlens
+  // State rows: one per batch row, or one per sequence.
+  SSMK_HOST_DEVICE int64_t state_rows() const { return cu_seqlens ? num_seqs : batch; }
+  SSMK_HOST_DEVICE int64_t tasks() const { return state_rows() * nheads; }
+  // Chunks of the longest possible task (a sequence's chunks start at its first token).
   SSMK_HOST_DEVICE int64_t nchunks() const { return (seqlen + chunk - 1) / chunk; }
+  // The offsets are clamped into [0, seqlen], so content the host did not check (CUDA) gives
+  // unspecified values but never an out-of-bounds access (common/varlen.h).
+  SSMK_HOST_DEVICE Mamba3Span span(int64_t task) const {
+    const int64_t row = task / nheads, h = task % nheads;
+    if (!cu_seqlens) return Mamba3Span{row, h, 0, seqlen};
+    const int64_t start = clamp(cu_seqlens[row], 0, seqlen);
+    return Mamba3Span{0, h, start, clamp(cu_seqlens[row + 1], start, seqlen)};
+  }
+  static SSMK_HOST_DEVICE int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 };
 
 // The per-step and per-head coefficients, contiguous in the accumulation dtype. Layouts of the
@@ -42,50 +65,51 @@ struct Mamba3Inputs : Mamba3Dims, Mamba3Coeffs<acc_t<T>> {
   View<const T, 5> q, k;   // [B, L, R, G, N]
   View<const T, 4> v;      // [B, L, H, P]
   View<const T, 4> z;      // [B, L, H, P], or data nullptr
-  const acc* init_angle;   // [B, H, A] or nullptr (zeros)
-  const acc* init_ssm;     // [B, H, P, N] or nullptr
-  const acc* init_k;       // [B, H, R, N] or nullptr
-  const acc* init_v;       // [B, H, R, P] or nullptr
+  // The state layouts here and below: [Bs, ...] with Bs = state_rows() (num_seqs with cu_seqlens).
+  const acc* init_angle;   // [Bs, H, A] or nullptr (zeros)
+  const acc* init_ssm;     // [Bs, H, P, N] or nullptr
+  const acc* init_k;       // [Bs, H, R, N] or nullptr
+  const acc* init_v;       // [Bs, H, R, P] or nullptr
 };
 
 template <typename T>
 struct Mamba3FwdParams : Mamba3Inputs<T> {
   using acc = acc_t<T>;
   T* out;             // [B, L, H, P] contiguous
-  acc* final_angle;   // [B, H, A]
-  acc* final_ssm;     // [B, H, P, N]
-  acc* final_k;       // [B, H, R, N]
-  acc* final_v;       // [B, H, R, P]
+  acc* final_angle;   // [Bs, H, A]
+  acc* final_ssm;     // [Bs, H, P, N]
+  acc* final_k;       // [Bs, H, R, N]
+  acc* final_v;       // [Bs, H, R, P]
 };
 
 // Gradients are written per task (no reduction across tasks in a kernel): the host sums dq, dk
-// over the heads of a group and the per-head parameters' parts over the batch.
+// over the heads of a group and the per-head parameters' parts over the state rows.
 template <typename T>
 struct Mamba3BwdParams : Mamba3Inputs<T> {
   using acc = acc_t<T>;
   View<const T, 4> dout;      // [B, L, H, P]
-  const acc* dfinal_angle;    // [B, H, A] or nullptr
-  const acc* dfinal_ssm;      // [B, H, P, N] or nullptr
-  const acc* dfinal_k;        // [B, H, R, N] or nullptr
-  const acc* dfinal_v;        // [B, H, R, P] or nullptr
+  const acc* dfinal_angle;    // [Bs, H, A] or nullptr
+  const acc* dfinal_ssm;      // [Bs, H, P, N] or nullptr
+  const acc* dfinal_k;        // [Bs, H, R, N] or nullptr
+  const acc* dfinal_v;        // [Bs, H, R, P] or nullptr
   acc* dq;                    // [B, L, R, H, N] per value head
   acc* dk;                    // [B, L, R, H, N]
   T* dv;                      // [B, L, H, P] contiguous
   T* dz;                      // [B, L, H, P] contiguous, or nullptr
   acc* dadt;                  // [B, H, L]
   acc* ddt;                   // [B, H, L]
-  acc* dtrap;                 // [B, H, L]
+  acc* dtrap;                 // [B, H, L] (holds d lambda until its task ends: trap_grads)
   acc* dangles;               // [B, L, H, A] or nullptr
-  acc* dq_bias;               // [B, H, R, N] per batch row
-  acc* dk_bias;               // [B, H, R, N]
-  acc* dD;                    // [B, H]
-  acc* dmimo_v;               // [B, H, R, P] (mimo only)
-  acc* dmimo_z;               // [B, H, R, P] (mimo with z only)
-  acc* dmimo_o;               // [B, H, R, P] (mimo only)
-  acc* dinit_angle;           // [B, H, A]
-  acc* dinit_ssm;             // [B, H, P, N]
-  acc* dinit_k;               // [B, H, R, N]
-  acc* dinit_v;               // [B, H, R, P]
+  acc* dq_bias;               // [Bs, H, R, N] per state row
+  acc* dk_bias;               // [Bs, H, R, N]
+  acc* dD;                    // [Bs, H]
+  acc* dmimo_v;               // [Bs, H, R, P] (mimo only)
+  acc* dmimo_z;               // [Bs, H, R, P] (mimo with z only)
+  acc* dmimo_o;               // [Bs, H, R, P] (mimo only)
+  acc* dinit_angle;           // [Bs, H, A]
+  acc* dinit_ssm;             // [Bs, H, P, N]
+  acc* dinit_k;               // [Bs, H, R, N]
+  acc* dinit_v;               // [Bs, H, R, P]
 };
 
 // One decode step, updating the states in place; row i of the batch uses state row
@@ -125,7 +149,8 @@ void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
 // Launchers (mamba3_cuda.cu): `scratch` holds tasks x {fwd,bwd,step}_scratch(p) elements
-// (mamba3_task.h). They never throw; the host checks launch errors.
+// (mamba3_task.h), for the backward followed by bwd_state_slots(p) x P N chunk states. They never
+// throw; the host checks launch errors.
 template <typename T>
 void mamba3_fwd_cuda(const Mamba3FwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
 template <typename T>

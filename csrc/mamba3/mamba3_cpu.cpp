@@ -141,11 +141,11 @@ struct Block {
   }
   acc* ptr(const at::Tensor& t, int64_t c, int64_t rowlen) const { return t.data_ptr<acc>() + c * QR * rowlen; }
   acc* state(int64_t c) const { return states.data_ptr<acc>() + c * P * N; }
-  // Loads chunk c of the block (steps t0 .. t0+n-1), mamba3_task.h's load_chunk with the angles'
-  // tanh, sin and cos vectorised over the chunk, then zeroes its pad.
+  // Loads chunk c of the block (steps t0 .. t0+n-1 of a task ending at `end`), mamba3_task.h's
+  // load_chunk with the angles' tanh, sin and cos vectorised over the chunk, then zeroes its pad.
   template <typename T>
   SSMK_CPU_INLINE void load(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t c, int64_t t0, int64_t n,
-                            acc* theta) {
+                            int64_t end, acc* theta) {
     const int64_t L = p.seqlen, H = p.nheads, g = h / (H / p.ngroups), row = (b * H + h) * L;
     acc* lc = lam.data() + c * Q;
     acc* dc = dtv.data() + c * Q;
@@ -160,7 +160,7 @@ struct Block {
       dc[t] = dt;
       lc[t] = lm;
       gc[t] = lm * dt;
-      const acc sigma = l + 1 < L ? (acc(1) - ssmk::sigmoid(p.trap[row + l + 1])) * p.dt[row + l + 1] : acc(0);
+      const acc sigma = l + 1 < end ? (acc(1) - ssmk::sigmoid(p.trap[row + l + 1])) * p.dt[row + l + 1] : acc(0);
       wc[t] = gc[t] + sigma;
       cum += p.adt[row + l];
       ac[t] = cum;
@@ -233,14 +233,14 @@ struct Block {
       }
     }
   }
-  // Loads the chunks c0 .. c0+nb-1 of the task (theta carries the angle), then their decays and
-  // x_e = e^{Acs_last - Acs_s} w_s x, the rows that enter the state update.
+  // Loads the chunks c0 .. c0+nb-1 of the task's tokens (theta carries the angle), then their
+  // decays and x_e = e^{Acs_last - Acs_s} w_s x, the rows that enter the state update.
   template <typename T>
-  SSMK_CPU_INLINE void load_block(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t c0, int64_t nb, acc* theta) {
-    const int64_t L = p.seqlen;
+  SSMK_CPU_INLINE void load_block(const Mamba3Inputs<T>& p, const Mamba3Span& sp, int64_t c0, int64_t nb,
+                                  acc* theta) {
     for (int64_t c = 0; c < nb; ++c) {
-      const int64_t t0 = (c0 + c) * Q;
-      load(p, b, h, c, t0, std::min(Q, L - t0), theta);
+      const int64_t t0 = sp.start + (c0 + c) * Q;
+      load(p, sp.b, sp.h, c, t0, std::min(Q, sp.end - t0), sp.end, theta);
     }
     for (int64_t c = 0; c < nb; ++c) {
       const acc* ac = acs.data() + c * Q;
@@ -312,13 +312,18 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
                                       acc_t<T>* gate, const acc_t<T>* ones) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  const int64_t Q = p.chunk, nc = p.nchunks();
-  const int64_t b = task / H, h = task % H, bh = b * H + h;
-  mamba3::initial_state(p, b, h, S, theta);
+  const Mamba3Span sp = p.span(task);
+  if (sp.start == sp.end) {
+    mamba3::empty_fwd(p, task);
+    return;
+  }
+  const int64_t Q = p.chunk, nc = (sp.end - sp.start + Q - 1) / Q;
+  const int64_t b = sp.b, h = sp.h, bh = task;
+  mamba3::initial_state(p, bh, sp, S, theta);
   const acc D = p.D ? p.D[h] : acc(0);
   for (int64_t c0 = 0; c0 < nc; c0 += bk.chunks) {
     const int64_t nb = std::min(bk.chunks, nc - c0);
-    bk.load_block(p, b, h, c0, nb, theta);
+    bk.load_block(p, sp, c0, nb, theta);
     const at::Tensor q = bk.q.narrow(0, 0, nb), k = bk.k.narrow(0, 0, nb), x = bk.x.narrow(0, 0, nb);
     at::Tensor cbm = bk.cbm.narrow(0, 0, nb), y = bk.y.narrow(0, 0, nb), yi = bk.yi.narrow(0, 0, nb);
     at::Tensor xe = bk.xe.narrow(0, 0, nb), st = bk.states.narrow(0, 0, nb);
@@ -331,7 +336,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
     // y = intra + e^{Acs_t} inter + D x, then the gate and the output mixing (a factor 1 where
     // there is no gate or mixing, so the loops have no branches).
     for (int64_t c = 0; c < nb; ++c) {
-      const int64_t t0 = (c0 + c) * Q, n = bk.len[c];
+      const int64_t t0 = sp.start + (c0 + c) * Q, n = bk.len[c];
       const acc* yc = bk.ptr(bk.y, c, P);
       const acc* yic = bk.ptr(bk.yi, c, P);
       const acc* xc = bk.ptr(bk.x, c, P);
@@ -398,7 +403,7 @@ struct BwdBlock : Block<acc> {
   at::Tensor before;                  // [nc, P, N]
   std::vector<acc> dacs, dw, dgam;    // [C Q]
   std::vector<acc> thetas;            // [blocks, A]
-  std::vector<acc> S, dS, theta, carry, dlam, dtheta, dqb, dkb, dmv, dmz, dmo, drow;
+  std::vector<acc> S, dS, theta, carry, dtheta, dqb, dkb, dmv, dmz, dmo, drow;
   std::vector<acc> dzacc, dvacc, gob, zb, ones, sink_z, sink_o;  // [P]
   BwdBlock(const Mamba3Dims& d, at::ScalarType dtype) : Block<acc>(d, dtype) {
     const auto o = at::TensorOptions().dtype(dtype);
@@ -417,7 +422,6 @@ struct BwdBlock : Block<acc> {
     dS.resize(P * N);
     theta.resize(A);
     carry.resize(A);
-    dlam.resize(d.seqlen);
     dtheta.resize(Q * A);
     for (auto* v : {&dqb, &dkb}) v->resize(R * N);
     for (auto* v : {&dmv, &dmz, &dmo}) v->resize(R * P);
@@ -572,7 +576,7 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
 // dk out, and the angle recurrence in reverse (carry: the gradient of the angle after the chunk).
 template <typename T>
 SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t c, int64_t t0,
-                                      BwdBlock<acc_t<T>>& bk) {
+                                      int64_t end, BwdBlock<acc_t<T>>& bk) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
   const int64_t Q = p.chunk, n = bk.len[c], row = (b * H + h) * L;
@@ -581,10 +585,9 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
   const acc* dgamma = bk.dgam.data() + c * Q;
   const acc* lam = bk.lam.data() + c * Q;
   const acc* dtv = bk.dtv.data() + c * Q;
-  acc* dlam = bk.dlam.data();
   acc* dtheta = bk.dtheta.data();
   acc* carry = bk.carry.data();
-  mamba3::coefficient_grads(p, row, t0, n, dacs, dw, dgamma, lam, dtv, dlam);
+  mamba3::coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, lam, dtv);
   // v mixing, the rotations, and the angle recurrence in reverse.
   std::fill(dtheta, dtheta + Q * A, acc(0));
   const acc* qc = bk.ptr(bk.q, c, N);
@@ -664,18 +667,24 @@ template <typename T>
 SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task, BwdBlock<acc_t<T>>& bk) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  const int64_t Q = p.chunk, QR = bk.QR, nc = p.nchunks(), C = bk.chunks, nblocks = (nc + C - 1) / C;
-  const int64_t b = task / H, h = task % H, bh = b * H + h, row = bh * L;
+  const Mamba3Span sp = p.span(task);
+  if (sp.start == sp.end) {
+    mamba3::empty_bwd(p, task);
+    return;
+  }
+  const int64_t Q = p.chunk, QR = bk.QR, nc = (sp.end - sp.start + Q - 1) / Q, C = bk.chunks;
+  const int64_t nblocks = (nc + C - 1) / C;
+  const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L;
   acc* S = bk.S.data();
   acc* dS = bk.dS.data();
   acc* theta = bk.theta.data();
   acc* carry = bk.carry.data();
   acc* before = bk.before.template data_ptr<acc>();
-  mamba3::initial_state(p, b, h, S, theta);
+  mamba3::initial_state(p, bh, sp, S, theta);
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t c0 = blk * C, nb = std::min(C, nc - c0);
     std::copy(theta, theta + A, bk.thetas.data() + blk * A);
-    bk.load_block(p, b, h, c0, nb, theta);
+    bk.load_block(p, sp, c0, nb, theta);
     at::Tensor st = bk.states.narrow(0, 0, nb);
     at::bmm_out(st, bk.xe.narrow(0, 0, nb).transpose(1, 2), bk.k.narrow(0, 0, nb));
     bk.scan_states(nb, S, before + c0 * P * N);
@@ -686,15 +695,15 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     std::fill(dS, dS + P * N, acc(0));
   }
   for (int64_t j = 0; j < A; ++j) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
-  std::fill(bk.dlam.begin(), bk.dlam.end(), acc(0));
-  std::fill(p.ddt + row, p.ddt + row + L, acc(0));
+  std::fill(p.dtrap + row + sp.start, p.dtrap + row + sp.end, acc(0));
+  std::fill(p.ddt + row + sp.start, p.ddt + row + sp.end, acc(0));
   for (auto* v : {&bk.dqb, &bk.dkb, &bk.dmv, &bk.dmz, &bk.dmo}) std::fill(v->begin(), v->end(), acc(0));
   acc dD = 0;
   for (int64_t blk = nblocks - 1; blk >= 0; --blk) {
     const int64_t c0 = blk * C, nb = std::min(C, nc - c0);
     if (blk + 1 < nblocks) {
       std::copy(bk.thetas.data() + blk * A, bk.thetas.data() + (blk + 1) * A, theta);
-      bk.load_block(p, b, h, c0, nb, theta);
+      bk.load_block(p, sp, c0, nb, theta);
     }
     const at::Tensor q = bk.q.narrow(0, 0, nb), k = bk.k.narrow(0, 0, nb), x = bk.x.narrow(0, 0, nb);
     const at::Tensor xe = bk.xe.narrow(0, 0, nb), Sb = bk.before.narrow(0, c0, nb);
@@ -710,7 +719,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     bk.mask(nb, cb, cbm, bk.drow.data());
     at::bmm_out(y, cbm, x);
     at::bmm_out(yi, q, Sb.transpose(1, 2));
-    for (int64_t c = 0; c < nb; ++c) gate_bwd(p, b, h, c, (c0 + c) * Q, bk, dD);
+    for (int64_t c = 0; c < nb; ++c) gate_bwd(p, b, h, c, sp.start + (c0 + c) * Q, bk, dD);
     if (blk == nblocks - 1) {
       const int64_t c = nb - 1, i0 = (bk.len[c] - 1) * R;
       for (int64_t r = 0; r < R; ++r) {
@@ -772,14 +781,10 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
         mamba3::axpy(bk.ptr(bk.dk, c, N) + (i0 + r) * N, acc(1), p.dfinal_k + (bh * R + r) * N, N);
       }
     }
-    for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, (c0 + c) * Q, bk);
+    for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, sp.start + (c0 + c) * Q, sp.end, bk);
   }
-  acc* dlam = bk.dlam.data();
-  mamba3::initial_state_grads(p, bh, row, dS, carry, dlam);
-  for (int64_t l = 0; l < L; ++l) {
-    const acc lam = ssmk::sigmoid(p.trap[row + l]);
-    p.dtrap[row + l] = dlam[l] * lam * (acc(1) - lam);
-  }
+  mamba3::initial_state_grads(p, bh, row + sp.start, dS, carry);
+  mamba3::trap_grads(p, row, sp);
   std::copy(bk.dqb.begin(), bk.dqb.end(), p.dq_bias + bh * R * N);
   std::copy(bk.dkb.begin(), bk.dkb.end(), p.dk_bias + bh * R * N);
   p.dD[bh] = dD;

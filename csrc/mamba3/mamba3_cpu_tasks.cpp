@@ -1,5 +1,5 @@
-// mamba3_task.h's per-task kernels (the code the GPU runs, one (batch, value head) task per
-// thread) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check that
+// mamba3_task.h's per-task kernels (the code the GPU runs, one (batch or sequence, value head)
+// task per thread) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check that
 // code as well as the blocked CPU kernels of mamba3_cpu.cpp.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
@@ -21,8 +21,8 @@ void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
 template <typename T>
 void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
   at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
-    for (int64_t task = begin; task < end; ++task) mamba3::bwd_task(p, task, scratch.data());
+    std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p)), states(p.nchunks() * p.headdim_v * p.headdim_qk);
+    for (int64_t task = begin; task < end; ++task) mamba3::bwd_task(p, task, scratch.data(), states.data());
   });
 }
 

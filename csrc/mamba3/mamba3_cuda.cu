@@ -1,6 +1,6 @@
 // CUDA kernels of mamba3_scan and mamba3_step: the per-task kernels of mamba3_task.h, the code the
-// CPU kernels run, with one thread per (batch, value head) task and each task's scratch area in
-// global memory (host-allocated). A simple port that keeps the CPU's blocking exactly: correct
+// CPU kernels run, with one thread per (batch or packed sequence, value head) task and each
+// task's scratch area in global memory (host-allocated). A simple port that keeps the CPU's blocking exactly: correct
 // and bounded in memory, but serial within a task and without tensor cores (docs/mamba3.md).
 // Launch errors are checked by the host.
 #include "mamba3/mamba3_task.h"
@@ -17,11 +17,14 @@ __global__ void mamba3_fwd_kernel(const Mamba3FwdParams<T> p, acc_t<T>* scratch,
   mamba3::fwd_task(p, task, scratch + task * per_task);
 }
 
+// The chunk states follow the tasks' scratch areas; with cu_seqlens a task finds its slots (and
+// its tokens) from the offsets on the device.
 template <typename T>
 __global__ void mamba3_bwd_kernel(const Mamba3BwdParams<T> p, acc_t<T>* scratch, int64_t per_task) {
   const int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (task >= p.tasks()) return;
-  mamba3::bwd_task(p, task, scratch + task * per_task);
+  acc_t<T>* states = scratch + p.tasks() * per_task + mamba3::bwd_state_slot(p, task) * p.headdim_v * p.headdim_qk;
+  mamba3::bwd_task(p, task, scratch + task * per_task, states);
 }
 
 template <typename T>

@@ -5,6 +5,7 @@
 #include "common/dispatch.h"
 #include "common/op.h"
 #include "common/output.h"
+#include "common/varlen.h"
 #include "mamba3/mamba3.h"
 #include "mamba3/mamba3_task.h"
 
@@ -15,12 +16,14 @@ namespace {
   X(Tensor, q) X(Tensor, k) X(Tensor, v) X(Tensor, adt) X(Tensor, dt) X(Tensor, trap) X(OptTensor, q_bias) \
   X(OptTensor, k_bias) X(OptTensor, angles) X(OptTensor, D) X(OptTensor, z) X(OptTensor, mimo_v)           \
   X(OptTensor, mimo_z) X(OptTensor, mimo_o)
-#define MAMBA3_FWD_ARGS(X)                                                                               \
+#define MAMBA3_SCAN_ARGS(X)                                                                              \
   MAMBA3_INPUT_ARGS(X) X(OptTensor, initial_angle) X(OptTensor, initial_ssm) X(OptTensor, initial_k) \
   X(OptTensor, initial_v) X(Int, chunk_size)
+// cu_seqlens (default None) comes last in both lists, so calls written before it keep working.
+#define MAMBA3_FWD_ARGS(X) MAMBA3_SCAN_ARGS(X) X(OptTensorDefaultNone, cu_seqlens)
 #define MAMBA3_BWD_ARGS(X)                                                                               \
-  MAMBA3_FWD_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_angle) X(OptTensor, dfinal_ssm)                \
-  X(OptTensor, dfinal_k) X(OptTensor, dfinal_v)
+  MAMBA3_SCAN_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_angle) X(OptTensor, dfinal_ssm)               \
+  X(OptTensor, dfinal_k) X(OptTensor, dfinal_v) X(OptTensorDefaultNone, cu_seqlens)
 // The four states come first: they are updated in place.
 #define MAMBA3_STEP_ARGS(X)                                                                              \
   X(MutTensorOf<'a'>, angle_state) X(MutTensorOf<'b'>, ssm_state) X(MutTensorOf<'c'>, k_state)          \
@@ -135,14 +138,21 @@ std::vector<int64_t> v_state_shape(const Shape& s, int64_t b) {
   return s.mimo ? std::vector<int64_t>{b, s.nheads, s.rank, s.dv} : std::vector<int64_t>{b, s.nheads, s.dv};
 }
 
+// The rows of the scan's states: the batch, or one per sequence with cu_seqlens.
+int64_t state_rows(const Shape& s, const Varlen& vl) { return vl.packed() ? vl.num_seqs : s.batch; }
+
+// The scan's packed sequences (common/varlen.h) and its initial states, [state rows, ...].
 template <typename Args>
-void check_initial(const Args& in, const Shape& s) {
-  check_param(in.initial_angle, angle_state_shape(s, s.batch), in.v, "initial_angle");
-  check_param(in.initial_ssm, ssm_state_shape(s, s.batch), in.v, "initial_ssm");
-  check_param(in.initial_k, k_state_shape(s, s.batch), in.v, "initial_k");
-  check_param(in.initial_v, v_state_shape(s, s.batch), in.v, "initial_v");
+Varlen check_initial(const Args& in, const Shape& s) {
+  const Varlen vl = check_cu_seqlens(in.cu_seqlens, std::nullopt, s.batch, s.seqlen, in.v);
+  const int64_t Bs = state_rows(s, vl);
+  check_param(in.initial_angle, angle_state_shape(s, Bs), in.v, "initial_angle");
+  check_param(in.initial_ssm, ssm_state_shape(s, Bs), in.v, "initial_ssm");
+  check_param(in.initial_k, k_state_shape(s, Bs), in.v, "initial_k");
+  check_param(in.initial_v, v_state_shape(s, Bs), in.v, "initial_v");
   SSMK_CHECK_VALUE(in.chunk_size >= 1 && in.chunk_size <= mamba3::kMaxChunk, "chunk_size: expected 1 <= chunk_size <= ",
                    mamba3::kMaxChunk, ", got ", in.chunk_size);
+  return vl;
 }
 
 // A contiguous accumulation-dtype copy (or view) of an optional input; undefined when absent.
@@ -192,8 +202,10 @@ void fill_coeffs(Mamba3Coeffs<Acc>& p, const AccInputs& a) {
 }
 
 template <typename T, typename Args>
-void fill_inputs(Mamba3Inputs<T>& p, const Args& in, const Shape& s, const AccInputs& a) {
+void fill_inputs(Mamba3Inputs<T>& p, const Args& in, const Shape& s, const AccInputs& a, const Varlen& vl) {
   using acc = acc_t<T>;
+  p.cu_seqlens = vl.packed() ? vl.offsets.data_ptr<int64_t>() : nullptr;
+  p.num_seqs = vl.num_seqs;
   p.batch = s.batch;
   p.seqlen = s.seqlen;
   p.nheads = s.nheads;
@@ -223,25 +235,27 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   a.init_v = acc_copy(in.initial_v, acc);
 }
 
-// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` threads.
-[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task) {
+// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` threads,
+// then `shared` more (the backward's chunk states).
+[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0) {
   check_cuda_grid(ceil_div(tasks, 32), "v");
-  return at::empty({tasks * per_task}, ref.options().dtype(acc_dtype(ref.scalar_type())));
+  return at::empty({tasks * per_task + shared}, ref.options().dtype(acc_dtype(ref.scalar_type())));
 }
 
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
   const Shape s = check_inputs(in, true);
-  check_initial(in, s);
+  const Varlen vl = check_initial(in, s);
+  const int64_t Bs = state_rows(s, vl);
   const auto dtype = in.v.scalar_type();
   const auto acc = acc_dtype(dtype);
   const auto aopts = in.v.options().dtype(acc);
   at::Tensor out = new_output(in.v.sizes(), in.v.options());
-  at::Tensor final_angle = new_output(angle_state_shape(s, s.batch), aopts);
-  at::Tensor final_ssm = new_output(ssm_state_shape(s, s.batch), aopts);
-  at::Tensor final_k = new_output(k_state_shape(s, s.batch), aopts);
-  at::Tensor final_v = new_output(v_state_shape(s, s.batch), aopts);
+  at::Tensor final_angle = new_output(angle_state_shape(s, Bs), aopts);
+  at::Tensor final_ssm = new_output(ssm_state_shape(s, Bs), aopts);
+  at::Tensor final_k = new_output(k_state_shape(s, Bs), aopts);
+  at::Tensor final_v = new_output(v_state_shape(s, Bs), aopts);
   if (s.batch == 0) return {out, final_angle, final_ssm, final_k, final_v};
   AccInputs a = acc_inputs(in, acc);
   acc_initial(a, in, acc);
@@ -249,7 +263,7 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
     using T = scalar_t;
     using A = acc_t<T>;
     Mamba3FwdParams<T> p{};
-    fill_inputs(p, in, s, a);
+    fill_inputs(p, in, s, a, vl);
     p.out = ptr<T>(out);
     p.final_angle = ptr<A>(final_angle);
     p.final_ssm = ptr<A>(final_ssm);
@@ -273,14 +287,15 @@ using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 
 BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
   const Shape s = check_inputs(in, true);
-  check_initial(in, s);
+  const Varlen vl = check_initial(in, s);
+  const int64_t Bs = state_rows(s, vl);
   check_shape(in.dout, in.v.sizes(), "dout");
   check_floating(in.dout, "dout");
   check_same_device(in.dout, in.v, "dout");
-  check_param(in.dfinal_angle, angle_state_shape(s, s.batch), in.v, "dfinal_angle");
-  check_param(in.dfinal_ssm, ssm_state_shape(s, s.batch), in.v, "dfinal_ssm");
-  check_param(in.dfinal_k, k_state_shape(s, s.batch), in.v, "dfinal_k");
-  check_param(in.dfinal_v, v_state_shape(s, s.batch), in.v, "dfinal_v");
+  check_param(in.dfinal_angle, angle_state_shape(s, Bs), in.v, "dfinal_angle");
+  check_param(in.dfinal_ssm, ssm_state_shape(s, Bs), in.v, "dfinal_ssm");
+  check_param(in.dfinal_k, k_state_shape(s, Bs), in.v, "dfinal_k");
+  check_param(in.dfinal_v, v_state_shape(s, Bs), in.v, "dfinal_v");
   const auto dtype = in.v.scalar_type();
   const auto acc = acc_dtype(dtype);
   const auto aopts = in.v.options().dtype(acc);
@@ -297,18 +312,19 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
   at::Tensor dadt = at::empty({Bn, H, L}, aopts), ddt = at::empty({Bn, H, L}, aopts);
   at::Tensor dtrap = at::empty({Bn, H, L}, aopts);
   at::Tensor dangles = at::empty({Bn, L, H, A}, aopts);
-  at::Tensor dq_bias = at::empty({Bn, H, R, N}, aopts), dk_bias = at::empty({Bn, H, R, N}, aopts);
-  at::Tensor dD = at::empty({Bn, H}, aopts);
-  at::Tensor dmimo_v = at::empty({Bn, H, R, P}, aopts), dmimo_z = at::empty({Bn, H, R, P}, aopts);
-  at::Tensor dmimo_o = at::empty({Bn, H, R, P}, aopts);
-  at::Tensor dinit_angle = at::empty({Bn, H, A}, aopts), dinit_ssm = at::empty({Bn, H, P, N}, aopts);
-  at::Tensor dinit_k = at::empty({Bn, H, R, N}, aopts), dinit_v = at::empty({Bn, H, R, P}, aopts);
+  // Per state row (task): the parameters' parts, summed below, and the initial states' gradients.
+  at::Tensor dq_bias = at::empty({Bs, H, R, N}, aopts), dk_bias = at::empty({Bs, H, R, N}, aopts);
+  at::Tensor dD = at::empty({Bs, H}, aopts);
+  at::Tensor dmimo_v = at::empty({Bs, H, R, P}, aopts), dmimo_z = at::empty({Bs, H, R, P}, aopts);
+  at::Tensor dmimo_o = at::empty({Bs, H, R, P}, aopts);
+  at::Tensor dinit_angle = at::empty({Bs, H, A}, aopts), dinit_ssm = at::empty({Bs, H, P, N}, aopts);
+  at::Tensor dinit_k = at::empty({Bs, H, R, N}, aopts), dinit_v = at::empty({Bs, H, R, P}, aopts);
   if (Bn > 0) {
     SSMK_DISPATCH_FLOAT(dtype, "mamba3_scan_bwd", [&] {
       using T = scalar_t;
       using Ac = acc_t<T>;
       Mamba3BwdParams<T> p{};
-      fill_inputs(p, in, s, a);
+      fill_inputs(p, in, s, a, vl);
       p.dout = view<const T, 4>(dout);
       p.dfinal_angle = opt<Ac>(dfinal_angle);
       p.dfinal_ssm = opt<Ac>(dfinal_ssm);
@@ -333,7 +349,10 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
       p.dinit_k = ptr<Ac>(dinit_k);
       p.dinit_v = ptr<Ac>(dinit_v);
       launch(in.v, [&] { mamba3_bwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-               mamba3_bwd_cuda(p, ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p))), ctx);
+               mamba3_bwd_cuda(p,
+                               ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p),
+                                                    mamba3::bwd_state_slots(p) * P * N)),
+                               ctx);
              }));
     });
   } else {
@@ -342,7 +361,7 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
       t->zero_();
     }
   }
-  // The sums over the heads of a query/key group and over the batch, in a fixed order.
+  // The sums over the heads of a query/key group and over the state rows, in a fixed order.
   const int64_t G = s.ngroups;
   auto group_sum = [&](const at::Tensor& g, const at::Tensor& input) {
     at::Tensor r = g.view({Bn, L, R, G, H / G, N}).sum(4);

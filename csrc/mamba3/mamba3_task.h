@@ -1,6 +1,7 @@
 // The per-task kernels of mamba3_scan and mamba3_step, shared verbatim by the CPU kernels
 // (mamba3_cpu.cpp: at::parallel_for over tasks) and the CUDA kernels (mamba3_cuda.cu: one thread
-// per task). One task is one (batch, value head): the sequence in chunks of p.chunk steps
+// per task). One task is one (batch, value head), or with cu_seqlens one (sequence, value head)
+// (Mamba3Dims::span): its tokens in chunks of p.chunk steps from its first token
 // (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys, its
 // product with the mixed values, the inter-chunk term from the carried state and the state
 // update. Inner loops run over contiguous head-dim rows (vectorised on the CPU). Each task works
@@ -47,6 +48,11 @@ SSMK_MATH_INLINE void copy_range(const acc* first, const acc* last, acc* out) {
 template <typename acc>
 SSMK_MATH_INLINE void copy_n(const acc* first, int64_t n, acc* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = first[i];
+}
+// n elements of `first`, or zeros where it is absent (nullptr).
+template <typename acc>
+SSMK_MATH_INLINE void copy_or_zero(const acc* first, int64_t n, acc* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = first ? first[i] : acc(0);
 }
 
 template <typename acc>
@@ -105,10 +111,11 @@ struct Work {
   }
 };
 
-// Per-step coefficients and the rotated, biased q and k and the mixed v of steps t0 .. t0+n-1;
-// theta [A] carries the angle across chunks.
+// Per-step coefficients and the rotated, biased q and k and the mixed v of steps t0 .. t0+n-1 of a
+// task whose tokens end at `end` (no trapezoid term reaches past it); theta [A] carries the angle
+// across chunks.
 template <typename T>
-SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t end,
                                 acc_t<T>* theta, Work<acc_t<T>>& wk) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
@@ -122,7 +129,7 @@ SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h,
     wk.dtv[t] = dt;
     wk.lam[t] = lam;
     wk.gam[t] = lam * dt;
-    const acc sigma = l + 1 < L ? (acc(1) - ssmk::sigmoid(p.trap[row + l + 1])) * p.dt[row + l + 1] : acc(0);
+    const acc sigma = l + 1 < end ? (acc(1) - ssmk::sigmoid(p.trap[row + l + 1])) * p.dt[row + l + 1] : acc(0);
     wk.w[t] = wk.gam[t] + sigma;
     cum += p.adt[row + l];
     wk.acs[t] = cum;
@@ -218,17 +225,17 @@ SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, acc* H) {
   }
 }
 
-// The state before step 0: S_init + (1 - lambda_0) dt_0 sum_r v_init_r k_init_r^T, and the angle.
-// A chunk's (steps t0 .. t0+n-1 of row `row`) gradients of the per-step coefficients, given
-// d Acs, d w and d gamma: d adt is the reverse cumulative sum of d Acs within the chunk, and dt
-// and lambda (dlam, indexed by step) get theirs through w = gamma + sigma, gamma_t = lambda_t
-// dt_t, sigma_t = (1 - lambda_{t+1}) dt_{t+1}. Shared by the per-task and the blocked CPU backward.
+// A chunk's (steps t0 .. t0+n-1 of row `row`, of a task ending at `end`) gradients of the
+// per-step coefficients, given d Acs, d w and d gamma: d adt is the reverse cumulative sum of
+// d Acs within the chunk, and dt and lambda get theirs through w = gamma + sigma, gamma_t =
+// lambda_t dt_t, sigma_t = (1 - lambda_{t+1}) dt_{t+1}. d lambda is summed in p.dtrap (trap_grads
+// turns it into d trap). Shared by the per-task and the blocked CPU backward.
 template <typename T>
-SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row, int64_t t0, int64_t n,
+SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row, int64_t t0, int64_t n, int64_t end,
                                         const acc_t<T>* dacs, const acc_t<T>* dw, const acc_t<T>* dgamma,
-                                        const acc_t<T>* lam, const acc_t<T>* dtv, acc_t<T>* dlam) {
+                                        const acc_t<T>* lam, const acc_t<T>* dtv) {
   using acc = acc_t<T>;
-  const int64_t L = p.seqlen;
+  acc* dlam = p.dtrap + row;
   acc run = 0;
   for (int64_t t = n - 1; t >= 0; --t) {
     run += dacs[t];
@@ -239,7 +246,7 @@ SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row
     const acc dg = dgamma[t] + dw[t];
     p.ddt[row + l] += lam[t] * dg;
     dlam[l] += dtv[t] * dg;
-    if (l + 1 < L) {
+    if (l + 1 < end) {
       const acc lam1 = ssmk::sigmoid(p.trap[row + l + 1]);
       p.ddt[row + l + 1] += (acc(1) - lam1) * dw[t];
       dlam[l + 1] -= p.dt[row + l + 1] * dw[t];
@@ -248,11 +255,12 @@ SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row
 }
 
 // The gradients of task bh's initial state (S_init + rho sum_r v_init_r k_init_r^T, rho =
-// (1 - lambda_0) dt_0) from dS (the gradient of the state before step 0) and carry (that of the
-// angle), and those of dt_0 and lambda_0 through rho. Shared by both backward kernels.
+// (1 - lambda_0) dt_0, step 0 at flat index `row` of the [B, H, L] coefficients) from dS (the
+// gradient of the state before step 0) and carry (that of the angle), and those of dt_0 and
+// lambda_0 (summed in p.dtrap) through rho. Shared by both backward kernels.
 template <typename T>
 SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t bh, int64_t row,
-                                          const acc_t<T>* dS, const acc_t<T>* carry, acc_t<T>* dlam) {
+                                          const acc_t<T>* dS, const acc_t<T>* carry) {
   using acc = acc_t<T>;
   const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
   copy_range(dS, dS + P * N, p.dinit_ssm + bh * P * N);
@@ -276,13 +284,56 @@ SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t b
     }
   }
   p.ddt[row] += (acc(1) - lam0) * drho;
-  dlam[0] -= dt0 * drho;
+  p.dtrap[row] -= dt0 * drho;
+}
+
+// d trap = d lambda sigmoid'(trap) over the task's tokens, from the d lambda summed in p.dtrap.
+template <typename T>
+SSMK_MATH_INLINE void trap_grads(const Mamba3BwdParams<T>& p, int64_t row, const Mamba3Span& sp) {
+  using acc = acc_t<T>;
+  for (int64_t l = sp.start; l < sp.end; ++l) {
+    const acc lam = ssmk::sigmoid(p.trap[row + l]);
+    p.dtrap[row + l] *= lam * (acc(1) - lam);
+  }
+}
+
+// A task without tokens (an empty sequence): its final states are its initial states (zeros
+// where none are given), their gradients pass straight through, and its parts of the parameter
+// gradients are zero.
+template <typename T>
+SSMK_MATH_INLINE void empty_fwd(const Mamba3FwdParams<T>& p, int64_t task) {
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  copy_or_zero(p.init_angle ? p.init_angle + task * A : nullptr, A, p.final_angle + task * A);
+  copy_or_zero(p.init_ssm ? p.init_ssm + task * P * N : nullptr, P * N, p.final_ssm + task * P * N);
+  copy_or_zero(p.init_k ? p.init_k + task * R * N : nullptr, R * N, p.final_k + task * R * N);
+  copy_or_zero(p.init_v ? p.init_v + task * R * P : nullptr, R * P, p.final_v + task * R * P);
 }
 
 template <typename T>
-SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t b, int64_t h, acc_t<T>* H, acc_t<T>* theta) {
+SSMK_MATH_INLINE void empty_bwd(const Mamba3BwdParams<T>& p, int64_t task) {
   using acc = acc_t<T>;
-  const int64_t bh = b * p.nheads + h, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  copy_or_zero(p.dfinal_angle ? p.dfinal_angle + task * A : nullptr, A, p.dinit_angle + task * A);
+  copy_or_zero(p.dfinal_ssm ? p.dfinal_ssm + task * P * N : nullptr, P * N, p.dinit_ssm + task * P * N);
+  copy_or_zero(p.dfinal_k ? p.dfinal_k + task * R * N : nullptr, R * N, p.dinit_k + task * R * N);
+  copy_or_zero(p.dfinal_v ? p.dfinal_v + task * R * P : nullptr, R * P, p.dinit_v + task * R * P);
+  fill_n(p.dq_bias + task * R * N, R * N, acc(0));
+  fill_n(p.dk_bias + task * R * N, R * N, acc(0));
+  p.dD[task] = acc(0);
+  if (p.mimo) {
+    fill_n(p.dmimo_v + task * R * P, R * P, acc(0));
+    fill_n(p.dmimo_o + task * R * P, R * P, acc(0));
+    if (p.dmimo_z) fill_n(p.dmimo_z + task * R * P, R * P, acc(0));
+  }
+}
+
+// The state before a task's first step (sp.start < sp.end): S_init + (1 - lambda_0) dt_0
+// sum_r v_init_r k_init_r^T, and the angle; bh: the task (its state row).
+template <typename T>
+SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t bh, const Mamba3Span& sp, acc_t<T>* H,
+                                   acc_t<T>* theta) {
+  using acc = acc_t<T>;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
   if (p.init_ssm) {
     copy_range(p.init_ssm + bh * P * N, p.init_ssm + (bh + 1) * P * N, H);
   } else {
@@ -290,8 +341,8 @@ SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t b, int64_t
   }
   for (int64_t j = 0; j < A; ++j) theta[j] = p.init_angle ? p.init_angle[bh * A + j] : acc(0);
   if (p.init_k && p.init_v) {
-    const int64_t row = bh * p.seqlen;
-    const acc rho = (acc(1) - ssmk::sigmoid(p.trap[row])) * p.dt[row];
+    const int64_t first = (sp.b * p.nheads + sp.h) * p.seqlen + sp.start;
+    const acc rho = (acc(1) - ssmk::sigmoid(p.trap[first])) * p.dt[first];
     for (int64_t r = 0; r < R; ++r) {
       const acc* kr = p.init_k + (bh * R + r) * N;
       const acc* vr = p.init_v + (bh * R + r) * P;
@@ -314,13 +365,18 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
   acc* theta = S + P * N;
   acc* o = theta + A;
   {
-    const int64_t b = task / H, h = task % H;
-    initial_state(p, b, h, S, theta);
+    const Mamba3Span sp = p.span(task);
+    const int64_t b = sp.b, h = sp.h;
+    if (sp.start == sp.end) {
+      empty_fwd(p, task);
+      return;
+    }
+    initial_state(p, task, sp, S, theta);
     const acc D = p.D ? p.D[h] : acc(0);
     int64_t n = 0;
-    for (int64_t t0 = 0; t0 < L; t0 += Q) {
-      n = Q < L - t0 ? Q : L - t0;
-      load_chunk(p, b, h, t0, n, theta, wk);
+    for (int64_t t0 = sp.start; t0 < sp.end; t0 += Q) {
+      n = Q < sp.end - t0 ? Q : sp.end - t0;
+      load_chunk(p, b, h, t0, n, sp.end, theta, wk);
       chunk_products(wk, n);
       chunk_outputs(wk, n, S, D);
       for (int64_t t = 0; t < n; ++t) {
@@ -346,7 +402,7 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
       }
       chunk_state(wk, n, S);
     }
-    const int64_t bh = b * H + h;
+    const int64_t bh = task;
     copy_n(S, P * N, p.final_ssm + bh * P * N);
     copy_n(theta, A, p.final_angle + bh * A);
     copy_n(wk.k + (n - 1) * R * N, R * N, p.final_k + bh * R * N);
@@ -354,21 +410,41 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
   }
 }
 
-// Scratch elements of one backward task (the chunk states are kept: nchunks P N).
+// Scratch elements of one backward task, beside its chunk states (bwd_state_slot).
 SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
   const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank;
-  return Work<float>::size(d) + (nc + 2) * P * N + (nc + 2) * A + 3 * d.chunk + d.seqlen + d.chunk * A +
-         2 * R * N + 3 * R * P + 2 * P;
+  return Work<float>::size(d) + 2 * P * N + (nc + 2) * A + 3 * d.chunk + d.chunk * A + 2 * R * N + 3 * R * P +
+         2 * P;
 }
 
+// The backward keeps the state (P N elements) before every chunk of a task, in a buffer of
+// bwd_state_slots(d) slots; a task's first slot is bwd_state_slot(d, task). Without cu_seqlens:
+// nchunks() slots per task. With them: floor(L / Q) + num_seqs slots per head, sequence s's
+// ceil(len_s / Q) chunks from slot floor(start_s / Q) + s. They end at most at
+// floor(end_s / Q) + s + 1, the next sequence's first slot, so the buffer is that of one row of
+// length L plus a slot per sequence (not num_seqs rows of length L).
+SSMK_HOST_DEVICE int64_t bwd_state_slots(const Mamba3Dims& d) {
+  return d.cu_seqlens ? d.nheads * (d.seqlen / d.chunk + d.num_seqs) : d.tasks() * d.nchunks();
+}
+SSMK_HOST_DEVICE int64_t bwd_state_slot(const Mamba3Dims& d, int64_t task) {
+  if (!d.cu_seqlens) return task * d.nchunks();
+  const Mamba3Span sp = d.span(task);
+  return sp.h * (d.seqlen / d.chunk + d.num_seqs) + sp.start / d.chunk + task / d.nheads;
+}
+
+// states: the task's chunk states, nchunks() P N elements (bwd_state_slot).
 template <typename T>
-SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<T>* scratch) {
+SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<T>* scratch, acc_t<T>* states) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
-  const int64_t nc = p.nchunks(), ld = Q * R;
+  const Mamba3Span sp = p.span(task);
+  if (sp.start == sp.end) {
+    empty_bwd(p, task);
+    return;
+  }
+  const int64_t nc = (sp.end - sp.start + Q - 1) / Q, ld = Q * R;
   Work<acc> wk(p, scratch);
   acc* s = scratch + Work<acc>::size(p);
-  acc* states = s; s += nc * P * N;
   acc* dS = s; s += P * N;
   acc* dS_prev = s; s += P * N;
   acc* thetas = s; s += nc * A;
@@ -377,7 +453,6 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   acc* dacs = s; s += Q;
   acc* dw = s; s += Q;
   acc* dgamma = s; s += Q;
-  acc* dlam = s; s += L;
   acc* dtheta = s; s += Q * A;
   acc* dqb = s; s += R * N;
   acc* dkb = s; s += R * N;
@@ -387,14 +462,14 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   acc* dzacc = s; s += P;
   acc* dvacc = s;
   {
-    const int64_t b = task / H, h = task % H, bh = b * H + h, row = bh * L;
+    const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, end = sp.end;
     const acc D = p.D ? p.D[h] : acc(0);
     // The state (and the angle) before every chunk.
-    initial_state(p, b, h, states, theta);
+    initial_state(p, bh, sp, states, theta);
     for (int64_t c = 0; c < nc; ++c) {
-      const int64_t t0 = c * Q, n = Q < L - t0 ? Q : L - t0;
+      const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0;
       copy_range(theta, (theta + A), thetas + c * A);
-      load_chunk(p, b, h, t0, n, theta, wk);
+      load_chunk(p, b, h, t0, n, end, theta, wk);
       if (c + 1 < nc) {
         copy_range(states + c * P * N, states + (c + 1) * P * N, states + (c + 1) * P * N);
         chunk_state(wk, n, states + (c + 1) * P * N);
@@ -406,8 +481,8 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
       fill_range(dS, (dS + P * N), acc(0));
     }
     for (int64_t j = 0; j < A; ++j) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
-    fill_range(dlam, (dlam + L), acc(0));
-    fill_range(p.ddt + row, p.ddt + row + L, acc(0));
+    fill_range(p.dtrap + row + sp.start, p.dtrap + row + end, acc(0));
+    fill_range(p.ddt + row + sp.start, p.ddt + row + end, acc(0));
     fill_range(dqb, (dqb + R * N), acc(0));
     fill_range(dkb, (dkb + R * N), acc(0));
     fill_range(dmv, (dmv + R * P), acc(0));
@@ -415,10 +490,10 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
     fill_range(dmo, (dmo + R * P), acc(0));
     acc dD = 0;
     for (int64_t c = nc - 1; c >= 0; --c) {
-      const int64_t t0 = c * Q, n = Q < L - t0 ? Q : L - t0, rows = n * R;
+      const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0, rows = n * R;
       const acc* S = states + c * P * N;
       copy_range(thetas + c * A, thetas + (c + 1) * A, theta);
-      load_chunk(p, b, h, t0, n, theta, wk);
+      load_chunk(p, b, h, t0, n, end, theta, wk);
       chunk_products(wk, n);
       chunk_outputs(wk, n, S, D);
       // The gate and the output mixing: dy (gradient of y before the gate), dz, dmimo_z, dmimo_o.
@@ -547,7 +622,7 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
         dS = dS_prev;
         dS_prev = tmp;
       }
-      coefficient_grads(p, row, t0, n, dacs, dw, dgamma, wk.lam, wk.dtv, dlam);
+      coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, wk.lam, wk.dtv);
       // v mixing, the rotations, and the angle recurrence in reverse.
       fill_range(dtheta, (dtheta + Q * A), acc(0));
       for (int64_t t = 0; t < n; ++t) {
@@ -596,11 +671,8 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
         p.ddt[row + l] += ddt;
       }
     }
-    initial_state_grads(p, bh, row, dS, carry, dlam);
-    for (int64_t l = 0; l < L; ++l) {
-      const acc lam = ssmk::sigmoid(p.trap[row + l]);
-      p.dtrap[row + l] = dlam[l] * lam * (acc(1) - lam);
-    }
+    initial_state_grads(p, bh, row + sp.start, dS, carry);
+    trap_grads(p, row, sp);
     copy_range(dqb, (dqb + R * N), p.dq_bias + bh * R * N);
     copy_range(dkb, (dkb + R * N), p.dk_bias + bh * R * N);
     p.dD[bh] = dD;

@@ -78,49 +78,22 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return out
 
 
-def _mamba3_sequences(fn, cu_seqlens, V, initial_states):
-    """fn on each packed sequence of a batch-1 input (cu_seqlens [S + 1]); outputs concatenated
-    along seqlen, final states stacked along the sequence axis (differentiable)."""
-    if V.shape[0] != 1:
-        raise ValueError(f"cu_seqlens: expected batch 1 with packed sequences, got batch {V.shape[0]}")
-    bounds = [int(b) for b in cu_seqlens.tolist()]
-    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != V.shape[1] or any(
-            b1 <= b0 for b0, b1 in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens: expected increasing offsets from 0 to seqlen={V.shape[1]}, got {bounds}")
-    outs, finals = [], []
-    for i, (b0, b1) in enumerate(zip(bounds, bounds[1:])):
-        init = None if initial_states is None else tuple(
-            None if t is None else t[i:i + 1] for t in initial_states)
-        out, final = fn(b0, b1, init)
-        outs.append(out)
-        finals.append(final)
-    return torch.cat(outs, dim=1), tuple(torch.cat(f, dim=0) for f in zip(*finals))
-
-
 def mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
                          chunk_size=64, return_final_states=False, cu_seqlens=None):
     """mamba_ssm.ops.triton.mamba3.mamba3_siso_combined.mamba3_siso_combined on ssm_kernels.
 
     Q, K [B, L, G, N]; V, Z [B, L, H, P]; ADT, DT, Trap [B, H, L]; Q_bias, K_bias [H, N]; Angles
     [B, L, H, A]; D [H]; Input_States (angle, ssm, k, v) per sequence. With cu_seqlens (batch 1,
-    sequences packed along L), each sequence starts from its own state (zeros or Input_States[i]).
+    sequences packed along L; mamba3_scan's cu_seqlens), each sequence starts from its own state
+    (zeros or Input_States[i]) and the final states are per sequence.
     Returns out, or (out, angle, ssm, k, v) with return_final_states. Unlike mamba_ssm, headdim_qk
     and headdim_v need not be powers of two.
 
     Example:
         >>> out = mamba3_siso_combined(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
     """
-    def run(b0, b1, init):
-        sl = slice(b0, b1)
-        return _mamba3_scan(Q[:, sl], K[:, sl], V[:, sl], ADT[..., sl], DT[..., sl], Trap[..., sl], Q_bias, K_bias,
-                            Angles[:, sl], D, None if Z is None else Z[:, sl], initial_states=init,
-                            chunk_size=chunk_size, return_final_states=True)
-
-    if cu_seqlens is None:
-        out, final = _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z,
-                                  initial_states=Input_States, chunk_size=chunk_size, return_final_states=True)
-    else:
-        out, final = _mamba3_sequences(run, cu_seqlens, V, Input_States)
+    out, final = _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, initial_states=Input_States,
+                              chunk_size=chunk_size, return_final_states=True, cu_seqlens=cu_seqlens)
     return (out, *final) if return_final_states else out
 
 
@@ -156,7 +129,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     MIMO_V, MIMO_Z, MIMO_Out [H, R, P]; Angles [B, L, H, N // rotary_dim_divisor]; D [H]. q, k,
     v, z are cast to `dtype`. Returns out [B, L, H, P] ([B, L, R, H, P], one output per rank,
     when MIMO_Out is None), or (out, angle, ssm, k, v) with return_state (k [B, H, R, N] rotated
-    and biased, v [B, H, R, P] mixed). The fused head-wise RMSNorm is not supported
+    and biased, v [B, H, R, P] mixed; [S, ...] per packed sequence with cu_seqlens). The fused head-wise RMSNorm is not supported
     (NotImplementedError).
 
     Example:
@@ -172,28 +145,19 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     Z = None if Z is None else Z.to(dtype)
     mimo_z = MIMO_Z if Z is not None else None
 
-    def scan(q, k, v, adt, dt, trap, angles, z, out_weights):
-        return _mamba3_scan(q, k, v, adt, dt, trap, Q_bias, K_bias, angles, D, z, MIMO_V, mimo_z, out_weights,
-                            chunk_size=chunk_size, return_final_states=True)
+    def scan(out_weights):
+        return _mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, MIMO_V, mimo_z, out_weights,
+                            chunk_size=chunk_size, return_final_states=True, cu_seqlens=cu_seqlens)
 
-    def run(b0, b1, init):
-        sl = slice(b0, b1)
-        args = (Q[:, sl], K[:, sl], V[:, sl], ADT[..., sl], DT[..., sl], Trap[..., sl], Angles[:, sl],
-                None if Z is None else Z[:, sl])
-        if MIMO_Out is not None:
-            return scan(*args, MIMO_Out)
+    if MIMO_Out is not None:
+        out, final = scan(MIMO_Out)
+    else:
         # one output per rank: the rank's one-hot output weights
-        rank = Q.shape[2]
         outs, final = [], None
-        for r in range(rank):
+        for r in range(Q.shape[2]):
             onehot = torch.zeros_like(MIMO_V)
             onehot[:, r] = 1.0
-            out, final = scan(*args, onehot)
+            out, final = scan(onehot)
             outs.append(out)
-        return torch.stack(outs, dim=2), final
-
-    if cu_seqlens is None:
-        out, final = run(0, V.shape[1], None)
-    else:
-        out, final = _mamba3_sequences(run, cu_seqlens, V, None)
+        out = torch.stack(outs, dim=2)
     return (out, *final) if return_state else out

@@ -48,7 +48,11 @@ class Mamba3(nn.Module):
     Forward:
         u [B, L, d_model] -> out [B, L, d_model]; with ``return_final_states=True`` also the
         states (angle, ssm, k, v) (see ``ssm_kernels.mamba3_scan``), from which ``step``
-        continues; ``initial_states`` continues from such states.
+        continues; ``initial_states`` continues from such states. ``cu_seqlens``
+        [num_seqs + 1] int32/int64 (u [1, T, d_model]): packed sequences, each run as if alone
+        (the layer has no convolution, so only the scan sees them); ``initial_states`` and the
+        returned states are then per sequence ([num_seqs, nheads, ...]), ready for ``step`` on a
+        batch of num_seqs.
 
     Raises:
         ValueError for sizes that do not fit (d_inner not a multiple of headdim, no rotary pair),
@@ -127,7 +131,7 @@ class Mamba3(nn.Module):
         return {"q_bias": self.C_bias.squeeze(1), "k_bias": self.B_bias.squeeze(1)}
 
     def forward(self, u: torch.Tensor, initial_states: Optional[Sequence[torch.Tensor]] = None,
-                return_final_states: bool = False):
+                return_final_states: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
         z, x, B, C, adt, dt, trap, angles = self._project(u)
         gate = None if self.is_outproj_norm else z
         weights = self._weights()
@@ -136,7 +140,7 @@ class Mamba3(nn.Module):
         y, states = ssm_kernels.mamba3_scan(
             C, B, x, adt.transpose(1, 2), dt.transpose(1, 2), trap.transpose(1, 2), angles=angles, D=self.D,
             z=gate, initial_states=initial_states, chunk_size=self.chunk_size, return_final_states=True,
-            **weights)
+            cu_seqlens=cu_seqlens, **weights)
         y = y.flatten(-2)
         if self.is_outproj_norm:
             y = self.norm(y, z.flatten(-2))

@@ -41,6 +41,7 @@ def mamba3_scan(
     initial_states: Optional[Sequence[Optional[torch.Tensor]]] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_final_states: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ):
     """Mamba-3 scan: exponential-trapezoidal SSM with data-dependent rotary state (SISO), or its
     multi-input multi-output form of rank R (MIMO, when mimo_v is given); mamba_ssm's semantics.
@@ -72,6 +73,11 @@ def mamba3_scan(
         chunk_size: 1 .. 256; the result does not depend on it beyond rounding.
         return_final_states: also return the final (angle, ssm, k, v), float32 (float64 for
             float64 inputs).
+        cu_seqlens: [S + 1] int32/int64 offsets of S packed sequences in the one row (batch 1),
+            on v's device: sequence s is tokens cu_seqlens[s] .. cu_seqlens[s + 1] - 1 and runs
+            as if alone (its first token's trapezoid term sees its own initial k, v state, not the
+            previous sequence's last token). initial_states and the final states then have S rows
+            instead of B ([S, H, ...]); an empty sequence's final states are its initial states.
 
     Returns:
         out [B, L, H, P] in v's dtype, or (out, (angle, ssm, k, v)).
@@ -80,9 +86,13 @@ def mamba3_scan(
     states.
 
     Raises:
-        TypeError for a non-tensor or wrongly typed argument or a dtype mismatch; ValueError for a
-        shape that does not fit (mismatched heads or head dims, too many rotary pairs, an odd
-        headdim_qk, wrong state shapes, a missing mixing weight) or tensors on different devices.
+        TypeError for a non-tensor or wrongly typed argument or a dtype mismatch (cu_seqlens not
+        int32/int64); ValueError for a shape that does not fit (mismatched heads or head dims, too
+        many rotary pairs, an odd headdim_qk, wrong state shapes or state count, a missing mixing
+        weight), tensors on different devices, or cu_seqlens with batch > 1, not starting at 0,
+        decreasing or not ending at seqlen (its content is checked for CPU tensors only: reading
+        CUDA values would synchronise; bad content there gives unspecified values, never an
+        out-of-bounds access).
 
     Example:
         >>> B, L, H, G, N, P = 1, 100, 4, 1, 32, 16
@@ -97,7 +107,7 @@ def mamba3_scan(
     out, fa, fs, fk, fv = _op.call(
         "mamba3_scan_fwd", q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles,
         D=D, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_o=mimo_o, initial_angle=ia, initial_ssm=iss, initial_k=ik,
-        initial_v=iv, chunk_size=chunk_size,
+        initial_v=iv, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
     )
     return (out, (fa, fs, fk, fv)) if return_final_states else out
 
@@ -156,8 +166,10 @@ def mamba3_step(
 
 
 @_op.fake("mamba3_scan_fwd")
-def _(q, v, angles, mimo_v):
+def _(q, v, angles, mimo_v, cu_seqlens):
     B, L, H, P = v.shape
+    if cu_seqlens is not None:
+        B = cu_seqlens.shape[0] - 1  # state rows: one per sequence
     N = q.shape[-1]
     A = angles.shape[-1] if angles is not None else 0
     acc = _acc_dtype(v.dtype)

@@ -90,7 +90,7 @@ def mamba3_step(angle_state, ssm_state, k_state, v_state, q, k, v, adt, dt, trap
 
 def mamba3_scan(q, k, v, adt, dt, trap, q_bias=None, k_bias=None, angles=None, D=None, z=None,
                 mimo_v=None, mimo_z=None, mimo_o=None, initial_states=None, chunk_size=64,
-                return_final_states=False):
+                return_final_states=False, cu_seqlens=None):
     """Mamba-3 scan as its per-step recurrence, in float64.
 
     Shapes (SISO / MIMO of rank R; G query/key heads dividing H value heads, head h uses group
@@ -106,7 +106,33 @@ def mamba3_scan(q, k, v, adt, dt, trap, q_bias=None, k_bias=None, angles=None, D
     Math: ``mamba3_step`` applied for t = 0 .. L-1 from the initial states. ``chunk_size`` is
     accepted for signature compatibility and ignored. Returns out [B, L, H, P] float64, and the
     final states (angle, ssm, k, v) when return_final_states. Differentiable by autograd.
+
+    cu_seqlens [S + 1] (batch 1): each packed sequence cu_seqlens[s] .. cu_seqlens[s + 1] - 1 runs
+    alone from initial state row s (states [S, H, ...]); an empty one's final states are its
+    initial states.
     """
+    if cu_seqlens is None:
+        out, states = _scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+                            initial_states)
+        return (out, states) if return_final_states else out
+    offsets = [int(o) for o in cu_seqlens.tolist()]
+    init = tuple(initial_states) if initial_states is not None else (None,) * 4
+    outs, finals = [], []
+    for s in range(len(offsets) - 1):
+        a, b = offsets[s], offsets[s + 1]
+        row = tuple(None if t is None else t[s:s + 1] for t in init)
+        seq = [None if t is None else t[:, a:b] for t in (q, k, v, angles, z)]
+        coef = [t[:, :, a:b] for t in (adt, dt, trap)]
+        out, states = _scan(*seq[:3], *coef, q_bias, k_bias, seq[3], D, seq[4], mimo_v, mimo_z, mimo_o, row)
+        outs.append(out)
+        finals.append(states)
+    out = torch.cat(outs, dim=1)
+    states = tuple(torch.cat(rows) for rows in zip(*finals))
+    return (out, states) if return_final_states else out
+
+
+def _scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, initial_states):
+    """mamba3_scan without cu_seqlens: (out, final states); L may be 0."""
     f = torch.float64
     mimo = mimo_v is not None
     Bn, L, H, P = v.shape
@@ -117,7 +143,7 @@ def mamba3_scan(q, k, v, adt, dt, trap, q_bias=None, k_bias=None, angles=None, D
     kshape = (Bn, H, R, N) if mimo else (Bn, H, N)
     vshape = (Bn, H, R, P) if mimo else (Bn, H, P)
     defaults = ((Bn, H, A), (Bn, H, P, N), kshape, vshape)
-    states = tuple(torch.zeros(s, dtype=f) if t is None else t.to(f) for t, s in zip(init, defaults))
+    states = tuple(torch.zeros(s, dtype=f, device=v.device) if t is None else t.to(f) for t, s in zip(init, defaults))
     outs = []
     for t in range(L):
         out, states = mamba3_step(
@@ -125,5 +151,5 @@ def mamba3_scan(q, k, v, adt, dt, trap, q_bias=None, k_bias=None, angles=None, D
             None if angles is None else angles[:, t], D, None if z is None else z[:, t], mimo_v, mimo_z, mimo_o,
         )
         outs.append(out)
-    out = torch.stack(outs, dim=1)
-    return (out, states) if return_final_states else out
+    out = torch.stack(outs, dim=1) if outs else v.new_zeros((Bn, 0, H, P), dtype=f)
+    return out, states
