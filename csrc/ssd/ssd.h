@@ -25,6 +25,12 @@ namespace ssmk {
 
 struct SsdDims {
   int64_t batch, seqlen, nheads, headdim, ngroups, dstate, chunk, nchunks;
+  // Packed sequences on the CPU (batch 1): chunk c holds tokens chunk_token[c] ..
+  // chunk_token[c] + chunk_len[c] - 1 of the packed row (seqlen tokens) at positions 0 ..
+  // chunk_len[c] - 1, the rest of the chunk being padding. nullptr (CUDA, and unpacked rows):
+  // chunk c holds tokens c Q .. min(c Q + Q, seqlen) - 1.
+  const int64_t* chunk_token;  // [nchunks] or nullptr
+  const int64_t* chunk_len;    // [nchunks] or nullptr
   int64_t tasks() const { return batch * nchunks * nheads; }  // (batch, chunk, head) tasks
 };
 
