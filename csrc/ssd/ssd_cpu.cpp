@@ -392,11 +392,12 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::T
 
 // One pass over the row per direction (packed sequences read in place: no aligned copy).
 template <typename Acc>
-at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d) {
+at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale) {
   const at::Tensor src = t.to(c10::CppTypeToScalarType<Acc>::value);
   const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
   at::Tensor out = at::empty({Bn, nc, K1, Q, K2}, src.options());
   const Acc* in = src.const_data_ptr<Acc>();
+  const Acc* sc = scale.defined() ? scale.const_data_ptr<Acc>() : nullptr;
   Acc* o = out.mutable_data_ptr<Acc>();
   const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
   at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
@@ -407,7 +408,10 @@ at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d) {
       for (int64_t q = 0; q < n; ++q) {
         const Acc* row = in + b * s0 + (first + q) * s1 + k1 * s2;
         Acc* drow = dst + q * K2;
-        if (s3 == 1) {
+        if (sc) {
+          const Acc f = sc[i * Q + q];
+          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3] * f;
+        } else if (s3 == 1) {
           std::copy(row, row + K2, drow);
         } else {
           for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3];
@@ -439,8 +443,8 @@ at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::Sca
   return out.to(dtype);
 }
 
-template at::Tensor ssd_cpu_gather_chunks<float>(const at::Tensor&, const SsdDims&);
-template at::Tensor ssd_cpu_gather_chunks<double>(const at::Tensor&, const SsdDims&);
+template at::Tensor ssd_cpu_gather_chunks<float>(const at::Tensor&, const SsdDims&, const at::Tensor&);
+template at::Tensor ssd_cpu_gather_chunks<double>(const at::Tensor&, const SsdDims&, const at::Tensor&);
 template at::Tensor ssd_cpu_scatter_chunks<float>(const at::Tensor&, const SsdDims&, at::ScalarType);
 template at::Tensor ssd_cpu_scatter_chunks<double>(const at::Tensor&, const SsdDims&, at::ScalarType);
 

@@ -217,15 +217,17 @@ SsdDims dims_of(const Args& in, const Packing& packing) {
 }
 
 // [B, L, K1, K2] (any dtype and strides) -> [B, nc, K1, Q, K2] accumulation dtype, contiguous,
-// padding positions zero.
-at::Tensor pack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType acc) {
-  if (d.chunk_token) {
-    return acc == at::kDouble ? ssd_cpu_gather_chunks<double>(t, d) : ssd_cpu_gather_chunks<float>(t, d);
+// padding positions zero; times `scale` [B, nc, K1, Q] when defined.
+at::Tensor pack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType acc, const at::Tensor& scale = {}) {
+  if (d.chunk_token) {  // one pass, the scale included
+    return acc == at::kDouble ? ssd_cpu_gather_chunks<double>(t, d, scale) : ssd_cpu_gather_chunks<float>(t, d, scale);
   }
   const int64_t Bn = t.size(0), L = t.size(1), K1 = t.size(2), K2 = t.size(3), nc = d.nchunks, Q = d.chunk;
   at::Tensor a = t.to(acc);
   if (nc * Q != L) a = at::constant_pad_nd(a, {0, 0, 0, 0, 0, nc * Q - L});
-  return a.reshape({Bn, nc, Q, K1, K2}).permute({0, 1, 3, 2, 4}).contiguous();
+  a = a.reshape({Bn, nc, Q, K1, K2}).permute({0, 1, 3, 2, 4}).contiguous();
+  // Not in place: with one head and no padding `a` can alias t itself.
+  return scale.defined() ? a * scale.unsqueeze(-1) : a;
 }
 
 // Inverse of pack_chunks for [B, nc, K1, Q, K2] -> [B, L, K1, K2] in `dtype`.
@@ -325,8 +327,7 @@ Prepared prepare(const Args& in, const Packing& packing, const Stages& st, GemmO
   const at::Tensor Cg = s.Cc.view({Bn * nc * G, Q, N});
   s.cb = st.gemm(Cg, Bg.transpose(1, 2), Triangle::kLowerOut);
 
-  // Not in place: with one head and no padding the packed tensor can alias x itself.
-  s.xdt = pack_chunks(in.x, d, acc_type) * s.dtv.unsqueeze(-1);
+  s.xdt = pack_chunks(in.x, d, acc_type, s.dtv);
   s.xwT = (s.xdt * s.e.unsqueeze(-1)).transpose(-1, -2).contiguous();
   // S_c = sum_s e_s dt_s x_s B_s^T, heads of a group stacked along P.
   s.states = st.gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg, Triangle::kNone, ops);
