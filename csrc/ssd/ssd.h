@@ -58,8 +58,8 @@ struct SsdPrepParams : SsdDims, SsdDtParams<T> {
   acc* e;              // [B, nc, H, Q] e^{Acs_last - Acs_s}, masked to the last position's sequence
   acc* r;              // [B, nc, H, Q] e^{Acs_t}, masked to the previous chunk's last sequence
   acc* kdecay;         // [B, nc, H] e^{Acs_last}, 0 when the chunk starts a new sequence
-  // Packed sequences (batch 1): [nc * Q], 0 on the padding between sequences (dt taken as 0
-  // there), or nullptr.
+  // Packed sequences on CUDA (the aligned copy, batch 1): [nc * Q], 0 on the padding between
+  // sequences (dt taken as 0 there), or nullptr. The CPU's chunk map (SsdDims) needs none.
   const uint8_t* valid;
 };
 
