@@ -231,3 +231,49 @@ def test_varlen_ssd_bad_inputs(device):
         torch.ops.ssm_kernels.ssd_scan_bwd(
             *_op_args({**inp, "initial_states": None}), torch.ones_like(inp["x"]), torch.zeros(2, 4, 8, 16, device=device),
             inp["cu_seqlens"])
+
+
+def _same_grads(inp_a, inp_b, names):
+    la, out_a, fin_a = run(ours, inp_a)
+    lb, out_b, fin_b = run(ours, inp_b)
+    assert torch.equal(out_a, out_b) and torch.equal(fin_a, fin_b)
+    g_out, g_fin = torch.randn_like(out_a), torch.randn_like(fin_a)
+    ga = grads([out_a, fin_a], [la[k] for k in names], [g_out, g_fin])
+    gb = grads([out_b, fin_b], [lb[k] for k in names], [g_out, g_fin])
+    for name, a, b in zip(names, ga, gb):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("L", [1, 16, 17, 50])
+def test_varlen_ssd_one_sequence_is_the_unpacked_scan(L, device):
+    """One packed sequence runs the chunks of the unpacked row: bitwise the same results."""
+    inp = make_inputs([L], 16, F32, device, z=True, D=True, dt_bias=True, softplus=True, init=True)
+    unpacked = {k: v for k, v in inp.items() if k != "cu_seqlens"}
+    _same_grads(inp, unpacked, [k for k in NAMES if k in inp])
+
+
+def test_varlen_ssd_runs_of_empty_sequences(device):
+    """Adjacent empty sequences, first and last: each keeps its own initial state as final state
+    and gets its final state's gradient as initial state's gradient."""
+    inp = make_inputs([0, 0, 16, 0, 0, 17, 1, 0, 0], 16, F32, device, z=True, D=True, init=True)
+    compare(inp, F32)
+
+
+def test_varlen_ssd_fused_projection_views(device):
+    """x, z, B, C and dt as slices of one projection output (Mamba-2's in_proj split): rows
+    strided along the sequence, read in place; bitwise the results of contiguous copies."""
+    lens, heads, headdim, dstate = [21, 0, 16, 40], 4, 8, 16
+    L = sum(lens)
+    widths = [heads * headdim, heads * headdim, dstate, dstate, heads]
+    proj = torch.randn(1, L, sum(widths), device=device)
+    xs, zs, Bs, Cs, dts = proj.split(widths, dim=-1)
+    Bs.mul_(dstate**-0.5)
+    dts.uniform_(0.005, 0.15)
+    inp = make_inputs(lens, 16, F32, device, heads=heads, headdim=headdim, dstate=dstate, groups=1, z=True, D=True,
+                      init=True)
+    inp.update(x=xs.unflatten(-1, (heads, headdim)), z=zs.unflatten(-1, (heads, headdim)), B=Bs.unsqueeze(2),
+               C=Cs.unsqueeze(2), dt=dts)
+    assert not any(inp[k].is_contiguous() for k in ("x", "z", "B", "C", "dt"))
+    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    _same_grads(inp, contig, [k for k in NAMES if k in inp])
+    compare(inp, F32)

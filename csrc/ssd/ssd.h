@@ -25,6 +25,12 @@ namespace ssmk {
 
 struct SsdDims {
   int64_t batch, seqlen, nheads, headdim, ngroups, dstate, chunk, nchunks;
+  // Packed sequences on the CPU (batch 1): chunk c holds tokens chunk_token[c] ..
+  // chunk_token[c] + chunk_len[c] - 1 of the packed row (seqlen tokens) at positions 0 ..
+  // chunk_len[c] - 1, the rest of the chunk being padding. nullptr (CUDA, and unpacked rows):
+  // chunk c holds tokens c Q .. min(c Q + Q, seqlen) - 1.
+  const int64_t* chunk_token;  // [nchunks] or nullptr
+  const int64_t* chunk_len;    // [nchunks] or nullptr
   int64_t tasks() const { return batch * nchunks * nheads; }  // (batch, chunk, head) tasks
 };
 
@@ -52,8 +58,8 @@ struct SsdPrepParams : SsdDims, SsdDtParams<T> {
   acc* e;              // [B, nc, H, Q] e^{Acs_last - Acs_s}, masked to the last position's sequence
   acc* r;              // [B, nc, H, Q] e^{Acs_t}, masked to the previous chunk's last sequence
   acc* kdecay;         // [B, nc, H] e^{Acs_last}, 0 when the chunk starts a new sequence
-  // Packed sequences (batch 1): [nc * Q], 0 on the padding between sequences (dt taken as 0
-  // there), or nullptr.
+  // Packed sequences on CUDA (the aligned copy, batch 1): [nc * Q], 0 on the padding between
+  // sequences (dt taken as 0 there), or nullptr. The CPU's chunk map (SsdDims) needs none.
   const uint8_t* valid;
 };
 

@@ -163,7 +163,7 @@ SSMK_CPU_INLINE void scan_rows(const Params& p, int64_t begin, int64_t end) {
 SSMK_CPU_MULTIVERSION(scan_rows, (typename acc_t, typename Params), (acc_t, Params),
                       (const Params& p, int64_t begin, int64_t end), (p, begin, end))
 
-// out = (y_intra + r_t y_inter + D x) * silu(z), for the valid positions of each chunk.
+// out = (y_intra + r_t y_inter + D x) * silu(z), for the tokens of each chunk.
 template <typename input_t>
 SSMK_CPU_INLINE void epilogue_tasks(const SsdFwdParams<input_t>& p, int64_t begin, int64_t end) {
   using acc_t = ssmk::acc_t<input_t>;
@@ -177,9 +177,9 @@ SSMK_CPU_INLINE void epilogue_tasks(const SsdFwdParams<input_t>& p, int64_t begi
     const acc_t* yi = p.y_intra + i * Q * P;
     const acc_t* yT = p.y_interT + i * P * Q;
     const acc_t* r = p.r + i * Q;
-    const int64_t nvalid = std::min(Q, L - k.c * Q);
+    const int64_t first = ssd::chunk_first_token(p, k.c), nvalid = ssd::chunk_tokens(p, k.c);
     for (int64_t t = 0; t < nvalid; ++t) {
-      const int64_t l = k.c * Q + t;
+      const int64_t l = first + t;
       const acc_t rt = r[t];
       for (int64_t q = 0; q < P; ++q) y[q] = yi[t * P + q] + rt * yT[q * Q + t];
       const input_t* xr = x + k.b * p.x.stride[0] + l * p.x.stride[1] + k.h * p.x.stride[2];
@@ -297,9 +297,9 @@ SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, 
     const acc_t* yi = p.y_intra + (z ? i * Q * P : 0);
     std::fill(dD.begin(), dD.end(), acc_t(0));
     acc_t dA = 0;
-    const int64_t nvalid = std::min(Q, L - k.c * Q);
+    const int64_t first = ssd::chunk_first_token(p, k.c), nvalid = ssd::chunk_tokens(p, k.c);
     for (int64_t t = 0; t < nvalid; ++t) {
-      const int64_t l = k.c * Q + t;
+      const int64_t l = first + t;
       const input_t* xr = x + k.b * p.x.stride[0] + l * p.x.stride[1] + k.h * p.x.stride[2];
       input_t* dxr = p.dx + ((k.b * L + l) * H + k.h) * P;
       const acc_t et = e[t], dtt = dtv[t];
@@ -389,6 +389,64 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::T
 }
 
 }  // namespace
+
+// One pass over the row per direction (packed sequences read in place: no aligned copy).
+template <typename Acc>
+at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale) {
+  const at::Tensor src = t.to(c10::CppTypeToScalarType<Acc>::value);
+  const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
+  at::Tensor out = at::empty({Bn, nc, K1, Q, K2}, src.options());
+  const Acc* in = src.const_data_ptr<Acc>();
+  const Acc* sc = scale.defined() ? scale.const_data_ptr<Acc>() : nullptr;
+  Acc* o = out.mutable_data_ptr<Acc>();
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
+  at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
+      const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
+      Acc* dst = o + i * Q * K2;
+      for (int64_t q = 0; q < n; ++q) {
+        const Acc* row = in + b * s0 + (first + q) * s1 + k1 * s2;
+        Acc* drow = dst + q * K2;
+        if (sc) {
+          const Acc f = sc[i * Q + q];
+          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3] * f;
+        } else if (s3 == 1) {
+          std::copy(row, row + K2, drow);
+        } else {
+          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3];
+        }
+      }
+      std::fill(dst + n * K2, dst + Q * K2, Acc(0));
+    }
+  });
+  return out;
+}
+
+template <typename Acc>
+at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
+  const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(4), Q = d.chunk, nc = d.nchunks, L = d.seqlen;
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty({Bn, L, K1, K2}, src.options());
+  const Acc* in = src.const_data_ptr<Acc>();
+  Acc* o = out.mutable_data_ptr<Acc>();
+  at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
+      const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
+      for (int64_t q = 0; q < n; ++q) {
+        const Acc* row = in + (i * Q + q) * K2;
+        std::copy(row, row + K2, o + ((b * L + first + q) * K1 + k1) * K2);
+      }
+    }
+  });
+  return out.to(dtype);
+}
+
+template at::Tensor ssd_cpu_gather_chunks<float>(const at::Tensor&, const SsdDims&, const at::Tensor&);
+template at::Tensor ssd_cpu_gather_chunks<double>(const at::Tensor&, const SsdDims&, const at::Tensor&);
+template at::Tensor ssd_cpu_scatter_chunks<float>(const at::Tensor&, const SsdDims&, at::ScalarType);
+template at::Tensor ssd_cpu_scatter_chunks<double>(const at::Tensor&, const SsdDims&, at::ScalarType);
 
 // The CPU multiplies in the accumulation dtype (mm_tri: the GPU's row blocking).
 template <typename T>

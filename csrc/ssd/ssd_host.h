@@ -33,6 +33,15 @@ namespace ssd {
 inline constexpr GemmOperands kBwdOperands = GemmOperands::kFloat32;
 }  // namespace ssd
 
+// Packed sequences on the CPU (d's chunk map set, ssd.h): [B, L, K1, K2] of any dtype and
+// strides -> [B, nc, K1, Q, K2] in Acc, contiguous, zero on padding, each row times `scale`
+// [B, nc, K1, Q] when defined (gather), and [B, nc, K1, Q, K2] Acc -> [B, L, K1, K2] in `dtype`,
+// contiguous (scatter, padding dropped).
+template <typename Acc>
+at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale = {});
+template <typename Acc>
+at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype);
+
 // The stages, declared once for both devices.
 #define SSMK_SSD_STAGES(T)                                                                                   \
   using acc = acc_t<T>;                                                                                      \

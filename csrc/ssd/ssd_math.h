@@ -64,8 +64,22 @@ SSMK_HOST_DEVICE T segment_decay(const T* acs, const int32_t* seg, int t, int s)
   return ssd_exp(acs[t] - acs[s]);
 }
 
+// The token of the row at position 0 of chunk c, and the chunk's number of tokens (the rest of
+// the chunk is padding). Dims is SsdDims (ssd.h): its chunk map for packed sequences on the CPU,
+// else chunk c holds tokens c Q .. min(c Q + Q, seqlen) - 1.
+template <typename Dims>
+SSMK_HOST_DEVICE int64_t chunk_first_token(const Dims& d, int64_t c) {
+  return d.chunk_token ? d.chunk_token[c] : c * d.chunk;
+}
+template <typename Dims>
+SSMK_HOST_DEVICE int64_t chunk_tokens(const Dims& d, int64_t c) {
+  if (d.chunk_len) return d.chunk_len[c];
+  const int64_t left = d.seqlen - c * d.chunk;
+  return left < d.chunk ? left : d.chunk;
+}
+
 // One (batch, chunk, head) task of the first stage, shared verbatim by the CPU loop and the CUDA
-// thread: dt processing (0 on the padding past seqlen), Acs (the within-chunk cumulative sum of
+// thread: dt processing (0 on the padding after the chunk's tokens), Acs (the within-chunk cumulative sum of
 // dt * A), e_s = e^{Acs_last - Acs_s} (masked to the sequence of the chunk's last position),
 // r_t = e^{Acs_t} (masked to the sequence of the previous chunk's last position, position 0 for
 // the first chunk) and kdecay = e^{Acs_last} (0 when the chunk's last position belongs to another
@@ -82,8 +96,8 @@ SSMK_HOST_DEVICE void prep_task(const Params& p, int64_t i) {
   acc_t* e = p.e + i * Q;
   acc_t* r = p.r + i * Q;
   const input_t* dt_row = p.dt.data + b * p.dt.stride[0] + h * p.dt.stride[2];
-  const int64_t left = p.seqlen - c * Q;
-  const int64_t nvalid = left < Q ? left : Q;
+  const int64_t first = chunk_first_token(p, c);
+  const int64_t nvalid = chunk_tokens(p, c);
   const int32_t* sg = p.seg ? p.seg + (b * nc + c) * Q : nullptr;
   acc_t cum = 0;
   for (int64_t t = 0; t < Q; ++t) {
@@ -92,7 +106,7 @@ SSMK_HOST_DEVICE void prep_task(const Params& p, int64_t i) {
     // and it keeps one sequence's dt out of another's results and gradients bit for bit.
     if (sg && t > 0 && sg[t] != sg[t - 1]) cum = 0;
     const bool real = t < nvalid && (p.valid == nullptr || p.valid[c * Q + t] != 0);
-    const acc_t v = real ? dt_process(static_cast<acc_t>(dt_row[(c * Q + t) * p.dt.stride[1]]), bias,
+    const acc_t v = real ? dt_process(static_cast<acc_t>(dt_row[(first + t) * p.dt.stride[1]]), bias,
                                             p.softplus, p.clamp, lo, hi)
                                : acc_t(0);
     dtv[t] = v;

@@ -1,6 +1,8 @@
 // ssd_scan ops: the argument lists, checks, buffers and the stage sequence shared by both devices
 // (the stages themselves: ssd_host.h).
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "common/dispatch.h"
 #include "common/op.h"
@@ -91,20 +93,33 @@ Varlen check_inputs(const Args& in) {
   return v;
 }
 
-// Packed sequences run on a chunk-aligned copy of the row: each sequence starts at a chunk
-// boundary and the rest of its last chunk is padding (dt = 0 there, so the state passes through
-// unchanged and the state after the chunk is the state at the sequence's last token). Every chunk
-// then holds one sequence: no masking inside chunks, and the scan restarts each sequence from
-// its own initial state and stops at its last chunk. An empty sequence gets one padding chunk
-// (its final state is its initial state). All of it is built on the device from the offsets,
-// with sizes known from shapes only: ceil(L / Q) + num_seqs chunks bound the aligned length.
+// Packed sequences run chunk-aligned: each sequence starts at a chunk boundary and the rest of
+// its last chunk is padding (dt = 0 there, so the state passes through unchanged and the state
+// after the chunk is the state at the sequence's last token). Every chunk then holds one
+// sequence: no masking inside chunks, and the scan restarts each sequence from its own initial
+// state and stops at its last chunk. An empty sequence gets one padding chunk (its final state is
+// its initial state).
+//
+// CPU: the offsets are read on the host into a chunk map (SsdDims::chunk_token, chunk_len) with
+// exactly sum_s max(1, ceil(len_s / Q)) chunks; the stages read the packed row through it and
+// write their outputs straight to the packed row, and the chunk-major buffers are gathered from
+// it in one pass (ssd_cpu_gather_chunks): nothing else is copied.
+// CUDA: reading the offsets on the host would synchronise, so the row is copied into a
+// chunk-aligned row built on the device, with sizes known from shapes only (ceil(L / Q) +
+// num_seqs chunks bound the aligned length; chunks past the last sequence are padding), the
+// normal kernels run on it and the results are copied back.
 struct Packing {
   int64_t num_seqs = 0;
+  at::Tensor chunk_seq;  // [nc] int32: sequence of each chunk, num_seqs past the last one
+  // CPU: the chunk map.
+  int64_t nchunks = 0;
+  at::Tensor chunk_token, chunk_len;  // [nc] int64
+  // CUDA: the aligned copy.
   at::Tensor pos;        // [L] int64: aligned position of each token
   at::Tensor valid;      // [nc * Q] uint8: 1 at a token, 0 on padding
-  at::Tensor chunk_seq;  // [nc] int32: sequence of each chunk, num_seqs past the last one
   int64_t padded_len = 0;
   bool packed() const { return num_seqs > 0; }
+  bool aligned() const { return pos.defined(); }  // runs on an aligned copy of the row
 
   // [1, L, ...] -> [1, padded_len, ...] (zeros on padding), contiguous. Moved as whole rows of
   // a [positions, rest] matrix (one contiguous copy per position).
@@ -122,9 +137,35 @@ struct Packing {
   }
 };
 
-Packing make_packing(const Varlen& v, int64_t L, int64_t Q) {
+Packing make_cpu_chunk_map(const Varlen& v, int64_t Q) {
   Packing k;
-  if (!v.packed()) return k;
+  const int64_t S = v.num_seqs;
+  const int64_t* off = v.offsets.const_data_ptr<int64_t>();  // checked by check_cu_seqlens
+  k.num_seqs = S;
+  for (int64_t s = 0; s < S; ++s) k.nchunks += std::max<int64_t>(1, (off[s + 1] - off[s] + Q - 1) / Q);
+  const auto i64 = v.offsets.options();
+  k.chunk_token = at::empty({k.nchunks}, i64);
+  k.chunk_len = at::empty({k.nchunks}, i64);
+  k.chunk_seq = at::empty({k.nchunks}, i64.dtype(at::kInt));
+  int64_t* token = k.chunk_token.mutable_data_ptr<int64_t>();
+  int64_t* len = k.chunk_len.mutable_data_ptr<int64_t>();
+  int32_t* seq = k.chunk_seq.mutable_data_ptr<int32_t>();
+  int64_t c = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = off[s + 1] - off[s];
+    for (int64_t j = 0; j == 0 || j * Q < n; ++j, ++c) {
+      token[c] = off[s] + j * Q;
+      len[c] = std::min(Q, n - j * Q);
+      seq[c] = static_cast<int32_t>(s);
+    }
+  }
+  return k;
+}
+
+Packing make_packing(const Varlen& v, int64_t L, int64_t Q) {
+  if (!v.packed()) return Packing{};
+  if (v.offsets.is_cpu()) return make_cpu_chunk_map(v, Q);
+  Packing k;
   const at::Tensor& off = v.offsets;  // [S + 1] int64
   const int64_t S = v.num_seqs;
   const int64_t nc = (L + Q - 1) / Q + S;
@@ -157,7 +198,7 @@ Args aligned_args(const Args& in, const Packing& k) {
 }
 
 template <typename Args>
-SsdDims dims_of(const Args& in) {
+SsdDims dims_of(const Args& in, const Packing& packing) {
   SsdDims d{};
   d.batch = in.x.size(0);
   d.seqlen = in.x.size(1);
@@ -167,22 +208,36 @@ SsdDims dims_of(const Args& in) {
   d.dstate = in.B.size(3);
   d.chunk = in.chunk_size;
   d.nchunks = (d.seqlen + d.chunk - 1) / d.chunk;
+  if (packing.packed() && !packing.aligned()) {
+    d.nchunks = packing.nchunks;
+    d.chunk_token = packing.chunk_token.const_data_ptr<int64_t>();
+    d.chunk_len = packing.chunk_len.const_data_ptr<int64_t>();
+  }
   return d;
 }
 
 // [B, L, K1, K2] (any dtype and strides) -> [B, nc, K1, Q, K2] accumulation dtype, contiguous,
-// positions >= L zero.
-at::Tensor pack_chunks(const at::Tensor& t, int64_t nc, int64_t Q, at::ScalarType acc) {
-  const int64_t Bn = t.size(0), L = t.size(1), K1 = t.size(2), K2 = t.size(3);
+// padding positions zero; times `scale` [B, nc, K1, Q] when defined.
+at::Tensor pack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType acc, const at::Tensor& scale = {}) {
+  if (d.chunk_token) {  // one pass, the scale included
+    return acc == at::kDouble ? ssd_cpu_gather_chunks<double>(t, d, scale) : ssd_cpu_gather_chunks<float>(t, d, scale);
+  }
+  const int64_t Bn = t.size(0), L = t.size(1), K1 = t.size(2), K2 = t.size(3), nc = d.nchunks, Q = d.chunk;
   at::Tensor a = t.to(acc);
   if (nc * Q != L) a = at::constant_pad_nd(a, {0, 0, 0, 0, 0, nc * Q - L});
-  return a.reshape({Bn, nc, Q, K1, K2}).permute({0, 1, 3, 2, 4}).contiguous();
+  a = a.reshape({Bn, nc, Q, K1, K2}).permute({0, 1, 3, 2, 4}).contiguous();
+  // Not in place: with one head and no padding `a` can alias t itself.
+  return scale.defined() ? a * scale.unsqueeze(-1) : a;
 }
 
 // Inverse of pack_chunks for [B, nc, K1, Q, K2] -> [B, L, K1, K2] in `dtype`.
-at::Tensor unpack_chunks(const at::Tensor& t, int64_t L, at::ScalarType dtype) {
+at::Tensor unpack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
+  if (d.chunk_token) {
+    return t.scalar_type() == at::kDouble ? ssd_cpu_scatter_chunks<double>(t, d, dtype)
+                                          : ssd_cpu_scatter_chunks<float>(t, d, dtype);
+  }
   const int64_t Bn = t.size(0), nc = t.size(1), K1 = t.size(2), Q = t.size(3), K2 = t.size(4);
-  return t.permute({0, 1, 3, 2, 4}).reshape({Bn, nc * Q, K1, K2}).narrow(1, 0, L).to(dtype).contiguous();
+  return t.permute({0, 1, 3, 2, 4}).reshape({Bn, nc * Q, K1, K2}).narrow(1, 0, d.seqlen).to(dtype).contiguous();
 }
 
 // Everything the forward and the backward share: processed parameters, packed chunk buffers,
@@ -236,7 +291,7 @@ Prepared prepare(const Args& in, const Packing& packing, const Stages& st, GemmO
   const auto opts = in.x.options().dtype(acc_type);
   Prepared s;
   s.packing = &packing;
-  s.d = dims_of(in);
+  s.d = dims_of(in, packing);
   const SsdDims& d = s.d;
   const int64_t Bn = d.batch, L = d.seqlen, H = d.nheads, P = d.headdim, G = d.ngroups, N = d.dstate;
   const int64_t Q = d.chunk, nc = d.nchunks, Hg = H / G;
@@ -263,17 +318,16 @@ Prepared prepare(const Args& in, const Packing& packing, const Stages& st, GemmO
   p.e = ptr<acc>(s.e);
   p.r = ptr<acc>(s.r);
   p.kdecay = ptr<acc>(s.kdecay);
-  p.valid = packing.packed() ? packing.valid.data_ptr<uint8_t>() : nullptr;
+  p.valid = packing.aligned() ? packing.valid.data_ptr<uint8_t>() : nullptr;
   st.prep(p);
 
-  s.Bc = pack_chunks(in.B, nc, Q, acc_type);
-  s.Cc = pack_chunks(in.C, nc, Q, acc_type);
+  s.Bc = pack_chunks(in.B, d, acc_type);
+  s.Cc = pack_chunks(in.C, d, acc_type);
   const at::Tensor Bg = s.Bc.view({Bn * nc * G, Q, N});
   const at::Tensor Cg = s.Cc.view({Bn * nc * G, Q, N});
   s.cb = st.gemm(Cg, Bg.transpose(1, 2), Triangle::kLowerOut);
 
-  // Not in place: with one head and no padding the packed tensor can alias x itself.
-  s.xdt = pack_chunks(in.x, nc, Q, acc_type) * s.dtv.unsqueeze(-1);
+  s.xdt = pack_chunks(in.x, d, acc_type, s.dtv);
   s.xwT = (s.xdt * s.e.unsqueeze(-1)).transpose(-1, -2).contiguous();
   // S_c = sum_s e_s dt_s x_s B_s^T, heads of a group stacked along P.
   s.states = st.gemm(s.xwT.view({Bn * nc * G, Hg * P, Q}), Bg, Triangle::kNone, ops);
@@ -329,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const SsdScanFwdArgs& in, const Packi
   p.y_interT = ptr<acc>(y_interT);
   p.out = ptr<T>(out);
   st.epilogue(p);
-  if (packing.packed()) out = packing.unalign(out);
+  if (packing.aligned()) out = packing.unalign(out);
   return {out, final_states};
 }
 
@@ -350,7 +404,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   // dy = dout * silu(z): the gradient of y before the gate.
   at::Tensor dy_l = dout.to(acc_type);
   if (in.z) dy_l = dy_l * at::silu(in.z->to(acc_type));
-  const at::Tensor dy = pack_chunks(dy_l, nc, Q, acc_type);                            // [B, nc, H, Q, P]
+  const at::Tensor dy = pack_chunks(dy_l, d, acc_type);                                // [B, nc, H, Q, P]
   const at::Tensor dyrT = (dy * s.r.unsqueeze(-1)).transpose(-1, -2).contiguous();  // [B, nc, H, P, Q]
   // d loss / d H_{c-1} through chunk c's inter-chunk outputs: (r dy)^T C.
   at::Tensor dstates = st.gemm(dyrT.view({BncG, Hg * P, Q}), s.Cc.view({BncG, Q, N}), Triangle::kNone, ssd::kBwdOperands);
@@ -424,7 +478,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   p.dA_part = ptr<acc>(dA_part);
   p.dD_part = in.D ? ptr<acc>(dD_part) : nullptr;
   st.final(p);
-  if (packing.packed()) {  // back to the packed row; padding positions drop out of every sum below
+  if (packing.aligned()) {  // back to the packed row; padding positions drop out of every sum below
     dx = packing.unalign(dx);
     ddt = packing.unalign(ddt);
     if (in.z) dz = packing.unalign(dz);
@@ -442,9 +496,9 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
   at::Tensor ddt_bias =
       in.dt_bias ? ddt.sum(at::IntArrayRef{0, 1}).to(in.dt_bias->scalar_type()) : new_grad({}, x);
   at::Tensor dinit_out = in.initial_states ? dinit.to(in.initial_states->scalar_type()) : new_grad({}, x);
-  at::Tensor dB_out = unpack_chunks(dB.view({Bn, nc, G, Q, N}), L, in.B.scalar_type());
-  at::Tensor dC_out = unpack_chunks(dC.view({Bn, nc, G, Q, N}), L, in.C.scalar_type());
-  if (packing.packed()) {
+  at::Tensor dB_out = unpack_chunks(dB.view({Bn, nc, G, Q, N}), d, in.B.scalar_type());
+  at::Tensor dC_out = unpack_chunks(dC.view({Bn, nc, G, Q, N}), d, in.C.scalar_type());
+  if (packing.aligned()) {
     dB_out = packing.unalign(dB_out);
     dC_out = packing.unalign(dC_out);
   }
@@ -455,7 +509,7 @@ BwdResult run_bwd(const SsdScanBwdArgs& in, const at::Tensor& dout, const Packin
 std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd(const SsdScanFwdArgs& in_args) {
   const Varlen v = check_inputs(in_args);
   const Packing packing = make_packing(v, in_args.x.size(1), in_args.chunk_size);
-  const SsdScanFwdArgs in = packing.packed() ? aligned_args(in_args, packing) : in_args;
+  const SsdScanFwdArgs in = packing.aligned() ? aligned_args(in_args, packing) : in_args;
   std::tuple<at::Tensor, at::Tensor> result;
   SSMK_DISPATCH_FLOAT(in.x.scalar_type(), "ssd_scan_fwd", [&] {
     using T = scalar_t;
@@ -479,11 +533,11 @@ BwdResult ssd_scan_bwd(const SsdScanBwdArgs& in_args) {
     check_same_device(*in_args.dfinal_states, x_in, "dfinal_states");
   }
   const Packing packing = make_packing(v, x_in.size(1), in_args.chunk_size);
-  const SsdScanBwdArgs in = packing.packed() ? aligned_args(in_args, packing) : in_args;
+  const SsdScanBwdArgs in = packing.aligned() ? aligned_args(in_args, packing) : in_args;
   const at::Tensor& x = in.x;
   // dout arrives in whatever dtype autograd produced; the kernels read it in x's dtype.
   at::Tensor dout = in_args.dout.to(x.scalar_type());
-  if (packing.packed()) dout = packing.align(dout);
+  if (packing.aligned()) dout = packing.align(dout);
   BwdResult result;
   SSMK_DISPATCH_FLOAT(x.scalar_type(), "ssd_scan_bwd", [&] {
     using T = scalar_t;
