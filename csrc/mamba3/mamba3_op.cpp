@@ -1,9 +1,9 @@
 // mamba3_scan and mamba3_step ops: the argument lists, checks, allocation and params fill shared
-// by both devices.
+// by both devices; and the test hook (end of file).
 #include <string>
 
 #include "common/dispatch.h"
-#include "common/op.h"
+#include "common/op_library.h"
 #include "common/output.h"
 #include "common/varlen.h"
 #include "mamba3/mamba3.h"
@@ -461,3 +461,9 @@ SSMK_OP(mamba3_scan_bwd, Mamba3BwdArgs,
         "Tensor dangles, Tensor dD, Tensor dz, Tensor dmimo_v, Tensor dmimo_z, Tensor dmimo_o, Tensor dinitial_angle, "
         "Tensor dinitial_ssm, Tensor dinitial_k, Tensor dinitial_v)")
 SSMK_OP(mamba3_step, Mamba3StepArgs, "Tensor")
+
+// mamba3 test hook (CPU): switches the CPU scan to mamba3_task.h's per-task kernels, the code the
+// GPU runs, so that the CPU tests check it as well as the blocked CPU kernels.
+TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
+  m.def("mamba3_cpu_task_kernels(bool on) -> bool", [](bool on) { return ssmk::mamba3_cpu_task_kernels(on); });
+}
