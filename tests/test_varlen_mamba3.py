@@ -26,8 +26,7 @@ F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float6
 PER_TOKEN_AXIS = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
 
 
-def offsets(lens, device, dtype=torch.int32):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
+offsets = testing.seq_offsets
 
 
 def make_packed(lens, chunk, dtype, device, *, init=True, strided=False, index_dtype=torch.int32, **opts):

@@ -18,11 +18,7 @@ SHORT = [0, 1, 5, 0, 37, 2, 1, 1, 20, 0]
 LONG = [CHUNK_SIZE - 1, 1, CHUNK_SIZE + 1, 0, 3, 2 * CHUNK_SIZE + 5]
 
 
-def offsets(lengths, dtype=torch.int32, device="cpu"):
-    out = [0]
-    for n in lengths:
-        out.append(out[-1] + n)
-    return torch.tensor(out, dtype=dtype, device=device)
+offsets = testing.seq_offsets
 
 
 def spans(cu):
@@ -139,7 +135,7 @@ def test_selective_scan_packed_long_sequences_across_chunks(device):
     # Long sequences: the op per sequence (itself checked against the reference at these
     # lengths in test_selective_scan.py) in float64 is the reference.
     inp = ss_inputs(LONG, F64, dim=2, N=3, device=device)
-    cu = offsets(LONG, torch.int64, device)
+    cu = offsets(LONG, device, torch.int64)
     out, last, g = ss_run(inp, cu, None)
     rout, rlast, rg = ss_run(inp, cu, ssm_kernels.selective_scan, packed=False)
     assert_close(out, rout, F64, "out")
@@ -372,7 +368,7 @@ def test_linear_scan_packed_matches_reference(case, device):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_linear_scan_packed_long_sequences(reverse, device):
     a, b, h0 = ls_inputs((2,), sum(LONG), F32, "contig", device, S=len(LONG))
-    cu = offsets(LONG, torch.int64, device)
+    cu = offsets(LONG, device, torch.int64)
     h, last, g = ls_run(a, b, h0, cu, reverse)
     rh, rlast, rg = ls_run(a, b, h0, cu, reverse, reference.linear_scan)
     assert_close(h, rh, F32, "h")
