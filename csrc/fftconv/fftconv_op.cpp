@@ -241,18 +241,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return result();
 }
 
-}  // namespace
-}  // namespace ssmk
-
-SSMK_OP(fftconv_fwd, FftconvFwdArgs, "Tensor out")
-SSMK_OP(fftconv_bwd, FftconvBwdArgs, "(Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, Tensor dpregate, Tensor dpostgate)")
-
-// fftconv test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the
-// hand-written real FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n;
-// strided: through the CUDA fused kernels' per-index drivers).
-namespace ssmk {
-namespace {
-
+// Test hooks (CPU): the CPU's [FFT length, path] for these arguments, and the hand-written real
+// FFT of rows (inverse: the irfft of [R, n/2 + 1] complex rows to length n; strided: through the
+// CUDA fused kernels' per-index drivers).
 #define FFTCONV_CPU_PLAN_ARGS(X) X(Tensor, u) X(Tensor, k) X(OptTensor, k_rev)
 #define FFTCONV_FFT_ARGS(X) X(Tensor, x) X(Bool, inverse) X(Int, n) X(Bool, strided)
 SSMK_OP_ARGS(FftconvCpuPlanArgs, FFTCONV_CPU_PLAN_ARGS)
@@ -305,6 +296,10 @@ at::Tensor fftconv_fft(const FftconvFftArgs& in) {
 }  // namespace
 }  // namespace ssmk
 
+SSMK_OP(fftconv_fwd, FftconvFwdArgs, "Tensor out")
+SSMK_OP(fftconv_bwd, FftconvBwdArgs, "(Tensor du, Tensor dk, Tensor dD, Tensor dk_rev, Tensor dpregate, Tensor dpostgate)")
+
+// The test hooks, in their own library (torch.ops.ssm_kernels_test), apart from the public ops.
 TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
   // Packed fftconv on the CPU through the CUDA path's row with gaps; returns the old value.
   m.def("set_fftconv_packed_gapped_row(bool enable) -> bool",
