@@ -20,9 +20,15 @@ void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
 
 template <typename T>
 void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
+  // The chunk states in one buffer addressed by bwd_state_slot, as the CUDA kernel lays them out,
+  // so that the CPU tests check that layout too (with cu_seqlens, sequences share a head's slots).
+  std::vector<acc_t<T>> states(mamba3::bwd_state_slots(p) * p.headdim_v * p.headdim_qk);
   at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p)), states(p.nchunks() * p.headdim_v * p.headdim_qk);
-    for (int64_t task = begin; task < end; ++task) mamba3::bwd_task(p, task, scratch.data(), states.data());
+    std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
+    for (int64_t task = begin; task < end; ++task) {
+      acc_t<T>* task_states = states.data() + mamba3::bwd_state_slot(p, task) * p.headdim_v * p.headdim_qk;
+      mamba3::bwd_task(p, task, scratch.data(), task_states);
+    }
   });
 }
 
