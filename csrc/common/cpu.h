@@ -32,10 +32,15 @@ inline bool cpu_has_avx2() {
 }
 
 // Whether SSMK_CPU_MULTIVERSION compiles an AVX2 copy for element (or accumulation) type T, its
-// first template argument. float64 runs the baseline copy only: it serves accuracy checks against
-// the float64 references, not speed, and its AVX2 copies were an eighth of the CPU build's time.
+// first template argument. float64 and complex128 run the baseline copy only: they serve accuracy
+// checks against the float64 references, not speed, and their AVX2 copies cost 15% of the compile
+// time of mamba3_cpu.cpp, the slowest file (docs/build.md).
 template <typename T>
-inline constexpr bool kAvx2Copy = !std::is_same_v<T, double>;
+struct IsDoublePrecision : std::is_same<T, double> {};
+template <template <typename> class Complex>
+struct IsDoublePrecision<Complex<double>> : std::true_type {};  // c10::complex<double>
+template <typename T>
+inline constexpr bool kAvx2Copy = !IsDoublePrecision<T>::value;
 
 }  // namespace ssmk::cpu
 
