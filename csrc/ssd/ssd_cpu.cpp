@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/dispatch.h"
 #include "ssd/ssd_host.h"
 
 namespace ssmk {
@@ -390,57 +391,73 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::T
 
 }  // namespace
 
-// One pass over the row per direction (packed sequences read in place: no aligned copy).
-template <typename Acc>
-at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale) {
-  const at::Tensor src = t.to(c10::CppTypeToScalarType<Acc>::value);
-  const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
-  at::Tensor out = at::empty({Bn, nc, K1, Q, K2}, src.options());
-  const Acc* in = src.const_data_ptr<Acc>();
-  const Acc* sc = scale.defined() ? scale.const_data_ptr<Acc>() : nullptr;
-  Acc* o = out.mutable_data_ptr<Acc>();
-  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
-  at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
+namespace {
+
+// Chunk c of each row holds tokens chunk_first_token .. + chunk_tokens - 1 (d's chunk map for
+// packed sequences, else c Q .. min(c Q + Q, L) - 1): one pass per direction, converting on the
+// way, so neither a converted copy of the row nor a padded one exists.
+template <typename Src, typename Acc>
+void gather_chunk_rows(const at::Tensor& t, const SsdDims& d, const Acc* scale, Acc* out) {
+  const int64_t K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
+  const Src* in = t.const_data_ptr<Src>();
+  const int64_t s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
+  at::parallel_for(0, t.size(0) * nc * K1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
       const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
-      Acc* dst = o + i * Q * K2;
+      Acc* dst = out + i * Q * K2;
       for (int64_t q = 0; q < n; ++q) {
-        const Acc* row = in + b * s0 + (first + q) * s1 + k1 * s2;
+        const Src* row = in + b * s0 + (first + q) * s1 + k1 * s2;
         Acc* drow = dst + q * K2;
-        if (sc) {
-          const Acc f = sc[i * Q + q];
-          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3] * f;
-        } else if (s3 == 1) {
-          std::copy(row, row + K2, drow);
+        const Acc f = scale ? scale[i * Q + q] : Acc(1);
+        if (s3 == 1) {
+          for (int64_t k = 0; k < K2; ++k) drow[k] = static_cast<Acc>(row[k]) * f;
         } else {
-          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3];
+          for (int64_t k = 0; k < K2; ++k) drow[k] = static_cast<Acc>(row[k * s3]) * f;
         }
       }
       std::fill(dst + n * K2, dst + Q * K2, Acc(0));
     }
   });
-  return out;
 }
 
-template <typename Acc>
-at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
-  const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(4), Q = d.chunk, nc = d.nchunks, L = d.seqlen;
-  const at::Tensor src = t.contiguous();
-  at::Tensor out = at::empty({Bn, L, K1, K2}, src.options());
-  const Acc* in = src.const_data_ptr<Acc>();
-  Acc* o = out.mutable_data_ptr<Acc>();
-  at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
+template <typename Acc, typename Dst>
+void scatter_chunk_rows(const Acc* in, const SsdDims& d, int64_t K1, int64_t K2, Dst* out) {
+  const int64_t Q = d.chunk, nc = d.nchunks, L = d.seqlen;
+  at::parallel_for(0, d.batch * nc * K1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
       const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
       for (int64_t q = 0; q < n; ++q) {
         const Acc* row = in + (i * Q + q) * K2;
-        std::copy(row, row + K2, o + ((b * L + first + q) * K1 + k1) * K2);
+        Dst* drow = out + ((b * L + first + q) * K1 + k1) * K2;
+        for (int64_t k = 0; k < K2; ++k) drow[k] = static_cast<Dst>(row[k]);
       }
     }
   });
-  return out.to(dtype);
+}
+
+}  // namespace
+
+template <typename Acc>
+at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale) {
+  at::Tensor out = at::empty({t.size(0), d.nchunks, t.size(2), d.chunk, t.size(3)},
+                             t.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const Acc* sc = scale.defined() ? scale.const_data_ptr<Acc>() : nullptr;
+  SSMK_DISPATCH_FLOAT(t.scalar_type(), "ssd_cpu_gather_chunks",
+                      [&] { gather_chunk_rows<scalar_t, Acc>(t, d, sc, out.mutable_data_ptr<Acc>()); });
+  return out;
+}
+
+template <typename Acc>
+at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
+  const int64_t K1 = t.size(2), K2 = t.size(4);
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty({d.batch, d.seqlen, K1, K2}, src.options().dtype(dtype));
+  SSMK_DISPATCH_FLOAT(dtype, "ssd_cpu_scatter_chunks", [&] {
+    scatter_chunk_rows<Acc, scalar_t>(src.const_data_ptr<Acc>(), d, K1, K2, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 template at::Tensor ssd_cpu_gather_chunks<float>(const at::Tensor&, const SsdDims&, const at::Tensor&);
