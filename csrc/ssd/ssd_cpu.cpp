@@ -58,7 +58,8 @@ SSMK_CPU_MULTIVERSION(prep_tasks, (typename input_t), (input_t),
                       (const SsdPrepParams<input_t>& p, int64_t begin, int64_t end), (p, begin, end))
 
 // gl[t, s] = cb[t, s] * e^{Acs_t - Acs_s} for s <= t in the same sequence, else 0; task i's
-// Q x Q matrix goes to out + (i - begin) Q^2.
+// Q x Q matrix goes to out + (i - begin) Q^2, its rows for the chunk's tokens only (the rest of
+// GL is zero: C is zero on padding, and entries past the diagonal are).
 template <typename acc_t>
 SSMK_CPU_INLINE void build_gl_tasks(const SsdGlParams<acc_t>& p, int64_t begin, int64_t end, acc_t* out) {
   const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
@@ -69,7 +70,8 @@ SSMK_CPU_INLINE void build_gl_tasks(const SsdGlParams<acc_t>& p, int64_t begin, 
     acc_t* gl = out + (i - begin) * Q * Q;
     const acc_t* acs = p.acs + i * Q;
     const int32_t* sg = chunk_seg(p.seg, p, k.b, k.c);
-    for (int64_t t = 0; t < Q; ++t) {
+    const int64_t nvalid = ssd::chunk_tokens(p, k.c);
+    for (int64_t t = 0; t < nvalid; ++t) {
       const acc_t at = acs[t];
       const acc_t* cb_row = cb + t * Q;
       acc_t* row = gl + t * Q;
@@ -202,7 +204,8 @@ SSMK_CPU_MULTIVERSION(epilogue_tasks, (typename input_t), (input_t),
 // Backward of the masked decay: with W = dGL * GL (dGL = dY (dt x)^T), d Acs_t gets the row sum
 // minus the column sum of W (GL_ts depends on Acs_t - Acs_s), and dGL becomes dGL * decay, the
 // gradient of C_t . B_s.
-// Task i's dGL is at dgl_base + (i - begin) Q^2.
+// Task i's dGL is at dgl_base + (i - begin) Q^2, read in its rows and columns for the chunk's
+// tokens only (dGL is zero past them: dY is zero on padding, dt x too) and written in full.
 template <typename acc_t>
 SSMK_CPU_INLINE void wsum_tasks(const SsdWsumParams<acc_t>& p, int64_t begin, int64_t end, acc_t* dgl_base) {
   const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
@@ -215,8 +218,11 @@ SSMK_CPU_INLINE void wsum_tasks(const SsdWsumParams<acc_t>& p, int64_t begin, in
     const acc_t* acs = p.acs + i * Q;
     acc_t* dacs = p.dacs + i * Q;
     const int32_t* sg = chunk_seg(p.seg, p, k.b, k.c);
+    const int64_t nvalid = ssd::chunk_tokens(p, k.c);
     std::fill(col.begin(), col.end(), acc_t(0));
-    for (int64_t t = 0; t < Q; ++t) {
+    std::fill(dgl + nvalid * Q, dgl + Q * Q, acc_t(0));
+    std::fill(dacs + nvalid, dacs + Q, acc_t(0));
+    for (int64_t t = 0; t < nvalid; ++t) {
       const acc_t at = acs[t];
       acc_t* drow = dgl + t * Q;
       const acc_t* cbrow = cb + t * Q;
@@ -244,7 +250,7 @@ SSMK_CPU_INLINE void wsum_tasks(const SsdWsumParams<acc_t>& p, int64_t begin, in
       for (int64_t s = t + 1; s < Q; ++s) drow[s] = 0;
       dacs[t] = rs;
     }
-    for (int64_t t = 0; t < Q; ++t) dacs[t] -= col[t];
+    for (int64_t t = 0; t < nvalid; ++t) dacs[t] -= col[t];
   }
 }
 SSMK_CPU_MULTIVERSION(wsum_tasks, (typename acc_t), (acc_t),
@@ -485,7 +491,9 @@ void SsdCpuStages<T>::prep(const SsdPrepParams<T>& p) const {
 
 // Per task, GL is built into a per-thread Q x Q buffer that stays in cache instead of a
 // [B, nc, H, Q, Q] tensor written and read back through memory; the same 64-row blocks as
-// gemm(..., kLowerA / kUpperA) (GL is lower triangular: GL^T upper).
+// gemm(..., kLowerA / kUpperA) (GL is lower triangular: GL^T upper). A partly filled chunk (n
+// tokens) multiplies GL's n x n corner with the rhs's n rows: GL and the rhs (dt x, dY) are
+// zero past them, and so are the output's last Q - n rows.
 template <typename T>
 at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& rhs, bool transposed) const {
   const int64_t Q = p.chunk, P = p.headdim;
@@ -494,10 +502,13 @@ at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& r
   at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor gl = at::empty({Q, Q}, rhs.options());
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = ssd::chunk_tokens(p, task_of(p, i).c);
       build_gl_tasks_dispatch<acc>(p, i, i + 1, gl.data_ptr<acc>());
-      const at::Tensor glr = cuda_operand<T>(gl);
-      mm_tri(out.select(0, i), transposed ? glr.t() : glr, r3.select(0, i),
+      const at::Tensor glr = cuda_operand<T>(gl.narrow(0, 0, n).narrow(1, 0, n));
+      at::Tensor o = out.select(0, i);
+      mm_tri(o.narrow(0, 0, n), transposed ? glr.t() : glr, r3.select(0, i).narrow(0, 0, n),
              transposed ? cuda::Triangle::kUpperA : cuda::Triangle::kLowerA);
+      if (n < Q) o.narrow(0, n, Q - n).zero_();
     }
   });
   return out;
@@ -520,7 +531,8 @@ void SsdCpuStages<T>::epilogue(const SsdFwdParams<T>& p) const {
 
 // Each head's dGL = dY (dt x)^T (the kLowerOut row blocks) goes to a per-thread Q x Q buffer,
 // wsum turns it into dGL * decay (and dacs), and it is added into the group's dCB in head order:
-// no [B, nc, H, Q, Q] tensor.
+// no [B, nc, H, Q, Q] tensor. A partly filled chunk (n tokens) multiplies the n rows of dY and
+// dt x only (wsum zeroes the rest of dGL).
 template <typename T>
 at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Tensor& dy, const at::Tensor& xdt) const {
   const int64_t Q = p.chunk, P = p.headdim, G = p.ngroups, Hg = p.nheads / G;
@@ -534,7 +546,9 @@ at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Ten
       at::Tensor out = dcb.select(0, bg);
       for (int64_t j = 0; j < Hg; ++j) {
         const int64_t i = (bg / G) * p.nheads + (bg % G) * Hg + j;  // task (b, c, h)
-        mm_tri(dgl, dy3.select(0, i), x3.select(0, i).t(), cuda::Triangle::kLowerOut);
+        const int64_t n = ssd::chunk_tokens(p, task_of(p, i).c);
+        mm_tri(dgl.narrow(0, 0, n).narrow(1, 0, n), dy3.select(0, i).narrow(0, 0, n),
+               x3.select(0, i).narrow(0, 0, n).t(), cuda::Triangle::kLowerOut);
         wsum_tasks_dispatch<acc>(p, i, i + 1, dgl.data_ptr<acc>());
         if (j == 0) {
           out.copy_(dgl);
