@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/dispatch.h"
 #include "ssd/ssd_host.h"
 
 namespace ssmk {
@@ -57,7 +58,8 @@ SSMK_CPU_MULTIVERSION(prep_tasks, (typename input_t), (input_t),
                       (const SsdPrepParams<input_t>& p, int64_t begin, int64_t end), (p, begin, end))
 
 // gl[t, s] = cb[t, s] * e^{Acs_t - Acs_s} for s <= t in the same sequence, else 0; task i's
-// Q x Q matrix goes to out + (i - begin) Q^2.
+// Q x Q matrix goes to out + (i - begin) Q^2, its rows for the chunk's tokens only (the rest of
+// GL is zero: C is zero on padding, and entries past the diagonal are).
 template <typename acc_t>
 SSMK_CPU_INLINE void build_gl_tasks(const SsdGlParams<acc_t>& p, int64_t begin, int64_t end, acc_t* out) {
   const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
@@ -68,7 +70,8 @@ SSMK_CPU_INLINE void build_gl_tasks(const SsdGlParams<acc_t>& p, int64_t begin, 
     acc_t* gl = out + (i - begin) * Q * Q;
     const acc_t* acs = p.acs + i * Q;
     const int32_t* sg = chunk_seg(p.seg, p, k.b, k.c);
-    for (int64_t t = 0; t < Q; ++t) {
+    const int64_t nvalid = ssd::chunk_tokens(p, k.c);
+    for (int64_t t = 0; t < nvalid; ++t) {
       const acc_t at = acs[t];
       const acc_t* cb_row = cb + t * Q;
       acc_t* row = gl + t * Q;
@@ -201,7 +204,8 @@ SSMK_CPU_MULTIVERSION(epilogue_tasks, (typename input_t), (input_t),
 // Backward of the masked decay: with W = dGL * GL (dGL = dY (dt x)^T), d Acs_t gets the row sum
 // minus the column sum of W (GL_ts depends on Acs_t - Acs_s), and dGL becomes dGL * decay, the
 // gradient of C_t . B_s.
-// Task i's dGL is at dgl_base + (i - begin) Q^2.
+// Task i's dGL is at dgl_base + (i - begin) Q^2, read in its rows and columns for the chunk's
+// tokens only (dGL is zero past them: dY is zero on padding, dt x too) and written in full.
 template <typename acc_t>
 SSMK_CPU_INLINE void wsum_tasks(const SsdWsumParams<acc_t>& p, int64_t begin, int64_t end, acc_t* dgl_base) {
   const int64_t Q = p.chunk, Hg = p.nheads / p.ngroups;
@@ -214,8 +218,11 @@ SSMK_CPU_INLINE void wsum_tasks(const SsdWsumParams<acc_t>& p, int64_t begin, in
     const acc_t* acs = p.acs + i * Q;
     acc_t* dacs = p.dacs + i * Q;
     const int32_t* sg = chunk_seg(p.seg, p, k.b, k.c);
+    const int64_t nvalid = ssd::chunk_tokens(p, k.c);
     std::fill(col.begin(), col.end(), acc_t(0));
-    for (int64_t t = 0; t < Q; ++t) {
+    std::fill(dgl + nvalid * Q, dgl + Q * Q, acc_t(0));
+    std::fill(dacs + nvalid, dacs + Q, acc_t(0));
+    for (int64_t t = 0; t < nvalid; ++t) {
       const acc_t at = acs[t];
       acc_t* drow = dgl + t * Q;
       const acc_t* cbrow = cb + t * Q;
@@ -243,7 +250,7 @@ SSMK_CPU_INLINE void wsum_tasks(const SsdWsumParams<acc_t>& p, int64_t begin, in
       for (int64_t s = t + 1; s < Q; ++s) drow[s] = 0;
       dacs[t] = rs;
     }
-    for (int64_t t = 0; t < Q; ++t) dacs[t] -= col[t];
+    for (int64_t t = 0; t < nvalid; ++t) dacs[t] -= col[t];
   }
 }
 SSMK_CPU_MULTIVERSION(wsum_tasks, (typename acc_t), (acc_t),
@@ -390,57 +397,73 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::T
 
 }  // namespace
 
-// One pass over the row per direction (packed sequences read in place: no aligned copy).
-template <typename Acc>
-at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale) {
-  const at::Tensor src = t.to(c10::CppTypeToScalarType<Acc>::value);
-  const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
-  at::Tensor out = at::empty({Bn, nc, K1, Q, K2}, src.options());
-  const Acc* in = src.const_data_ptr<Acc>();
-  const Acc* sc = scale.defined() ? scale.const_data_ptr<Acc>() : nullptr;
-  Acc* o = out.mutable_data_ptr<Acc>();
-  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
-  at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
+namespace {
+
+// Chunk c of each row holds tokens chunk_first_token .. + chunk_tokens - 1 (d's chunk map for
+// packed sequences, else c Q .. min(c Q + Q, L) - 1): one pass per direction, converting on the
+// way, so neither a converted copy of the row nor a padded one exists.
+template <typename Src, typename Acc>
+void gather_chunk_rows(const at::Tensor& t, const SsdDims& d, const Acc* scale, Acc* out) {
+  const int64_t K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
+  const Src* in = t.const_data_ptr<Src>();
+  const int64_t s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
+  at::parallel_for(0, t.size(0) * nc * K1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
       const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
-      Acc* dst = o + i * Q * K2;
+      Acc* dst = out + i * Q * K2;
       for (int64_t q = 0; q < n; ++q) {
-        const Acc* row = in + b * s0 + (first + q) * s1 + k1 * s2;
+        const Src* row = in + b * s0 + (first + q) * s1 + k1 * s2;
         Acc* drow = dst + q * K2;
-        if (sc) {
-          const Acc f = sc[i * Q + q];
-          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3] * f;
-        } else if (s3 == 1) {
-          std::copy(row, row + K2, drow);
+        const Acc f = scale ? scale[i * Q + q] : Acc(1);
+        if (s3 == 1) {
+          for (int64_t k = 0; k < K2; ++k) drow[k] = static_cast<Acc>(row[k]) * f;
         } else {
-          for (int64_t k = 0; k < K2; ++k) drow[k] = row[k * s3];
+          for (int64_t k = 0; k < K2; ++k) drow[k] = static_cast<Acc>(row[k * s3]) * f;
         }
       }
       std::fill(dst + n * K2, dst + Q * K2, Acc(0));
     }
   });
-  return out;
 }
 
-template <typename Acc>
-at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
-  const int64_t Bn = t.size(0), K1 = t.size(2), K2 = t.size(4), Q = d.chunk, nc = d.nchunks, L = d.seqlen;
-  const at::Tensor src = t.contiguous();
-  at::Tensor out = at::empty({Bn, L, K1, K2}, src.options());
-  const Acc* in = src.const_data_ptr<Acc>();
-  Acc* o = out.mutable_data_ptr<Acc>();
-  at::parallel_for(0, Bn * nc * K1, 1, [&](int64_t begin, int64_t end) {
+template <typename Acc, typename Dst>
+void scatter_chunk_rows(const Acc* in, const SsdDims& d, int64_t K1, int64_t K2, Dst* out) {
+  const int64_t Q = d.chunk, nc = d.nchunks, L = d.seqlen;
+  at::parallel_for(0, d.batch * nc * K1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
       const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
       for (int64_t q = 0; q < n; ++q) {
         const Acc* row = in + (i * Q + q) * K2;
-        std::copy(row, row + K2, o + ((b * L + first + q) * K1 + k1) * K2);
+        Dst* drow = out + ((b * L + first + q) * K1 + k1) * K2;
+        for (int64_t k = 0; k < K2; ++k) drow[k] = static_cast<Dst>(row[k]);
       }
     }
   });
-  return out.to(dtype);
+}
+
+}  // namespace
+
+template <typename Acc>
+at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale) {
+  at::Tensor out = at::empty({t.size(0), d.nchunks, t.size(2), d.chunk, t.size(3)},
+                             t.options().dtype(c10::CppTypeToScalarType<Acc>::value));
+  const Acc* sc = scale.defined() ? scale.const_data_ptr<Acc>() : nullptr;
+  SSMK_DISPATCH_FLOAT(t.scalar_type(), "ssd_cpu_gather_chunks",
+                      [&] { gather_chunk_rows<scalar_t, Acc>(t, d, sc, out.mutable_data_ptr<Acc>()); });
+  return out;
+}
+
+template <typename Acc>
+at::Tensor ssd_cpu_scatter_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
+  const int64_t K1 = t.size(2), K2 = t.size(4);
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = at::empty({d.batch, d.seqlen, K1, K2}, src.options().dtype(dtype));
+  SSMK_DISPATCH_FLOAT(dtype, "ssd_cpu_scatter_chunks", [&] {
+    scatter_chunk_rows<Acc, scalar_t>(src.const_data_ptr<Acc>(), d, K1, K2, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
 }
 
 template at::Tensor ssd_cpu_gather_chunks<float>(const at::Tensor&, const SsdDims&, const at::Tensor&);
@@ -468,7 +491,9 @@ void SsdCpuStages<T>::prep(const SsdPrepParams<T>& p) const {
 
 // Per task, GL is built into a per-thread Q x Q buffer that stays in cache instead of a
 // [B, nc, H, Q, Q] tensor written and read back through memory; the same 64-row blocks as
-// gemm(..., kLowerA / kUpperA) (GL is lower triangular: GL^T upper).
+// gemm(..., kLowerA / kUpperA) (GL is lower triangular: GL^T upper). A partly filled chunk (n
+// tokens) multiplies GL's n x n corner with the rhs's n rows: GL and the rhs (dt x, dY) are
+// zero past them, and so are the output's last Q - n rows.
 template <typename T>
 at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& rhs, bool transposed) const {
   const int64_t Q = p.chunk, P = p.headdim;
@@ -477,10 +502,13 @@ at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& r
   at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
     at::Tensor gl = at::empty({Q, Q}, rhs.options());
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = ssd::chunk_tokens(p, task_of(p, i).c);
       build_gl_tasks_dispatch<acc>(p, i, i + 1, gl.data_ptr<acc>());
-      const at::Tensor glr = cuda_operand<T>(gl);
-      mm_tri(out.select(0, i), transposed ? glr.t() : glr, r3.select(0, i),
+      const at::Tensor glr = cuda_operand<T>(gl.narrow(0, 0, n).narrow(1, 0, n));
+      at::Tensor o = out.select(0, i);
+      mm_tri(o.narrow(0, 0, n), transposed ? glr.t() : glr, r3.select(0, i).narrow(0, 0, n),
              transposed ? cuda::Triangle::kUpperA : cuda::Triangle::kLowerA);
+      if (n < Q) o.narrow(0, n, Q - n).zero_();
     }
   });
   return out;
@@ -503,7 +531,8 @@ void SsdCpuStages<T>::epilogue(const SsdFwdParams<T>& p) const {
 
 // Each head's dGL = dY (dt x)^T (the kLowerOut row blocks) goes to a per-thread Q x Q buffer,
 // wsum turns it into dGL * decay (and dacs), and it is added into the group's dCB in head order:
-// no [B, nc, H, Q, Q] tensor.
+// no [B, nc, H, Q, Q] tensor. A partly filled chunk (n tokens) multiplies the n rows of dY and
+// dt x only (wsum zeroes the rest of dGL).
 template <typename T>
 at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Tensor& dy, const at::Tensor& xdt) const {
   const int64_t Q = p.chunk, P = p.headdim, G = p.ngroups, Hg = p.nheads / G;
@@ -517,7 +546,9 @@ at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Ten
       at::Tensor out = dcb.select(0, bg);
       for (int64_t j = 0; j < Hg; ++j) {
         const int64_t i = (bg / G) * p.nheads + (bg % G) * Hg + j;  // task (b, c, h)
-        mm_tri(dgl, dy3.select(0, i), x3.select(0, i).t(), cuda::Triangle::kLowerOut);
+        const int64_t n = ssd::chunk_tokens(p, task_of(p, i).c);
+        mm_tri(dgl.narrow(0, 0, n).narrow(1, 0, n), dy3.select(0, i).narrow(0, 0, n),
+               x3.select(0, i).narrow(0, 0, n).t(), cuda::Triangle::kLowerOut);
         wsum_tasks_dispatch<acc>(p, i, i + 1, dgl.data_ptr<acc>());
         if (j == 0) {
           out.copy_(dgl);

@@ -33,10 +33,11 @@ namespace ssd {
 inline constexpr GemmOperands kBwdOperands = GemmOperands::kFloat32;
 }  // namespace ssd
 
-// Packed sequences on the CPU (d's chunk map set, ssd.h): [B, L, K1, K2] of any dtype and
-// strides -> [B, nc, K1, Q, K2] in Acc, contiguous, zero on padding, each row times `scale`
-// [B, nc, K1, Q] when defined (gather), and [B, nc, K1, Q, K2] Acc -> [B, L, K1, K2] in `dtype`,
-// contiguous (scatter, padding dropped).
+// The CPU's chunk-major buffers, one pass each way through d's chunks (the chunk map of packed
+// sequences, or the plain layout, ssd.h): [B, L, K1, K2] of any dtype and strides -> [B, nc, K1,
+// Q, K2] in Acc, contiguous, zero on padding, each row times `scale` [B, nc, K1, Q] when defined
+// (gather), and [B, nc, K1, Q, K2] Acc -> [B, L, K1, K2] in `dtype`, contiguous (scatter,
+// padding dropped).
 template <typename Acc>
 at::Tensor ssd_cpu_gather_chunks(const at::Tensor& t, const SsdDims& d, const at::Tensor& scale = {});
 template <typename Acc>

@@ -103,7 +103,7 @@ Varlen check_inputs(const Args& in) {
 // CPU: the offsets are read on the host into a chunk map (SsdDims::chunk_token, chunk_len) with
 // exactly sum_s max(1, ceil(len_s / Q)) chunks; the stages read the packed row through it and
 // write their outputs straight to the packed row, and the chunk-major buffers are gathered from
-// it in one pass (ssd_cpu_gather_chunks): nothing else is copied.
+// it in one pass (ssd_cpu_gather_chunks, which unpacked rows use too): nothing else is copied.
 // CUDA: reading the offsets on the host would synchronise, so the row is copied into a
 // chunk-aligned row built on the device, with sizes known from shapes only (ceil(L / Q) +
 // num_seqs chunks bound the aligned length; chunks past the last sequence are padding), the
@@ -217,9 +217,11 @@ SsdDims dims_of(const Args& in, const Packing& packing) {
 }
 
 // [B, L, K1, K2] (any dtype and strides) -> [B, nc, K1, Q, K2] accumulation dtype, contiguous,
-// padding positions zero; times `scale` [B, nc, K1, Q] when defined.
+// padding positions zero; times `scale` [B, nc, K1, Q] when defined. The CPU gathers in one pass,
+// the scale included, through d's chunk map (packed sequences) or the plain one (chunk c holds
+// tokens c Q .. min(c Q + Q, L) - 1 of each row): both layouts run the same code.
 at::Tensor pack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType acc, const at::Tensor& scale = {}) {
-  if (d.chunk_token) {  // one pass, the scale included
+  if (t.is_cpu()) {
     return acc == at::kDouble ? ssd_cpu_gather_chunks<double>(t, d, scale) : ssd_cpu_gather_chunks<float>(t, d, scale);
   }
   const int64_t Bn = t.size(0), L = t.size(1), K1 = t.size(2), K2 = t.size(3), nc = d.nchunks, Q = d.chunk;
@@ -230,9 +232,9 @@ at::Tensor pack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType acc
   return scale.defined() ? a * scale.unsqueeze(-1) : a;
 }
 
-// Inverse of pack_chunks for [B, nc, K1, Q, K2] -> [B, L, K1, K2] in `dtype`.
+// Inverse of pack_chunks for [B, nc, K1, Q, K2] -> [B, L, K1, K2] in `dtype` (one pass on the CPU).
 at::Tensor unpack_chunks(const at::Tensor& t, const SsdDims& d, at::ScalarType dtype) {
-  if (d.chunk_token) {
+  if (t.is_cpu()) {
     return t.scalar_type() == at::kDouble ? ssd_cpu_scatter_chunks<double>(t, d, dtype)
                                           : ssd_cpu_scatter_chunks<float>(t, d, dtype);
   }
