@@ -9,7 +9,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common/cpu.h"
 #include "mamba3/mamba3_task.h"
@@ -96,6 +101,33 @@ SSMK_CPU_INLINE void prefetch_row_w(T* row, int64_t n) {
 #if defined(__GNUC__)
   char* c = reinterpret_cast<char*>(row);
   for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 1, 3);
+#endif
+}
+
+// Rows of the large outputs (out, the chunk states, and the backward's per-head dq, dk and dv, dz:
+// tens of MB, not read again by this kernel) are written with non-temporal stores where the
+// element type allows, so that the cache does not first read every line they overwrite; the rows
+// are then not prefetched for writing. A task ends with fence_rows() (the stores are weakly
+// ordered).
+template <typename T, typename acc>
+constexpr bool kStreamRows = std::is_same_v<T, float> && std::is_same_v<acc, float>;
+
+template <typename T, typename acc>
+SSMK_CPU_INLINE void store_row(T* __restrict__ dst, const acc* __restrict__ src, int64_t n) {
+#if defined(__SSE2__)
+  if constexpr (kStreamRows<T, acc>) {
+    if ((reinterpret_cast<std::uintptr_t>(dst) & 15) == 0 && n % 4 == 0) {
+      for (int64_t i = 0; i < n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+SSMK_CPU_INLINE void fence_rows() {
+#if defined(__SSE2__)
+  _mm_sfence();
 #endif
 }
 
@@ -348,7 +380,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
     at::bmm_out(st, xe.transpose(1, 2), k);
     bk.scan_states(nb, S, nullptr);
     if (p.chunk_states) {
-      std::copy(bk.state(0), bk.state(nb), p.chunk_states + (mamba3::bwd_state_slot(p, task) + c0) * P * N);
+      store_row(p.chunk_states + (mamba3::bwd_state_slot(p, task) + c0) * P * N, bk.state(0), nb * P * N);
     }
     at::bmm_out(yi, q, st.transpose(1, 2));
     // y = intra + e^{Acs_t} inter + D x, then the gate and the output mixing (a factor 1 where
@@ -365,7 +397,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
         T* out = p.out + ((b * L + l) * H + h) * P;
         if (l + kAhead < L) {
           if (zr && p.z.stride[3] == 1) prefetch_row(zr + kAhead * p.z.stride[1], P);
-          prefetch_row_w(out + kAhead * H * P, P);
+          if (!kStreamRows<T, acc>) prefetch_row_w(out + kAhead * H * P, P);
         }
         if (zr) load_row(zr, p.z.stride[3], P, zb);
         std::fill(o, o + P, acc(0));
@@ -391,7 +423,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
             for (int64_t cc = 0; cc < P; ++cc) o[cc] += (yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc]) * gt[cc] * mo[cc];
           }
         }
-        for (int64_t cc = 0; cc < P; ++cc) out[cc] = static_cast<T>(o[cc]);
+        store_row(out, o, P);
       }
       if (c0 + c == nc - 1) {
         std::copy(bk.ptr(bk.k, c, N) + (n - 1) * R * N, bk.ptr(bk.k, c, N) + n * R * N, p.final_k + bh * R * N);
@@ -401,6 +433,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
   }
   std::copy(S, S + P * N, p.final_ssm + bh * P * N);
   std::copy(theta, theta + A, p.final_angle + bh * A);
+  fence_rows();
 }
 
 template <typename T>
@@ -539,7 +572,7 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
     if (l + kAhead < L) {
       if (zr && p.z.stride[3] == 1) prefetch_row(zr + kAhead * p.z.stride[1], P);
       if (p.dout.stride[3] == 1) prefetch_row(go + kAhead * p.dout.stride[1], P);
-      if (p.dz) prefetch_row_w(p.dz + ((b * L + l + kAhead) * H + h) * P, P);
+      if (p.dz && !kStreamRows<T, acc>) prefetch_row_w(p.dz + ((b * L + l + kAhead) * H + h) * P, P);
     }
     load_row(go, p.dout.stride[3], P, gob);
     if (zr) load_row(zr, p.z.stride[3], P, zb);
@@ -586,7 +619,7 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
     }
     if (p.dz) {
       T* dzr = p.dz + ((b * L + l) * H + h) * P;
-      for (int64_t cc = 0; cc < P; ++cc) dzr[cc] = static_cast<T>(dzacc[cc]);
+      store_row(dzr, dzacc, P);
     }
   }
   std::fill(dyc + n * R * P, dyc + QR * P, acc(0));
@@ -623,8 +656,8 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
     const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
     if (l + kAhead < L) {
       if (p.mimo && p.v.stride[3] == 1) prefetch_row(vr + kAhead * p.v.stride[1], P);
-      prefetch_row_w(p.dv + ((b * L + l + kAhead) * H + h) * P, P);
-      for (int64_t r = 0; r < R; ++r) {
+      if (!kStreamRows<T, acc>) prefetch_row_w(p.dv + ((b * L + l + kAhead) * H + h) * P, P);
+      for (int64_t r = 0; r < R && !kStreamRows<acc, acc>; ++r) {
         prefetch_row_w(p.dq + (((b * L + l + kAhead) * R + r) * H + h) * N, N);
         prefetch_row_w(p.dk + (((b * L + l + kAhead) * R + r) * H + h) * N, N);
       }
@@ -651,11 +684,11 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
       rotate_row_bwd(dki, kc + i * N, cs, sn, A, dtheta + t * A);
       mamba3::axpy(bk.dqb.data() + r * N, acc(1), dqi, N);
       mamba3::axpy(bk.dkb.data() + r * N, acc(1), dki, N);
-      std::copy(dqi, dqi + N, p.dq + (((b * L + l) * R + r) * H + h) * N);
-      std::copy(dki, dki + N, p.dk + (((b * L + l) * R + r) * H + h) * N);
+      store_row(p.dq + (((b * L + l) * R + r) * H + h) * N, dqi, N);
+      store_row(p.dk + (((b * L + l) * R + r) * H + h) * N, dki, N);
     }
     T* dvo = p.dv + ((b * L + l) * H + h) * P;
-    for (int64_t cc = 0; cc < P; ++cc) dvo[cc] = static_cast<T>(dvacc[cc]);
+    store_row(dvo, dvacc, P);
   }
   for (int64_t t = n - 1; t >= 0 && A > 0; --t) {
     const int64_t l = t0 + t;
@@ -848,6 +881,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     std::copy(bk.dmo.begin(), bk.dmo.end(), p.dmimo_o + bh * R * P);
     if (p.dmimo_z) std::copy(bk.dmz.begin(), bk.dmz.end(), p.dmimo_z + bh * R * P);
   }
+  fence_rows();
 }
 
 template <typename T>
