@@ -20,7 +20,7 @@ from ssm_kernels.testing import (
     make_tensor,
     run_opcheck,
 )
-from test_mamba3 import STATE_NAMES, Case, angle_close, call, leaves, make_inputs
+from test_mamba3 import STATE_NAMES, Case, angle_close, call, check_backward_without_saved, leaves, make_inputs
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 PER_TOKEN_AXIS = {"q": 1, "k": 1, "v": 1, "z": 1, "angles": 1, "adt": 2, "dt": 2, "trap": 2}
@@ -260,18 +260,25 @@ def test_varlen_mamba3_opcheck(rank, device):
     inp = make_packed([5, 0, 7, 2], 4, F32, device, rank=rank, rope="half", z=True, D=True, bias=True, nheads=2,
                       dqk=4, dv=3)
     fwd = torch.ops.ssm_kernels.mamba3_scan_fwd.default
-    kw = _op_kwargs(fwd, inp)
+    kw = _op_kwargs(fwd, {**inp, "save_for_backward": True})
     for v in kw.values():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             v.requires_grad_(True)
     run_opcheck(fwd, (), kw)
-    out, fa, fs, fk, fv = fwd(**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    out, fa, fs, fk, fv, _, _ = fwd(**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     assert fs.shape[0] == 4
     bwd = torch.ops.ssm_kernels.mamba3_scan_bwd.default
     values = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     values.update(dout=torch.randn_like(out), dfinal_angle=torch.randn_like(fa), dfinal_ssm=torch.randn_like(fs),
                   dfinal_k=torch.randn_like(fk), dfinal_v=torch.randn_like(fv))
     run_opcheck(bwd, (), _op_kwargs(bwd, values))
+
+
+@pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
+def test_varlen_mamba3_backward_recomputes_saved(rank):
+    inp = make_packed([5, 0, 70, 2, 33], 2, F32, "cpu", rank=rank, rope="half", z=True, D=True, bias=True,
+                      nheads=2, dqk=8, dv=3)
+    check_backward_without_saved(inp, F32)
 
 
 def test_varlen_mamba3_compile_no_recompile_on_new_lengths(device):

@@ -80,6 +80,10 @@ struct Mamba3FwdParams : Mamba3Inputs<T> {
   acc* final_ssm;     // [Bs, H, P, N]
   acc* final_k;       // [Bs, H, R, N]
   acc* final_v;       // [Bs, H, R, P]
+  // Kept for the CPU backward (nullptr on CUDA, whose backward recomputes them): the state
+  // before every chunk, in the slots of mamba3_task.h's bwd_state_slot, and y before the gate.
+  acc* chunk_states;  // [bwd_state_slots, P, N] or nullptr
+  acc* gate_input;    // [B, H, L, R, P] or nullptr
 };
 
 // Gradients are written per task (no reduction across tasks in a kernel): the host sums dq, dk
@@ -92,6 +96,8 @@ struct Mamba3BwdParams : Mamba3Inputs<T> {
   const acc* dfinal_ssm;      // [Bs, H, P, N] or nullptr
   const acc* dfinal_k;        // [Bs, H, R, N] or nullptr
   const acc* dfinal_v;        // [Bs, H, R, P] or nullptr
+  const acc* chunk_states;    // the forward's (Mamba3FwdParams), or nullptr: recomputed
+  const acc* gate_input;      // the forward's, or nullptr: recomputed
   acc* dq;                    // [B, L, R, H, N] per value head
   acc* dk;                    // [B, L, R, H, N]
   T* dv;                      // [B, L, H, P] contiguous

@@ -9,7 +9,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common/cpu.h"
 #include "mamba3/mamba3_task.h"
@@ -73,6 +78,14 @@ SSMK_CPU_INLINE void rotate_row_bwd(acc* __restrict__ g, const acc* __restrict__
   }
 }
 
+// One step of the angle recurrence, theta <- (theta + pi tanh(angles) dt) mod 2 pi, with the
+// vectorised tanh (the forward's load and the backward's angle-only pass share it).
+template <typename acc>
+SSMK_CPU_INLINE void advance_angle(acc* __restrict__ theta, const acc* __restrict__ ang, acc dt, int64_t A) {
+#pragma omp simd
+  for (int64_t j = 0; j < A; ++j) theta[j] = mamba3::wrap_angle(theta[j] + acc(mamba3::kPi) * tanh_(ang[j]) * dt);
+}
+
 // A task walks [B, L, H, *] tensors one step, a page or more apart, at a time: a pattern the
 // hardware prefetchers do not follow, so the rows kAhead steps on are requested explicitly.
 constexpr int64_t kAhead = 6;
@@ -88,6 +101,33 @@ SSMK_CPU_INLINE void prefetch_row_w(T* row, int64_t n) {
 #if defined(__GNUC__)
   char* c = reinterpret_cast<char*>(row);
   for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 1, 3);
+#endif
+}
+
+// Rows of the large outputs (out, the chunk states, and the backward's per-head dq, dk and dv, dz:
+// tens of MB, not read again by this kernel) are written with non-temporal stores where the
+// element type allows, so that the cache does not first read every line they overwrite; the rows
+// are then not prefetched for writing. A task ends with fence_rows() (the stores are weakly
+// ordered).
+template <typename T, typename acc>
+constexpr bool kStreamRows = std::is_same_v<T, float> && std::is_same_v<acc, float>;
+
+template <typename T, typename acc>
+SSMK_CPU_INLINE void store_row(T* __restrict__ dst, const acc* __restrict__ src, int64_t n) {
+#if defined(__SSE2__)
+  if constexpr (kStreamRows<T, acc>) {
+    if ((reinterpret_cast<std::uintptr_t>(dst) & 15) == 0 && n % 4 == 0) {
+      for (int64_t i = 0; i < n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+SSMK_CPU_INLINE void fence_rows() {
+#if defined(__SSE2__)
+  _mm_sfence();
 #endif
 }
 
@@ -171,13 +211,8 @@ struct Block {
       for (int64_t t = 0; t < n; ++t) {
         const acc* ang = p.angles + ((b * L + t0 + t) * H + h) * A;
         if (t0 + t + kAhead < L) prefetch_row(ang + kAhead * H * A, A);
-        const acc dt = dc[t];
-        acc* th = csc + t * A;
-#pragma omp simd
-        for (int64_t j = 0; j < A; ++j) {
-          theta[j] = mamba3::wrap_angle(theta[j] + acc(mamba3::kPi) * tanh_(ang[j]) * dt);
-          th[j] = theta[j];
-        }
+        advance_angle(theta, ang, dc[t], A);
+        std::copy(theta, theta + A, csc + t * A);
       }
 #pragma omp simd
       for (int64_t e = 0; e < n * A; ++e) {
@@ -259,6 +294,18 @@ struct Block {
       }
     }
   }
+  // The angle carried over the chunks c0 .. c0+nb-1 of the task's tokens without loading them.
+  template <typename T>
+  SSMK_CPU_INLINE void skip_block(const Mamba3Inputs<T>& p, const Mamba3Span& sp, int64_t c0, int64_t nb,
+                                  acc* theta) const {
+    const int64_t L = p.seqlen, H = p.nheads, row = (sp.b * H + sp.h) * L;
+    const int64_t first = sp.start + c0 * Q, last = std::min(sp.end, first + nb * Q);
+    for (int64_t l = first; l < last && A > 0; ++l) {
+      const acc* ang = p.angles + ((sp.b * L + l) * H + sp.h) * A;
+      if (l + kAhead < L) prefetch_row(ang + kAhead * H * A, A);
+      advance_angle(theta, ang, p.dt[row + l], A);
+    }
+  }
   // dst[c] <- src[c] masked: e^{Acs_t - Acs_s} w_s below the diagonal steps, gamma_t on them, zero
   // above (src may be dst). Rows of one step share their mask row (computed once, vectorised).
   SSMK_CPU_INLINE void mask(int64_t nb, const at::Tensor& src, const at::Tensor& dst, acc* drow) {
@@ -332,6 +379,9 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
     at::bmm_out(y, cbm, x);
     at::bmm_out(st, xe.transpose(1, 2), k);
     bk.scan_states(nb, S, nullptr);
+    if (p.chunk_states) {
+      store_row(p.chunk_states + (mamba3::bwd_state_slot(p, task) + c0) * P * N, bk.state(0), nb * P * N);
+    }
     at::bmm_out(yi, q, st.transpose(1, 2));
     // y = intra + e^{Acs_t} inter + D x, then the gate and the output mixing (a factor 1 where
     // there is no gate or mixing, so the loops have no branches).
@@ -347,7 +397,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
         T* out = p.out + ((b * L + l) * H + h) * P;
         if (l + kAhead < L) {
           if (zr && p.z.stride[3] == 1) prefetch_row(zr + kAhead * p.z.stride[1], P);
-          prefetch_row_w(out + kAhead * H * P, P);
+          if (!kStreamRows<T, acc>) prefetch_row_w(out + kAhead * H * P, P);
         }
         if (zr) load_row(zr, p.z.stride[3], P, zb);
         std::fill(o, o + P, acc(0));
@@ -360,10 +410,20 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
             for (int64_t cc = 0; cc < P; ++cc) gate[cc] = ssmk::silu(zb[cc] * mz[cc]);
           }
           const acc* gt = zr ? gate : ones;
+          if (p.gate_input) {
+            acc* __restrict__ gi = p.gate_input + (((b * H + h) * L + l) * R + r) * P;
 #pragma omp simd
-          for (int64_t cc = 0; cc < P; ++cc) o[cc] += (yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc]) * gt[cc] * mo[cc];
+            for (int64_t cc = 0; cc < P; ++cc) {
+              const acc yv = yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc];
+              gi[cc] = yv;
+              o[cc] += yv * gt[cc] * mo[cc];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t cc = 0; cc < P; ++cc) o[cc] += (yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc]) * gt[cc] * mo[cc];
+          }
         }
-        for (int64_t cc = 0; cc < P; ++cc) out[cc] = static_cast<T>(o[cc]);
+        store_row(out, o, P);
       }
       if (c0 + c == nc - 1) {
         std::copy(bk.ptr(bk.k, c, N) + (n - 1) * R * N, bk.ptr(bk.k, c, N) + n * R * N, p.final_k + bh * R * N);
@@ -373,6 +433,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
   }
   std::copy(S, S + P * N, p.final_ssm + bh * P * N);
   std::copy(theta, theta + A, p.final_angle + bh * A);
+  fence_rows();
 }
 
 template <typename T>
@@ -395,8 +456,8 @@ SSMK_CPU_MULTIVERSION(fwd_tasks, (typename T), (T), (const Mamba3FwdParams<T>& p
                       (p, begin, end))
 
 // The backward's per-thread buffers beyond the block's: the raw q k^T, dy, the intra-chunk
-// gradients, the per-step gradient sums of a block, the state before every chunk of the task and
-// the angle before every block.
+// gradients, the per-step gradient sums of a block, the state before every chunk of the task
+// (where the forward's are not given) and the angle before every block.
 template <typename acc>
 struct BwdBlock : Block<acc> {
   at::Tensor cb, g, dy, dx, dq, dk;   // [C, QR, QR] x2, [C, QR, P] x2, [C, QR, N] x2
@@ -405,7 +466,7 @@ struct BwdBlock : Block<acc> {
   std::vector<acc> thetas;            // [blocks, A]
   std::vector<acc> S, dS, theta, carry, dtheta, dqb, dkb, dmv, dmz, dmo, drow;
   std::vector<acc> dzacc, dvacc, gob, zb, ones, sink_z, sink_o;  // [P]
-  BwdBlock(const Mamba3Dims& d, at::ScalarType dtype) : Block<acc>(d, dtype) {
+  BwdBlock(const Mamba3Dims& d, at::ScalarType dtype, bool saved_states) : Block<acc>(d, dtype) {
     const auto o = at::TensorOptions().dtype(dtype);
     const int64_t C = this->chunks, QR = this->QR, N = this->N, P = this->P, A = this->A, Q = this->Q;
     const int64_t R = this->R, nc = d.nchunks();
@@ -415,7 +476,7 @@ struct BwdBlock : Block<acc> {
     dx = at::empty({C, QR, P}, o);
     dq = at::empty({C, QR, N}, o);
     dk = at::empty({C, QR, N}, o);
-    before = at::empty({nc, P, N}, o);
+    before = at::empty({saved_states ? 0 : nc, P, N}, o);
     for (auto* v : {&dacs, &dw, &dgam}) v->resize(C * Q);
     thetas.resize((nc + C - 1) / C * A);
     S.resize(P * N);
@@ -488,17 +549,15 @@ struct BwdBlock : Block<acc> {
   }
 };
 
-// The gate and the output mixing of chunk c's rows: dy (the gradient of y before the gate) from
-// y = intra + e^{Acs_t} inter + D x, dz, dmimo_z, dmimo_o, dD, dx = D dy, and the inter-chunk
-// term's d Acs_t = e^{Acs_t} dy . (St_prev q); the pad rows of dy and dx are zero.
+// The gate and the output mixing of chunk c's rows, given y before the gate (yc, the chunk's rows):
+// dy (the gradient of y) and dz, dmimo_z, dmimo_o, dD, dx = D dy; the pad rows of dy and dx are
+// zero. (The inter-chunk term's d Acs_t = e^{Acs_t} dy . (St_prev q) comes with dq.)
 template <typename T>
 SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t c, int64_t t0,
-                              BwdBlock<acc_t<T>>& bk, acc_t<T>& dD) {
+                              const acc_t<T>* __restrict__ yc, BwdBlock<acc_t<T>>& bk, acc_t<T>& dD) {
   using acc = acc_t<T>;
-  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, P = p.headdim_v, Q = p.chunk, QR = bk.QR, n = bk.len[c];
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, P = p.headdim_v, QR = bk.QR, n = bk.len[c];
   const acc D = p.D ? p.D[h] : acc(0);
-  const acc* yc = bk.ptr(bk.y, c, P);
-  const acc* yic = bk.ptr(bk.yi, c, P);
   const acc* xc = bk.ptr(bk.x, c, P);
   acc* dyc = bk.ptr(bk.dy, c, P);
   acc* dxc = bk.ptr(bk.dx, c, P);
@@ -508,13 +567,12 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
   const acc* ones = bk.ones.data();
   for (int64_t t = 0; t < n; ++t) {
     const int64_t l = t0 + t;
-    const acc ri = bk.ri[c * Q + t];
     const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
     const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
     if (l + kAhead < L) {
       if (zr && p.z.stride[3] == 1) prefetch_row(zr + kAhead * p.z.stride[1], P);
       if (p.dout.stride[3] == 1) prefetch_row(go + kAhead * p.dout.stride[1], P);
-      if (p.dz) prefetch_row_w(p.dz + ((b * L + l + kAhead) * H + h) * P, P);
+      if (p.dz && !kStreamRows<T, acc>) prefetch_row_w(p.dz + ((b * L + l + kAhead) * H + h) * P, P);
     }
     load_row(go, p.dout.stride[3], P, gob);
     if (zr) load_row(zr, p.z.stride[3], P, zb);
@@ -526,11 +584,11 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
       const acc* mo = p.mimo ? p.mimo_o + (h * R + r) * P : ones;
       acc* __restrict__ dmz = p.mimo && zr ? bk.dmz.data() + r * P : bk.sink_z.data();
       acc* __restrict__ dmo = p.mimo ? bk.dmo.data() + r * P : bk.sink_o.data();
-      acc inter = 0, dDr = 0;
+      acc dDr = 0;
       if (zr) {
-#pragma omp simd reduction(+ : inter, dDr)
+#pragma omp simd reduction(+ : dDr)
         for (int64_t cc = 0; cc < P; ++cc) {
-          const acc yv = yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc];
+          const acc yv = yc[i + cc];
           const acc gout = gob[cc];
           // silu and its derivative s (1 + z (1 - s)) from one sigmoid s
           const acc zv = zb[cc] * mz[cc];
@@ -543,28 +601,25 @@ SSMK_CPU_INLINE void gate_bwd(const Mamba3BwdParams<T>& p, int64_t b, int64_t h,
           const acc gv = gout * mo[cc] * sz;
           dyc[i + cc] = gv;
           dxc[i + cc] = D * gv;
-          inter += gv * yic[i + cc];
           dDr += gv * xc[i + cc];
         }
       } else {
-#pragma omp simd reduction(+ : inter, dDr)
+#pragma omp simd reduction(+ : dDr)
         for (int64_t cc = 0; cc < P; ++cc) {
-          const acc yv = yc[i + cc] + ri * yic[i + cc] + D * xc[i + cc];
+          const acc yv = yc[i + cc];
           const acc gout = gob[cc];
           dmo[cc] += gout * yv;
           const acc gv = gout * mo[cc];
           dyc[i + cc] = gv;
           dxc[i + cc] = D * gv;
-          inter += gv * yic[i + cc];
           dDr += gv * xc[i + cc];
         }
       }
       dD += dDr;
-      bk.dacs[c * Q + t] += ri * inter;
     }
     if (p.dz) {
       T* dzr = p.dz + ((b * L + l) * H + h) * P;
-      for (int64_t cc = 0; cc < P; ++cc) dzr[cc] = static_cast<T>(dzacc[cc]);
+      store_row(dzr, dzacc, P);
     }
   }
   std::fill(dyc + n * R * P, dyc + QR * P, acc(0));
@@ -601,8 +656,8 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
     const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
     if (l + kAhead < L) {
       if (p.mimo && p.v.stride[3] == 1) prefetch_row(vr + kAhead * p.v.stride[1], P);
-      prefetch_row_w(p.dv + ((b * L + l + kAhead) * H + h) * P, P);
-      for (int64_t r = 0; r < R; ++r) {
+      if (!kStreamRows<T, acc>) prefetch_row_w(p.dv + ((b * L + l + kAhead) * H + h) * P, P);
+      for (int64_t r = 0; r < R && !kStreamRows<acc, acc>; ++r) {
         prefetch_row_w(p.dq + (((b * L + l + kAhead) * R + r) * H + h) * N, N);
         prefetch_row_w(p.dk + (((b * L + l + kAhead) * R + r) * H + h) * N, N);
       }
@@ -629,11 +684,11 @@ SSMK_CPU_INLINE void chunk_step_grads(const Mamba3BwdParams<T>& p, int64_t b, in
       rotate_row_bwd(dki, kc + i * N, cs, sn, A, dtheta + t * A);
       mamba3::axpy(bk.dqb.data() + r * N, acc(1), dqi, N);
       mamba3::axpy(bk.dkb.data() + r * N, acc(1), dki, N);
-      std::copy(dqi, dqi + N, p.dq + (((b * L + l) * R + r) * H + h) * N);
-      std::copy(dki, dki + N, p.dk + (((b * L + l) * R + r) * H + h) * N);
+      store_row(p.dq + (((b * L + l) * R + r) * H + h) * N, dqi, N);
+      store_row(p.dk + (((b * L + l) * R + r) * H + h) * N, dki, N);
     }
     T* dvo = p.dv + ((b * L + l) * H + h) * P;
-    for (int64_t cc = 0; cc < P; ++cc) dvo[cc] = static_cast<T>(dvacc[cc]);
+    store_row(dvo, dvacc, P);
   }
   for (int64_t t = n - 1; t >= 0 && A > 0; --t) {
     const int64_t l = t0 + t;
@@ -679,12 +734,21 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
   acc* dS = bk.dS.data();
   acc* theta = bk.theta.data();
   acc* carry = bk.carry.data();
-  acc* before = bk.before.template data_ptr<acc>();
+  // The states before the chunks: the forward's, or recomputed into the thread's buffer.
+  const bool saved_states = p.chunk_states != nullptr;
+  acc* before = saved_states ? const_cast<acc*>(p.chunk_states) + mamba3::bwd_state_slot(p, task) * P * N
+                             : bk.before.template data_ptr<acc>();
+  const at::Tensor before_t = saved_states ? at::from_blob(before, {nc, P, N}, bk.q.options()) : bk.before;
   mamba3::initial_state(p, bh, sp, S, theta);
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t c0 = blk * C, nb = std::min(C, nc - c0);
     std::copy(theta, theta + A, bk.thetas.data() + blk * A);
+    if (saved_states && blk + 1 < nblocks) {
+      bk.skip_block(p, sp, c0, nb, theta);
+      continue;
+    }
     bk.load_block(p, sp, c0, nb, theta);
+    if (saved_states) continue;
     at::Tensor st = bk.states.narrow(0, 0, nb);
     at::bmm_out(st, bk.xe.narrow(0, 0, nb).transpose(1, 2), bk.k.narrow(0, 0, nb));
     bk.scan_states(nb, S, before + c0 * P * N);
@@ -706,7 +770,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
       bk.load_block(p, sp, c0, nb, theta);
     }
     const at::Tensor q = bk.q.narrow(0, 0, nb), k = bk.k.narrow(0, 0, nb), x = bk.x.narrow(0, 0, nb);
-    const at::Tensor xe = bk.xe.narrow(0, 0, nb), Sb = bk.before.narrow(0, c0, nb);
+    const at::Tensor xe = bk.xe.narrow(0, 0, nb), Sb = before_t.narrow(0, c0, nb);
     at::Tensor cb = bk.cb.narrow(0, 0, nb), cbm = bk.cbm.narrow(0, 0, nb), y = bk.y.narrow(0, 0, nb);
     at::Tensor yi = bk.yi.narrow(0, 0, nb), g = bk.g.narrow(0, 0, nb), dy = bk.dy.narrow(0, 0, nb);
     at::Tensor dx = bk.dx.narrow(0, 0, nb), dq = bk.dq.narrow(0, 0, nb), dk = bk.dk.narrow(0, 0, nb);
@@ -714,12 +778,29 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     std::fill(bk.dacs.begin(), bk.dacs.end(), acc(0));
     std::fill(bk.dw.begin(), bk.dw.end(), acc(0));
     std::fill(bk.dgam.begin(), bk.dgam.end(), acc(0));
-    // The forward's y, its inter-chunk part yi = St_prev q, and the gate.
     at::bmm_out(cb, q, k.transpose(1, 2));
     bk.mask(nb, cb, cbm, bk.drow.data());
-    at::bmm_out(y, cbm, x);
-    at::bmm_out(yi, q, Sb.transpose(1, 2));
-    for (int64_t c = 0; c < nb; ++c) gate_bwd(p, b, h, c, sp.start + (c0 + c) * Q, bk, dD);
+    // The gate: y before it is the forward's, or recomputed (intra + e^{Acs_t} St_prev q + D x).
+    if (!p.gate_input) {
+      at::bmm_out(y, cbm, x);
+      at::bmm_out(yi, q, Sb.transpose(1, 2));
+      const acc D = p.D ? p.D[h] : acc(0);
+      for (int64_t c = 0; c < nb; ++c) {
+        acc* __restrict__ yc = bk.ptr(bk.y, c, P);
+        const acc* __restrict__ yic = bk.ptr(bk.yi, c, P);
+        const acc* __restrict__ xc = bk.ptr(bk.x, c, P);
+        for (int64_t i = 0; i < QR; ++i) {
+          const acc ri = bk.ri[c * Q + i / R];
+#pragma omp simd
+          for (int64_t cc = 0; cc < P; ++cc) yc[i * P + cc] += ri * yic[i * P + cc] + D * xc[i * P + cc];
+        }
+      }
+    }
+    for (int64_t c = 0; c < nb; ++c) {
+      const int64_t t0 = sp.start + (c0 + c) * Q;
+      const acc* yv = p.gate_input ? p.gate_input + (row + t0) * R * P : bk.ptr(bk.y, c, P);
+      gate_bwd(p, b, h, c, t0, yv, bk, dD);
+    }
     if (blk == nblocks - 1) {
       const int64_t c = nb - 1, i0 = (bk.len[c] - 1) * R;
       for (int64_t r = 0; r < R; ++r) {
@@ -751,9 +832,16 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
         dS[j] = kd * dS[j] + local;
       }
     }
+    // dq's inter-chunk part e^{Acs_t} dy St_prev first: its rows dotted with q are that term's
+    // d Acs_t = e^{Acs_t} dy . (St_prev q).
+    at::bmm_out(dq, y, Sb);
+    for (int64_t c = 0; c < nb; ++c) {
+      const acc* dqc = bk.ptr(bk.dq, c, N);
+      const acc* qc = bk.ptr(bk.q, c, N);
+      for (int64_t i = 0; i < bk.len[c] * R; ++i) bk.dacs[c * Q + i / R] += mamba3::dot(dqc + i * N, qc + i * N, N);
+    }
     bk.grad_mask(nb);
-    at::bmm_out(dq, g, k);
-    dq.baddbmm_(y, Sb);
+    dq.baddbmm_(g, k);
     at::bmm_out(dk, g.transpose(1, 2), q);
     dk.baddbmm_(xe, dSb);
     dx.baddbmm_(cbm.transpose(1, 2), dy);
@@ -793,12 +881,13 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     std::copy(bk.dmo.begin(), bk.dmo.end(), p.dmimo_o + bh * R * P);
     if (p.dmimo_z) std::copy(bk.dmz.begin(), bk.dmz.end(), p.dmimo_z + bh * R * P);
   }
+  fence_rows();
 }
 
 template <typename T>
 SSMK_CPU_INLINE void bwd_tasks(const Mamba3BwdParams<T>& p, int64_t begin, int64_t end) {
   using acc = acc_t<T>;
-  BwdBlock<acc> bk(p, c10::CppTypeToScalarType<acc>::value);
+  BwdBlock<acc> bk(p, c10::CppTypeToScalarType<acc>::value, p.chunk_states != nullptr);
   for (int64_t task = begin; task < end; ++task) bwd_task_blocked(p, task, bk);
 }
 SSMK_CPU_MULTIVERSION(bwd_tasks, (typename T), (T), (const Mamba3BwdParams<T>& p, int64_t begin, int64_t end),

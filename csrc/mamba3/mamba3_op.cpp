@@ -20,10 +20,15 @@ namespace {
   MAMBA3_INPUT_ARGS(X) X(OptTensor, initial_angle) X(OptTensor, initial_ssm) X(OptTensor, initial_k) \
   X(OptTensor, initial_v) X(Int, chunk_size)
 // cu_seqlens (default None) comes last in both lists, so calls written before it keep working.
-#define MAMBA3_FWD_ARGS(X) MAMBA3_SCAN_ARGS(X) X(OptTensorDefaultNone, cu_seqlens)
+// save_for_backward: whether the CPU forward keeps its chunk states and y before the gate for the
+// backward (the Python layer sets it where autograd will need them).
+#define MAMBA3_FWD_ARGS(X) MAMBA3_SCAN_ARGS(X) X(Bool, save_for_backward) X(OptTensorDefaultNone, cu_seqlens)
+// The backward's chunk_states and gate_input are the forward's outputs of those names (None or
+// empty: recomputed from the inputs, as the CUDA backward always does).
 #define MAMBA3_BWD_ARGS(X)                                                                               \
   MAMBA3_SCAN_ARGS(X) X(Tensor, dout) X(OptTensor, dfinal_angle) X(OptTensor, dfinal_ssm)               \
-  X(OptTensor, dfinal_k) X(OptTensor, dfinal_v) X(OptTensorDefaultNone, cu_seqlens)
+  X(OptTensor, dfinal_k) X(OptTensor, dfinal_v) X(OptTensorDefaultNone, cu_seqlens)                     \
+  X(OptTensorDefaultNone, chunk_states) X(OptTensorDefaultNone, gate_input)
 // The four states come first: they are updated in place.
 #define MAMBA3_STEP_ARGS(X)                                                                              \
   X(MutTensorOf<'a'>, angle_state) X(MutTensorOf<'b'>, ssm_state) X(MutTensorOf<'c'>, k_state)          \
@@ -242,7 +247,15 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   return at::empty({tasks * per_task + shared}, ref.options().dtype(acc_dtype(ref.scalar_type())));
 }
 
-using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// What the CPU forward keeps for the backward: the state before every chunk ([slots, P, N],
+// mamba3_task.h's bwd_state_slots; zeros with cu_seqlens, whose layout leaves slots unused) and y
+// before the gate ([B, H, L, R, P]). Empty on CUDA, whose backward recomputes them, and where
+// save_for_backward is false.
+int64_t saved_state_slots(const Shape& s, const Varlen& vl, int64_t chunk) {
+  return vl.packed() ? s.nheads * (s.seqlen / chunk + vl.num_seqs) : s.batch * s.nheads * ceil_div(s.seqlen, chunk);
+}
 
 FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
   const Shape s = check_inputs(in, true);
@@ -256,7 +269,16 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
   at::Tensor final_ssm = new_output(ssm_state_shape(s, Bs), aopts);
   at::Tensor final_k = new_output(k_state_shape(s, Bs), aopts);
   at::Tensor final_v = new_output(v_state_shape(s, Bs), aopts);
-  if (s.batch == 0) return {out, final_angle, final_ssm, final_k, final_v};
+  at::Tensor chunk_states, gate_input;
+  if (in.v.is_cpu() && in.save_for_backward) {
+    const std::vector<int64_t> states_shape{saved_state_slots(s, vl, in.chunk_size), s.dv, s.dqk};
+    chunk_states = vl.packed() ? at::zeros(states_shape, aopts) : new_output(states_shape, aopts);
+    gate_input = new_output({s.batch, s.nheads, s.seqlen, s.rank, s.dv}, aopts);
+  } else {
+    chunk_states = at::empty({0}, aopts);
+    gate_input = at::empty({0}, aopts);
+  }
+  if (s.batch == 0) return {out, final_angle, final_ssm, final_k, final_v, chunk_states, gate_input};
   AccInputs a = acc_inputs(in, acc);
   acc_initial(a, in, acc);
   SSMK_DISPATCH_FLOAT(dtype, "mamba3_scan_fwd", [&] {
@@ -269,11 +291,24 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
     p.final_ssm = ptr<A>(final_ssm);
     p.final_k = ptr<A>(final_k);
     p.final_v = ptr<A>(final_v);
+    p.chunk_states = chunk_states.numel() > 0 ? ptr<A>(chunk_states) : nullptr;
+    p.gate_input = gate_input.numel() > 0 ? ptr<A>(gate_input) : nullptr;
     launch(in.v, [&] { mamba3_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
              mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
            }));
   });
-  return {out, final_angle, final_ssm, final_k, final_v};
+  return {out, final_angle, final_ssm, final_k, final_v, chunk_states, gate_input};
+}
+
+// The forward's saved tensor `t` for the CPU backward: checked and contiguous, or undefined where
+// it is absent or empty (recomputed).
+at::Tensor saved_input(const std::optional<at::Tensor>& t, std::vector<int64_t> shape, at::ScalarType acc,
+                       const at::Tensor& ref, const char* name) {
+  if (!t || t->numel() == 0) return at::Tensor();
+  check_shape(*t, shape, name);
+  SSMK_CHECK_TYPE(t->scalar_type() == acc, name, ": expected dtype ", acc, ", got ", t->scalar_type());
+  check_same_device(*t, ref, name);
+  return t->contiguous();
 }
 
 // The gradient of an optional input from its accumulation-dtype value, or an empty one.
@@ -305,6 +340,9 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
   acc_initial(a, in, acc);
   const at::Tensor dfinal_angle = acc_copy(in.dfinal_angle, acc), dfinal_ssm = acc_copy(in.dfinal_ssm, acc);
   const at::Tensor dfinal_k = acc_copy(in.dfinal_k, acc), dfinal_v = acc_copy(in.dfinal_v, acc);
+  const at::Tensor chunk_states =
+      saved_input(in.chunk_states, {saved_state_slots(s, vl, in.chunk_size), P, N}, acc, in.v, "chunk_states");
+  const at::Tensor gate_input = saved_input(in.gate_input, {Bn, H, L, R, P}, acc, in.v, "gate_input");
 
   at::Tensor dq = at::empty({Bn, L, R, H, N}, aopts), dk = at::empty({Bn, L, R, H, N}, aopts);
   at::Tensor dv = new_output(in.v.sizes(), in.v.options());
@@ -330,6 +368,8 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
       p.dfinal_ssm = opt<Ac>(dfinal_ssm);
       p.dfinal_k = opt<Ac>(dfinal_k);
       p.dfinal_v = opt<Ac>(dfinal_v);
+      p.chunk_states = opt<Ac>(chunk_states);
+      p.gate_input = opt<Ac>(gate_input);
       p.dq = ptr<Ac>(dq);
       p.dk = ptr<Ac>(dk);
       p.dv = ptr<T>(dv);
@@ -455,7 +495,9 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
 }  // namespace
 }  // namespace ssmk
 
-SSMK_OP(mamba3_scan_fwd, Mamba3FwdArgs, "(Tensor out, Tensor final_angle, Tensor final_ssm, Tensor final_k, Tensor final_v)")
+SSMK_OP(mamba3_scan_fwd, Mamba3FwdArgs,
+        "(Tensor out, Tensor final_angle, Tensor final_ssm, Tensor final_k, Tensor final_v, Tensor chunk_states, "
+        "Tensor gate_input)")
 SSMK_OP(mamba3_scan_bwd, Mamba3BwdArgs,
         "(Tensor dq, Tensor dk, Tensor dv, Tensor dadt, Tensor ddt, Tensor dtrap, Tensor dq_bias, Tensor dk_bias, "
         "Tensor dangles, Tensor dD, Tensor dz, Tensor dmimo_v, Tensor dmimo_z, Tensor dmimo_o, Tensor dinitial_angle, "

@@ -351,6 +351,22 @@ SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t bh, const 
   }
 }
 
+// The backward keeps the state (P N elements) before every chunk of a task (the CPU forward saves
+// them for it: Mamba3FwdParams::chunk_states), in a buffer of bwd_state_slots(d) slots; a task's
+// first slot is bwd_state_slot(d, task). Without cu_seqlens: nchunks() slots per task. With them:
+// floor(L / Q) + num_seqs slots per head, sequence s's ceil(len_s / Q) chunks from slot
+// floor(start_s / Q) + s. They end at most at floor(end_s / Q) + s + 1, the next sequence's first
+// slot, so the buffer is that of one row of length L plus a slot per sequence (not num_seqs rows
+// of length L).
+SSMK_HOST_DEVICE int64_t bwd_state_slots(const Mamba3Dims& d) {
+  return d.cu_seqlens ? d.nheads * (d.seqlen / d.chunk + d.num_seqs) : d.tasks() * d.nchunks();
+}
+SSMK_HOST_DEVICE int64_t bwd_state_slot(const Mamba3Dims& d, int64_t task) {
+  if (!d.cu_seqlens) return task * d.nchunks();
+  const Mamba3Span sp = d.span(task);
+  return sp.h * (d.seqlen / d.chunk + d.num_seqs) + sp.start / d.chunk + task / d.nheads;
+}
+
 // Scratch elements of one forward task.
 SSMK_HOST_DEVICE int64_t fwd_scratch(const Mamba3Dims& d) {
   return Work<float>::size(d) + d.headdim_v * d.headdim_qk + d.nangles + d.headdim_v;
@@ -374,11 +390,17 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
     initial_state(p, task, sp, S, theta);
     const acc D = p.D ? p.D[h] : acc(0);
     int64_t n = 0;
+    acc* saved_states = p.chunk_states ? p.chunk_states + bwd_state_slot(p, task) * P * N : nullptr;
     for (int64_t t0 = sp.start; t0 < sp.end; t0 += Q) {
       n = Q < sp.end - t0 ? Q : sp.end - t0;
       load_chunk(p, b, h, t0, n, sp.end, theta, wk);
       chunk_products(wk, n);
       chunk_outputs(wk, n, S, D);
+      if (saved_states) {
+        copy_n(S, P * N, saved_states);
+        saved_states += P * N;
+      }
+      if (p.gate_input) copy_n(wk.y, n * R * P, p.gate_input + ((b * H + h) * L + t0) * R * P);
       for (int64_t t = 0; t < n; ++t) {
         const int64_t l = t0 + t;
         const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
@@ -415,21 +437,6 @@ SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
   const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank;
   return Work<float>::size(d) + 2 * P * N + (nc + 2) * A + 3 * d.chunk + d.chunk * A + 2 * R * N + 3 * R * P +
          2 * P;
-}
-
-// The backward keeps the state (P N elements) before every chunk of a task, in a buffer of
-// bwd_state_slots(d) slots; a task's first slot is bwd_state_slot(d, task). Without cu_seqlens:
-// nchunks() slots per task. With them: floor(L / Q) + num_seqs slots per head, sequence s's
-// ceil(len_s / Q) chunks from slot floor(start_s / Q) + s. They end at most at
-// floor(end_s / Q) + s + 1, the next sequence's first slot, so the buffer is that of one row of
-// length L plus a slot per sequence (not num_seqs rows of length L).
-SSMK_HOST_DEVICE int64_t bwd_state_slots(const Mamba3Dims& d) {
-  return d.cu_seqlens ? d.nheads * (d.seqlen / d.chunk + d.num_seqs) : d.tasks() * d.nchunks();
-}
-SSMK_HOST_DEVICE int64_t bwd_state_slot(const Mamba3Dims& d, int64_t task) {
-  if (!d.cu_seqlens) return task * d.nchunks();
-  const Mamba3Span sp = d.span(task);
-  return sp.h * (d.seqlen / d.chunk + d.num_seqs) + sp.start / d.chunk + task / d.nheads;
 }
 
 // states: the task's chunk states, nchunks() P N elements (bwd_state_slot).

@@ -104,10 +104,13 @@ def mamba3_scan(
     if not isinstance(return_final_states, bool):
         raise TypeError(f"return_final_states: expected a bool, got {type(return_final_states).__name__}")
     ia, iss, ik, iv = _initial(initial_states)
-    out, fa, fs, fk, fv = _op.call(
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, ia, iss, ik, iv)
+    # The CPU forward keeps its chunk states and y before the gate only for a backward to come.
+    save = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    out, fa, fs, fk, fv, _, _ = _op.call(
         "mamba3_scan_fwd", q=q, k=k, v=v, adt=adt, dt=dt, trap=trap, q_bias=q_bias, k_bias=k_bias, angles=angles,
         D=D, z=z, mimo_v=mimo_v, mimo_z=mimo_z, mimo_o=mimo_o, initial_angle=ia, initial_ssm=iss, initial_k=ik,
-        initial_v=iv, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+        initial_v=iv, chunk_size=chunk_size, save_for_backward=save, cu_seqlens=cu_seqlens,
     )
     return (out, (fa, fs, fk, fv)) if return_final_states else out
 
@@ -166,24 +169,30 @@ def mamba3_step(
 
 
 @_op.fake("mamba3_scan_fwd")
-def _(q, v, angles, mimo_v, cu_seqlens):
+def _(q, v, angles, mimo_v, chunk_size, save_for_backward, cu_seqlens):
     B, L, H, P = v.shape
-    if cu_seqlens is not None:
-        B = cu_seqlens.shape[0] - 1  # state rows: one per sequence
+    Bs = B if cu_seqlens is None else cu_seqlens.shape[0] - 1  # state rows: one per sequence
     N = q.shape[-1]
     A = angles.shape[-1] if angles is not None else 0
     acc = _acc_dtype(v.dtype)
+    R = q.shape[2] if mimo_v is not None else 1
     if mimo_v is not None:
-        R = q.shape[2]
-        ks, vs = (B, H, R, N), (B, H, R, P)
+        ks, vs = (Bs, H, R, N), (Bs, H, R, P)
     else:
-        ks, vs = (B, H, N), (B, H, P)
+        ks, vs = (Bs, H, N), (Bs, H, P)
+    # What the CPU forward keeps for the backward (csrc/mamba3/mamba3_op.cpp); empty on CUDA.
+    if v.device.type == "cuda" or not save_for_backward:
+        saved = ((0,), (0,))
+    else:
+        slots = H * (L // chunk_size + Bs) if cu_seqlens is not None else B * H * -(-L // chunk_size)
+        saved = ((slots, P, N), (B, H, L, R, P))
     return (
         v.new_empty(v.shape),
-        v.new_empty((B, H, A), dtype=acc),
-        v.new_empty((B, H, P, N), dtype=acc),
+        v.new_empty((Bs, H, A), dtype=acc),
+        v.new_empty((Bs, H, P, N), dtype=acc),
         v.new_empty(ks, dtype=acc),
         v.new_empty(vs, dtype=acc),
+        *(v.new_empty(shape, dtype=acc) for shape in saved),
     )
 
 
