@@ -366,9 +366,10 @@ def _small(rank=0, device="cpu", dtype=F32):
     return make_inputs(case, device)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
 @pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
-def test_mamba3_opcheck(rank, device):
-    inp = _small(rank, device)
+def test_mamba3_opcheck(rank, dtype, device):
+    inp = _small(rank, device, dtype)
     names = [a.name for a in torch.ops.ssm_kernels.mamba3_scan_fwd.default._schema.arguments]
     kw = {k: inp.get(k) for k in names}
     for k, v in kw.items():

@@ -136,6 +136,8 @@ struct Mamba3StepParams : Mamba3Coeffs<acc_t<T>> {
   T* out;                     // [B, H, P] contiguous
 };
 
+// The scan's CPU kernels for T = float and double; the op widens half and bfloat16 inputs to
+// float (mamba3_op.cpp, widened_on_cpu). The step's for every float type.
 template <typename T>
 void mamba3_fwd_cpu(const Mamba3FwdParams<T>& p);
 template <typename T>

@@ -931,10 +931,14 @@ void mamba3_step_cpu(const Mamba3StepParams<T>& p) {
   at::parallel_for(0, p.batch * p.nheads, 1, [&](int64_t b, int64_t e) { step_tasks_dispatch<T>(p, b, e); });
 }
 
-#define SSMK_MAMBA3_INSTANTIATE(T)                               \
-  template void mamba3_fwd_cpu<T>(const Mamba3FwdParams<T>&);    \
-  template void mamba3_bwd_cpu<T>(const Mamba3BwdParams<T>&);    \
-  template void mamba3_step_cpu<T>(const Mamba3StepParams<T>&);
-SSMK_FLOAT_TYPES(SSMK_MAMBA3_INSTANTIATE)
+// The scan for float and double (mamba3_op.cpp widens half and bfloat16 to float), the step for
+// every float type.
+#define SSMK_MAMBA3_SCAN_INSTANTIATE(T)                        \
+  template void mamba3_fwd_cpu<T>(const Mamba3FwdParams<T>&);  \
+  template void mamba3_bwd_cpu<T>(const Mamba3BwdParams<T>&);
+SSMK_MAMBA3_SCAN_INSTANTIATE(float)
+SSMK_MAMBA3_SCAN_INSTANTIATE(double)
+#define SSMK_MAMBA3_STEP_INSTANTIATE(T) template void mamba3_step_cpu<T>(const Mamba3StepParams<T>&);
+SSMK_FLOAT_TYPES(SSMK_MAMBA3_STEP_INSTANTIATE)
 
 }  // namespace ssmk

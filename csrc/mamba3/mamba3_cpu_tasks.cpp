@@ -35,7 +35,8 @@ void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
 #define SSMK_MAMBA3_INSTANTIATE(T)                                               \
   template void mamba3_fwd_task_kernels_cpu<T>(const Mamba3FwdParams<T>&);     \
   template void mamba3_bwd_task_kernels_cpu<T>(const Mamba3BwdParams<T>&);
-SSMK_FLOAT_TYPES(SSMK_MAMBA3_INSTANTIATE)
+SSMK_MAMBA3_INSTANTIATE(float)
+SSMK_MAMBA3_INSTANTIATE(double)
 #undef SSMK_MAMBA3_INSTANTIATE
 
 }  // namespace ssmk

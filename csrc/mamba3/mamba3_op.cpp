@@ -247,6 +247,33 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   return at::empty({tasks * per_task + shared}, ref.options().dtype(acc_dtype(ref.scalar_type())));
 }
 
+// On the CPU, half and bfloat16 scans run the float kernels on float copies of the T-typed
+// inputs (q, k, v, z, dout): exact, since the kernels widen every element as they load it, and
+// the T-typed outputs are rounded once, as the kernels' own stores round them. That halves the
+// scan's CPU template instances (docs/build.md, "Template instances per op"); the copies cost
+// about 20% of a bfloat16 scan (docs/mamba3.md), the decode step keeps its own kernels.
+bool widened_on_cpu(const at::Tensor& v) {
+  return v.is_cpu() && (v.scalar_type() == at::kHalf || v.scalar_type() == at::kBFloat16);
+}
+
+template <typename Args>
+Args widen_inputs(const Args& in) {
+  Args f = in;
+  f.q = in.q.to(at::kFloat);
+  f.k = in.k.to(at::kFloat);
+  f.v = in.v.to(at::kFloat);
+  if (in.z) f.z = in.z->to(at::kFloat);
+  return f;
+}
+
+// The scan's CPU kernels exist for float and double only (above).
+template <typename T>
+constexpr bool kScanCpuKernel = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+void not_widened() {
+  TORCH_INTERNAL_ASSERT(false, "mamba3_scan: the CPU kernels take float or double; half and bfloat16 are widened");
+}
+
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // What the CPU forward keeps for the backward: the state before every chunk ([slots, P, N],
@@ -260,6 +287,11 @@ int64_t saved_state_slots(const Shape& s, const Varlen& vl, int64_t chunk) {
 FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
   const Shape s = check_inputs(in, true);
   const Varlen vl = check_initial(in, s);
+  if (widened_on_cpu(in.v)) {
+    FwdResult r = mamba3_scan_fwd(widen_inputs(in));
+    std::get<0>(r) = std::get<0>(r).to(in.v.scalar_type());
+    return r;
+  }
   const int64_t Bs = state_rows(s, vl);
   const auto dtype = in.v.scalar_type();
   const auto acc = acc_dtype(dtype);
@@ -293,7 +325,14 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
     p.final_v = ptr<A>(final_v);
     p.chunk_states = chunk_states.numel() > 0 ? ptr<A>(chunk_states) : nullptr;
     p.gate_input = gate_input.numel() > 0 ? ptr<A>(gate_input) : nullptr;
-    launch(in.v, [&] { mamba3_fwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+    const auto cpu = [&] {
+      if constexpr (kScanCpuKernel<T>) {
+        mamba3_fwd_cpu(p);
+      } else {
+        not_widened();
+      }
+    };
+    launch(in.v, cpu SSMK_CUDA([&](const CudaContext& ctx) {
              mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
            }));
   });
@@ -311,16 +350,22 @@ at::Tensor saved_input(const std::optional<at::Tensor>& t, std::vector<int64_t> 
   return t->contiguous();
 }
 
-// The gradient of an optional input from its accumulation-dtype value, or an empty one.
-at::Tensor grad_as(const at::Tensor& g, const std::optional<at::Tensor>& input, const at::Tensor& ref) {
-  return input ? g.reshape(input->sizes()).to(input->scalar_type()) : at::empty({0}, ref.options());
+// The gradient of an optional input from its accumulation-dtype value, or an empty one of `absent`.
+at::Tensor grad_as(const at::Tensor& g, const std::optional<at::Tensor>& input, const at::TensorOptions& absent) {
+  return input ? g.reshape(input->sizes()).to(input->scalar_type()) : at::empty({0}, absent);
 }
 
 using BwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                              at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
+struct BwdShape {
+  Shape s;
+  Varlen vl;
+  int64_t Bs;
+};
+
+BwdShape check_bwd(const Mamba3BwdArgs& in) {
   const Shape s = check_inputs(in, true);
   const Varlen vl = check_initial(in, s);
   const int64_t Bs = state_rows(s, vl);
@@ -331,6 +376,15 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
   check_param(in.dfinal_ssm, ssm_state_shape(s, Bs), in.v, "dfinal_ssm");
   check_param(in.dfinal_k, k_state_shape(s, Bs), in.v, "dfinal_k");
   check_param(in.dfinal_v, v_state_shape(s, Bs), in.v, "dfinal_v");
+  return {s, vl, Bs};
+}
+
+// The backward on checked arguments; `gdtype` is the dtype of the gradients of q, k, v and z and
+// of the empty ones of absent inputs (v's before widened_on_cpu).
+BwdResult scan_bwd(const Mamba3BwdArgs& in, const BwdShape& shape, at::ScalarType gdtype) {
+  const Shape& s = shape.s;
+  const Varlen& vl = shape.vl;
+  const int64_t Bs = shape.Bs;
   const auto dtype = in.v.scalar_type();
   const auto acc = acc_dtype(dtype);
   const auto aopts = in.v.options().dtype(acc);
@@ -388,7 +442,14 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
       p.dinit_ssm = ptr<Ac>(dinit_ssm);
       p.dinit_k = ptr<Ac>(dinit_k);
       p.dinit_v = ptr<Ac>(dinit_v);
-      launch(in.v, [&] { mamba3_bwd_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
+      const auto cpu = [&] {
+        if constexpr (kScanCpuKernel<T>) {
+          mamba3_bwd_cpu(p);
+        } else {
+          not_widened();
+        }
+      };
+      launch(in.v, cpu SSMK_CUDA([&](const CudaContext& ctx) {
                mamba3_bwd_cuda(p,
                                ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p),
                                                     mamba3::bwd_state_slots(p) * P * N)),
@@ -407,24 +468,35 @@ BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
     at::Tensor r = g.view({Bn, L, R, G, H / G, N}).sum(4);
     return r.reshape(input.sizes()).to(input.scalar_type());
   };
-  return {group_sum(dq, in.q),
-          group_sum(dk, in.k),
-          dv,
+  const auto gopts = in.v.options().dtype(gdtype);
+  return {group_sum(dq, in.q).to(gdtype),
+          group_sum(dk, in.k).to(gdtype),
+          dv.to(gdtype),
           dadt.to(in.adt.scalar_type()),
           ddt.to(in.dt.scalar_type()),
           dtrap.to(in.trap.scalar_type()),
-          grad_as(dq_bias.sum(0), in.q_bias, in.v),
-          grad_as(dk_bias.sum(0), in.k_bias, in.v),
-          grad_as(dangles, in.angles, in.v),
-          grad_as(dD.sum(0), in.D, in.v),
-          dz,
-          grad_as(dmimo_v.sum(0), in.mimo_v, in.v),
-          grad_as(dmimo_z.sum(0), in.mimo_z, in.v),
-          grad_as(dmimo_o.sum(0), in.mimo_o, in.v),
-          grad_as(dinit_angle, in.initial_angle, in.v),
-          grad_as(dinit_ssm, in.initial_ssm, in.v),
-          grad_as(dinit_k, in.initial_k, in.v),
-          grad_as(dinit_v, in.initial_v, in.v)};
+          grad_as(dq_bias.sum(0), in.q_bias, gopts),
+          grad_as(dk_bias.sum(0), in.k_bias, gopts),
+          grad_as(dangles, in.angles, gopts),
+          grad_as(dD.sum(0), in.D, gopts),
+          dz.to(gdtype),
+          grad_as(dmimo_v.sum(0), in.mimo_v, gopts),
+          grad_as(dmimo_z.sum(0), in.mimo_z, gopts),
+          grad_as(dmimo_o.sum(0), in.mimo_o, gopts),
+          grad_as(dinit_angle, in.initial_angle, gopts),
+          grad_as(dinit_ssm, in.initial_ssm, gopts),
+          grad_as(dinit_k, in.initial_k, gopts),
+          grad_as(dinit_v, in.initial_v, gopts)};
+}
+
+BwdResult mamba3_scan_bwd(const Mamba3BwdArgs& in) {
+  const BwdShape shape = check_bwd(in);
+  const auto dtype = in.v.scalar_type();
+  if (!widened_on_cpu(in.v)) return scan_bwd(in, shape, dtype);
+  Mamba3BwdArgs f = widen_inputs(in);
+  // dout rounded to v's dtype first, as the kernels for that dtype would take it.
+  f.dout = in.dout.to(dtype).to(at::kFloat);
+  return scan_bwd(f, shape, dtype);
 }
 
 void check_state(const at::Tensor& t, std::vector<int64_t> expected, at::ScalarType acc, const at::Tensor& ref,
