@@ -910,19 +910,13 @@ bool mamba3_cpu_task_kernels(bool on) { return g_task_kernels.exchange(on); }
 
 template <typename T>
 void mamba3_fwd_cpu(const Mamba3FwdParams<T>& p) {
-  if (g_task_kernels) {
-    mamba3_fwd_task_kernels_cpu(p);
-    return;
-  }
+  if (g_task_kernels) return mamba3_fwd_task_kernels_cpu(p);
   at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { fwd_tasks_dispatch<T>(p, b, e); });
 }
 
 template <typename T>
 void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p) {
-  if (g_task_kernels) {
-    mamba3_bwd_task_kernels_cpu(p);
-    return;
-  }
+  if (g_task_kernels) return mamba3_bwd_task_kernels_cpu(p);
   at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_dispatch<T>(p, b, e); });
 }
 

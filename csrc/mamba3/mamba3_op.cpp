@@ -266,12 +266,16 @@ Args widen_inputs(const Args& in) {
   return f;
 }
 
-// The scan's CPU kernels exist for float and double only (above).
-template <typename T>
-constexpr bool kScanCpuKernel = std::is_same_v<T, float> || std::is_same_v<T, double>;
-
-void not_widened() {
-  TORCH_INTERNAL_ASSERT(false, "mamba3_scan: the CPU kernels take float or double; half and bfloat16 are widened");
+// The scan's CPU kernel for the params' type: those exist for float and double only (above).
+template <template <typename> class Params, typename T>
+void scan_cpu(const Params<T>& p) {
+  if constexpr (!std::is_same_v<T, float> && !std::is_same_v<T, double>) {
+    TORCH_INTERNAL_ASSERT(false, "mamba3_scan: the CPU kernels take float or double; half and bfloat16 are widened");
+  } else if constexpr (std::is_same_v<Params<T>, Mamba3FwdParams<T>>) {
+    mamba3_fwd_cpu(p);
+  } else {
+    mamba3_bwd_cpu(p);
+  }
 }
 
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -325,14 +329,7 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
     p.final_v = ptr<A>(final_v);
     p.chunk_states = chunk_states.numel() > 0 ? ptr<A>(chunk_states) : nullptr;
     p.gate_input = gate_input.numel() > 0 ? ptr<A>(gate_input) : nullptr;
-    const auto cpu = [&] {
-      if constexpr (kScanCpuKernel<T>) {
-        mamba3_fwd_cpu(p);
-      } else {
-        not_widened();
-      }
-    };
-    launch(in.v, cpu SSMK_CUDA([&](const CudaContext& ctx) {
+    launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
              mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
            }));
   });
@@ -442,14 +439,7 @@ BwdResult scan_bwd(const Mamba3BwdArgs& in, const BwdShape& shape, at::ScalarTyp
       p.dinit_ssm = ptr<Ac>(dinit_ssm);
       p.dinit_k = ptr<Ac>(dinit_k);
       p.dinit_v = ptr<Ac>(dinit_v);
-      const auto cpu = [&] {
-        if constexpr (kScanCpuKernel<T>) {
-          mamba3_bwd_cpu(p);
-        } else {
-          not_widened();
-        }
-      };
-      launch(in.v, cpu SSMK_CUDA([&](const CudaContext& ctx) {
+      launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
                mamba3_bwd_cuda(p,
                                ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p),
                                                     mamba3::bwd_state_slots(p) * P * N)),
