@@ -589,16 +589,10 @@ void selective_scan_fwd_cpu(const SelectiveScanFwdParams<T, kComplex>& p, const 
 
 template <typename T, bool kComplex>
 void selective_scan_bwd_cpu(const SelectiveScanBwdParams<T, kComplex>& p, const SelectiveScanCpuLayout<acc_t<T>>& lay) {
-  if (p.seqs.packed()) {
-    // Split by tokens of (slice, token), as the forward.
-    at::parallel_for(0, p.n_slices * p.seqlen, kChunkSize, [&](int64_t begin, int64_t end) {
-      bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end);
-    });
-    return;
-  }
-  at::parallel_for(0, p.batch * p.n_slices, 1, [&](int64_t begin, int64_t end) {
-    bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end);
-  });
+  // Packed: split by tokens of (slice, token), as the forward; else by (batch, slice).
+  const bool packed = p.seqs.packed();
+  at::parallel_for(0, packed ? p.n_slices * p.seqlen : p.batch * p.n_slices, packed ? kChunkSize : 1,
+                   [&](int64_t begin, int64_t end) { bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end); });
 }
 
 template <typename T>
