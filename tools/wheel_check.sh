@@ -20,6 +20,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
+# The steps below change directory: a relative interpreter path (make passes .venv/bin/python) is
+# made absolute here, from the caller's directory; a bare name stays a PATH lookup.
+case $PY in /*) ;; */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac
 WORK=${WHEEL_CHECK_DIR:-$ROOT/build/wheel-check}
 export SSM_KERNELS_CUDA=0 PIP_NO_INDEX=1 PIP_FIND_LINKS= PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
 # WHEEL=path: check that wheel instead of building one (steps 3-5 only).
