@@ -12,6 +12,7 @@
 
 #include "cauchy/cauchy.h"
 #include "common/cpu.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 
 namespace ssmk {
@@ -132,7 +133,7 @@ void cauchy_fwd_cpu(const CauchyFwdParams<T>& p) {
   split_z(p, zr, zi);
   const int64_t tiles = (p.L + cauchy::kTileL - 1) / cauchy::kTileL;
   SSMK_BOOL_SWITCH(p.symmetric, kSym, [&] {
-    at::parallel_for(0, p.batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(p.batch * tiles, cauchy::kTileL * p.N, [&](int64_t begin, int64_t end) {
       fwd_tasks_dispatch<T, kSym>(p, zr.data(), zi.data(), begin, end);
     });
   });
@@ -143,7 +144,7 @@ void cauchy_bwd_cpu(const CauchyBwdParams<T>& p) {
   std::vector<T> zr, zi;
   split_z(p, zr, zi);
   SSMK_BOOL_SWITCH(p.symmetric, kSym, [&] {
-    at::parallel_for(0, p.batch * p.N, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(p.batch * p.N, p.L, [&](int64_t begin, int64_t end) {
       std::vector<T> gr(p.L), gi(p.L);
       bwd_tasks_dispatch<T, kSym>(p, zr.data(), zi.data(), gr.data(), gi.data(), begin, end);
     });

@@ -10,6 +10,7 @@
 
 #include "causal_conv1d/causal_conv1d.h"
 #include "common/cpu.h"
+#include "common/parallel.h"
 
 namespace ssmk {
 namespace {
@@ -204,8 +205,8 @@ SSMK_CPU_MULTIVERSION(fwd_rows, (typename input_t), (input_t),
 
 template <typename input_t>
 void fwd_kernel(const CausalConv1dFwdParams<input_t>& p) {
-  at::parallel_for(0, p.batch * p.dim, 1,
-                   [&](int64_t begin, int64_t end) { fwd_rows_dispatch<input_t>(p, begin, end); });
+  cpu::parallel_items(p.batch * p.dim, p.seqlen * p.width,
+                      [&](int64_t begin, int64_t end) { fwd_rows_dispatch<input_t>(p, begin, end); });
 }
 
 // Backward per channel d, looping over the batch inside so that dweight/dbias are summed in a
@@ -310,8 +311,8 @@ SSMK_CPU_MULTIVERSION(bwd_channels, (typename input_t), (input_t),
 
 template <typename input_t>
 void bwd_kernel(const CausalConv1dBwdParams<input_t>& p) {
-  at::parallel_for(0, p.dim, 1,
-                   [&](int64_t begin, int64_t end) { bwd_channels_dispatch<input_t>(p, begin, end); });
+  cpu::parallel_items(p.dim, p.batch * p.seqlen * p.width,
+                      [&](int64_t begin, int64_t end) { bwd_channels_dispatch<input_t>(p, begin, end); });
 }
 
 template <typename input_t, typename state_t>
@@ -320,7 +321,7 @@ void update_kernel(const CausalConv1dUpdateParams<input_t, state_t>& p) {
   const int64_t W = p.width, L = p.seqlen, S = p.state_len;
   const auto* weight = p.weight;
   const auto* bias = p.bias;
-  at::parallel_for(0, p.batch * p.dim, 16, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(p.batch * p.dim, W + L, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(W - 1 + L);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.dim, d = r % p.dim;

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/parallel.h"
 #include "fftconv/fftconv.h"
 #include "fftconv/fftconv_fft.h"
 
@@ -809,7 +810,7 @@ void run_rows(const P& p) {
   std::optional<TwiddleTable<acc_t>> tt;
   if (hand_path(p.fft_size)) tt.emplace(p.fft_size / 2);
   const Blocking blk(p);
-  at::parallel_for(0, blk.nblocks, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(blk.nblocks, p.batch * p.dim / std::max<int64_t>(1, blk.nblocks) * p.fft_size, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> sc;
     sc.fit(blk, p.fft_size, tt.has_value(), kIsBwd<P>);
     for (int64_t j = begin; j < end; ++j) {
@@ -875,7 +876,7 @@ void run_packed(const P& p) {
   using acc_t = typename P::acc;
   const SequenceGroups<P> groups(p);
   const int64_t per_task = (p.dim + kPackedTasks - 1) / kPackedTasks;
-  at::parallel_for(0, (p.dim + per_task - 1) / per_task, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items((p.dim + per_task - 1) / per_task, per_task * p.seqlen, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> sc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t d0 = task * per_task, d1 = std::min(p.dim, d0 + per_task);

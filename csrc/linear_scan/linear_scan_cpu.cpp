@@ -30,6 +30,7 @@
 #endif
 
 #include "common/cpu.h"
+#include "common/parallel.h"
 #include "linear_scan/linear_scan.h"
 
 namespace ssmk {
@@ -400,22 +401,22 @@ void run(const ParamsOf<in_t, kBwd>& p) {
   }
   if (p.seqs.packed()) {
     const int64_t units = (R + kGroup - 1) / kGroup;
-    at::parallel_for(0, p.seqs.num_seqs * units, 1,
-                     [&](int64_t begin, int64_t end) { packed_items_dispatch<in_t, kBwd>(p, begin, end); });
+    cpu::parallel_items(p.seqs.num_seqs * units, kGroup * L / std::max<int64_t>(1, p.seqs.num_seqs),
+                        [&](int64_t begin, int64_t end) { packed_items_dispatch<in_t, kBwd>(p, begin, end); });
     return;
   }
   if (p.seqs.seq_idx.data) {
-    at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) { seq_idx_rows_dispatch<in_t, kBwd>(p, begin, end); });
+    cpu::parallel_items(R, L, [&](int64_t begin, int64_t end) { seq_idx_rows_dispatch<in_t, kBwd>(p, begin, end); });
     return;
   }
   const int64_t C = (L + kChunk - 1) / kChunk;
   if (R >= kFewRows || C < 2) {
-    at::parallel_for(0, (R + kGroup - 1) / kGroup, 1,
-                     [&](int64_t begin, int64_t end) { row_units_dispatch<in_t, kBwd>(p, begin, end); });
+    cpu::parallel_items((R + kGroup - 1) / kGroup, kGroup * L,
+                        [&](int64_t begin, int64_t end) { row_units_dispatch<in_t, kBwd>(p, begin, end); });
     return;
   }
   std::vector<Affine<acc_t>> pairs(R * C);
-  at::parallel_for(0, R * (C - 1), 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(R * (C - 1), kChunk, [&](int64_t begin, int64_t end) {
     chunk_pairs_dispatch<in_t, kBwd>(p, begin, end, pairs.data());
   });
   // Pass 2: carries[r * C + c] is the state entering chunk c.
@@ -428,7 +429,7 @@ void run(const ParamsOf<in_t, kBwd>& p) {
       carries[r * C + c] = carry;
     }
   }
-  at::parallel_for(0, R * C, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(R * C, kChunk, [&](int64_t begin, int64_t end) {
     chunk_scans_dispatch<in_t, kBwd>(p, begin, end, carries.data());
   });
 }

@@ -17,6 +17,7 @@
 #endif
 
 #include "common/cpu.h"
+#include "common/parallel.h"
 #include "mamba3/mamba3_task.h"
 
 namespace ssmk {
@@ -911,18 +912,21 @@ bool mamba3_cpu_task_kernels(bool on) { return g_task_kernels.exchange(on); }
 template <typename T>
 void mamba3_fwd_cpu(const Mamba3FwdParams<T>& p) {
   if (g_task_kernels) return mamba3_fwd_task_kernels_cpu(p);
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { fwd_tasks_dispatch<T>(p, b, e); });
+  cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk,
+                      [&](int64_t b, int64_t e) { fwd_tasks_dispatch<T>(p, b, e); });
 }
 
 template <typename T>
 void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p) {
   if (g_task_kernels) return mamba3_bwd_task_kernels_cpu(p);
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_dispatch<T>(p, b, e); });
+  cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk,
+                      [&](int64_t b, int64_t e) { bwd_tasks_dispatch<T>(p, b, e); });
 }
 
 template <typename T>
 void mamba3_step_cpu(const Mamba3StepParams<T>& p) {
-  at::parallel_for(0, p.batch * p.nheads, 1, [&](int64_t b, int64_t e) { step_tasks_dispatch<T>(p, b, e); });
+  cpu::parallel_items(p.batch * p.nheads, p.rank * p.headdim_v * p.headdim_qk,
+                      [&](int64_t b, int64_t e) { step_tasks_dispatch<T>(p, b, e); });
 }
 
 // The scan for float and double (mamba3_op.cpp widens half and bfloat16 to float), the step for

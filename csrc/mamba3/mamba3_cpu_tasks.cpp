@@ -6,13 +6,14 @@
 
 #include <vector>
 
+#include "common/parallel.h"
 #include "mamba3/mamba3_task.h"
 
 namespace ssmk {
 
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> scratch(mamba3::fwd_scratch(p));
     for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data());
   });
@@ -23,7 +24,7 @@ void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
   // The chunk states in one buffer addressed by bwd_state_slot, as the CUDA kernel lays them out,
   // so that the CPU tests check that layout too (with cu_seqlens, sequences share a head's slots).
   std::vector<acc_t<T>> states(mamba3::bwd_state_slots(p) * p.headdim_v * p.headdim_qk);
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
     for (int64_t task = begin; task < end; ++task) {
       acc_t<T>* task_states = states.data() + mamba3::bwd_state_slot(p, task) * p.headdim_v * p.headdim_qk;

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/parallel.h"
 #include "selective_scan/selective_scan.h"
 
 namespace ssmk {
@@ -577,29 +578,29 @@ template <typename T, bool kComplex>
 void selective_scan_fwd_cpu(const SelectiveScanFwdParams<T, kComplex>& p, const SelectiveScanCpuLayout<acc_t<T>>& lay) {
   if (p.seqs.packed()) {
     // Split by tokens of (channel, token): the threads get equal shares even for a few channels.
-    at::parallel_for(0, p.dim * p.seqlen, kChunkSize, [&](int64_t begin, int64_t end) {
-      fwd_sequences_dispatch<T, kComplex>(p, lay, begin, end);
-    });
+    cpu::parallel_items(
+        p.dim * p.seqlen, p.dstate,
+        [&](int64_t begin, int64_t end) { fwd_sequences_dispatch<T, kComplex>(p, lay, begin, end); }, kChunkSize);
     return;
   }
-  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
-    fwd_rows_dispatch<T, kComplex>(p, lay, begin, end);
-  });
+  cpu::parallel_items(p.batch * p.dim, p.seqlen * p.dstate,
+                      [&](int64_t begin, int64_t end) { fwd_rows_dispatch<T, kComplex>(p, lay, begin, end); });
 }
 
 template <typename T, bool kComplex>
 void selective_scan_bwd_cpu(const SelectiveScanBwdParams<T, kComplex>& p, const SelectiveScanCpuLayout<acc_t<T>>& lay) {
   // Packed: split by tokens of (slice, token), as the forward; else by (batch, slice).
   const bool packed = p.seqs.packed();
-  at::parallel_for(0, packed ? p.n_slices * p.seqlen : p.batch * p.n_slices, packed ? kChunkSize : 1,
-                   [&](int64_t begin, int64_t end) { bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end); });
+  cpu::parallel_items(
+      packed ? p.n_slices * p.seqlen : p.batch * p.n_slices, p.slice_channels * p.dstate * (packed ? 1 : p.seqlen),
+      [&](int64_t begin, int64_t end) { bwd_tasks_dispatch<T, kComplex>(p, lay, begin, end); }, packed ? kChunkSize : 1);
 }
 
 template <typename T>
 void selective_state_update_cpu(const SelectiveStateUpdateParams<T>& p) {
-  at::parallel_for(0, p.batch * p.nheads * p.headdim, 64, [&](int64_t begin, int64_t end) {
-    update_rows_dispatch<T>(p, begin, end);
-  });
+  cpu::parallel_items(
+      p.batch * p.nheads * p.headdim, p.dstate, [&](int64_t begin, int64_t end) { update_rows_dispatch<T>(p, begin, end); },
+      64);
 }
 
 #define SSMK_INSTANTIATE_SCAN(T, C)                                                                              \

@@ -12,6 +12,7 @@
 
 #include "common/cpu.h"
 #include "common/dispatch.h"
+#include "common/parallel.h"
 #include "ssd/ssd_host.h"
 
 namespace ssmk {
@@ -383,7 +384,7 @@ void cpu_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, cuda::T
   // Detached: the op's inputs may require grad (autograd is handled outside), and out= calls
   // refuse such arguments.
   const at::Tensor ad = a.detach(), bd = b.detach();
-  at::parallel_for(0, a.size(0), 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(a.size(0), a.size(1) * a.size(2) * b.size(2), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       at::Tensor o = out.select(0, i);
       if (accumulate) {
@@ -407,7 +408,7 @@ void gather_chunk_rows(const at::Tensor& t, const SsdDims& d, const Acc* scale, 
   const int64_t K1 = t.size(2), K2 = t.size(3), Q = d.chunk, nc = d.nchunks;
   const Src* in = t.const_data_ptr<Src>();
   const int64_t s0 = t.stride(0), s1 = t.stride(1), s2 = t.stride(2), s3 = t.stride(3);
-  at::parallel_for(0, t.size(0) * nc * K1, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(t.size(0) * nc * K1, Q * K2, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
       const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
@@ -430,7 +431,7 @@ void gather_chunk_rows(const at::Tensor& t, const SsdDims& d, const Acc* scale, 
 template <typename Acc, typename Dst>
 void scatter_chunk_rows(const Acc* in, const SsdDims& d, int64_t K1, int64_t K2, Dst* out) {
   const int64_t Q = d.chunk, nc = d.nchunks, L = d.seqlen;
-  at::parallel_for(0, d.batch * nc * K1, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(d.batch * nc * K1, Q * K2, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (nc * K1), c = (i / K1) % nc, k1 = i % K1;
       const int64_t first = ssd::chunk_first_token(d, c), n = ssd::chunk_tokens(d, c);
@@ -486,7 +487,7 @@ void SsdCpuStages<T>::gemm_add(at::Tensor& out, const at::Tensor& a, const at::T
 
 template <typename T>
 void SsdCpuStages<T>::prep(const SsdPrepParams<T>& p) const {
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { prep_tasks_dispatch<T>(p, b, e); });
+  cpu::parallel_items(p.tasks(), p.chunk * p.headdim, [&](int64_t b, int64_t e) { prep_tasks_dispatch<T>(p, b, e); });
 }
 
 // Per task, GL is built into a per-thread Q x Q buffer that stays in cache instead of a
@@ -499,7 +500,7 @@ at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& r
   const int64_t Q = p.chunk, P = p.headdim;
   at::Tensor out = at::empty({p.tasks(), Q, P}, rhs.options());
   const at::Tensor r3 = cuda_operand<T>(rhs.detach().view({p.tasks(), Q, P}));
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(p.tasks(), Q * Q * P, [&](int64_t begin, int64_t end) {
     at::Tensor gl = at::empty({Q, Q}, rhs.options());
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = ssd::chunk_tokens(p, task_of(p, i).c);
@@ -516,17 +517,20 @@ at::Tensor SsdCpuStages<T>::intra(const SsdGlParams<acc>& p, const at::Tensor& r
 
 template <typename T>
 void SsdCpuStages<T>::scan(const SsdScanParams<acc>& p) const {
-  at::parallel_for(0, p.batch * p.nheads, 1, [&](int64_t b, int64_t e) { scan_rows_dispatch<acc>(p, b, e); });
+  cpu::parallel_items(p.batch * p.nheads, p.nchunks * p.headdim * p.dstate,
+                      [&](int64_t b, int64_t e) { scan_rows_dispatch<acc>(p, b, e); });
 }
 
 template <typename T>
 void SsdCpuStages<T>::scan(const SsdScanBwdParams<acc>& p) const {
-  at::parallel_for(0, p.batch * p.nheads, 1, [&](int64_t b, int64_t e) { scan_rows_dispatch<acc>(p, b, e); });
+  cpu::parallel_items(p.batch * p.nheads, p.nchunks * p.headdim * p.dstate,
+                      [&](int64_t b, int64_t e) { scan_rows_dispatch<acc>(p, b, e); });
 }
 
 template <typename T>
 void SsdCpuStages<T>::epilogue(const SsdFwdParams<T>& p) const {
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { epilogue_tasks_dispatch<T>(p, b, e); });
+  cpu::parallel_items(p.tasks(), p.chunk * p.headdim,
+                      [&](int64_t b, int64_t e) { epilogue_tasks_dispatch<T>(p, b, e); });
 }
 
 // Each head's dGL = dY (dt x)^T (the kLowerOut row blocks) goes to a per-thread Q x Q buffer,
@@ -540,7 +544,7 @@ at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Ten
   at::Tensor dcb = at::empty({groups, Q, Q}, dy.options());
   const at::Tensor dy3 = cuda_operand<T>(dy.detach().view({p.tasks(), Q, P}), ssd::kBwdOperands);
   const at::Tensor x3 = cuda_operand<T>(xdt.detach().view({p.tasks(), Q, P}), ssd::kBwdOperands);
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  cpu::parallel_items(groups, Hg * Q * Q * P, [&](int64_t begin, int64_t end) {
     at::Tensor dgl = at::empty({Q, Q}, dy.options());
     for (int64_t bg = begin; bg < end; ++bg) {
       at::Tensor out = dcb.select(0, bg);
@@ -563,7 +567,8 @@ at::Tensor SsdCpuStages<T>::intra_dcb(const SsdWsumParams<acc>& p, const at::Ten
 
 template <typename T>
 void SsdCpuStages<T>::final(const SsdBwdParams<T>& p) const {
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t b, int64_t e) { final_tasks_dispatch<T>(p, b, e); });
+  cpu::parallel_items(p.tasks(), p.chunk * p.headdim,
+                      [&](int64_t b, int64_t e) { final_tasks_dispatch<T>(p, b, e); });
 }
 
 template struct SsdCpuStages<float>;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/cpu.h"
+#include "common/parallel.h"
 #include "common/static_switch.h"
 #include "vandermonde/vandermonde.h"
 
@@ -101,7 +102,7 @@ SSMK_CPU_MULTIVERSION(fwd_tasks, (typename T, bool kSym), (T, kSym),
 template <typename T>
 void vandermonde_fwd_cpu(const VandermondeFwdParams<T>& p) {
   SSMK_BOOL_SWITCH(p.symmetric, kSym, [&] {
-    at::parallel_for(0, p.batch * p.num_tiles, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(p.batch * p.num_tiles, p.L / std::max<int64_t>(1, p.num_tiles) * p.N, [&](int64_t begin, int64_t end) {
       FwdScratch<T> s;
       s.br.resize(p.N * K);
       s.bi.resize(p.N * K);
@@ -221,7 +222,7 @@ template <typename T>
 void vandermonde_transpose_cpu(const VandermondeTransposeParams<T>& p) {
   const int64_t groups = (p.N + kGroup - 1) / kGroup;
   SSMK_BOOL_SWITCH(p.with_t1, kT1, [&] {
-    at::parallel_for(0, p.batch * groups, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_items(p.batch * groups, kGroup * p.L, [&](int64_t begin, int64_t end) {
       TScratch<T> s;
       s.ur.resize(p.L);
       s.ui.resize(p.L);
