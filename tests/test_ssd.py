@@ -183,15 +183,9 @@ def test_ssd_strided_inputs(device):
     case = Case(130, 64, F32, "2", D="hp", z=True, dt_bias=True, softplus=True, init=True, seq=True)
     inp = make_inputs(case, device, strided=True)
     assert not inp["x"].is_contiguous() and not inp["B"].is_contiguous()
-    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    l1, out1, fin1 = run_with_grads(ssm_kernels.ssd_scan, inp)
-    l2, out2, fin2 = run_with_grads(ssm_kernels.ssd_scan, contig)
-    assert torch.equal(out1, out2) and torch.equal(fin1, fin2)
-    names = [k for k in NAMES if k in inp]
-    g1 = testing.grads([out1, fin1], [l1[k] for k in names], [torch.ones_like(out1), torch.ones_like(fin1)])
-    g2 = testing.grads([out2, fin2], [l2[k] for k in names], [torch.ones_like(out2), torch.ones_like(fin2)])
-    for name, a, b in zip(names, g1, g2):
-        assert torch.equal(a, b), name
+    testing.assert_runs_equal(run_with_grads(ssm_kernels.ssd_scan, inp),
+                              run_with_grads(ssm_kernels.ssd_scan, testing.contiguous_copies(inp)),
+                              [k for k in NAMES if k in inp])
 
 
 def test_ssd_seq_idx_no_leakage(device):
@@ -250,7 +244,7 @@ def test_ssd_opcheck(full, device):
     case = Case(40, 16, F32, "2", D="hp", z=True, dt_bias=True, softplus=True, limit=True, init=True, seq=True,
                 batch=2, nheads=2, headdim=4, dstate=4) if full else Case(40, 16, F32, "1", nheads=2, headdim=4, dstate=4)
     inp = make_inputs(case, device)
-    args = tuple(testing.clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _op_args(inp))
+    args = testing.clone_float_args(_op_args(inp))
     testing.run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args)
     dout = torch.randn_like(inp["x"])
     dfinal = torch.randn(case.batch, case.nheads, case.headdim, case.dstate, device=device)

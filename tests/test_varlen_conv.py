@@ -6,19 +6,6 @@ import torch
 
 import ssm_kernels
 from ssm_kernels import reference, testing
-from ssm_kernels.testing import (
-    assert_close,
-    assert_raises_naming,
-    check_compile_over_lengths,
-    clone_leaf,
-    dtype_id,
-    grads,
-    make_channel_last,
-    make_tensor,
-    rel_error,
-    run_opcheck,
-    seq_offsets,
-)
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 NAMES = ("x", "weight", "bias", "initial_states")
@@ -46,16 +33,16 @@ def make_case(lens, dim, width, dtype, device, *, bias=True, init=False, layout=
               index_dtype=torch.int32):
     L = sum(lens)
     if layout == "channel-last":
-        x = make_channel_last(make_tensor((1, dim, L), dtype, device))
+        x = testing.make_channel_last(testing.make_tensor((1, dim, L), dtype, device))
     else:
-        x = make_tensor((1, dim, L), dtype, device, strided=layout == "strided")
+        x = testing.make_tensor((1, dim, L), dtype, device, strided=layout == "strided")
     param = F64 if dtype == F64 else F32
     return {
         "x": x,
-        "weight": make_tensor((dim, width), param, device, scale=width**-0.5),
-        "bias": make_tensor((dim,), param, device) if bias else None,
-        "initial_states": make_tensor((len(lens), dim, width - 1), dtype, device) if init else None,
-        "cu_seqlens": seq_offsets(lens, device, index_dtype),
+        "weight": testing.make_tensor((dim, width), param, device, scale=width**-0.5),
+        "bias": testing.make_tensor((dim,), param, device) if bias else None,
+        "initial_states": testing.make_tensor((len(lens), dim, width - 1), dtype, device) if init else None,
+        "cu_seqlens": testing.seq_offsets(lens, device, index_dtype),
     }
 
 
@@ -72,26 +59,26 @@ def reference_packed(x, weight, bias, initial_states, cu_seqlens, activation):
 
 
 def run_ours(case, activation):
-    leaves = {k: (clone_leaf(v) if k in NAMES else v) for k, v in case.items()}
+    leaves = {k: (testing.clone_leaf(v) if k in NAMES else v) for k, v in case.items()}
     out, fin = ssm_kernels.causal_conv1d(**leaves, activation=activation, return_final_states=True)
     return leaves, out, fin
 
 
 def compare(case, activation, dtype):
     ours_in, out, fin = run_ours(case, activation)
-    ref_in = {k: (clone_leaf(v, F64) if k in NAMES else v) for k, v in case.items()}
+    ref_in = {k: (testing.clone_leaf(v, F64) if k in NAMES else v) for k, v in case.items()}
     ref_out, ref_fin = reference_packed(**ref_in, activation=activation)
     assert out.dtype == dtype and fin.dtype == dtype and fin.shape == ref_fin.shape
-    assert_close(out, ref_out, dtype, "out")
-    assert_close(fin, ref_fin, dtype, "final_states")
+    testing.assert_close(out, ref_out, dtype, "out")
+    testing.assert_close(fin, ref_fin, dtype, "final_states")
     g_out = torch.randn_like(ref_out).to(dtype).to(F64)
     g_fin = torch.randn_like(ref_fin).to(dtype).to(F64)
     names = [k for k in NAMES if case[k] is not None]
-    got = grads([out, fin], [ours_in[k] for k in names], [g_out.to(dtype), g_fin.to(dtype)])
-    want = grads([ref_out, ref_fin], [ref_in[k] for k in names], [g_out, g_fin])
+    got = testing.grads([out, fin], [ours_in[k] for k in names], [g_out.to(dtype), g_fin.to(dtype)])
+    want = testing.grads([ref_out, ref_fin], [ref_in[k] for k in names], [g_out, g_fin])
     for name, a, e in zip(names, got, want):
         assert a is not None and a.shape == case[name].shape and a.dtype == case[name].dtype, name
-        assert_close(a, e, dtype, f"grad {name}")
+        testing.assert_close(a, e, dtype, f"grad {name}")
 
 
 # lengths: empty, 1, shorter than the width, around the kernels' 512 chunk, an empty one last
@@ -106,7 +93,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("lens,width,dtype,opts,activation", CASES,
-                         ids=[f"{'-'.join(map(str, c[0]))}-W{c[1]}-{dtype_id(c[2])}" for c in CASES])
+                         ids=[f"{'-'.join(map(str, c[0]))}-W{c[1]}-{testing.dtype_id(c[2])}" for c in CASES])
 def test_varlen_conv_matches_each_sequence_alone(lens, width, dtype, opts, activation, device, conv_path):
     compare(make_case(lens, 6, width, dtype, device, **opts), activation, dtype)
 
@@ -117,14 +104,7 @@ def test_varlen_conv_int64_offsets(device):
 
 def test_varlen_conv_strided_equals_contiguous(device, conv_path):
     case = make_case([9, 0, 2, 30], 5, 4, F32, device, init=True, layout="strided")
-    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    l1, out1, fin1 = run_ours(case, "silu")
-    l2, out2, fin2 = run_ours(contig, "silu")
-    assert torch.equal(out1, out2) and torch.equal(fin1, fin2)
-    g1 = grads([out1, fin1], [l1[k] for k in NAMES], [torch.ones_like(out1), torch.ones_like(fin1)])
-    g2 = grads([out2, fin2], [l2[k] for k in NAMES], [torch.ones_like(out2), torch.ones_like(fin2)])
-    for name, a, b in zip(NAMES, g1, g2):
-        assert torch.equal(a, b), name
+    testing.assert_runs_equal(run_ours(case, "silu"), run_ours(testing.contiguous_copies(case), "silu"), NAMES)
 
 
 def test_varlen_conv_no_leakage_and_deterministic(device, conv_path):
@@ -132,9 +112,9 @@ def test_varlen_conv_no_leakage_and_deterministic(device, conv_path):
     case = make_case(lens, 4, 4, F32, device, init=True)
     l1, out1, fin1 = run_ours(case, "silu")
     g_out, g_fin = torch.randn_like(out1), torch.randn_like(fin1)
-    g1 = grads([out1, fin1], [l1["x"], l1["initial_states"]], [g_out, g_fin])
+    g1 = testing.grads([out1, fin1], [l1["x"], l1["initial_states"]], [g_out, g_fin])
     l1b, out1b, fin1b = run_ours(case, "silu")
-    g1b = grads([out1b, fin1b], [l1b[k] for k in NAMES], [g_out, g_fin])
+    g1b = testing.grads([out1b, fin1b], [l1b[k] for k in NAMES], [g_out, g_fin])
     other = dict(case)
     a, b = 12, 37  # the third sequence
     other["x"] = case["x"].clone()
@@ -142,7 +122,7 @@ def test_varlen_conv_no_leakage_and_deterministic(device, conv_path):
     other["initial_states"] = case["initial_states"].clone()
     other["initial_states"][2] += 1.0
     l2, out2, fin2 = run_ours(other, "silu")
-    g2 = grads([out2, fin2], [l2["x"], l2["initial_states"]], [g_out, g_fin])
+    g2 = testing.grads([out2, fin2], [l2["x"], l2["initial_states"]], [g_out, g_fin])
     keep = torch.ones(sum(lens), dtype=torch.bool, device=device)
     keep[a:b] = False
     assert torch.equal(out1[..., keep], out2[..., keep])
@@ -151,7 +131,7 @@ def test_varlen_conv_no_leakage_and_deterministic(device, conv_path):
     assert torch.equal(g1[1][[0, 1, 3]], g2[1][[0, 1, 3]])
     # deterministic: the same call twice gives bitwise equal gradients
     l3, out3, fin3 = run_ours(case, "silu")
-    g3 = grads([out3, fin3], [l3[k] for k in NAMES], [g_out, g_fin])
+    g3 = testing.grads([out3, fin3], [l3[k] for k in NAMES], [g_out, g_fin])
     for name, t1, t3 in zip(NAMES, g1b, g3):
         assert torch.equal(t1, t3), name
 
@@ -162,7 +142,7 @@ def test_varlen_conv_decode_continues_each_sequence(device, conv_path):
     lens, width, dim = [6, 0, 2, 13], 4, 5
     case = make_case(lens, dim, width, F32, device, init=True)
     _, fin = ssm_kernels.causal_conv1d(**case, activation="silu", return_final_states=True)
-    step = make_tensor((len(lens), dim), F32, device)
+    step = testing.make_tensor((len(lens), dim), F32, device)
     # the states in a larger cache, rows in reverse order
     cache = torch.zeros(len(lens) + 2, dim, width - 1, device=device)
     rows = torch.arange(len(lens) + 1, 1, -1, dtype=torch.int32, device=device)
@@ -173,7 +153,7 @@ def test_varlen_conv_decode_continues_each_sequence(device, conv_path):
         whole = torch.cat([case["x"][:, :, off[s]:off[s + 1]], step[s, None, :, None]], -1)
         want = reference.causal_conv1d(whole, case["weight"], case["bias"], "silu",
                                        initial_states=case["initial_states"][s:s + 1])
-        assert_close(y[s], want[0, :, -1], F32, f"decode step of sequence {s}")
+        testing.assert_close(y[s], want[0, :, -1], F32, f"decode step of sequence {s}")
 
 
 def _op_args(case):
@@ -182,13 +162,13 @@ def _op_args(case):
 
 def test_varlen_conv_opcheck(device, conv_path):
     case = make_case([5, 0, 1, 12], 3, 4, F32, device, init=True)
-    args = tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in _op_args(case))
-    run_opcheck(torch.ops.ssm_kernels.causal_conv1d_fwd.default, args)
+    args = testing.clone_float_args(_op_args(case))
+    testing.run_opcheck(torch.ops.ssm_kernels.causal_conv1d_fwd.default, args)
     dout = torch.randn_like(case["x"])
     dfinal = torch.randn(4, 3, 3, device=device)
-    run_opcheck(torch.ops.ssm_kernels.causal_conv1d_bwd.default,
-                (case["x"], case["weight"], case["bias"], case["initial_states"], None, dout, dfinal, True,
-                 case["cu_seqlens"]))
+    testing.run_opcheck(torch.ops.ssm_kernels.causal_conv1d_bwd.default,
+                        (case["x"], case["weight"], case["bias"], case["initial_states"], None, dout, dfinal, True,
+                         case["cu_seqlens"]))
 
 
 def test_varlen_conv_compile_no_recompile_on_new_lengths(device):
@@ -199,7 +179,8 @@ def test_varlen_conv_compile_no_recompile_on_new_lengths(device):
                                          return_final_states=True, cu_seqlens=cu_seqlens)
 
     args = [case[k] for k in ("x", "weight", "bias", "initial_states", "cu_seqlens")]
-    check_compile_over_lengths(fn, args, [seq_offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
+    new_cu_seqlens = [testing.seq_offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])]
+    testing.check_compile_over_lengths(fn, args, new_cu_seqlens)
 
 
 def test_varlen_conv_bad_inputs(device, conv_path):
@@ -207,7 +188,7 @@ def test_varlen_conv_bad_inputs(device, conv_path):
     base = {k: case[k] for k in ("x", "weight", "cu_seqlens")}
 
     def bad(exc, name, **over):
-        assert_raises_naming(exc, name, ssm_kernels.causal_conv1d, **{**base, **over})
+        testing.assert_raises_naming(exc, name, ssm_kernels.causal_conv1d, **{**base, **over})
 
     cu = case["cu_seqlens"]
     testing.assert_rejects_bad_cu_seqlens(lambda **over: ssm_kernels.causal_conv1d(**{**base, **over}), cu,
@@ -222,13 +203,13 @@ def fftconv_case(lens, dim, klen, dtype, device, *, k_rev=None, D=True, gates=Fa
     L = sum(lens)
     kdtype = F64 if dtype == F64 else F32
     case = {
-        "u": make_tensor((1, dim, L), dtype, device),
-        "k": make_tensor((dim, klen), kdtype, device, scale=klen**-0.5),
-        "D": make_tensor((dim,), kdtype, device) if D else None,
-        "k_rev": make_tensor((dim, k_rev), kdtype, device, scale=k_rev**-0.5) if k_rev else None,
-        "pregate": make_tensor((1, dim, L), dtype, device) if gates else None,
-        "postgate": make_tensor((1, dim, L), dtype, device) if gates else None,
-        "cu_seqlens": seq_offsets(lens, device, index_dtype),
+        "u": testing.make_tensor((1, dim, L), dtype, device),
+        "k": testing.make_tensor((dim, klen), kdtype, device, scale=klen**-0.5),
+        "D": testing.make_tensor((dim,), kdtype, device) if D else None,
+        "k_rev": testing.make_tensor((dim, k_rev), kdtype, device, scale=k_rev**-0.5) if k_rev else None,
+        "pregate": testing.make_tensor((1, dim, L), dtype, device) if gates else None,
+        "postgate": testing.make_tensor((1, dim, L), dtype, device) if gates else None,
+        "cu_seqlens": testing.seq_offsets(lens, device, index_dtype),
     }
     return case
 
@@ -263,22 +244,22 @@ FFT_CASES = [
 
 
 @pytest.mark.parametrize("lens,klen,dtype,opts,activation", FFT_CASES,
-                         ids=[f"{'-'.join(map(str, c[0]))}-K{c[1]}-{dtype_id(c[2])}" for c in FFT_CASES])
+                         ids=[f"{'-'.join(map(str, c[0]))}-K{c[1]}-{testing.dtype_id(c[2])}" for c in FFT_CASES])
 def test_varlen_fftconv_matches_each_sequence_alone(lens, klen, dtype, opts, activation, device, fft_path):
     case = fftconv_case(lens, 5, klen, dtype, device, **opts)
     names = [n for n in FFT_NAMES if case[n] is not None]
-    ours_in = {k: (clone_leaf(v) if k in names else v) for k, v in case.items()}
-    ref_in = {k: (clone_leaf(v, F64) if k in names else v) for k, v in case.items()}
+    ours_in = {k: (testing.clone_leaf(v) if k in names else v) for k, v in case.items()}
+    ref_in = {k: (testing.clone_leaf(v, F64) if k in names else v) for k, v in case.items()}
     out = ssm_kernels.fftconv(**ours_in, activation=activation)
     ref_out = fftconv_reference_packed(**ref_in, activation=activation)
     assert out.dtype == dtype
-    assert_close(out, ref_out, dtype, "out")
+    testing.assert_close(out, ref_out, dtype, "out")
     g = torch.randn_like(ref_out).to(dtype).to(F64)
-    got = grads([out], [ours_in[n] for n in names], [g.to(dtype)])
-    want = grads([ref_out], [ref_in[n] for n in names], [g])
+    got = testing.grads([out], [ours_in[n] for n in names], [g.to(dtype)])
+    want = testing.grads([ref_out], [ref_in[n] for n in names], [g])
     for name, a, e in zip(names, got, want):
         assert a is not None and a.shape == case[name].shape and a.dtype == case[name].dtype, name
-        assert_close(a, e, dtype, f"grad {name}")
+        testing.assert_close(a, e, dtype, f"grad {name}")
 
 
 def test_varlen_fftconv_no_leakage_and_deterministic(device, fft_path):
@@ -287,9 +268,9 @@ def test_varlen_fftconv_no_leakage_and_deterministic(device, fft_path):
     names = list(FFT_NAMES)
 
     def run(c):
-        leaves = {k: (clone_leaf(v) if k in names else v) for k, v in c.items()}
+        leaves = {k: (testing.clone_leaf(v) if k in names else v) for k, v in c.items()}
         out = ssm_kernels.fftconv(**leaves, activation="gelu")
-        return out, grads([out], [leaves[n] for n in names], [g_out])
+        return out, testing.grads([out], [leaves[n] for n in names], [g_out])
 
     g_out = torch.randn(1, 4, sum(lens), device=device)
     testing.assert_deterministic(lambda: (lambda out, g: [out, *g])(*run(case)))
@@ -302,7 +283,7 @@ def test_varlen_fftconv_no_leakage_and_deterministic(device, fft_path):
     out2, g2 = run(other)
     keep = torch.ones(sum(lens), dtype=torch.bool, device=device)
     keep[a:b] = False
-    assert rel_error(out1[..., ~keep], out2[..., ~keep]) > 1e-2
+    assert testing.rel_error(out1[..., ~keep], out2[..., ~keep]) > 1e-2
     token_grads = [names.index(name) for name in ("u", "pregate", "postgate")]
     if device == "cpu" and fft_path == "per-sequence":
         # Each sequence is its own FFT: the others' outputs and input gradients are bitwise unchanged.
@@ -312,9 +293,10 @@ def test_varlen_fftconv_no_leakage_and_deterministic(device, fft_path):
     else:
         # One FFT spans the whole row with gaps, so the other sequences see the change as FFT
         # rounding only (not bitwise): within float32 rounding.
-        assert_close(out2[..., keep], out1[..., keep], F32, "outputs of the unchanged sequences")
+        testing.assert_close(out2[..., keep], out1[..., keep], F32, "outputs of the unchanged sequences")
         for i in token_grads:
-            assert_close(g2[i][..., keep], g1[i][..., keep], F32, f"grad {names[i]} of the unchanged sequences")
+            testing.assert_close(g2[i][..., keep], g1[i][..., keep], F32,
+                                 f"grad {names[i]} of the unchanged sequences")
 
 
 def test_varlen_fftconv_strided_equals_contiguous(device, fft_path):
@@ -322,16 +304,16 @@ def test_varlen_fftconv_strided_equals_contiguous(device, fft_path):
     tokens = ("u", "pregate", "postgate")
     results = []
     for strided in (True, False):
-        leaves = {k: (clone_leaf(v) if k in FFT_NAMES else v) for k, v in case.items()}
+        leaves = {k: (testing.clone_leaf(v) if k in FFT_NAMES else v) for k, v in case.items()}
         args = dict(leaves)
         if strided:
             for name in tokens:
                 # every other element of a leaf's last axis: the kernels read the view's strides
-                leaves[name] = clone_leaf(torch.stack([case[name], torch.zeros_like(case[name])], -1))
+                leaves[name] = testing.clone_leaf(torch.stack([case[name], torch.zeros_like(case[name])], -1))
                 args[name] = leaves[name][..., 0]
                 assert not args[name].is_contiguous()
         out = ssm_kernels.fftconv(**args, activation="silu")
-        g = grads([out], [leaves[n] for n in FFT_NAMES], [torch.ones_like(out)])
+        g = testing.grads([out], [leaves[n] for n in FFT_NAMES], [torch.ones_like(out)])
         results.append((out, [x[..., 0] if strided and n in tokens else x for n, x in zip(FFT_NAMES, g)]))
     (out1, g1), (out2, g2) = results
     assert torch.equal(out1, out2)
@@ -342,14 +324,14 @@ def test_varlen_fftconv_strided_equals_contiguous(device, fft_path):
 def test_varlen_fftconv_opcheck_and_compile(device):
     case = fftconv_case([5, 0, 9, 12], 3, 30, F32, device, k_rev=4, gates=True)
     args = (case["u"], case["k"], case["D"], case["k_rev"], case["pregate"], case["postgate"], 1, case["cu_seqlens"])
-    run_opcheck(torch.ops.ssm_kernels.fftconv_fwd.default,
-                tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+    testing.run_opcheck(torch.ops.ssm_kernels.fftconv_fwd.default, testing.clone_float_args(args))
 
     def fn(u, k, cu_seqlens):
         return ssm_kernels.fftconv(u, k, activation="gelu", cu_seqlens=cu_seqlens)
 
     args = [case["u"], case["k"], case["cu_seqlens"]]
-    check_compile_over_lengths(fn, args, [seq_offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])])
+    new_cu_seqlens = [testing.seq_offsets(lens, device) for lens in ([12, 9, 0, 5], [1, 1, 1, 23])]
+    testing.check_compile_over_lengths(fn, args, new_cu_seqlens)
 
 
 def test_varlen_fftconv_bad_inputs(device):

@@ -9,17 +9,6 @@ import torch
 
 import ssm_kernels
 from ssm_kernels import reference, testing
-from ssm_kernels.testing import (
-    assert_close,
-    assert_deterministic,
-    assert_raises_naming,
-    check_compile_over_lengths,
-    check_gradcheck,
-    dtype_id,
-    grads,
-    make_tensor,
-    run_opcheck,
-)
 from test_mamba3 import STATE_NAMES, Case, angle_close, call, check_backward_without_saved, leaves, make_inputs
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -37,10 +26,10 @@ def make_packed(lens, chunk, dtype, device, *, init=True, strided=False, index_d
     acc = F64 if dtype == F64 else F32
     a = inp["angles"].shape[-1] if "angles" in inp else 0
     if init:
-        inp["initial_angle"] = make_tensor((S, h, a), acc, device, low=0.0, high=2 * math.pi)
-        inp["initial_ssm"] = make_tensor((S, h, p, n), acc, device, scale=0.5)
-        inp["initial_k"] = make_tensor((S, h, r, n) if r else (S, h, n), acc, device)
-        inp["initial_v"] = make_tensor((S, h, r, p) if r else (S, h, p), acc, device)
+        inp["initial_angle"] = testing.make_tensor((S, h, a), acc, device, low=0.0, high=2 * math.pi)
+        inp["initial_ssm"] = testing.make_tensor((S, h, p, n), acc, device, scale=0.5)
+        inp["initial_k"] = testing.make_tensor((S, h, r, n) if r else (S, h, n), acc, device)
+        inp["initial_v"] = testing.make_tensor((S, h, r, p) if r else (S, h, p), acc, device)
     inp["cu_seqlens"] = offsets(lens, device, index_dtype)
     return inp
 
@@ -74,7 +63,7 @@ def run(inp, g_out=None, g_final=None):
     g_out = torch.ones_like(out) if g_out is None else g_out
     g_final = [torch.ones_like(f) for f in final] if g_final is None else g_final
     names = tensor_names(inp)
-    got = grads([out, *final], [ours_in[k] for k in names], [g_out, *g_final])
+    got = testing.grads([out, *final], [ours_in[k] for k in names], [g_out, *g_final])
     return out, final, dict(zip(names, got))
 
 
@@ -85,21 +74,21 @@ def compare(inp, dtype):
     ref_out, ref_final = call(reference.mamba3_scan, ref_in)
     S = inp["cu_seqlens"].shape[0] - 1
     assert out.dtype == dtype and out.shape == ref_out.shape
-    assert_close(out, ref_out, dtype, "out")
+    testing.assert_close(out, ref_out, dtype, "out")
     angle_close(final[0], ref_final[0], dtype, "final angle")
     for name, a, e in zip(("ssm", "k", "v"), final[1:], ref_final[1:]):
         assert a.shape == e.shape and a.shape[0] == S, name
-        assert_close(a, e, dtype, f"final {name}")
+        testing.assert_close(a, e, dtype, f"final {name}")
     g_out = torch.randn_like(ref_out).to(out.dtype).to(F64)
     g_final = [torch.randn_like(e) for e in ref_final]
     names = tensor_names(inp)
-    got = grads([out, *final], [ours_in[k] for k in names],
-                [g_out.to(out.dtype)] + [g.to(a.dtype) for g, a in zip(g_final, final)])
-    want = grads([ref_out, *ref_final], [ref_in[k] for k in names], [g_out, *g_final])
+    got = testing.grads([out, *final], [ours_in[k] for k in names],
+                        [g_out.to(out.dtype)] + [g.to(a.dtype) for g, a in zip(g_final, final)])
+    want = testing.grads([ref_out, *ref_final], [ref_in[k] for k in names], [g_out, *g_final])
     for name, a, e in zip(names, got, want):
         assert a is not None, f"no gradient for {name}"
         assert a.dtype == inp[name].dtype and a.shape == inp[name].shape, name
-        assert_close(a, e, dtype, f"grad {name}")
+        testing.assert_close(a, e, dtype, f"grad {name}")
 
 
 # lengths: empty (also first and last), 1, a chunk exactly, across chunk boundaries, more chunks
@@ -118,7 +107,7 @@ CASES = [
 def case_id(c):
     opts = c[3]
     kind = f"R{opts['rank']}" if opts.get("rank") else "siso"
-    return f"{'-'.join(map(str, c[0]))}-Q{c[1]}-{dtype_id(c[2])}-{kind}-rope-{opts.get('rope', 'half')}"
+    return f"{'-'.join(map(str, c[0]))}-Q{c[1]}-{testing.dtype_id(c[2])}-{kind}-rope-{opts.get('rope', 'half')}"
 
 
 @pytest.mark.parametrize("lens,chunk,dtype,opts", CASES, ids=[case_id(c) for c in CASES])
@@ -153,14 +142,14 @@ def test_varlen_mamba3_equals_the_op_per_sequence(rank, device):
         for k in STATE_NAMES:
             piece[k] = inp[k][s:s + 1]
         o, f, g = run(piece, g_out[:, a:b], [t[s:s + 1] for t in g_final])
-        assert_close(out[:, a:b], o.double(), F32, f"out of sequence {s}")
+        testing.assert_close(out[:, a:b], o.double(), F32, f"out of sequence {s}")
         for name, x, y in zip(STATE_NAMES, final, f):
-            assert_close(x[s:s + 1], y.double(), F32, f"final {name} of sequence {s}")
+            testing.assert_close(x[s:s + 1], y.double(), F32, f"final {name} of sequence {s}")
         for k, axis in PER_TOKEN_AXIS.items():
             if k in g:
-                assert_close(got[k].narrow(axis, a, b - a), g[k].double(), F32, f"grad {k} of sequence {s}")
+                testing.assert_close(got[k].narrow(axis, a, b - a), g[k].double(), F32, f"grad {k} of sequence {s}")
         for k in STATE_NAMES:
-            assert_close(got[k][s:s + 1], g[k].double(), F32, f"grad {k} of sequence {s}")
+            testing.assert_close(got[k][s:s + 1], g[k].double(), F32, f"grad {k} of sequence {s}")
 
 
 def test_varlen_mamba3_int64_offsets(device):
@@ -173,7 +162,7 @@ def test_varlen_mamba3_strided_inputs(rank, device):
     inp = make_packed([13, 0, 22, 5], 8, F32, device, strided=True, rank=rank, rope="half", z=True, D=True,
                       bias=True, dqk=8, dv=4)
     assert not inp["v"].is_contiguous() and not inp["q"].is_contiguous()
-    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    contig = testing.contiguous_copies(inp)
     for path in paths(device):
         with kernels(path):
             out1, fin1, g1 = run(inp)
@@ -232,7 +221,7 @@ def test_varlen_mamba3_gradients_reproducible(device):
 
     for path in paths(device):
         with kernels(path):
-            assert_deterministic(once)
+            testing.assert_deterministic(once)
 
 
 def test_varlen_mamba3_gradcheck():
@@ -248,7 +237,7 @@ def test_varlen_mamba3_gradcheck():
 
     for path in ("blocked", "tasks"):
         with kernels(path):
-            check_gradcheck(fn, tensors, eps=1e-6, atol=1e-6, fast_mode=True)
+            testing.check_gradcheck(fn, tensors, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 def _op_kwargs(op, values):
@@ -264,14 +253,14 @@ def test_varlen_mamba3_opcheck(rank, device):
     for v in kw.values():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             v.requires_grad_(True)
-    run_opcheck(fwd, (), kw)
+    testing.run_opcheck(fwd, (), kw)
     out, fa, fs, fk, fv, _, _ = fwd(**{k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     assert fs.shape[0] == 4
     bwd = torch.ops.ssm_kernels.mamba3_scan_bwd.default
     values = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     values.update(dout=torch.randn_like(out), dfinal_angle=torch.randn_like(fa), dfinal_ssm=torch.randn_like(fs),
                   dfinal_k=torch.randn_like(fk), dfinal_v=torch.randn_like(fv))
-    run_opcheck(bwd, (), _op_kwargs(bwd, values))
+    testing.run_opcheck(bwd, (), _op_kwargs(bwd, values))
 
 
 @pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
@@ -294,8 +283,8 @@ def test_varlen_mamba3_compile_no_recompile_on_new_lengths(device):
 
     names = ("q", "k", "v", "adt", "dt", "trap", "angles", "z", "mimo_v", "mimo_z", "mimo_o", "initial_ssm",
              "initial_k", "cu_seqlens")
-    check_compile_over_lengths(fn, [inp[n] for n in names],
-                               [offsets(lens, device) for lens in ([30, 9, 25, 0], [1, 1, 1, 61])])
+    testing.check_compile_over_lengths(fn, [inp[n] for n in names],
+                                       [offsets(lens, device) for lens in ([30, 9, 25, 0], [1, 1, 1, 61])])
 
 
 def test_varlen_mamba3_bad_inputs(device):
@@ -309,19 +298,19 @@ def test_varlen_mamba3_bad_inputs(device):
     cu = inp["cu_seqlens"]
     two = {k: torch.cat([base[k], base[k]]) for k in ("q", "k", "v", "adt", "dt", "trap", "angles", "z")}
     testing.assert_rejects_bad_cu_seqlens(scan, cu, two, takes_seq_idx=False)
-    assert_raises_naming(ValueError, "cu_seqlens", scan, cu_seqlens=cu[:1])
-    assert_raises_naming(ValueError, "cu_seqlens", scan, cu_seqlens=cu[None])
+    testing.assert_raises_naming(ValueError, "cu_seqlens", scan, cu_seqlens=cu[:1])
+    testing.assert_raises_naming(ValueError, "cu_seqlens", scan, cu_seqlens=cu[None])
     states = tuple(inp[n] for n in STATE_NAMES)
     for i, name in enumerate(STATE_NAMES):
         for rows in (2, 1):
             wrong = tuple(s[:rows] if j == i else s for j, s in enumerate(states))
-            assert_raises_naming(ValueError, name, scan, initial_states=wrong)
+            testing.assert_raises_naming(ValueError, name, scan, initial_states=wrong)
     out, final = scan(initial_states=states, return_final_states=True)
     assert [f.shape[0] for f in final] == [3, 3, 3, 3]
     bwd = torch.ops.ssm_kernels.mamba3_scan_bwd.default
     values = {k: v for k, v in base.items()}
     values.update(dout=torch.ones_like(out), dfinal_ssm=torch.zeros_like(final[1][:2]))
-    assert_raises_naming(ValueError, "dfinal_ssm", bwd, **_op_kwargs(bwd, values))
+    testing.assert_raises_naming(ValueError, "dfinal_ssm", bwd, **_op_kwargs(bwd, values))
 
 
 def test_varlen_mamba3_compat_mimo_packed():
@@ -343,4 +332,4 @@ def test_varlen_mamba3_compat_mimo_packed():
     args[10] = None
     per_rank = compat.mamba3_mimo(*args, chunk_size=4, rotary_dim_divisor=4, dtype=F32, cu_seqlens=inp["cu_seqlens"])
     assert per_rank.shape == (1, sum(lens), 2, 2, 4)
-    assert_close((per_rank * inp["mimo_o"].transpose(0, 1)).sum(2), want.double(), F32, "per-rank outputs")
+    testing.assert_close((per_rank * inp["mimo_o"].transpose(0, 1)).sum(2), want.double(), F32, "per-rank outputs")

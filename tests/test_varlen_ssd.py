@@ -7,23 +7,13 @@ import torch
 
 import ssm_kernels
 from ssm_kernels import reference, testing
-from ssm_kernels.testing import (
-    assert_close,
-    assert_raises_naming,
-    check_compile_over_lengths,
-    clone_leaf,
-    dtype_id,
-    grads,
-    make_tensor,
-    run_opcheck,
-)
+from test_ssd import run_with_grads as run
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
-def offsets(lens, device, dtype=torch.int32):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=dtype, device=device)
+offsets = testing.seq_offsets
 
 
 def make_inputs(lens, chunk, dtype, device, *, heads=4, headdim=8, dstate=16, groups=2, z=False, D=False,
@@ -31,26 +21,26 @@ def make_inputs(lens, chunk, dtype, device, *, heads=4, headdim=8, dstate=16, gr
     L, S = sum(lens), len(lens)
     param = F64 if dtype == F64 else F32
     inp = {
-        "x": make_tensor((1, L, heads, headdim), dtype, device, strided=strided),
-        "dt": make_tensor((1, L, heads), dtype, device, strided=strided,
-                          low=-4.0 if softplus else 0.005, high=-1.0 if softplus else 0.15),
-        "A": -make_tensor((heads,), param, device, low=0.2, high=2.0),
-        "B": make_tensor((1, L, groups, dstate), dtype, device, strided=strided, scale=dstate**-0.5),
-        "C": make_tensor((1, L, groups, dstate), dtype, device, strided=strided),
+        "x": testing.make_tensor((1, L, heads, headdim), dtype, device, strided=strided),
+        "dt": testing.make_tensor((1, L, heads), dtype, device, strided=strided,
+                                  low=-4.0 if softplus else 0.005, high=-1.0 if softplus else 0.15),
+        "A": -testing.make_tensor((heads,), param, device, low=0.2, high=2.0),
+        "B": testing.make_tensor((1, L, groups, dstate), dtype, device, strided=strided, scale=dstate**-0.5),
+        "C": testing.make_tensor((1, L, groups, dstate), dtype, device, strided=strided),
         "chunk_size": chunk,
         "dt_softplus": softplus,
         "cu_seqlens": offsets(lens, device, index_dtype),
     }
     if D:
-        inp["D"] = make_tensor((heads, headdim), param, device)
+        inp["D"] = testing.make_tensor((heads, headdim), param, device)
     if z:
-        inp["z"] = make_tensor((1, L, heads, headdim), dtype, device, strided=strided)
+        inp["z"] = testing.make_tensor((1, L, heads, headdim), dtype, device, strided=strided)
     if dt_bias:
-        inp["dt_bias"] = make_tensor((heads,), param, device, low=-0.3, high=0.3) * (1.0 if softplus else 0.1)
+        inp["dt_bias"] = testing.make_tensor((heads,), param, device, low=-0.3, high=0.3) * (1.0 if softplus else 0.1)
     if limit:
         inp["dt_limit"] = (0.05, 0.2) if softplus else (0.03, 0.12)
     if init:
-        inp["initial_states"] = make_tensor((S, heads, headdim, dstate), param, device)
+        inp["initial_states"] = testing.make_tensor((S, heads, headdim, dstate), param, device)
     return inp
 
 
@@ -75,13 +65,6 @@ def reference_packed(cu_seqlens, initial_states=None, **kw):
     return torch.cat(outs, 1), torch.stack(finals)
 
 
-def run(fn, inp, wide=None):
-    leaves = {k: (clone_leaf(v, wide) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-              for k, v in inp.items()}
-    out, final = fn(**leaves, return_final_states=True)
-    return leaves, out, final
-
-
 def ours(**kw):
     return ssm_kernels.ssd_scan(**kw)
 
@@ -94,16 +77,16 @@ def compare(inp, dtype):
     ours_in, out, final = run(ours, inp)
     ref_in, ref_out, ref_final = run(ref, inp, wide=F64)
     assert out.dtype == dtype and final.shape == ref_final.shape
-    assert_close(out, ref_out, dtype, "out")
-    assert_close(final, ref_final, dtype, "final_states")
+    testing.assert_close(out, ref_out, dtype, "out")
+    testing.assert_close(final, ref_final, dtype, "final_states")
     g_out = torch.randn_like(ref_out).to(out.dtype).to(F64)
     g_final = torch.randn_like(ref_final).to(final.dtype).to(F64)
     names = [k for k in NAMES if k in inp]
-    got = grads([out, final], [ours_in[k] for k in names], [g_out.to(out.dtype), g_final.to(final.dtype)])
-    want = grads([ref_out, ref_final], [ref_in[k] for k in names], [g_out, g_final])
+    got = testing.grads([out, final], [ours_in[k] for k in names], [g_out.to(out.dtype), g_final.to(final.dtype)])
+    want = testing.grads([ref_out, ref_final], [ref_in[k] for k in names], [g_out, g_final])
     for name, a, e in zip(names, got, want):
         assert a is not None and a.shape == inp[name].shape and a.dtype == inp[name].dtype, name
-        assert_close(a, e, dtype, f"grad {name}")
+        testing.assert_close(a, e, dtype, f"grad {name}")
 
 
 # lengths: empty, 1, a chunk exactly, across a chunk boundary, several chunks, an empty one last
@@ -118,7 +101,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("lens,chunk,dtype,opts", CASES,
-                         ids=[f"{'-'.join(map(str, c[0]))}-Q{c[1]}-{dtype_id(c[2])}" for c in CASES])
+                         ids=[f"{'-'.join(map(str, c[0]))}-Q{c[1]}-{testing.dtype_id(c[2])}" for c in CASES])
 def test_varlen_ssd_matches_each_sequence_alone(lens, chunk, dtype, opts, device):
     compare(make_inputs(lens, chunk, dtype, device, **opts), dtype)
 
@@ -131,15 +114,7 @@ def test_varlen_ssd_int64_offsets_and_groups_per_head(device):
 def test_varlen_ssd_strided_inputs(device):
     inp = make_inputs([30, 0, 11, 40], 16, F32, device, z=True, D=True, init=True, strided=True)
     assert not inp["x"].is_contiguous()
-    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    l1, out1, fin1 = run(ours, inp)
-    l2, out2, fin2 = run(ours, contig)
-    assert torch.equal(out1, out2) and torch.equal(fin1, fin2)
-    names = [k for k in NAMES if k in inp]
-    g1 = grads([out1, fin1], [l1[k] for k in names], [torch.ones_like(out1), torch.ones_like(fin1)])
-    g2 = grads([out2, fin2], [l2[k] for k in names], [torch.ones_like(out2), torch.ones_like(fin2)])
-    for name, a, b in zip(names, g1, g2):
-        assert torch.equal(a, b), name
+    testing.assert_runs_equal(run(ours, inp), run(ours, testing.contiguous_copies(inp)), [k for k in NAMES if k in inp])
 
 
 def test_varlen_ssd_no_leakage(device):
@@ -150,7 +125,7 @@ def test_varlen_ssd_no_leakage(device):
     names = ["x", "dt", "B", "C", "z", "initial_states"]
     l1, out1, fin1 = run(ours, inp)
     g_out, g_fin = torch.randn_like(out1), torch.randn_like(fin1)
-    g1 = grads([out1, fin1], [l1[k] for k in names], [g_out, g_fin])
+    g1 = testing.grads([out1, fin1], [l1[k] for k in names], [g_out, g_fin])
     a, b = 20, 57  # the second sequence
     other = dict(inp)
     for name in ("x", "dt", "B", "C", "z"):
@@ -159,7 +134,7 @@ def test_varlen_ssd_no_leakage(device):
     other["initial_states"] = inp["initial_states"].clone()
     other["initial_states"][1] += 1.0
     l2, out2, fin2 = run(ours, other)
-    g2 = grads([out2, fin2], [l2[k] for k in names], [g_out, g_fin])
+    g2 = testing.grads([out2, fin2], [l2[k] for k in names], [g_out, g_fin])
     keep = torch.ones(sum(lens), dtype=torch.bool, device=device)
     keep[a:b] = False
     assert torch.equal(out1[:, keep], out2[:, keep])
@@ -178,7 +153,8 @@ def test_varlen_ssd_gradients_reproducible(device):
     runs = []
     for _ in range(2):
         leaves, out, final = run(ours, inp)
-        runs.append(grads([out, final], [leaves[k] for k in names], [torch.ones_like(out), torch.ones_like(final)]))
+        runs.append(testing.grads([out, final], [leaves[k] for k in names],
+                                  [torch.ones_like(out), torch.ones_like(final)]))
     for name, a, b in zip(names, *runs):
         assert torch.equal(a, b), name
 
@@ -192,12 +168,11 @@ def _op_args(inp):
 def test_varlen_ssd_opcheck(device):
     inp = make_inputs([9, 0, 20, 3], 16, F32, device, heads=2, headdim=4, dstate=4, z=True, D=True,
                       dt_bias=True, softplus=True, init=True)
-    args = tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in _op_args(inp))
-    run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args + (inp["cu_seqlens"],))
+    args = testing.clone_float_args(_op_args(inp))
+    testing.run_opcheck(torch.ops.ssm_kernels.ssd_scan_fwd.default, args + (inp["cu_seqlens"],))
     dout = torch.randn_like(inp["x"])
     dfinal = torch.randn(4, 2, 4, 4, device=device)
-    run_opcheck(torch.ops.ssm_kernels.ssd_scan_bwd.default, _op_args(inp) + (dout, dfinal, inp["cu_seqlens"]))
+    testing.run_opcheck(torch.ops.ssm_kernels.ssd_scan_bwd.default, _op_args(inp) + (dout, dfinal, inp["cu_seqlens"]))
 
 
 def test_varlen_ssd_compile_no_recompile_on_new_lengths(device):
@@ -209,7 +184,7 @@ def test_varlen_ssd_compile_no_recompile_on_new_lengths(device):
                                     cu_seqlens=cu_seqlens, return_final_states=True)
 
     args = [inp[k] for k in ("x", "dt", "A", "B", "C", "z", "initial_states", "cu_seqlens")]
-    check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([30, 9, 25, 0], [1, 1, 1, 61])])
+    testing.check_compile_over_lengths(fn, args, [offsets(lens, device) for lens in ([30, 9, 25, 0], [1, 1, 1, 61])])
 
 
 def test_varlen_ssd_bad_inputs(device):
@@ -217,7 +192,7 @@ def test_varlen_ssd_bad_inputs(device):
     base = {k: inp[k] for k in ("x", "dt", "A", "B", "C", "cu_seqlens")}
 
     def bad(exc, name, **over):
-        assert_raises_naming(exc, name, ssm_kernels.ssd_scan, **{**base, **over})
+        testing.assert_raises_naming(exc, name, ssm_kernels.ssd_scan, **{**base, **over})
 
     cu = inp["cu_seqlens"]
     two = {k: torch.cat([base[k], base[k]]) for k in ("x", "dt", "B", "C")}
@@ -234,14 +209,8 @@ def test_varlen_ssd_bad_inputs(device):
 
 
 def _same_grads(inp_a, inp_b, names):
-    la, out_a, fin_a = run(ours, inp_a)
-    lb, out_b, fin_b = run(ours, inp_b)
-    assert torch.equal(out_a, out_b) and torch.equal(fin_a, fin_b)
-    g_out, g_fin = torch.randn_like(out_a), torch.randn_like(fin_a)
-    ga = grads([out_a, fin_a], [la[k] for k in names], [g_out, g_fin])
-    gb = grads([out_b, fin_b], [lb[k] for k in names], [g_out, g_fin])
-    for name, a, b in zip(names, ga, gb):
-        assert torch.equal(a, b), name
+    run_a = run(ours, inp_a)
+    testing.assert_runs_equal(run_a, run(ours, inp_b), names, [torch.randn_like(o) for o in run_a[1:]])
 
 
 @pytest.mark.parametrize("L", [1, 16, 17, 50])
@@ -274,6 +243,5 @@ def test_varlen_ssd_fused_projection_views(device):
     inp.update(x=xs.unflatten(-1, (heads, headdim)), z=zs.unflatten(-1, (heads, headdim)), B=Bs.unsqueeze(2),
                C=Cs.unsqueeze(2), dt=dts)
     assert not any(inp[k].is_contiguous() for k in ("x", "z", "B", "C", "dt"))
-    contig = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-    _same_grads(inp, contig, [k for k in NAMES if k in inp])
+    _same_grads(inp, testing.contiguous_copies(inp), [k for k in NAMES if k in inp])
     compare(inp, F32)

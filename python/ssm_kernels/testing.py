@@ -155,6 +155,12 @@ def clone_leaf(t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -
     return out
 
 
+def clone_float_args(args: Iterable) -> tuple:
+    """args with every floating-point tensor replaced by its clone_leaf (opcheck's inputs), the
+    other arguments as they are."""
+    return tuple(clone_leaf(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 @contextlib.contextmanager
 def poisoned_outputs(enable: bool = True):
     """Within the block, every output the compiled ops allocate is filled with NaN first."""
@@ -175,6 +181,27 @@ def grads(outputs: Iterable[torch.Tensor], inputs: Sequence[Optional[torch.Tenso
     got = torch.autograd.grad(total, wanted, allow_unused=True)
     it = iter(got)
     return [next(it) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def contiguous_copies(inputs: dict) -> dict:
+    """inputs with every tensor replaced by a contiguous copy (same values, default strides)."""
+    return {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def assert_runs_equal(run_a: Sequence, run_b: Sequence, names: Sequence[str],
+                      grad_outputs: Optional[Sequence[torch.Tensor]] = None) -> None:
+    """Two runs, each (leaves, *outputs), agree bitwise: every output, and the gradients of the
+    leaves named under the same upstream gradients (all ones when none are given)."""
+    leaves_a, *outs_a = run_a
+    leaves_b, *outs_b = run_b
+    for i, (a, b) in enumerate(zip(outs_a, outs_b)):
+        assert torch.equal(a, b), f"output {i}"
+    if grad_outputs is None:
+        grad_outputs = [torch.ones_like(o) for o in outs_a]
+    grads_a = grads(outs_a, [leaves_a[k] for k in names], grad_outputs)
+    grads_b = grads(outs_b, [leaves_b[k] for k in names], grad_outputs)
+    for name, a, b in zip(names, grads_a, grads_b):
+        assert torch.equal(a, b), name
 
 
 def assert_grads_close(grads: dict, expected: dict, inputs: dict, dtype: torch.dtype) -> None:

@@ -87,7 +87,7 @@ def _flops(s):
 
 
 def _bytes(s, dtype):
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     b, l, h, p, n, g = s["batch"], s["seqlen"], s["nheads"], s["headdim"], s["dstate"], s["groups"]
     return elem * b * l * (3 * h * p + 2 * g * n) + 4 * b * l * h * (3 + n // 4)
 

@@ -100,7 +100,7 @@ def _ss_row(shape, device, dtype):
 
 
 def _ss_bytes(shape, dtype):
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     d, n, T = shape["dim"], shape["dstate"], shape["tokens"]
     return (4 * d * T + 2 * n * T) * elem
 
@@ -142,7 +142,7 @@ _register_packed(
     },
     grad_inputs=("a", "b"),
     flops=lambda s: 2.0 * s["dim"] * s["tokens"],
-    bytes=lambda s, dtype: 3 * s["dim"] * s["tokens"] * torch.empty((), dtype=dtype).element_size(),
+    bytes=lambda s, dtype: 3 * s["dim"] * s["tokens"] * dtype.itemsize,
     bwd_factor=5.0 / 3.0,
     reference_shape=lambda s: {**s, "dim": min(s["dim"], 8), "tokens": min(s["tokens"], 4096),
                                "max_len": min(s["max_len"], 1024)},

@@ -61,7 +61,7 @@ def _cauchy_keops(keops):
 
 
 def _cauchy_bytes(shape, dtype):
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     b, n, l = shape["batch"], shape["N"], shape["L"]
     return (2 * b * n + l + b * l) * elem
 
@@ -110,7 +110,7 @@ def _vand_keops(keops):
 
 
 def _vand_bytes(shape, dtype):
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     b, n, l = shape["batch"], shape["N"], shape["L"]
     return 2 * b * n * elem + b * l * elem // 2
 

@@ -84,7 +84,7 @@ def _baselines():
 
 
 def _bytes(shape, dtype):
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     b, d, l, n = shape["batch"], shape["dim"], shape["seqlen"], shape["dstate"]
     return (4 * b * d * l + 2 * b * n * l) * elem  # u, delta, z, out; variable B, C
 

@@ -122,7 +122,7 @@ def _ssd_flops(s):
 
 
 def _ssd_bytes(s, dtype):
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     T = sum(lengths(s))
     return elem * T * (2 * s["nheads"] * s["headdim"] + s["nheads"] + 2 * s["groups"] * s["dstate"])
 
@@ -159,7 +159,7 @@ def _conv_inputs(shape, device, dtype):
 
 def _channel_bytes(s, dtype):
     """Read the [1, D, T] input once and write the output once."""
-    return 2 * s["dim"] * sum(lengths(s)) * torch.empty((), dtype=dtype).element_size()
+    return 2 * s["dim"] * sum(lengths(s)) * dtype.itemsize
 
 
 _register_packed(
