@@ -305,6 +305,34 @@ def test_mamba3_backward_recomputes_saved(case):
     check_backward_without_saved(make_inputs(case, "cpu", strided=True), case.dtype)
 
 
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=dtype_id)
+@pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
+def test_mamba3_reduced_dtypes_widen_on_cpu(rank, dtype):
+    """Half and bfloat16 scans on the CPU run the float32 kernels on float32 copies of q, k, v, z
+    and dout (rounded to the input dtype first), rounding out, dv and dz once: bitwise the float32
+    op on the same values, forward and backward."""
+    fwd, bwd = torch.ops.ssm_kernels.mamba3_scan_fwd.default, torch.ops.ssm_kernels.mamba3_scan_bwd.default
+    case = Case(37, 8, dtype, rank=rank, rope="half", z=True, D=True, bias=True, init=True, dqk=8, dv=6)
+    reduced = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(case, "cpu").items()}
+    reduced["save_for_backward"] = True
+    widened = {k: (v.float() if k in ("q", "k", "v", "z") else v) for k, v in reduced.items()}
+    results = []
+    for values in (reduced, widened):
+        outs = fwd(**{a.name: values.get(a.name) for a in fwd._schema.arguments})
+        kw = {a.name: values.get(a.name) for a in bwd._schema.arguments}
+        kw.update(zip([r.name for r in fwd._schema.returns][5:], outs[5:]))
+        # A float32 dout: the reduced op rounds it to its dtype first, as its own kernels would.
+        dout = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(0))
+        kw["dout"] = dout if values is reduced else dout.to(dtype).float()
+        results.append((outs, bwd(**kw)))
+    (outs_r, grads_r), (outs_w, grads_w) = results
+    assert outs_r[0].dtype == dtype and torch.equal(outs_r[0], outs_w[0].to(dtype))
+    for r, a, e in zip(fwd._schema.returns[1:], outs_r[1:], outs_w[1:]):
+        assert torch.equal(a, e), r.name
+    for r, a, e in zip(bwd._schema.returns, grads_r, grads_w):
+        assert a.shape == e.shape and torch.equal(a, e.to(a.dtype)), r.name
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
 def test_mamba3_chunk_size_and_strides(dtype, device):
     case = Case(37, 8, dtype, rank=2, rope="half", z=True, D=True, bias=True, init=True, dqk=8, dv=6)
