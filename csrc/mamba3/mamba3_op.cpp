@@ -206,21 +206,28 @@ void fill_coeffs(Mamba3Coeffs<Acc>& p, const AccInputs& a) {
   p.mimo_o = opt<Acc>(a.mimo_o);
 }
 
+// The kernels' sizes (mamba3.h), from the checked shape and packing.
+Mamba3Dims dims_of(const Shape& s, const Varlen& vl, int64_t chunk) {
+  Mamba3Dims d{};
+  d.batch = s.batch;
+  d.seqlen = s.seqlen;
+  d.nheads = s.nheads;
+  d.ngroups = s.ngroups;
+  d.rank = s.rank;
+  d.headdim_qk = s.dqk;
+  d.headdim_v = s.dv;
+  d.nangles = s.nangles;
+  d.chunk = chunk;
+  d.mimo = s.mimo;
+  d.cu_seqlens = vl.packed() ? vl.offsets.data_ptr<int64_t>() : nullptr;
+  d.num_seqs = vl.num_seqs;
+  return d;
+}
+
 template <typename T, typename Args>
 void fill_inputs(Mamba3Inputs<T>& p, const Args& in, const Shape& s, const AccInputs& a, const Varlen& vl) {
   using acc = acc_t<T>;
-  p.cu_seqlens = vl.packed() ? vl.offsets.data_ptr<int64_t>() : nullptr;
-  p.num_seqs = vl.num_seqs;
-  p.batch = s.batch;
-  p.seqlen = s.seqlen;
-  p.nheads = s.nheads;
-  p.ngroups = s.ngroups;
-  p.rank = s.rank;
-  p.headdim_qk = s.dqk;
-  p.headdim_v = s.dv;
-  p.nangles = s.nangles;
-  p.chunk = in.chunk_size;
-  p.mimo = s.mimo;
+  static_cast<Mamba3Dims&>(p) = dims_of(s, vl, in.chunk_size);
   p.q = view<const T, 5>(s.mimo ? in.q : in.q.unsqueeze(2));
   p.k = view<const T, 5>(s.mimo ? in.k : in.k.unsqueeze(2));
   p.v = view<const T, 4>(in.v);
@@ -280,22 +287,16 @@ void scan_cpu(const Params<T>& p) {
 
 using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// What the CPU forward keeps for the backward: the state before every chunk ([slots, P, N],
-// mamba3_task.h's bwd_state_slots; zeros with cu_seqlens, whose layout leaves slots unused) and y
-// before the gate ([B, H, L, R, P]). Empty on CUDA, whose backward recomputes them, and where
-// save_for_backward is false.
-int64_t saved_state_slots(const Shape& s, const Varlen& vl, int64_t chunk) {
-  return vl.packed() ? s.nheads * (s.seqlen / chunk + vl.num_seqs) : s.batch * s.nheads * ceil_div(s.seqlen, chunk);
+// What the CPU forward keeps for the backward: the state before every chunk ([slots, P, N], the
+// slots of mamba3_task.h's bwd_state_slots; zeros with cu_seqlens, whose layout leaves slots
+// unused) and y before the gate ([B, H, L, R, P]). Empty on CUDA, whose backward recomputes them,
+// and where save_for_backward is false.
+std::vector<int64_t> saved_states_shape(const Shape& s, const Varlen& vl, int64_t chunk) {
+  return {mamba3::bwd_state_slots(dims_of(s, vl, chunk)), s.dv, s.dqk};
 }
 
-FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
-  const Shape s = check_inputs(in, true);
-  const Varlen vl = check_initial(in, s);
-  if (widened_on_cpu(in.v)) {
-    FwdResult r = mamba3_scan_fwd(widen_inputs(in));
-    std::get<0>(r) = std::get<0>(r).to(in.v.scalar_type());
-    return r;
-  }
+// The forward on checked arguments.
+FwdResult scan_fwd(const Mamba3FwdArgs& in, const Shape& s, const Varlen& vl) {
   const int64_t Bs = state_rows(s, vl);
   const auto dtype = in.v.scalar_type();
   const auto acc = acc_dtype(dtype);
@@ -307,7 +308,7 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
   at::Tensor final_v = new_output(v_state_shape(s, Bs), aopts);
   at::Tensor chunk_states, gate_input;
   if (in.v.is_cpu() && in.save_for_backward) {
-    const std::vector<int64_t> states_shape{saved_state_slots(s, vl, in.chunk_size), s.dv, s.dqk};
+    const std::vector<int64_t> states_shape = saved_states_shape(s, vl, in.chunk_size);
     chunk_states = vl.packed() ? at::zeros(states_shape, aopts) : new_output(states_shape, aopts);
     gate_input = new_output({s.batch, s.nheads, s.seqlen, s.rank, s.dv}, aopts);
   } else {
@@ -334,6 +335,15 @@ FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
            }));
   });
   return {out, final_angle, final_ssm, final_k, final_v, chunk_states, gate_input};
+}
+
+FwdResult mamba3_scan_fwd(const Mamba3FwdArgs& in) {
+  const Shape s = check_inputs(in, true);
+  const Varlen vl = check_initial(in, s);
+  if (!widened_on_cpu(in.v)) return scan_fwd(in, s, vl);
+  FwdResult r = scan_fwd(widen_inputs(in), s, vl);
+  std::get<0>(r) = std::get<0>(r).to(in.v.scalar_type());
+  return r;
 }
 
 // The forward's saved tensor `t` for the CPU backward: checked and contiguous, or undefined where
@@ -392,7 +402,7 @@ BwdResult scan_bwd(const Mamba3BwdArgs& in, const BwdShape& shape, at::ScalarTyp
   const at::Tensor dfinal_angle = acc_copy(in.dfinal_angle, acc), dfinal_ssm = acc_copy(in.dfinal_ssm, acc);
   const at::Tensor dfinal_k = acc_copy(in.dfinal_k, acc), dfinal_v = acc_copy(in.dfinal_v, acc);
   const at::Tensor chunk_states =
-      saved_input(in.chunk_states, {saved_state_slots(s, vl, in.chunk_size), P, N}, acc, in.v, "chunk_states");
+      saved_input(in.chunk_states, saved_states_shape(s, vl, in.chunk_size), acc, in.v, "chunk_states");
   const at::Tensor gate_input = saved_input(in.gate_input, {Bn, H, L, R, P}, acc, in.v, "gate_input");
 
   at::Tensor dq = at::empty({Bn, L, R, H, N}, aopts), dk = at::empty({Bn, L, R, H, N}, aopts);
