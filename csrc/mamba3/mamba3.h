@@ -121,10 +121,9 @@ struct Mamba3BwdParams : Mamba3Inputs<T> {
 // One decode step, updating the states in place; row i of the batch uses state row
 // state_batch_indices[i] (or i), and a negative (or, on CUDA, out-of-range) index writes zeros.
 template <typename T>
-struct Mamba3StepParams : Mamba3Coeffs<acc_t<T>> {
+struct Mamba3StepParams : Mamba3Dims, Mamba3Coeffs<acc_t<T>> {
   using acc = acc_t<T>;
-  int64_t batch, nheads, ngroups, rank, headdim_qk, headdim_v, nangles, state_batch;
-  bool mimo;
+  int64_t state_batch;        // Bs (seqlen and chunk are 1, no cu_seqlens)
   View<acc, 3> angle_state;   // [Bs, H, A]
   View<acc, 4> ssm_state;     // [Bs, H, P, N]
   View<acc, 4> k_state;       // [Bs, H, R, N]

@@ -537,15 +537,8 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     using T = scalar_t;
     using Ac = acc_t<T>;
     Mamba3StepParams<T> p{};
-    p.batch = s.batch;
-    p.nheads = s.nheads;
-    p.ngroups = s.ngroups;
-    p.rank = s.rank;
-    p.headdim_qk = s.dqk;
-    p.headdim_v = s.dv;
-    p.nangles = s.nangles;
+    static_cast<Mamba3Dims&>(p) = dims_of(s, Varlen{}, 1);
     p.state_batch = Bs;
-    p.mimo = s.mimo;
     p.angle_state = view<Ac, 3>(in.angle_state);
     p.ssm_state = view<Ac, 4>(in.ssm_state);
     p.k_state = view<Ac, 4>(s.mimo ? at::Tensor(in.k_state) : in.k_state.unsqueeze(2));

@@ -154,6 +154,16 @@ struct SsdBwdParams : SsdDims, SsdDtParams<T> {
   T* dz;                  // [B, L, H, P] contiguous, or nullptr
   acc* dA_part;           // [B, nc, H]
   acc* dD_part;           // [B, nc, H, P] or nullptr
+
+  // Task i's (one (batch, chunk, head), the order of the per-chunk buffers) slices of them.
+  struct TaskSlices {
+    const acc *xdt, *dxdt, *dy, *zT, *dyrT, *y_interT, *e, *r, *dtv, *dacs;
+  };
+  SSMK_HOST_DEVICE TaskSlices task_slices(int64_t i) const {
+    const int64_t QP = chunk * headdim, Q = chunk;
+    return {xdt + i * QP, dxdt + i * QP, dy + i * QP, zT + i * QP, dyrT + i * QP,
+            y_interT + i * QP, e + i * Q, r + i * Q, dtv + i * Q, dacs + i * Q};
+  }
 };
 
 #if defined(SSMK_WITH_CUDA)

@@ -89,16 +89,7 @@ __global__ void __launch_bounds__(kBwdThreads) final_kernel(const SsdBwdParams<i
   const int64_t h = i % H, c = (i / H) % p.nchunks, b = i / (H * p.nchunks);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t nvalid = L - c * Q < Q ? L - c * Q : Q;
-  const acc_t* xdt = p.xdt + i * Q * P;
-  const acc_t* dxdt = p.dxdt + i * Q * P;
-  const acc_t* dy = p.dy + i * Q * P;
-  const acc_t* zT = p.zT + i * P * Q;
-  const acc_t* dyrT = p.dyrT + i * P * Q;
-  const acc_t* yT = p.y_interT + i * P * Q;
-  const acc_t* e = p.e + i * Q;
-  const acc_t* r = p.r + i * Q;
-  const acc_t* dtv = p.dtv + i * Q;
-  const acc_t* dacs = p.dacs + i * Q;
+  const auto [xdt, dxdt, dy, zT, dyrT, yT, e, r, dtv, dacs] = p.task_slices(i);
   const input_t* x = p.x.data + b * p.x.stride[0] + h * p.x.stride[2];
   const acc_t* D = p.D;
 

@@ -275,14 +275,7 @@ SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, 
   std::vector<acc_t> da(Q), dD(P), zrow(P);
   for (int64_t i = begin; i < end; ++i) {
     const Task k = task_of(p, i);
-    const acc_t* xdt = p.xdt + i * Q * P;
-    const acc_t* zT = p.zT + i * P * Q;
-    const acc_t* dyrT = p.dyrT + i * P * Q;
-    const acc_t* yT = p.y_interT + i * P * Q;
-    const acc_t* e = p.e + i * Q;
-    const acc_t* r = p.r + i * Q;
-    const acc_t* dtv = p.dtv + i * Q;
-    const acc_t* dacs = p.dacs + i * Q;
+    const auto [xdt, dxdt, dy, zT, dyrT, yT, e, r, dtv, dacs] = p.task_slices(i);
     // d Acs_t: intra (dacs), inter (dy_t . y_inter_t), state (-de_t e_t, and +sum at the end).
     acc_t sum_de = 0;
     for (int64_t t = 0; t < Q; ++t) {
@@ -300,8 +293,6 @@ SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, 
     ssd::reverse_segment_cumsum(da.data(), chunk_seg(p.seg, p, k.b, k.c), Q);
 
     const acc_t a = A[k.h], bias_h = bias ? bias[k.h] : acc_t(0);
-    const acc_t* dxdt = p.dxdt + i * Q * P;
-    const acc_t* dy = p.dy + i * Q * P;
     const acc_t* yi = p.y_intra + (z ? i * Q * P : 0);
     std::fill(dD.begin(), dD.end(), acc_t(0));
     acc_t dA = 0;
