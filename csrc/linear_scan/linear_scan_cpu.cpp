@@ -43,14 +43,24 @@ using linear_scan::scan_acc_t;
 
 constexpr int kGroup = 4;
 
-// A row is walked in scan order: element i of the walk sits at start + i * step (in elements).
-// The forward walks time ascending (descending with reverse); the backward the other way.
-SSMK_CPU_INLINE int64_t walk_start(bool descending, int64_t L, int64_t t_stride) {
-  return descending ? (L - 1) * t_stride : 0;
-}
-SSMK_CPU_INLINE int64_t walk_step(bool descending, int64_t t_stride) {
-  return descending ? -t_stride : t_stride;
-}
+// A row is walked in scan order: walk position u of row r sits at at(r, u), u * step elements past
+// the walk's start. The forward walks time ascending (descending with reverse); the backward the
+// other way.
+struct Walk {
+  bool descending;
+  int64_t L;
+  // Elements between walk positions, for a time stride t_stride.
+  SSMK_CPU_INLINE int64_t step(int64_t t_stride) const { return descending ? -t_stride : t_stride; }
+  // Walk position u of row r of a [R, L] buffer with strides (row_stride, t_stride).
+  template <typename E>
+  SSMK_CPU_INLINE E* at(E* data, int64_t row_stride, int64_t t_stride, int64_t r, int64_t u) const {
+    return data + r * row_stride + (descending ? (L - 1) * t_stride : 0) + u * step(t_stride);
+  }
+  template <typename E>
+  SSMK_CPU_INLINE E* at(const View<E, 2>& v, int64_t r, int64_t u) const {
+    return at(v.data, v.stride[0], v.stride[1], r, u);
+  }
+};
 
 template <typename acc_t>
 SSMK_CPU_INLINE acc_t load_state(const View<const acc_t, 1>& v, int64_t r) {
@@ -110,17 +120,16 @@ struct FwdRows {
 template <typename in_t, int G>
 SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
                                  scan_acc_t<in_t>* state) {
-  const int64_t L = p.seqlen;
-  const bool desc = p.reverse;
+  const Walk w{p.reverse, p.seqlen};
   FwdRows<in_t, G> rows;
-  rows.as = walk_step(desc, p.a.stride[1]);
-  rows.bs = walk_step(desc, p.b.stride[1]);
-  rows.hs = desc ? -1 : 1;
+  rows.as = w.step(p.a.stride[1]);
+  rows.bs = w.step(p.b.stride[1]);
+  rows.hs = w.step(1);
   for (int g = 0; g < G; ++g) {
     const int64_t r = r0 + g;
-    rows.a[g] = p.a.data + r * p.a.stride[0] + walk_start(desc, L, p.a.stride[1]) + u0 * rows.as;
-    rows.b[g] = p.b.data + r * p.b.stride[0] + walk_start(desc, L, p.b.stride[1]) + u0 * rows.bs;
-    rows.h[g] = p.h + r * L + walk_start(desc, L, 1) + u0 * rows.hs;
+    rows.a[g] = w.at(p.a, r, u0);
+    rows.b[g] = w.at(p.b, r, u0);
+    rows.h[g] = w.at(p.h, p.seqlen, 1, r, u0);
     rows.s[g] = state[g];
   }
   skewed_walk<G, skew<in_t>()>(rows, u1 - u0);
@@ -156,20 +165,19 @@ template <typename in_t, int G>
 SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0, int64_t u0, int64_t u1,
                                  scan_acc_t<in_t>* state, bool fresh, const scan_acc_t<in_t>* h0) {
   using acc_t = scan_acc_t<in_t>;
-  const int64_t L = p.seqlen;
-  const bool desc = !p.reverse;
+  const Walk w{!p.reverse, p.seqlen};
   BwdRows<in_t, G> rows;
-  rows.as = walk_step(desc, p.a.stride[1]);
-  rows.gs = walk_step(desc, p.dh.stride[1]);
-  rows.hs = walk_step(desc, p.h.stride[1]);
-  rows.os = desc ? -1 : 1;
+  rows.as = w.step(p.a.stride[1]);
+  rows.gs = w.step(p.dh.stride[1]);
+  rows.hs = w.step(p.h.stride[1]);
+  rows.os = w.step(1);
   for (int g = 0; g < G; ++g) {
     const int64_t r = r0 + g;
-    rows.a[g] = p.a.data + r * p.a.stride[0] + walk_start(desc, L, p.a.stride[1]) + u0 * rows.as;
-    rows.g_in[g] = p.dh.data + r * p.dh.stride[0] + walk_start(desc, L, p.dh.stride[1]) + u0 * rows.gs;
-    rows.h[g] = p.h.data + r * p.h.stride[0] + walk_start(desc, L, p.h.stride[1]) + u0 * rows.hs;
-    rows.da[g] = p.da + r * L + walk_start(desc, L, 1) + u0 * rows.os;
-    rows.db[g] = p.db + r * L + walk_start(desc, L, 1) + u0 * rows.os;
+    rows.a[g] = w.at(p.a, r, u0);
+    rows.g_in[g] = w.at(p.dh, r, u0);
+    rows.h[g] = w.at(p.h, r, u0);
+    rows.da[g] = w.at(p.da, p.seqlen, 1, r, u0);
+    rows.db[g] = w.at(p.db, p.seqlen, 1, r, u0);
     rows.s[g] = state[g];
     rows.coef[g] = fresh ? acc_t(1) : conj_of(static_cast<acc_t>(rows.a[g][-rows.as]));
   }
@@ -194,22 +202,21 @@ template <typename in_t, bool kBwd>
 SSMK_CPU_INLINE Affine<scan_acc_t<in_t>> chunk_pair(const ParamsOf<in_t, kBwd>& p, int64_t r, int64_t u0,
                                                    int64_t u1) {
   using acc_t = scan_acc_t<in_t>;
-  const int64_t L = p.seqlen;
-  const bool desc = kBwd ? !p.reverse : p.reverse;
-  const int64_t as = walk_step(desc, p.a.stride[1]);
-  const in_t* a = p.a.data + r * p.a.stride[0] + walk_start(desc, L, p.a.stride[1]) + u0 * as;
+  const Walk w{kBwd ? !p.reverse : p.reverse, p.seqlen};
+  const int64_t as = w.step(p.a.stride[1]);
+  const in_t* a = w.at(p.a, r, u0);
   acc_t A(1), B(0);
   if constexpr (!kBwd) {
-    const int64_t bs = walk_step(desc, p.b.stride[1]);
-    const in_t* b = p.b.data + r * p.b.stride[0] + walk_start(desc, L, p.b.stride[1]) + u0 * bs;
+    const int64_t bs = w.step(p.b.stride[1]);
+    const in_t* b = w.at(p.b, r, u0);
     for (int64_t i = 0; i < u1 - u0; ++i) {
       const acc_t ai = static_cast<acc_t>(a[i * as]);
       B = linear_scan::step(ai, B, static_cast<acc_t>(b[i * bs]));
       A = ai * A;
     }
   } else {
-    const int64_t gs = walk_step(desc, p.dh.stride[1]);
-    const in_t* g = p.dh.data + r * p.dh.stride[0] + walk_start(desc, L, p.dh.stride[1]) + u0 * gs;
+    const int64_t gs = w.step(p.dh.stride[1]);
+    const in_t* g = w.at(p.dh, r, u0);
     acc_t coef = u0 == 0 ? acc_t(1) : conj_of(static_cast<acc_t>(a[-as]));
     for (int64_t i = 0; i < u1 - u0; ++i) {
       B = linear_scan::step(coef, B, static_cast<acc_t>(g[i * gs]));
