@@ -65,33 +65,60 @@ SSMK_CPU_INLINE int64_t out_offset(const FftconvCommon<T>& p, Span s, int64_t d)
   return (s.row * p.dim + d) * p.seqlen + s.t0;
 }
 
+// Row i of a block: its tokens, its channel and its rows of u, pregate and postgate (g, q:
+// nullptr where absent) with their time strides. v(t) = u pregate is the convolution's input.
+template <typename input_t>
+struct InputRow {
+  using acc_t = ssmk::acc_t<input_t>;
+  Span sp;
+  int64_t d, L;
+  acc_t Dd;  // D[d], or 0
+  const input_t *u, *g, *q;
+  int64_t su, sg, sq;
+  SSMK_CPU_INLINE acc_t v(int64_t t) const {
+    const acc_t x = static_cast<acc_t>(u[t * su]);
+    return g ? x * static_cast<acc_t>(g[t * sg]) : x;
+  }
+  SSMK_CPU_INLINE acc_t postgate(int64_t t) const { return q ? static_cast<acc_t>(q[t * sq]) : acc_t(1); }
+};
+
+template <typename input_t>
+SSMK_CPU_INLINE InputRow<input_t> input_row(const FftconvCommon<input_t>& p, Rows rows, int64_t i) {
+  InputRow<input_t> r;
+  r.sp = row_span(p, rows.b[i]);
+  r.d = rows.d[i];
+  r.L = r.sp.len;
+  r.Dd = p.D ? p.D[r.d] : acc_t<input_t>(0);
+  r.u = row_ptr(p.u, r.sp, r.d);
+  r.g = p.pregate.data ? row_ptr(p.pregate, r.sp, r.d) : nullptr;
+  r.q = p.postgate.data ? row_ptr(p.postgate, r.sp, r.d) : nullptr;
+  r.su = p.u.stride[2];
+  r.sg = p.pregate.stride[2];
+  r.sq = p.postgate.stride[2];
+  return r;
+}
+
 // buf[i, t] = u * pregate for t < L, 0 for L <= t < n (L: the row's tokens).   buf: [count, n]
 template <typename input_t>
 SSMK_CPU_INLINE void load_v_rows(const FftconvCommon<input_t>& p, Rows rows, acc_t<input_t>* buf) {
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const Span sp = row_span(p, rows.b[i]);
-    const int64_t d = rows.d[i], L = sp.len;
+    const InputRow<input_t> r = input_row(p, rows, i);
     acc_t* v = buf + i * n;
-    const input_t* u = row_ptr(p.u, sp, d);
-    const int64_t su = p.u.stride[2];
-    if (p.pregate.data) {
-      const input_t* g = row_ptr(p.pregate, sp, d);
-      const int64_t sg = p.pregate.stride[2];
-      if (su == 1 && sg == 1) {
+    if (r.su == 1 && (!r.g || r.sg == 1)) {
+      // Unit strides (the common case): vectorised.
+      if (r.g) {
 #pragma omp simd
-        for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t]) * static_cast<acc_t>(g[t]);
+        for (int64_t t = 0; t < r.L; ++t) v[t] = static_cast<acc_t>(r.u[t]) * static_cast<acc_t>(r.g[t]);
       } else {
-        for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t * su]) * static_cast<acc_t>(g[t * sg]);
-      }
-    } else if (su == 1) {
 #pragma omp simd
-      for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t]);
+        for (int64_t t = 0; t < r.L; ++t) v[t] = static_cast<acc_t>(r.u[t]);
+      }
     } else {
-      for (int64_t t = 0; t < L; ++t) v[t] = static_cast<acc_t>(u[t * su]);
+      for (int64_t t = 0; t < r.L; ++t) v[t] = r.v(t);
     }
-    std::fill(v + L, v + n, acc_t(0));
+    std::fill(v + r.L, v + n, acc_t(0));
   }
 }
 SSMK_CPU_MULTIVERSION(load_v_rows, (typename input_t), (input_t),
@@ -181,28 +208,18 @@ template <typename input_t>
 SSMK_CPU_INLINE void epilogue_rows(const FftconvFwdParams<input_t>& p, Rows rows, const acc_t<input_t>* c) {
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
-  const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const Span sp = row_span(p, rows.b[i]);
-    const int64_t d = rows.d[i], L = sp.len;
+    const InputRow<input_t> r = input_row(p, rows, i);
     const acc_t* ci = c + i * n;
-    input_t* out = p.out + out_offset(p, sp, d);
-    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    const input_t* u = row_ptr(p.u, sp, d);
-    const input_t* g = p.pregate.data ? row_ptr(p.pregate, sp, d) : nullptr;
-    const input_t* q = p.postgate.data ? row_ptr(p.postgate, sp, d) : nullptr;
-    const int64_t su = p.u.stride[2], sg = p.pregate.stride[2], sq = p.postgate.stride[2];
-    if (!g && !q && p.activation == kActNone && su == 1) {
+    input_t* out = p.out + out_offset(p, r.sp, r.d);
+    if (!r.g && !r.q && p.activation == kActNone && r.su == 1) {
       // The common S4/H3 case: out = c + D u.
 #pragma omp simd
-      for (int64_t t = 0; t < L; ++t) out[t] = static_cast<input_t>(ci[t] + Dd * static_cast<acc_t>(u[t]));
+      for (int64_t t = 0; t < r.L; ++t) out[t] = static_cast<input_t>(ci[t] + r.Dd * static_cast<acc_t>(r.u[t]));
       continue;
     }
-    for (int64_t t = 0; t < L; ++t) {
-      acc_t v = static_cast<acc_t>(u[t * su]);
-      if (g) v *= static_cast<acc_t>(g[t * sg]);
-      const acc_t pg = q ? static_cast<acc_t>(q[t * sq]) : acc_t(1);
-      out[t] = static_cast<input_t>(fftconv::epilogue(ci[t], v, Dd, pg, p.activation));
+    for (int64_t t = 0; t < r.L; ++t) {
+      out[t] = static_cast<input_t>(fftconv::epilogue(ci[t], r.v(t), r.Dd, r.postgate(t), p.activation));
     }
   }
 }
@@ -216,42 +233,33 @@ SSMK_CPU_INLINE void grad_pre_rows(const FftconvBwdParams<input_t>& p, Rows rows
                                    acc_t<input_t>* gbuf, acc_t<input_t>* row_dD) {
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
-  const acc_t* Dp = p.D;
   const bool need_c = p.activation != kActNone || p.postgate.data;
+  const int64_t so = p.dout.stride[2];
   for (int64_t i = 0; i < rows.count; ++i) {
-    const Span sp = row_span(p, rows.b[i]);
-    const int64_t d = rows.d[i], L = sp.len;
+    const InputRow<input_t> r = input_row(p, rows, i);
     acc_t* gp = gbuf + i * n;
-    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    const input_t* u = row_ptr(p.u, sp, d);
-    const input_t* g = p.pregate.data ? row_ptr(p.pregate, sp, d) : nullptr;
-    const input_t* q = p.postgate.data ? row_ptr(p.postgate, sp, d) : nullptr;
-    const input_t* go = row_ptr(p.dout, sp, d);
-    input_t* dq = p.dpostgate ? p.dpostgate + out_offset(p, sp, d) : nullptr;
-    const int64_t su = p.u.stride[2], sg = p.pregate.stride[2], sq = p.postgate.stride[2], so = p.dout.stride[2];
+    const input_t* go = row_ptr(p.dout, r.sp, r.d);
+    input_t* dq = p.dpostgate ? p.dpostgate + out_offset(p, r.sp, r.d) : nullptr;
     acc_t sum = 0;
     if (!need_c) {
-      for (int64_t t = 0; t < L; ++t) {
-        acc_t v = static_cast<acc_t>(u[t * su]);
-        if (g) v *= static_cast<acc_t>(g[t * sg]);
+      for (int64_t t = 0; t < r.L; ++t) {
         const acc_t gpre = static_cast<acc_t>(go[t * so]);
         gp[t] = gpre;
-        sum += gpre * v;
+        sum += gpre * r.v(t);
       }
     } else {
       const acc_t* ci = c + i * n;
-      for (int64_t t = 0; t < L; ++t) {
-        acc_t v = static_cast<acc_t>(u[t * su]);
-        if (g) v *= static_cast<acc_t>(g[t * sg]);
-        const acc_t pg = q ? static_cast<acc_t>(q[t * sq]) : acc_t(1);
+      for (int64_t t = 0; t < r.L; ++t) {
+        const acc_t v = r.v(t);
         acc_t gpre, dpg;
-        fftconv::pointwise_grad(ci[t], v, Dd, pg, static_cast<acc_t>(go[t * so]), p.activation, gpre, dpg);
+        fftconv::pointwise_grad(ci[t], v, r.Dd, r.postgate(t), static_cast<acc_t>(go[t * so]), p.activation, gpre,
+                                dpg);
         if (dq) dq[t] = static_cast<input_t>(dpg);
         gp[t] = gpre;
         sum += gpre * v;
       }
     }
-    std::fill(gp + L, gp + n, acc_t(0));
+    std::fill(gp + r.L, gp + n, acc_t(0));
     row_dD[i] = sum;
   }
 }
@@ -266,27 +274,21 @@ SSMK_CPU_INLINE void grad_input_rows(const FftconvBwdParams<input_t>& p, Rows ro
                                      const acc_t<input_t>* gbuf) {
   using acc_t = ssmk::acc_t<input_t>;
   const int64_t n = p.fft_size;
-  const acc_t* Dp = p.D;
   for (int64_t i = 0; i < rows.count; ++i) {
-    const Span sp = row_span(p, rows.b[i]);
-    const int64_t d = rows.d[i], L = sp.len;
+    const InputRow<input_t> r = input_row(p, rows, i);
     const acc_t* ci = conv + i * n;
     const acc_t* gp = gbuf + i * n;
-    const acc_t Dd = Dp ? Dp[d] : acc_t(0);
-    input_t* du = p.du + out_offset(p, sp, d);
-    if (!p.pregate.data) {
+    input_t* du = p.du + out_offset(p, r.sp, r.d);
+    if (!r.g) {
 #pragma omp simd
-      for (int64_t t = 0; t < L; ++t) du[t] = static_cast<input_t>(ci[t] + Dd * gp[t]);
+      for (int64_t t = 0; t < r.L; ++t) du[t] = static_cast<input_t>(ci[t] + r.Dd * gp[t]);
       continue;
     }
-    const input_t* u = row_ptr(p.u, sp, d);
-    const input_t* g = row_ptr(p.pregate, sp, d);
-    input_t* dg = p.dpregate + out_offset(p, sp, d);
-    const int64_t su = p.u.stride[2], sg = p.pregate.stride[2];
-    for (int64_t t = 0; t < L; ++t) {
-      const acc_t dv = ci[t] + Dd * gp[t];
-      du[t] = static_cast<input_t>(dv * static_cast<acc_t>(g[t * sg]));
-      dg[t] = static_cast<input_t>(dv * static_cast<acc_t>(u[t * su]));
+    input_t* dg = p.dpregate + out_offset(p, r.sp, r.d);
+    for (int64_t t = 0; t < r.L; ++t) {
+      const acc_t dv = ci[t] + r.Dd * gp[t];
+      du[t] = static_cast<input_t>(dv * static_cast<acc_t>(r.g[t * r.sg]));
+      dg[t] = static_cast<input_t>(dv * static_cast<acc_t>(r.u[t * r.su]));
     }
   }
 }
@@ -390,6 +392,28 @@ Rows block_rows(const FftconvCommon<T>& p, int64_t d0, int64_t q0, int64_t count
   return Rows{count, bs, ds};
 }
 
+// f(rows) for the rows of the block of channels [d0, d0 + nch) in groups of at most blk.cap
+// (channel-major), each group's v (u pregate, zero-padded to n) first loaded into v_buf.
+template <typename input_t, typename F>
+void for_each_row_group(const FftconvCommon<input_t>& p, const Blocking& blk, int64_t* bs, int64_t* ds, int64_t d0,
+                        int64_t nch, acc_t<input_t>* v_buf, F&& f) {
+  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
+    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
+    load_v_rows_dispatch<input_t>(p, rows, v_buf);
+    f(rows);
+  }
+}
+
+// dD[d] += the rows' sums of gpre * v; a channel's first row (b == 0) sets it unless `add`.
+template <typename acc_t>
+void accumulate_dD(acc_t* dD, Rows rows, const acc_t* row_dD, bool add) {
+  if (!dD) return;
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const int64_t d = rows.d[i];
+    dD[d] = (rows.b[i] == 0 && !add ? acc_t(0) : dD[d]) + row_dD[i];
+  }
+}
+
 // Forward of the block of channels [d0, d0 + nch) (nch <= blk.chans), ATen's FFT. Workspaces:
 // real 0 = v, then c; real 1 = h; complex 0 = V, then V H; complex 1 = H.
 template <typename acc_t>
@@ -402,14 +426,12 @@ void fwd_block(const FftconvFwdParams<input_t>& p, const Blocking& blk, Workspac
                int64_t* bs, int64_t* ds, int64_t d0, int64_t nch) {
   load_kernel_rows(p, d0, nch, ws.r(1));
   ws.rfft(1, 1, nch);
-  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
-    load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
+  for_each_row_group(p, blk, bs, ds, d0, nch, ws.r(0), [&](Rows rows) {
     ws.rfft(0, 0, rows.count);
     mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(1), d0, ws.c(0), ws.c(0));
     ws.irfft(0, 0, rows.count);
     epilogue_rows_dispatch<input_t>(p, rows, ws.r(0));
-  }
+  });
 }
 
 // Backward of a block, ATen's FFT; `add`: add to dk / dk_rev / dD instead of writing them (a later
@@ -424,29 +446,23 @@ void bind_bwd(Workspace<acc_t>& ws, int64_t n, const Blocking& blk) {
 template <typename input_t>
 void bwd_block(const FftconvBwdParams<input_t>& p, const Blocking& blk, Workspace<acc_t<input_t>>& ws,
                int64_t* bs, int64_t* ds, acc_t<input_t>* row_dD, int64_t d0, int64_t nch, bool add) {
-  using acc_t = ssmk::acc_t<input_t>;
   const bool need_c = p.activation != kActNone || p.postgate.data;
-  acc_t* dD = p.dD;
   load_kernel_rows(p, d0, nch, ws.r(2));
   ws.rfft(2, 2, nch);
-  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
-    load_v_rows_dispatch<input_t>(p, rows, ws.r(0));
+  for_each_row_group(p, blk, bs, ds, d0, nch, ws.r(0), [&](Rows rows) {
     ws.rfft(0, 0, rows.count);
     if (need_c) {
       mul_spectrum_rows_dispatch<input_t, false>(p, rows, ws.c(2), d0, ws.c(0), ws.c(1));
       ws.irfft(1, 0, rows.count);
     }
     grad_pre_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1), row_dD);
-    if (dD) {
-      for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 && !add ? acc_t(0) : dD[ds[i]]) + row_dD[i];
-    }
+    accumulate_dD(p.dD, rows, row_dD, add);
     ws.rfft(1, 1, rows.count);
     accumulate_dkf_rows_dispatch<input_t>(p, rows, ws.c(3), d0, ws.c(1), ws.c(0));
     mul_spectrum_rows_dispatch<input_t, true>(p, rows, ws.c(2), d0, ws.c(1), ws.c(1));
     ws.irfft(1, 0, rows.count);
     grad_input_rows_dispatch<input_t>(p, rows, ws.r(0), ws.r(1));
-  }
+  });
   // dh = irfft(dH): the circular correlation sum_b sum_t g_b[t] v_b[(t - j) mod n].
   ws.irfft(3, 2, nch);
   store_kernel_grad_rows(p, d0, nch, ws.r(2), add);
@@ -592,15 +608,13 @@ void fwd_block_hand(const FftconvFwdParams<input_t>& p, const Blocking& blk, con
   const int64_t n = p.fft_size, F = tw.m + 1;
   acc_t *real = buf.real0.data(), *hs = buf.hs.data(), *zbuf = buf.zbuf.data();
   block_spectra(p, tw, d0, nch, real, zbuf, hs);
-  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
-    load_v_rows_dispatch<input_t>(p, rows, real);
+  for_each_row_group(p, blk, bs, ds, d0, nch, real, [&](Rows rows) {
     for (int64_t i = 0; i < rows.count; ++i) {
       const acc_t* h = hs + 2 * (ds[i] - d0) * F;
       row_conv_dispatch<acc_t>(tw, real + i * n, row_span(p, bs[i]).len, h, h + F, zbuf);
     }
     epilogue_rows_dispatch<input_t>(p, rows, real);
-  }
+  });
 }
 
 // Backward of a block, hand path: per row V = rfft(v) (kept), c = irfft(V H) when needed,
@@ -614,11 +628,8 @@ void bwd_block_hand(const FftconvBwdParams<input_t>& p, const Blocking& blk, con
   const bool need_c = p.activation != kActNone || p.postgate.data;
   acc_t *real0 = buf.real0.data(), *real1 = buf.real1.data(), *hs = buf.hs.data(), *dh = buf.dh.data();
   acc_t *V = buf.V.data(), *G = buf.G.data(), *zbuf = buf.zbuf.data();
-  acc_t* dD = p.dD;
   block_spectra(p, tw, d0, nch, real0, zbuf, hs);
-  for (int64_t q0 = 0; q0 < nch * p.batch; q0 += blk.cap) {
-    const Rows rows = block_rows(p, d0, q0, std::min(blk.cap, nch * p.batch - q0), bs, ds);
-    load_v_rows_dispatch<input_t>(p, rows, real0);
+  for_each_row_group(p, blk, bs, ds, d0, nch, real0, [&](Rows rows) {
     for (int64_t i = 0; i < rows.count; ++i) {
       const int64_t len = row_span(p, bs[i]).len;
       acc_t* x = real0 + i * n;
@@ -630,9 +641,7 @@ void bwd_block_hand(const FftconvBwdParams<input_t>& p, const Blocking& blk, con
       }
     }
     grad_pre_rows_dispatch<input_t>(p, rows, real0, real1, row_dD);
-    if (dD) {
-      for (int64_t i = 0; i < rows.count; ++i) dD[ds[i]] = (bs[i] == 0 && !add ? acc_t(0) : dD[ds[i]]) + row_dD[i];
-    }
+    accumulate_dD(p.dD, rows, row_dD, add);
     for (int64_t i = 0; i < rows.count; ++i) {
       const int64_t len = row_span(p, bs[i]).len;
       const acc_t *Vr = V + 2 * i * F, *Vi = Vr + F, *h = hs + 2 * (ds[i] - d0) * F;
@@ -642,7 +651,7 @@ void bwd_block_hand(const FftconvBwdParams<input_t>& p, const Blocking& blk, con
       row_inverse_dispatch<acc_t, true>(tw, G, G + F, h, h + F, acc_t(1), zbuf, len, real0 + i * n);
     }
     grad_input_rows_dispatch<input_t>(p, rows, real0, real1);
-  }
+  });
   // dh = irfft(sum_b G_b conj(V_b)); the spectra carry a factor 4.
   for (int64_t i = 0; i < nch; ++i) {
     const acc_t* S = dh + 2 * i * F;
