@@ -1,7 +1,18 @@
 """The chunked-einsum pieces shared by the plain-PyTorch baselines of ssd_scan and mamba3_scan
-(both are SSD chunks, Listing 1 of Dao & Gu 2024; Mamba-3 only changes the intra-chunk mask)."""
+(both are SSD chunks, Listing 1 of Dao & Gu 2024; Mamba-3 only changes the intra-chunk mask), and
+the layer shapes both are benchmarked at."""
 import torch
 import torch.nn.functional as F
+
+
+def layer_shapes(cpu_nheads, chunk):
+    """The benchmark shapes of a chunked scan: a Mamba-2 layer's heads (headdim 64, dstate 128, one
+    group); on CPU one row of 2048 tokens with cpu_nheads heads, on CUDA 4 rows of 4096 with 32."""
+    heads = {"headdim": 64, "dstate": 128, "groups": 1, "chunk": chunk}
+    return {
+        "cpu": [{"batch": 1, "seqlen": 2048, "nheads": cpu_nheads, **heads}],
+        "cuda": [{"batch": 4, "seqlen": 4096, "nheads": 32, **heads}],
+    }
 
 
 def segsum(a):

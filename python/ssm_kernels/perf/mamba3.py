@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import ssm_kernels
 from ssm_kernels import reference
 
-from .chunked import from_chunks, per_head_chunks, segsum, states_entering_chunks, to_chunks
+from .chunked import from_chunks, layer_shapes, per_head_chunks, segsum, states_entering_chunks, to_chunks
 from .registry import BenchOp, peer, register
 
 
@@ -95,12 +95,7 @@ def _bytes(s, dtype):
 register(
     BenchOp(
         name="mamba3",
-        shapes={
-            "cpu": [{"batch": 1, "seqlen": 2048, "nheads": 16, "headdim": 64, "dstate": 128, "groups": 1,
-                     "chunk": 64}],
-            "cuda": [{"batch": 4, "seqlen": 4096, "nheads": 32, "headdim": 64, "dstate": 128, "groups": 1,
-                      "chunk": 64}],
-        },
+        shapes=layer_shapes(cpu_nheads=16, chunk=64),
         make_inputs=_make_inputs,
         ours=lambda inp: ssm_kernels.mamba3_scan(**inp),
         reference=lambda inp: reference.mamba3_scan(**inp),

@@ -3,7 +3,7 @@ Listing 1 of Dao & Gu 2024, written here in plain PyTorch, differentiated by aut
 mamba_ssm's Triton mamba_chunk_scan_combined when importable."""
 import torch
 
-from .chunked import from_chunks, per_head_chunks, segsum, states_entering_chunks, to_chunks
+from .chunked import from_chunks, layer_shapes, per_head_chunks, segsum, states_entering_chunks, to_chunks
 from .registry import BenchOp, peer, register
 
 
@@ -67,12 +67,7 @@ register(
     BenchOp(
         name="ssd",
         function="ssd_scan",
-        shapes={
-            "cpu": [{"batch": 1, "seqlen": 2048, "nheads": 24, "headdim": 64, "dstate": 128, "groups": 1,
-                     "chunk": 256}],
-            "cuda": [{"batch": 4, "seqlen": 4096, "nheads": 32, "headdim": 64, "dstate": 128, "groups": 1,
-                      "chunk": 256}],
-        },
+        shapes=layer_shapes(cpu_nheads=24, chunk=256),
         make_inputs=_make_inputs,
         baselines=_baselines(),
         flops=_flops,

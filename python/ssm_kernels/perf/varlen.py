@@ -162,15 +162,23 @@ def _channel_bytes(s, dtype):
     return 2 * s["dim"] * sum(lengths(s)) * dtype.itemsize
 
 
-_register_packed(
-    "causal_conv1d-packed", "causal_conv1d", token_keys=("x",), token_dim=2,
-    shapes={
-        "cpu": [{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 512, "width": 4}],
-        "cuda": [{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 4096, "width": 4}],
-    },
+def _register_channel_packed(name, function, token_key, sizes, make_inputs, **measures):
+    """Registers the packed benchmark of a channel-first op, its tokens along the last axis of the
+    [1, D, T] input token_key. Both such ops run on the same lengths (8 sequences on CPU, 16 on
+    CUDA, each of 64 to 4096 tokens) with their own other sizes[device], and move _channel_bytes."""
+    lengths_on = {"cpu": {"seqs": 8, "minlen": 64, "maxlen": 4096}, "cuda": {"seqs": 16, "minlen": 64, "maxlen": 4096}}
+    _register_packed(
+        name, function, token_keys=(token_key,), token_dim=2,
+        shapes={device: [{**lengths_on[device], **sizes[device]}] for device in lengths_on},
+        make_inputs=make_inputs, bytes=_channel_bytes, **measures,
+    )
+
+
+_register_channel_packed(
+    "causal_conv1d-packed", "causal_conv1d", "x",
+    sizes={"cpu": {"dim": 512, "width": 4}, "cuda": {"dim": 4096, "width": 4}},
     make_inputs=_conv_inputs,
     flops=lambda s: 2.0 * s["dim"] * sum(lengths(s)) * s["width"],
-    bytes=_channel_bytes,
     grad_inputs=("x", "weight", "bias"),
     check_shape=lambda s: {**s, "dim": min(s["dim"], 256)},
 )
@@ -187,15 +195,11 @@ def _fft_inputs(shape, device, dtype):
     }
 
 
-_register_packed(
-    "fftconv-packed", "fftconv", token_keys=("u",), token_dim=2,
-    shapes={
-        "cpu": [{"seqs": 8, "minlen": 64, "maxlen": 4096, "dim": 64, "klen": 256}],
-        "cuda": [{"seqs": 16, "minlen": 64, "maxlen": 4096, "dim": 768, "klen": 256}],
-    },
+_register_channel_packed(
+    "fftconv-packed", "fftconv", "u",
+    sizes={"cpu": {"dim": 64, "klen": 256}, "cuda": {"dim": 768, "klen": 256}},
     make_inputs=_fft_inputs,
     flops=lambda s: 0.0,
-    bytes=_channel_bytes,
     grad_inputs=("u", "k", "D"),
     reference_shape=lambda s: {**s, "dim": min(s["dim"], 8)},
     check_shape=lambda s: {**s, "dim": min(s["dim"], 16), "seqs": min(s["seqs"], 4)},
