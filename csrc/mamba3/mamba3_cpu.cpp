@@ -167,13 +167,9 @@ struct Block {
       : Q(d.chunk), R(d.rank), QR(d.chunk * d.rank), N(d.headdim_qk), P(d.headdim_v), A(d.nangles),
         chunks(block_chunks(d)) {
     const auto o = at::TensorOptions().dtype(dtype);
-    q = at::empty({chunks, QR, N}, o);
-    k = at::empty({chunks, QR, N}, o);
-    x = at::empty({chunks, QR, P}, o);
-    xe = at::empty({chunks, QR, P}, o);
+    for (auto* t : {&q, &k}) *t = at::empty({chunks, QR, N}, o);
+    for (auto* t : {&x, &xe, &y, &yi}) *t = at::empty({chunks, QR, P}, o);
     cbm = at::empty({chunks, QR, QR}, o);
-    y = at::empty({chunks, QR, P}, o);
-    yi = at::empty({chunks, QR, P}, o);
     states = at::empty({chunks, P, N}, o);
     for (auto* v : {&lam, &dtv, &gam, &w, &acs, &ri, &to_end, &ew}) v->resize(chunks * Q);
     cs.resize(chunks * Q * A);
@@ -471,19 +467,14 @@ struct BwdBlock : Block<acc> {
     const auto o = at::TensorOptions().dtype(dtype);
     const int64_t C = this->chunks, QR = this->QR, N = this->N, P = this->P, A = this->A, Q = this->Q;
     const int64_t R = this->R, nc = d.nchunks();
-    cb = at::empty({C, QR, QR}, o);
-    g = at::empty({C, QR, QR}, o);
-    dy = at::empty({C, QR, P}, o);
-    dx = at::empty({C, QR, P}, o);
-    dq = at::empty({C, QR, N}, o);
-    dk = at::empty({C, QR, N}, o);
+    for (auto* t : {&cb, &g}) *t = at::empty({C, QR, QR}, o);
+    for (auto* t : {&dy, &dx}) *t = at::empty({C, QR, P}, o);
+    for (auto* t : {&dq, &dk}) *t = at::empty({C, QR, N}, o);
     before = at::empty({saved_states ? 0 : nc, P, N}, o);
     for (auto* v : {&dacs, &dw, &dgam}) v->resize(C * Q);
     thetas.resize((nc + C - 1) / C * A);
-    S.resize(P * N);
-    dS.resize(P * N);
-    theta.resize(A);
-    carry.resize(A);
+    for (auto* v : {&S, &dS}) v->resize(P * N);
+    for (auto* v : {&theta, &carry}) v->resize(A);
     dtheta.resize(Q * A);
     for (auto* v : {&dqb, &dkb}) v->resize(R * N);
     for (auto* v : {&dmv, &dmz, &dmo}) v->resize(R * P);
