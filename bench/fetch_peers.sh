@@ -3,7 +3,8 @@
 #   .peers/src/mamba          state-spaces/mamba, pruned to csrc/selective_scan (built there into
 #                             selective_scan_cuda by bench/build_peers.py) and the Python needed
 #                             by its interface and its Triton kernels (mamba_chunk_scan_combined,
-#                             selective_state_update), with a minimal mamba_ssm/__init__.py
+#                             selective_state_update, mamba3_siso_combined), with a minimal
+#                             mamba_ssm/__init__.py
 #   .peers/src/causal-conv1d  Dao-AILab/causal-conv1d, pruned to csrc/ and the causal_conv1d
 #                             package (its extension causal_conv1d_cuda is built there too)
 #   .peers/site               pure-Python wheels a GPU image may lack: einops (mamba_ssm), and
@@ -21,7 +22,9 @@ rm -rf .peers
 mkdir -p .peers/src .peers/site .peers/dl
 
 # fetch <url> <ref> <dest> <sdist name==version>: a shallow git clone of the tag; if git cannot
-# reach GitHub, the sdist from the package registry (same files).
+# reach GitHub, the sdist from the package registry (same files). A tag's .postN releases only
+# rebuilt wheels where the registry lacks their sdist (causal-conv1d 1.6.1.post4: csrc/ and the
+# package equal 1.6.1's), so the sdist without the .postN suffix is the second choice.
 fetch() {
   local url="$1" ref="$2" dest="$3" sdist="$4"
   if git clone -q --depth 1 --branch "$ref" "$url" "$dest" 2>/dev/null; then
@@ -29,7 +32,8 @@ fetch() {
   else
     echo "git clone $url@$ref failed; trying the sdist $sdist" >&2
     # The sdists' metadata step imports torch, so no build isolation.
-    "$PY" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d .peers/dl "$sdist"
+    "$PY" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d .peers/dl "$sdist" ||
+      "$PY" -m pip download -q --no-deps --no-build-isolation --no-binary :all: -d .peers/dl "${sdist%.post*}"
     local tarball
     tarball=$(ls .peers/dl/*.tar.gz | head -n 1)
     mkdir -p "$dest"
@@ -61,7 +65,6 @@ keep .peers/src/mamba LICENSE csrc/selective_scan \
   mamba_ssm/ops/__init__.py mamba_ssm/ops/selective_scan_interface.py \
   mamba_ssm/utils/__init__.py mamba_ssm/utils/torch.py mamba_ssm/utils/determinism.py \
   mamba_ssm/ops/triton
-rm -rf .peers/src/mamba/mamba_ssm/ops/triton/mamba3   # Mamba-3 kernels: not benchmarked
 # The real __init__ imports the modules and models (pruned here); the ops import by full name.
 echo "__version__ = \"${MAMBA_REF#v}\"  # pruned by bench/fetch_peers.sh: ops only" > .peers/src/mamba/mamba_ssm/__init__.py
 

@@ -7,7 +7,8 @@
 #   2. the CUDA tests in parallel (pytest -n 8 -k cuda; the CPU tests run in CI, not here);
 #   3. compute-sanitizer memcheck and racecheck on a small CUDA subset;
 #   4. `ssm-kernels bench --device cuda` against plain PyTorch and the peers (mamba_ssm's CUDA
-#      scan and Triton SSD / state update, causal-conv1d, torch.fft) measured in the same run.
+#      scan and Triton SSD / state update / Mamba-3 SISO, causal-conv1d, torch.fft) measured in
+#      the same run.
 # Every step has its own `timeout`, so a slow step never costs the table. At most 8 files land
 # in $OUT (default bench/out): summary.txt info.txt build.log peers.log tests.log sanitizer.log
 # bench.json bench.txt.
@@ -99,8 +100,8 @@ cat "$OUT/bench.txt" >> "$OUT/summary.txt"
 
 step "compute-sanitizer memcheck + racecheck on a small CUDA subset"
 # the bad-input checks (kernels must not run, or must fail cleanly) plus a few small forward and
-# backward cases
-SAN_K='cuda and not compile and (bad_inputs or op_checks or op_rechecks or bad_arguments or direct_op or (causal_conv1d_matches_reference and W4 and L127) or selective_scan_gradcheck or ssd_gradcheck)'
+# backward cases, the Mamba-3 ones included (its CUDA kernels have not run on a GPU before)
+SAN_K='cuda and not compile and (bad_inputs or op_checks or op_rechecks or bad_arguments or direct_op or (causal_conv1d_matches_reference and W4 and L127) or selective_scan_gradcheck or ssd_gradcheck or (mamba3_forward_backward and (L17 or L31)) or mamba3_step_equals_scan or varlen_mamba3_equals_the_op_per_sequence)'
 : > "$OUT/sanitizer.log"
 half=$(( $(cap "$T_SAN") / 2 ))
 for tool in memcheck racecheck; do
