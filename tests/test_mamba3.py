@@ -347,9 +347,10 @@ def test_mamba3_chunk_size_and_strides(dtype, device):
     assert_close(out2, out1.double(), dtype, "chunk 5 strided vs chunk 8")
 
 
+@pytest.mark.parametrize("rope", ["half", "full"])
 @pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
-def test_mamba3_step_equals_scan(rank, device):
-    case = Case(9, 4, F32, rank=rank, rope="half", z=True, D=True, bias=True, init=True, nheads=4, dqk=8, dv=6,
+def test_mamba3_step_equals_scan(rank, rope, device):
+    case = Case(9, 4, F32, rank=rank, rope=rope, z=True, D=True, bias=True, init=True, nheads=4, dqk=8, dv=6,
                 batch=3)
     inp = make_inputs(case, device)
     out, final = call(ssm_kernels.mamba3_scan, inp)

@@ -247,10 +247,12 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   a.init_v = acc_copy(in.initial_v, acc);
 }
 
-// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` threads,
-// then `shared` more (the backward's chunk states).
-[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0) {
-  check_cuda_grid(ceil_div(tasks, 32), "v");
+// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` tasks,
+// then `shared` more (the backward's chunk states). The scan runs 32 tasks per block (one per
+// thread), the step one (mamba3_cuda.cu).
+[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0,
+                                         int64_t tasks_per_block = 32) {
+  check_cuda_grid(ceil_div(tasks, tasks_per_block), "v");
   return at::empty({tasks * per_task + shared}, ref.options().dtype(acc_dtype(ref.scalar_type())));
 }
 
@@ -551,7 +553,8 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     p.state_batch_indices = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
     p.out = ptr<T>(out);
     launch(in.v, [&] { mamba3_step_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             mamba3_step_cuda(p, ptr<Ac>(cuda_scratch(in.v, p.batch * p.nheads, mamba3::step_scratch(p))), ctx);
+             const int64_t tasks = p.batch * p.nheads;
+             mamba3_step_cuda(p, ptr<Ac>(cuda_scratch(in.v, tasks, mamba3::step_scratch(p), 0, 1)), ctx);
            }));
   });
   return out;

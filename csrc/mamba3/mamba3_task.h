@@ -691,91 +691,152 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   }
 }
 
-// Scratch elements of one decode-step task.
+// The decode step of one task (batch row b, value head h) in four phases, so that the GPU runs
+// each across a block's threads and the CPU runs them one after the other (step_task): thread
+// `lane` of `lanes` takes every lanes-th item of a phase. Barriers separate the phases on the
+// GPU: step_inputs reads the cos and sin of step_angles, step_rows the q, k, x of step_inputs and
+// the old k_state, which step_store then overwrites. A state row outside [0, state_batch) (a
+// negative index, or out of range on CUDA) leaves every state alone and gets zeros as output.
+template <typename T>
+struct StepTask {
+  using acc = acc_t<T>;
+  int64_t b, h, g, si;  // batch row, value head, its q/k group, its state row
+  bool valid;           // si in [0, state_batch)
+  acc *q, *k, *x;       // [R, N], [R, N], [R, P]: biased rotated q, k and mixed v (scratch)
+  acc *cs, *sn;         // [A] cos, sin of the updated angle (scratch)
+  SSMK_MATH_INLINE StepTask(const Mamba3StepParams<T>& p, int64_t task, acc* scratch)
+      : b(task / p.nheads), h(task % p.nheads), g(h / (p.nheads / p.ngroups)) {
+    si = p.state_batch_indices ? p.state_batch_indices[b] : b;
+    valid = si >= 0 && si < p.state_batch;
+    q = scratch;
+    k = q + p.rank * p.headdim_qk;
+    x = k + p.rank * p.headdim_qk;
+    cs = x + p.rank * p.headdim_v;
+    sn = cs + p.nangles;
+  }
+  // The index of (b, h) in the [B, H] coefficients and the [B, H, P] output.
+  SSMK_MATH_INLINE int64_t bh(int64_t nheads) const { return b * nheads + h; }
+};
+
+// Scratch elements of one decode-step task (StepTask's buffers).
 template <typename Params>
 SSMK_HOST_DEVICE int64_t step_scratch(const Params& p) {
-  return 2 * p.rank * p.headdim_qk + p.rank * p.headdim_v + 2 * p.nangles + p.headdim_v;
+  return 2 * p.rank * p.headdim_qk + p.rank * p.headdim_v + 2 * p.nangles;
 }
 
+// Phase 1: angle <- (angle + pi tanh(angles) dt) mod 2 pi, in the state, and its cos and sin.
+template <typename T>
+SSMK_MATH_INLINE void step_angles(const Mamba3StepParams<T>& p, const StepTask<T>& t, int64_t lane, int64_t lanes) {
+  if (!t.valid) return;
+  const auto& st = p.angle_state;
+  acc_t<T>* theta = st.data + t.si * st.stride[0] + t.h * st.stride[1];
+  const int64_t bh = t.bh(p.nheads);
+  const acc_t<T> dt = p.dt[bh];
+  for (int64_t j = lane; j < p.nangles; j += lanes) {
+    acc_t<T>& th = theta[j * st.stride[2]];
+    th = wrap_angle(th + angle_step(p.angles[bh * p.nangles + j], dt));
+    t.cs[j] = cos_(th);
+    t.sn[j] = sin_(th);
+  }
+}
+
+// Phase 2: q + q_bias and k + k_bias rotated by the angle (rotate_pairs' arithmetic, one output
+// element per item) and v mixed by mimo_v.
+template <typename T>
+SSMK_MATH_INLINE void step_inputs(const Mamba3StepParams<T>& p, const StepTask<T>& t, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  if (!t.valid) return;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  for (int64_t i = lane; i < 2 * R * N; i += lanes) {
+    const bool is_k = i >= R * N;
+    const int64_t r = (i % (R * N)) / N, c = i % N;
+    const View<const T, 4>& src = is_k ? p.k : p.q;
+    const T* row = src.data + t.b * src.stride[0] + r * src.stride[1] + t.g * src.stride[2];
+    const acc* bias = is_k ? p.k_bias : p.q_bias;
+    const acc* brow = bias ? bias + (t.h * R + r) * N : nullptr;
+    const auto biased = [&](int64_t e) { return static_cast<acc>(row[e * src.stride[3]]) + (brow ? brow[e] : acc(0)); };
+    acc* out = (is_k ? t.k : t.q) + r * N;
+    if (c >= 2 * A) {
+      out[c] = biased(c);
+      continue;
+    }
+    const int64_t j = c / 2;
+    const acc x0 = biased(2 * j), x1 = biased(2 * j + 1);
+    out[c] = c % 2 == 0 ? x0 * t.cs[j] - x1 * t.sn[j] : x0 * t.sn[j] + x1 * t.cs[j];
+  }
+  const T* vr = p.v.data + t.b * p.v.stride[0] + t.h * p.v.stride[1];
+  for (int64_t i = lane; i < R * P; i += lanes) {
+    const int64_t r = i / P, c = i % P;
+    const acc v = static_cast<acc>(vr[c * p.v.stride[2]]);
+    t.x[i] = p.mimo ? v * p.mimo_v[(t.h * R + r) * P + c] : v;
+  }
+}
+
+// Phase 3, per state row c (value channel): S[c] <- alpha S[c] + beta sum_r v_state[r, c] k_state[r]
+// + gamma sum_r x[r, c] k[r], the output sum_r (S[c] . q[r] + D x[r, c]) (gated, mixed), and
+// v_state[r, c] <- x[r, c].
+template <typename T>
+SSMK_MATH_INLINE void step_rows(const Mamba3StepParams<T>& p, const StepTask<T>& t, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, bh = t.bh(p.nheads);
+  T* out = p.out + bh * P;
+  if (!t.valid) {
+    for (int64_t c = lane; c < P; c += lanes) out[c] = T(0);
+    return;
+  }
+  const acc dt = p.dt[bh], lam = ssmk::sigmoid(p.trap[bh]);
+  const acc alpha = exp_(p.adt[bh]), beta = (acc(1) - lam) * dt * alpha, gamma = lam * dt;
+  const auto &Sv = p.ssm_state, &Kv = p.k_state, &Vv = p.v_state;
+  acc* S = Sv.data + t.si * Sv.stride[0] + t.h * Sv.stride[1];
+  const acc* ks = Kv.data + t.si * Kv.stride[0] + t.h * Kv.stride[1];
+  acc* vs = Vv.data + t.si * Vv.stride[0] + t.h * Vv.stride[1];
+  const acc D = p.D ? p.D[t.h] : acc(0);
+  const T* zr = p.z.data ? p.z.data + t.b * p.z.stride[0] + t.h * p.z.stride[1] : nullptr;
+  for (int64_t c = lane; c < P; c += lanes) {
+    acc* Sc = S + c * Sv.stride[2];
+    for (int64_t e = 0; e < N; ++e) {
+      acc prev = 0, cur = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        prev += vs[r * Vv.stride[2] + c * Vv.stride[3]] * ks[r * Kv.stride[2] + e * Kv.stride[3]];
+        cur += t.x[r * P + c] * t.k[r * N + e];
+      }
+      acc& s = Sc[e * Sv.stride[3]];
+      s = alpha * s + beta * prev + gamma * cur;
+    }
+    acc o = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      acc y = D * t.x[r * P + c];
+      for (int64_t e = 0; e < N; ++e) y += Sc[e * Sv.stride[3]] * t.q[r * N + e];
+      if (zr) {
+        acc zv = static_cast<acc>(zr[c * p.z.stride[2]]);
+        if (p.mimo) zv *= p.mimo_z[(t.h * R + r) * P + c];
+        y *= ssmk::silu(zv);
+      }
+      o += p.mimo ? y * p.mimo_o[(t.h * R + r) * P + c] : y;
+      vs[r * Vv.stride[2] + c * Vv.stride[3]] = t.x[r * P + c];
+    }
+    out[c] = static_cast<T>(o);
+  }
+}
+
+// Phase 4: k_state <- k (after every row has read the old one).
+template <typename T>
+SSMK_MATH_INLINE void step_store(const Mamba3StepParams<T>& p, const StepTask<T>& t, int64_t lane, int64_t lanes) {
+  if (!t.valid) return;
+  const int64_t N = p.headdim_qk;
+  const auto& Kv = p.k_state;
+  acc_t<T>* ks = Kv.data + t.si * Kv.stride[0] + t.h * Kv.stride[1];
+  for (int64_t i = lane; i < p.rank * N; i += lanes) ks[(i / N) * Kv.stride[2] + (i % N) * Kv.stride[3]] = t.k[i];
+}
+
+// The whole step of one task in one thread (the CPU's).
 template <typename T>
 SSMK_MATH_INLINE void step_task(const Mamba3StepParams<T>& p, int64_t task, acc_t<T>* scratch) {
-  using acc = acc_t<T>;
-  const int64_t H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  acc* q = scratch;
-  acc* k = q + R * N;
-  acc* x = k + R * N;
-  acc* cs = x + R * P;
-  acc* sn = cs + A;
-  acc* o = sn + A;
-  {
-    const int64_t b = task / H, h = task % H, g = h / (H / p.ngroups);
-    T* out = p.out + (b * H + h) * P;
-    const int64_t si = p.state_batch_indices ? p.state_batch_indices[b] : b;
-    if (si < 0 || si >= p.state_batch) {
-      for (int64_t c = 0; c < P; ++c) out[c] = T(0);
-      return;
-    }
-    const acc dt = p.dt[b * H + h], adt = p.adt[b * H + h];
-    const acc lam = ssmk::sigmoid(p.trap[b * H + h]);
-    const acc alpha = exp_(adt), beta = (acc(1) - lam) * dt * alpha, gamma = lam * dt;
-    acc* theta = p.angle_state.data + si * p.angle_state.stride[0] + h * p.angle_state.stride[1];
-    for (int64_t j = 0; j < A; ++j) {
-      acc& th = theta[j * p.angle_state.stride[2]];
-      th = wrap_angle(th + angle_step(p.angles[(b * H + h) * A + j], dt));
-      cs[j] = cos_(th);
-      sn[j] = sin_(th);
-    }
-    const T* vr = p.v.data + b * p.v.stride[0] + h * p.v.stride[1];
-    for (int64_t r = 0; r < R; ++r) {
-      const T* qs = p.q.data + b * p.q.stride[0] + r * p.q.stride[1] + g * p.q.stride[2];
-      const T* ks = p.k.data + b * p.k.stride[0] + r * p.k.stride[1] + g * p.k.stride[2];
-      acc* qr = q + r * N;
-      acc* kr = k + r * N;
-      for (int64_t c = 0; c < N; ++c) {
-        qr[c] = static_cast<acc>(qs[c * p.q.stride[3]]) + (p.q_bias ? p.q_bias[(h * R + r) * N + c] : acc(0));
-        kr[c] = static_cast<acc>(ks[c * p.k.stride[3]]) + (p.k_bias ? p.k_bias[(h * R + r) * N + c] : acc(0));
-      }
-      rotate_pairs(qr, cs, sn, A);
-      rotate_pairs(kr, cs, sn, A);
-      for (int64_t c = 0; c < P; ++c) {
-        const acc v = static_cast<acc>(vr[c * p.v.stride[2]]);
-        x[r * P + c] = p.mimo ? v * p.mimo_v[(h * R + r) * P + c] : v;
-      }
-    }
-    acc* S = p.ssm_state.data + si * p.ssm_state.stride[0] + h * p.ssm_state.stride[1];
-    acc* ks = p.k_state.data + si * p.k_state.stride[0] + h * p.k_state.stride[1];
-    acc* vs = p.v_state.data + si * p.v_state.stride[0] + h * p.v_state.stride[1];
-    const int64_t sp = p.ssm_state.stride[2], sn_ = p.ssm_state.stride[3];
-    for (int64_t c = 0; c < P; ++c) {
-      for (int64_t e = 0; e < N; ++e) {
-        acc prev = 0, cur = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          prev += vs[r * p.v_state.stride[2] + c * p.v_state.stride[3]] * ks[r * p.k_state.stride[2] + e * p.k_state.stride[3]];
-          cur += x[r * P + c] * k[r * N + e];
-        }
-        acc& s = S[c * sp + e * sn_];
-        s = alpha * s + beta * prev + gamma * cur;
-      }
-    }
-    const acc D = p.D ? p.D[h] : acc(0);
-    const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + h * p.z.stride[1] : nullptr;
-    fill_range(o, (o + P), acc(0));
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t c = 0; c < P; ++c) {
-        acc y = D * x[r * P + c];
-        for (int64_t e = 0; e < N; ++e) y += S[c * sp + e * sn_] * q[r * N + e];
-        if (zr) {
-          acc zv = static_cast<acc>(zr[c * p.z.stride[2]]);
-          if (p.mimo) zv *= p.mimo_z[(h * R + r) * P + c];
-          y *= ssmk::silu(zv);
-        }
-        o[c] += p.mimo ? y * p.mimo_o[(h * R + r) * P + c] : y;
-      }
-      for (int64_t e = 0; e < N; ++e) ks[r * p.k_state.stride[2] + e * p.k_state.stride[3]] = k[r * N + e];
-      for (int64_t c = 0; c < P; ++c) vs[r * p.v_state.stride[2] + c * p.v_state.stride[3]] = x[r * P + c];
-    }
-    for (int64_t c = 0; c < P; ++c) out[c] = static_cast<T>(o[c]);
-  }
+  const StepTask<T> t(p, task, scratch);
+  step_angles(p, t, 0, 1);
+  step_inputs(p, t, 0, 1);
+  step_rows(p, t, 0, 1);
+  step_store(p, t, 0, 1);
 }
 
 }  // namespace ssmk::mamba3
