@@ -891,7 +891,7 @@ std::atomic<bool> g_task_kernels{false};
 template <typename T>
 SSMK_CPU_INLINE void step_tasks(const Mamba3StepParams<T>& p, int64_t begin, int64_t end) {
   std::vector<acc_t<T>> scratch(mamba3::step_scratch(p));
-  for (int64_t task = begin; task < end; ++task) mamba3::step_task(p, task, scratch.data());
+  for (int64_t task = begin; task < end; ++task) mamba3::step_task(p, task, scratch.data(), mamba3::SerialLanes{});
 }
 SSMK_CPU_MULTIVERSION(step_tasks, (typename T), (T), (const Mamba3StepParams<T>& p, int64_t begin, int64_t end),
                       (p, begin, end))

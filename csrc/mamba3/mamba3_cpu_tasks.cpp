@@ -1,6 +1,8 @@
-// mamba3_task.h's per-task kernels (the code the GPU runs, one (batch or sequence, value head)
-// task per thread) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check that
-// code as well as the blocked CPU kernels of mamba3_cpu.cpp.
+// mamba3_task.h's per-task kernels (the code the GPU runs: the forward one (batch or sequence,
+// value head) task per block, the backward one per thread) on the CPU, for the test hook
+// mamba3_cpu_task_kernels: the CPU tests then check that code as well as the blocked CPU kernels
+// of mamba3_cpu.cpp. The forward's phases run with kEmulatedLanes lanes one after the other, so
+// the tests also check how each phase splits its items across a block's threads.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
 
@@ -11,11 +13,14 @@
 
 namespace ssmk {
 
+// Not a divisor of the test sizes, so that the lanes get unequal shares.
+constexpr int64_t kEmulatedLanes = 3;
+
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
   cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> scratch(mamba3::fwd_scratch(p));
-    for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data());
+    for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data(), mamba3::SerialLanes{kEmulatedLanes});
   });
 }
 

@@ -1,22 +1,36 @@
 // CUDA kernels of mamba3_scan and mamba3_step: the per-task kernels of mamba3_task.h, the code the
-// CPU kernels run. The scan runs one thread per (batch or packed sequence, value head) task, each
-// task's scratch area in global memory (host-allocated): a simple port that keeps the CPU's
-// blocking exactly, correct and bounded in memory, but serial within a task and without tensor
-// cores (docs/mamba3.md). The decode step runs one block per (batch row, value head), its four
-// phases (mamba3_task.h, step_task) split across the block's threads with a barrier between them.
-// Launch errors are checked by the host.
+// CPU kernels run (the tests run the forward's with several emulated lanes). The forward and the
+// decode step run one block per task ((batch or packed sequence, value head); the step's (batch
+// row, value head)), each phase's items split across the block's threads with a barrier between
+// phases (BlockLanes). The backward runs one thread per task, serially. Each task's scratch area
+// is in global memory (host-allocated). No tensor cores: a simple port, correct and bounded in
+// memory, not a fast one (docs/mamba3.md). Launch errors are checked by the host.
 #include "mamba3/mamba3_task.h"
 
 namespace ssmk {
 namespace {
 
-constexpr int kThreads = 32;
+constexpr int kThreads = 32;  // the backward's tasks per block
+
+// mamba3_task.h's lanes on a block: every thread runs the phase, then all wait at a barrier (the
+// next phase reads what this one wrote, in the task's scratch or the outputs).
+struct BlockLanes {
+  template <typename Phase>
+  __device__ __forceinline__ void operator()(Phase&& phase) const {
+    phase(static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
+    __syncthreads();
+  }
+};
+
+// Threads of a forward or decode-step block: the phases' items are a chunk's Q R rows times a
+// head dim, or a state's P N elements (P = 64, N = 128 in mamba_ssm's layers).
+constexpr int kBlockThreads = 128;
 
 template <typename T>
-__global__ void mamba3_fwd_kernel(const Mamba3FwdParams<T> p, acc_t<T>* scratch, int64_t per_task) {
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (task >= p.tasks()) return;
-  mamba3::fwd_task(p, task, scratch + task * per_task);
+__global__ void __launch_bounds__(kBlockThreads)
+    mamba3_fwd_kernel(const Mamba3FwdParams<T> p, acc_t<T>* scratch, int64_t per_task) {
+  const int64_t task = blockIdx.x;
+  mamba3::fwd_task(p, task, scratch + task * per_task, BlockLanes{});
 }
 
 // The chunk states follow the tasks' scratch areas; with cu_seqlens a task finds its slots (and
@@ -29,22 +43,11 @@ __global__ void mamba3_bwd_kernel(const Mamba3BwdParams<T> p, acc_t<T>* scratch,
   mamba3::bwd_task(p, task, scratch + task * per_task, states);
 }
 
-// Threads of a decode-step block: the phases' items are the task's R N (rotations, k_state) and
-// its P state rows (P = 64 in mamba_ssm's layers).
-constexpr int kStepThreads = 128;
-
 template <typename T>
-__global__ void __launch_bounds__(kStepThreads)
+__global__ void __launch_bounds__(kBlockThreads)
     mamba3_step_kernel(const Mamba3StepParams<T> p, acc_t<T>* scratch, int64_t per_task) {
-  const int64_t task = blockIdx.x, lane = threadIdx.x, lanes = blockDim.x;
-  const mamba3::StepTask<T> t(p, task, scratch + task * per_task);
-  mamba3::step_angles(p, t, lane, lanes);
-  __syncthreads();
-  mamba3::step_inputs(p, t, lane, lanes);
-  __syncthreads();
-  mamba3::step_rows(p, t, lane, lanes);
-  __syncthreads();
-  mamba3::step_store(p, t, lane, lanes);
+  const int64_t task = blockIdx.x;
+  mamba3::step_task(p, task, scratch + task * per_task, BlockLanes{});
 }
 
 unsigned int blocks_for(int64_t tasks) { return static_cast<unsigned int>(ceil_div(tasks, kThreads)); }
@@ -53,7 +56,8 @@ unsigned int blocks_for(int64_t tasks) { return static_cast<unsigned int>(ceil_d
 
 template <typename T>
 void mamba3_fwd_cuda(const Mamba3FwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx) {
-  mamba3_fwd_kernel<T><<<blocks_for(p.tasks()), kThreads, 0, ctx.stream>>>(p, scratch, mamba3::fwd_scratch(p));
+  mamba3_fwd_kernel<T><<<static_cast<unsigned int>(p.tasks()), kBlockThreads, 0, ctx.stream>>>(
+      p, scratch, mamba3::fwd_scratch(p));
 }
 
 template <typename T>
@@ -63,7 +67,7 @@ void mamba3_bwd_cuda(const Mamba3BwdParams<T>& p, acc_t<T>* scratch, const CudaC
 
 template <typename T>
 void mamba3_step_cuda(const Mamba3StepParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx) {
-  mamba3_step_kernel<T><<<static_cast<unsigned int>(p.batch * p.nheads), kStepThreads, 0, ctx.stream>>>(
+  mamba3_step_kernel<T><<<static_cast<unsigned int>(p.batch * p.nheads), kBlockThreads, 0, ctx.stream>>>(
       p, scratch, mamba3::step_scratch(p));
 }
 

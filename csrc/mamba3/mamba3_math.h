@@ -53,6 +53,16 @@ SSMK_HOST_DEVICE void rotate_pairs(T* x, const T* cs, const T* sn, int64_t npair
   }
 }
 
+// Element c of a row x [N] as rotate_pairs leaves it, the unrotated row read through at(e): one
+// output element, for kernels that split a row's elements across threads.
+template <typename T, typename At>
+SSMK_HOST_DEVICE T rotated_element(const At& at, int64_t c, const T* cs, const T* sn, int64_t npairs) {
+  if (c >= 2 * npairs) return at(c);
+  const int64_t j = c / 2;
+  const T x0 = at(2 * j), x1 = at(2 * j + 1);
+  return c % 2 == 0 ? x0 * cs[j] - x1 * sn[j] : x0 * sn[j] + x1 * cs[j];
+}
+
 // The adjoint of rotate_pairs on the gradient g [N] of the rotated vector xr: g becomes the
 // gradient of the unrotated vector, and dangle[j] gets d loss / d angle_j.
 template <typename T>

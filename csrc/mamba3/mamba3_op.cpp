@@ -248,8 +248,8 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
 }
 
 // The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` tasks,
-// then `shared` more (the backward's chunk states). The scan runs 32 tasks per block (one per
-// thread), the step one (mamba3_cuda.cu).
+// then `shared` more (the backward's chunk states). The backward runs 32 tasks per block (one per
+// thread), the forward and the step one (mamba3_cuda.cu).
 [[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0,
                                          int64_t tasks_per_block = 32) {
   check_cuda_grid(ceil_div(tasks, tasks_per_block), "v");
@@ -333,7 +333,7 @@ FwdResult scan_fwd(const Mamba3FwdArgs& in, const Shape& s, const Varlen& vl) {
     p.chunk_states = chunk_states.numel() > 0 ? ptr<A>(chunk_states) : nullptr;
     p.gate_input = gate_input.numel() > 0 ? ptr<A>(gate_input) : nullptr;
     launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
+             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p), 0, 1)), ctx);
            }));
   });
   return {out, final_angle, final_ssm, final_k, final_v, chunk_states, gate_input};

@@ -1,12 +1,14 @@
 // The per-task kernels of mamba3_scan and mamba3_step, shared verbatim by the CPU kernels
-// (mamba3_cpu.cpp: at::parallel_for over tasks) and the CUDA kernels (mamba3_cuda.cu: one thread
-// per task). One task is one (batch, value head), or with cu_seqlens one (sequence, value head)
+// (mamba3_cpu.cpp: the decode step; mamba3_cpu_tasks.cpp: the scan under a test hook) and the
+// CUDA kernels (mamba3_cuda.cu: the forward and the step one block per task, their phases split
+// across the block's threads (SerialLanes / BlockLanes); the backward one thread per task). One
+// task is one (batch, value head), or with cu_seqlens one (sequence, value head)
 // (Mamba3Dims::span): its tokens in chunks of p.chunk steps from its first token
 // (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys, its
 // product with the mixed values, the inter-chunk term from the carried state and the state
-// update. Inner loops run over contiguous head-dim rows (vectorised on the CPU). Each task works
-// in its own scratch area (fwd_scratch / bwd_scratch / step_scratch elements); the backward
-// recomputes the chunk states in a forward pass, then walks the chunks in reverse.
+// update. Each task works in its own scratch area (fwd_scratch / bwd_scratch / step_scratch
+// elements); the backward recomputes the chunk states in a forward pass, then walks the chunks in
+// reverse.
 #pragma once
 
 #include <cmath>
@@ -73,6 +75,25 @@ SSMK_MATH_INLINE void axpy(acc* y, acc a, const acc* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// n elements from `first` to `out`, thread `lane` of `lanes` taking every lanes-th.
+template <typename acc>
+SSMK_MATH_INLINE void copy_items(const acc* first, int64_t n, acc* out, int64_t lane, int64_t lanes) {
+  for (int64_t i = lane; i < n; i += lanes) out[i] = first[i];
+}
+
+// How a task's phases run: run(phase) calls phase(lane, lanes) for each of a task's `lanes`
+// threads, every lane taking every lanes-th item of the phase, and returns when all are done.
+// SerialLanes is the CPU's: the lanes one after the other in one thread (one lane in the kernels;
+// the tests' hook emulates several and so checks the GPU's split of every phase). The GPU's,
+// BlockLanes (mamba3_cuda.cu), runs them on a block's threads and waits at a barrier.
+struct SerialLanes {
+  int64_t lanes = 1;
+  template <typename Phase>
+  SSMK_MATH_INLINE void operator()(Phase&& phase) const {
+    for (int64_t lane = 0; lane < lanes; ++lane) phase(lane, lanes);
+  }
+};
+
 // One task's chunk buffers (rows i = t R + r of the chunk), carved from a scratch area of
 // Work::size(d) elements.
 template <typename acc>
@@ -80,7 +101,7 @@ struct Work {
   int64_t Q, R, N, P, A;
   acc *q, *k, *x;            // [Q R, N], [Q R, N], [Q R, P]: biased rotated q, k; mixed v
   acc *cs, *sn;              // [Q, A] cos, sin of the angle at each step
-  acc *lam, *dtv, *gam, *w, *acs, *drow;  // [Q]
+  acc *lam, *dtv, *gam, *w, *acs, *ew;  // [Q]; ew: e^{Acs_last - Acs_s} w_s
   acc *cb, *m;               // [Q R, Q R] q_i . k_j and the mask e^{Acs_t - Acs_s} c_ts
   acc *y, *dy, *dx, *dq, *dk;  // [Q R, P] / [Q R, N]
   static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d) {
@@ -100,7 +121,7 @@ struct Work {
     gam = s; s += Q;
     w = s; s += Q;
     acs = s; s += Q;
-    drow = s; s += Q;
+    ew = s; s += Q;
     cb = s; s += QR * QR;
     m = s; s += QR * QR;
     y = s; s += QR * P;
@@ -111,15 +132,15 @@ struct Work {
   }
 };
 
-// Per-step coefficients and the rotated, biased q and k and the mixed v of steps t0 .. t0+n-1 of a
-// task whose tokens end at `end` (no trapezoid term reaches past it); theta [A] carries the angle
-// across chunks.
+// Per-step coefficients of steps t0 .. t0+n-1 of a task whose tokens end at `end` (no trapezoid
+// term reaches past it): dt, lambda, gamma, w, Acs (the cumulative sum of adt within the chunk),
+// and the angle, carried across chunks in theta [A], with its cos and sin. Sums along the steps:
+// one thread.
 template <typename T>
-SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t end,
-                                acc_t<T>* theta, Work<acc_t<T>>& wk) {
+SSMK_MATH_INLINE void chunk_coefficients(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                        int64_t end, acc_t<T>* theta, Work<acc_t<T>>& wk) {
   using acc = acc_t<T>;
-  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  const int64_t g = h / (H / p.ngroups);
+  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles;
   const int64_t row = (b * H + h) * L;
   acc cum = 0;
   for (int64_t t = 0; t < n; ++t) {
@@ -133,95 +154,88 @@ SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h,
     wk.w[t] = wk.gam[t] + sigma;
     cum += p.adt[row + l];
     wk.acs[t] = cum;
-    acc* cs = wk.cs + t * A;
-    acc* sn = wk.sn + t * A;
-    if (A > 0) {
-      const acc* ang = p.angles + ((b * L + l) * H + h) * A;
-      for (int64_t j = 0; j < A; ++j) {
-        theta[j] = wrap_angle(theta[j] + angle_step(ang[j], dt));
-        cs[j] = cos_(theta[j]);
-        sn[j] = sin_(theta[j]);
-      }
+    const acc* ang = p.angles + ((b * L + l) * H + h) * A;
+    for (int64_t j = 0; j < A; ++j) {
+      theta[j] = wrap_angle(theta[j] + angle_step(ang[j], dt));
+      wk.cs[t * A + j] = cos_(theta[j]);
+      wk.sn[t * A + j] = sin_(theta[j]);
     }
-    const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t i = t * R + r;
-      acc* qi = wk.q + i * N;
-      acc* ki = wk.k + i * N;
-      const T* qs = p.q.data + b * p.q.stride[0] + l * p.q.stride[1] + r * p.q.stride[2] + g * p.q.stride[3];
-      const T* ks = p.k.data + b * p.k.stride[0] + l * p.k.stride[1] + r * p.k.stride[2] + g * p.k.stride[3];
-      for (int64_t c = 0; c < N; ++c) {
-        qi[c] = static_cast<acc>(qs[c * p.q.stride[4]]);
-        ki[c] = static_cast<acc>(ks[c * p.k.stride[4]]);
-      }
-      if (p.q_bias) axpy(qi, acc(1), p.q_bias + (h * R + r) * N, N);
-      if (p.k_bias) axpy(ki, acc(1), p.k_bias + (h * R + r) * N, N);
-      rotate_pairs(qi, cs, sn, A);
-      rotate_pairs(ki, cs, sn, A);
-      acc* xi = wk.x + i * P;
-      for (int64_t c = 0; c < P; ++c) xi[c] = static_cast<acc>(vr[c * p.v.stride[3]]);
-      if (p.mimo) {
-        const acc* mv = p.mimo_v + (h * R + r) * P;
-        for (int64_t c = 0; c < P; ++c) xi[c] *= mv[c];
-      }
-    }
+  }
+  for (int64_t t = 0; t < n; ++t) wk.ew[t] = exp_(cum - wk.acs[t]) * wk.w[t];
+}
+
+// The biased, rotated q and k rows and the mixed v rows of steps t0 .. t0+n-1 (rows i = t R + r,
+// after chunk_coefficients), one element per item: thread `lane` of `lanes` takes every
+// lanes-th (the GPU's block; the CPU's one thread passes 0, 1).
+template <typename T>
+SSMK_MATH_INLINE void chunk_rows(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                Work<acc_t<T>>& wk, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  const int64_t g = h / (H / p.ngroups), qk = n * R * N;
+  for (int64_t it = lane; it < 2 * qk; it += lanes) {
+    const bool is_k = it >= qk;
+    const int64_t i = (it % qk) / N, c = it % N, t = i / R, r = i % R;
+    const View<const T, 5>& src = is_k ? p.k : p.q;
+    const T* row = src.data + b * src.stride[0] + (t0 + t) * src.stride[1] + r * src.stride[2] + g * src.stride[3];
+    const acc* bias = is_k ? p.k_bias : p.q_bias;
+    const acc* brow = bias ? bias + (h * R + r) * N : nullptr;
+    const auto biased = [&](int64_t e) { return static_cast<acc>(row[e * src.stride[4]]) + (brow ? brow[e] : acc(0)); };
+    (is_k ? wk.k : wk.q)[i * N + c] = rotated_element(biased, c, wk.cs + t * A, wk.sn + t * A, A);
+  }
+  for (int64_t it = lane; it < n * R * P; it += lanes) {
+    const int64_t i = it / P, c = it % P, t = i / R, r = i % R;
+    const T* vr = p.v.data + b * p.v.stride[0] + (t0 + t) * p.v.stride[1] + h * p.v.stride[2];
+    const acc v = static_cast<acc>(vr[c * p.v.stride[3]]);
+    wk.x[it] = p.mimo ? v * p.mimo_v[(h * R + r) * P + c] : v;
   }
 }
 
-// cb[i, j] = q_i . k_j and m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t; the
-// mask of a step's row is computed once per step, in a loop the compiler vectorises.
+// Both of the above in one thread.
+template <typename T>
+SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t end,
+                                acc_t<T>* theta, Work<acc_t<T>>& wk) {
+  chunk_coefficients(p, b, h, t0, n, end, theta, wk);
+  chunk_rows(p, b, h, t0, n, wk, 0, 1);
+}
+
+// cb[i, j] = q_i . k_j and m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t, per
+// (i, j) item (lane, lanes as for chunk_rows).
 template <typename acc>
-SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n) {
+SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n, int64_t lane = 0, int64_t lanes = 1) {
   const int64_t R = wk.R, N = wk.N, rows = n * R, ld = wk.Q * R;
-  acc* drow = wk.drow;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t ti = i / R;
-    if (i % R == 0) {
-      const acc at = wk.acs[ti];
-#if !defined(__CUDACC__)
-#pragma omp simd
-#endif
-      for (int64_t tj = 0; tj < ti; ++tj) drow[tj] = exp_(at - wk.acs[tj]) * wk.w[tj];
-      drow[ti] = wk.gam[ti];
-    }
-    const acc* qi = wk.q + i * N;
-    for (int64_t j = 0; j < (ti + 1) * R; ++j) {
-      wk.cb[i * ld + j] = dot(qi, wk.k + j * N, N);
-      wk.m[i * ld + j] = drow[j / R];
-    }
+  for (int64_t it = lane; it < rows * rows; it += lanes) {
+    const int64_t i = it / rows, j = it % rows, ti = i / R, tj = j / R;
+    if (tj > ti) continue;
+    wk.cb[i * ld + j] = dot(wk.q + i * N, wk.k + j * N, N);
+    wk.m[i * ld + j] = tj < ti ? exp_(wk.acs[ti] - wk.acs[tj]) * wk.w[tj] : wk.gam[ti];
   }
 }
 
-// y_i = sum_j cb m x_j + e^{Acs_t} H q_i + D x_i (before the gate), for H the state before the chunk.
+// y_i = sum_j cb m x_j + e^{Acs_t} H q_i + D x_i (before the gate), for H the state before the
+// chunk, per (i, channel) item.
 template <typename acc>
-SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc D) {
-  const int64_t R = wk.R, N = wk.N, P = wk.P, rows = n * R, ld = wk.Q * R;
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t ti = i / R;
-    acc* yi = wk.y + i * P;
-    const acc* xi = wk.x + i * P;
-    const acc* qi = wk.q + i * N;
-    const acc ri = exp_(wk.acs[ti]);
-    for (int64_t c = 0; c < P; ++c) yi[c] = ri * dot(H + c * N, qi, N) + D * xi[c];
-    for (int64_t j = 0; j < (ti + 1) * R; ++j) axpy(yi, wk.cb[i * ld + j] * wk.m[i * ld + j], wk.x + j * P, P);
+SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc D, int64_t lane = 0,
+                                    int64_t lanes = 1) {
+  const int64_t R = wk.R, N = wk.N, P = wk.P, ld = wk.Q * R;
+  for (int64_t it = lane; it < n * R * P; it += lanes) {
+    const int64_t i = it / P, c = it % P, ti = i / R;
+    acc y = exp_(wk.acs[ti]) * dot(H + c * N, wk.q + i * N, N) + D * wk.x[i * P + c];
+    for (int64_t j = 0; j < (ti + 1) * R; ++j) y += wk.cb[i * ld + j] * wk.m[i * ld + j] * wk.x[j * P + c];
+    wk.y[i * P + c] = y;
   }
 }
 
-// H <- e^{Acs_last} H + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T.
+// H <- e^{Acs_last} H + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T, per state element.
 template <typename acc>
-SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, acc* H) {
+SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, acc* H, int64_t lane = 0, int64_t lanes = 1) {
   const int64_t R = wk.R, N = wk.N, P = wk.P;
-  const acc last = wk.acs[n - 1], kd = exp_(last);
-#if !defined(__CUDACC__)
-#pragma omp simd
-#endif
-  for (int64_t c = 0; c < P * N; ++c) H[c] *= kd;
-  for (int64_t j = 0; j < n * R; ++j) {
-    const int64_t tj = j / R;
-    const acc e = exp_(last - wk.acs[tj]) * wk.w[tj];
-    const acc* xj = wk.x + j * P;
-    const acc* kj = wk.k + j * N;
-    for (int64_t c = 0; c < P; ++c) axpy(H + c * N, e * xj[c], kj, N);
+  const acc kd = exp_(wk.acs[n - 1]);
+  for (int64_t it = lane; it < P * N; it += lanes) {
+    const int64_t c = it / N, e = it % N;
+    acc s = kd * H[it];
+    for (int64_t j = 0; j < n * R; ++j) s += wk.ew[j / R] * wk.x[j * P + c] * wk.k[j * N + e];
+    H[it] = s;
   }
 }
 
@@ -328,27 +342,23 @@ SSMK_MATH_INLINE void empty_bwd(const Mamba3BwdParams<T>& p, int64_t task) {
 }
 
 // The state before a task's first step (sp.start < sp.end): S_init + (1 - lambda_0) dt_0
-// sum_r v_init_r k_init_r^T, and the angle; bh: the task (its state row).
+// sum_r v_init_r k_init_r^T, and the angle; bh: the task (its state row). Per state element
+// (lane, lanes as for chunk_rows).
 template <typename T>
 SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t bh, const Mamba3Span& sp, acc_t<T>* H,
-                                   acc_t<T>* theta) {
+                                   acc_t<T>* theta, int64_t lane = 0, int64_t lanes = 1) {
   using acc = acc_t<T>;
   const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  if (p.init_ssm) {
-    copy_range(p.init_ssm + bh * P * N, p.init_ssm + (bh + 1) * P * N, H);
-  } else {
-    fill_range(H, H + P * N, acc(0));
+  const bool pair = p.init_k && p.init_v;
+  const int64_t first = (sp.b * p.nheads + sp.h) * p.seqlen + sp.start;
+  const acc rho = pair ? (acc(1) - ssmk::sigmoid(p.trap[first])) * p.dt[first] : acc(0);
+  for (int64_t it = lane; it < P * N; it += lanes) {
+    const int64_t c = it / N, e = it % N;
+    acc s = p.init_ssm ? p.init_ssm[bh * P * N + it] : acc(0);
+    for (int64_t r = 0; pair && r < R; ++r) s += rho * p.init_v[(bh * R + r) * P + c] * p.init_k[(bh * R + r) * N + e];
+    H[it] = s;
   }
-  for (int64_t j = 0; j < A; ++j) theta[j] = p.init_angle ? p.init_angle[bh * A + j] : acc(0);
-  if (p.init_k && p.init_v) {
-    const int64_t first = (sp.b * p.nheads + sp.h) * p.seqlen + sp.start;
-    const acc rho = (acc(1) - ssmk::sigmoid(p.trap[first])) * p.dt[first];
-    for (int64_t r = 0; r < R; ++r) {
-      const acc* kr = p.init_k + (bh * R + r) * N;
-      const acc* vr = p.init_v + (bh * R + r) * P;
-      for (int64_t c = 0; c < P; ++c) axpy(H + c * N, rho * vr[c], kr, N);
-    }
-  }
+  for (int64_t j = lane; j < A; j += lanes) theta[j] = p.init_angle ? p.init_angle[bh * A + j] : acc(0);
 }
 
 // The backward keeps the state (P N elements) before every chunk of a task (the CPU forward saves
@@ -367,69 +377,79 @@ SSMK_HOST_DEVICE int64_t bwd_state_slot(const Mamba3Dims& d, int64_t task) {
   return sp.h * (d.seqlen / d.chunk + d.num_seqs) + sp.start / d.chunk + task / d.nheads;
 }
 
-// Scratch elements of one forward task.
+// Scratch elements of one forward task: the chunk buffers, the state and the angle.
 SSMK_HOST_DEVICE int64_t fwd_scratch(const Mamba3Dims& d) {
-  return Work<float>::size(d) + d.headdim_v * d.headdim_qk + d.nangles + d.headdim_v;
+  return Work<float>::size(d) + d.headdim_v * d.headdim_qk + d.nangles;
 }
 
+// out = sum_r (y_r silu(z mixed by mimo_z)) mixed by mimo_o for steps t0 .. t0+n-1, per (step,
+// channel) item (lane, lanes as for chunk_rows).
 template <typename T>
-SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<T>* scratch) {
+SSMK_MATH_INLINE void chunk_gate_outputs(const Mamba3FwdParams<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                        const Work<acc_t<T>>& wk, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, P = p.headdim_v;
+  for (int64_t it = lane; it < n * P; it += lanes) {
+    const int64_t t = it / P, c = it % P, l = t0 + t;
+    const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
+    acc o = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      acc yv = wk.y[(t * R + r) * P + c];
+      if (zr) {
+        acc zv = static_cast<acc>(zr[c * p.z.stride[3]]);
+        if (p.mimo) zv *= p.mimo_z[(h * R + r) * P + c];
+        yv *= ssmk::silu(zv);
+      }
+      o += p.mimo ? yv * p.mimo_o[(h * R + r) * P + c] : yv;
+    }
+    p.out[((b * L + l) * H + h) * P + c] = static_cast<T>(o);
+  }
+}
+
+// One forward task, its phases run by `run` (SerialLanes, or the GPU's BlockLanes): per chunk the
+// coefficients (one lane), the rows, the masked products, the outputs before the gate, the gate
+// (with the saved state and y for the backward), and the state update.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<T>* scratch, const Lanes& run) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
   Work<acc> wk(p, scratch);
   acc* S = scratch + Work<acc>::size(p);
   acc* theta = S + P * N;
-  acc* o = theta + A;
-  {
-    const Mamba3Span sp = p.span(task);
-    const int64_t b = sp.b, h = sp.h;
-    if (sp.start == sp.end) {
-      empty_fwd(p, task);
-      return;
-    }
-    initial_state(p, task, sp, S, theta);
-    const acc D = p.D ? p.D[h] : acc(0);
-    int64_t n = 0;
-    acc* saved_states = p.chunk_states ? p.chunk_states + bwd_state_slot(p, task) * P * N : nullptr;
-    for (int64_t t0 = sp.start; t0 < sp.end; t0 += Q) {
-      n = Q < sp.end - t0 ? Q : sp.end - t0;
-      load_chunk(p, b, h, t0, n, sp.end, theta, wk);
-      chunk_products(wk, n);
-      chunk_outputs(wk, n, S, D);
-      if (saved_states) {
-        copy_n(S, P * N, saved_states);
-        saved_states += P * N;
-      }
-      if (p.gate_input) copy_n(wk.y, n * R * P, p.gate_input + ((b * H + h) * L + t0) * R * P);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t l = t0 + t;
-        const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
-        fill_n(o, P, acc(0));
-        for (int64_t r = 0; r < R; ++r) {
-          const acc* yi = wk.y + (t * R + r) * P;
-          const acc* mz = p.mimo ? p.mimo_z + (h * R + r) * P : nullptr;
-          const acc* mo = p.mimo ? p.mimo_o + (h * R + r) * P : nullptr;
-          for (int64_t c = 0; c < P; ++c) {
-            acc yv = yi[c];
-            if (zr) {
-              acc zv = static_cast<acc>(zr[c * p.z.stride[3]]);
-              if (mz) zv *= mz[c];
-              yv *= ssmk::silu(zv);
-            }
-            o[c] += mo ? yv * mo[c] : yv;
-          }
-        }
-        T* out = p.out + ((b * L + l) * H + h) * P;
-        for (int64_t c = 0; c < P; ++c) out[c] = static_cast<T>(o[c]);
-      }
-      chunk_state(wk, n, S);
-    }
-    const int64_t bh = task;
-    copy_n(S, P * N, p.final_ssm + bh * P * N);
-    copy_n(theta, A, p.final_angle + bh * A);
-    copy_n(wk.k + (n - 1) * R * N, R * N, p.final_k + bh * R * N);
-    copy_n(wk.x + (n - 1) * R * P, R * P, p.final_v + bh * R * P);
+  const Mamba3Span sp = p.span(task);
+  const int64_t b = sp.b, h = sp.h;
+  if (sp.start == sp.end) {
+    run([&](int64_t lane, int64_t) {
+      if (lane == 0) empty_fwd(p, task);
+    });
+    return;
   }
+  run([&](int64_t lane, int64_t lanes) { initial_state(p, task, sp, S, theta, lane, lanes); });
+  const acc D = p.D ? p.D[h] : acc(0);
+  acc* saved_states = p.chunk_states ? p.chunk_states + bwd_state_slot(p, task) * P * N : nullptr;
+  int64_t n = 0;
+  for (int64_t t0 = sp.start; t0 < sp.end; t0 += Q) {
+    n = Q < sp.end - t0 ? Q : sp.end - t0;
+    run([&](int64_t lane, int64_t) {
+      if (lane == 0) chunk_coefficients(p, b, h, t0, n, sp.end, theta, wk);
+    });
+    run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) { chunk_products(wk, n, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) { chunk_outputs(wk, n, S, D, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) {
+      if (saved_states) copy_items(S, P * N, saved_states, lane, lanes);
+      if (p.gate_input) copy_items(wk.y, n * R * P, p.gate_input + ((b * H + h) * L + t0) * R * P, lane, lanes);
+      chunk_gate_outputs(p, b, h, t0, n, wk, lane, lanes);
+    });
+    if (saved_states) saved_states += P * N;
+    run([&](int64_t lane, int64_t lanes) { chunk_state(wk, n, S, lane, lanes); });
+  }
+  run([&](int64_t lane, int64_t lanes) {
+    copy_items(S, P * N, p.final_ssm + task * P * N, lane, lanes);
+    copy_items(theta, A, p.final_angle + task * A, lane, lanes);
+    copy_items(wk.k + (n - 1) * R * N, R * N, p.final_k + task * R * N, lane, lanes);
+    copy_items(wk.x + (n - 1) * R * P, R * P, p.final_v + task * R * P, lane, lanes);
+  });
 }
 
 // Scratch elements of one backward task, beside its chunk states (bwd_state_slot).
@@ -691,10 +711,9 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   }
 }
 
-// The decode step of one task (batch row b, value head h) in four phases, so that the GPU runs
-// each across a block's threads and the CPU runs them one after the other (step_task): thread
-// `lane` of `lanes` takes every lanes-th item of a phase. Barriers separate the phases on the
-// GPU: step_inputs reads the cos and sin of step_angles, step_rows the q, k, x of step_inputs and
+// The decode step of one task (batch row b, value head h) in four phases, run by step_task
+// (SerialLanes or the GPU's BlockLanes): thread `lane` of `lanes` takes every lanes-th item of a
+// phase. Barriers separate the phases on the GPU: step_inputs reads the cos and sin of step_angles, step_rows the q, k, x of step_inputs and
 // the old k_state, which step_store then overwrites. A state row outside [0, state_batch) (a
 // negative index, or out of range on CUDA) leaves every state alone and gets zeros as output.
 template <typename T>
@@ -755,14 +774,7 @@ SSMK_MATH_INLINE void step_inputs(const Mamba3StepParams<T>& p, const StepTask<T
     const acc* bias = is_k ? p.k_bias : p.q_bias;
     const acc* brow = bias ? bias + (t.h * R + r) * N : nullptr;
     const auto biased = [&](int64_t e) { return static_cast<acc>(row[e * src.stride[3]]) + (brow ? brow[e] : acc(0)); };
-    acc* out = (is_k ? t.k : t.q) + r * N;
-    if (c >= 2 * A) {
-      out[c] = biased(c);
-      continue;
-    }
-    const int64_t j = c / 2;
-    const acc x0 = biased(2 * j), x1 = biased(2 * j + 1);
-    out[c] = c % 2 == 0 ? x0 * t.cs[j] - x1 * t.sn[j] : x0 * t.sn[j] + x1 * t.cs[j];
+    (is_k ? t.k : t.q)[r * N + c] = rotated_element(biased, c, t.cs, t.sn, A);
   }
   const T* vr = p.v.data + t.b * p.v.stride[0] + t.h * p.v.stride[1];
   for (int64_t i = lane; i < R * P; i += lanes) {
@@ -829,14 +841,14 @@ SSMK_MATH_INLINE void step_store(const Mamba3StepParams<T>& p, const StepTask<T>
   for (int64_t i = lane; i < p.rank * N; i += lanes) ks[(i / N) * Kv.stride[2] + (i % N) * Kv.stride[3]] = t.k[i];
 }
 
-// The whole step of one task in one thread (the CPU's).
-template <typename T>
-SSMK_MATH_INLINE void step_task(const Mamba3StepParams<T>& p, int64_t task, acc_t<T>* scratch) {
+// The whole step of one task, its phases run by `run` (SerialLanes, or the GPU's BlockLanes).
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void step_task(const Mamba3StepParams<T>& p, int64_t task, acc_t<T>* scratch, const Lanes& run) {
   const StepTask<T> t(p, task, scratch);
-  step_angles(p, t, 0, 1);
-  step_inputs(p, t, 0, 1);
-  step_rows(p, t, 0, 1);
-  step_store(p, t, 0, 1);
+  run([&](int64_t lane, int64_t lanes) { step_angles(p, t, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { step_inputs(p, t, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { step_rows(p, t, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { step_store(p, t, lane, lanes); });
 }
 
 }  // namespace ssmk::mamba3
