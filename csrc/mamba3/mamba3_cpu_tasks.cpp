@@ -1,8 +1,8 @@
-// mamba3_task.h's per-task kernels (the code the GPU runs: the forward one (batch or sequence,
-// value head) task per block, the backward one per thread) on the CPU, for the test hook
-// mamba3_cpu_task_kernels: the CPU tests then check that code as well as the blocked CPU kernels
-// of mamba3_cpu.cpp. The forward's phases run with kEmulatedLanes lanes one after the other, so
-// the tests also check how each phase splits its items across a block's threads.
+// mamba3_task.h's per-task kernels (the code the GPU runs, one (batch or sequence, value head)
+// task per block) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check
+// that code as well as the blocked CPU kernels of mamba3_cpu.cpp. Each phase runs with
+// kEmulatedLanes lanes one after the other, so the tests also check how every phase splits its
+// items across a block's threads.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
 
@@ -33,7 +33,7 @@ void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
     std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
     for (int64_t task = begin; task < end; ++task) {
       acc_t<T>* task_states = states.data() + mamba3::bwd_state_slot(p, task) * p.headdim_v * p.headdim_qk;
-      mamba3::bwd_task(p, task, scratch.data(), task_states);
+      mamba3::bwd_task(p, task, scratch.data(), task_states, mamba3::SerialLanes{kEmulatedLanes});
     }
   });
 }

@@ -1,16 +1,13 @@
 // CUDA kernels of mamba3_scan and mamba3_step: the per-task kernels of mamba3_task.h, the code the
-// CPU kernels run (the tests run the forward's with several emulated lanes). The forward and the
-// decode step run one block per task ((batch or packed sequence, value head); the step's (batch
-// row, value head)), each phase's items split across the block's threads with a barrier between
-// phases (BlockLanes). The backward runs one thread per task, serially. Each task's scratch area
+// CPU runs too (the tests run the scan's with several emulated lanes). One block per task ((batch
+// or packed sequence, value head); the step's (batch row, value head)), each phase's items split
+// across the block's threads with a barrier between phases (BlockLanes). Each task's scratch area
 // is in global memory (host-allocated). No tensor cores: a simple port, correct and bounded in
 // memory, not a fast one (docs/mamba3.md). Launch errors are checked by the host.
 #include "mamba3/mamba3_task.h"
 
 namespace ssmk {
 namespace {
-
-constexpr int kThreads = 32;  // the backward's tasks per block
 
 // mamba3_task.h's lanes on a block: every thread runs the phase, then all wait at a barrier (the
 // next phase reads what this one wrote, in the task's scratch or the outputs).
@@ -22,8 +19,8 @@ struct BlockLanes {
   }
 };
 
-// Threads of a forward or decode-step block: the phases' items are a chunk's Q R rows times a
-// head dim, or a state's P N elements (P = 64, N = 128 in mamba_ssm's layers).
+// Threads of a block: the phases' items are a chunk's Q R rows times a head dim, a state's P N
+// elements (P = 64, N = 128 in mamba_ssm's layers), or the P channels.
 constexpr int kBlockThreads = 128;
 
 template <typename T>
@@ -36,11 +33,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 // The chunk states follow the tasks' scratch areas; with cu_seqlens a task finds its slots (and
 // its tokens) from the offsets on the device.
 template <typename T>
-__global__ void mamba3_bwd_kernel(const Mamba3BwdParams<T> p, acc_t<T>* scratch, int64_t per_task) {
-  const int64_t task = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (task >= p.tasks()) return;
+__global__ void __launch_bounds__(kBlockThreads)
+    mamba3_bwd_kernel(const Mamba3BwdParams<T> p, acc_t<T>* scratch, int64_t per_task) {
+  const int64_t task = blockIdx.x;
   acc_t<T>* states = scratch + p.tasks() * per_task + mamba3::bwd_state_slot(p, task) * p.headdim_v * p.headdim_qk;
-  mamba3::bwd_task(p, task, scratch + task * per_task, states);
+  mamba3::bwd_task(p, task, scratch + task * per_task, states, BlockLanes{});
 }
 
 template <typename T>
@@ -49,8 +46,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t task = blockIdx.x;
   mamba3::step_task(p, task, scratch + task * per_task, BlockLanes{});
 }
-
-unsigned int blocks_for(int64_t tasks) { return static_cast<unsigned int>(ceil_div(tasks, kThreads)); }
 
 }  // namespace
 
@@ -62,7 +57,8 @@ void mamba3_fwd_cuda(const Mamba3FwdParams<T>& p, acc_t<T>* scratch, const CudaC
 
 template <typename T>
 void mamba3_bwd_cuda(const Mamba3BwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx) {
-  mamba3_bwd_kernel<T><<<blocks_for(p.tasks()), kThreads, 0, ctx.stream>>>(p, scratch, mamba3::bwd_scratch(p));
+  mamba3_bwd_kernel<T><<<static_cast<unsigned int>(p.tasks()), kBlockThreads, 0, ctx.stream>>>(
+      p, scratch, mamba3::bwd_scratch(p));
 }
 
 template <typename T>

@@ -247,12 +247,10 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   a.init_v = acc_copy(in.initial_v, acc);
 }
 
-// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` tasks,
-// then `shared` more (the backward's chunk states). The backward runs 32 tasks per block (one per
-// thread), the forward and the step one (mamba3_cuda.cu).
-[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0,
-                                         int64_t tasks_per_block = 32) {
-  check_cuda_grid(ceil_div(tasks, tasks_per_block), "v");
+// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` tasks (one
+// block each, mamba3_cuda.cu), then `shared` more (the backward's chunk states).
+[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0) {
+  check_cuda_grid(tasks, "v");
   return at::empty({tasks * per_task + shared}, ref.options().dtype(acc_dtype(ref.scalar_type())));
 }
 
@@ -333,7 +331,7 @@ FwdResult scan_fwd(const Mamba3FwdArgs& in, const Shape& s, const Varlen& vl) {
     p.chunk_states = chunk_states.numel() > 0 ? ptr<A>(chunk_states) : nullptr;
     p.gate_input = gate_input.numel() > 0 ? ptr<A>(gate_input) : nullptr;
     launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p), 0, 1)), ctx);
+             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
            }));
   });
   return {out, final_angle, final_ssm, final_k, final_v, chunk_states, gate_input};
@@ -554,7 +552,7 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     p.out = ptr<T>(out);
     launch(in.v, [&] { mamba3_step_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
              const int64_t tasks = p.batch * p.nheads;
-             mamba3_step_cuda(p, ptr<Ac>(cuda_scratch(in.v, tasks, mamba3::step_scratch(p), 0, 1)), ctx);
+             mamba3_step_cuda(p, ptr<Ac>(cuda_scratch(in.v, tasks, mamba3::step_scratch(p))), ctx);
            }));
   });
   return out;

@@ -166,7 +166,7 @@ SSMK_MATH_INLINE void chunk_coefficients(const Mamba3Inputs<T>& p, int64_t b, in
 
 // The biased, rotated q and k rows and the mixed v rows of steps t0 .. t0+n-1 (rows i = t R + r,
 // after chunk_coefficients), one element per item: thread `lane` of `lanes` takes every
-// lanes-th (the GPU's block; the CPU's one thread passes 0, 1).
+// lanes-th (SerialLanes, BlockLanes).
 template <typename T>
 SSMK_MATH_INLINE void chunk_rows(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
                                 Work<acc_t<T>>& wk, int64_t lane, int64_t lanes) {
@@ -189,14 +189,6 @@ SSMK_MATH_INLINE void chunk_rows(const Mamba3Inputs<T>& p, int64_t b, int64_t h,
     const acc v = static_cast<acc>(vr[c * p.v.stride[3]]);
     wk.x[it] = p.mimo ? v * p.mimo_v[(h * R + r) * P + c] : v;
   }
-}
-
-// Both of the above in one thread.
-template <typename T>
-SSMK_MATH_INLINE void load_chunk(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, int64_t end,
-                                acc_t<T>* theta, Work<acc_t<T>>& wk) {
-  chunk_coefficients(p, b, h, t0, n, end, theta, wk);
-  chunk_rows(p, b, h, t0, n, wk, 0, 1);
 }
 
 // cb[i, j] = q_i . k_j and m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t, per
@@ -226,16 +218,18 @@ SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc 
   }
 }
 
-// H <- e^{Acs_last} H + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T, per state element.
+// H_out = e^{Acs_last} H_in + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T (H_out may be H_in), per
+// state element.
 template <typename acc>
-SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, acc* H, int64_t lane = 0, int64_t lanes = 1) {
+SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, const acc* H_in, acc* H_out, int64_t lane,
+                                  int64_t lanes) {
   const int64_t R = wk.R, N = wk.N, P = wk.P;
   const acc kd = exp_(wk.acs[n - 1]);
   for (int64_t it = lane; it < P * N; it += lanes) {
     const int64_t c = it / N, e = it % N;
-    acc s = kd * H[it];
+    acc s = kd * H_in[it];
     for (int64_t j = 0; j < n * R; ++j) s += wk.ew[j / R] * wk.x[j * P + c] * wk.k[j * N + e];
-    H[it] = s;
+    H_out[it] = s;
   }
 }
 
@@ -442,7 +436,7 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
       chunk_gate_outputs(p, b, h, t0, n, wk, lane, lanes);
     });
     if (saved_states) saved_states += P * N;
-    run([&](int64_t lane, int64_t lanes) { chunk_state(wk, n, S, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) { chunk_state(wk, n, S, S, lane, lanes); });
   }
   run([&](int64_t lane, int64_t lanes) {
     copy_items(S, P * N, p.final_ssm + task * P * N, lane, lanes);
@@ -452,263 +446,355 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
   });
 }
 
-// Scratch elements of one backward task, beside its chunk states (bwd_state_slot).
+// Scratch elements of one backward task, beside its chunk states (bwd_state_slot): the chunk
+// buffers, dS twice, the angles, per-step sums, the parameter gradients' parts and dy_i . x_j.
 SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
-  const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank;
-  return Work<float>::size(d) + 2 * P * N + (nc + 2) * A + 3 * d.chunk + d.chunk * A + 2 * R * N + 3 * R * P +
-         2 * P;
+  const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank, Q = d.chunk;
+  return Work<float>::size(d) + 2 * P * N + (nc + 2) * A + 4 * Q + Q * A + 2 * R * N + 3 * R * P + P +
+         Q * R * Q * R;
 }
 
-// states: the task's chunk states, nchunks() P N elements (bwd_state_slot).
+// The gate and the output mixing of steps t0 .. t0+n-1 in reverse, per channel cc (so that the
+// sums over the steps, dmimo_z, dmimo_o and dD's part dDc, stay with one thread): dy (the gradient
+// of y before the gate), dz, and dx = D dy plus the final v's gradient on the last row (`last`).
 template <typename T>
-SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<T>* scratch, acc_t<T>* states) {
+SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t bh, int64_t t0,
+                                      int64_t n, bool last, acc_t<T> D, Work<acc_t<T>>& wk, acc_t<T>* dmz,
+                                      acc_t<T>* dmo, acc_t<T>* dDc, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, P = p.headdim_v;
+  for (int64_t cc = lane; cc < P; cc += lanes) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t l = t0 + t;
+      const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
+      const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
+      const acc gout = static_cast<acc>(go[cc * p.dout.stride[3]]);
+      acc dz = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t i = t * R + r;
+        const acc y = wk.y[i * P + cc];
+        const bool mixed_z = p.mimo && zr, mixed_o = p.mimo;
+        const acc mz = mixed_z ? p.mimo_z[(h * R + r) * P + cc] : acc(1);
+        const acc mo = mixed_o ? p.mimo_o[(h * R + r) * P + cc] : acc(1);
+        acc g = mixed_o ? gout * mo : gout;
+        acc gated = y;
+        if (zr) {
+          const acc zraw = static_cast<acc>(zr[cc * p.z.stride[3]]);
+          const acc zv = mixed_z ? zraw * mz : zraw;
+          const acc sz = ssmk::silu(zv);
+          const acc dzv = g * y * ssmk::silu_grad(zv);
+          if (mixed_z) {
+            dz += dzv * mz;
+            dmz[r * P + cc] += dzv * zraw;
+          } else {
+            dz += dzv;
+          }
+          gated *= sz;
+          g *= sz;
+        }
+        if (mixed_o) dmo[r * P + cc] += gout * gated;
+        wk.dy[i * P + cc] = g;
+        dDc[cc] += g * wk.x[i * P + cc];
+        const acc dfinal = last && t == n - 1 && p.dfinal_v ? p.dfinal_v[(bh * R + r) * P + cc] : acc(0);
+        wk.dx[i * P + cc] = D * g + dfinal;
+      }
+      if (p.dz) p.dz[((b * L + l) * H + h) * P + cc] = static_cast<T>(dz);
+    }
+  }
+}
+
+// The chunk's products in reverse, per output element (S the state before the chunk, dS the
+// gradient of the state after it, dxy [QR, QR] = dy_i . x_j):
+//   dq_i += sum_j dxy m k_j + e^{Acs_t} S^T dy_i
+//   dk_j += sum_i dxy m q_i + e^{Acs_last - Acs_s} w_s dS^T x_j
+//   dx_j += sum_i cb m dy_i + e^{Acs_last - Acs_s} w_s dS k_j
+//   dS_prev = e^{Acs_last} dS + sum_i e^{Acs_t} dy_i q_i^T
+template <typename acc>
+SSMK_MATH_INLINE void chunk_product_grads(Work<acc>& wk, int64_t n, const acc* S, const acc* dS, const acc* dxy,
+                                          acc* dS_prev, int64_t lane, int64_t lanes) {
+  const int64_t R = wk.R, N = wk.N, P = wk.P, rows = n * R, ld = wk.Q * R;
+  for (int64_t it = lane; it < rows * N; it += lanes) {
+    const int64_t i = it / N, e = it % N, ti = i / R;
+    acc g = wk.dq[it];
+    for (int64_t j = 0; j < (ti + 1) * R; ++j) g += dxy[i * ld + j] * wk.m[i * ld + j] * wk.k[j * N + e];
+    const acc ri = exp_(wk.acs[ti]);
+    for (int64_t cc = 0; cc < P; ++cc) g += ri * wk.dy[i * P + cc] * S[cc * N + e];
+    wk.dq[it] = g;
+  }
+  for (int64_t it = lane; it < rows * N; it += lanes) {
+    const int64_t j = it / N, e = it % N, tj = j / R;
+    acc g = wk.dk[it];
+    for (int64_t i = tj * R; i < rows; ++i) g += dxy[i * ld + j] * wk.m[i * ld + j] * wk.q[i * N + e];
+    acc sx = 0;
+    for (int64_t cc = 0; cc < P; ++cc) sx += wk.x[j * P + cc] * dS[cc * N + e];
+    wk.dk[it] = g + wk.ew[tj] * sx;
+  }
+  for (int64_t it = lane; it < rows * P; it += lanes) {
+    const int64_t j = it / P, cc = it % P, tj = j / R;
+    acc g = wk.dx[it];
+    for (int64_t i = tj * R; i < rows; ++i) g += wk.cb[i * ld + j] * wk.m[i * ld + j] * wk.dy[i * P + cc];
+    wk.dx[it] = g + wk.ew[tj] * dot(dS + cc * N, wk.k + j * N, N);
+  }
+  const acc kd = exp_(wk.acs[n - 1]);
+  for (int64_t it = lane; it < P * N; it += lanes) {
+    const int64_t cc = it / N, e = it % N;
+    acc g = kd * dS[it];
+    for (int64_t i = 0; i < rows; ++i) g += exp_(wk.acs[i / R]) * wk.dy[i * P + cc] * wk.q[i * N + e];
+    dS_prev[it] = g;
+  }
+}
+
+// Per step t of the chunk: d Acs_t (the intra-chunk pairs with t as the later step, less those with
+// t as the earlier; the inter-chunk term; less the state term), dw_t (pairs below the diagonal
+// steps, the state term), dgamma_t (the diagonal step's pairs), and E_t = sum of x_j . (dS k_j)
+// over t's rows, whose e^{Acs_last - Acs_s} w_s share of d Acs_last the caller adds.
+template <typename acc>
+SSMK_MATH_INLINE void chunk_step_sums(const Work<acc>& wk, int64_t n, const acc* S, const acc* dS, const acc* dxy,
+                                      acc* dacs, acc* dw, acc* dgamma, acc* E, int64_t lane, int64_t lanes) {
+  const int64_t R = wk.R, N = wk.N, P = wk.P, rows = n * R, ld = wk.Q * R;
+  for (int64_t t = lane; t < n; t += lanes) {
+    const acc at = wk.acs[t];
+    acc da = 0, dwt = 0, dgt = 0, Et = 0;
+    for (int64_t i = t * R; i < (t + 1) * R; ++i) {
+      for (int64_t j = 0; j < (t + 1) * R; ++j) {
+        const acc pij = wk.cb[i * ld + j] * dxy[i * ld + j];
+        if (j / R == t) {
+          dgt += pij;  // the diagonal's coefficient is gamma_t (no decay: no d Acs)
+        } else {
+          da += pij * wk.m[i * ld + j];
+        }
+      }
+    }
+    for (int64_t i = (t + 1) * R; i < rows; ++i) {
+      for (int64_t j = t * R; j < (t + 1) * R; ++j) {
+        const acc pij = wk.cb[i * ld + j] * dxy[i * ld + j];
+        da -= pij * wk.m[i * ld + j];
+        dwt += pij * exp_(wk.acs[i / R] - at);
+      }
+    }
+    const acc rt = exp_(at);
+    for (int64_t i = t * R; i < (t + 1) * R; ++i) {
+      acc s = 0;
+      for (int64_t cc = 0; cc < P; ++cc) s += wk.dy[i * P + cc] * dot(S + cc * N, wk.q + i * N, N);
+      da += rt * s;
+    }
+    for (int64_t j = t * R; j < (t + 1) * R; ++j) {
+      for (int64_t cc = 0; cc < P; ++cc) Et += wk.x[j * P + cc] * dot(dS + cc * N, wk.k + j * N, N);
+    }
+    dwt += exp_(wk.acs[n - 1] - at) * Et;
+    da -= wk.ew[t] * Et;
+    dacs[t] = da;
+    dw[t] = dwt;
+    dgamma[t] = dgt;
+    E[t] = Et;
+  }
+}
+
+// The rotations' adjoint (dq, dk of the chunk's rows become those of the unrotated rows, the
+// angles' gradients go to dtheta [Q, A]) and the per-head dq, dk outputs, per step.
+template <typename T>
+SSMK_MATH_INLINE void chunk_rotation_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                          Work<acc_t<T>>& wk, acc_t<T>* dtheta, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, A = p.nangles;
+  for (int64_t t = lane; t < n; t += lanes) {
+    const int64_t l = t0 + t;
+    fill_n(dtheta + t * A, A, acc(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = t * R + r;
+      acc* dqi = wk.dq + i * N;
+      acc* dki = wk.dk + i * N;
+      rotate_pairs_bwd(dqi, wk.q + i * N, wk.cs + t * A, wk.sn + t * A, A, dtheta + t * A);
+      rotate_pairs_bwd(dki, wk.k + i * N, wk.cs + t * A, wk.sn + t * A, A, dtheta + t * A);
+      copy_n(dqi, N, p.dq + (((b * L + l) * R + r) * H + h) * N);
+      copy_n(dki, N, p.dk + (((b * L + l) * R + r) * H + h) * N);
+    }
+  }
+}
+
+// The sums over the chunk's steps: the biases' parts (per (rank, element)), dv and dmimo_v's part
+// (per channel).
+template <typename T>
+SSMK_MATH_INLINE void chunk_input_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                       const Work<acc_t<T>>& wk, acc_t<T>* dqb, acc_t<T>* dkb, acc_t<T>* dmv,
+                                       int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v;
+  for (int64_t it = lane; it < R * N; it += lanes) {
+    const int64_t r = it / N, e = it % N;
+    for (int64_t t = 0; t < n; ++t) {
+      dqb[it] += wk.dq[(t * R + r) * N + e];
+      dkb[it] += wk.dk[(t * R + r) * N + e];
+    }
+  }
+  for (int64_t cc = lane; cc < P; cc += lanes) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t l = t0 + t;
+      const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
+      acc dv = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const acc dx = wk.dx[(t * R + r) * P + cc];
+        if (p.mimo) {
+          dv += dx * p.mimo_v[(h * R + r) * P + cc];
+          dmv[r * P + cc] += dx * static_cast<acc>(vr[cc * p.v.stride[3]]);
+        } else {
+          dv += dx;
+        }
+      }
+      p.dv[((b * L + l) * H + h) * P + cc] = static_cast<T>(dv);
+    }
+  }
+}
+
+// The angle recurrence in reverse over the chunk's steps (carry: the gradient of the angle after
+// the step): d angles and the angle's share of d dt. Sums along the steps: one thread.
+template <typename T>
+SSMK_MATH_INLINE void chunk_angle_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                       const Work<acc_t<T>>& wk, const acc_t<T>* dtheta, acc_t<T>* carry) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles, row = (b * H + h) * L;
+  for (int64_t t = n - 1; t >= 0 && A > 0; --t) {
+    const int64_t l = t0 + t;
+    const acc* ang = p.angles + ((b * L + l) * H + h) * A;
+    acc* dang = p.dangles + ((b * L + l) * H + h) * A;
+    const acc dt = wk.dtv[t];
+    acc ddt = 0;
+    for (int64_t j = 0; j < A; ++j) {
+      carry[j] += dtheta[t * A + j];
+      dang[j] = carry[j] * angle_step_draw(ang[j], dt);
+      ddt += carry[j] * angle_step(ang[j], acc(1));
+    }
+    p.ddt[row + l] += ddt;
+  }
+}
+
+// One backward task (docs/mamba3.md), its phases run by `run` (SerialLanes, or the GPU's
+// BlockLanes); states: the task's chunk states, nchunks() P N elements (bwd_state_slot). A first
+// pass recomputes the state and the angle before every chunk; then the chunks in reverse: the
+// chunk's forward again, the gate, dy . x, the products' gradients, the per-step sums, the
+// coefficients', the rotations' and the inputs' gradients, the angle recurrence.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<T>* scratch, acc_t<T>* states,
+                               const Lanes& run) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
   const Mamba3Span sp = p.span(task);
   if (sp.start == sp.end) {
-    empty_bwd(p, task);
+    run([&](int64_t lane, int64_t) {
+      if (lane == 0) empty_bwd(p, task);
+    });
     return;
   }
-  const int64_t nc = (sp.end - sp.start + Q - 1) / Q, ld = Q * R;
+  const int64_t nc = (sp.end - sp.start + Q - 1) / Q, ld = Q * R, PN = P * N;
   Work<acc> wk(p, scratch);
   acc* s = scratch + Work<acc>::size(p);
-  acc* dS = s; s += P * N;
-  acc* dS_prev = s; s += P * N;
+  acc* dS = s; s += PN;
+  acc* dS_prev = s; s += PN;
   acc* thetas = s; s += nc * A;
   acc* theta = s; s += A;
   acc* carry = s; s += A;
   acc* dacs = s; s += Q;
   acc* dw = s; s += Q;
   acc* dgamma = s; s += Q;
+  acc* E = s; s += Q;
   acc* dtheta = s; s += Q * A;
   acc* dqb = s; s += R * N;
   acc* dkb = s; s += R * N;
   acc* dmv = s; s += R * P;
   acc* dmz = s; s += R * P;
   acc* dmo = s; s += R * P;
-  acc* dzacc = s; s += P;
-  acc* dvacc = s;
-  {
-    const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, end = sp.end;
-    const acc D = p.D ? p.D[h] : acc(0);
-    // The state (and the angle) before every chunk.
-    initial_state(p, bh, sp, states, theta);
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0;
-      copy_range(theta, (theta + A), thetas + c * A);
-      load_chunk(p, b, h, t0, n, end, theta, wk);
-      if (c + 1 < nc) {
-        copy_range(states + c * P * N, states + (c + 1) * P * N, states + (c + 1) * P * N);
-        chunk_state(wk, n, states + (c + 1) * P * N);
-      }
-    }
-    if (p.dfinal_ssm) {
-      copy_range(p.dfinal_ssm + bh * P * N, p.dfinal_ssm + (bh + 1) * P * N, dS);
-    } else {
-      fill_range(dS, (dS + P * N), acc(0));
-    }
-    for (int64_t j = 0; j < A; ++j) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
-    fill_range(p.dtrap + row + sp.start, p.dtrap + row + end, acc(0));
-    fill_range(p.ddt + row + sp.start, p.ddt + row + end, acc(0));
-    fill_range(dqb, (dqb + R * N), acc(0));
-    fill_range(dkb, (dkb + R * N), acc(0));
-    fill_range(dmv, (dmv + R * P), acc(0));
-    fill_range(dmz, (dmz + R * P), acc(0));
-    fill_range(dmo, (dmo + R * P), acc(0));
-    acc dD = 0;
-    for (int64_t c = nc - 1; c >= 0; --c) {
-      const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0, rows = n * R;
-      const acc* S = states + c * P * N;
-      copy_range(thetas + c * A, thetas + (c + 1) * A, theta);
-      load_chunk(p, b, h, t0, n, end, theta, wk);
-      chunk_products(wk, n);
-      chunk_outputs(wk, n, S, D);
-      // The gate and the output mixing: dy (gradient of y before the gate), dz, dmimo_z, dmimo_o.
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t l = t0 + t;
-        const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
-        const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
-        fill_range(dzacc, (dzacc + P), acc(0));
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t i = t * R + r;
-          const acc* yi = wk.y + i * P;
-          acc* dyi = wk.dy + i * P;
-          const acc* mz = p.mimo && zr ? p.mimo_z + (h * R + r) * P : nullptr;
-          const acc* mo = p.mimo ? p.mimo_o + (h * R + r) * P : nullptr;
-          for (int64_t cc = 0; cc < P; ++cc) {
-            const acc gout = static_cast<acc>(go[cc * p.dout.stride[3]]);
-            acc g = mo ? gout * mo[cc] : gout;
-            acc gated = yi[cc];
-            if (zr) {
-              const acc zraw = static_cast<acc>(zr[cc * p.z.stride[3]]);
-              const acc zv = mz ? zraw * mz[cc] : zraw;
-              const acc sz = ssmk::silu(zv);
-              const acc dzv = g * yi[cc] * ssmk::silu_grad(zv);
-              if (mz) {
-                dzacc[cc] += dzv * mz[cc];
-                dmz[r * P + cc] += dzv * zraw;
-              } else {
-                dzacc[cc] += dzv;
-              }
-              gated *= sz;
-              g *= sz;
-            }
-            if (mo) dmo[r * P + cc] += gout * gated;
-            dyi[cc] = g;
-          }
-          const acc* xi = wk.x + i * P;
-          dD += dot(dyi, xi, P);
-          acc* dxi = wk.dx + i * P;
-          for (int64_t cc = 0; cc < P; ++cc) dxi[cc] = D * dyi[cc];
-        }
-        if (p.dz) {
-          T* dzr = p.dz + ((b * L + l) * H + h) * P;
-          for (int64_t cc = 0; cc < P; ++cc) dzr[cc] = static_cast<T>(dzacc[cc]);
-        }
-      }
-      fill_range(wk.dq, wk.dq + rows * N, acc(0));
-      fill_range(wk.dk, wk.dk + rows * N, acc(0));
-      if (c == nc - 1) {
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t i = (n - 1) * R + r;
-          if (p.dfinal_k) axpy(wk.dk + i * N, acc(1), p.dfinal_k + (bh * R + r) * N, N);
-          if (p.dfinal_v) axpy(wk.dx + i * P, acc(1), p.dfinal_v + (bh * R + r) * P, P);
-        }
-      }
-      fill_range(dacs, (dacs + Q), acc(0));
-      fill_range(dw, (dw + Q), acc(0));
-      fill_range(dgamma, (dgamma + Q), acc(0));
-      // Intra-chunk products: d q_i, d k_j, d x_j, d Acs and the mask coefficients.
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t ti = i / R;
-        const acc* dyi = wk.dy + i * P;
-        const acc* qi = wk.q + i * N;
-        acc* dqi = wk.dq + i * N;
-        for (int64_t j = 0; j < (ti + 1) * R; ++j) {
-          const int64_t tj = j / R;
-          const acc dxy = dot(dyi, wk.x + j * P, P);
-          const acc cbm = wk.cb[i * ld + j], mm = wk.m[i * ld + j];
-          axpy(dqi, dxy * mm, wk.k + j * N, N);
-          axpy(wk.dk + j * N, dxy * mm, qi, N);
-          axpy(wk.dx + j * P, cbm * mm, dyi, P);
-          const acc pij = cbm * dxy, wij = pij * mm;
-          dacs[ti] += wij;
-          dacs[tj] -= wij;
-          if (tj < ti) {
-            dw[tj] += pij * exp_(wk.acs[ti] - wk.acs[tj]);
-          } else {
-            dgamma[ti] += pij;  // the diagonal's coefficient is gamma_t (no decay)
-          }
-        }
-      }
-      // The inter-chunk term e^{Acs_t} S q_i.
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t ti = i / R;
-        const acc ri = exp_(wk.acs[ti]);
-        const acc* dyi = wk.dy + i * P;
-        const acc* qi = wk.q + i * N;
-        acc* dqi = wk.dq + i * N;
-        acc s = 0;
-        for (int64_t cc = 0; cc < P; ++cc) {
-          s += dyi[cc] * dot(S + cc * N, qi, N);
-          axpy(dqi, ri * dyi[cc], S + cc * N, N);
-        }
-        dacs[ti] += ri * s;
-      }
-      // The state update into the next chunk, whose gradient is dS.
-      const acc last = wk.acs[n - 1], kd = exp_(last);
-      for (int64_t j = 0; j < rows; ++j) {
-        const int64_t tj = j / R;
-        const acc e = exp_(last - wk.acs[tj]);
-        const acc ew = e * wk.w[tj];
-        const acc* kj = wk.k + j * N;
-        const acc* xj = wk.x + j * P;
-        acc* dxj = wk.dx + j * P;
-        acc* dkj = wk.dk + j * N;
-        acc E = 0;
-        for (int64_t cc = 0; cc < P; ++cc) {
-          const acc dsk = dot(dS + cc * N, kj, N);
-          E += xj[cc] * dsk;
-          dxj[cc] += ew * dsk;
-          axpy(dkj, ew * xj[cc], dS + cc * N, N);
-        }
-        dw[tj] += e * E;
-        dacs[n - 1] += ew * E;
-        dacs[tj] -= ew * E;
-      }
-      dacs[n - 1] += kd * dot(dS, S, P * N);
-      for (int64_t cc = 0; cc < P * N; ++cc) dS_prev[cc] = kd * dS[cc];
-      for (int64_t i = 0; i < rows; ++i) {
-        const acc ri = exp_(wk.acs[i / R]);
-        const acc* dyi = wk.dy + i * P;
-        const acc* qi = wk.q + i * N;
-        for (int64_t cc = 0; cc < P; ++cc) axpy(dS_prev + cc * N, ri * dyi[cc], qi, N);
-      }
-      {
-        acc* tmp = dS;
-        dS = dS_prev;
-        dS_prev = tmp;
-      }
-      coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, wk.lam, wk.dtv);
-      // v mixing, the rotations, and the angle recurrence in reverse.
-      fill_range(dtheta, (dtheta + Q * A), acc(0));
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t l = t0 + t;
-        const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
-        fill_range(dvacc, (dvacc + P), acc(0));
-        const acc* cs = wk.cs + t * A;
-        const acc* sn = wk.sn + t * A;
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t i = t * R + r;
-          const acc* dxi = wk.dx + i * P;
-          if (p.mimo) {
-            const acc* mv = p.mimo_v + (h * R + r) * P;
-            for (int64_t cc = 0; cc < P; ++cc) {
-              dvacc[cc] += dxi[cc] * mv[cc];
-              dmv[r * P + cc] += dxi[cc] * static_cast<acc>(vr[cc * p.v.stride[3]]);
-            }
-          } else {
-            axpy(dvacc, acc(1), dxi, P);
-          }
-          acc* dqi = wk.dq + i * N;
-          acc* dki = wk.dk + i * N;
-          rotate_pairs_bwd(dqi, wk.q + i * N, cs, sn, A, dtheta + t * A);
-          rotate_pairs_bwd(dki, wk.k + i * N, cs, sn, A, dtheta + t * A);
-          axpy(dqb + r * N, acc(1), dqi, N);
-          axpy(dkb + r * N, acc(1), dki, N);
-          acc* dqo = p.dq + (((b * L + l) * R + r) * H + h) * N;
-          acc* dko = p.dk + (((b * L + l) * R + r) * H + h) * N;
-          copy_range(dqi, dqi + N, dqo);
-          copy_range(dki, dki + N, dko);
-        }
-        T* dvo = p.dv + ((b * L + l) * H + h) * P;
-        for (int64_t cc = 0; cc < P; ++cc) dvo[cc] = static_cast<T>(dvacc[cc]);
-      }
-      for (int64_t t = n - 1; t >= 0 && A > 0; --t) {
-        const int64_t l = t0 + t;
-        const acc* ang = p.angles + ((b * L + l) * H + h) * A;
-        acc* dang = p.dangles + ((b * L + l) * H + h) * A;
-        const acc dt = wk.dtv[t];
-        acc ddt = 0;
-        for (int64_t j = 0; j < A; ++j) {
-          carry[j] += dtheta[t * A + j];
-          dang[j] = carry[j] * angle_step_draw(ang[j], dt);
-          ddt += carry[j] * angle_step(ang[j], acc(1));
-        }
-        p.ddt[row + l] += ddt;
-      }
-    }
-    initial_state_grads(p, bh, row + sp.start, dS, carry);
-    trap_grads(p, row, sp);
-    copy_range(dqb, (dqb + R * N), p.dq_bias + bh * R * N);
-    copy_range(dkb, (dkb + R * N), p.dk_bias + bh * R * N);
-    p.dD[bh] = dD;
-    if (p.mimo) {
-      copy_range(dmv, (dmv + R * P), p.dmimo_v + bh * R * P);
-      copy_range(dmo, (dmo + R * P), p.dmimo_o + bh * R * P);
-      if (p.dmimo_z) copy_range(dmz, (dmz + R * P), p.dmimo_z + bh * R * P);
+  acc* dDc = s; s += P;  // per channel: the sum of dy x, D's gradient
+  acc* dxy = s;          // [Q R, Q R]
+  const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, end = sp.end;
+  const acc D = p.D ? p.D[h] : acc(0);
+  // The state (and the angle) before every chunk.
+  run([&](int64_t lane, int64_t lanes) { initial_state(p, bh, sp, states, theta, lane, lanes); });
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0;
+    run([&](int64_t lane, int64_t) {
+      if (lane != 0) return;
+      copy_n(theta, A, thetas + c * A);
+      chunk_coefficients(p, b, h, t0, n, end, theta, wk);
+    });
+    if (c + 1 < nc) {
+      run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
+      run([&](int64_t lane, int64_t lanes) {
+        chunk_state(wk, n, states + c * PN, states + (c + 1) * PN, lane, lanes);
+      });
     }
   }
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t it = lane; it < PN; it += lanes) dS[it] = p.dfinal_ssm ? p.dfinal_ssm[bh * PN + it] : acc(0);
+    for (int64_t j = lane; j < A; j += lanes) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
+    for (int64_t l = sp.start + lane; l < end; l += lanes) p.dtrap[row + l] = p.ddt[row + l] = acc(0);
+    for (int64_t it = lane; it < R * N; it += lanes) dqb[it] = dkb[it] = acc(0);
+    for (int64_t it = lane; it < R * P; it += lanes) dmv[it] = dmz[it] = dmo[it] = acc(0);
+    for (int64_t cc = lane; cc < P; cc += lanes) dDc[cc] = acc(0);
+  });
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0, rows = n * R;
+    const acc* S = states + c * PN;
+    run([&](int64_t lane, int64_t) {
+      if (lane != 0) return;
+      copy_n(thetas + c * A, A, theta);
+      chunk_coefficients(p, b, h, t0, n, end, theta, wk);
+    });
+    run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) { chunk_products(wk, n, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) {
+      chunk_outputs(wk, n, S, D, lane, lanes);
+      for (int64_t it = lane; it < rows * N; it += lanes) wk.dq[it] = wk.dk[it] = acc(0);
+    });
+    run([&](int64_t lane, int64_t lanes) {
+      chunk_gate_grads(p, b, h, bh, t0, n, c == nc - 1, D, wk, dmz, dmo, dDc, lane, lanes);
+      if (c == nc - 1 && p.dfinal_k) {
+        for (int64_t it = lane; it < R * N; it += lanes) wk.dk[(n - 1) * R * N + it] += p.dfinal_k[bh * R * N + it];
+      }
+    });
+    run([&](int64_t lane, int64_t lanes) {
+      for (int64_t it = lane; it < rows * rows; it += lanes) {
+        const int64_t i = it / rows, j = it % rows;
+        if (j / R <= i / R) dxy[i * ld + j] = dot(wk.dy + i * P, wk.x + j * P, P);
+      }
+    });
+    run([&](int64_t lane, int64_t lanes) {
+      chunk_product_grads(wk, n, S, dS, dxy, dS_prev, lane, lanes);
+      chunk_step_sums(wk, n, S, dS, dxy, dacs, dw, dgamma, E, lane, lanes);
+    });
+    run([&](int64_t lane, int64_t) {
+      if (lane != 0) return;
+      for (int64_t t = 0; t < n; ++t) dacs[n - 1] += wk.ew[t] * E[t];
+      dacs[n - 1] += exp_(wk.acs[n - 1]) * dot(dS, S, PN);
+      coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, wk.lam, wk.dtv);
+    });
+    {
+      acc* tmp = dS;
+      dS = dS_prev;
+      dS_prev = tmp;
+    }
+    run([&](int64_t lane, int64_t lanes) { chunk_rotation_grads(p, b, h, t0, n, wk, dtheta, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) {
+      chunk_input_grads(p, b, h, t0, n, wk, dqb, dkb, dmv, lane, lanes);
+      if (lane == 0) chunk_angle_grads(p, b, h, t0, n, wk, dtheta, carry);
+    });
+  }
+  run([&](int64_t lane, int64_t) {
+    if (lane != 0) return;
+    initial_state_grads(p, bh, row + sp.start, dS, carry);
+    trap_grads(p, row, sp);
+    acc dD = 0;
+    for (int64_t cc = 0; cc < P; ++cc) dD += dDc[cc];
+    p.dD[bh] = dD;
+  });
+  run([&](int64_t lane, int64_t lanes) {
+    copy_items(dqb, R * N, p.dq_bias + bh * R * N, lane, lanes);
+    copy_items(dkb, R * N, p.dk_bias + bh * R * N, lane, lanes);
+    if (p.mimo) {
+      copy_items(dmv, R * P, p.dmimo_v + bh * R * P, lane, lanes);
+      copy_items(dmo, R * P, p.dmimo_o + bh * R * P, lane, lanes);
+      if (p.dmimo_z) copy_items(dmz, R * P, p.dmimo_z + bh * R * P, lane, lanes);
+    }
+  });
 }
 
 // The decode step of one task (batch row b, value head h) in four phases, run by step_task
