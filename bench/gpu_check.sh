@@ -24,7 +24,7 @@ NPROC="$(nproc)"
 # step gets at most what is left of T_TOTAL, so the table is never the step that is lost.
 T_TOTAL="${T_TOTAL:-465}"
 T_BUILD="${T_BUILD:-180}" T_PEERS="${T_PEERS:-240}" T_TESTS="${T_TESTS:-120}" T_BENCH="${T_BENCH:-180}" T_SAN="${T_SAN:-90}"
-T_SAN_M3="${T_SAN_M3:-40}"
+T_SAN_M3="${T_SAN_M3:-50}"
 T0=$(date +%s)
 left() { echo $(( T_TOTAL - ($(date +%s) - T0) )); }
 cap() { local want="$1" rest; rest=$(left); [ "$rest" -lt "$want" ] && want="$rest"; [ "$want" -lt 5 ] && want=5; echo "$want"; }
@@ -106,8 +106,8 @@ cat "$OUT/bench.txt" >> "$OUT/summary.txt"
 
 step "compute-sanitizer memcheck + racecheck on a small CUDA subset"
 # the bad-input checks (kernels must not run, or must fail cleanly) plus a few small forward and
-# backward cases under both tools; then, with its own cap, memcheck on small Mamba-3 cases (its
-# CUDA kernels have not run on a GPU before)
+# backward cases under both tools; then, with their own cap, memcheck and synccheck (the barriers
+# between a block's phases) on small Mamba-3 cases (its CUDA kernels have not run on a GPU before)
 SAN_K='cuda and not compile and (bad_inputs or op_checks or op_rechecks or bad_arguments or direct_op or (causal_conv1d_matches_reference and W4 and L127) or selective_scan_gradcheck or ssd_gradcheck)'
 SAN_M3='cuda and not compile and ((mamba3_forward_backward and (L17 or L31)) or mamba3_step_equals_scan or varlen_mamba3_equals_the_op_per_sequence)'
 : > "$OUT/sanitizer.log"
@@ -122,7 +122,9 @@ sanitize() {  # sanitize <tool> <-k selection> <seconds> <label>
 }
 sanitize memcheck "$SAN_K" "$half" subset
 sanitize racecheck "$SAN_K" "$half" subset
-sanitize memcheck "$SAN_M3" "$(cap "$T_SAN_M3")" mamba3
+m3=$(( $(cap "$T_SAN_M3") / 2 ))
+sanitize memcheck "$SAN_M3" "$m3" mamba3
+sanitize synccheck "$SAN_M3" "$m3" mamba3
 
 step "done (status $status)"
 exit $status
