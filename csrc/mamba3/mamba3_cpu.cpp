@@ -179,7 +179,8 @@ struct Block {
   acc* ptr(const at::Tensor& t, int64_t c, int64_t rowlen) const { return t.data_ptr<acc>() + c * QR * rowlen; }
   acc* state(int64_t c) const { return states.data_ptr<acc>() + c * P * N; }
   // Loads chunk c of the block (steps t0 .. t0+n-1 of a task ending at `end`), mamba3_task.h's
-  // load_chunk with the angles' tanh, sin and cos vectorised over the chunk, then zeroes its pad.
+  // chunk_coefficients and chunk_rows with the angles' tanh, sin and cos vectorised over the chunk,
+  // then zeroes its pad.
   template <typename T>
   SSMK_CPU_INLINE void load(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t c, int64_t t0, int64_t n,
                             int64_t end, acc* theta) {

@@ -1,11 +1,10 @@
 // The per-task kernels of mamba3_scan and mamba3_step, shared verbatim by the CPU kernels
 // (mamba3_cpu.cpp: the decode step; mamba3_cpu_tasks.cpp: the scan under a test hook) and the
-// CUDA kernels (mamba3_cuda.cu: the forward and the step one block per task, their phases split
-// across the block's threads (SerialLanes / BlockLanes); the backward one thread per task). One
-// task is one (batch, value head), or with cu_seqlens one (sequence, value head)
-// (Mamba3Dims::span): its tokens in chunks of p.chunk steps from its first token
-// (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys, its
-// product with the mixed values, the inter-chunk term from the carried state and the state
+// CUDA kernels (mamba3_cuda.cu: one block per task, the phases split across the block's threads;
+// SerialLanes / BlockLanes). One task is one (batch, value head), or with cu_seqlens one
+// (sequence, value head) (Mamba3Dims::span): its tokens in chunks of p.chunk steps from its first
+// token (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys,
+// its product with the mixed values, the inter-chunk term from the carried state and the state
 // update. Each task works in its own scratch area (fwd_scratch / bwd_scratch / step_scratch
 // elements); the backward recomputes the chunk states in a forward pass, then walks the chunks in
 // reverse.
