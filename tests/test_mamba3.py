@@ -376,6 +376,17 @@ def test_mamba3_step_equals_scan(rank, rope, device):
         assert (s[[1, 3]] == 7.0).all(), f"{name}: an unindexed row changed"
 
 
+@pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
+def test_mamba3_step_task_kernels_cpu(rank):
+    """The decode step with its phases split as the GPU's block splits them (emulated lanes)."""
+    switch = torch.ops.ssm_kernels_test.mamba3_cpu_task_kernels
+    previous = switch(True)
+    try:
+        test_mamba3_step_equals_scan(rank, "full", "cpu")
+    finally:
+        switch(previous)
+
+
 def test_mamba3_step_negative_index_writes_zeros():
     case = Case(1, 1, F32, rope="half", init=True, nheads=2, dqk=4, dv=3, batch=2)
     inp = make_inputs(case)

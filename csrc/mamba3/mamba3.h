@@ -144,8 +144,9 @@ void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p);
 template <typename T>
 void mamba3_step_cpu(const Mamba3StepParams<T>& p);
 // Test hook: when on, mamba3_fwd_cpu / mamba3_bwd_cpu run mamba3_task.h's per-task fwd_task /
-// bwd_task (the GPU's code) instead of the blocked CPU kernels, so the CPU tests cover them too.
-// Returns the previous setting.
+// bwd_task (the GPU's code) instead of the blocked CPU kernels, and they and mamba3_step_cpu run
+// each phase with several emulated lanes (the GPU block's split of the items), so the CPU tests
+// cover that code too. Returns the previous setting.
 bool mamba3_cpu_task_kernels(bool on);
 // Those per-task kernels on the CPU (mamba3_cpu_tasks.cpp; a file of their own, compiled once
 // without AVX2 copies: they only serve that test hook).

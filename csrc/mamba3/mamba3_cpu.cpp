@@ -886,16 +886,17 @@ SSMK_CPU_INLINE void bwd_tasks(const Mamba3BwdParams<T>& p, int64_t begin, int64
 SSMK_CPU_MULTIVERSION(bwd_tasks, (typename T), (T), (const Mamba3BwdParams<T>& p, int64_t begin, int64_t end),
                       (p, begin, end))
 
-// When on, the scan runs the GPU's per-task kernels instead (mamba3_cpu_tasks.cpp).
+// When on, the scan runs the GPU's per-task kernels instead (mamba3_cpu_tasks.cpp), and the
+// decode step its phases with the GPU's split emulated (SerialLanes::kEmulated lanes).
 std::atomic<bool> g_task_kernels{false};
 
 template <typename T>
-SSMK_CPU_INLINE void step_tasks(const Mamba3StepParams<T>& p, int64_t begin, int64_t end) {
+SSMK_CPU_INLINE void step_tasks(const Mamba3StepParams<T>& p, int64_t begin, int64_t end, int64_t lanes) {
   std::vector<acc_t<T>> scratch(mamba3::step_scratch(p));
-  for (int64_t task = begin; task < end; ++task) mamba3::step_task(p, task, scratch.data(), mamba3::SerialLanes{});
+  for (int64_t task = begin; task < end; ++task) mamba3::step_task(p, task, scratch.data(), mamba3::SerialLanes{lanes});
 }
-SSMK_CPU_MULTIVERSION(step_tasks, (typename T), (T), (const Mamba3StepParams<T>& p, int64_t begin, int64_t end),
-                      (p, begin, end))
+SSMK_CPU_MULTIVERSION(step_tasks, (typename T), (T),
+                      (const Mamba3StepParams<T>& p, int64_t begin, int64_t end, int64_t lanes), (p, begin, end, lanes))
 
 }  // namespace
 
@@ -917,8 +918,9 @@ void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p) {
 
 template <typename T>
 void mamba3_step_cpu(const Mamba3StepParams<T>& p) {
+  const int64_t lanes = g_task_kernels ? mamba3::SerialLanes::kEmulated : 1;
   cpu::parallel_items(p.batch * p.nheads, p.rank * p.headdim_v * p.headdim_qk,
-                      [&](int64_t b, int64_t e) { step_tasks_dispatch<T>(p, b, e); });
+                      [&](int64_t b, int64_t e) { step_tasks_dispatch<T>(p, b, e, lanes); });
 }
 
 // The scan for float and double (mamba3_op.cpp widens half and bfloat16 to float), the step for
