@@ -93,9 +93,7 @@ bool hand_fft_size_ok(int64_t n);
 int64_t hand_fft_min_size();
 int64_t hand_fft_max_size();
 template <typename T>
-void hand_rfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out);
-template <typename T>
-void hand_irfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out);
+void hand_fft_rows(const T* x, int64_t rows, int64_t n, bool inverse, bool strided, T* out);
 
 }  // namespace fftconv
 

@@ -717,45 +717,38 @@ bool hand_fft_size_ok(int64_t n) { return hand_path(n); }
 int64_t hand_fft_min_size() { return 2 * fft::kMinSize; }
 int64_t hand_fft_max_size() { return kHandMaxSize; }
 
-// out rows: F (re, im) pairs; the hand path's spectra are twice the true ones, hence the 0.5.
+// Forward: out rows of F (re, im) pairs, the hand path's spectra (twice the true ones) halved.
+// Inverse: rows of F pairs back to n reals, scaled by 1 / n.
 template <typename T>
-void hand_rfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out) {
+void hand_fft_rows(const T* x, int64_t rows, int64_t n, bool inverse, bool strided, T* out) {
   const int64_t m = n / 2, F = m + 1;
   const TwiddleTable<T> tt(m);
   std::vector<T> zbuf(4 * fft::buffer_size(m)), spec(2 * F);
+  T *re = spec.data(), *im = re + F;
   for (int64_t r = 0; r < rows; ++r) {
+    if (inverse) {
+      const T* s = x + 2 * r * F;
+      for (int64_t f = 0; f < F; ++f) re[f] = s[2 * f], im[f] = s[2 * f + 1];
+      if (strided) {
+        strided_irfft_row<T>(tt.tw, re, im, T(1) / T(n), zbuf.data(), out + r * n);
+      } else {
+        row_inverse_dispatch<T, false>(tt.tw, re, im, nullptr, nullptr, T(1) / T(n), zbuf.data(), n, out + r * n);
+      }
+      continue;
+    }
     if (strided) {
-      strided_rfft_row<T>(tt.tw, x + r * n, zbuf.data(), spec.data(), spec.data() + F);
+      strided_rfft_row<T>(tt.tw, x + r * n, zbuf.data(), re, im);
       for (int64_t f = 0; f < 2 * F; ++f) spec[f] *= T(0.5);
     } else {
-      row_spectrum_dispatch<T>(tt.tw, x + r * n, n, T(0.5), zbuf.data(), spec.data(), spec.data() + F);
+      row_spectrum_dispatch<T>(tt.tw, x + r * n, n, T(0.5), zbuf.data(), re, im);
     }
     T* o = out + 2 * r * F;
-    for (int64_t f = 0; f < F; ++f) o[2 * f] = spec[f], o[2 * f + 1] = spec[F + f];
+    for (int64_t f = 0; f < F; ++f) o[2 * f] = re[f], o[2 * f + 1] = im[f];
   }
 }
 
-template <typename T>
-void hand_irfft_rows(const T* x, int64_t rows, int64_t n, bool strided, T* out) {
-  const int64_t m = n / 2, F = m + 1;
-  const TwiddleTable<T> tt(m);
-  std::vector<T> zbuf(4 * fft::buffer_size(m)), spec(2 * F);
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = x + 2 * r * F;
-    for (int64_t f = 0; f < F; ++f) spec[f] = s[2 * f], spec[F + f] = s[2 * f + 1];
-    if (strided) {
-      strided_irfft_row<T>(tt.tw, spec.data(), spec.data() + F, T(1) / T(n), zbuf.data(), out + r * n);
-    } else {
-      row_inverse_dispatch<T, false>(tt.tw, spec.data(), spec.data() + F, nullptr, nullptr, T(1) / T(n), zbuf.data(),
-                                     n, out + r * n);
-    }
-  }
-}
-
-template void hand_rfft_rows<float>(const float*, int64_t, int64_t, bool, float*);
-template void hand_rfft_rows<double>(const double*, int64_t, int64_t, bool, double*);
-template void hand_irfft_rows<float>(const float*, int64_t, int64_t, bool, float*);
-template void hand_irfft_rows<double>(const double*, int64_t, int64_t, bool, double*);
+template void hand_fft_rows<float>(const float*, int64_t, int64_t, bool, bool, float*);
+template void hand_fft_rows<double>(const double*, int64_t, int64_t, bool, bool, double*);
 
 }  // namespace fftconv
 
@@ -900,10 +893,9 @@ void run_packed(const P& p) {
   });
 }
 
-}  // namespace
-
-template <typename T>
-void fftconv_fwd_cpu(const FftconvFwdParams<T>& p) {
+// Either direction: packed sequences in groups of one FFT length, else the rows as one batch.
+template <typename P>
+void run(const P& p) {
   if (p.seqs.packed()) {
     run_packed(p);
   } else {
@@ -911,13 +903,16 @@ void fftconv_fwd_cpu(const FftconvFwdParams<T>& p) {
   }
 }
 
+}  // namespace
+
+template <typename T>
+void fftconv_fwd_cpu(const FftconvFwdParams<T>& p) {
+  run(p);
+}
+
 template <typename T>
 void fftconv_bwd_cpu(const FftconvBwdParams<T>& p) {
-  if (p.seqs.packed()) {
-    run_packed(p);
-  } else {
-    run_rows(p);
-  }
+  run(p);
 }
 
 #define SSMK_INSTANTIATE(T)                                           \

@@ -279,11 +279,7 @@ at::Tensor fftconv_fft(const FftconvFftArgs& in) {
     using T = decltype(zero);
     const auto* src = static_cast<const T*>(xc.data_ptr());
     auto* dst = static_cast<T*>(out.data_ptr());
-    if (in.inverse) {
-      fftconv::hand_irfft_rows<T>(src, R, n, in.strided, dst);
-    } else {
-      fftconv::hand_rfft_rows<T>(src, R, n, in.strided, dst);
-    }
+    fftconv::hand_fft_rows<T>(src, R, n, in.inverse, in.strided, dst);
   };
   if (real == at::kDouble) {
     run(double(0));
