@@ -128,8 +128,8 @@ struct Mamba3StepParams : Mamba3Dims, Mamba3Coeffs<acc_t<T>> {
   View<acc, 4> ssm_state;     // [Bs, H, P, N]
   View<acc, 4> k_state;       // [Bs, H, R, N]
   View<acc, 4> v_state;       // [Bs, H, R, P]
-  View<const T, 4> q, k;      // [B, R, G, N]
-  View<const T, 3> v;         // [B, H, P]
+  View<const T, 5> q, k;      // [B, 1, R, G, N]: the scan's layouts with L = 1 (mamba3_task.h's
+  View<const T, 4> v;         // [B, 1, H, P]     chunk_rows loads both)
   View<const T, 3> z;         // [B, H, P] or data nullptr
   const int64_t* state_batch_indices;  // [B] or nullptr
   T* out;                     // [B, H, P] contiguous

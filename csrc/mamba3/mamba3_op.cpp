@@ -543,9 +543,9 @@ at::Tensor mamba3_step(const Mamba3StepArgs& in) {
     p.ssm_state = view<Ac, 4>(in.ssm_state);
     p.k_state = view<Ac, 4>(s.mimo ? at::Tensor(in.k_state) : in.k_state.unsqueeze(2));
     p.v_state = view<Ac, 4>(s.mimo ? at::Tensor(in.v_state) : in.v_state.unsqueeze(2));
-    p.q = view<const T, 4>(s.mimo ? in.q : in.q.unsqueeze(1));
-    p.k = view<const T, 4>(s.mimo ? in.k : in.k.unsqueeze(1));
-    p.v = view<const T, 3>(in.v);
+    p.q = view<const T, 5>((s.mimo ? in.q : in.q.unsqueeze(1)).unsqueeze(1));
+    p.k = view<const T, 5>((s.mimo ? in.k : in.k.unsqueeze(1)).unsqueeze(1));
+    p.v = view<const T, 4>(in.v.unsqueeze(1));
     p.z = view<const T, 3>(in.z);
     fill_coeffs(p, a);
     p.state_batch_indices = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;

@@ -135,14 +135,15 @@ struct Work {
 
 // Per-step coefficients of steps t0 .. t0+n-1 of a task whose tokens end at `end` (no trapezoid
 // term reaches past it): dt, lambda, gamma, w, Acs (the cumulative sum of adt within the chunk),
-// and the angle, carried across chunks in theta [A], with its cos and sin. Sums along the steps:
-// one thread.
+// and the angle with its cos and sin, from theta_in [A] (the angle before the chunk) to theta
+// [A] (after it; may be theta_in). Sums along the steps: one thread.
 template <typename T>
 SSMK_MATH_INLINE void chunk_coefficients(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
-                                        int64_t end, acc_t<T>* theta, Work<acc_t<T>>& wk) {
+                                        int64_t end, const acc_t<T>* theta_in, acc_t<T>* theta, Work<acc_t<T>>& wk) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, A = p.nangles;
   const int64_t row = (b * H + h) * L;
+  if (theta != theta_in) copy_n(theta_in, A, theta);
   acc cum = 0;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t l = t0 + t;
@@ -166,11 +167,12 @@ SSMK_MATH_INLINE void chunk_coefficients(const Mamba3Inputs<T>& p, int64_t b, in
 }
 
 // The biased, rotated q and k rows and the mixed v rows of steps t0 .. t0+n-1 (rows i = t R + r,
-// after chunk_coefficients), one element per item: thread `lane` of `lanes` takes every
-// lanes-th (SerialLanes, BlockLanes).
-template <typename T>
-SSMK_MATH_INLINE void chunk_rows(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
-                                Work<acc_t<T>>& wk, int64_t lane, int64_t lanes) {
+// after chunk_coefficients) into wk's q, k, x (Work, or the decode step's StepTask with its L = 1
+// views), one element per item: thread `lane` of `lanes` takes every lanes-th (SerialLanes,
+// BlockLanes).
+template <template <typename> class Params, typename T, typename Rows>
+SSMK_MATH_INLINE void chunk_rows(const Params<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, const Rows& wk,
+                                int64_t lane, int64_t lanes) {
   using acc = acc_t<T>;
   const int64_t H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
   const int64_t g = h / (H / p.ngroups), qk = n * R * N;
@@ -195,7 +197,7 @@ SSMK_MATH_INLINE void chunk_rows(const Mamba3Inputs<T>& p, int64_t b, int64_t h,
 // cb[i, j] = q_i . k_j and m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t, per
 // (i, j) item (lane, lanes as for chunk_rows).
 template <typename acc>
-SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n, int64_t lane = 0, int64_t lanes = 1) {
+SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n, int64_t lane, int64_t lanes) {
   const int64_t R = wk.R, N = wk.N, rows = n * R, ld = wk.Q * R;
   for (int64_t it = lane; it < rows * rows; it += lanes) {
     const int64_t i = it / rows, j = it % rows, ti = i / R, tj = j / R;
@@ -208,8 +210,7 @@ SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n, int64_t lane = 0,
 // y_i = sum_j cb m x_j + e^{Acs_t} H q_i + D x_i (before the gate), for H the state before the
 // chunk, per (i, channel) item.
 template <typename acc>
-SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc D, int64_t lane = 0,
-                                    int64_t lanes = 1) {
+SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc D, int64_t lane, int64_t lanes) {
   const int64_t R = wk.R, N = wk.N, P = wk.P, ld = wk.Q * R;
   for (int64_t it = lane; it < n * R * P; it += lanes) {
     const int64_t i = it / P, c = it % P, ti = i / R;
@@ -217,6 +218,21 @@ SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc 
     for (int64_t j = 0; j < (ti + 1) * R; ++j) y += wk.cb[i * ld + j] * wk.m[i * ld + j] * wk.x[j * P + c];
     wk.y[i * P + c] = y;
   }
+}
+
+// A chunk's forward up to y before the gate, from the state S and the angle theta_in before it
+// (theta: the angle after it, may be theta_in): the coefficients (one lane), the rows, the masked
+// products and the outputs, each a phase of `run`.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void chunk_forward(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                   int64_t end, const acc_t<T>* theta_in, acc_t<T>* theta, const acc_t<T>* S,
+                                   acc_t<T> D, Work<acc_t<T>>& wk, const Lanes& run) {
+  run([&](int64_t lane, int64_t) {
+    if (lane == 0) chunk_coefficients(p, b, h, t0, n, end, theta_in, theta, wk);
+  });
+  run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { chunk_products(wk, n, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { chunk_outputs(wk, n, S, D, lane, lanes); });
 }
 
 // H_out = e^{Acs_last} H_in + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T (H_out may be H_in), per
@@ -402,8 +418,8 @@ SSMK_MATH_INLINE void chunk_gate_outputs(const Mamba3FwdParams<T>& p, int64_t b,
 }
 
 // One forward task, its phases run by `run` (SerialLanes, or the GPU's BlockLanes): per chunk the
-// coefficients (one lane), the rows, the masked products, the outputs before the gate, the gate
-// (with the saved state and y for the backward), and the state update.
+// forward up to y (chunk_forward), the gate (with the saved state and y for the backward), and the
+// state update.
 template <typename T, typename Lanes>
 SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<T>* scratch, const Lanes& run) {
   using acc = acc_t<T>;
@@ -425,12 +441,7 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
   int64_t n = 0;
   for (int64_t t0 = sp.start; t0 < sp.end; t0 += Q) {
     n = Q < sp.end - t0 ? Q : sp.end - t0;
-    run([&](int64_t lane, int64_t) {
-      if (lane == 0) chunk_coefficients(p, b, h, t0, n, sp.end, theta, wk);
-    });
-    run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
-    run([&](int64_t lane, int64_t lanes) { chunk_products(wk, n, lane, lanes); });
-    run([&](int64_t lane, int64_t lanes) { chunk_outputs(wk, n, S, D, lane, lanes); });
+    chunk_forward(p, b, h, t0, n, sp.end, theta, theta, S, D, wk, run);
     run([&](int64_t lane, int64_t lanes) {
       if (saved_states) copy_items(S, P * N, saved_states, lane, lanes);
       if (p.gate_input) copy_items(wk.y, n * R * P, p.gate_input + ((b * H + h) * L + t0) * R * P, lane, lanes);
@@ -451,7 +462,7 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
 // buffers, dS twice, the angles, per-step sums, the parameter gradients' parts and dy_i . x_j.
 SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
   const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank, Q = d.chunk;
-  return Work<float>::size(d) + 2 * P * N + (nc + 2) * A + 4 * Q + Q * A + 2 * R * N + 3 * R * P + P +
+  return Work<float>::size(d) + 2 * P * N + (nc + 3) * A + 4 * Q + Q * A + 2 * R * N + 3 * R * P + P +
          Q * R * Q * R;
 }
 
@@ -691,7 +702,7 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   acc* s = scratch + Work<acc>::size(p);
   acc* dS = s; s += PN;
   acc* dS_prev = s; s += PN;
-  acc* thetas = s; s += nc * A;
+  acc* thetas = s; s += (nc + 1) * A;  // the angle before chunk c at c A
   acc* theta = s; s += A;
   acc* carry = s; s += A;
   acc* dacs = s; s += Q;
@@ -708,21 +719,15 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   acc* dxy = s;          // [Q R, Q R]
   const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, end = sp.end;
   const acc D = p.D ? p.D[h] : acc(0);
-  // The state (and the angle) before every chunk.
-  run([&](int64_t lane, int64_t lanes) { initial_state(p, bh, sp, states, theta, lane, lanes); });
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0;
+  // The state (and the angle) before every chunk (all but the last are full chunks).
+  run([&](int64_t lane, int64_t lanes) { initial_state(p, bh, sp, states, thetas, lane, lanes); });
+  for (int64_t c = 0; c + 1 < nc; ++c) {
+    const int64_t t0 = sp.start + c * Q;
     run([&](int64_t lane, int64_t) {
-      if (lane != 0) return;
-      copy_n(theta, A, thetas + c * A);
-      chunk_coefficients(p, b, h, t0, n, end, theta, wk);
+      if (lane == 0) chunk_coefficients(p, b, h, t0, Q, end, thetas + c * A, thetas + (c + 1) * A, wk);
     });
-    if (c + 1 < nc) {
-      run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
-      run([&](int64_t lane, int64_t lanes) {
-        chunk_state(wk, n, states + c * PN, states + (c + 1) * PN, lane, lanes);
-      });
-    }
+    run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, Q, wk, lane, lanes); });
+    run([&](int64_t lane, int64_t lanes) { chunk_state(wk, Q, states + c * PN, states + (c + 1) * PN, lane, lanes); });
   }
   run([&](int64_t lane, int64_t lanes) {
     for (int64_t it = lane; it < PN; it += lanes) dS[it] = p.dfinal_ssm ? p.dfinal_ssm[bh * PN + it] : acc(0);
@@ -735,27 +740,18 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   for (int64_t c = nc - 1; c >= 0; --c) {
     const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0, rows = n * R;
     const acc* S = states + c * PN;
-    run([&](int64_t lane, int64_t) {
-      if (lane != 0) return;
-      copy_n(thetas + c * A, A, theta);
-      chunk_coefficients(p, b, h, t0, n, end, theta, wk);
-    });
-    run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
-    run([&](int64_t lane, int64_t lanes) { chunk_products(wk, n, lane, lanes); });
-    run([&](int64_t lane, int64_t lanes) {
-      chunk_outputs(wk, n, S, D, lane, lanes);
-      for (int64_t it = lane; it < rows * N; it += lanes) wk.dq[it] = wk.dk[it] = acc(0);
-    });
+    chunk_forward(p, b, h, t0, n, end, thetas + c * A, theta, S, D, wk, run);
     run([&](int64_t lane, int64_t lanes) {
       chunk_gate_grads(p, b, h, bh, t0, n, c == nc - 1, D, wk, dmz, dmo, dDc, lane, lanes);
-      if (c == nc - 1 && p.dfinal_k) {
-        for (int64_t it = lane; it < R * N; it += lanes) wk.dk[(n - 1) * R * N + it] += p.dfinal_k[bh * R * N + it];
-      }
+      for (int64_t it = lane; it < rows * N; it += lanes) wk.dq[it] = wk.dk[it] = acc(0);
     });
     run([&](int64_t lane, int64_t lanes) {
       for (int64_t it = lane; it < rows * rows; it += lanes) {
         const int64_t i = it / rows, j = it % rows;
         if (j / R <= i / R) dxy[i * ld + j] = dot(wk.dy + i * P, wk.x + j * P, P);
+      }
+      if (c == nc - 1 && p.dfinal_k) {
+        for (int64_t it = lane; it < R * N; it += lanes) wk.dk[(n - 1) * R * N + it] += p.dfinal_k[bh * R * N + it];
       }
     });
     run([&](int64_t lane, int64_t lanes) {
@@ -800,18 +796,19 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
 
 // The decode step of one task (batch row b, value head h) in four phases, run by step_task
 // (SerialLanes or the GPU's BlockLanes): thread `lane` of `lanes` takes every lanes-th item of a
-// phase. Barriers separate the phases on the GPU: step_inputs reads the cos and sin of step_angles, step_rows the q, k, x of step_inputs and
-// the old k_state, which step_store then overwrites. A state row outside [0, state_batch) (a
-// negative index, or out of range on CUDA) leaves every state alone and gets zeros as output.
+// phase. Barriers separate the phases on the GPU: chunk_rows (the step's q, k, x) reads the cos
+// and sin of step_angles, step_rows those q, k, x and the old k_state, which step_store then
+// overwrites. A state row outside [0, state_batch) (a negative index, or out of range on CUDA)
+// leaves every state alone and gets zeros as output.
 template <typename T>
 struct StepTask {
   using acc = acc_t<T>;
-  int64_t b, h, g, si;  // batch row, value head, its q/k group, its state row
+  int64_t b, h, si;     // batch row, value head, its state row
   bool valid;           // si in [0, state_batch)
   acc *q, *k, *x;       // [R, N], [R, N], [R, P]: biased rotated q, k and mixed v (scratch)
   acc *cs, *sn;         // [A] cos, sin of the updated angle (scratch)
   SSMK_MATH_INLINE StepTask(const Mamba3StepParams<T>& p, int64_t task, acc* scratch)
-      : b(task / p.nheads), h(task % p.nheads), g(h / (p.nheads / p.ngroups)) {
+      : b(task / p.nheads), h(task % p.nheads) {
     si = p.state_batch_indices ? p.state_batch_indices[b] : b;
     valid = si >= 0 && si < p.state_batch;
     q = scratch;
@@ -843,31 +840,6 @@ SSMK_MATH_INLINE void step_angles(const Mamba3StepParams<T>& p, const StepTask<T
     th = wrap_angle(th + angle_step(p.angles[bh * p.nangles + j], dt));
     t.cs[j] = cos_(th);
     t.sn[j] = sin_(th);
-  }
-}
-
-// Phase 2: q + q_bias and k + k_bias rotated by the angle (rotate_pairs' arithmetic, one output
-// element per item) and v mixed by mimo_v.
-template <typename T>
-SSMK_MATH_INLINE void step_inputs(const Mamba3StepParams<T>& p, const StepTask<T>& t, int64_t lane, int64_t lanes) {
-  using acc = acc_t<T>;
-  if (!t.valid) return;
-  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  for (int64_t i = lane; i < 2 * R * N; i += lanes) {
-    const bool is_k = i >= R * N;
-    const int64_t r = (i % (R * N)) / N, c = i % N;
-    const View<const T, 4>& src = is_k ? p.k : p.q;
-    const T* row = src.data + t.b * src.stride[0] + r * src.stride[1] + t.g * src.stride[2];
-    const acc* bias = is_k ? p.k_bias : p.q_bias;
-    const acc* brow = bias ? bias + (t.h * R + r) * N : nullptr;
-    const auto biased = [&](int64_t e) { return static_cast<acc>(row[e * src.stride[3]]) + (brow ? brow[e] : acc(0)); };
-    (is_k ? t.k : t.q)[r * N + c] = rotated_element(biased, c, t.cs, t.sn, A);
-  }
-  const T* vr = p.v.data + t.b * p.v.stride[0] + t.h * p.v.stride[1];
-  for (int64_t i = lane; i < R * P; i += lanes) {
-    const int64_t r = i / P, c = i % P;
-    const acc v = static_cast<acc>(vr[c * p.v.stride[2]]);
-    t.x[i] = p.mimo ? v * p.mimo_v[(t.h * R + r) * P + c] : v;
   }
 }
 
@@ -933,7 +905,9 @@ template <typename T, typename Lanes>
 SSMK_MATH_INLINE void step_task(const Mamba3StepParams<T>& p, int64_t task, acc_t<T>* scratch, const Lanes& run) {
   const StepTask<T> t(p, task, scratch);
   run([&](int64_t lane, int64_t lanes) { step_angles(p, t, lane, lanes); });
-  run([&](int64_t lane, int64_t lanes) { step_inputs(p, t, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) {
+    if (t.valid) chunk_rows(p, t.b, t.h, 0, 1, t, lane, lanes);
+  });
   run([&](int64_t lane, int64_t lanes) { step_rows(p, t, lane, lanes); });
   run([&](int64_t lane, int64_t lanes) { step_store(p, t, lane, lanes); });
 }
