@@ -812,7 +812,8 @@ void run_rows(const P& p) {
   std::optional<TwiddleTable<acc_t>> tt;
   if (hand_path(p.fft_size)) tt.emplace(p.fft_size / 2);
   const Blocking blk(p);
-  cpu::parallel_items(blk.nblocks, p.batch * p.dim / std::max<int64_t>(1, blk.nblocks) * p.fft_size, [&](int64_t begin, int64_t end) {
+  const int64_t block_cost = p.batch * p.dim / std::max<int64_t>(1, blk.nblocks) * p.fft_size;
+  cpu::parallel_items(blk.nblocks, block_cost, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> sc;
     sc.fit(blk, p.fft_size, tt.has_value(), kIsBwd<P>);
     for (int64_t j = begin; j < end; ++j) {

@@ -1,8 +1,8 @@
 // mamba3_task.h's per-task kernels (the code the GPU runs, one (batch or sequence, value head)
 // task per block) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check
 // that code as well as the blocked CPU kernels of mamba3_cpu.cpp. Each phase runs with
-// SerialLanes::kEmulated lanes one after the other, so the tests also check how every phase splits its
-// items across a block's threads.
+// SerialLanes::kEmulated lanes one after the other, so the tests also check how every phase splits
+// its items across a block's threads.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
 
@@ -17,7 +17,8 @@ template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
   cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> scratch(mamba3::fwd_scratch(p));
-    for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data(), mamba3::SerialLanes{mamba3::SerialLanes::kEmulated});
+    const mamba3::SerialLanes lanes{mamba3::SerialLanes::kEmulated};
+    for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data(), lanes);
   });
 }
 
@@ -28,9 +29,10 @@ void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
   std::vector<acc_t<T>> states(mamba3::bwd_state_slots(p) * p.headdim_v * p.headdim_qk);
   cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
     std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p));
+    const mamba3::SerialLanes lanes{mamba3::SerialLanes::kEmulated};
     for (int64_t task = begin; task < end; ++task) {
       acc_t<T>* task_states = states.data() + mamba3::bwd_state_slot(p, task) * p.headdim_v * p.headdim_qk;
-      mamba3::bwd_task(p, task, scratch.data(), task_states, mamba3::SerialLanes{mamba3::SerialLanes::kEmulated});
+      mamba3::bwd_task(p, task, scratch.data(), task_states, lanes);
     }
   });
 }
