@@ -66,6 +66,8 @@ CASES = [
     Case(67, 2, F32, rank=0, rope="half", z=True, D=True, bias=True, init=True, batch=1, dqk=8, dv=3),
     Case(69, 2, F32, rank=2, groups="H", rope="full", z=True, D=True, bias=True, init=True, batch=1, nheads=3,
          dqk=4, dv=3),
+    # a rank that does not divide the GPU's 16-row tiles: a step's rows straddle a tile boundary
+    Case(50, 8, F32, rank=3, groups="H", rope="full", z=True, D=True, bias=True, init=True, nheads=3, dqk=10, dv=7),
     # chunks of Q R = 256 rows: blocks of 4 chunks
     Case(260, 64, F32, rank=4, rope="half", z=True, D=True, bias=True, init=True, batch=1, dqk=8, dv=3),
 ]

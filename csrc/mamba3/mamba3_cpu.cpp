@@ -364,7 +364,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
   }
   const int64_t Q = p.chunk, nc = (sp.end - sp.start + Q - 1) / Q;
   const int64_t b = sp.b, h = sp.h, bh = task;
-  mamba3::initial_state(p, bh, sp, S, theta);
+  mamba3::initial_state(p, bh, sp, mamba3::StateLayout{P, N}, S, theta);
   const acc D = p.D ? p.D[h] : acc(0);
   for (int64_t c0 = 0; c0 < nc; c0 += bk.chunks) {
     const int64_t nb = std::min(bk.chunks, nc - c0);
@@ -732,7 +732,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
   acc* before = saved_states ? const_cast<acc*>(p.chunk_states) + mamba3::bwd_state_slot(p, task) * P * N
                              : bk.before.template data_ptr<acc>();
   const at::Tensor before_t = saved_states ? at::from_blob(before, {nc, P, N}, bk.q.options()) : bk.before;
-  mamba3::initial_state(p, bh, sp, S, theta);
+  mamba3::initial_state(p, bh, sp, mamba3::StateLayout{P, N}, S, theta);
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t c0 = blk * C, nb = std::min(C, nc - c0);
     std::copy(theta, theta + A, bk.thetas.data() + blk * A);
@@ -864,7 +864,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     }
     for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, sp.start + (c0 + c) * Q, sp.end, bk);
   }
-  mamba3::initial_state_grads(p, bh, row + sp.start, dS, carry);
+  mamba3::initial_state_grads(p, bh, row + sp.start, dS, N, carry);
   mamba3::trap_grads(p, row, sp);
   std::copy(bk.dqb.begin(), bk.dqb.end(), p.dq_bias + bh * R * N);
   std::copy(bk.dkb.begin(), bk.dkb.end(), p.dk_bias + bh * R * N);

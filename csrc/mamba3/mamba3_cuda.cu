@@ -1,20 +1,27 @@
 // CUDA kernels of mamba3_scan and mamba3_step: the per-task kernels of mamba3_task.h, the code the
-// CPU runs too (the tests run the scan's with several emulated lanes). One block per task ((batch
-// or packed sequence, value head); the step's (batch row, value head)), each phase's items split
-// across the block's threads with a barrier between phases (BlockLanes). Each task's scratch area
-// is in global memory (host-allocated). No tensor cores: a simple port, correct and bounded in
-// memory, not a fast one (docs/mamba3.md). Launch errors are checked by the host.
+// CPU runs too (the tests run the scan's with several emulated lanes and its products element by
+// element). One block per task ((batch or packed sequence, value head); the step's (batch row,
+// value head)), each phase's items split across the block's threads with a barrier between phases
+// (BlockLanes); the chunk's matrix products on the warps' tensor cores (3xTF32 for float32
+// accumulation, common/cuda/tile_product_mma.h). Each task's scratch area is in global memory
+// (host-allocated, 32-byte aligned per task). Launch errors are checked by the host.
+#include "common/cuda/tile_product_mma.h"
 #include "mamba3/mamba3_task.h"
 
 namespace ssmk {
 namespace {
 
-// mamba3_task.h's lanes on a block: every thread runs the phase, then all wait at a barrier (the
-// next phase reads what this one wrote, in the task's scratch or the outputs).
+// mamba3_task.h's lanes on a block: every thread runs the phase (or the products), then all wait
+// at a barrier (the next phase reads what this one wrote, in the task's scratch or the outputs).
 struct BlockLanes {
   template <typename Phase>
   __device__ __forceinline__ void operator()(Phase&& phase) const {
     phase(static_cast<int64_t>(threadIdx.x), static_cast<int64_t>(blockDim.x));
+    __syncthreads();
+  }
+  template <typename... Products>
+  __device__ __forceinline__ void products(const Products&... prs) const {
+    cuda::block_tile_products(prs...);
     __syncthreads();
   }
 };

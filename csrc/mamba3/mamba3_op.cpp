@@ -452,7 +452,7 @@ BwdResult scan_bwd(const Mamba3BwdArgs& in, const BwdShape& shape, at::ScalarTyp
       launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
                mamba3_bwd_cuda(p,
                                ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p),
-                                                    mamba3::bwd_state_slots(p) * P * N)),
+                                                    mamba3::bwd_state_slots(p) * mamba3::tile_state(p).size())),
                                ctx);
              }));
     });

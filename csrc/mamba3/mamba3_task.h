@@ -15,6 +15,7 @@
 
 #include "common/macros.h"
 #include "common/math.h"
+#include "common/tile_product.h"
 #include "mamba3/mamba3.h"
 
 namespace ssmk::mamba3 {
@@ -81,10 +82,12 @@ SSMK_MATH_INLINE void copy_items(const acc* first, int64_t n, acc* out, int64_t 
 }
 
 // How a task's phases run: run(phase) calls phase(lane, lanes) for each of a task's `lanes`
-// threads, every lane taking every lanes-th item of the phase, and returns when all are done.
-// SerialLanes is the CPU's: the lanes one after the other in one thread (one lane in the kernels;
-// the tests' hook emulates several and so checks the GPU's split of every phase). The GPU's,
-// BlockLanes (mamba3_cuda.cu), runs them on a block's threads and waits at a barrier.
+// threads, every lane taking every lanes-th item of the phase, and returns when all are done;
+// run.products(...) computes tile_product.h's products (independent of each other) and returns
+// when all are done. SerialLanes is the CPU's: the lanes one after the other in one thread (one
+// lane in the kernels; the tests' hook emulates several and so checks the GPU's split of every
+// phase), the products element by element. The GPU's, BlockLanes (mamba3_cuda.cu), runs them on
+// a block's threads, the products on its warps' tensor cores, and waits at a barrier.
 struct SerialLanes {
   int64_t lanes = 1;
   // The tests' hook's lane count: not a divisor of the test sizes, so the lanes get unequal shares.
@@ -93,43 +96,89 @@ struct SerialLanes {
   SSMK_MATH_INLINE void operator()(Phase&& phase) const {
     for (int64_t lane = 0; lane < lanes; ++lane) phase(lane, lanes);
   }
+  template <typename... Products>
+  SSMK_MATH_INLINE void products(const Products&... prs) const {
+    for (int64_t lane = 0; lane < lanes; ++lane) (tile_product_elements(prs, lane, lanes), ...);
+  }
 };
 
-// One task's chunk buffers (rows i = t R + r of the chunk), carved from a scratch area of
-// Work::size(d) elements.
+// The layout of a state S [P, N] in a buffer of rows x ld elements (rows >= P, ld >= N), the
+// padding zero.
+struct StateLayout {
+  int64_t rows, ld;
+  SSMK_HOST_DEVICE int64_t size() const { return rows * ld; }
+};
+// The per-task kernels' states are padded to whole tiles (operands of the chunk's products).
+SSMK_HOST_DEVICE StateLayout tile_state(const Mamba3Dims& d) {
+  return StateLayout{tile_padded(d.headdim_v), tile_padded(d.headdim_qk)};
+}
+
+// rows x cols elements from src (leading dimension lds) to dst (ldd), per element (lane, lanes as
+// for copy_items).
+template <typename acc>
+SSMK_MATH_INLINE void copy_rows(const acc* src, int64_t lds, int64_t rows, int64_t cols, acc* dst, int64_t ldd,
+                                int64_t lane, int64_t lanes) {
+  for (int64_t it = lane; it < rows * cols; it += lanes) dst[(it / cols) * ldd + it % cols] = src[(it / cols) * lds + it % cols];
+}
+
+// One task's chunk buffers, carved from a scratch area of Work::size(d, grads) elements. The
+// matrices are operands or results of the chunk's products (tile_product.h): M = Q R rows
+// (i = t R + r) padded to whole tiles, leading dimensions ldN, ldP (N, P padded), the padding
+// zero wherever a product reads it. Every buffer starts on a tile boundary (32-byte aligned in a
+// 32-byte aligned area, as the tensor cores' loads need).
 template <typename acc>
 struct Work {
-  int64_t Q, R, N, P, A;
-  acc *q, *k, *x;            // [Q R, N], [Q R, N], [Q R, P]: biased rotated q, k; mixed v
+  int64_t Q, R, N, P, A, M, ldN, ldP;
+  acc *q, *k, *x;            // [M, ldN], [M, ldN], [M, ldP]: biased rotated q, k; mixed v
   acc *cs, *sn;              // [Q, A] cos, sin of the angle at each step
   acc *lam, *dtv, *gam, *w, *acs, *ew;  // [Q]; ew: e^{Acs_last - Acs_s} w_s
-  acc *cb, *m;               // [Q R, Q R] q_i . k_j and the mask e^{Acs_t - Acs_s} c_ts
-  acc *y, *dy, *dx, *dq, *dk;  // [Q R, P] / [Q R, N]
-  static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d) {
-    const int64_t QR = d.chunk * d.rank;
-    return QR * (4 * d.headdim_qk + 4 * d.headdim_v) + d.chunk * (2 * d.nangles + 6) + 2 * QR * QR;
+  acc *cb, *m, *g;           // [M, M] q_i . k_j, the mask e^{Acs_t - Acs_s} c_ts, their product
+  acc *qs, *y, *xw;          // [M, ldP] q_i . S_c (S the state before the chunk), y, ew x
+  // The backward's (grads): [M, ldP] / [M, ldN] / [M, M]
+  acc *dy, *dx, *dys, *kds;  // dy, dx, e^{Acs_t} dy, k_j . dS_c
+  acc *dq, *dk;
+  acc *dxy, *dm;             // dy_i . x_j and its product with the mask
+  static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d, bool grads) {
+    const int64_t M = tile_padded(d.chunk * d.rank), ldN = tile_padded(d.headdim_qk), ldP = tile_padded(d.headdim_v);
+    const int64_t fwd = M * (2 * ldN + 4 * ldP) + 2 * tile_padded(d.chunk * d.nangles) + 6 * tile_padded(d.chunk) +
+                        3 * M * M;
+    return grads ? fwd + M * (4 * ldP + 2 * ldN + 2 * M) : fwd;
   }
-  SSMK_HOST_DEVICE Work(const Mamba3Dims& d, acc* s)
-      : Q(d.chunk), R(d.rank), N(d.headdim_qk), P(d.headdim_v), A(d.nangles) {
-    const int64_t QR = Q * R;
-    q = s; s += QR * N;
-    k = s; s += QR * N;
-    x = s; s += QR * P;
-    cs = s; s += Q * A;
-    sn = s; s += Q * A;
-    lam = s; s += Q;
-    dtv = s; s += Q;
-    gam = s; s += Q;
-    w = s; s += Q;
-    acs = s; s += Q;
-    ew = s; s += Q;
-    cb = s; s += QR * QR;
-    m = s; s += QR * QR;
-    y = s; s += QR * P;
-    dy = s; s += QR * P;
-    dx = s; s += QR * P;
-    dq = s; s += QR * N;
-    dk = s;
+  SSMK_HOST_DEVICE Work(const Mamba3Dims& d, acc* s, bool grads)
+      : Q(d.chunk), R(d.rank), N(d.headdim_qk), P(d.headdim_v), A(d.nangles), M(tile_padded(Q * R)),
+        ldN(tile_padded(N)), ldP(tile_padded(P)) {
+    const auto carve = [&s](int64_t n) {
+      acc* b = s;
+      s += tile_padded(n);
+      return b;
+    };
+    q = carve(M * ldN);
+    k = carve(M * ldN);
+    x = carve(M * ldP);
+    cs = carve(Q * A);
+    sn = carve(Q * A);
+    lam = carve(Q);
+    dtv = carve(Q);
+    gam = carve(Q);
+    w = carve(Q);
+    acs = carve(Q);
+    ew = carve(Q);
+    cb = carve(M * M);
+    m = carve(M * M);
+    g = carve(M * M);
+    qs = carve(M * ldP);
+    y = carve(M * ldP);
+    xw = carve(M * ldP);
+    dy = dx = dys = kds = dq = dk = dxy = dm = nullptr;
+    if (!grads) return;
+    dy = carve(M * ldP);
+    dx = carve(M * ldP);
+    dys = carve(M * ldP);
+    kds = carve(M * ldP);
+    dq = carve(M * ldN);
+    dk = carve(M * ldN);
+    dxy = carve(M * M);
+    dm = carve(M * M);
   }
 };
 
@@ -168,86 +217,91 @@ SSMK_MATH_INLINE void chunk_coefficients(const Mamba3Inputs<T>& p, int64_t b, in
 
 // The biased, rotated q and k rows and the mixed v rows of steps t0 .. t0+n-1 (rows i = t R + r,
 // after chunk_coefficients) into wk's q, k, x (Work, or the decode step's StepTask with its L = 1
-// views), one element per item: thread `lane` of `lanes` takes every lanes-th (SerialLanes,
-// BlockLanes).
+// views), zeros in their padding (rows n R .. M - 1, columns N .. ldN - 1 and P .. ldP - 1), one
+// element per item: thread `lane` of `lanes` takes every lanes-th (SerialLanes, BlockLanes).
 template <template <typename> class Params, typename T, typename Rows>
 SSMK_MATH_INLINE void chunk_rows(const Params<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, const Rows& wk,
                                 int64_t lane, int64_t lanes) {
   using acc = acc_t<T>;
   const int64_t H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  const int64_t g = h / (H / p.ngroups), qk = n * R * N;
+  const int64_t g = h / (H / p.ngroups), rows = n * R, ldN = wk.ldN, ldP = wk.ldP, qk = wk.M * ldN;
   for (int64_t it = lane; it < 2 * qk; it += lanes) {
     const bool is_k = it >= qk;
-    const int64_t i = (it % qk) / N, c = it % N, t = i / R, r = i % R;
-    const View<const T, 5>& src = is_k ? p.k : p.q;
-    const T* row = src.data + b * src.stride[0] + (t0 + t) * src.stride[1] + r * src.stride[2] + g * src.stride[3];
-    const acc* bias = is_k ? p.k_bias : p.q_bias;
-    const acc* brow = bias ? bias + (h * R + r) * N : nullptr;
-    const auto biased = [&](int64_t e) { return static_cast<acc>(row[e * src.stride[4]]) + (brow ? brow[e] : acc(0)); };
-    (is_k ? wk.k : wk.q)[i * N + c] = rotated_element(biased, c, wk.cs + t * A, wk.sn + t * A, A);
+    const int64_t i = (it % qk) / ldN, c = it % ldN, t = i / R, r = i % R;
+    acc value = 0;
+    if (i < rows && c < N) {
+      const View<const T, 5>& src = is_k ? p.k : p.q;
+      const T* row = src.data + b * src.stride[0] + (t0 + t) * src.stride[1] + r * src.stride[2] + g * src.stride[3];
+      const acc* bias = is_k ? p.k_bias : p.q_bias;
+      const acc* brow = bias ? bias + (h * R + r) * N : nullptr;
+      const auto biased = [&](int64_t e) { return static_cast<acc>(row[e * src.stride[4]]) + (brow ? brow[e] : acc(0)); };
+      value = rotated_element(biased, c, wk.cs + t * A, wk.sn + t * A, A);
+    }
+    (is_k ? wk.k : wk.q)[i * ldN + c] = value;
   }
-  for (int64_t it = lane; it < n * R * P; it += lanes) {
-    const int64_t i = it / P, c = it % P, t = i / R, r = i % R;
-    const T* vr = p.v.data + b * p.v.stride[0] + (t0 + t) * p.v.stride[1] + h * p.v.stride[2];
-    const acc v = static_cast<acc>(vr[c * p.v.stride[3]]);
-    wk.x[it] = p.mimo ? v * p.mimo_v[(h * R + r) * P + c] : v;
+  for (int64_t it = lane; it < wk.M * ldP; it += lanes) {
+    const int64_t i = it / ldP, c = it % ldP, t = i / R, r = i % R;
+    acc value = 0;
+    if (i < rows && c < P) {
+      const T* vr = p.v.data + b * p.v.stride[0] + (t0 + t) * p.v.stride[1] + h * p.v.stride[2];
+      const acc v = static_cast<acc>(vr[c * p.v.stride[3]]);
+      value = p.mimo ? v * p.mimo_v[(h * R + r) * P + c] : v;
+    }
+    wk.x[it] = value;
   }
 }
 
-// cb[i, j] = q_i . k_j and m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t, per
-// (i, j) item (lane, lanes as for chunk_rows).
+// The mask m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t (zero elsewhere and in the
+// padding), g = cb m, and y = e^{Acs_t} qs + D x (before the intra-chunk term), per item.
 template <typename acc>
-SSMK_MATH_INLINE void chunk_products(Work<acc>& wk, int64_t n, int64_t lane, int64_t lanes) {
-  const int64_t R = wk.R, N = wk.N, rows = n * R, ld = wk.Q * R;
-  for (int64_t it = lane; it < rows * rows; it += lanes) {
-    const int64_t i = it / rows, j = it % rows, ti = i / R, tj = j / R;
-    if (tj > ti) continue;
-    wk.cb[i * ld + j] = dot(wk.q + i * N, wk.k + j * N, N);
-    wk.m[i * ld + j] = tj < ti ? exp_(wk.acs[ti] - wk.acs[tj]) * wk.w[tj] : wk.gam[ti];
+SSMK_MATH_INLINE void chunk_masks(Work<acc>& wk, int64_t n, acc D, int64_t lane, int64_t lanes) {
+  const int64_t R = wk.R, P = wk.P, M = wk.M, ldP = wk.ldP, rows = n * R;
+  for (int64_t it = lane; it < M * M; it += lanes) {
+    const int64_t i = it / M, j = it % M, ti = i / R, tj = j / R;
+    const bool in = i < rows && j < rows && tj <= ti;
+    const acc mv = !in ? acc(0) : tj < ti ? exp_(wk.acs[ti] - wk.acs[tj]) * wk.w[tj] : wk.gam[ti];
+    wk.m[it] = mv;
+    wk.g[it] = in ? wk.cb[it] * mv : acc(0);  // cb above the steps' diagonal is not computed
+  }
+  for (int64_t it = lane; it < M * ldP; it += lanes) {
+    const int64_t i = it / ldP, c = it % ldP;
+    wk.y[it] = i < rows && c < P ? exp_(wk.acs[i / R]) * wk.qs[it] + D * wk.x[it] : acc(0);
   }
 }
 
-// y_i = sum_j cb m x_j + e^{Acs_t} H q_i + D x_i (before the gate), for H the state before the
-// chunk, per (i, channel) item.
-template <typename acc>
-SSMK_MATH_INLINE void chunk_outputs(Work<acc>& wk, int64_t n, const acc* H, acc D, int64_t lane, int64_t lanes) {
-  const int64_t R = wk.R, N = wk.N, P = wk.P, ld = wk.Q * R;
-  for (int64_t it = lane; it < n * R * P; it += lanes) {
-    const int64_t i = it / P, c = it % P, ti = i / R;
-    acc y = exp_(wk.acs[ti]) * dot(H + c * N, wk.q + i * N, N) + D * wk.x[i * P + c];
-    for (int64_t j = 0; j < (ti + 1) * R; ++j) y += wk.cb[i * ld + j] * wk.m[i * ld + j] * wk.x[j * P + c];
-    wk.y[i * P + c] = y;
-  }
-}
-
-// A chunk's forward up to y before the gate, from the state S and the angle theta_in before it
-// (theta: the angle after it, may be theta_in): the coefficients (one lane), the rows, the masked
-// products and the outputs, each a phase of `run`.
+// A chunk's forward up to y before the gate, from the state S (tile_state layout) and the angle
+// theta_in before it (theta: the angle after it, may be theta_in): the coefficients (one lane),
+// the rows, the products cb = Q K^T and qs = Q S^T, the masks, and y += g X.
 template <typename T, typename Lanes>
 SSMK_MATH_INLINE void chunk_forward(const Mamba3Inputs<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
                                    int64_t end, const acc_t<T>* theta_in, acc_t<T>* theta, const acc_t<T>* S,
                                    acc_t<T> D, Work<acc_t<T>>& wk, const Lanes& run) {
+  const int64_t R = wk.R, M = wk.M, ldN = wk.ldN, ldP = wk.ldP;
   run([&](int64_t lane, int64_t) {
     if (lane == 0) chunk_coefficients(p, b, h, t0, n, end, theta_in, theta, wk);
   });
   run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, n, wk, lane, lanes); });
-  run([&](int64_t lane, int64_t lanes) { chunk_products(wk, n, lane, lanes); });
-  run([&](int64_t lane, int64_t lanes) { chunk_outputs(wk, n, S, D, lane, lanes); });
+  run.products(tile_product(wk.cb, M, M, M, false, tile_term<false, true>(wk.q, ldN, wk.k, ldN, ldN),
+                            StepMask::kLowerOut, R),
+               tile_product(wk.qs, ldP, M, ldP, false, tile_term<false, true>(wk.q, ldN, S, ldN, ldN)));
+  run([&](int64_t lane, int64_t lanes) { chunk_masks(wk, n, D, lane, lanes); });
+  run.products(tile_product(wk.y, ldP, M, ldP, true, tile_term(wk.g, M, wk.x, ldP, M, StepMask::kLowerA, R)));
 }
 
-// H_out = e^{Acs_last} H_in + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T (H_out may be H_in), per
-// state element.
-template <typename acc>
-SSMK_MATH_INLINE void chunk_state(const Work<acc>& wk, int64_t n, const acc* H_in, acc* H_out, int64_t lane,
-                                  int64_t lanes) {
-  const int64_t R = wk.R, N = wk.N, P = wk.P;
+// H_out = e^{Acs_last} H_in + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T (H_out may be H_in; both in
+// the tile_state layout): xw = ew x and the scaled state per item, then the product.
+template <typename acc, typename Lanes>
+SSMK_MATH_INLINE void chunk_state(Work<acc>& wk, int64_t n, const acc* H_in, acc* H_out, const Lanes& run) {
+  const int64_t R = wk.R, P = wk.P, M = wk.M, ldN = wk.ldN, ldP = wk.ldP, rows = n * R;
   const acc kd = exp_(wk.acs[n - 1]);
-  for (int64_t it = lane; it < P * N; it += lanes) {
-    const int64_t c = it / N, e = it % N;
-    acc s = kd * H_in[it];
-    for (int64_t j = 0; j < n * R; ++j) s += wk.ew[j / R] * wk.x[j * P + c] * wk.k[j * N + e];
-    H_out[it] = s;
-  }
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t it = lane; it < M * ldP; it += lanes) {
+      const int64_t i = it / ldP, c = it % ldP;
+      wk.xw[it] = i < rows && c < P ? wk.ew[i / R] * wk.x[it] : acc(0);
+    }
+    for (int64_t it = lane; it < ldP * ldN; it += lanes) H_out[it] = kd * H_in[it];
+  });
+  run.products(tile_product(H_out, ldN, ldP, ldN, true, tile_term<true, false>(wk.xw, ldP, wk.k, ldN, M)));
 }
 
 // A chunk's (steps t0 .. t0+n-1 of row `row`, of a task ending at `end`) gradients of the
@@ -281,14 +335,14 @@ SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row
 
 // The gradients of task bh's initial state (S_init + rho sum_r v_init_r k_init_r^T, rho =
 // (1 - lambda_0) dt_0, step 0 at flat index `row` of the [B, H, L] coefficients) from dS (the
-// gradient of the state before step 0) and carry (that of the angle), and those of dt_0 and
-// lambda_0 (summed in p.dtrap) through rho. Shared by both backward kernels.
+// gradient of the state before step 0, rows of ld elements) and carry (that of the angle), and
+// those of dt_0 and lambda_0 (summed in p.dtrap) through rho. Shared by both backward kernels.
 template <typename T>
 SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t bh, int64_t row,
-                                          const acc_t<T>* dS, const acc_t<T>* carry) {
+                                          const acc_t<T>* dS, int64_t ld, const acc_t<T>* carry) {
   using acc = acc_t<T>;
   const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  copy_range(dS, dS + P * N, p.dinit_ssm + bh * P * N);
+  copy_rows(dS, ld, P, N, p.dinit_ssm + bh * P * N, N, 0, 1);
   copy_range(carry, carry + A, p.dinit_angle + bh * A);
   const acc lam0 = ssmk::sigmoid(p.trap[row]), dt0 = p.dt[row];
   const acc rho = (acc(1) - lam0) * dt0;
@@ -300,11 +354,11 @@ SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t b
     acc* dvr = p.dinit_v + (bh * R + r) * P;
     fill_range(dkr, dkr + N, acc(0));
     for (int64_t cc = 0; cc < P; ++cc) {
-      const acc dsk = kr ? dot(dS + cc * N, kr, N) : acc(0);
+      const acc dsk = kr ? dot(dS + cc * ld, kr, N) : acc(0);
       dvr[cc] = rho * dsk;
       if (vr) {
         drho += vr[cc] * dsk;
-        axpy(dkr, rho * vr[cc], dS + cc * N, N);
+        axpy(dkr, rho * vr[cc], dS + cc * ld, N);
       }
     }
   }
@@ -353,20 +407,23 @@ SSMK_MATH_INLINE void empty_bwd(const Mamba3BwdParams<T>& p, int64_t task) {
 }
 
 // The state before a task's first step (sp.start < sp.end): S_init + (1 - lambda_0) dt_0
-// sum_r v_init_r k_init_r^T, and the angle; bh: the task (its state row). Per state element
-// (lane, lanes as for chunk_rows).
+// sum_r v_init_r k_init_r^T in layout `st` (padding zero), and the angle; bh: the task (its state
+// row). Per state element (lane, lanes as for chunk_rows).
 template <typename T>
-SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t bh, const Mamba3Span& sp, acc_t<T>* H,
-                                   acc_t<T>* theta, int64_t lane = 0, int64_t lanes = 1) {
+SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t bh, const Mamba3Span& sp, StateLayout st,
+                                   acc_t<T>* H, acc_t<T>* theta, int64_t lane = 0, int64_t lanes = 1) {
   using acc = acc_t<T>;
   const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
   const bool pair = p.init_k && p.init_v;
   const int64_t first = (sp.b * p.nheads + sp.h) * p.seqlen + sp.start;
   const acc rho = pair ? (acc(1) - ssmk::sigmoid(p.trap[first])) * p.dt[first] : acc(0);
-  for (int64_t it = lane; it < P * N; it += lanes) {
-    const int64_t c = it / N, e = it % N;
-    acc s = p.init_ssm ? p.init_ssm[bh * P * N + it] : acc(0);
-    for (int64_t r = 0; pair && r < R; ++r) s += rho * p.init_v[(bh * R + r) * P + c] * p.init_k[(bh * R + r) * N + e];
+  for (int64_t it = lane; it < st.size(); it += lanes) {
+    const int64_t c = it / st.ld, e = it % st.ld;
+    acc s = 0;
+    if (c < P && e < N) {
+      s = p.init_ssm ? p.init_ssm[(bh * P + c) * N + e] : acc(0);
+      for (int64_t r = 0; pair && r < R; ++r) s += rho * p.init_v[(bh * R + r) * P + c] * p.init_k[(bh * R + r) * N + e];
+    }
     H[it] = s;
   }
   for (int64_t j = lane; j < A; j += lanes) theta[j] = p.init_angle ? p.init_angle[bh * A + j] : acc(0);
@@ -388,9 +445,10 @@ SSMK_HOST_DEVICE int64_t bwd_state_slot(const Mamba3Dims& d, int64_t task) {
   return sp.h * (d.seqlen / d.chunk + d.num_seqs) + sp.start / d.chunk + task / d.nheads;
 }
 
-// Scratch elements of one forward task: the chunk buffers, the state and the angle.
+// Scratch elements of one forward task: the chunk buffers, the state and the angle (a multiple
+// of kTile, so that every task's area stays aligned).
 SSMK_HOST_DEVICE int64_t fwd_scratch(const Mamba3Dims& d) {
-  return Work<float>::size(d) + d.headdim_v * d.headdim_qk + d.nangles;
+  return Work<float>::size(d, false) + tile_state(d).size() + tile_padded(d.nangles);
 }
 
 // out = sum_r (y_r silu(z mixed by mimo_z)) mixed by mimo_o for steps t0 .. t0+n-1, per (step,
@@ -405,7 +463,7 @@ SSMK_MATH_INLINE void chunk_gate_outputs(const Mamba3FwdParams<T>& p, int64_t b,
     const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
     acc o = 0;
     for (int64_t r = 0; r < R; ++r) {
-      acc yv = wk.y[(t * R + r) * P + c];
+      acc yv = wk.y[(t * R + r) * wk.ldP + c];
       if (zr) {
         acc zv = static_cast<acc>(zr[c * p.z.stride[3]]);
         if (p.mimo) zv *= p.mimo_z[(h * R + r) * P + c];
@@ -424,9 +482,10 @@ template <typename T, typename Lanes>
 SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<T>* scratch, const Lanes& run) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
-  Work<acc> wk(p, scratch);
-  acc* S = scratch + Work<acc>::size(p);
-  acc* theta = S + P * N;
+  Work<acc> wk(p, scratch, false);
+  const StateLayout st = tile_state(p);
+  acc* S = scratch + Work<acc>::size(p, false);
+  acc* theta = S + st.size();
   const Mamba3Span sp = p.span(task);
   const int64_t b = sp.b, h = sp.h;
   if (sp.start == sp.end) {
@@ -435,7 +494,7 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
     });
     return;
   }
-  run([&](int64_t lane, int64_t lanes) { initial_state(p, task, sp, S, theta, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { initial_state(p, task, sp, st, S, theta, lane, lanes); });
   const acc D = p.D ? p.D[h] : acc(0);
   acc* saved_states = p.chunk_states ? p.chunk_states + bwd_state_slot(p, task) * P * N : nullptr;
   int64_t n = 0;
@@ -443,27 +502,28 @@ SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<
     n = Q < sp.end - t0 ? Q : sp.end - t0;
     chunk_forward(p, b, h, t0, n, sp.end, theta, theta, S, D, wk, run);
     run([&](int64_t lane, int64_t lanes) {
-      if (saved_states) copy_items(S, P * N, saved_states, lane, lanes);
-      if (p.gate_input) copy_items(wk.y, n * R * P, p.gate_input + ((b * H + h) * L + t0) * R * P, lane, lanes);
+      if (saved_states) copy_rows(S, st.ld, P, N, saved_states, N, lane, lanes);
+      if (p.gate_input) copy_rows(wk.y, wk.ldP, n * R, P, p.gate_input + ((b * H + h) * L + t0) * R * P, P, lane, lanes);
       chunk_gate_outputs(p, b, h, t0, n, wk, lane, lanes);
     });
     if (saved_states) saved_states += P * N;
-    run([&](int64_t lane, int64_t lanes) { chunk_state(wk, n, S, S, lane, lanes); });
+    chunk_state(wk, n, S, S, run);
   }
   run([&](int64_t lane, int64_t lanes) {
-    copy_items(S, P * N, p.final_ssm + task * P * N, lane, lanes);
+    copy_rows(S, st.ld, P, N, p.final_ssm + task * P * N, N, lane, lanes);
     copy_items(theta, A, p.final_angle + task * A, lane, lanes);
-    copy_items(wk.k + (n - 1) * R * N, R * N, p.final_k + task * R * N, lane, lanes);
-    copy_items(wk.x + (n - 1) * R * P, R * P, p.final_v + task * R * P, lane, lanes);
+    copy_rows(wk.k + (n - 1) * R * wk.ldN, wk.ldN, R, N, p.final_k + task * R * N, N, lane, lanes);
+    copy_rows(wk.x + (n - 1) * R * wk.ldP, wk.ldP, R, P, p.final_v + task * R * P, P, lane, lanes);
   });
 }
 
-// Scratch elements of one backward task, beside its chunk states (bwd_state_slot): the chunk
-// buffers, dS twice, the angles, per-step sums, the parameter gradients' parts and dy_i . x_j.
+// Scratch elements of one backward task, beside its chunk states (bwd_state_slot, each
+// tile_state(d).size() elements): the chunk buffers, dS twice, the angles, per-step sums and the
+// parameter gradients' parts (a multiple of kTile, and dS aligned).
 SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
   const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank, Q = d.chunk;
-  return Work<float>::size(d) + 2 * P * N + (nc + 3) * A + 4 * Q + Q * A + 2 * R * N + 3 * R * P + P +
-         Q * R * Q * R;
+  return Work<float>::size(d, true) + 2 * tile_state(d).size() +
+         tile_padded((nc + 3) * A + 4 * Q + Q * A + 2 * R * N + 3 * R * P + P);
 }
 
 // The gate and the output mixing of steps t0 .. t0+n-1 in reverse, per channel cc (so that the
@@ -484,7 +544,7 @@ SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, i
       acc dz = 0;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = t * R + r;
-        const acc y = wk.y[i * P + cc];
+        const acc y = wk.y[i * wk.ldP + cc];
         const bool mixed_z = p.mimo && zr, mixed_o = p.mimo;
         const acc mz = mixed_z ? p.mimo_z[(h * R + r) * P + cc] : acc(1);
         const acc mo = mixed_o ? p.mimo_o[(h * R + r) * P + cc] : acc(1);
@@ -505,94 +565,95 @@ SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, i
           g *= sz;
         }
         if (mixed_o) dmo[r * P + cc] += gout * gated;
-        wk.dy[i * P + cc] = g;
-        dDc[cc] += g * wk.x[i * P + cc];
+        wk.dy[i * wk.ldP + cc] = g;
+        dDc[cc] += g * wk.x[i * wk.ldP + cc];
         const acc dfinal = last && t == n - 1 && p.dfinal_v ? p.dfinal_v[(bh * R + r) * P + cc] : acc(0);
-        wk.dx[i * P + cc] = D * g + dfinal;
+        wk.dx[i * wk.ldP + cc] = D * g + dfinal;
       }
       if (p.dz) p.dz[((b * L + l) * H + h) * P + cc] = static_cast<T>(dz);
     }
   }
+  // dy is an operand of the products: zeros in its padding (dx's too, for tidiness).
+  for (int64_t it = lane; it < wk.M * wk.ldP; it += lanes) {
+    if (it / wk.ldP >= n * R || it % wk.ldP >= P) wk.dy[it] = wk.dx[it] = acc(0);
+  }
 }
 
-// The chunk's products in reverse, per output element (S the state before the chunk, dS the
-// gradient of the state after it, dxy [QR, QR] = dy_i . x_j):
-//   dq_i += sum_j dxy m k_j + e^{Acs_t} S^T dy_i
-//   dk_j += sum_i dxy m q_i + e^{Acs_last - Acs_s} w_s dS^T x_j
-//   dx_j += sum_i cb m dy_i + e^{Acs_last - Acs_s} w_s dS k_j
-//   dS_prev = e^{Acs_last} dS + sum_i e^{Acs_t} dy_i q_i^T
-template <typename acc>
-SSMK_MATH_INLINE void chunk_product_grads(Work<acc>& wk, int64_t n, const acc* S, const acc* dS, const acc* dxy,
-                                          acc* dS_prev, int64_t lane, int64_t lanes) {
-  const int64_t R = wk.R, N = wk.N, P = wk.P, rows = n * R, ld = wk.Q * R;
-  for (int64_t it = lane; it < rows * N; it += lanes) {
-    const int64_t i = it / N, e = it % N, ti = i / R;
-    acc g = wk.dq[it];
-    for (int64_t j = 0; j < (ti + 1) * R; ++j) g += dxy[i * ld + j] * wk.m[i * ld + j] * wk.k[j * N + e];
-    const acc ri = exp_(wk.acs[ti]);
-    for (int64_t cc = 0; cc < P; ++cc) g += ri * wk.dy[i * P + cc] * S[cc * N + e];
-    wk.dq[it] = g;
-  }
-  for (int64_t it = lane; it < rows * N; it += lanes) {
-    const int64_t j = it / N, e = it % N, tj = j / R;
-    acc g = wk.dk[it];
-    for (int64_t i = tj * R; i < rows; ++i) g += dxy[i * ld + j] * wk.m[i * ld + j] * wk.q[i * N + e];
-    acc sx = 0;
-    for (int64_t cc = 0; cc < P; ++cc) sx += wk.x[j * P + cc] * dS[cc * N + e];
-    wk.dk[it] = g + wk.ew[tj] * sx;
-  }
-  for (int64_t it = lane; it < rows * P; it += lanes) {
-    const int64_t j = it / P, cc = it % P, tj = j / R;
-    acc g = wk.dx[it];
-    for (int64_t i = tj * R; i < rows; ++i) g += wk.cb[i * ld + j] * wk.m[i * ld + j] * wk.dy[i * P + cc];
-    wk.dx[it] = g + wk.ew[tj] * dot(dS + cc * N, wk.k + j * N, N);
-  }
+// The chunk's products in reverse (S the state before the chunk, dS the gradient of the state
+// after it, both tile_state; dS_prev gets the gradient of the state before it), with dm = dxy m:
+//   dq = dm K + e^{Acs_t} dy S
+//   dk = dm^T Q + e^{Acs_last - Acs_s} w_s X dS
+//   dx += g^T dy   (and + e^{Acs_last - Acs_s} w_s kds later, chunk_step_sums' phase)
+//   kds = K dS^T
+//   dS_prev = e^{Acs_last} dS + (e^{Acs_t} dy)^T Q
+// First the scaled rows (dys, xw) and dxy = dy X^T, then dm and the scaled dS_prev, then the five
+// products at once.
+template <typename acc, typename Lanes>
+SSMK_MATH_INLINE void chunk_product_grads(Work<acc>& wk, int64_t n, const acc* S, const acc* dS, acc* dS_prev,
+                                          const Lanes& run) {
+  const int64_t R = wk.R, P = wk.P, M = wk.M, ldN = wk.ldN, ldP = wk.ldP, rows = n * R;
   const acc kd = exp_(wk.acs[n - 1]);
-  for (int64_t it = lane; it < P * N; it += lanes) {
-    const int64_t cc = it / N, e = it % N;
-    acc g = kd * dS[it];
-    for (int64_t i = 0; i < rows; ++i) g += exp_(wk.acs[i / R]) * wk.dy[i * P + cc] * wk.q[i * N + e];
-    dS_prev[it] = g;
-  }
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t it = lane; it < M * ldP; it += lanes) {
+      const int64_t i = it / ldP, c = it % ldP;
+      const bool in = i < rows && c < P;
+      wk.dys[it] = in ? exp_(wk.acs[i / R]) * wk.dy[it] : acc(0);
+      wk.xw[it] = in ? wk.ew[i / R] * wk.x[it] : acc(0);
+    }
+  });
+  run.products(tile_product(wk.dxy, M, M, M, false, tile_term<false, true>(wk.dy, ldP, wk.x, ldP, ldP),
+                            StepMask::kLowerOut, R));
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t it = lane; it < M * M; it += lanes) {
+      const int64_t i = it / M, j = it % M;
+      wk.dm[it] = i < rows && j < rows && j / R <= i / R ? wk.dxy[it] * wk.m[it] : acc(0);
+    }
+    for (int64_t it = lane; it < ldP * ldN; it += lanes) dS_prev[it] = kd * dS[it];
+  });
+  run.products(tile_product(wk.dq, ldN, M, ldN, false, tile_term(wk.dm, M, wk.k, ldN, M, StepMask::kLowerA, R),
+                            tile_term(wk.dys, ldP, S, ldN, ldP)),
+               tile_product(wk.dk, ldN, M, ldN, false,
+                            tile_term<true, false>(wk.dm, M, wk.q, ldN, M, StepMask::kUpperA, R),
+                            tile_term(wk.xw, ldP, dS, ldN, ldP)),
+               tile_product(wk.dx, ldP, M, ldP, true,
+                            tile_term<true, false>(wk.g, M, wk.dy, ldP, M, StepMask::kUpperA, R)),
+               tile_product(wk.kds, ldP, M, ldP, false, tile_term<false, true>(wk.k, ldN, dS, ldN, ldN)),
+               tile_product(dS_prev, ldN, ldP, ldN, true, tile_term<true, false>(wk.dys, ldP, wk.q, ldN, M)));
 }
 
 // Per step t of the chunk: d Acs_t (the intra-chunk pairs with t as the later step, less those with
 // t as the earlier; the inter-chunk term; less the state term), dw_t (pairs below the diagonal
 // steps, the state term), dgamma_t (the diagonal step's pairs), and E_t = sum of x_j . (dS k_j)
-// over t's rows, whose e^{Acs_last - Acs_s} w_s share of d Acs_last the caller adds.
+// over t's rows, whose e^{Acs_last - Acs_s} w_s share of d Acs_last the caller adds (after
+// chunk_product_grads: reads qs = Q S^T and kds = K dS^T).
 template <typename acc>
-SSMK_MATH_INLINE void chunk_step_sums(const Work<acc>& wk, int64_t n, const acc* S, const acc* dS, const acc* dxy,
-                                      acc* dacs, acc* dw, acc* dgamma, acc* E, int64_t lane, int64_t lanes) {
-  const int64_t R = wk.R, N = wk.N, P = wk.P, rows = n * R, ld = wk.Q * R;
+SSMK_MATH_INLINE void chunk_step_sums(const Work<acc>& wk, int64_t n, acc* dacs, acc* dw, acc* dgamma, acc* E,
+                                      int64_t lane, int64_t lanes) {
+  const int64_t R = wk.R, P = wk.P, M = wk.M, ldP = wk.ldP, rows = n * R;
+  const acc* dxy = wk.dxy;
   for (int64_t t = lane; t < n; t += lanes) {
     const acc at = wk.acs[t];
     acc da = 0, dwt = 0, dgt = 0, Et = 0;
     for (int64_t i = t * R; i < (t + 1) * R; ++i) {
       for (int64_t j = 0; j < (t + 1) * R; ++j) {
-        const acc pij = wk.cb[i * ld + j] * dxy[i * ld + j];
+        const acc pij = wk.cb[i * M + j] * dxy[i * M + j];
         if (j / R == t) {
           dgt += pij;  // the diagonal's coefficient is gamma_t (no decay: no d Acs)
         } else {
-          da += pij * wk.m[i * ld + j];
+          da += pij * wk.m[i * M + j];
         }
       }
     }
     for (int64_t i = (t + 1) * R; i < rows; ++i) {
       for (int64_t j = t * R; j < (t + 1) * R; ++j) {
-        const acc pij = wk.cb[i * ld + j] * dxy[i * ld + j];
-        da -= pij * wk.m[i * ld + j];
+        const acc pij = wk.cb[i * M + j] * dxy[i * M + j];
+        da -= pij * wk.m[i * M + j];
         dwt += pij * exp_(wk.acs[i / R] - at);
       }
     }
     const acc rt = exp_(at);
-    for (int64_t i = t * R; i < (t + 1) * R; ++i) {
-      acc s = 0;
-      for (int64_t cc = 0; cc < P; ++cc) s += wk.dy[i * P + cc] * dot(S + cc * N, wk.q + i * N, N);
-      da += rt * s;
-    }
-    for (int64_t j = t * R; j < (t + 1) * R; ++j) {
-      for (int64_t cc = 0; cc < P; ++cc) Et += wk.x[j * P + cc] * dot(dS + cc * N, wk.k + j * N, N);
-    }
+    for (int64_t i = t * R; i < (t + 1) * R; ++i) da += rt * dot(wk.dy + i * ldP, wk.qs + i * ldP, P);
+    for (int64_t j = t * R; j < (t + 1) * R; ++j) Et += dot(wk.x + j * ldP, wk.kds + j * ldP, P);
     dwt += exp_(wk.acs[n - 1] - at) * Et;
     da -= wk.ew[t] * Et;
     dacs[t] = da;
@@ -614,10 +675,10 @@ SSMK_MATH_INLINE void chunk_rotation_grads(const Mamba3BwdParams<T>& p, int64_t 
     fill_n(dtheta + t * A, A, acc(0));
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = t * R + r;
-      acc* dqi = wk.dq + i * N;
-      acc* dki = wk.dk + i * N;
-      rotate_pairs_bwd(dqi, wk.q + i * N, wk.cs + t * A, wk.sn + t * A, A, dtheta + t * A);
-      rotate_pairs_bwd(dki, wk.k + i * N, wk.cs + t * A, wk.sn + t * A, A, dtheta + t * A);
+      acc* dqi = wk.dq + i * wk.ldN;
+      acc* dki = wk.dk + i * wk.ldN;
+      rotate_pairs_bwd(dqi, wk.q + i * wk.ldN, wk.cs + t * A, wk.sn + t * A, A, dtheta + t * A);
+      rotate_pairs_bwd(dki, wk.k + i * wk.ldN, wk.cs + t * A, wk.sn + t * A, A, dtheta + t * A);
       copy_n(dqi, N, p.dq + (((b * L + l) * R + r) * H + h) * N);
       copy_n(dki, N, p.dk + (((b * L + l) * R + r) * H + h) * N);
     }
@@ -635,8 +696,8 @@ SSMK_MATH_INLINE void chunk_input_grads(const Mamba3BwdParams<T>& p, int64_t b, 
   for (int64_t it = lane; it < R * N; it += lanes) {
     const int64_t r = it / N, e = it % N;
     for (int64_t t = 0; t < n; ++t) {
-      dqb[it] += wk.dq[(t * R + r) * N + e];
-      dkb[it] += wk.dk[(t * R + r) * N + e];
+      dqb[it] += wk.dq[(t * R + r) * wk.ldN + e];
+      dkb[it] += wk.dk[(t * R + r) * wk.ldN + e];
     }
   }
   for (int64_t cc = lane; cc < P; cc += lanes) {
@@ -645,7 +706,7 @@ SSMK_MATH_INLINE void chunk_input_grads(const Mamba3BwdParams<T>& p, int64_t b, 
       const T* vr = p.v.data + b * p.v.stride[0] + l * p.v.stride[1] + h * p.v.stride[2];
       acc dv = 0;
       for (int64_t r = 0; r < R; ++r) {
-        const acc dx = wk.dx[(t * R + r) * P + cc];
+        const acc dx = wk.dx[(t * R + r) * wk.ldP + cc];
         if (p.mimo) {
           dv += dx * p.mimo_v[(h * R + r) * P + cc];
           dmv[r * P + cc] += dx * static_cast<acc>(vr[cc * p.v.stride[3]]);
@@ -697,11 +758,13 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
     });
     return;
   }
-  const int64_t nc = (sp.end - sp.start + Q - 1) / Q, ld = Q * R, PN = P * N;
-  Work<acc> wk(p, scratch);
-  acc* s = scratch + Work<acc>::size(p);
-  acc* dS = s; s += PN;
-  acc* dS_prev = s; s += PN;
+  const int64_t nc = (sp.end - sp.start + Q - 1) / Q;
+  const StateLayout st = tile_state(p);
+  const int64_t SS = st.size();
+  Work<acc> wk(p, scratch, true);
+  acc* s = scratch + Work<acc>::size(p, true);
+  acc* dS = s; s += SS;
+  acc* dS_prev = s; s += SS;
   acc* thetas = s; s += (nc + 1) * A;  // the angle before chunk c at c A
   acc* theta = s; s += A;
   acc* carry = s; s += A;
@@ -715,22 +778,24 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   acc* dmv = s; s += R * P;
   acc* dmz = s; s += R * P;
   acc* dmo = s; s += R * P;
-  acc* dDc = s; s += P;  // per channel: the sum of dy x, D's gradient
-  acc* dxy = s;          // [Q R, Q R]
+  acc* dDc = s;  // [P] per channel: the sum of dy x, D's gradient
   const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, end = sp.end;
   const acc D = p.D ? p.D[h] : acc(0);
   // The state (and the angle) before every chunk (all but the last are full chunks).
-  run([&](int64_t lane, int64_t lanes) { initial_state(p, bh, sp, states, thetas, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) { initial_state(p, bh, sp, st, states, thetas, lane, lanes); });
   for (int64_t c = 0; c + 1 < nc; ++c) {
     const int64_t t0 = sp.start + c * Q;
     run([&](int64_t lane, int64_t) {
       if (lane == 0) chunk_coefficients(p, b, h, t0, Q, end, thetas + c * A, thetas + (c + 1) * A, wk);
     });
     run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, Q, wk, lane, lanes); });
-    run([&](int64_t lane, int64_t lanes) { chunk_state(wk, Q, states + c * PN, states + (c + 1) * PN, lane, lanes); });
+    chunk_state(wk, Q, states + c * SS, states + (c + 1) * SS, run);
   }
   run([&](int64_t lane, int64_t lanes) {
-    for (int64_t it = lane; it < PN; it += lanes) dS[it] = p.dfinal_ssm ? p.dfinal_ssm[bh * PN + it] : acc(0);
+    for (int64_t it = lane; it < SS; it += lanes) {
+      const int64_t cc = it / st.ld, e = it % st.ld;
+      dS[it] = p.dfinal_ssm && cc < P && e < N ? p.dfinal_ssm[(bh * P + cc) * N + e] : acc(0);
+    }
     for (int64_t j = lane; j < A; j += lanes) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
     for (int64_t l = sp.start + lane; l < end; l += lanes) p.dtrap[row + l] = p.ddt[row + l] = acc(0);
     for (int64_t it = lane; it < R * N; it += lanes) dqb[it] = dkb[it] = acc(0);
@@ -739,29 +804,28 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   });
   for (int64_t c = nc - 1; c >= 0; --c) {
     const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0, rows = n * R;
-    const acc* S = states + c * PN;
+    const acc* S = states + c * SS;
     chunk_forward(p, b, h, t0, n, end, thetas + c * A, theta, S, D, wk, run);
     run([&](int64_t lane, int64_t lanes) {
       chunk_gate_grads(p, b, h, bh, t0, n, c == nc - 1, D, wk, dmz, dmo, dDc, lane, lanes);
-      for (int64_t it = lane; it < rows * N; it += lanes) wk.dq[it] = wk.dk[it] = acc(0);
     });
+    chunk_product_grads(wk, n, S, dS, dS_prev, run);
     run([&](int64_t lane, int64_t lanes) {
-      for (int64_t it = lane; it < rows * rows; it += lanes) {
-        const int64_t i = it / rows, j = it % rows;
-        if (j / R <= i / R) dxy[i * ld + j] = dot(wk.dy + i * P, wk.x + j * P, P);
+      chunk_step_sums(wk, n, dacs, dw, dgamma, E, lane, lanes);
+      for (int64_t it = lane; it < rows * P; it += lanes) {
+        const int64_t j = it / P, cc = it % P, at = j * wk.ldP + cc;
+        wk.dx[at] += wk.ew[j / R] * wk.kds[at];
       }
       if (c == nc - 1 && p.dfinal_k) {
-        for (int64_t it = lane; it < R * N; it += lanes) wk.dk[(n - 1) * R * N + it] += p.dfinal_k[bh * R * N + it];
+        for (int64_t it = lane; it < R * N; it += lanes) {
+          wk.dk[((n - 1) * R + it / N) * wk.ldN + it % N] += p.dfinal_k[bh * R * N + it];
+        }
       }
-    });
-    run([&](int64_t lane, int64_t lanes) {
-      chunk_product_grads(wk, n, S, dS, dxy, dS_prev, lane, lanes);
-      chunk_step_sums(wk, n, S, dS, dxy, dacs, dw, dgamma, E, lane, lanes);
     });
     run([&](int64_t lane, int64_t) {
       if (lane != 0) return;
       for (int64_t t = 0; t < n; ++t) dacs[n - 1] += wk.ew[t] * E[t];
-      dacs[n - 1] += exp_(wk.acs[n - 1]) * dot(dS, S, PN);
+      dacs[n - 1] += exp_(wk.acs[n - 1]) * dot(dS, S, SS);
       coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, wk.lam, wk.dtv);
     });
     {
@@ -777,7 +841,7 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
   }
   run([&](int64_t lane, int64_t) {
     if (lane != 0) return;
-    initial_state_grads(p, bh, row + sp.start, dS, carry);
+    initial_state_grads(p, bh, row + sp.start, dS, st.ld, carry);
     trap_grads(p, row, sp);
     acc dD = 0;
     for (int64_t cc = 0; cc < P; ++cc) dD += dDc[cc];
@@ -807,8 +871,9 @@ struct StepTask {
   bool valid;           // si in [0, state_batch)
   acc *q, *k, *x;       // [R, N], [R, N], [R, P]: biased rotated q, k and mixed v (scratch)
   acc *cs, *sn;         // [A] cos, sin of the updated angle (scratch)
+  int64_t M, ldN, ldP;  // chunk_rows' row count and leading dimensions: R, N, P (no padding)
   SSMK_MATH_INLINE StepTask(const Mamba3StepParams<T>& p, int64_t task, acc* scratch)
-      : b(task / p.nheads), h(task % p.nheads) {
+      : b(task / p.nheads), h(task % p.nheads), M(p.rank), ldN(p.headdim_qk), ldP(p.headdim_v) {
     si = p.state_batch_indices ? p.state_batch_indices[b] : b;
     valid = si >= 0 && si < p.state_batch;
     q = scratch;

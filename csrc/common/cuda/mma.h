@@ -46,17 +46,16 @@ struct MmaTraits<MmaPrecision::kTf32x3> {
   static __device__ __forceinline__ smem_t from_float(float v) { return v; }
 };
 
-// 16x16 float32 accumulator tiles += (16 x kK, row-major A) . (kK x 16, row-major B), with A and B
-// fragments loaded from shared memory (leading dimensions in elements).
-template <MmaPrecision P>
+// 16x16 float32 accumulator tiles += (16 x kK A) . (kK x 16 B), with A and B fragments loaded
+// from shared (or global) memory, row-major unless LayoutA / LayoutB say col_major (leading
+// dimensions in elements).
+template <MmaPrecision P, typename LayoutA = nvcuda::wmma::row_major, typename LayoutB = nvcuda::wmma::row_major>
 struct WarpMma {
   using Traits = MmaTraits<P>;
   using smem_t = typename Traits::smem_t;
   static constexpr int kK = Traits::kK;
-  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, kK, typename Traits::frag_t,
-                                       nvcuda::wmma::row_major>;
-  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, kK, typename Traits::frag_t,
-                                       nvcuda::wmma::row_major>;
+  using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, kK, typename Traits::frag_t, LayoutA>;
+  using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, kK, typename Traits::frag_t, LayoutB>;
   using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float>;
 
   static __device__ __forceinline__ void zero(FragAcc& acc) { nvcuda::wmma::fill_fragment(acc, 0.0f); }
@@ -98,6 +97,9 @@ struct WarpMma {
 
   static __device__ __forceinline__ void store(float* c, unsigned ldc, const FragAcc& acc) {
     nvcuda::wmma::store_matrix_sync(c, acc, ldc, nvcuda::wmma::mem_row_major);
+  }
+  static __device__ __forceinline__ void load(FragAcc& acc, const float* c, unsigned ldc) {
+    nvcuda::wmma::load_matrix_sync(acc, c, ldc, nvcuda::wmma::mem_row_major);
   }
 };
 
