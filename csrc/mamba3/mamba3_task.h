@@ -147,38 +147,19 @@ struct Work {
   SSMK_HOST_DEVICE Work(const Mamba3Dims& d, acc* s, bool grads)
       : Q(d.chunk), R(d.rank), N(d.headdim_qk), P(d.headdim_v), A(d.nangles), M(tile_padded(Q * R)),
         ldN(tile_padded(N)), ldP(tile_padded(P)) {
-    const auto carve = [&s](int64_t n) {
-      acc* b = s;
-      s += tile_padded(n);
-      return b;
-    };
-    q = carve(M * ldN);
-    k = carve(M * ldN);
-    x = carve(M * ldP);
-    cs = carve(Q * A);
-    sn = carve(Q * A);
-    lam = carve(Q);
-    dtv = carve(Q);
-    gam = carve(Q);
-    w = carve(Q);
-    acs = carve(Q);
-    ew = carve(Q);
-    cb = carve(M * M);
-    m = carve(M * M);
-    g = carve(M * M);
-    qs = carve(M * ldP);
-    y = carve(M * ldP);
-    xw = carve(M * ldP);
+    // Buffers of n elements each, one after the other from s.
+    const auto carve = [&s](int64_t n, auto*&... bufs) { ((bufs = s, s += tile_padded(n)), ...); };
+    carve(M * ldN, q, k);
+    carve(M * ldP, x);
+    carve(Q * A, cs, sn);
+    carve(Q, lam, dtv, gam, w, acs, ew);
+    carve(M * M, cb, m, g);
+    carve(M * ldP, qs, y, xw);
     dy = dx = dys = kds = dq = dk = dxy = dm = nullptr;
     if (!grads) return;
-    dy = carve(M * ldP);
-    dx = carve(M * ldP);
-    dys = carve(M * ldP);
-    kds = carve(M * ldP);
-    dq = carve(M * ldN);
-    dk = carve(M * ldN);
-    dxy = carve(M * M);
-    dm = carve(M * M);
+    carve(M * ldP, dy, dx, dys, kds);
+    carve(M * ldN, dq, dk);
+    carve(M * M, dxy, dm);
   }
 };
 
