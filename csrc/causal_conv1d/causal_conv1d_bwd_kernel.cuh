@@ -56,11 +56,8 @@ __global__ void __launch_bounds__(BwdTraits::kThreads) causal_conv1d_bwd_kernel(
     }
     xs[i] = v;
   }
-  const auto* weight = p.weight + d * W;
   acc_t w[kMaxWidth];
-#pragma unroll
-  for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? weight[k] : acc_t(0);
-  const acc_t bias = p.bias ? p.bias[d] : acc_t(0);
+  const acc_t bias = load_taps(p.weight, p.bias, d, W, w);
   __syncthreads();
 
   // g on [t0, t0 + n + W - 1), recomputing the pre-activation.

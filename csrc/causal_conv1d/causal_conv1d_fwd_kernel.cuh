@@ -44,11 +44,8 @@ __global__ void __launch_bounds__(FwdTraits::kThreads) causal_conv1d_fwd_kernel(
     }
     xs[i] = v;
   }
-  const auto* weight = p.weight + d * W;
   acc_t w[kMaxWidth];
-#pragma unroll
-  for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? weight[k] : acc_t(0);
-  const acc_t bias = p.bias ? p.bias[d] : acc_t(0);
+  const acc_t bias = load_taps(p.weight, p.bias, d, W, w);
   const int32_t* seq = p.seq_idx.data ? p.seq_idx.data + b * p.seq_idx.stride[0] : nullptr;
   __syncthreads();
 

@@ -32,6 +32,20 @@ SSMK_HOST_DEVICE T activation_backward(T pre, T grad, bool use_silu) {
   return use_silu ? grad * ssmk::silu_grad(pre) : grad;
 }
 
+#if defined(__CUDACC__)
+// The CUDA forward and backward kernels' copy of channel d's taps into registers w, zero past the
+// width W so that loops unrolled over kMaxWidth read them all; returns the channel's bias (zero
+// without one). weight: [D, W] contiguous.
+template <typename acc_t>
+SSMK_DEVICE acc_t load_taps(const acc_t* weight_all, const acc_t* bias_all, int64_t d, int W,
+                            acc_t (&w)[kMaxWidth]) {
+  const auto* weight = weight_all + d * W;
+#pragma unroll
+  for (int k = 0; k < kMaxWidth; ++k) w[k] = k < W ? weight[k] : acc_t(0);
+  return bias_all ? bias_all[d] : acc_t(0);
+}
+#endif
+
 SSMK_HOST_DEVICE bool same_sequence(const int32_t* seq_idx, int64_t stride, int64_t t, int64_t p) {
   return seq_idx[(p < 0 ? 0 : p) * stride] == seq_idx[t * stride];
 }
