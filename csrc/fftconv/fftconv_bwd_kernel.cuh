@@ -91,8 +91,7 @@ __global__ void __launch_bounds__(kThreads) fftconv_grad_input_kernel(FftconvBwd
   const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
   const acc_t* Dp = p.D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t q = i / L, t = i % L;
-    const int64_t b = m.b(q), d = m.d(q);
+    const auto [q, t, b, d] = m.at(i, L);
     const acc_t Dd = Dp ? Dp[d] : acc_t(0);
     const acc_t dv = conv[q * n + t] + Dd * gbuf[q * n + t];
     const int64_t o = (b * p.dim + d) * L + t;

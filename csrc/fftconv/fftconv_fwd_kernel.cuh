@@ -21,6 +21,14 @@ struct RowMap {
   int64_t batch, d0;
   SSMK_DEVICE int64_t b(int64_t q) const { return q % batch; }
   SSMK_DEVICE int64_t d(int64_t q) const { return d0 + q / batch; }
+  struct Pos {
+    int64_t q, t, b, d;
+  };
+  // Element i of a [rows, len] buffer: its row q, position t in the row, and the row's (b, d).
+  SSMK_DEVICE Pos at(int64_t i, int64_t len) const {
+    const int64_t q = i / len, t = i % len;
+    return {q, t, b(q), d(q)};
+  }
 };
 
 // vbuf[q, t] = u * pregate (t < L), 0 (L <= t < n).   vbuf: [rows, n]
@@ -74,8 +82,7 @@ __global__ void __launch_bounds__(kThreads) fftconv_epilogue_kernel(FftconvFwdPa
   const int64_t L = p.seqlen, n = p.fft_size, total = rows * L;
   const acc_t* Dp = p.D;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t q = i / L, t = i % L;
-    const int64_t b = m.b(q), d = m.d(q);
+    const auto [q, t, b, d] = m.at(i, L);
     acc_t v = static_cast<acc_t>(p.u.data[b * p.u.stride[0] + d * p.u.stride[1] + t * p.u.stride[2]]);
     if (p.pregate.data) {
       v *= static_cast<acc_t>(p.pregate.data[b * p.pregate.stride[0] + d * p.pregate.stride[1] +
