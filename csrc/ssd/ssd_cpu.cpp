@@ -46,6 +46,16 @@ inline Task task_of(const SsdDims& p, int64_t i) {
   return {i / (p.nchunks * p.nheads), (i / p.nheads) % p.nchunks, i % p.nheads, i};
 }
 
+// The (b, l, h) entry of a [B, L, H, ...] view for task k's batch and head at token l.
+template <typename T, int N>
+inline const T* token_at(const View<const T, N>& v, const Task& k, int64_t l) {
+  return v.data + k.b * v.stride[0] + l * v.stride[1] + k.h * v.stride[2];
+}
+
+// Index of task k's (b, l, h) in contiguous [B, L, H] order; times P, its row of a contiguous
+// [B, L, H, P] output.
+inline int64_t token_index(const SsdDims& p, const Task& k, int64_t l) { return (k.b * p.seqlen + l) * p.nheads + k.h; }
+
 // The chunk's [Q] slice of seq_idx, or nullptr.
 inline const int32_t* chunk_seg(const int32_t* seg, const SsdDims& p, int64_t b, int64_t c) {
   return seg ? seg + (b * p.nchunks + c) * p.chunk : nullptr;
@@ -171,8 +181,7 @@ SSMK_CPU_MULTIVERSION(scan_rows, (typename acc_t, typename Params), (acc_t, Para
 template <typename input_t>
 SSMK_CPU_INLINE void epilogue_tasks(const SsdFwdParams<input_t>& p, int64_t begin, int64_t end) {
   using acc_t = ssmk::acc_t<input_t>;
-  const int64_t Q = p.chunk, P = p.headdim, H = p.nheads, L = p.seqlen;
-  const input_t* x = p.x.data;
+  const int64_t Q = p.chunk, P = p.headdim;
   const input_t* z = p.z.data;
   const acc_t* D = p.D;
   std::vector<acc_t> y(P);
@@ -186,15 +195,15 @@ SSMK_CPU_INLINE void epilogue_tasks(const SsdFwdParams<input_t>& p, int64_t begi
       const int64_t l = first + t;
       const acc_t rt = r[t];
       for (int64_t q = 0; q < P; ++q) y[q] = yi[t * P + q] + rt * yT[q * Q + t];
-      const input_t* xr = x + k.b * p.x.stride[0] + l * p.x.stride[1] + k.h * p.x.stride[2];
+      const input_t* xr = token_at(p.x, k, l);
       if (D) {
         for (int64_t q = 0; q < P; ++q) y[q] += D[k.h * P + q] * static_cast<acc_t>(xr[q * p.x.stride[3]]);
       }
       if (z) {
-        const input_t* zr = z + k.b * p.z.stride[0] + l * p.z.stride[1] + k.h * p.z.stride[2];
+        const input_t* zr = token_at(p.z, k, l);
         for (int64_t q = 0; q < P; ++q) y[q] *= ssmk::silu(static_cast<acc_t>(zr[q * p.z.stride[3]]));
       }
-      input_t* o = p.out + ((k.b * L + l) * H + k.h) * P;
+      input_t* o = p.out + token_index(p, k, l) * P;
       for (int64_t q = 0; q < P; ++q) o[q] = static_cast<input_t>(y[q]);
     }
   }
@@ -263,11 +272,8 @@ SSMK_CPU_MULTIVERSION(wsum_tasks, (typename acc_t), (acc_t),
 template <typename input_t>
 SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, int64_t end) {
   using acc_t = ssmk::acc_t<input_t>;
-  const int64_t Q = p.chunk, P = p.headdim, H = p.nheads, L = p.seqlen;
-  const input_t* x = p.x.data;
+  const int64_t Q = p.chunk, P = p.headdim;
   const input_t* z = p.z.data;
-  const input_t* dout = p.dout.data;
-  const input_t* dt = p.dt.data;
   const acc_t* D = p.D;
   const acc_t* A = p.A;
   const acc_t* bias = p.dt_bias;
@@ -299,8 +305,8 @@ SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, 
     const int64_t first = ssd::chunk_first_token(p, k.c), nvalid = ssd::chunk_tokens(p, k.c);
     for (int64_t t = 0; t < nvalid; ++t) {
       const int64_t l = first + t;
-      const input_t* xr = x + k.b * p.x.stride[0] + l * p.x.stride[1] + k.h * p.x.stride[2];
-      input_t* dxr = p.dx + ((k.b * L + l) * H + k.h) * P;
+      const input_t* xr = token_at(p.x, k, l);
+      input_t* dxr = p.dx + token_index(p, k, l) * P;
       const acc_t et = e[t], dtt = dtv[t];
       acc_t xdx = 0;
       for (int64_t q = 0; q < P; ++q) {
@@ -316,9 +322,9 @@ SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, 
         zrow[q] = xv;
       }
       if (z) {
-        const input_t* zr = z + k.b * p.z.stride[0] + l * p.z.stride[1] + k.h * p.z.stride[2];
-        const input_t* gr = dout + k.b * p.dout.stride[0] + l * p.dout.stride[1] + k.h * p.dout.stride[2];
-        input_t* dzr = p.dz + ((k.b * L + l) * H + k.h) * P;
+        const input_t* zr = token_at(p.z, k, l);
+        const input_t* gr = token_at(p.dout, k, l);
+        input_t* dzr = p.dz + token_index(p, k, l) * P;
         for (int64_t q = 0; q < P; ++q) {
           acc_t y = yi[t * P + q] + r[t] * yT[q * Q + t];
           if (D) y += D[k.h * P + q] * zrow[q];
@@ -327,8 +333,8 @@ SSMK_CPU_INLINE void final_tasks(const SsdBwdParams<input_t>& p, int64_t begin, 
         }
       }
       dA += dtt * da[t];
-      const acc_t raw = static_cast<acc_t>(dt[k.b * p.dt.stride[0] + l * p.dt.stride[1] + k.h * p.dt.stride[2]]);
-      p.ddt[(k.b * L + l) * H + k.h] =
+      const acc_t raw = static_cast<acc_t>(*token_at(p.dt, k, l));
+      p.ddt[token_index(p, k, l)] =
           (xdx + a * da[t]) * ssd::dt_process_grad(raw, bias_h, p.softplus, p.clamp, lo, hi);
     }
     p.dA_part[i] = dA;
