@@ -5,9 +5,10 @@
 // (sequence, value head) (Mamba3Dims::span): its tokens in chunks of p.chunk steps from its first
 // token (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys,
 // its product with the mixed values, the inter-chunk term from the carried state and the state
-// update. Each task works in its own scratch area (fwd_scratch / bwd_scratch / step_scratch
-// elements); the backward recomputes the chunk states in a forward pass, then walks the chunks in
-// reverse.
+// update; the matrix products as whole tiles (common/tile_product.h: tensor cores on the GPU,
+// element by element on the CPU). Each task works in its own scratch area (fwd_scratch /
+// bwd_scratch / step_scratch elements); the backward recomputes the chunk states in a forward
+// pass, then walks the chunks in reverse.
 #pragma once
 
 #include <cmath>
