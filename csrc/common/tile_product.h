@@ -104,8 +104,9 @@ SSMK_HOST_DEVICE T add_term(T s, const Term& t, int64_t m0, int64_t m, int64_t n
   return s;
 }
 
-// Element e (0 .. kTile^2 - 1, row-major) of tile `tile` of a product, in the order the tensor
-// cores sum: C (when accumulating), then the first term's K range, then the second's.
+// Element e (0 .. kTile^2 - 1, row-major) of tile `tile` of a product, with the tensor cores' order
+// of terms: C (when accumulating), then the first term's K range, then the second's (within a
+// K step of the tensor cores the order is the hardware's, so results agree up to rounding).
 template <typename Product>
 SSMK_HOST_DEVICE void tile_element(const Product& pr, int64_t tile, int64_t e) {
   using T = typename Product::value_type;
