@@ -132,7 +132,7 @@ struct Work {
   int64_t Q, R, N, P, A, M, ldN, ldP;
   acc *q, *k, *x;            // [M, ldN], [M, ldN], [M, ldP]: biased rotated q, k; mixed v
   acc *cs, *sn;              // [Q, A] cos, sin of the angle at each step
-  acc *lam, *dtv, *gam, *w, *acs, *ew;  // [Q]; ew: e^{Acs_last - Acs_s} w_s
+  acc *lam, *dtv, *gam, *w, *acs, *ra, *ew;  // [Q]; ra: e^{Acs_t}; ew: e^{Acs_last - Acs_s} w_s
   acc *cb, *m, *g;           // [M, M] q_i . k_j, the mask e^{Acs_t - Acs_s} c_ts, their product
   acc *qs, *y, *xw;          // [M, ldP] q_i . S_c (S the state before the chunk), y, ew x
   // The backward's (grads): [M, ldP] / [M, ldN] / [M, M]
@@ -141,7 +141,7 @@ struct Work {
   acc *dxy, *dm;             // dy_i . x_j and its product with the mask
   static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d, bool grads) {
     const int64_t M = tile_padded(d.chunk * d.rank), ldN = tile_padded(d.headdim_qk), ldP = tile_padded(d.headdim_v);
-    const int64_t fwd = M * (2 * ldN + 4 * ldP) + 2 * tile_padded(d.chunk * d.nangles) + 6 * tile_padded(d.chunk) +
+    const int64_t fwd = M * (2 * ldN + 4 * ldP) + 2 * tile_padded(d.chunk * d.nangles) + 7 * tile_padded(d.chunk) +
                         3 * M * M;
     return grads ? fwd + M * (4 * ldP + 2 * ldN + 2 * M) : fwd;
   }
@@ -153,7 +153,7 @@ struct Work {
     carve(M * ldN, q, k);
     carve(M * ldP, x);
     carve(Q * A, cs, sn);
-    carve(Q, lam, dtv, gam, w, acs, ew);
+    carve(Q, lam, dtv, gam, w, acs, ra, ew);
     carve(M * M, cb, m, g);
     carve(M * ldP, qs, y, xw);
     dy = dx = dys = kds = dq = dk = dxy = dm = nullptr;
@@ -194,7 +194,10 @@ SSMK_MATH_INLINE void chunk_coefficients(const Mamba3Inputs<T>& p, int64_t b, in
       wk.sn[t * A + j] = sin_(theta[j]);
     }
   }
-  for (int64_t t = 0; t < n; ++t) wk.ew[t] = exp_(cum - wk.acs[t]) * wk.w[t];
+  for (int64_t t = 0; t < n; ++t) {
+    wk.ra[t] = exp_(wk.acs[t]);
+    wk.ew[t] = exp_(cum - wk.acs[t]) * wk.w[t];
+  }
 }
 
 // The biased, rotated q and k rows and the mixed v rows of steps t0 .. t0+n-1 (rows i = t R + r,
@@ -233,6 +236,17 @@ SSMK_MATH_INLINE void chunk_rows(const Params<T>& p, int64_t b, int64_t h, int64
   }
 }
 
+// dst[i, c] = scale[t] src[i, c] (t = i / R) on the chunk's rows and the P channels, zero in the
+// padding of the [M, ldP] buffers, per item.
+template <typename acc>
+SSMK_MATH_INLINE void scaled_rows(const Work<acc>& wk, int64_t n, const acc* scale, const acc* src, acc* dst,
+                                  int64_t lane, int64_t lanes) {
+  for (int64_t it = lane; it < wk.M * wk.ldP; it += lanes) {
+    const int64_t i = it / wk.ldP, c = it % wk.ldP;
+    dst[it] = i < n * wk.R && c < wk.P ? scale[i / wk.R] * src[it] : acc(0);
+  }
+}
+
 // The mask m[i, j] = e^{Acs_t - Acs_s} c_ts for the rows of steps s <= t (zero elsewhere and in the
 // padding), g = cb m, and y = e^{Acs_t} qs + D x (before the intra-chunk term), per item.
 template <typename acc>
@@ -247,7 +261,7 @@ SSMK_MATH_INLINE void chunk_masks(Work<acc>& wk, int64_t n, acc D, int64_t lane,
   }
   for (int64_t it = lane; it < M * ldP; it += lanes) {
     const int64_t i = it / ldP, c = it % ldP;
-    wk.y[it] = i < rows && c < P ? exp_(wk.acs[i / R]) * wk.qs[it] + D * wk.x[it] : acc(0);
+    wk.y[it] = i < rows && c < P ? wk.ra[i / R] * wk.qs[it] + D * wk.x[it] : acc(0);
   }
 }
 
@@ -274,13 +288,10 @@ SSMK_MATH_INLINE void chunk_forward(const Mamba3Inputs<T>& p, int64_t b, int64_t
 // the tile_state layout): xw = ew x and the scaled state per item, then the product.
 template <typename acc, typename Lanes>
 SSMK_MATH_INLINE void chunk_state(Work<acc>& wk, int64_t n, const acc* H_in, acc* H_out, const Lanes& run) {
-  const int64_t R = wk.R, P = wk.P, M = wk.M, ldN = wk.ldN, ldP = wk.ldP, rows = n * R;
-  const acc kd = exp_(wk.acs[n - 1]);
+  const int64_t M = wk.M, ldN = wk.ldN, ldP = wk.ldP;
+  const acc kd = wk.ra[n - 1];
   run([&](int64_t lane, int64_t lanes) {
-    for (int64_t it = lane; it < M * ldP; it += lanes) {
-      const int64_t i = it / ldP, c = it % ldP;
-      wk.xw[it] = i < rows && c < P ? wk.ew[i / R] * wk.x[it] : acc(0);
-    }
+    scaled_rows(wk, n, wk.ew, wk.x, wk.xw, lane, lanes);
     for (int64_t it = lane; it < ldP * ldN; it += lanes) H_out[it] = kd * H_in[it];
   });
   run.products(tile_product(H_out, ldN, ldP, ldN, true, tile_term<true, false>(wk.xw, ldP, wk.k, ldN, M)));
@@ -573,15 +584,11 @@ SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, i
 template <typename acc, typename Lanes>
 SSMK_MATH_INLINE void chunk_product_grads(Work<acc>& wk, int64_t n, const acc* S, const acc* dS, acc* dS_prev,
                                           const Lanes& run) {
-  const int64_t R = wk.R, P = wk.P, M = wk.M, ldN = wk.ldN, ldP = wk.ldP, rows = n * R;
-  const acc kd = exp_(wk.acs[n - 1]);
+  const int64_t R = wk.R, M = wk.M, ldN = wk.ldN, ldP = wk.ldP, rows = n * R;
+  const acc kd = wk.ra[n - 1];
   run([&](int64_t lane, int64_t lanes) {
-    for (int64_t it = lane; it < M * ldP; it += lanes) {
-      const int64_t i = it / ldP, c = it % ldP;
-      const bool in = i < rows && c < P;
-      wk.dys[it] = in ? exp_(wk.acs[i / R]) * wk.dy[it] : acc(0);
-      wk.xw[it] = in ? wk.ew[i / R] * wk.x[it] : acc(0);
-    }
+    scaled_rows(wk, n, wk.ra, wk.dy, wk.dys, lane, lanes);
+    scaled_rows(wk, n, wk.ew, wk.x, wk.xw, lane, lanes);
   });
   run.products(tile_product(wk.dxy, M, M, M, false, tile_term<false, true>(wk.dy, ldP, wk.x, ldP, ldP),
                             StepMask::kLowerOut, R));
@@ -633,7 +640,7 @@ SSMK_MATH_INLINE void chunk_step_sums(const Work<acc>& wk, int64_t n, acc* dacs,
         dwt += pij * exp_(wk.acs[i / R] - at);
       }
     }
-    const acc rt = exp_(at);
+    const acc rt = wk.ra[t];
     for (int64_t i = t * R; i < (t + 1) * R; ++i) da += rt * dot(wk.dy + i * ldP, wk.qs + i * ldP, P);
     for (int64_t j = t * R; j < (t + 1) * R; ++j) Et += dot(wk.x + j * ldP, wk.kds + j * ldP, P);
     dwt += exp_(wk.acs[n - 1] - at) * Et;
@@ -807,7 +814,7 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
     run([&](int64_t lane, int64_t) {
       if (lane != 0) return;
       for (int64_t t = 0; t < n; ++t) dacs[n - 1] += wk.ew[t] * E[t];
-      dacs[n - 1] += exp_(wk.acs[n - 1]) * dot(dS, S, SS);
+      dacs[n - 1] += wk.ra[n - 1] * dot(dS, S, SS);
       coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, wk.lam, wk.dtv);
     });
     {
