@@ -864,7 +864,8 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     }
     for (int64_t c = nb - 1; c >= 0; --c) chunk_step_grads(p, b, h, c, sp.start + (c0 + c) * Q, sp.end, bk);
   }
-  mamba3::initial_state_grads(p, bh, row + sp.start, dS, N, carry);
+  mamba3::initial_state_grads(p, bh, row + sp.start, dS, N);
+  std::copy(carry, carry + A, p.dinit_angle + bh * A);
   mamba3::trap_grads(p, row, sp);
   std::copy(bk.dqb.begin(), bk.dqb.end(), p.dq_bias + bh * R * N);
   std::copy(bk.dkb.begin(), bk.dkb.end(), p.dk_bias + bh * R * N);

@@ -1,9 +1,10 @@
-// mamba3_task.h's per-task kernels (the code the GPU runs, one (batch or sequence, value head)
-// task per block) on the CPU, for the test hook mamba3_cpu_task_kernels: the CPU tests then check
-// that code as well as the blocked CPU kernels of mamba3_cpu.cpp. Each phase runs with
-// SerialLanes::kEmulated lanes one after the other, so the tests also check how every phase splits
-// its items across a block's threads. The scratch areas start NaN-filled, as the GPU's start
-// with whatever memory held: a product that reads padding nobody zeroed fails the tests.
+// mamba3_task.h's staged scan (the code the GPU runs, a stage per kernel) on the CPU, for the test
+// hook mamba3_cpu_task_kernels: the CPU tests then check that code as well as the blocked CPU
+// kernels of mamba3_cpu.cpp. The stages run in order, each over its items (tasks, or chunks) in
+// parallel, and each phase of an item with SerialLanes::kEmulated lanes one after the other, so
+// the tests also check how every phase splits its items across a block's threads. The buffers
+// and work areas start NaN-filled, as the GPU's start with whatever memory held: a product that
+// reads padding nobody zeroed, or a stage that reads what no earlier stage wrote, fails the tests.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
 
@@ -17,11 +18,12 @@ namespace ssmk {
 namespace {
 
 // The GPU's tensor-core loads need every product buffer 32-byte aligned: each must start a whole
-// number of tiles' rows (kTile elements) into its task's area, which is aligned, and all must fit
-// in Work::size.
+// number of tiles' rows (kTile elements) into its work area, which must start so in the buffers,
+// and all must fit in Work::size.
 template <typename acc>
 void check_work_layout(const Mamba3Dims& d, bool grads) {
-  std::vector<acc> area(mamba3::Work<acc>::size(d, grads));
+  const mamba3::ChunkBuffers<acc> sizes(d, grads, 1, nullptr);
+  std::vector<acc> area(sizes.work_size);
   const mamba3::Work<acc> wk(d, area.data(), grads);
   const int64_t M = wk.M, ldN = wk.ldN, ldP = wk.ldP;
   struct Buffer {
@@ -35,45 +37,81 @@ void check_work_layout(const Mamba3Dims& d, bool grads) {
                         {wk.kds, M * ldP}, {wk.dq, M * ldN}, {wk.dk, M * ldN}, {wk.dm, M * M}};
   const auto check = [&](const Buffer& b) {
     const int64_t offset = b.at - area.data();
-    TORCH_CHECK(offset % kTile == 0 && offset + b.size <= static_cast<int64_t>(area.size()),
+    TORCH_CHECK(offset % kTile == 0 && offset + b.size <= mamba3::Work<acc>::size(d, grads),
                 "mamba3 Work layout: a buffer at element ", offset, " of ", b.size, " elements in an area of ",
-                area.size());
+                mamba3::Work<acc>::size(d, grads));
   };
   for (const Buffer& b : fwd) check(b);
   if (grads) {
     for (const Buffer& b : bwd) check(b);
   }
+  // The states (tile operands) and the work areas start on tiles, as every part of the buffers.
+  std::vector<acc> whole(sizes.size);
+  const mamba3::ChunkBuffers<acc> at(d, grads, 1, whole.data());
+  for (const acc* part : {at.states, at.decay, at.thetas, at.dstates, at.dinit, at.sums, at.work}) {
+    TORCH_CHECK(!part || (part - whole.data()) % kTile == 0, "mamba3 ChunkBuffers layout: a part at element ",
+                part - whole.data());
+  }
+  TORCH_CHECK(sizes.work_size % kTile == 0, "mamba3 chunk work area: not a whole number of tiles");
 }
+
+// Runs the stages (mamba3::run_fwd_stages / run_bwd_stages) on the CPU.
+template <template <typename> class Params, typename T>
+struct HookRunner {
+  using acc = acc_t<T>;
+  const Params<T>& p;
+  bool grads;
+  std::vector<acc> area;
+  mamba3::ChunkBuffers<acc> buf;
+  const mamba3::SerialLanes lanes{mamba3::SerialLanes::kEmulated};
+
+  HookRunner(const Params<T>& params, bool g)
+      : p(params), grads(g), area(mamba3::ChunkBuffers<acc>(params, g, 0, nullptr).size, kNaN),
+        buf(params, g, 0, area.data()) {}
+  static constexpr acc kNaN = std::numeric_limits<acc>::quiet_NaN();
+
+  template <mamba3::Stage kStage>
+  void tasks() {
+    cpu::parallel_items(p.tasks(), p.seqlen * p.nangles + p.headdim_v, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) mamba3::task_stage<kStage>(p, task, buf, lanes);
+    });
+  }
+  template <mamba3::Stage kStage>
+  void elements() {
+    cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        lanes([&](int64_t lane, int64_t n) { mamba3::element_stage<kStage>(p, task, buf, lane, n); });
+      }
+    });
+  }
+  template <mamba3::Stage kStage>
+  void chunks() {
+    const int64_t slots = mamba3::bwd_state_slots(p);
+    cpu::parallel_items(slots, p.chunk * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
+      std::vector<acc> work(buf.work_size, kNaN);
+      mamba3::ChunkWork<acc> cw(p, work.data(), grads);
+      for (int64_t slot = begin; slot < end; ++slot) {
+        const mamba3::ChunkRef ch = mamba3::chunk_at_slot(p, slot);
+        if (ch.valid()) mamba3::chunk_stage<kStage>(p, ch, buf, cw, lanes);
+      }
+    });
+  }
+};
 
 }  // namespace
 
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
   check_work_layout<acc_t<T>>(p, false);
-  TORCH_CHECK(mamba3::fwd_scratch(p) % kTile == 0, "mamba3 forward scratch: not a whole number of tiles");
-  cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<T>> scratch(mamba3::fwd_scratch(p), std::numeric_limits<acc_t<T>>::quiet_NaN());
-    const mamba3::SerialLanes lanes{mamba3::SerialLanes::kEmulated};
-    for (int64_t task = begin; task < end; ++task) mamba3::fwd_task(p, task, scratch.data(), lanes);
-  });
+  HookRunner<Mamba3FwdParams, T> runner(p, false);
+  mamba3::run_fwd_stages(runner);
 }
 
 template <typename T>
 void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
-  // The chunk states in one buffer addressed by bwd_state_slot, as the CUDA kernel lays them out,
-  // so that the CPU tests check that layout too (with cu_seqlens, sequences share a head's slots).
   check_work_layout<acc_t<T>>(p, true);
-  TORCH_CHECK(mamba3::bwd_scratch(p) % kTile == 0, "mamba3 backward scratch: not a whole number of tiles");
-  const int64_t state_size = mamba3::tile_state(p).size();
-  std::vector<acc_t<T>> states(mamba3::bwd_state_slots(p) * state_size, std::numeric_limits<acc_t<T>>::quiet_NaN());
-  cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t<T>> scratch(mamba3::bwd_scratch(p), std::numeric_limits<acc_t<T>>::quiet_NaN());
-    const mamba3::SerialLanes lanes{mamba3::SerialLanes::kEmulated};
-    for (int64_t task = begin; task < end; ++task) {
-      acc_t<T>* task_states = states.data() + mamba3::bwd_state_slot(p, task) * state_size;
-      mamba3::bwd_task(p, task, scratch.data(), task_states, lanes);
-    }
-  });
+  HookRunner<Mamba3BwdParams, T> runner(p, true);
+  mamba3::run_bwd_stages(runner);
 }
 
 #define SSMK_MAMBA3_INSTANTIATE(T)                                               \

@@ -247,11 +247,19 @@ void acc_initial(AccInputs& a, const Args& in, at::ScalarType acc) {
   a.init_v = acc_copy(in.initial_v, acc);
 }
 
-// The CUDA kernels' scratch: `per_task` accumulation-dtype elements for each of `tasks` tasks (one
-// block each, mamba3_cuda.cu), then `shared` more (the backward's chunk states).
-[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task, int64_t shared = 0) {
+// The CUDA kernels' scratch in the accumulation dtype: `per_task` elements for each of `tasks`
+// tasks (the decode step: one block each, mamba3_cuda.cu).
+[[maybe_unused]] at::Tensor cuda_scratch(const at::Tensor& ref, int64_t tasks, int64_t per_task) {
   check_cuda_grid(tasks, "v");
-  return at::empty({tasks * per_task + shared}, ref.options().dtype(acc_dtype(ref.scalar_type())));
+  return at::empty({tasks * per_task}, ref.options().dtype(acc_dtype(ref.scalar_type())));
+}
+
+// The CUDA scan's scratch: its stages' shared buffers and work areas (mamba3_task.h's
+// ChunkBuffers, for chunk_blocks() blocks on this device).
+[[maybe_unused]] at::Tensor cuda_scan_scratch(const at::Tensor& ref, const Mamba3Dims& d, bool grads, int sms) {
+  check_cuda_grid(d.tasks(), "v");
+  const int64_t size = mamba3::ChunkBuffers<float>(d, grads, mamba3::chunk_blocks(d, grads, sms), nullptr).size;
+  return at::empty({size}, ref.options().dtype(acc_dtype(ref.scalar_type())));
 }
 
 // On the CPU, half and bfloat16 scans run the float kernels on float copies of the T-typed
@@ -331,7 +339,7 @@ FwdResult scan_fwd(const Mamba3FwdArgs& in, const Shape& s, const Varlen& vl) {
     p.chunk_states = chunk_states.numel() > 0 ? ptr<A>(chunk_states) : nullptr;
     p.gate_input = gate_input.numel() > 0 ? ptr<A>(gate_input) : nullptr;
     launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-             mamba3_fwd_cuda(p, ptr<A>(cuda_scratch(in.v, p.tasks(), mamba3::fwd_scratch(p))), ctx);
+             mamba3_fwd_cuda(p, ptr<A>(cuda_scan_scratch(in.v, p, false, ctx.sms)), ctx);
            }));
   });
   return {out, final_angle, final_ssm, final_k, final_v, chunk_states, gate_input};
@@ -450,10 +458,7 @@ BwdResult scan_bwd(const Mamba3BwdArgs& in, const BwdShape& shape, at::ScalarTyp
       p.dinit_k = ptr<Ac>(dinit_k);
       p.dinit_v = ptr<Ac>(dinit_v);
       launch(in.v, [&] { scan_cpu(p); } SSMK_CUDA([&](const CudaContext& ctx) {
-               mamba3_bwd_cuda(p,
-                               ptr<Ac>(cuda_scratch(in.v, p.tasks(), mamba3::bwd_scratch(p),
-                                                    mamba3::bwd_state_slots(p) * mamba3::tile_state(p).size())),
-                               ctx);
+               mamba3_bwd_cuda(p, ptr<Ac>(cuda_scan_scratch(in.v, p, true, ctx.sms)), ctx);
              }));
     });
   } else {

@@ -1,14 +1,14 @@
-// The per-task kernels of mamba3_scan and mamba3_step, shared verbatim by the CPU kernels
-// (mamba3_cpu.cpp: the decode step; mamba3_cpu_tasks.cpp: the scan under a test hook) and the
-// CUDA kernels (mamba3_cuda.cu: one block per task, the phases split across the block's threads;
-// SerialLanes / BlockLanes). One task is one (batch, value head), or with cu_seqlens one
+// The kernels of mamba3_scan and mamba3_step in stages shared verbatim by the CPU (mamba3_cpu.cpp:
+// the decode step; mamba3_cpu_tasks.cpp: the scan under a test hook) and CUDA (mamba3_cuda.cu:
+// each stage one kernel, a chunk or a task per thread block, its phases split across the block's
+// threads; SerialLanes / BlockLanes). A task is one (batch, value head), or with cu_seqlens one
 // (sequence, value head) (Mamba3Dims::span): its tokens in chunks of p.chunk steps from its first
-// token (mamba3_math.h), per chunk the masked (Q R) x (Q R) product of rotated queries and keys,
-// its product with the mixed values, the inter-chunk term from the carried state and the state
-// update; the matrix products as whole tiles (common/tile_product.h: tensor cores on the GPU,
-// element by element on the CPU). Each task works in its own scratch area (fwd_scratch /
-// bwd_scratch / step_scratch elements); the backward recomputes the chunk states in a forward
-// pass, then walks the chunks in reverse.
+// token (mamba3_math.h). The scan is chunk-parallel (ChunkBuffers, below): every chunk computes its
+// own part of the state, a scan across the chunks per state element gives the state before each,
+// and every chunk then computes its outputs: the masked (Q R) x (Q R) product of rotated queries
+// and keys, its product with the mixed values and the inter-chunk term from the state before it;
+// the backward likewise, with the state's gradient scanned in reverse. The matrix products run as
+// whole tiles (common/tile_product.h: tensor cores on the GPU, element by element on the CPU).
 #pragma once
 
 #include <cmath>
@@ -285,14 +285,15 @@ SSMK_MATH_INLINE void chunk_forward(const Mamba3Inputs<T>& p, int64_t b, int64_t
 }
 
 // H_out = e^{Acs_last} H_in + sum_j e^{Acs_last - Acs_s} w_s x_j k_j^T (H_out may be H_in; both in
-// the tile_state layout): xw = ew x and the scaled state per item, then the product.
+// the tile_state layout; no H_in: zero, the chunk's own part): xw = ew x and the scaled state per
+// item, then the product.
 template <typename acc, typename Lanes>
 SSMK_MATH_INLINE void chunk_state(Work<acc>& wk, int64_t n, const acc* H_in, acc* H_out, const Lanes& run) {
   const int64_t M = wk.M, ldN = wk.ldN, ldP = wk.ldP;
   const acc kd = wk.ra[n - 1];
   run([&](int64_t lane, int64_t lanes) {
     scaled_rows(wk, n, wk.ew, wk.x, wk.xw, lane, lanes);
-    for (int64_t it = lane; it < ldP * ldN; it += lanes) H_out[it] = kd * H_in[it];
+    for (int64_t it = lane; it < ldP * ldN; it += lanes) H_out[it] = H_in ? kd * H_in[it] : acc(0);
   });
   run.products(tile_product(H_out, ldN, ldP, ldN, true, tile_term<true, false>(wk.xw, ldP, wk.k, ldN, M)));
 }
@@ -301,11 +302,13 @@ SSMK_MATH_INLINE void chunk_state(Work<acc>& wk, int64_t n, const acc* H_in, acc
 // per-step coefficients, given d Acs, d w and d gamma: d adt is the reverse cumulative sum of
 // d Acs within the chunk, and dt and lambda get theirs through w = gamma + sigma, gamma_t =
 // lambda_t dt_t, sigma_t = (1 - lambda_{t+1}) dt_{t+1}. d lambda is summed in p.dtrap (trap_grads
-// turns it into d trap). Shared by the per-task and the blocked CPU backward.
+// turns it into d trap). Shared by the chunk-parallel and the blocked CPU backward. With `spill`,
+// the parts of d dt and d lambda of the step after the chunk (in the next chunk, which another
+// thread block may be writing) go to spill[0], spill[1] instead (zeros at the task's end).
 template <typename T>
 SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row, int64_t t0, int64_t n, int64_t end,
                                         const acc_t<T>* dacs, const acc_t<T>* dw, const acc_t<T>* dgamma,
-                                        const acc_t<T>* lam, const acc_t<T>* dtv) {
+                                        const acc_t<T>* lam, const acc_t<T>* dtv, acc_t<T>* spill = nullptr) {
   using acc = acc_t<T>;
   acc* dlam = p.dtrap + row;
   acc run = 0;
@@ -318,25 +321,33 @@ SSMK_MATH_INLINE void coefficient_grads(const Mamba3BwdParams<T>& p, int64_t row
     const acc dg = dgamma[t] + dw[t];
     p.ddt[row + l] += lam[t] * dg;
     dlam[l] += dtv[t] * dg;
+    const bool spilled = spill && t == n - 1;
+    if (spilled) spill[0] = spill[1] = acc(0);
     if (l + 1 < end) {
       const acc lam1 = ssmk::sigmoid(p.trap[row + l + 1]);
-      p.ddt[row + l + 1] += (acc(1) - lam1) * dw[t];
-      dlam[l + 1] -= p.dt[row + l + 1] * dw[t];
+      const acc ddt1 = (acc(1) - lam1) * dw[t], dlam1 = -p.dt[row + l + 1] * dw[t];
+      if (spilled) {
+        spill[0] = ddt1;
+        spill[1] = dlam1;
+      } else {
+        p.ddt[row + l + 1] += ddt1;
+        dlam[l + 1] += dlam1;
+      }
     }
   }
 }
 
 // The gradients of task bh's initial state (S_init + rho sum_r v_init_r k_init_r^T, rho =
 // (1 - lambda_0) dt_0, step 0 at flat index `row` of the [B, H, L] coefficients) from dS (the
-// gradient of the state before step 0, rows of ld elements) and carry (that of the angle), and
-// those of dt_0 and lambda_0 (summed in p.dtrap) through rho. Shared by both backward kernels.
+// gradient of the state before step 0, rows of ld elements), and those of dt_0 and lambda_0
+// (summed in p.dtrap) through rho. Shared by both backward kernels (the angle's is the carry of
+// the angle recurrence, which each writes itself).
 template <typename T>
 SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t bh, int64_t row,
-                                          const acc_t<T>* dS, int64_t ld, const acc_t<T>* carry) {
+                                          const acc_t<T>* dS, int64_t ld) {
   using acc = acc_t<T>;
-  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v;
   copy_rows(dS, ld, P, N, p.dinit_ssm + bh * P * N, N, 0, 1);
-  copy_range(carry, carry + A, p.dinit_angle + bh * A);
   const acc lam0 = ssmk::sigmoid(p.trap[row]), dt0 = p.dt[row];
   const acc rho = (acc(1) - lam0) * dt0;
   acc drho = 0;
@@ -359,11 +370,13 @@ SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t b
   p.dtrap[row] -= dt0 * drho;
 }
 
-// d trap = d lambda sigmoid'(trap) over the task's tokens, from the d lambda summed in p.dtrap.
+// d trap = d lambda sigmoid'(trap) over the task's tokens, from the d lambda summed in p.dtrap,
+// per token (lane, lanes as for chunk_rows).
 template <typename T>
-SSMK_MATH_INLINE void trap_grads(const Mamba3BwdParams<T>& p, int64_t row, const Mamba3Span& sp) {
+SSMK_MATH_INLINE void trap_grads(const Mamba3BwdParams<T>& p, int64_t row, const Mamba3Span& sp, int64_t lane = 0,
+                                 int64_t lanes = 1) {
   using acc = acc_t<T>;
-  for (int64_t l = sp.start; l < sp.end; ++l) {
+  for (int64_t l = sp.start + lane; l < sp.end; l += lanes) {
     const acc lam = ssmk::sigmoid(p.trap[row + l]);
     p.dtrap[row + l] *= lam * (acc(1) - lam);
   }
@@ -399,27 +412,35 @@ SSMK_MATH_INLINE void empty_bwd(const Mamba3BwdParams<T>& p, int64_t task) {
   }
 }
 
-// The state before a task's first step (sp.start < sp.end): S_init + (1 - lambda_0) dt_0
-// sum_r v_init_r k_init_r^T in layout `st` (padding zero), and the angle; bh: the task (its state
-// row). Per state element (lane, lanes as for chunk_rows).
+// The weight rho = (1 - lambda_0) dt_0 of a task's initial (k, v) pair at its first step (0
+// without a pair), and element (c, e) of the state before that step, S_init + rho sum_r v_init_r
+// k_init_r^T (zero outside P x N: padding); bh: the task (its state row).
+template <typename T>
+SSMK_MATH_INLINE acc_t<T> initial_pair_weight(const Mamba3Inputs<T>& p, const Mamba3Span& sp) {
+  using acc = acc_t<T>;
+  const int64_t first = (sp.b * p.nheads + sp.h) * p.seqlen + sp.start;
+  return p.init_k && p.init_v ? (acc(1) - ssmk::sigmoid(p.trap[first])) * p.dt[first] : acc(0);
+}
+template <typename T>
+SSMK_MATH_INLINE acc_t<T> initial_state_element(const Mamba3Inputs<T>& p, int64_t bh, acc_t<T> rho, int64_t c,
+                                                int64_t e) {
+  using acc = acc_t<T>;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v;
+  if (c >= P || e >= N) return acc(0);
+  acc s = p.init_ssm ? p.init_ssm[(bh * P + c) * N + e] : acc(0);
+  for (int64_t r = 0; p.init_k && p.init_v && r < R; ++r) {
+    s += rho * p.init_v[(bh * R + r) * P + c] * p.init_k[(bh * R + r) * N + e];
+  }
+  return s;
+}
+
+// The state before a task's first step (sp.start < sp.end) in layout `st`, and the angle.
 template <typename T>
 SSMK_MATH_INLINE void initial_state(const Mamba3Inputs<T>& p, int64_t bh, const Mamba3Span& sp, StateLayout st,
-                                   acc_t<T>* H, acc_t<T>* theta, int64_t lane = 0, int64_t lanes = 1) {
-  using acc = acc_t<T>;
-  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  const bool pair = p.init_k && p.init_v;
-  const int64_t first = (sp.b * p.nheads + sp.h) * p.seqlen + sp.start;
-  const acc rho = pair ? (acc(1) - ssmk::sigmoid(p.trap[first])) * p.dt[first] : acc(0);
-  for (int64_t it = lane; it < st.size(); it += lanes) {
-    const int64_t c = it / st.ld, e = it % st.ld;
-    acc s = 0;
-    if (c < P && e < N) {
-      s = p.init_ssm ? p.init_ssm[(bh * P + c) * N + e] : acc(0);
-      for (int64_t r = 0; pair && r < R; ++r) s += rho * p.init_v[(bh * R + r) * P + c] * p.init_k[(bh * R + r) * N + e];
-    }
-    H[it] = s;
-  }
-  for (int64_t j = lane; j < A; j += lanes) theta[j] = p.init_angle ? p.init_angle[bh * A + j] : acc(0);
+                                   acc_t<T>* H, acc_t<T>* theta) {
+  const acc_t<T> rho = initial_pair_weight(p, sp);
+  for (int64_t it = 0; it < st.size(); ++it) H[it] = initial_state_element(p, bh, rho, it / st.ld, it % st.ld);
+  copy_or_zero(p.init_angle ? p.init_angle + bh * p.nangles : nullptr, p.nangles, theta);
 }
 
 // The backward keeps the state (P N elements) before every chunk of a task (the CPU forward saves
@@ -436,12 +457,6 @@ SSMK_HOST_DEVICE int64_t bwd_state_slot(const Mamba3Dims& d, int64_t task) {
   if (!d.cu_seqlens) return task * d.nchunks();
   const Mamba3Span sp = d.span(task);
   return sp.h * (d.seqlen / d.chunk + d.num_seqs) + sp.start / d.chunk + task / d.nheads;
-}
-
-// Scratch elements of one forward task: the chunk buffers, the state and the angle (a multiple
-// of kTile, so that every task's area stays aligned).
-SSMK_HOST_DEVICE int64_t fwd_scratch(const Mamba3Dims& d) {
-  return Work<float>::size(d, false) + tile_state(d).size() + tile_padded(d.nangles);
 }
 
 // out = sum_r (y_r silu(z mixed by mimo_z)) mixed by mimo_o for steps t0 .. t0+n-1, per (step,
@@ -468,60 +483,10 @@ SSMK_MATH_INLINE void chunk_gate_outputs(const Mamba3FwdParams<T>& p, int64_t b,
   }
 }
 
-// One forward task, its phases run by `run` (SerialLanes, or the GPU's BlockLanes): per chunk the
-// forward up to y (chunk_forward), the gate (with the saved state and y for the backward), and the
-// state update.
-template <typename T, typename Lanes>
-SSMK_MATH_INLINE void fwd_task(const Mamba3FwdParams<T>& p, int64_t task, acc_t<T>* scratch, const Lanes& run) {
-  using acc = acc_t<T>;
-  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
-  Work<acc> wk(p, scratch, false);
-  const StateLayout st = tile_state(p);
-  acc* S = scratch + Work<acc>::size(p, false);
-  acc* theta = S + st.size();
-  const Mamba3Span sp = p.span(task);
-  const int64_t b = sp.b, h = sp.h;
-  if (sp.start == sp.end) {
-    run([&](int64_t lane, int64_t) {
-      if (lane == 0) empty_fwd(p, task);
-    });
-    return;
-  }
-  run([&](int64_t lane, int64_t lanes) { initial_state(p, task, sp, st, S, theta, lane, lanes); });
-  const acc D = p.D ? p.D[h] : acc(0);
-  acc* saved_states = p.chunk_states ? p.chunk_states + bwd_state_slot(p, task) * P * N : nullptr;
-  int64_t n = 0;
-  for (int64_t t0 = sp.start; t0 < sp.end; t0 += Q) {
-    n = Q < sp.end - t0 ? Q : sp.end - t0;
-    chunk_forward(p, b, h, t0, n, sp.end, theta, theta, S, D, wk, run);
-    run([&](int64_t lane, int64_t lanes) {
-      if (saved_states) copy_rows(S, st.ld, P, N, saved_states, N, lane, lanes);
-      if (p.gate_input) copy_rows(wk.y, wk.ldP, n * R, P, p.gate_input + ((b * H + h) * L + t0) * R * P, P, lane, lanes);
-      chunk_gate_outputs(p, b, h, t0, n, wk, lane, lanes);
-    });
-    if (saved_states) saved_states += P * N;
-    chunk_state(wk, n, S, S, run);
-  }
-  run([&](int64_t lane, int64_t lanes) {
-    copy_rows(S, st.ld, P, N, p.final_ssm + task * P * N, N, lane, lanes);
-    copy_items(theta, A, p.final_angle + task * A, lane, lanes);
-    copy_rows(wk.k + (n - 1) * R * wk.ldN, wk.ldN, R, N, p.final_k + task * R * N, N, lane, lanes);
-    copy_rows(wk.x + (n - 1) * R * wk.ldP, wk.ldP, R, P, p.final_v + task * R * P, P, lane, lanes);
-  });
-}
-
-// Scratch elements of one backward task, beside its chunk states (bwd_state_slot, each
-// tile_state(d).size() elements): the chunk buffers, dS twice, the angles, per-step sums and the
-// parameter gradients' parts (a multiple of kTile, and dS aligned).
-SSMK_HOST_DEVICE int64_t bwd_scratch(const Mamba3Dims& d) {
-  const int64_t nc = d.nchunks(), P = d.headdim_v, N = d.headdim_qk, A = d.nangles, R = d.rank, Q = d.chunk;
-  return Work<float>::size(d, true) + 2 * tile_state(d).size() +
-         tile_padded((nc + 3) * A + 4 * Q + Q * A + 2 * R * N + 3 * R * P + P);
-}
-
 // The gate and the output mixing of steps t0 .. t0+n-1 in reverse, per channel cc (so that the
 // sums over the steps, dmimo_z, dmimo_o and dD's part dDc, stay with one thread): dy (the gradient
 // of y before the gate), dz, and dx = D dy plus the final v's gradient on the last row (`last`).
+// Without dDc: dy alone (no dz, dx or sums).
 template <typename T>
 SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t bh, int64_t t0,
                                       int64_t n, bool last, acc_t<T> D, Work<acc_t<T>>& wk, acc_t<T>* dmz,
@@ -550,20 +515,21 @@ SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, i
           const acc dzv = g * y * ssmk::silu_grad(zv);
           if (mixed_z) {
             dz += dzv * mz;
-            dmz[r * P + cc] += dzv * zraw;
+            if (dDc) dmz[r * P + cc] += dzv * zraw;
           } else {
             dz += dzv;
           }
           gated *= sz;
           g *= sz;
         }
-        if (mixed_o) dmo[r * P + cc] += gout * gated;
         wk.dy[i * wk.ldP + cc] = g;
+        if (!dDc) continue;
+        if (mixed_o) dmo[r * P + cc] += gout * gated;
         dDc[cc] += g * wk.x[i * wk.ldP + cc];
         const acc dfinal = last && t == n - 1 && p.dfinal_v ? p.dfinal_v[(bh * R + r) * P + cc] : acc(0);
         wk.dx[i * wk.ldP + cc] = D * g + dfinal;
       }
-      if (p.dz) p.dz[((b * L + l) * H + h) * P + cc] = static_cast<T>(dz);
+      if (p.dz && dDc) p.dz[((b * L + l) * H + h) * P + cc] = static_cast<T>(dz);
     }
   }
   // dy is an operand of the products: zeros in its padding (dx's too, for tidiness).
@@ -573,7 +539,8 @@ SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, i
 }
 
 // The chunk's products in reverse (S the state before the chunk, dS the gradient of the state
-// after it, both tile_state; dS_prev gets the gradient of the state before it), with dm = dxy m:
+// after it, both tile_state; dS_prev, if given, gets the gradient of the state before it), with
+// dm = dxy m:
 //   dq = dm K + e^{Acs_t} dy S
 //   dk = dm^T Q + e^{Acs_last - Acs_s} w_s X dS
 //   dx += g^T dy   (and + e^{Acs_last - Acs_s} w_s kds later, chunk_step_sums' phase)
@@ -597,17 +564,22 @@ SSMK_MATH_INLINE void chunk_product_grads(Work<acc>& wk, int64_t n, const acc* S
       const int64_t i = it / M, j = it % M;
       wk.dm[it] = i < rows && j < rows && j / R <= i / R ? wk.dxy[it] * wk.m[it] : acc(0);
     }
-    for (int64_t it = lane; it < ldP * ldN; it += lanes) dS_prev[it] = kd * dS[it];
+    for (int64_t it = lane; dS_prev && it < ldP * ldN; it += lanes) dS_prev[it] = kd * dS[it];
   });
-  run.products(tile_product(wk.dq, ldN, M, ldN, false, tile_term(wk.dm, M, wk.k, ldN, M, StepMask::kLowerA, R),
-                            tile_term(wk.dys, ldP, S, ldN, ldP)),
-               tile_product(wk.dk, ldN, M, ldN, false,
-                            tile_term<true, false>(wk.dm, M, wk.q, ldN, M, StepMask::kUpperA, R),
-                            tile_term(wk.xw, ldP, dS, ldN, ldP)),
-               tile_product(wk.dx, ldP, M, ldP, true,
-                            tile_term<true, false>(wk.g, M, wk.dy, ldP, M, StepMask::kUpperA, R)),
-               tile_product(wk.kds, ldP, M, ldP, false, tile_term<false, true>(wk.k, ldN, dS, ldN, ldN)),
-               tile_product(dS_prev, ldN, ldP, ldN, true, tile_term<true, false>(wk.dys, ldP, wk.q, ldN, M)));
+  const auto dq = tile_product(wk.dq, ldN, M, ldN, false, tile_term(wk.dm, M, wk.k, ldN, M, StepMask::kLowerA, R),
+                               tile_term(wk.dys, ldP, S, ldN, ldP));
+  const auto dk = tile_product(wk.dk, ldN, M, ldN, false,
+                               tile_term<true, false>(wk.dm, M, wk.q, ldN, M, StepMask::kUpperA, R),
+                               tile_term(wk.xw, ldP, dS, ldN, ldP));
+  const auto dx = tile_product(wk.dx, ldP, M, ldP, true,
+                               tile_term<true, false>(wk.g, M, wk.dy, ldP, M, StepMask::kUpperA, R));
+  const auto kds = tile_product(wk.kds, ldP, M, ldP, false, tile_term<false, true>(wk.k, ldN, dS, ldN, ldN));
+  if (dS_prev) {
+    run.products(dq, dk, dx, kds,
+                 tile_product(dS_prev, ldN, ldP, ldN, true, tile_term<true, false>(wk.dys, ldP, wk.q, ldN, M)));
+  } else {
+    run.products(dq, dk, dx, kds);
+  }
 }
 
 // Per step t of the chunk: d Acs_t (the intra-chunk pairs with t as the later step, less those with
@@ -708,38 +680,362 @@ SSMK_MATH_INLINE void chunk_input_grads(const Mamba3BwdParams<T>& p, int64_t b, 
   }
 }
 
-// The angle recurrence in reverse over the chunk's steps (carry: the gradient of the angle after
-// the step): d angles and the angle's share of d dt. Sums along the steps: one thread.
-template <typename T>
-SSMK_MATH_INLINE void chunk_angle_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
-                                       const Work<acc_t<T>>& wk, const acc_t<T>* dtheta, acc_t<T>* carry) {
-  using acc = acc_t<T>;
-  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles, row = (b * H + h) * L;
-  for (int64_t t = n - 1; t >= 0 && A > 0; --t) {
-    const int64_t l = t0 + t;
-    const acc* ang = p.angles + ((b * L + l) * H + h) * A;
-    acc* dang = p.dangles + ((b * L + l) * H + h) * A;
-    const acc dt = wk.dtv[t];
-    acc ddt = 0;
-    for (int64_t j = 0; j < A; ++j) {
-      carry[j] += dtheta[t * A + j];
-      dang[j] = carry[j] * angle_step_draw(ang[j], dt);
-      ddt += carry[j] * angle_step(ang[j], acc(1));
+// The chunk-parallel form of the scan (docs/mamba3.md): the chunks of all tasks run at once, in
+// stages that each are one kernel on the GPU, with the state passed across chunks by an
+// element-wise scan in between (as ssd_scan does):
+//   forward:  fwd_angles (per task), local_state (per chunk), state_pass (per task and state
+//             element), fwd_outputs (per chunk);
+//   backward: chunk_angles, local_state and state_pass again (the states are not kept),
+//             local_dstate (per chunk), dstate_pass (per task and state element), bwd_chunk (per
+//             chunk), bwd_finish (per task).
+// A chunk is one slot of bwd_state_slot's layout; ChunkBuffers holds what one stage leaves for the
+// next, per slot or per task. Every chunk stage works in a ChunkWork area of its own (the GPU: one
+// per thread block, reused chunk after chunk).
+
+// The chunks of a task (0 for an empty one).
+SSMK_HOST_DEVICE int64_t task_chunks(const Mamba3Dims& d, const Mamba3Span& sp) {
+  return (sp.end - sp.start + d.chunk - 1) / d.chunk;
+}
+
+// One chunk: chunk c of nc of `task`, whose first slot is `first`; its steps t0 .. t0+n-1.
+struct ChunkRef {
+  int64_t task, c, nc, first, t0, n;
+  Mamba3Span sp;
+  SSMK_HOST_DEVICE int64_t slot() const { return first + c; }
+  SSMK_HOST_DEVICE bool last() const { return c == nc - 1; }
+  SSMK_HOST_DEVICE bool valid() const { return c >= 0 && c < nc; }
+};
+
+// The chunk in slot `slot` of [0, bwd_state_slots(d)); with cu_seqlens some slots hold no chunk
+// (!valid()). Sequence s of a head starts at slot floor(start_s / Q) + s, which grows with s, so
+// the chunk's sequence is the last one starting at or before the slot (a binary search). Offsets
+// the host did not check (CUDA) give some chunk of some sequence, always inside the tokens.
+SSMK_HOST_DEVICE ChunkRef chunk_at_slot(const Mamba3Dims& d, int64_t slot) {
+  ChunkRef ch{};
+  int64_t seq, h = 0, c;
+  if (!d.cu_seqlens) {
+    seq = slot / d.nchunks();
+    c = slot % d.nchunks();
+  } else {
+    if (d.num_seqs == 0) return ch;  // nc = 0: no chunk
+    const int64_t per_head = d.seqlen / d.chunk + d.num_seqs, s = slot % per_head;
+    h = slot / per_head;
+    const auto start_slot = [&](int64_t i) { return Mamba3Dims::clamp(d.cu_seqlens[i], 0, d.seqlen) / d.chunk + i; };
+    int64_t lo = 0, hi = d.num_seqs - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (start_slot(mid) <= s) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
     }
-    p.ddt[row + l] += ddt;
+    seq = lo;
+    c = s - start_slot(lo);
+  }
+  ch.task = d.cu_seqlens ? seq * d.nheads + h : seq;
+  ch.sp = d.span(ch.task);
+  ch.c = c;
+  ch.nc = task_chunks(d, ch.sp);
+  ch.first = bwd_state_slot(d, ch.task);
+  ch.t0 = ch.sp.start + c * d.chunk;
+  ch.n = d.chunk < ch.sp.end - ch.t0 ? d.chunk : ch.sp.end - ch.t0;
+  return ch;
+}
+
+// The chunk's parts of its task's sums over the steps (the backward's, summed by bwd_finish):
+// dq_bias, dk_bias [R, N], dmimo_v, dmimo_z, dmimo_o [R, P], dD per channel [P], and the spill
+// of coefficient_grads into the next chunk's first step [2].
+template <typename acc>
+struct ChunkSums {
+  acc *dqb, *dkb, *dmv, *dmz, *dmo, *dD, *spill;
+  static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d) {
+    return 2 * d.rank * d.headdim_qk + 3 * d.rank * d.headdim_v + d.headdim_v + 2;
+  }
+  SSMK_HOST_DEVICE ChunkSums(const Mamba3Dims& d, acc* s) {
+    const int64_t RN = d.rank * d.headdim_qk, RP = d.rank * d.headdim_v;
+    dqb = s;
+    dkb = dqb + RN;
+    dmv = dkb + RN;
+    dmz = dmv + RP;
+    dmo = dmz + RP;
+    dD = dmo + RP;
+    spill = dD + d.headdim_v;
+  }
+};
+
+// A chunk stage's work area: the chunk's Work, the angle after the chunk [A], and the backward's
+// per-step sums d Acs, dw, dgamma, E [Q] and angle gradients d theta [Q, A].
+template <typename acc>
+struct ChunkWork {
+  Work<acc> wk;
+  acc *theta, *dacs, *dw, *dgamma, *E, *dtheta;
+  static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d, bool grads) {
+    return Work<acc>::size(d, grads) + tile_padded(d.nangles + (grads ? d.chunk * (4 + d.nangles) : 0));
+  }
+  SSMK_HOST_DEVICE ChunkWork(const Mamba3Dims& d, acc* area, bool grads) : wk(d, area, grads) {
+    const int64_t Q = d.chunk;
+    theta = area + Work<acc>::size(d, grads);
+    dacs = theta + d.nangles;
+    dw = dacs + Q;
+    dgamma = dw + Q;
+    E = dgamma + Q;
+    dtheta = E + Q;
+  }
+};
+
+// The buffers the stages share, carved from one area of size() elements (each part a whole
+// number of tiles, so that the states and the work areas stay tile-aligned):
+//   states  [slots, SS]  local_state: the chunk's own part of the state after it (from zero);
+//                        state_pass: the state before the chunk (tile_state layout, SS elements)
+//   decay   [slots]      e^{Acs_last}, the chunk's decay of the state
+//   thetas  [slots, A]   the angle before the chunk
+//   dstates [slots, SS]  local_dstate: the chunk's own part of the gradient of the state before
+//                        it; dstate_pass: the gradient of the state after it   (backward only)
+//   dinit   [tasks, SS]  the gradient of the state before a task's first step  (backward only)
+//   sums    [slots, ChunkSums::size]                                           (backward only)
+//   work    [blocks, work_size]: the GPU blocks' ChunkWork areas
+template <typename acc>
+struct ChunkBuffers {
+  int64_t SS, A, nsums, work_size, size;
+  acc *states, *decay, *thetas, *dstates, *dinit, *sums, *work;
+  // base nullptr: the sizes alone.
+  SSMK_HOST_DEVICE ChunkBuffers(const Mamba3Dims& d, bool grads, int64_t blocks, acc* base)
+      : SS(tile_state(d).size()), A(d.nangles), nsums(ChunkSums<acc>::size(d)),
+        work_size(ChunkWork<acc>::size(d, grads)), size(0) {
+    const int64_t slots = bwd_state_slots(d);
+    const auto carve = [&](int64_t n, acc*& buf) {
+      buf = base ? base + size : nullptr;
+      size += tile_padded(n);
+    };
+    carve(slots * SS, states);
+    carve(slots, decay);
+    carve(slots * A, thetas);
+    dstates = dinit = sums = nullptr;
+    if (grads) {
+      carve(slots * SS, dstates);
+      carve(d.tasks() * SS, dinit);
+      carve(slots * nsums, sums);
+    }
+    carve(blocks * work_size, work);
+  }
+};
+
+// Stage: per task, the angle before each of its chunks, and with final_angle the angle after its
+// last step; per angle (lane, lanes as for chunk_rows), with chunk_coefficients' arithmetic.
+template <typename T>
+SSMK_MATH_INLINE void chunk_angles(const Mamba3Inputs<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+                                   acc_t<T>* final_angle, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const Mamba3Span sp = p.span(task);
+  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles, Q = p.chunk, row = (sp.b * H + sp.h) * L;
+  acc* thetas = buf.thetas + bwd_state_slot(p, task) * A;
+  for (int64_t j = lane; j < A; j += lanes) {
+    acc theta = p.init_angle ? p.init_angle[task * A + j] : acc(0);
+    for (int64_t l = sp.start; l < sp.end; ++l) {
+      if ((l - sp.start) % Q == 0) thetas[(l - sp.start) / Q * A + j] = theta;
+      theta = wrap_angle(theta + angle_step(p.angles[((sp.b * L + l) * H + sp.h) * A + j], p.dt[row + l]));
+    }
+    if (final_angle) final_angle[task * A + j] = theta;
   }
 }
 
-// One backward task (docs/mamba3.md), its phases run by `run` (SerialLanes, or the GPU's
-// BlockLanes); states: the task's chunk states, nchunks() P N elements (bwd_state_slot). A first
-// pass recomputes the state and the angle before every chunk; then the chunks in reverse: the
-// chunk's forward again, the gate, dy . x, the products' gradients, the per-step sums, the
-// coefficients', the rotations' and the inputs' gradients, the angle recurrence.
+// Forward stage, per task: chunk_angles, or for a task without tokens all its final states.
 template <typename T, typename Lanes>
-SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<T>* scratch, acc_t<T>* states,
-                               const Lanes& run) {
+SSMK_MATH_INLINE void fwd_angles(const Mamba3FwdParams<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+                                 const Lanes& run) {
+  const Mamba3Span sp = p.span(task);
+  run([&](int64_t lane, int64_t lanes) {
+    if (sp.start < sp.end) {
+      chunk_angles(p, task, buf, p.final_angle, lane, lanes);
+    } else if (lane == 0) {
+      empty_fwd(p, task);
+    }
+  });
+}
+
+// Stage, per chunk: its coefficients (and decay), rows, and its own part of the state after it,
+// sum_s e^{Acs_last - Acs_s} w_s x_s k_s^T, into its states slot.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void local_state(const Mamba3Inputs<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                  ChunkWork<acc_t<T>>& cw, const Lanes& run) {
+  Work<acc_t<T>>& wk = cw.wk;
+  const int64_t slot = ch.slot();
+  run([&](int64_t lane, int64_t) {
+    if (lane != 0) return;
+    chunk_coefficients(p, ch.sp.b, ch.sp.h, ch.t0, ch.n, ch.sp.end, buf.thetas + slot * buf.A, cw.theta, wk);
+    buf.decay[slot] = wk.ra[ch.n - 1];
+  });
+  run([&](int64_t lane, int64_t lanes) { chunk_rows(p, ch.sp.b, ch.sp.h, ch.t0, ch.n, wk, lane, lanes); });
+  chunk_state(wk, ch.n, static_cast<const acc_t<T>*>(nullptr), buf.states + slot * buf.SS, run);
+}
+
+// Forward stage, per chunk: local_state, and the last chunk's k and v rows as the final k, v.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void fwd_local_state(const Mamba3FwdParams<T>& p, const ChunkRef& ch,
+                                      const ChunkBuffers<acc_t<T>>& buf, ChunkWork<acc_t<T>>& cw, const Lanes& run) {
+  local_state(p, ch, buf, cw, run);
+  if (!ch.last()) return;
+  const Work<acc_t<T>>& wk = cw.wk;
+  const int64_t R = p.rank, N = p.headdim_qk, P = p.headdim_v, i = (ch.n - 1) * R;
+  run([&](int64_t lane, int64_t lanes) {
+    copy_rows(wk.k + i * wk.ldN, wk.ldN, R, N, p.final_k + ch.task * R * N, N, lane, lanes);
+    copy_rows(wk.x + i * wk.ldP, wk.ldP, R, P, p.final_v + ch.task * R * P, P, lane, lanes);
+  });
+}
+
+// Stage, per task and state element (lane, lanes): the scan across its chunks, S_{c+1} =
+// decay_c S_c + (chunk c's own part), from the initial state; each slot then holds the state
+// before its chunk. With `saved` (the forward's chunk_states, [slots, P, N]) those states are
+// copied there too, with final_ssm the state after the last chunk.
+template <typename T>
+SSMK_MATH_INLINE void state_pass(const Mamba3Inputs<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+                                 acc_t<T>* final_ssm, acc_t<T>* saved, int64_t lane, int64_t lanes) {
   using acc = acc_t<T>;
-  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles, Q = p.chunk;
+  const Mamba3Span sp = p.span(task);
+  const int64_t nc = task_chunks(p, sp), first = bwd_state_slot(p, task), N = p.headdim_qk, P = p.headdim_v;
+  if (nc == 0) return;
+  const StateLayout st = tile_state(p);
+  const acc rho = initial_pair_weight(p, sp);
+  for (int64_t it = lane; it < st.size(); it += lanes) {
+    const int64_t cc = it / st.ld, e = it % st.ld;
+    const bool in = cc < P && e < N;
+    acc S = initial_state_element(p, task, rho, cc, e);
+    for (int64_t c = 0; c < nc; ++c) {
+      acc* at = buf.states + (first + c) * st.size() + it;
+      const acc own = *at;
+      *at = S;
+      if (saved && in) saved[((first + c) * P + cc) * N + e] = S;
+      S = buf.decay[first + c] * S + own;
+    }
+    if (final_ssm && in) final_ssm[(task * P + cc) * N + e] = S;
+  }
+}
+
+// Forward stage, per chunk: its forward up to y from the state before it (chunk_forward), the
+// gate and the outputs (and y before the gate for the CPU backward).
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void fwd_outputs(const Mamba3FwdParams<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                  ChunkWork<acc_t<T>>& cw, const Lanes& run) {
+  using acc = acc_t<T>;
+  const int64_t b = ch.sp.b, h = ch.sp.h, L = p.seqlen, H = p.nheads, R = p.rank, P = p.headdim_v;
+  const int64_t slot = ch.slot(), t0 = ch.t0, n = ch.n;
+  Work<acc>& wk = cw.wk;
+  const acc D = p.D ? p.D[h] : acc(0);
+  chunk_forward(p, b, h, t0, n, ch.sp.end, buf.thetas + slot * buf.A, cw.theta, buf.states + slot * buf.SS, D, wk,
+                run);
+  run([&](int64_t lane, int64_t lanes) {
+    if (p.gate_input) copy_rows(wk.y, wk.ldP, n * R, P, p.gate_input + ((b * H + h) * L + t0) * R * P, P, lane, lanes);
+    chunk_gate_outputs(p, b, h, t0, n, wk, lane, lanes);
+  });
+}
+
+// Backward stage, per chunk: its own part of the gradient of the state before it,
+// (e^{Acs_t} dy)^T Q, into its dstates slot (the chunk's forward and dy again).
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void local_dstate(const Mamba3BwdParams<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                   ChunkWork<acc_t<T>>& cw, const Lanes& run) {
+  using acc = acc_t<T>;
+  const int64_t b = ch.sp.b, h = ch.sp.h, slot = ch.slot(), n = ch.n;
+  Work<acc>& wk = cw.wk;
+  const acc D = p.D ? p.D[h] : acc(0);
+  chunk_forward(p, b, h, ch.t0, n, ch.sp.end, buf.thetas + slot * buf.A, cw.theta, buf.states + slot * buf.SS, D, wk,
+                run);
+  run([&](int64_t lane, int64_t lanes) {
+    chunk_gate_grads(p, b, h, ch.task, ch.t0, n, ch.last(), D, wk, static_cast<acc*>(nullptr),
+                     static_cast<acc*>(nullptr), static_cast<acc*>(nullptr), lane, lanes);
+  });
+  run([&](int64_t lane, int64_t lanes) { scaled_rows(wk, n, wk.ra, wk.dy, wk.dys, lane, lanes); });
+  run.products(tile_product(buf.dstates + slot * buf.SS, wk.ldN, wk.ldP, wk.ldN, false,
+                            tile_term<true, false>(wk.dys, wk.ldP, wk.q, wk.ldN, wk.M)));
+}
+
+// Backward stage, per task and state element (lane, lanes): the scan across its chunks in
+// reverse, dS_{c-1} = decay_c dS_c + (chunk c's own part), from the final state's gradient; each
+// slot then holds the gradient of the state after its chunk, dinit that of the state before the
+// first.
+template <typename T>
+SSMK_MATH_INLINE void dstate_pass(const Mamba3BwdParams<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+                                  int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const Mamba3Span sp = p.span(task);
+  const int64_t nc = task_chunks(p, sp), first = bwd_state_slot(p, task), N = p.headdim_qk, P = p.headdim_v;
+  if (nc == 0) return;
+  const StateLayout st = tile_state(p);
+  for (int64_t it = lane; it < st.size(); it += lanes) {
+    const int64_t cc = it / st.ld, e = it % st.ld;
+    acc dS = p.dfinal_ssm && cc < P && e < N ? p.dfinal_ssm[(task * P + cc) * N + e] : acc(0);
+    for (int64_t c = nc - 1; c >= 0; --c) {
+      acc* at = buf.dstates + (first + c) * st.size() + it;
+      const acc own = *at;
+      *at = dS;
+      dS = buf.decay[first + c] * dS + own;
+    }
+    buf.dinit[task * st.size() + it] = dS;
+  }
+}
+
+// Backward stage, per chunk, from the state before it and the gradient of the state after it:
+// the chunk's forward again, the gate's, the products', the per-step and the coefficients'
+// gradients, the rotations' (their angle parts d theta into p.dangles for bwd_finish) and the
+// inputs'; its parts of the task's sums into its ChunkSums.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void bwd_chunk(const Mamba3BwdParams<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                ChunkWork<acc_t<T>>& cw, const Lanes& run) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, A = p.nangles;
+  const int64_t b = ch.sp.b, h = ch.sp.h, t0 = ch.t0, n = ch.n, rows = n * R, row = (b * H + h) * L;
+  const int64_t slot = ch.slot(), SS = buf.SS;
+  Work<acc>& wk = cw.wk;
+  const acc* S = buf.states + slot * SS;
+  const acc* dS = buf.dstates + slot * SS;
+  const ChunkSums<acc> sums(p, buf.sums + slot * buf.nsums);
+  const acc D = p.D ? p.D[h] : acc(0);
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t it = lane; it < buf.nsums; it += lanes) buf.sums[slot * buf.nsums + it] = acc(0);
+    for (int64_t l = t0 + lane; l < t0 + n; l += lanes) p.dtrap[row + l] = p.ddt[row + l] = acc(0);
+  });
+  chunk_forward(p, b, h, t0, n, ch.sp.end, buf.thetas + slot * buf.A, cw.theta, S, D, wk, run);
+  run([&](int64_t lane, int64_t lanes) {
+    chunk_gate_grads(p, b, h, ch.task, t0, n, ch.last(), D, wk, sums.dmz, sums.dmo, sums.dD, lane, lanes);
+  });
+  chunk_product_grads(wk, n, S, dS, static_cast<acc*>(nullptr), run);
+  run([&](int64_t lane, int64_t lanes) {
+    chunk_step_sums(wk, n, cw.dacs, cw.dw, cw.dgamma, cw.E, lane, lanes);
+    for (int64_t it = lane; it < rows * wk.P; it += lanes) {
+      const int64_t j = it / wk.P, at = j * wk.ldP + it % wk.P;
+      wk.dx[at] += wk.ew[j / R] * wk.kds[at];
+    }
+    if (ch.last() && p.dfinal_k) {
+      for (int64_t it = lane; it < R * wk.N; it += lanes) {
+        wk.dk[((n - 1) * R + it / wk.N) * wk.ldN + it % wk.N] += p.dfinal_k[ch.task * R * wk.N + it];
+      }
+    }
+  });
+  run([&](int64_t lane, int64_t) {
+    if (lane != 0) return;
+    for (int64_t t = 0; t < n; ++t) cw.dacs[n - 1] += wk.ew[t] * cw.E[t];
+    cw.dacs[n - 1] += wk.ra[n - 1] * dot(dS, S, SS);
+    coefficient_grads(p, row, t0, n, ch.sp.end, cw.dacs, cw.dw, cw.dgamma, wk.lam, wk.dtv, sums.spill);
+  });
+  run([&](int64_t lane, int64_t lanes) { chunk_rotation_grads(p, b, h, t0, n, wk, cw.dtheta, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) {
+    chunk_input_grads(p, b, h, t0, n, wk, sums.dqb, sums.dkb, sums.dmv, lane, lanes);
+    for (int64_t it = lane; it < n * A; it += lanes) {
+      p.dangles[((b * L + t0 + it / A) * H + h) * A + it % A] = cw.dtheta[it];
+    }
+  });
+}
+
+// Backward stage, per task, after every chunk's bwd_chunk: the angle recurrence in reverse (per
+// angle: the carry, the gradient of the angle after each step, replaces d theta in p.dangles; the
+// one before the first step is the initial angle's), then per step the angles' gradients and their
+// share of d dt, and the spill of the chunk before; the initial state's gradients; d trap; and the
+// sums over the chunks, in chunk order. A task without tokens passes its states' gradients through.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void bwd_finish(const Mamba3BwdParams<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+                                 const Lanes& run) {
+  using acc = acc_t<T>;
   const Mamba3Span sp = p.span(task);
   if (sp.start == sp.end) {
     run([&](int64_t lane, int64_t) {
@@ -747,104 +1043,157 @@ SSMK_MATH_INLINE void bwd_task(const Mamba3BwdParams<T>& p, int64_t task, acc_t<
     });
     return;
   }
-  const int64_t nc = (sp.end - sp.start + Q - 1) / Q;
-  const StateLayout st = tile_state(p);
-  const int64_t SS = st.size();
-  Work<acc> wk(p, scratch, true);
-  acc* s = scratch + Work<acc>::size(p, true);
-  acc* dS = s; s += SS;
-  acc* dS_prev = s; s += SS;
-  acc* thetas = s; s += (nc + 1) * A;  // the angle before chunk c at c A
-  acc* theta = s; s += A;
-  acc* carry = s; s += A;
-  acc* dacs = s; s += Q;
-  acc* dw = s; s += Q;
-  acc* dgamma = s; s += Q;
-  acc* E = s; s += Q;
-  acc* dtheta = s; s += Q * A;
-  acc* dqb = s; s += R * N;
-  acc* dkb = s; s += R * N;
-  acc* dmv = s; s += R * P;
-  acc* dmz = s; s += R * P;
-  acc* dmo = s; s += R * P;
-  acc* dDc = s;  // [P] per channel: the sum of dy x, D's gradient
-  const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L, end = sp.end;
-  const acc D = p.D ? p.D[h] : acc(0);
-  // The state (and the angle) before every chunk (all but the last are full chunks).
-  run([&](int64_t lane, int64_t lanes) { initial_state(p, bh, sp, st, states, thetas, lane, lanes); });
-  for (int64_t c = 0; c + 1 < nc; ++c) {
-    const int64_t t0 = sp.start + c * Q;
-    run([&](int64_t lane, int64_t) {
-      if (lane == 0) chunk_coefficients(p, b, h, t0, Q, end, thetas + c * A, thetas + (c + 1) * A, wk);
-    });
-    run([&](int64_t lane, int64_t lanes) { chunk_rows(p, b, h, t0, Q, wk, lane, lanes); });
-    chunk_state(wk, Q, states + c * SS, states + (c + 1) * SS, run);
-  }
+  const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
+  const int64_t Q = p.chunk, b = sp.b, h = sp.h, row = (b * H + h) * L;
+  const int64_t nc = task_chunks(p, sp), first = bwd_state_slot(p, task);
+  const auto chunk_sums = [&](int64_t c) { return ChunkSums<acc>(p, buf.sums + (first + c) * buf.nsums); };
+  const auto dangle = [&](int64_t l) { return p.dangles + ((b * L + l) * H + h) * A; };
   run([&](int64_t lane, int64_t lanes) {
-    for (int64_t it = lane; it < SS; it += lanes) {
-      const int64_t cc = it / st.ld, e = it % st.ld;
-      dS[it] = p.dfinal_ssm && cc < P && e < N ? p.dfinal_ssm[(bh * P + cc) * N + e] : acc(0);
-    }
-    for (int64_t j = lane; j < A; j += lanes) carry[j] = p.dfinal_angle ? p.dfinal_angle[bh * A + j] : acc(0);
-    for (int64_t l = sp.start + lane; l < end; l += lanes) p.dtrap[row + l] = p.ddt[row + l] = acc(0);
-    for (int64_t it = lane; it < R * N; it += lanes) dqb[it] = dkb[it] = acc(0);
-    for (int64_t it = lane; it < R * P; it += lanes) dmv[it] = dmz[it] = dmo[it] = acc(0);
-    for (int64_t cc = lane; cc < P; cc += lanes) dDc[cc] = acc(0);
-  });
-  for (int64_t c = nc - 1; c >= 0; --c) {
-    const int64_t t0 = sp.start + c * Q, n = Q < end - t0 ? Q : end - t0, rows = n * R;
-    const acc* S = states + c * SS;
-    chunk_forward(p, b, h, t0, n, end, thetas + c * A, theta, S, D, wk, run);
-    run([&](int64_t lane, int64_t lanes) {
-      chunk_gate_grads(p, b, h, bh, t0, n, c == nc - 1, D, wk, dmz, dmo, dDc, lane, lanes);
-    });
-    chunk_product_grads(wk, n, S, dS, dS_prev, run);
-    run([&](int64_t lane, int64_t lanes) {
-      chunk_step_sums(wk, n, dacs, dw, dgamma, E, lane, lanes);
-      for (int64_t it = lane; it < rows * P; it += lanes) {
-        const int64_t j = it / P, cc = it % P, at = j * wk.ldP + cc;
-        wk.dx[at] += wk.ew[j / R] * wk.kds[at];
+    for (int64_t j = lane; j < A; j += lanes) {
+      acc carry = p.dfinal_angle ? p.dfinal_angle[task * A + j] : acc(0);
+      for (int64_t l = sp.end - 1; l >= sp.start; --l) {
+        carry += dangle(l)[j];
+        dangle(l)[j] = carry;
       }
-      if (c == nc - 1 && p.dfinal_k) {
-        for (int64_t it = lane; it < R * N; it += lanes) {
-          wk.dk[((n - 1) * R + it / N) * wk.ldN + it % N] += p.dfinal_k[bh * R * N + it];
+      p.dinit_angle[task * A + j] = carry;
+    }
+  });
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t l = sp.start + lane; l < sp.end; l += lanes) {
+      acc ddt = 0;
+      if (A > 0) {
+        const acc* ang = p.angles + ((b * L + l) * H + h) * A;
+        const acc dt = p.dt[row + l];
+        acc* dang = dangle(l);
+        for (int64_t j = 0; j < A; ++j) {
+          ddt += dang[j] * angle_step(ang[j], acc(1));
+          dang[j] *= angle_step_draw(ang[j], dt);
         }
       }
-    });
-    run([&](int64_t lane, int64_t) {
-      if (lane != 0) return;
-      for (int64_t t = 0; t < n; ++t) dacs[n - 1] += wk.ew[t] * E[t];
-      dacs[n - 1] += wk.ra[n - 1] * dot(dS, S, SS);
-      coefficient_grads(p, row, t0, n, end, dacs, dw, dgamma, wk.lam, wk.dtv);
-    });
-    {
-      acc* tmp = dS;
-      dS = dS_prev;
-      dS_prev = tmp;
+      if (l > sp.start && (l - sp.start) % Q == 0) {
+        const acc* spill = chunk_sums((l - sp.start) / Q - 1).spill;
+        ddt += spill[0];
+        p.dtrap[row + l] += spill[1];
+      }
+      p.ddt[row + l] += ddt;
     }
-    run([&](int64_t lane, int64_t lanes) { chunk_rotation_grads(p, b, h, t0, n, wk, dtheta, lane, lanes); });
-    run([&](int64_t lane, int64_t lanes) {
-      chunk_input_grads(p, b, h, t0, n, wk, dqb, dkb, dmv, lane, lanes);
-      if (lane == 0) chunk_angle_grads(p, b, h, t0, n, wk, dtheta, carry);
-    });
-  }
+  });
   run([&](int64_t lane, int64_t) {
-    if (lane != 0) return;
-    initial_state_grads(p, bh, row + sp.start, dS, st.ld, carry);
-    trap_grads(p, row, sp);
-    acc dD = 0;
-    for (int64_t cc = 0; cc < P; ++cc) dD += dDc[cc];
-    p.dD[bh] = dD;
+    if (lane == 0) initial_state_grads(p, task, row + sp.start, buf.dinit + task * buf.SS, tile_state(p).ld);
   });
   run([&](int64_t lane, int64_t lanes) {
-    copy_items(dqb, R * N, p.dq_bias + bh * R * N, lane, lanes);
-    copy_items(dkb, R * N, p.dk_bias + bh * R * N, lane, lanes);
+    trap_grads(p, row, sp, lane, lanes);
+    const auto sum_chunks = [&](acc* ChunkSums<acc>::*part, int64_t size, acc* out) {
+      for (int64_t it = lane; it < size; it += lanes) {
+        acc s = 0;
+        for (int64_t c = 0; c < nc; ++c) s += (chunk_sums(c).*part)[it];
+        out[task * size + it] = s;
+      }
+    };
+    sum_chunks(&ChunkSums<acc>::dqb, R * N, p.dq_bias);
+    sum_chunks(&ChunkSums<acc>::dkb, R * N, p.dk_bias);
     if (p.mimo) {
-      copy_items(dmv, R * P, p.dmimo_v + bh * R * P, lane, lanes);
-      copy_items(dmo, R * P, p.dmimo_o + bh * R * P, lane, lanes);
-      if (p.dmimo_z) copy_items(dmz, R * P, p.dmimo_z + bh * R * P, lane, lanes);
+      sum_chunks(&ChunkSums<acc>::dmv, R * P, p.dmimo_v);
+      sum_chunks(&ChunkSums<acc>::dmo, R * P, p.dmimo_o);
+      if (p.dmimo_z) sum_chunks(&ChunkSums<acc>::dmz, R * P, p.dmimo_z);
+    }
+    if (lane == 0) {
+      acc dD = 0;
+      for (int64_t cc = 0; cc < P; ++cc) {
+        acc s = 0;
+        for (int64_t c = 0; c < nc; ++c) s += chunk_sums(c).dD[cc];
+        dD += s;
+      }
+      p.dD[task] = dD;
     }
   });
+}
+
+// The stages in the order they run (the forward's: kAngles, kLocalState, kStatePass, kOutputs;
+// the backward's: kAngles, kLocalState, kStatePass, kLocalDState, kDStatePass, kChunkGrads,
+// kFinish), each of one of three kinds: per task (task_stage: kAngles, kFinish), per task and
+// state element (element_stage: kStatePass, kDStatePass), per chunk (chunk_stage: the others).
+// Each kind runs its items in any order, or at once; a stage starts when the one before is done.
+enum class Stage { kAngles, kLocalState, kStatePass, kOutputs, kLocalDState, kDStatePass, kChunkGrads, kFinish };
+
+template <typename T>
+constexpr bool is_fwd(const Mamba3FwdParams<T>*) {
+  return true;
+}
+template <typename T>
+constexpr bool is_fwd(const Mamba3BwdParams<T>*) {
+  return false;
+}
+
+template <Stage kStage, template <typename> class Params, typename T, typename Lanes>
+SSMK_MATH_INLINE void task_stage(const Params<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+                                 const Lanes& run) {
+  constexpr bool fwd = is_fwd(static_cast<const Params<T>*>(nullptr));
+  if constexpr (kStage == Stage::kAngles && fwd) {
+    fwd_angles(p, task, buf, run);
+  } else if constexpr (kStage == Stage::kAngles) {
+    run([&](int64_t lane, int64_t lanes) { chunk_angles(p, task, buf, static_cast<acc_t<T>*>(nullptr), lane, lanes); });
+  } else if constexpr (kStage == Stage::kFinish && !fwd) {
+    bwd_finish(p, task, buf, run);
+  }
+}
+
+template <Stage kStage, template <typename> class Params, typename T>
+SSMK_MATH_INLINE void element_stage(const Params<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf, int64_t lane,
+                                    int64_t lanes) {
+  if constexpr (kStage == Stage::kStatePass && is_fwd(static_cast<const Params<T>*>(nullptr))) {
+    state_pass(p, task, buf, p.final_ssm, p.chunk_states, lane, lanes);
+  } else if constexpr (kStage == Stage::kStatePass) {
+    state_pass(p, task, buf, static_cast<acc_t<T>*>(nullptr), static_cast<acc_t<T>*>(nullptr), lane, lanes);
+  } else if constexpr (kStage == Stage::kDStatePass && !is_fwd(static_cast<const Params<T>*>(nullptr))) {
+    dstate_pass(p, task, buf, lane, lanes);
+  }
+}
+
+template <Stage kStage, template <typename> class Params, typename T, typename Lanes>
+SSMK_MATH_INLINE void chunk_stage(const Params<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                  ChunkWork<acc_t<T>>& cw, const Lanes& run) {
+  constexpr bool fwd = is_fwd(static_cast<const Params<T>*>(nullptr));
+  if constexpr (kStage == Stage::kLocalState && fwd) {
+    fwd_local_state(p, ch, buf, cw, run);
+  } else if constexpr (kStage == Stage::kLocalState) {
+    local_state(p, ch, buf, cw, run);
+  } else if constexpr (kStage == Stage::kOutputs && fwd) {
+    fwd_outputs(p, ch, buf, cw, run);
+  } else if constexpr (kStage == Stage::kLocalDState && !fwd) {
+    local_dstate(p, ch, buf, cw, run);
+  } else if constexpr (kStage == Stage::kChunkGrads && !fwd) {
+    bwd_chunk(p, ch, buf, cw, run);
+  }
+}
+
+// The stages of the forward and the backward in order, run by `r` (the CPU's test hook, or the
+// CUDA launcher): r.tasks<S>(), r.elements<S>(), r.chunks<S>() run stage S over its items.
+template <typename Runner>
+inline void run_fwd_stages(Runner& r) {
+  r.template tasks<Stage::kAngles>();
+  r.template chunks<Stage::kLocalState>();
+  r.template elements<Stage::kStatePass>();
+  r.template chunks<Stage::kOutputs>();
+}
+template <typename Runner>
+inline void run_bwd_stages(Runner& r) {
+  r.template tasks<Stage::kAngles>();
+  r.template chunks<Stage::kLocalState>();
+  r.template elements<Stage::kStatePass>();
+  r.template chunks<Stage::kLocalDState>();
+  r.template elements<Stage::kDStatePass>();
+  r.template chunks<Stage::kChunkGrads>();
+  r.template tasks<Stage::kFinish>();
+}
+
+// Thread blocks of the GPU's chunk stages: as many as fit on the multiprocessors at once (the
+// forward's 128-thread blocks use up to 128 registers a thread, so four fit; the backward's up to
+// 255, so two), at most one per chunk; each takes every blocks-th chunk, in a work area of its own
+// (ChunkBuffers::work).
+SSMK_HOST_DEVICE int64_t chunk_blocks(const Mamba3Dims& d, bool grads, int64_t sms) {
+  const int64_t slots = bwd_state_slots(d), most = (grads ? 2 : 4) * (sms > 0 ? sms : 1);
+  return slots < most ? slots : most;
 }
 
 // The decode step of one task (batch row b, value head h) in four phases, run by step_task
