@@ -185,9 +185,11 @@ SSMK_DEVICE acc_t chunk_carry_in(const cuda::AffinePair<acc_t>& thread_pair, con
   return cuda::affine_apply(prefix, *carry);
 }
 
-// (row, chunk in walk order) of this block.
+// (row, chunk in walk order) of this block, and the physical position p0 of this thread's first
+// item (the walk runs descending when `descending`).
 template <typename acc_t>
-SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, int64_t& row, int64_t& cw) {
+SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, bool descending, int64_t& row, int64_t& cw,
+                             int64_t& p0) {
   __shared__ int64_t id_shared;
   int64_t id = blockIdx.x;
   if (chain.chunks > 1) {
@@ -197,18 +199,19 @@ SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, int64_t& row, int64
   }
   row = id / chain.chunks;
   cw = id % chain.chunks;
+  const int64_t C = chain.chunks;
+  const int64_t pc = descending ? C - 1 - cw : cw;
+  p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
 }
 
 template <typename in_t>
 __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwdParams<in_t> p,
                                                                    ChunkChain<scan_acc_t<in_t>> chain) {
   using acc_t = scan_acc_t<in_t>;
-  int64_t row, cw;
-  block_chunk(chain, row, cw);
-  const int64_t L = p.seqlen, C = chain.chunks;
   const bool desc = p.reverse;
-  const int64_t pc = desc ? C - 1 - cw : cw;
-  const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+  int64_t row, cw, p0;
+  block_chunk(chain, desc, row, cw, p0);
+  const int64_t L = p.seqlen;
   acc_t a[kItems], b[kItems];
   load_items(p.a.data + row * p.a.stride[0], p.a.stride[1], p0, L, one<acc_t>(), a);
   load_items(p.b.data + row * p.b.stride[0], p.b.stride[1], p0, L, zero<acc_t>(), b);
@@ -251,12 +254,10 @@ template <typename in_t>
 __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwdParams<in_t> p,
                                                                    ChunkChain<scan_acc_t<in_t>> chain) {
   using acc_t = scan_acc_t<in_t>;
-  int64_t row, cw;
-  block_chunk(chain, row, cw);
-  const int64_t L = p.seqlen, C = chain.chunks;
   const bool desc = !p.reverse;
-  const int64_t pc = desc ? C - 1 - cw : cw;
-  const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+  int64_t row, cw, p0;
+  block_chunk(chain, desc, row, cw, p0);
+  const int64_t L = p.seqlen;
   const in_t* a_row = p.a.data + row * p.a.stride[0];
   const in_t* h_row = p.h.data + row * p.h.stride[0];
   const bool packed = p.seqs.packed(), bounded = p.seqs.any();
