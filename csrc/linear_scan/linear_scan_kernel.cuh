@@ -151,6 +151,22 @@ SSMK_DEVICE acc_t sequence_state(const View<const acc_t, 1>& v, int64_t seq, int
   return v.data && seq >= 0 ? v.data[(seq * rows + row) * v.stride[0]] : zero<acc_t>();
 }
 
+// A row's state [R] (initial state, or final-state gradient), or zero (none given, or packed
+// rows, whose states are per sequence).
+template <typename acc_t>
+SSMK_DEVICE acc_t row_state(const View<const acc_t, 1>& v, bool packed, int64_t row) {
+  return v.data && !packed ? v.data[row * v.stride[0]] : zero<acc_t>();
+}
+
+// The thread's items (pairs (coef[k], b[k]), walk order) composed into one affine pair.
+template <typename acc_t>
+SSMK_DEVICE cuda::AffinePair<acc_t> thread_pair(const acc_t (&coef)[kItems], const acc_t (&b)[kItems]) {
+  cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{coef[k], b[k]});
+  return pair;
+}
+
 // Block-wide part shared by both kernels: scans the threads' pairs, links the chunk to its
 // predecessor and returns the state entering this thread's first item (walk order).
 template <typename acc_t>
@@ -230,12 +246,8 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwd
       }
     }
   }
-  cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{a[k], b[k]});
-  const acc_t row_start = p.initial_state.data && !packed ? p.initial_state.data[row * p.initial_state.stride[0]]
-                                                          : zero<acc_t>();
-  acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
+  const cuda::AffinePair<acc_t> pair = thread_pair(a, b);
+  acc_t s = chunk_carry_in(pair, chain, row, cw, row_state(p.initial_state, packed, row), desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t h[kItems];
 #pragma unroll
@@ -261,8 +273,7 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   const in_t* a_row = p.a.data + row * p.a.stride[0];
   const in_t* h_row = p.h.data + row * p.h.stride[0];
   const bool packed = p.seqs.packed(), bounded = p.seqs.any();
-  const acc_t h_start = p.initial_state.data && !packed ? p.initial_state.data[row * p.initial_state.stride[0]]
-                                                        : zero<acc_t>();
+  const acc_t h_start = row_state(p.initial_state, packed, row);
   // Outside the row: a = 1 (the identity step) and h = the forward's initial state, which is what
   // the walk's first and last positions see; padding positions after L never reach an output.
   acc_t a[kItems], g[kItems], h[kItems];
@@ -299,12 +310,8 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
       if (wend[k]) hp[k] = sequence_state(p.initial_state, seq[k], p.rows, row);
     }
   }
-  cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{coef[k], g[k]});
-  const acc_t row_start = p.dlast_state.data && !packed ? p.dlast_state.data[row * p.dlast_state.stride[0]]
-                                                        : zero<acc_t>();
-  acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
+  const cuda::AffinePair<acc_t> pair = thread_pair(coef, g);
+  acc_t s = chunk_carry_in(pair, chain, row, cw, row_state(p.dlast_state, packed, row), desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t da[kItems], db[kItems];
 #pragma unroll
