@@ -125,10 +125,11 @@ SSMK_DEVICE void to_walk_order(T (&x)[kItems], bool descending) {
 }
 
 // Packed-sequence bounds of a thread's items, in walk order: wstart[k] (a sequence starts there
-// in walk order), wend[k] (one ends there), seq[k] (the sequence's index with cu_seqlens, else -1).
-template <typename Params>
+// in walk order), wend[k] (one ends there), seq[k] (the sequence's index with cu_seqlens, else -1);
+// then at(k, bounds of item k) for each item k in walk order.
+template <typename Params, typename At>
 SSMK_DEVICE void item_bounds(const Params& p, int64_t row, int64_t p0, bool descending, bool (&wstart)[kItems],
-                             bool (&wend)[kItems], int64_t (&seq)[kItems]) {
+                             bool (&wend)[kItems], int64_t (&seq)[kItems], At&& at) {
   const int64_t L = p.seqlen;
   int64_t hint = p.seqs.packed() && p0 < L ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, p0) : 0;
 #pragma unroll
@@ -143,6 +144,8 @@ SSMK_DEVICE void item_bounds(const Params& p, int64_t row, int64_t p0, bool desc
   to_walk_order(wstart, descending);
   to_walk_order(wend, descending);
   to_walk_order(seq, descending);
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) at(k, TokenBounds{wstart[k], wend[k], seq[k]});
 }
 
 // A per-sequence state [S, R] of row `row`, or zero (no state given, or no per-sequence state).
@@ -237,14 +240,12 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwd
   bool wstart[kItems], wend[kItems];
   int64_t seq[kItems];
   if (bounded) {
-    item_bounds(p, row, p0, desc, wstart, wend, seq);
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      if (wstart[k]) {
-        b[k] = step(a[k], sequence_state(p.initial_state, seq[k], p.rows, row), b[k]);
+    item_bounds(p, row, p0, desc, wstart, wend, seq, [&](int k, TokenBounds tb) {
+      if (tb.start) {
+        b[k] = step(a[k], sequence_state(p.initial_state, tb.seq, p.rows, row), b[k]);
         a[k] = zero<acc_t>();
       }
-    }
+    });
   }
   const cuda::AffinePair<acc_t> pair = thread_pair(a, b);
   acc_t s = chunk_carry_in(pair, chain, row, cw, row_state(p.initial_state, packed, row), desc);
@@ -300,15 +301,13 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   bool wstart[kItems], wend[kItems];
   int64_t seq[kItems];
   if (bounded) {
-    item_bounds(p, row, p0, desc, wstart, wend, seq);
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      if (wstart[k]) {
-        g[k] += sequence_state(p.dlast_state, seq[k], p.rows, row);
+    item_bounds(p, row, p0, desc, wstart, wend, seq, [&](int k, TokenBounds tb) {
+      if (tb.start) {
+        g[k] += sequence_state(p.dlast_state, tb.seq, p.rows, row);
         coef[k] = zero<acc_t>();
       }
-      if (wend[k]) hp[k] = sequence_state(p.initial_state, seq[k], p.rows, row);
-    }
+      if (tb.end) hp[k] = sequence_state(p.initial_state, tb.seq, p.rows, row);
+    });
   }
   const cuda::AffinePair<acc_t> pair = thread_pair(coef, g);
   acc_t s = chunk_carry_in(pair, chain, row, cw, row_state(p.dlast_state, packed, row), desc);
