@@ -62,6 +62,24 @@ struct Walk {
   }
 };
 
+// One operand of G rows walked side by side: each row's pointer at the segment's first walk
+// position, and the elements between walk positions.
+template <typename E, int G>
+struct WalkRows {
+  E* row[G];
+  int64_t step;
+  // Rows r0 .. r0+G-1 of a [R, L] buffer with strides (row_stride, t_stride), from walk position u0.
+  SSMK_CPU_INLINE void start(const Walk& w, E* data, int64_t row_stride, int64_t t_stride, int64_t r0, int64_t u0) {
+    step = w.step(t_stride);
+    for (int g = 0; g < G; ++g) row[g] = w.at(data, row_stride, t_stride, r0 + g, u0);
+  }
+  SSMK_CPU_INLINE void start(const Walk& w, const View<E, 2>& v, int64_t r0, int64_t u0) {
+    start(w, v.data, v.stride[0], v.stride[1], r0, u0);
+  }
+  // Row g at walk position j of the segment.
+  SSMK_CPU_INLINE E& operator()(int g, int64_t j) const { return row[g][j * step]; }
+};
+
 template <typename acc_t>
 SSMK_CPU_INLINE acc_t load_state(const View<const acc_t, 1>& v, int64_t r) {
   return v.data ? v.data[r * v.stride[0]] : acc_t(0);
@@ -105,14 +123,12 @@ SSMK_CPU_INLINE void skewed_walk(Rows& rows, int64_t n) {
 template <typename in_t, int G>
 struct FwdRows {
   using acc_t = scan_acc_t<in_t>;
-  const in_t* a[G];
-  const in_t* b[G];
-  in_t* h[G];
+  WalkRows<const in_t, G> a, b;
+  WalkRows<in_t, G> h;
   acc_t s[G];
-  int64_t as, bs, hs;
   SSMK_CPU_INLINE void at(int g, int64_t j) {
-    s[g] = linear_scan::step(static_cast<acc_t>(a[g][j * as]), s[g], static_cast<acc_t>(b[g][j * bs]));
-    h[g][j * hs] = static_cast<in_t>(s[g]);
+    s[g] = linear_scan::step(static_cast<acc_t>(a(g, j)), s[g], static_cast<acc_t>(b(g, j)));
+    h(g, j) = static_cast<in_t>(s[g]);
   }
 };
 
@@ -122,16 +138,10 @@ SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0,
                                  scan_acc_t<in_t>* state) {
   const Walk w{p.reverse, p.seqlen};
   FwdRows<in_t, G> rows;
-  rows.as = w.step(p.a.stride[1]);
-  rows.bs = w.step(p.b.stride[1]);
-  rows.hs = w.step(1);
-  for (int g = 0; g < G; ++g) {
-    const int64_t r = r0 + g;
-    rows.a[g] = w.at(p.a, r, u0);
-    rows.b[g] = w.at(p.b, r, u0);
-    rows.h[g] = w.at(p.h, p.seqlen, 1, r, u0);
-    rows.s[g] = state[g];
-  }
+  rows.a.start(w, p.a, r0, u0);
+  rows.b.start(w, p.b, r0, u0);
+  rows.h.start(w, p.h, p.seqlen, 1, r0, u0);
+  for (int g = 0; g < G; ++g) rows.s[g] = state[g];
   skewed_walk<G, skew<in_t>()>(rows, u1 - u0);
   for (int g = 0; g < G; ++g) state[g] = rows.s[g];
 }
@@ -139,19 +149,15 @@ SSMK_CPU_INLINE void fwd_segment(const LinearScanFwdParams<in_t>& p, int64_t r0,
 template <typename in_t, int G>
 struct BwdRows {
   using acc_t = scan_acc_t<in_t>;
-  const in_t* a[G];
-  const in_t* g_in[G];
-  const in_t* h[G];
-  in_t* da[G];
-  in_t* db[G];
+  WalkRows<const in_t, G> a, g_in, h;
+  WalkRows<in_t, G> da, db;
   acc_t s[G], coef[G];
-  int64_t as, gs, hs, os;
   // One step whose forward predecessor state is h at walk position j + 1.
   SSMK_CPU_INLINE void at(int g, int64_t j) {
-    s[g] = linear_scan::step(coef[g], s[g], static_cast<acc_t>(g_in[g][j * gs]));
-    db[g][j * os] = static_cast<in_t>(s[g]);
-    da[g][j * os] = static_cast<in_t>(s[g] * conj_of(static_cast<acc_t>(h[g][(j + 1) * hs])));
-    coef[g] = conj_of(static_cast<acc_t>(a[g][j * as]));
+    s[g] = linear_scan::step(coef[g], s[g], static_cast<acc_t>(g_in(g, j)));
+    db(g, j) = static_cast<in_t>(s[g]);
+    da(g, j) = static_cast<in_t>(s[g] * conj_of(static_cast<acc_t>(h(g, j + 1))));
+    coef[g] = conj_of(static_cast<acc_t>(a(g, j)));
   }
 };
 
@@ -167,19 +173,14 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0,
   using acc_t = scan_acc_t<in_t>;
   const Walk w{!p.reverse, p.seqlen};
   BwdRows<in_t, G> rows;
-  rows.as = w.step(p.a.stride[1]);
-  rows.gs = w.step(p.dh.stride[1]);
-  rows.hs = w.step(p.h.stride[1]);
-  rows.os = w.step(1);
+  rows.a.start(w, p.a, r0, u0);
+  rows.g_in.start(w, p.dh, r0, u0);
+  rows.h.start(w, p.h, r0, u0);
+  rows.da.start(w, p.da, p.seqlen, 1, r0, u0);
+  rows.db.start(w, p.db, p.seqlen, 1, r0, u0);
   for (int g = 0; g < G; ++g) {
-    const int64_t r = r0 + g;
-    rows.a[g] = w.at(p.a, r, u0);
-    rows.g_in[g] = w.at(p.dh, r, u0);
-    rows.h[g] = w.at(p.h, r, u0);
-    rows.da[g] = w.at(p.da, p.seqlen, 1, r, u0);
-    rows.db[g] = w.at(p.db, p.seqlen, 1, r, u0);
     rows.s[g] = state[g];
-    rows.coef[g] = fresh ? acc_t(1) : conj_of(static_cast<acc_t>(rows.a[g][-rows.as]));
+    rows.coef[g] = fresh ? acc_t(1) : conj_of(static_cast<acc_t>(rows.a(g, -1)));
   }
   // The sequence's first position reads the initial state instead of h: peel it off the walk.
   const int64_t n = u1 - u0;
@@ -189,10 +190,10 @@ SSMK_CPU_INLINE void bwd_segment(const LinearScanBwdParams<in_t>& p, int64_t r0,
     const int64_t j = n - 1;
     for (int g = 0; g < G; ++g) {
       acc_t& s = state[g];
-      s = linear_scan::step(rows.coef[g], s, static_cast<acc_t>(rows.g_in[g][j * rows.gs]));
-      rows.db[g][j * rows.os] = static_cast<in_t>(s);
-      rows.da[g][j * rows.os] = static_cast<in_t>(s * conj_of(h0[g]));
-      s = conj_of(static_cast<acc_t>(rows.a[g][j * rows.as])) * s;
+      s = linear_scan::step(rows.coef[g], s, static_cast<acc_t>(rows.g_in(g, j)));
+      rows.db(g, j) = static_cast<in_t>(s);
+      rows.da(g, j) = static_cast<in_t>(s * conj_of(h0[g]));
+      s = conj_of(static_cast<acc_t>(rows.a(g, j))) * s;
     }
   }
 }

@@ -125,10 +125,11 @@ SSMK_DEVICE void to_walk_order(T (&x)[kItems], bool descending) {
 }
 
 // Packed-sequence bounds of a thread's items, in walk order: wstart[k] (a sequence starts there
-// in walk order), wend[k] (one ends there), seq[k] (the sequence's index with cu_seqlens, else -1).
-template <typename Params>
+// in walk order), wend[k] (one ends there), seq[k] (the sequence's index with cu_seqlens, else -1);
+// then at(k, bounds of item k) for each item k in walk order.
+template <typename Params, typename At>
 SSMK_DEVICE void item_bounds(const Params& p, int64_t row, int64_t p0, bool descending, bool (&wstart)[kItems],
-                             bool (&wend)[kItems], int64_t (&seq)[kItems]) {
+                             bool (&wend)[kItems], int64_t (&seq)[kItems], At&& at) {
   const int64_t L = p.seqlen;
   int64_t hint = p.seqs.packed() && p0 < L ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, p0) : 0;
 #pragma unroll
@@ -143,12 +144,30 @@ SSMK_DEVICE void item_bounds(const Params& p, int64_t row, int64_t p0, bool desc
   to_walk_order(wstart, descending);
   to_walk_order(wend, descending);
   to_walk_order(seq, descending);
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) at(k, TokenBounds{wstart[k], wend[k], seq[k]});
 }
 
 // A per-sequence state [S, R] of row `row`, or zero (no state given, or no per-sequence state).
 template <typename acc_t>
 SSMK_DEVICE acc_t sequence_state(const View<const acc_t, 1>& v, int64_t seq, int64_t rows, int64_t row) {
   return v.data && seq >= 0 ? v.data[(seq * rows + row) * v.stride[0]] : zero<acc_t>();
+}
+
+// A row's state [R] (initial state, or final-state gradient), or zero (none given, or packed
+// rows, whose states are per sequence).
+template <typename acc_t>
+SSMK_DEVICE acc_t row_state(const View<const acc_t, 1>& v, bool packed, int64_t row) {
+  return v.data && !packed ? v.data[row * v.stride[0]] : zero<acc_t>();
+}
+
+// The thread's items (pairs (coef[k], b[k]), walk order) composed into one affine pair.
+template <typename acc_t>
+SSMK_DEVICE cuda::AffinePair<acc_t> thread_pair(const acc_t (&coef)[kItems], const acc_t (&b)[kItems]) {
+  cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
+#pragma unroll
+  for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{coef[k], b[k]});
+  return pair;
 }
 
 // Block-wide part shared by both kernels: scans the threads' pairs, links the chunk to its
@@ -185,9 +204,11 @@ SSMK_DEVICE acc_t chunk_carry_in(const cuda::AffinePair<acc_t>& thread_pair, con
   return cuda::affine_apply(prefix, *carry);
 }
 
-// (row, chunk in walk order) of this block.
+// (row, chunk in walk order) of this block, and the physical position p0 of this thread's first
+// item (the walk runs descending when `descending`).
 template <typename acc_t>
-SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, int64_t& row, int64_t& cw) {
+SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, bool descending, int64_t& row, int64_t& cw,
+                             int64_t& p0) {
   __shared__ int64_t id_shared;
   int64_t id = blockIdx.x;
   if (chain.chunks > 1) {
@@ -197,18 +218,19 @@ SSMK_DEVICE void block_chunk(const ChunkChain<acc_t>& chain, int64_t& row, int64
   }
   row = id / chain.chunks;
   cw = id % chain.chunks;
+  const int64_t C = chain.chunks;
+  const int64_t pc = descending ? C - 1 - cw : cw;
+  p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
 }
 
 template <typename in_t>
 __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwdParams<in_t> p,
                                                                    ChunkChain<scan_acc_t<in_t>> chain) {
   using acc_t = scan_acc_t<in_t>;
-  int64_t row, cw;
-  block_chunk(chain, row, cw);
-  const int64_t L = p.seqlen, C = chain.chunks;
   const bool desc = p.reverse;
-  const int64_t pc = desc ? C - 1 - cw : cw;
-  const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+  int64_t row, cw, p0;
+  block_chunk(chain, desc, row, cw, p0);
+  const int64_t L = p.seqlen;
   acc_t a[kItems], b[kItems];
   load_items(p.a.data + row * p.a.stride[0], p.a.stride[1], p0, L, one<acc_t>(), a);
   load_items(p.b.data + row * p.b.stride[0], p.b.stride[1], p0, L, zero<acc_t>(), b);
@@ -218,21 +240,15 @@ __global__ void __launch_bounds__(kThreads) linear_scan_fwd_kernel(LinearScanFwd
   bool wstart[kItems], wend[kItems];
   int64_t seq[kItems];
   if (bounded) {
-    item_bounds(p, row, p0, desc, wstart, wend, seq);
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      if (wstart[k]) {
-        b[k] = step(a[k], sequence_state(p.initial_state, seq[k], p.rows, row), b[k]);
+    item_bounds(p, row, p0, desc, wstart, wend, seq, [&](int k, TokenBounds tb) {
+      if (tb.start) {
+        b[k] = step(a[k], sequence_state(p.initial_state, tb.seq, p.rows, row), b[k]);
         a[k] = zero<acc_t>();
       }
-    }
+    });
   }
-  cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{a[k], b[k]});
-  const acc_t row_start = p.initial_state.data && !packed ? p.initial_state.data[row * p.initial_state.stride[0]]
-                                                          : zero<acc_t>();
-  acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
+  const cuda::AffinePair<acc_t> pair = thread_pair(a, b);
+  acc_t s = chunk_carry_in(pair, chain, row, cw, row_state(p.initial_state, packed, row), desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t h[kItems];
 #pragma unroll
@@ -251,17 +267,14 @@ template <typename in_t>
 __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwdParams<in_t> p,
                                                                    ChunkChain<scan_acc_t<in_t>> chain) {
   using acc_t = scan_acc_t<in_t>;
-  int64_t row, cw;
-  block_chunk(chain, row, cw);
-  const int64_t L = p.seqlen, C = chain.chunks;
   const bool desc = !p.reverse;
-  const int64_t pc = desc ? C - 1 - cw : cw;
-  const int64_t p0 = pc * kChunk + static_cast<int64_t>(threadIdx.x) * kItems;
+  int64_t row, cw, p0;
+  block_chunk(chain, desc, row, cw, p0);
+  const int64_t L = p.seqlen;
   const in_t* a_row = p.a.data + row * p.a.stride[0];
   const in_t* h_row = p.h.data + row * p.h.stride[0];
   const bool packed = p.seqs.packed(), bounded = p.seqs.any();
-  const acc_t h_start = p.initial_state.data && !packed ? p.initial_state.data[row * p.initial_state.stride[0]]
-                                                        : zero<acc_t>();
+  const acc_t h_start = row_state(p.initial_state, packed, row);
   // Outside the row: a = 1 (the identity step) and h = the forward's initial state, which is what
   // the walk's first and last positions see; padding positions after L never reach an output.
   acc_t a[kItems], g[kItems], h[kItems];
@@ -288,22 +301,16 @@ __global__ void __launch_bounds__(kThreads) linear_scan_bwd_kernel(LinearScanBwd
   bool wstart[kItems], wend[kItems];
   int64_t seq[kItems];
   if (bounded) {
-    item_bounds(p, row, p0, desc, wstart, wend, seq);
-#pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      if (wstart[k]) {
-        g[k] += sequence_state(p.dlast_state, seq[k], p.rows, row);
+    item_bounds(p, row, p0, desc, wstart, wend, seq, [&](int k, TokenBounds tb) {
+      if (tb.start) {
+        g[k] += sequence_state(p.dlast_state, tb.seq, p.rows, row);
         coef[k] = zero<acc_t>();
       }
-      if (wend[k]) hp[k] = sequence_state(p.initial_state, seq[k], p.rows, row);
-    }
+      if (tb.end) hp[k] = sequence_state(p.initial_state, tb.seq, p.rows, row);
+    });
   }
-  cuda::AffinePair<acc_t> pair = cuda::affine_identity<acc_t>();
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) pair = cuda::affine_compose(pair, cuda::AffinePair<acc_t>{coef[k], g[k]});
-  const acc_t row_start = p.dlast_state.data && !packed ? p.dlast_state.data[row * p.dlast_state.stride[0]]
-                                                        : zero<acc_t>();
-  acc_t s = chunk_carry_in(pair, chain, row, cw, row_start, desc);
+  const cuda::AffinePair<acc_t> pair = thread_pair(coef, g);
+  acc_t s = chunk_carry_in(pair, chain, row, cw, row_state(p.dlast_state, packed, row), desc);
   const int64_t t_last = desc ? 0 : L - 1;
   acc_t da[kItems], db[kItems];
 #pragma unroll

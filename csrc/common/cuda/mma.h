@@ -22,19 +22,21 @@ enum class MmaPrecision { kHalf, kBFloat16, kTf32x3 };
 template <MmaPrecision P>
 struct MmaTraits;
 
-template <>
-struct MmaTraits<MmaPrecision::kHalf> {
-  using smem_t = __half;
-  using frag_t = __half;
+// The 16-bit precisions: operands stored and multiplied in the 16-bit type, 16x16x16 steps.
+template <typename T>
+struct Mma16BitTraits {
+  using smem_t = T;
+  using frag_t = T;
   static constexpr int kK = 16;
+};
+
+template <>
+struct MmaTraits<MmaPrecision::kHalf> : Mma16BitTraits<__half> {
   static __device__ __forceinline__ smem_t from_float(float v) { return __float2half_rn(v); }
 };
 
 template <>
-struct MmaTraits<MmaPrecision::kBFloat16> {
-  using smem_t = __nv_bfloat16;
-  using frag_t = __nv_bfloat16;
-  static constexpr int kK = 16;
+struct MmaTraits<MmaPrecision::kBFloat16> : Mma16BitTraits<__nv_bfloat16> {
   static __device__ __forceinline__ smem_t from_float(float v) { return __float2bfloat16_rn(v); }
 };
 
