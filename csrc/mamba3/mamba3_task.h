@@ -370,13 +370,11 @@ SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t b
   p.dtrap[row] -= dt0 * drho;
 }
 
-// d trap = d lambda sigmoid'(trap) over the task's tokens, from the d lambda summed in p.dtrap,
-// per token (lane, lanes as for chunk_rows).
+// d trap = d lambda sigmoid'(trap) over the task's tokens, from the d lambda summed in p.dtrap.
 template <typename T>
-SSMK_MATH_INLINE void trap_grads(const Mamba3BwdParams<T>& p, int64_t row, const Mamba3Span& sp, int64_t lane = 0,
-                                 int64_t lanes = 1) {
+SSMK_MATH_INLINE void trap_grads(const Mamba3BwdParams<T>& p, int64_t row, const Mamba3Span& sp) {
   using acc = acc_t<T>;
-  for (int64_t l = sp.start + lane; l < sp.end; l += lanes) {
+  for (int64_t l = sp.start; l < sp.end; ++l) {
     const acc lam = ssmk::sigmoid(p.trap[row + l]);
     p.dtrap[row + l] *= lam * (acc(1) - lam);
   }
@@ -683,11 +681,11 @@ SSMK_MATH_INLINE void chunk_input_grads(const Mamba3BwdParams<T>& p, int64_t b, 
 // The chunk-parallel form of the scan (docs/mamba3.md): the chunks of all tasks run at once, in
 // stages that each are one kernel on the GPU, with the state passed across chunks by an
 // element-wise scan in between (as ssd_scan does):
-//   forward:  fwd_angles (per task), local_state (per chunk), state_pass (per task and state
-//             element), fwd_outputs (per chunk);
-//   backward: chunk_angles, local_state and state_pass again (the states are not kept),
-//             local_dstate (per chunk), dstate_pass (per task and state element), bwd_chunk (per
-//             chunk), bwd_finish (per task).
+//   forward:  angle_sums (per chunk), fwd_angles (per task), local_state (per chunk), state_pass
+//             (per task and state element), fwd_outputs (per chunk);
+//   backward: the first four again (the states are not kept), local_dstate (per chunk),
+//             dstate_pass (per task and state element), bwd_chunk (per chunk), task_grads (per
+//             task), step_grads (per chunk).
 // A chunk is one slot of bwd_state_slot's layout; ChunkBuffers holds what one stage leaves for the
 // next, per slot or per task. Every chunk stage works in a ChunkWork area of its own (the GPU: one
 // per thread block, reused chunk after chunk).
@@ -743,14 +741,15 @@ SSMK_HOST_DEVICE ChunkRef chunk_at_slot(const Mamba3Dims& d, int64_t slot) {
   return ch;
 }
 
-// The chunk's parts of its task's sums over the steps (the backward's, summed by bwd_finish):
-// dq_bias, dk_bias [R, N], dmimo_v, dmimo_z, dmimo_o [R, P], dD per channel [P], and the spill
-// of coefficient_grads into the next chunk's first step [2].
+// The chunk's parts of its task's sums over the steps (the backward's, summed by task_grads):
+// dq_bias, dk_bias [R, N], dmimo_v, dmimo_z, dmimo_o [R, P], dD per channel [P], the spill of
+// coefficient_grads into the next chunk's first step [2], and the sum of its steps' d theta [A]
+// (which task_grads replaces by the gradient of the angle after the chunk).
 template <typename acc>
 struct ChunkSums {
-  acc *dqb, *dkb, *dmv, *dmz, *dmo, *dD, *spill;
+  acc *dqb, *dkb, *dmv, *dmz, *dmo, *dD, *spill, *dtheta;
   static SSMK_HOST_DEVICE int64_t size(const Mamba3Dims& d) {
-    return 2 * d.rank * d.headdim_qk + 3 * d.rank * d.headdim_v + d.headdim_v + 2;
+    return 2 * d.rank * d.headdim_qk + 3 * d.rank * d.headdim_v + d.headdim_v + 2 + d.nangles;
   }
   SSMK_HOST_DEVICE ChunkSums(const Mamba3Dims& d, acc* s) {
     const int64_t RN = d.rank * d.headdim_qk, RP = d.rank * d.headdim_v;
@@ -761,6 +760,7 @@ struct ChunkSums {
     dmo = dmz + RP;
     dD = dmo + RP;
     spill = dD + d.headdim_v;
+    dtheta = spill + 2;
   }
 };
 
@@ -789,7 +789,8 @@ struct ChunkWork {
 //   states  [slots, SS]  local_state: the chunk's own part of the state after it (from zero);
 //                        state_pass: the state before the chunk (tile_state layout, SS elements)
 //   decay   [slots]      e^{Acs_last}, the chunk's decay of the state
-//   thetas  [slots, A]   the angle before the chunk
+//   thetas  [slots, A]   angle_sums: the sum of the chunk's angle increments; chunk_angles: the
+//                        angle before the chunk
 //   dstates [slots, SS]  local_dstate: the chunk's own part of the gradient of the state before
 //                        it; dstate_pass: the gradient of the state after it   (backward only)
 //   dinit   [tasks, SS]  the gradient of the state before a task's first step  (backward only)
@@ -821,20 +822,37 @@ struct ChunkBuffers {
   }
 };
 
-// Stage: per task, the angle before each of its chunks, and with final_angle the angle after its
-// last step; per angle (lane, lanes as for chunk_rows), with chunk_coefficients' arithmetic.
+// Stage, per chunk: the sum of its steps' angle increments pi tanh(angles) dt, per angle (lane,
+// lanes as for chunk_rows), into its thetas slot.
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void angle_sums(const Mamba3Inputs<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                 const Lanes& run) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles, b = ch.sp.b, h = ch.sp.h, row = (b * H + h) * L;
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t j = lane; j < A; j += lanes) {
+      acc u = 0;
+      for (int64_t l = ch.t0; l < ch.t0 + ch.n; ++l) u += angle_step(p.angles[((b * L + l) * H + h) * A + j], p.dt[row + l]);
+      buf.thetas[ch.slot() * A + j] = u;
+    }
+  });
+}
+
+// Stage, per task: the angle before each of its chunks from the chunks' sums (the angle is wrapped
+// into [0, 2 pi) once per chunk here, then per step inside the chunk by chunk_coefficients), and
+// with final_angle the angle after its last step; per angle (lane, lanes).
 template <typename T>
 SSMK_MATH_INLINE void chunk_angles(const Mamba3Inputs<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
                                    acc_t<T>* final_angle, int64_t lane, int64_t lanes) {
   using acc = acc_t<T>;
-  const Mamba3Span sp = p.span(task);
-  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles, Q = p.chunk, row = (sp.b * H + sp.h) * L;
+  const int64_t A = p.nangles, nc = task_chunks(p, p.span(task));
   acc* thetas = buf.thetas + bwd_state_slot(p, task) * A;
   for (int64_t j = lane; j < A; j += lanes) {
     acc theta = p.init_angle ? p.init_angle[task * A + j] : acc(0);
-    for (int64_t l = sp.start; l < sp.end; ++l) {
-      if ((l - sp.start) % Q == 0) thetas[(l - sp.start) / Q * A + j] = theta;
-      theta = wrap_angle(theta + angle_step(p.angles[((sp.b * L + l) * H + sp.h) * A + j], p.dt[row + l]));
+    for (int64_t c = 0; c < nc; ++c) {
+      const acc u = thetas[c * A + j];
+      thetas[c * A + j] = theta;
+      theta = wrap_angle(theta + u);
     }
     if (final_angle) final_angle[task * A + j] = theta;
   }
@@ -977,7 +995,7 @@ SSMK_MATH_INLINE void dstate_pass(const Mamba3BwdParams<T>& p, int64_t task, con
 
 // Backward stage, per chunk, from the state before it and the gradient of the state after it:
 // the chunk's forward again, the gate's, the products', the per-step and the coefficients'
-// gradients, the rotations' (their angle parts d theta into p.dangles for bwd_finish) and the
+// gradients, the rotations' (their angle parts d theta into p.dangles for step_grads) and the
 // inputs'; its parts of the task's sums into its ChunkSums.
 template <typename T, typename Lanes>
 SSMK_MATH_INLINE void bwd_chunk(const Mamba3BwdParams<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
@@ -1024,16 +1042,21 @@ SSMK_MATH_INLINE void bwd_chunk(const Mamba3BwdParams<T>& p, const ChunkRef& ch,
     for (int64_t it = lane; it < n * A; it += lanes) {
       p.dangles[((b * L + t0 + it / A) * H + h) * A + it % A] = cw.dtheta[it];
     }
+    for (int64_t j = lane; j < A; j += lanes) {
+      acc s = 0;
+      for (int64_t t = 0; t < n; ++t) s += cw.dtheta[t * A + j];
+      sums.dtheta[j] = s;
+    }
   });
 }
 
-// Backward stage, per task, after every chunk's bwd_chunk: the angle recurrence in reverse (per
-// angle: the carry, the gradient of the angle after each step, replaces d theta in p.dangles; the
-// one before the first step is the initial angle's), then per step the angles' gradients and their
-// share of d dt, and the spill of the chunk before; the initial state's gradients; d trap; and the
-// sums over the chunks, in chunk order. A task without tokens passes its states' gradients through.
+// Backward stage, per task, after every chunk's bwd_chunk: per angle, the gradient of the angle
+// after each chunk (in reverse: d theta's sums of the chunks after it, from the final angle's
+// gradient; it replaces the chunk's sum) and before the first step (the initial angle's); the
+// initial state's gradients; and the sums over the chunks, in chunk order. A task without tokens
+// passes its states' gradients through.
 template <typename T, typename Lanes>
-SSMK_MATH_INLINE void bwd_finish(const Mamba3BwdParams<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
+SSMK_MATH_INLINE void task_grads(const Mamba3BwdParams<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf,
                                  const Lanes& run) {
   using acc = acc_t<T>;
   const Mamba3Span sp = p.span(task);
@@ -1044,45 +1067,22 @@ SSMK_MATH_INLINE void bwd_finish(const Mamba3BwdParams<T>& p, int64_t task, cons
     return;
   }
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, N = p.headdim_qk, P = p.headdim_v, A = p.nangles;
-  const int64_t Q = p.chunk, b = sp.b, h = sp.h, row = (b * H + h) * L;
-  const int64_t nc = task_chunks(p, sp), first = bwd_state_slot(p, task);
+  const int64_t row = (sp.b * H + sp.h) * L, nc = task_chunks(p, sp), first = bwd_state_slot(p, task);
   const auto chunk_sums = [&](int64_t c) { return ChunkSums<acc>(p, buf.sums + (first + c) * buf.nsums); };
-  const auto dangle = [&](int64_t l) { return p.dangles + ((b * L + l) * H + h) * A; };
   run([&](int64_t lane, int64_t lanes) {
     for (int64_t j = lane; j < A; j += lanes) {
       acc carry = p.dfinal_angle ? p.dfinal_angle[task * A + j] : acc(0);
-      for (int64_t l = sp.end - 1; l >= sp.start; --l) {
-        carry += dangle(l)[j];
-        dangle(l)[j] = carry;
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        acc& s = chunk_sums(c).dtheta[j];
+        const acc own = s;
+        s = carry;
+        carry += own;
       }
       p.dinit_angle[task * A + j] = carry;
     }
-  });
-  run([&](int64_t lane, int64_t lanes) {
-    for (int64_t l = sp.start + lane; l < sp.end; l += lanes) {
-      acc ddt = 0;
-      if (A > 0) {
-        const acc* ang = p.angles + ((b * L + l) * H + h) * A;
-        const acc dt = p.dt[row + l];
-        acc* dang = dangle(l);
-        for (int64_t j = 0; j < A; ++j) {
-          ddt += dang[j] * angle_step(ang[j], acc(1));
-          dang[j] *= angle_step_draw(ang[j], dt);
-        }
-      }
-      if (l > sp.start && (l - sp.start) % Q == 0) {
-        const acc* spill = chunk_sums((l - sp.start) / Q - 1).spill;
-        ddt += spill[0];
-        p.dtrap[row + l] += spill[1];
-      }
-      p.ddt[row + l] += ddt;
-    }
-  });
-  run([&](int64_t lane, int64_t) {
     if (lane == 0) initial_state_grads(p, task, row + sp.start, buf.dinit + task * buf.SS, tile_state(p).ld);
   });
   run([&](int64_t lane, int64_t lanes) {
-    trap_grads(p, row, sp, lane, lanes);
     const auto sum_chunks = [&](acc* ChunkSums<acc>::*part, int64_t size, acc* out) {
       for (int64_t it = lane; it < size; it += lanes) {
         acc s = 0;
@@ -1109,12 +1109,66 @@ SSMK_MATH_INLINE void bwd_finish(const Mamba3BwdParams<T>& p, int64_t task, cons
   });
 }
 
-// The stages in the order they run (the forward's: kAngles, kLocalState, kStatePass, kOutputs;
-// the backward's: kAngles, kLocalState, kStatePass, kLocalDState, kDStatePass, kChunkGrads,
-// kFinish), each of one of three kinds: per task (task_stage: kAngles, kFinish), per task and
-// state element (element_stage: kStatePass, kDStatePass), per chunk (chunk_stage: the others).
-// Each kind runs its items in any order, or at once; a stage starts when the one before is done.
-enum class Stage { kAngles, kLocalState, kStatePass, kOutputs, kLocalDState, kDStatePass, kChunkGrads, kFinish };
+// Backward stage, per chunk, after task_grads: the angle recurrence in reverse over its steps,
+// per angle from the gradient of the angle after the chunk (d theta in p.dangles becomes the
+// gradient of the angle after each step); then per step the angles' gradients and their share of
+// d dt, the previous chunk's spill into the first step, and d trap (d lambda is complete: the
+// initial state's part came in task_grads).
+template <typename T, typename Lanes>
+SSMK_MATH_INLINE void step_grads(const Mamba3BwdParams<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
+                                 const Lanes& run) {
+  using acc = acc_t<T>;
+  const int64_t L = p.seqlen, H = p.nheads, A = p.nangles, b = ch.sp.b, h = ch.sp.h, row = (b * H + h) * L;
+  const auto dangle = [&](int64_t l) { return p.dangles + ((b * L + l) * H + h) * A; };
+  run([&](int64_t lane, int64_t lanes) {
+    const acc* after = ChunkSums<acc>(p, buf.sums + ch.slot() * buf.nsums).dtheta;
+    for (int64_t j = lane; j < A; j += lanes) {
+      acc carry = after[j];
+      for (int64_t l = ch.t0 + ch.n - 1; l >= ch.t0; --l) {
+        carry += dangle(l)[j];
+        dangle(l)[j] = carry;
+      }
+    }
+  });
+  run([&](int64_t lane, int64_t lanes) {
+    for (int64_t l = ch.t0 + lane; l < ch.t0 + ch.n; l += lanes) {
+      acc ddt = 0;
+      if (A > 0) {
+        const acc* ang = p.angles + ((b * L + l) * H + h) * A;
+        const acc dt = p.dt[row + l];
+        acc* dang = dangle(l);
+        for (int64_t j = 0; j < A; ++j) {
+          ddt += dang[j] * angle_step(ang[j], acc(1));
+          dang[j] *= angle_step_draw(ang[j], dt);
+        }
+      }
+      if (l == ch.t0 && ch.c > 0) {
+        const acc* spill = ChunkSums<acc>(p, buf.sums + (ch.slot() - 1) * buf.nsums).spill;
+        ddt += spill[0];
+        p.dtrap[row + l] += spill[1];
+      }
+      p.ddt[row + l] += ddt;
+      const acc lam = ssmk::sigmoid(p.trap[row + l]);
+      p.dtrap[row + l] *= lam * (acc(1) - lam);
+    }
+  });
+}
+
+// The stages, each of one of three kinds: per task (task_stage), per task and state element
+// (element_stage), per chunk (chunk_stage). A kind runs its items in any order, or at once; a
+// stage starts when the one before it is done (run_fwd_stages, run_bwd_stages).
+enum class Stage {
+  kAngleSums,    // chunks: angle_sums
+  kAngles,       // tasks: fwd_angles (forward), chunk_angles (backward)
+  kLocalState,   // chunks: fwd_local_state (forward), local_state (backward)
+  kStatePass,    // elements: state_pass
+  kOutputs,      // chunks: fwd_outputs
+  kLocalDState,  // chunks: local_dstate
+  kDStatePass,   // elements: dstate_pass
+  kChunkGrads,   // chunks: bwd_chunk
+  kTaskGrads,    // tasks: task_grads
+  kStepGrads,    // chunks: step_grads
+};
 
 template <typename T>
 constexpr bool is_fwd(const Mamba3FwdParams<T>*) {
@@ -1133,19 +1187,20 @@ SSMK_MATH_INLINE void task_stage(const Params<T>& p, int64_t task, const ChunkBu
     fwd_angles(p, task, buf, run);
   } else if constexpr (kStage == Stage::kAngles) {
     run([&](int64_t lane, int64_t lanes) { chunk_angles(p, task, buf, static_cast<acc_t<T>*>(nullptr), lane, lanes); });
-  } else if constexpr (kStage == Stage::kFinish && !fwd) {
-    bwd_finish(p, task, buf, run);
+  } else if constexpr (kStage == Stage::kTaskGrads && !fwd) {
+    task_grads(p, task, buf, run);
   }
 }
 
 template <Stage kStage, template <typename> class Params, typename T>
 SSMK_MATH_INLINE void element_stage(const Params<T>& p, int64_t task, const ChunkBuffers<acc_t<T>>& buf, int64_t lane,
                                     int64_t lanes) {
-  if constexpr (kStage == Stage::kStatePass && is_fwd(static_cast<const Params<T>*>(nullptr))) {
+  constexpr bool fwd = is_fwd(static_cast<const Params<T>*>(nullptr));
+  if constexpr (kStage == Stage::kStatePass && fwd) {
     state_pass(p, task, buf, p.final_ssm, p.chunk_states, lane, lanes);
   } else if constexpr (kStage == Stage::kStatePass) {
     state_pass(p, task, buf, static_cast<acc_t<T>*>(nullptr), static_cast<acc_t<T>*>(nullptr), lane, lanes);
-  } else if constexpr (kStage == Stage::kDStatePass && !is_fwd(static_cast<const Params<T>*>(nullptr))) {
+  } else if constexpr (kStage == Stage::kDStatePass && !fwd) {
     dstate_pass(p, task, buf, lane, lanes);
   }
 }
@@ -1154,7 +1209,9 @@ template <Stage kStage, template <typename> class Params, typename T, typename L
 SSMK_MATH_INLINE void chunk_stage(const Params<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
                                   ChunkWork<acc_t<T>>& cw, const Lanes& run) {
   constexpr bool fwd = is_fwd(static_cast<const Params<T>*>(nullptr));
-  if constexpr (kStage == Stage::kLocalState && fwd) {
+  if constexpr (kStage == Stage::kAngleSums) {
+    angle_sums(p, ch, buf, run);
+  } else if constexpr (kStage == Stage::kLocalState && fwd) {
     fwd_local_state(p, ch, buf, cw, run);
   } else if constexpr (kStage == Stage::kLocalState) {
     local_state(p, ch, buf, cw, run);
@@ -1164,27 +1221,34 @@ SSMK_MATH_INLINE void chunk_stage(const Params<T>& p, const ChunkRef& ch, const 
     local_dstate(p, ch, buf, cw, run);
   } else if constexpr (kStage == Stage::kChunkGrads && !fwd) {
     bwd_chunk(p, ch, buf, cw, run);
+  } else if constexpr (kStage == Stage::kStepGrads && !fwd) {
+    step_grads(p, ch, buf, run);
   }
 }
 
 // The stages of the forward and the backward in order, run by `r` (the CPU's test hook, or the
-// CUDA launcher): r.tasks<S>(), r.elements<S>(), r.chunks<S>() run stage S over its items.
+// CUDA launcher): r.tasks<S>(), r.elements<S>(), r.chunks<S>() run stage S over its items. The
+// backward first recomputes the states before the chunks, as the forward computes them.
 template <typename Runner>
-inline void run_fwd_stages(Runner& r) {
+inline void run_state_stages(Runner& r) {
+  r.template chunks<Stage::kAngleSums>();
   r.template tasks<Stage::kAngles>();
   r.template chunks<Stage::kLocalState>();
   r.template elements<Stage::kStatePass>();
+}
+template <typename Runner>
+inline void run_fwd_stages(Runner& r) {
+  run_state_stages(r);
   r.template chunks<Stage::kOutputs>();
 }
 template <typename Runner>
 inline void run_bwd_stages(Runner& r) {
-  r.template tasks<Stage::kAngles>();
-  r.template chunks<Stage::kLocalState>();
-  r.template elements<Stage::kStatePass>();
+  run_state_stages(r);
   r.template chunks<Stage::kLocalDState>();
   r.template elements<Stage::kDStatePass>();
   r.template chunks<Stage::kChunkGrads>();
-  r.template tasks<Stage::kFinish>();
+  r.template tasks<Stage::kTaskGrads>();
+  r.template chunks<Stage::kStepGrads>();
 }
 
 // Thread blocks of the GPU's chunk stages: as many as fit on the multiprocessors at once (the
