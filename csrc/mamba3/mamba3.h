@@ -2,10 +2,11 @@
 //
 // The host (mamba3_op.cpp) normalises SISO inputs to rank R = 1 (q, k [B, L, 1, G, N]) and converts
 // the small per-step and per-head tensors to contiguous accumulation-dtype buffers; q, k, v, z and
-// dout are read through strided views in the input dtype. Both devices run the per-task kernels of
-// mamba3_task.h: one (batch, value head) task at a time, chunk by chunk (mamba3_math.h). With
-// cu_seqlens (batch 1) a task is one (sequence, value head) instead: the sequence's tokens, in
-// chunks from its own first token, from and to its own state rows.
+// dout are read through strided views in the input dtype. A task is one (batch, value head), in
+// chunks (mamba3_math.h); with cu_seqlens (batch 1) one (sequence, value head) instead: the
+// sequence's tokens, in chunks from its own first token, from and to its own state rows. The CPU
+// scans a task's chunks in order (mamba3_cpu.cpp), the GPU all chunks at once in the stages of
+// mamba3_task.h.
 #pragma once
 
 #include <cstdint>
@@ -143,22 +144,22 @@ template <typename T>
 void mamba3_bwd_cpu(const Mamba3BwdParams<T>& p);
 template <typename T>
 void mamba3_step_cpu(const Mamba3StepParams<T>& p);
-// Test hook: when on, mamba3_fwd_cpu / mamba3_bwd_cpu run mamba3_task.h's per-task fwd_task /
-// bwd_task (the GPU's code) instead of the blocked CPU kernels, and they and mamba3_step_cpu run
-// each phase with several emulated lanes (the GPU block's split of the items), so the CPU tests
-// cover that code too. Returns the previous setting.
+// Test hook: when on, mamba3_fwd_cpu / mamba3_bwd_cpu run mamba3_task.h's stages (the GPU's code)
+// instead of the blocked CPU kernels, and they and mamba3_step_cpu run each phase with several
+// emulated lanes (the GPU block's split of the items), so the CPU tests cover that code too.
+// Returns the previous setting.
 bool mamba3_cpu_task_kernels(bool on);
-// Those per-task kernels on the CPU (mamba3_cpu_tasks.cpp; a file of their own, compiled once
-// without AVX2 copies: they only serve that test hook).
+// Those stages on the CPU (mamba3_cpu_tasks.cpp; a file of their own, compiled once without AVX2
+// copies: they only serve that test hook).
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p);
 template <typename T>
 void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p);
 
 #if defined(SSMK_WITH_CUDA)
-// Launchers (mamba3_cuda.cu): `scratch` holds tasks x {fwd,bwd,step}_scratch(p) elements
-// (mamba3_task.h), for the backward followed by bwd_state_slots(p) x P N chunk states. They never
-// throw; the host checks launch errors.
+// Launchers (mamba3_cuda.cu). The scan's `scratch` holds mamba3_task.h's ChunkBuffers for
+// chunk_blocks(p, grads, ctx.sms) blocks (ChunkBuffers::size elements), the step's batch x nheads x
+// step_scratch(p) elements. They never throw; the host checks launch errors.
 template <typename T>
 void mamba3_fwd_cuda(const Mamba3FwdParams<T>& p, acc_t<T>* scratch, const CudaContext& ctx);
 template <typename T>

@@ -1,7 +1,7 @@
 // CPU kernels of mamba3_scan and mamba3_step over at::parallel_for, each thread with its own
 // buffers, in AVX2+FMA variants chosen at run time (common/cpu.h). The scan's forward and backward
 // run blocks of chunks of one (batch, value head) task through batched BLAS products (the math of
-// mamba3_math.h and of mamba3_task.h's per-task kernels, which the GPU runs); the decode step is
+// mamba3_math.h and of mamba3_task.h's per-chunk functions, which the GPU runs); the decode step is
 // mamba3_task.h's step_task.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
@@ -887,7 +887,7 @@ SSMK_CPU_INLINE void bwd_tasks(const Mamba3BwdParams<T>& p, int64_t begin, int64
 SSMK_CPU_MULTIVERSION(bwd_tasks, (typename T), (T), (const Mamba3BwdParams<T>& p, int64_t begin, int64_t end),
                       (p, begin, end))
 
-// When on, the scan runs the GPU's per-task kernels instead (mamba3_cpu_tasks.cpp), and the
+// When on, the scan runs the GPU's stages instead (mamba3_cpu_tasks.cpp), and the
 // decode step its phases with the GPU's split emulated (SerialLanes::kEmulated lanes).
 std::atomic<bool> g_task_kernels{false};
 

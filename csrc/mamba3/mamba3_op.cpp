@@ -575,8 +575,8 @@ SSMK_OP(mamba3_scan_bwd, Mamba3BwdArgs,
         "Tensor dinitial_ssm, Tensor dinitial_k, Tensor dinitial_v)")
 SSMK_OP(mamba3_step, Mamba3StepArgs, "Tensor")
 
-// mamba3 test hook (CPU): switches the CPU scan to mamba3_task.h's per-task kernels, the code the
-// GPU runs, so that the CPU tests check it as well as the blocked CPU kernels.
+// mamba3 test hook (CPU): switches the CPU scan to mamba3_task.h's stages, the code the GPU runs,
+// so that the CPU tests check it as well as the blocked CPU kernels.
 TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
   m.def("mamba3_cpu_task_kernels(bool on) -> bool", [](bool on) { return ssmk::mamba3_cpu_task_kernels(on); });
 }

@@ -109,7 +109,7 @@ struct StateLayout {
   int64_t rows, ld;
   SSMK_HOST_DEVICE int64_t size() const { return rows * ld; }
 };
-// The per-task kernels' states are padded to whole tiles (operands of the chunk's products).
+// The stages' states are padded to whole tiles (operands of the chunk's products).
 SSMK_HOST_DEVICE StateLayout tile_state(const Mamba3Dims& d) {
   return StateLayout{tile_padded(d.headdim_v), tile_padded(d.headdim_qk)};
 }
