@@ -45,10 +45,6 @@ SSMK_MATH_INLINE void fill_n(acc* first, int64_t n, acc v) {
   for (int64_t i = 0; i < n; ++i) first[i] = v;
 }
 template <typename acc>
-SSMK_MATH_INLINE void copy_range(const acc* first, const acc* last, acc* out) {
-  for (; first != last; ++first, ++out) *out = *first;
-}
-template <typename acc>
 SSMK_MATH_INLINE void copy_n(const acc* first, int64_t n, acc* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = first[i];
 }
@@ -74,12 +70,6 @@ SSMK_MATH_INLINE void axpy(acc* y, acc a, const acc* x, int64_t n) {
 #pragma omp simd
 #endif
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// n elements from `first` to `out`, thread `lane` of `lanes` taking every lanes-th.
-template <typename acc>
-SSMK_MATH_INLINE void copy_items(const acc* first, int64_t n, acc* out, int64_t lane, int64_t lanes) {
-  for (int64_t i = lane; i < n; i += lanes) out[i] = first[i];
 }
 
 // How a task's phases run: run(phase) calls phase(lane, lanes) for each of a task's `lanes`
@@ -114,8 +104,8 @@ SSMK_HOST_DEVICE StateLayout tile_state(const Mamba3Dims& d) {
   return StateLayout{tile_padded(d.headdim_v), tile_padded(d.headdim_qk)};
 }
 
-// rows x cols elements from src (leading dimension lds) to dst (ldd), per element (lane, lanes as
-// for copy_items).
+// rows x cols elements from src (leading dimension lds) to dst (ldd), per element: thread `lane`
+// of `lanes` takes every lanes-th (SerialLanes).
 template <typename acc>
 SSMK_MATH_INLINE void copy_rows(const acc* src, int64_t lds, int64_t rows, int64_t cols, acc* dst, int64_t ldd,
                                 int64_t lane, int64_t lanes) {
