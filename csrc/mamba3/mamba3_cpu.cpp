@@ -362,7 +362,7 @@ SSMK_CPU_INLINE void fwd_task_blocked(const Mamba3FwdParams<T>& p, int64_t task,
     mamba3::empty_fwd(p, task);
     return;
   }
-  const int64_t Q = p.chunk, nc = (sp.end - sp.start + Q - 1) / Q;
+  const int64_t Q = p.chunk, nc = mamba3::task_chunks(p, sp);
   const int64_t b = sp.b, h = sp.h, bh = task;
   mamba3::initial_state(p, bh, sp, mamba3::StateLayout{P, N}, S, theta);
   const acc D = p.D ? p.D[h] : acc(0);
@@ -720,7 +720,7 @@ SSMK_CPU_INLINE void bwd_task_blocked(const Mamba3BwdParams<T>& p, int64_t task,
     mamba3::empty_bwd(p, task);
     return;
   }
-  const int64_t Q = p.chunk, QR = bk.QR, nc = (sp.end - sp.start + Q - 1) / Q, C = bk.chunks;
+  const int64_t Q = p.chunk, QR = bk.QR, nc = mamba3::task_chunks(p, sp), C = bk.chunks;
   const int64_t nblocks = (nc + C - 1) / C;
   const int64_t b = sp.b, h = sp.h, bh = task, row = (b * H + h) * L;
   acc* S = bk.S.data();

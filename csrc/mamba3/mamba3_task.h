@@ -1243,11 +1243,15 @@ inline void run_bwd_stages(Runner& r) {
 
 // Thread blocks of the GPU's chunk stages: as many as fit on the multiprocessors at once (the
 // forward's 128-thread blocks use up to 128 registers a thread, so four fit; the backward's up to
-// 255, so two), at most one per chunk; each takes every blocks-th chunk, in a work area of its own
-// (ChunkBuffers::work).
+// 255, so two), at most one per chunk, and no more than kChunkWorkElements of work areas in all
+// (a chunk's work grows as (Q R)^2: 20 MB at Q R = 1024); each takes every blocks-th chunk, in a
+// work area of its own (ChunkBuffers::work).
+constexpr int64_t kChunkWorkElements = int64_t{1} << 27;
 SSMK_HOST_DEVICE int64_t chunk_blocks(const Mamba3Dims& d, bool grads, int64_t sms) {
-  const int64_t slots = bwd_state_slots(d), most = (grads ? 2 : 4) * (sms > 0 ? sms : 1);
-  return slots < most ? slots : most;
+  const int64_t by_memory = kChunkWorkElements / ChunkWork<float>::size(d, grads);
+  int64_t blocks = (grads ? 2 : 4) * (sms > 0 ? sms : 1);
+  if (blocks > by_memory) blocks = by_memory > 0 ? by_memory : 1;
+  return blocks < bwd_state_slots(d) ? blocks : bwd_state_slots(d);
 }
 
 // The decode step of one task (batch row b, value head h) in four phases, run by step_task
