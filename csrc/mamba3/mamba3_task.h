@@ -471,53 +471,79 @@ SSMK_MATH_INLINE void chunk_gate_outputs(const Mamba3FwdParams<T>& p, int64_t b,
   }
 }
 
+// The gate of row (step l, rank r) and channel cc: gout, the output's gradient; g0, that of the
+// gated y (gout mixed by mimo_o); zraw, the gate's input and zv, it mixed by mimo_z; sz = silu(zv)
+// (1 without z); and dy = g0 sz, the gradient of y before the gate.
+template <typename acc>
+struct GateAt {
+  acc gout, g0, zraw, zv, sz, dy;
+};
+template <typename T>
+SSMK_MATH_INLINE GateAt<acc_t<T>> gate_at(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t l, int64_t r,
+                                          int64_t cc) {
+  using acc = acc_t<T>;
+  const int64_t R = p.rank, P = p.headdim_v;
+  const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
+  const acc gout = static_cast<acc>(go[cc * p.dout.stride[3]]);
+  GateAt<acc> gt{gout, p.mimo ? gout * p.mimo_o[(h * R + r) * P + cc] : gout, acc(0), acc(0), acc(1), acc(0)};
+  gt.dy = gt.g0;
+  if (p.z.data) {
+    const T* zr = p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2];
+    gt.zraw = static_cast<acc>(zr[cc * p.z.stride[3]]);
+    gt.zv = p.mimo ? gt.zraw * p.mimo_z[(h * R + r) * P + cc] : gt.zraw;
+    gt.sz = ssmk::silu(gt.zv);
+    gt.dy = gt.g0 * gt.sz;
+  }
+  return gt;
+}
+
+// e^{Acs_t} dy of steps t0 .. t0+n-1 alone (what local_dstate needs) into wk.dys, per (row,
+// channel) item, zeros in its padding.
+template <typename T>
+SSMK_MATH_INLINE void chunk_scaled_dy(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
+                                      Work<acc_t<T>>& wk, int64_t lane, int64_t lanes) {
+  using acc = acc_t<T>;
+  const int64_t R = wk.R, P = wk.P, ldP = wk.ldP;
+  for (int64_t it = lane; it < wk.M * ldP; it += lanes) {
+    const int64_t i = it / ldP, cc = it % ldP;
+    wk.dys[it] = i < n * R && cc < P ? wk.ra[i / R] * gate_at(p, b, h, t0 + i / R, i % R, cc).dy : acc(0);
+  }
+}
+
 // The gate and the output mixing of steps t0 .. t0+n-1 in reverse, per channel cc (so that the
 // sums over the steps, dmimo_z, dmimo_o and dD's part dDc, stay with one thread): dy (the gradient
 // of y before the gate), dz, and dx = D dy plus the final v's gradient on the last row (`last`).
-// Without dDc: dy alone (no dz, dx or sums).
 template <typename T>
 SSMK_MATH_INLINE void chunk_gate_grads(const Mamba3BwdParams<T>& p, int64_t b, int64_t h, int64_t bh, int64_t t0,
                                       int64_t n, bool last, acc_t<T> D, Work<acc_t<T>>& wk, acc_t<T>* dmz,
                                       acc_t<T>* dmo, acc_t<T>* dDc, int64_t lane, int64_t lanes) {
   using acc = acc_t<T>;
   const int64_t L = p.seqlen, H = p.nheads, R = p.rank, P = p.headdim_v;
+  const bool gated = p.z.data != nullptr;
   for (int64_t cc = lane; cc < P; cc += lanes) {
     for (int64_t t = 0; t < n; ++t) {
       const int64_t l = t0 + t;
-      const T* go = p.dout.data + b * p.dout.stride[0] + l * p.dout.stride[1] + h * p.dout.stride[2];
-      const T* zr = p.z.data ? p.z.data + b * p.z.stride[0] + l * p.z.stride[1] + h * p.z.stride[2] : nullptr;
-      const acc gout = static_cast<acc>(go[cc * p.dout.stride[3]]);
       acc dz = 0;
       for (int64_t r = 0; r < R; ++r) {
         const int64_t i = t * R + r;
+        const GateAt<acc> gt = gate_at(p, b, h, l, r, cc);
         const acc y = wk.y[i * wk.ldP + cc];
-        const bool mixed_z = p.mimo && zr, mixed_o = p.mimo;
-        const acc mz = mixed_z ? p.mimo_z[(h * R + r) * P + cc] : acc(1);
-        const acc mo = mixed_o ? p.mimo_o[(h * R + r) * P + cc] : acc(1);
-        acc g = mixed_o ? gout * mo : gout;
-        acc gated = y;
-        if (zr) {
-          const acc zraw = static_cast<acc>(zr[cc * p.z.stride[3]]);
-          const acc zv = mixed_z ? zraw * mz : zraw;
-          const acc sz = ssmk::silu(zv);
-          const acc dzv = g * y * ssmk::silu_grad(zv);
-          if (mixed_z) {
-            dz += dzv * mz;
-            if (dDc) dmz[r * P + cc] += dzv * zraw;
+        if (gated) {
+          const acc dzv = gt.g0 * y * ssmk::silu_grad(gt.zv);
+          if (p.mimo) {
+            dz += dzv * p.mimo_z[(h * R + r) * P + cc];
+            dmz[r * P + cc] += dzv * gt.zraw;
           } else {
             dz += dzv;
           }
-          gated *= sz;
-          g *= sz;
         }
-        wk.dy[i * wk.ldP + cc] = g;
-        if (!dDc) continue;
-        if (mixed_o) dmo[r * P + cc] += gout * gated;
-        dDc[cc] += g * wk.x[i * wk.ldP + cc];
+        if (p.mimo) dmo[r * P + cc] += gt.gout * (gated ? y * gt.sz : y);
+        wk.dy[i * wk.ldP + cc] = gt.dy;
+        dDc[cc] += gt.dy * wk.x[i * wk.ldP + cc];
         const acc dfinal = last && t == n - 1 && p.dfinal_v ? p.dfinal_v[(bh * R + r) * P + cc] : acc(0);
-        wk.dx[i * wk.ldP + cc] = D * g + dfinal;
+        wk.dx[i * wk.ldP + cc] = D * gt.dy + dfinal;
       }
-      if (p.dz && dDc) p.dz[((b * L + l) * H + h) * P + cc] = static_cast<T>(dz);
+      if (p.dz) p.dz[((b * L + l) * H + h) * P + cc] = static_cast<T>(dz);
     }
   }
   // dy is an operand of the products: zeros in its padding (dx's too, for tidiness).
@@ -939,21 +965,21 @@ SSMK_MATH_INLINE void fwd_outputs(const Mamba3FwdParams<T>& p, const ChunkRef& c
 }
 
 // Backward stage, per chunk: its own part of the gradient of the state before it,
-// (e^{Acs_t} dy)^T Q, into its dstates slot (the chunk's forward and dy again).
+// (e^{Acs_t} dy)^T Q, into its dstates slot (the coefficients, rows and dy again: dy, the gate's
+// gradient, does not depend on y).
 template <typename T, typename Lanes>
 SSMK_MATH_INLINE void local_dstate(const Mamba3BwdParams<T>& p, const ChunkRef& ch, const ChunkBuffers<acc_t<T>>& buf,
                                    ChunkWork<acc_t<T>>& cw, const Lanes& run) {
   using acc = acc_t<T>;
   const int64_t b = ch.sp.b, h = ch.sp.h, slot = ch.slot(), n = ch.n;
   Work<acc>& wk = cw.wk;
-  const acc D = p.D ? p.D[h] : acc(0);
-  chunk_forward(p, b, h, ch.t0, n, ch.sp.end, buf.thetas + slot * buf.A, cw.theta, buf.states + slot * buf.SS, D, wk,
-                run);
-  run([&](int64_t lane, int64_t lanes) {
-    chunk_gate_grads(p, b, h, ch.task, ch.t0, n, ch.last(), D, wk, static_cast<acc*>(nullptr),
-                     static_cast<acc*>(nullptr), static_cast<acc*>(nullptr), lane, lanes);
+  run([&](int64_t lane, int64_t) {
+    if (lane == 0) chunk_coefficients(p, b, h, ch.t0, n, ch.sp.end, buf.thetas + slot * buf.A, cw.theta, wk);
   });
-  run([&](int64_t lane, int64_t lanes) { scaled_rows(wk, n, wk.ra, wk.dy, wk.dys, lane, lanes); });
+  run([&](int64_t lane, int64_t lanes) {
+    chunk_rows(p, b, h, ch.t0, n, wk, lane, lanes);
+    chunk_scaled_dy(p, b, h, ch.t0, n, wk, lane, lanes);
+  });
   run.products(tile_product(buf.dstates + slot * buf.SS, wk.ldN, wk.ldP, wk.ldN, false,
                             tile_term<true, false>(wk.dys, wk.ldP, wk.q, wk.ldN, wk.M)));
 }
