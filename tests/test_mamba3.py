@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ssm_kernels
-from ssm_kernels import reference
+from ssm_kernels import reference, testing
 from ssm_kernels.testing import (
     assert_close,
     assert_raises_naming,
@@ -272,15 +272,13 @@ def test_mamba3_forward_backward(case, device):
         assert_close(a, e, case.dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("order", ["in_order", "reversed"])
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
-def test_mamba3_task_kernels_cpu(case):
-    """The CPU running mamba3_task.h's per-task kernels (the GPU's code) instead of its blocked ones."""
-    switch = torch.ops.ssm_kernels_test.mamba3_cpu_task_kernels
-    previous = switch(True)
-    try:
+def test_mamba3_task_kernels_cpu(case, order):
+    """The CPU running mamba3_task.h's stages (the GPU's code) instead of its blocked kernels, each
+    stage's items in order and in reverse."""
+    with testing.mamba3_gpu_code_on_cpu(reversed_order=order == "reversed"):
         test_mamba3_forward_backward(case, "cpu")
-    finally:
-        switch(previous)
 
 
 def check_backward_without_saved(inp, dtype):
@@ -381,12 +379,8 @@ def test_mamba3_step_equals_scan(rank, rope, device):
 @pytest.mark.parametrize("rank", [0, 2], ids=["siso", "mimo2"])
 def test_mamba3_step_task_kernels_cpu(rank):
     """The decode step with its phases split as the GPU's block splits them (emulated lanes)."""
-    switch = torch.ops.ssm_kernels_test.mamba3_cpu_task_kernels
-    previous = switch(True)
-    try:
+    with testing.mamba3_gpu_code_on_cpu():
         test_mamba3_step_equals_scan(rank, "full", "cpu")
-    finally:
-        switch(previous)
 
 
 def test_mamba3_step_negative_index_writes_zeros():

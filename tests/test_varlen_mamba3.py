@@ -34,22 +34,16 @@ def make_packed(lens, chunk, dtype, device, *, init=True, strided=False, index_d
     return inp
 
 
-@contextlib.contextmanager
 def kernels(path):
-    """path "tasks": the CPU runs mamba3_task.h's per-task kernels (the GPU's code)."""
-    if path != "tasks":
-        yield
-        return
-    switch = torch.ops.ssm_kernels_test.mamba3_cpu_task_kernels
-    previous = switch(True)
-    try:
-        yield
-    finally:
-        switch(previous)
+    """path "tasks" / "tasks-reversed": the CPU runs mamba3_task.h's stages (the GPU's code), each
+    stage's items in order / in reverse; else the device's own kernels."""
+    if not path.startswith("tasks"):
+        return contextlib.nullcontext()
+    return testing.mamba3_gpu_code_on_cpu(reversed_order=path == "tasks-reversed")
 
 
 def paths(device):
-    return ["blocked", "tasks"] if device == "cpu" else ["device"]
+    return ["blocked", "tasks", "tasks-reversed"] if device == "cpu" else ["device"]
 
 
 def tensor_names(inp):

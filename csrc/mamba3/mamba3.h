@@ -150,7 +150,11 @@ void mamba3_step_cpu(const Mamba3StepParams<T>& p);
 // Returns the previous setting.
 bool mamba3_cpu_task_kernels(bool on);
 // Those stages on the CPU (mamba3_cpu_tasks.cpp; a file of their own, compiled once without AVX2
-// copies: they only serve that test hook).
+// copies: they only serve that test hook). Test hook: when on, each stage runs its items one after
+// the other in reverse order instead of in parallel in order, so that a stage reading what another
+// item of the same stage writes (which the GPU runs in any order, or at once) fails one of the two
+// orders. Returns the previous setting.
+bool mamba3_cpu_task_order_reversed(bool on);
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p);
 template <typename T>

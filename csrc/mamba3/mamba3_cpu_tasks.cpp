@@ -8,6 +8,7 @@
 #include "common/aten.h"
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -55,6 +56,21 @@ void check_work_layout(const Mamba3Dims& d, bool grads) {
   TORCH_CHECK(sizes.work_size % kTile == 0, "mamba3 chunk work area: not a whole number of tiles");
 }
 
+std::atomic<bool> g_reversed{false};
+
+// Runs f(item) for the items 0 .. count-1: in parallel in order, or (g_reversed) one after the
+// other from the last.
+template <typename F>
+void for_items(int64_t count, int64_t item_cost, const F& f) {
+  if (g_reversed) {
+    for (int64_t item = count - 1; item >= 0; --item) f(item);
+    return;
+  }
+  cpu::parallel_items(count, item_cost, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) f(item);
+  });
+}
+
 // Runs the stages (mamba3::run_fwd_stages / run_bwd_stages) on the CPU.
 template <template <typename> class Params, typename T>
 struct HookRunner {
@@ -72,33 +88,33 @@ struct HookRunner {
 
   template <mamba3::Stage kStage>
   void tasks() {
-    cpu::parallel_items(p.tasks(), p.seqlen * p.nangles + p.headdim_v, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) mamba3::task_stage<kStage>(p, task, buf, lanes);
-    });
+    for_items(p.tasks(), p.seqlen * p.nangles + p.headdim_v,
+              [&](int64_t task) { mamba3::task_stage<kStage>(p, task, buf, lanes); });
   }
   template <mamba3::Stage kStage>
   void elements() {
-    cpu::parallel_items(p.tasks(), p.seqlen * p.headdim_v, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        lanes([&](int64_t lane, int64_t n) { mamba3::element_stage<kStage>(p, task, buf, lane, n); });
-      }
+    for_items(p.tasks(), p.seqlen * p.headdim_v, [&](int64_t task) {
+      lanes([&](int64_t lane, int64_t n) { mamba3::element_stage<kStage>(p, task, buf, lane, n); });
     });
   }
+  // Every chunk in a work area of its own, NaN-filled (a work area that a chunk reads before it
+  // writes fails the tests whichever chunk used it last).
   template <mamba3::Stage kStage>
   void chunks() {
     const int64_t slots = mamba3::bwd_state_slots(p);
-    cpu::parallel_items(slots, p.chunk * p.headdim_v * p.headdim_qk, [&](int64_t begin, int64_t end) {
+    for_items(slots, p.chunk * p.headdim_v * p.headdim_qk, [&](int64_t slot) {
+      const mamba3::ChunkRef ch = mamba3::chunk_at_slot(p, slot);
+      if (!ch.valid()) return;
       std::vector<acc> work(buf.work_size, kNaN);
       mamba3::ChunkWork<acc> cw(p, work.data(), grads);
-      for (int64_t slot = begin; slot < end; ++slot) {
-        const mamba3::ChunkRef ch = mamba3::chunk_at_slot(p, slot);
-        if (ch.valid()) mamba3::chunk_stage<kStage>(p, ch, buf, cw, lanes);
-      }
+      mamba3::chunk_stage<kStage>(p, ch, buf, cw, lanes);
     });
   }
 };
 
 }  // namespace
+
+bool mamba3_cpu_task_order_reversed(bool on) { return g_reversed.exchange(on); }
 
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {

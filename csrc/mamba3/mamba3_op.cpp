@@ -579,4 +579,6 @@ SSMK_OP(mamba3_step, Mamba3StepArgs, "Tensor")
 // so that the CPU tests check it as well as the blocked CPU kernels.
 TORCH_LIBRARY_FRAGMENT(ssm_kernels_test, m) {
   m.def("mamba3_cpu_task_kernels(bool on) -> bool", [](bool on) { return ssmk::mamba3_cpu_task_kernels(on); });
+  m.def("mamba3_cpu_task_order_reversed(bool on) -> bool",
+        [](bool on) { return ssmk::mamba3_cpu_task_order_reversed(on); });
 }

@@ -171,6 +171,21 @@ def poisoned_outputs(enable: bool = True):
         torch.ops.ssm_kernels_test.set_poison_outputs(previous)
 
 
+@contextlib.contextmanager
+def mamba3_gpu_code_on_cpu(reversed_order: bool = False):
+    """Within the block, the CPU's mamba3 ops run the GPU's code (csrc/mamba3/mamba3_task.h: the
+    scan's stages, the step's phases) with a GPU block's split of every phase emulated; with
+    reversed_order, each stage's items one after the other from the last (the GPU runs them in any
+    order), instead of in parallel from the first."""
+    ops = torch.ops.ssm_kernels_test
+    previous = ops.mamba3_cpu_task_kernels(True), ops.mamba3_cpu_task_order_reversed(reversed_order)
+    try:
+        yield
+    finally:
+        ops.mamba3_cpu_task_kernels(previous[0])
+        ops.mamba3_cpu_task_order_reversed(previous[1])
+
+
 def grads(outputs: Iterable[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]],
           grad_outputs: Sequence[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     """d(sum <output, grad_output>)/d input for each input that requires grad (None otherwise)."""
