@@ -66,4 +66,18 @@ SSMK_HOST_DEVICE TokenBounds token_bounds(const PackedSeqs& ps, int64_t b, int64
   return TokenBounds{false, false, -1};
 }
 
+// The bounds of a thread's kItems tokens t_first, t_first + 1, ... of batch row b: f(k, bounds of
+// token t_first + k) for each k in turn (none from L on), one ascending hint walk.
+template <int kItems, typename F>
+SSMK_HOST_DEVICE void for_token_bounds(const PackedSeqs& ps, int64_t b, int64_t t_first, int64_t L, F&& f) {
+  int64_t hint = ps.packed() && t_first < L ? packed_seq_of(ps.offsets, ps.num_seqs, t_first) : 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = 0; k < kItems; ++k) {
+    const int64_t t = t_first + k;
+    f(k, t < L ? token_bounds(ps, b, t, L, hint) : TokenBounds{false, false, -1});
+  }
+}
+
 }  // namespace ssmk

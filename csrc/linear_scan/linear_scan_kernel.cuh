@@ -130,17 +130,11 @@ SSMK_DEVICE void to_walk_order(T (&x)[kItems], bool descending) {
 template <typename Params, typename At>
 SSMK_DEVICE void item_bounds(const Params& p, int64_t row, int64_t p0, bool descending, bool (&wstart)[kItems],
                              bool (&wend)[kItems], int64_t (&seq)[kItems], At&& at) {
-  const int64_t L = p.seqlen;
-  int64_t hint = p.seqs.packed() && p0 < L ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, p0) : 0;
-#pragma unroll
-  for (int k = 0; k < kItems; ++k) {
-    const int64_t t = p0 + k;
-    TokenBounds tb{false, false, -1};
-    if (t < L) tb = token_bounds(p.seqs, row / p.rows_per_batch, t, L, hint);
+  for_token_bounds<kItems>(p.seqs, row / p.rows_per_batch, p0, p.seqlen, [&](int k, const TokenBounds& tb) {
     wstart[k] = descending ? tb.end : tb.start;
     wend[k] = descending ? tb.start : tb.end;
     seq[k] = tb.seq;
-  }
+  });
   to_walk_order(wstart, descending);
   to_walk_order(wend, descending);
   to_walk_order(seq, descending);

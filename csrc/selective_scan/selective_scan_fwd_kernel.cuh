@@ -80,16 +80,10 @@ constexpr int64_t kNoBound = -2;
 template <int kItems, typename Params>
 SSMK_DEVICE void step_bounds(const Params& p, int64_t b, int64_t t_first, int64_t (&start)[kItems],
                              int64_t (&end)[kItems]) {
-  const int64_t L = p.seqlen;
-  int64_t hint = p.seqs.packed() && t_first < L ? packed_seq_of(p.seqs.offsets, p.seqs.num_seqs, t_first) : 0;
-#pragma unroll
-  for (int j = 0; j < kItems; ++j) {
-    const int64_t t = t_first + j;
-    TokenBounds tb{false, false, -1};
-    if (p.seqs.any() && t < L) tb = token_bounds(p.seqs, b, t, L, hint);
+  for_token_bounds<kItems>(p.seqs, b, t_first, p.seqlen, [&](int j, const TokenBounds& tb) {
     start[j] = tb.start ? tb.seq : kNoBound;
     end[j] = tb.end ? tb.seq : kNoBound;
-  }
+  });
 }
 
 // State n of channel d of sequence seq in a [S, D, N] state view, or zero (seq < 0, or no state).
