@@ -1,10 +1,11 @@
 // mamba3_task.h's staged scan (the code the GPU runs, a stage per kernel) on the CPU, for the test
 // hook mamba3_cpu_task_kernels: the CPU tests then check that code as well as the blocked CPU
 // kernels of mamba3_cpu.cpp. The stages run in order, each over its items (tasks, or chunks) in
-// parallel, and each phase of an item with SerialLanes::kEmulated lanes one after the other, so
-// the tests also check how every phase splits its items across a block's threads. The buffers
-// and work areas start NaN-filled, as the GPU's start with whatever memory held: a product that
-// reads padding nobody zeroed, or a stage that reads what no earlier stage wrote, fails the tests.
+// parallel (or, under the hook mamba3_cpu_task_order_reversed, one after the other from the last),
+// and each phase of an item with SerialLanes::kEmulated lanes one after the other, so the tests
+// also check how every phase splits its items across a block's threads. The buffers and work
+// areas start NaN-filled, as the GPU's start with whatever memory held: a product that reads
+// padding nobody zeroed, or a stage that reads what no earlier stage wrote, fails the tests.
 #include "common/aten.h"
 #include <ATen/Parallel.h>
 
