@@ -8,7 +8,8 @@
 #   3. compute-sanitizer memcheck and racecheck on a small CUDA subset;
 #   4. `ssm-kernels bench --device cuda` against plain PyTorch and the peers (mamba_ssm's CUDA
 #      scan and Triton SSD / state update / Mamba-3 SISO, causal-conv1d, torch.fft) measured in
-#      the same run.
+#      the same run, then `ssm-kernels profile mamba3 ssd` (each kernel's time: the Mamba-3 scan's
+#      stages, the SSD's GEMMs), appended to bench.txt.
 # Every step has its own `timeout`, so a slow step never costs the table. At most 8 files land
 # in $OUT (default bench/out): summary.txt info.txt build.log peers.log tests.log sanitizer.log
 # bench.json bench.txt.
@@ -24,7 +25,7 @@ NPROC="$(nproc)"
 # step gets at most what is left of T_TOTAL, so the table is never the step that is lost.
 T_TOTAL="${T_TOTAL:-465}"
 T_BUILD="${T_BUILD:-180}" T_PEERS="${T_PEERS:-240}" T_TESTS="${T_TESTS:-120}" T_BENCH="${T_BENCH:-180}" T_SAN="${T_SAN:-90}"
-T_SAN_M3="${T_SAN_M3:-50}"
+T_SAN_M3="${T_SAN_M3:-50}" T_PROF="${T_PROF:-40}"
 T0=$(date +%s)
 left() { echo $(( T_TOTAL - ($(date +%s) - T0) )); }
 cap() { local want="$1" rest; rest=$(left); [ "$rest" -lt "$want" ] && want="$rest"; [ "$want" -lt 5 ] && want=5; echo "$want"; }
@@ -94,15 +95,19 @@ step "benchmarks (rows land in bench.txt/bench.json as they are measured)"
 # The bench stops starting new cases at its own time limit, inside the timeout; the default CUDA
 # set is sized to finish in about 3 minutes. Its progress lines go to tests.log.
 tb=$(cap "$T_BENCH")
-# Every registered op, the ones with speed targets first and mamba3 last: its CUDA kernel is the
-# simple per-task port (slow) and mamba_ssm's Triton baseline compiles on its first call, so a
-# time limit reached there costs no other row.
+# Every registered op, the ones with speed targets first and mamba3 last: its CUDA kernels have
+# not run on a GPU before, and mamba_ssm's Triton baseline compiles on its first call, so a time
+# limit reached there costs no other row.
 FIRST="selective_scan ssd causal_conv1d fftconv linear_scan"
 OPS=$("$PY" -c "from ssm_kernels.perf import REGISTRY; f='$FIRST'.split(); print(' '.join(f + [n for n in sorted(REGISTRY) if n not in f and n != 'mamba3'] + ['mamba3']))")
 echo "===== ssm-kernels bench --device cuda $OPS (progress)" >> "$OUT/tests.log"
 timeout "$tb" "$PY" -m ssm_kernels bench --device cuda --time-limit $(( tb > 60 ? tb - 25 : tb / 2 )) \
   --json "$OUT/bench.json" $OPS > "$OUT/bench.txt" 2>> "$OUT/tests.log" || status=1
 cat "$OUT/bench.txt" >> "$OUT/summary.txt"
+
+step "profile (where the time of the chunked scans goes, per kernel; appended to bench.txt)"
+timeout "$(cap "$T_PROF")" "$PY" -m ssm_kernels profile mamba3 ssd --device cuda --rows 25 \
+  >> "$OUT/bench.txt" 2>> "$OUT/tests.log" || status=1
 
 step "compute-sanitizer memcheck + racecheck on a small CUDA subset"
 # the bad-input checks (kernels must not run, or must fail cleanly) plus a few small forward and

@@ -1,5 +1,6 @@
-"""The measuring helpers behind `ssm-kernels bench` (python/ssm_kernels/perf): incremental
-JSON/CSV output, the L2 rotation count, the median timing helper, the CUDA check shapes."""
+"""The measuring helpers behind `ssm-kernels bench` and `ssm-kernels profile`
+(python/ssm_kernels/perf): incremental JSON/CSV output, the L2 rotation count, the median timing
+helper, the CUDA check shapes, the profile table."""
 import json
 import time
 
@@ -63,6 +64,22 @@ def test_bench_subset_writes_json_row_by_row(tmp_path, capsys, monkeypatch):
     # rows are printed (stdout) as they come, after the header
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("device: cpu") and sum("causal_conv1d" in line for line in out) == counts[-1]
+
+
+@pytest.mark.parametrize("backward", [True, False], ids=["fwd_bwd", "fwd"])
+def test_profile_prints_where_the_time_goes(capsys, backward):
+    argv = ["profile", "mamba3", "--device", "cpu", "--shape", "seqlen=70,nheads=2", "--rows", "30"]
+    assert main(argv + ([] if backward else ["--no-backward"])) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("== mamba3 forward+backward" if backward else "== mamba3 forward on cpu")
+    assert "'seqlen': 70" in out and "Self CPU time total" in out
+    assert "ssm_kernels::mamba3_scan_fwd" in out
+    assert ("ssm_kernels::mamba3_scan_bwd" in out) == backward
+
+
+def test_profile_rejects_unknown_ops(capsys):
+    assert main(["profile", "no_such_op", "--device", "cpu"]) == 2
+    assert "unknown op" in capsys.readouterr().err
 
 
 def test_time_limit_skips_the_remaining_cases(tmp_path):

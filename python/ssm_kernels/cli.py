@@ -1,4 +1,4 @@
-"""Command line: `ssm-kernels bench [OPS...]` and `ssm-kernels info`."""
+"""Command line: `ssm-kernels bench [OPS...]`, `ssm-kernels profile OPS...` and `ssm-kernels info`."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", default=None, help="write the rows as CSV to this path (rewritten after each row)")
     bench.add_argument("--plot", default=None, help="write a speed-up chart (PNG) to this path")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
+    profile = sub.add_parser("profile", help="where the ops' time goes: torch.profiler's table of their ops and kernels")
+    profile.add_argument("ops", nargs="+", help="ops to profile, at their first benchmark shape for the device")
+    profile.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    profile.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="input dtype (default per op and device)")
+    profile.add_argument("--shape", type=_parse_shape, default=None, help="override sizes, as for bench")
+    profile.add_argument("--no-backward", action="store_true", help="profile the forward only")
+    profile.add_argument("--rows", type=int, default=20, help="rows of each table (default 20)")
     sub.add_parser("info", help="print the build (CUDA archs, CPU features, torch) and available backends")
     return parser
 
@@ -101,10 +108,31 @@ def cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_profile(args) -> int:
+    from .perf import REGISTRY
+    from .perf.runner import profile_op
+
+    unknown = [n for n in args.ops if n not in REGISTRY]
+    if unknown:
+        print(f"ssm-kernels profile: unknown op(s) {unknown}; known: {sorted(REGISTRY)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in args.ops:
+        op = REGISTRY[name]
+        shape = {**op.shapes[device.type][0], **(args.shape or {})}
+        dtype = DTYPES[args.dtype] if args.dtype else op.dtypes[device.type]
+        passes = "forward" if args.no_backward or not op.grad_inputs else "forward+backward"
+        print(f"== {name} {passes} on {device} ({dtype}), {shape}", flush=True)
+        print(profile_op(op, shape, device, dtype, backward=not args.no_backward, rows=args.rows), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "info":
         return cmd_info()
+    if args.command == "profile":
+        return cmd_profile(args)
     return cmd_bench(args)
 
 

@@ -188,6 +188,32 @@ def _fwd_bwd(fn: Callable, inputs: dict, names) -> Callable[[], Any]:
     return run
 
 
+def profile_op(op: BenchOp, shape: dict, device: torch.device, dtype: torch.dtype, backward: bool = True,
+               reps: int = 3, rows: int = 20) -> str:
+    """Where ours spends its time at one shape: `reps` calls (forward, or forward+backward) under
+    torch.profiler after a warm-up call, as torch.profiler's table of the ops and, on CUDA, of the
+    kernels by their own time (every kernel of an op is a row: the Mamba-3 scan's stages, the SSD's
+    GEMMs), the `rows` largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = op.make_inputs(shape, device, dtype)
+    if backward and op.grad_inputs:
+        run = _fwd_bwd(op.ours, inputs, op.grad_inputs)
+    else:
+        def run():
+            return op.ours(inputs)
+    run()
+    _sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(reps):
+            run()
+        _sync(device)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
 def _shape_str(shape: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in shape.items())
 
