@@ -360,14 +360,17 @@ SSMK_MATH_INLINE void initial_state_grads(const Mamba3BwdParams<T>& p, int64_t b
   p.dtrap[row] -= dt0 * drho;
 }
 
-// d trap = d lambda sigmoid'(trap) over the task's tokens, from the d lambda summed in p.dtrap.
+// d trap = d lambda sigmoid'(trap) of token l (flat index row + l), from the d lambda summed in
+// p.dtrap; trap_grads: over the task's tokens.
+template <typename T>
+SSMK_MATH_INLINE void trap_grad(const Mamba3BwdParams<T>& p, int64_t row, int64_t l) {
+  using acc = acc_t<T>;
+  const acc lam = ssmk::sigmoid(p.trap[row + l]);
+  p.dtrap[row + l] *= lam * (acc(1) - lam);
+}
 template <typename T>
 SSMK_MATH_INLINE void trap_grads(const Mamba3BwdParams<T>& p, int64_t row, const Mamba3Span& sp) {
-  using acc = acc_t<T>;
-  for (int64_t l = sp.start; l < sp.end; ++l) {
-    const acc lam = ssmk::sigmoid(p.trap[row + l]);
-    p.dtrap[row + l] *= lam * (acc(1) - lam);
-  }
+  for (int64_t l = sp.start; l < sp.end; ++l) trap_grad(p, row, l);
 }
 
 // A task without tokens (an empty sequence): its final states are its initial states (zeros
@@ -838,6 +841,22 @@ struct ChunkBuffers {
   }
 };
 
+// The scans across a task's nc chunks (the state, its gradient, the angle and its gradient): an
+// exclusive scan in place, from the first chunk (or, reverse, the last), where value(c) is the
+// chunk's own part and becomes the carry before the chunk, carry = next(carry, own, c). Returns
+// the carry after the last chunk scanned.
+template <typename acc, typename Value, typename Next>
+SSMK_MATH_INLINE acc scan_chunks(int64_t nc, bool reverse, acc carry, Value&& value, Next&& next) {
+  for (int64_t i = 0; i < nc; ++i) {
+    const int64_t c = reverse ? nc - 1 - i : i;
+    acc& x = value(c);
+    const acc own = x;
+    x = carry;
+    carry = next(carry, own, c);
+  }
+  return carry;
+}
+
 // Stage, per chunk: the sum of its steps' angle increments pi tanh(angles) dt, per angle (lane,
 // lanes as for chunk_rows), into its thetas slot.
 template <typename T, typename Lanes>
@@ -864,12 +883,10 @@ SSMK_MATH_INLINE void chunk_angles(const Mamba3Inputs<T>& p, int64_t task, const
   const int64_t A = p.nangles, nc = task_chunks(p, p.span(task));
   acc* thetas = buf.thetas + bwd_state_slot(p, task) * A;
   for (int64_t j = lane; j < A; j += lanes) {
-    acc theta = p.init_angle ? p.init_angle[task * A + j] : acc(0);
-    for (int64_t c = 0; c < nc; ++c) {
-      const acc u = thetas[c * A + j];
-      thetas[c * A + j] = theta;
-      theta = wrap_angle(theta + u);
-    }
+    const acc init = p.init_angle ? p.init_angle[task * A + j] : acc(0);
+    const acc theta = scan_chunks(
+        nc, false, init, [&](int64_t c) -> acc& { return thetas[c * A + j]; },
+        [](acc before, acc u, int64_t) { return wrap_angle(before + u); });
     if (final_angle) final_angle[task * A + j] = theta;
   }
 }
@@ -934,14 +951,13 @@ SSMK_MATH_INLINE void state_pass(const Mamba3Inputs<T>& p, int64_t task, const C
   for (int64_t it = lane; it < st.size(); it += lanes) {
     const int64_t cc = it / st.ld, e = it % st.ld;
     const bool in = cc < P && e < N;
-    acc S = initial_state_element(p, task, rho, cc, e);
-    for (int64_t c = 0; c < nc; ++c) {
-      acc* at = buf.states + (first + c) * st.size() + it;
-      const acc own = *at;
-      *at = S;
-      if (saved && in) saved[((first + c) * P + cc) * N + e] = S;
-      S = buf.decay[first + c] * S + own;
-    }
+    const acc S = scan_chunks(
+        nc, false, initial_state_element(p, task, rho, cc, e),
+        [&](int64_t c) -> acc& { return buf.states[(first + c) * st.size() + it]; },
+        [&](acc before, acc own, int64_t c) {
+          if (saved && in) saved[((first + c) * P + cc) * N + e] = before;
+          return buf.decay[first + c] * before + own;
+        });
     if (final_ssm && in) final_ssm[(task * P + cc) * N + e] = S;
   }
 }
@@ -998,14 +1014,10 @@ SSMK_MATH_INLINE void dstate_pass(const Mamba3BwdParams<T>& p, int64_t task, con
   const StateLayout st = tile_state(p);
   for (int64_t it = lane; it < st.size(); it += lanes) {
     const int64_t cc = it / st.ld, e = it % st.ld;
-    acc dS = p.dfinal_ssm && cc < P && e < N ? p.dfinal_ssm[(task * P + cc) * N + e] : acc(0);
-    for (int64_t c = nc - 1; c >= 0; --c) {
-      acc* at = buf.dstates + (first + c) * st.size() + it;
-      const acc own = *at;
-      *at = dS;
-      dS = buf.decay[first + c] * dS + own;
-    }
-    buf.dinit[task * st.size() + it] = dS;
+    const acc dfinal = p.dfinal_ssm && cc < P && e < N ? p.dfinal_ssm[(task * P + cc) * N + e] : acc(0);
+    buf.dinit[task * st.size() + it] = scan_chunks(
+        nc, true, dfinal, [&](int64_t c) -> acc& { return buf.dstates[(first + c) * st.size() + it]; },
+        [&](acc after, acc own, int64_t c) { return buf.decay[first + c] * after + own; });
   }
 }
 
@@ -1087,14 +1099,10 @@ SSMK_MATH_INLINE void task_grads(const Mamba3BwdParams<T>& p, int64_t task, cons
   const auto chunk_sums = [&](int64_t c) { return ChunkSums<acc>(p, buf.sums + (first + c) * buf.nsums); };
   run([&](int64_t lane, int64_t lanes) {
     for (int64_t j = lane; j < A; j += lanes) {
-      acc carry = p.dfinal_angle ? p.dfinal_angle[task * A + j] : acc(0);
-      for (int64_t c = nc - 1; c >= 0; --c) {
-        acc& s = chunk_sums(c).dtheta[j];
-        const acc own = s;
-        s = carry;
-        carry += own;
-      }
-      p.dinit_angle[task * A + j] = carry;
+      p.dinit_angle[task * A + j] = scan_chunks(
+          nc, true, p.dfinal_angle ? p.dfinal_angle[task * A + j] : acc(0),
+          [&](int64_t c) -> acc& { return chunk_sums(c).dtheta[j]; },
+          [](acc after, acc own, int64_t) { return after + own; });
     }
     if (lane == 0) initial_state_grads(p, task, row + sp.start, buf.dinit + task * buf.SS, tile_state(p).ld);
   });
@@ -1164,8 +1172,7 @@ SSMK_MATH_INLINE void step_grads(const Mamba3BwdParams<T>& p, const ChunkRef& ch
         p.dtrap[row + l] += spill[1];
       }
       p.ddt[row + l] += ddt;
-      const acc lam = ssmk::sigmoid(p.trap[row + l]);
-      p.dtrap[row + l] *= lam * (acc(1) - lam);
+      trap_grad(p, row, l);
     }
   });
 }
