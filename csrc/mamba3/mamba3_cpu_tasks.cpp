@@ -20,12 +20,11 @@ namespace ssmk {
 namespace {
 
 // The GPU's tensor-core loads need every product buffer 32-byte aligned: each must start a whole
-// number of tiles' rows (kTile elements) into its work area, which must start so in the buffers,
-// and all must fit in Work::size.
+// number of tiles' rows (kTile elements) into its work area, which must start so in the buffers
+// (`buf`, carved from `base`), and all must fit in Work::size.
 template <typename acc>
-void check_work_layout(const Mamba3Dims& d, bool grads) {
-  const mamba3::ChunkBuffers<acc> sizes(d, grads, 1, nullptr);
-  std::vector<acc> area(sizes.work_size);
+void check_layout(const Mamba3Dims& d, bool grads, const mamba3::ChunkBuffers<acc>& buf, const acc* base) {
+  std::vector<acc> area(buf.work_size);
   const mamba3::Work<acc> wk(d, area.data(), grads);
   const int64_t M = wk.M, ldN = wk.ldN, ldP = wk.ldP;
   struct Buffer {
@@ -48,13 +47,10 @@ void check_work_layout(const Mamba3Dims& d, bool grads) {
     for (const Buffer& b : bwd) check(b);
   }
   // The states (tile operands) and the work areas start on tiles, as every part of the buffers.
-  std::vector<acc> whole(sizes.size);
-  const mamba3::ChunkBuffers<acc> at(d, grads, 1, whole.data());
-  for (const acc* part : {at.states, at.decay, at.thetas, at.dstates, at.dinit, at.sums, at.work}) {
-    TORCH_CHECK(!part || (part - whole.data()) % kTile == 0, "mamba3 ChunkBuffers layout: a part at element ",
-                part - whole.data());
+  for (const acc* part : {buf.states, buf.decay, buf.thetas, buf.dstates, buf.dinit, buf.sums, buf.work}) {
+    TORCH_CHECK(!part || (part - base) % kTile == 0, "mamba3 ChunkBuffers layout: a part at element ", part - base);
   }
-  TORCH_CHECK(sizes.work_size % kTile == 0, "mamba3 chunk work area: not a whole number of tiles");
+  TORCH_CHECK(buf.work_size % kTile == 0, "mamba3 chunk work area: not a whole number of tiles");
 }
 
 std::atomic<bool> g_reversed{false};
@@ -84,7 +80,9 @@ struct HookRunner {
 
   HookRunner(const Params<T>& params, bool g)
       : p(params), grads(g), area(mamba3::ChunkBuffers<acc>(params, g, 0, nullptr).size, kNaN),
-        buf(params, g, 0, area.data()) {}
+        buf(params, g, 0, area.data()) {
+    check_layout<acc>(params, g, buf, area.data());
+  }
   static constexpr acc kNaN = std::numeric_limits<acc>::quiet_NaN();
 
   template <mamba3::Stage kStage>
@@ -119,14 +117,12 @@ bool mamba3_cpu_task_order_reversed(bool on) { return g_reversed.exchange(on); }
 
 template <typename T>
 void mamba3_fwd_task_kernels_cpu(const Mamba3FwdParams<T>& p) {
-  check_work_layout<acc_t<T>>(p, false);
   HookRunner<Mamba3FwdParams, T> runner(p, false);
   mamba3::run_fwd_stages(runner);
 }
 
 template <typename T>
 void mamba3_bwd_task_kernels_cpu(const Mamba3BwdParams<T>& p) {
-  check_work_layout<acc_t<T>>(p, true);
   HookRunner<Mamba3BwdParams, T> runner(p, true);
   mamba3::run_bwd_stages(runner);
 }
