@@ -1015,9 +1015,11 @@ SSMK_MATH_INLINE void dstate_pass(const Mamba3BwdParams<T>& p, int64_t task, con
   for (int64_t it = lane; it < st.size(); it += lanes) {
     const int64_t cc = it / st.ld, e = it % st.ld;
     const acc dfinal = p.dfinal_ssm && cc < P && e < N ? p.dfinal_ssm[(task * P + cc) * N + e] : acc(0);
+    acc* own_parts = buf.dstates + first * st.size() + it;
+    const acc* decay = buf.decay + first;
     buf.dinit[task * st.size() + it] = scan_chunks(
-        nc, true, dfinal, [&](int64_t c) -> acc& { return buf.dstates[(first + c) * st.size() + it]; },
-        [&](acc after, acc own, int64_t c) { return buf.decay[first + c] * after + own; });
+        nc, true, dfinal, [&](int64_t c) -> acc& { return own_parts[c * st.size()]; },
+        [&](acc after, acc own, int64_t c) { return decay[c] * after + own; });
   }
 }
 
